@@ -1,0 +1,165 @@
+import Crypto
+import Foundation
+
+/// A bootstrap token in kubeadm's form `[a-z0-9]{6}.[a-z0-9]{16}`: a public id and a secret.
+public struct BootstrapToken: Hashable, Sendable, CustomStringConvertible {
+    public let id: String
+    public let secret: String
+
+    private static let alphabet = Array("abcdefghijklmnopqrstuvwxyz0123456789")
+
+    /// A new random token (from the system's cryptographic random source).
+    public static func generate() -> BootstrapToken {
+        var rng = SystemRandomNumberGenerator()
+        func random(_ count: Int) -> String {
+            String((0..<count).map { _ in alphabet.randomElement(using: &rng)! })
+        }
+        return BootstrapToken(id: random(6), secret: random(16))
+    }
+
+    private init(id: String, secret: String) {
+        self.id = id
+        self.secret = secret
+    }
+
+    /// Parses `id.secret`; the error never repeats the secret.
+    public init(parsing text: String) throws {
+        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
+        guard parts.count == 2, Self.isToken(parts[0], length: 6), Self.isToken(parts[1], length: 16) else {
+            throw PKIError(.invalidToken, "malformed bootstrap token: expected the form [a-z0-9]{6}.[a-z0-9]{16}")
+        }
+        self.init(id: String(parts[0]), secret: String(parts[1]))
+    }
+
+    /// Checks a token id (the part before the dot).
+    public static func validateID(_ id: String) throws -> String {
+        guard isToken(Substring(id), length: 6) else {
+            throw PKIError(.invalidToken, "malformed token id \"\(id)\": expected 6 characters [a-z0-9]")
+        }
+        return id
+    }
+
+    private static func isToken(_ text: Substring, length: Int) -> Bool {
+        text.utf8.count == length
+            && text.utf8.allSatisfy { ($0 >= UInt8(ascii: "a") && $0 <= UInt8(ascii: "z")) || ($0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9")) }
+    }
+
+    public var description: String { "\(id).\(secret)" }
+
+    /// What is stored instead of the secret.
+    var hash: String { "sha256:" + SHA256.hash(data: Array(description.utf8)).hexString }
+}
+
+/// One stored token: never the secret, only its hash.
+public struct StoredToken: Codable, Hashable, Sendable {
+    public var id: String
+    public var secretHash: String
+    public var created: Date
+    /// `nil`: the token never expires (`--ttl 0`).
+    public var expires: Date?
+    public var description: String?
+
+    public func isExpired(at now: Date) -> Bool {
+        if let expires { return expires <= now }
+        return false
+    }
+}
+
+/// The bootstrap tokens of a PKI folder, kept in `tokens.json` (mode 0600) and rewritten atomically.
+public struct TokenStore: Sendable {
+    private struct File: Codable {
+        var tokens: [StoredToken]
+    }
+
+    public let path: String
+
+    public init(path: String) { self.path = path }
+    public init(paths: PKIPaths) { self.path = paths.tokens }
+
+    /// All stored tokens, expired ones included; none when the file does not exist yet.
+    public func list() throws -> [StoredToken] {
+        guard AtomicFile.exists(path) else { return [] }
+        let bytes = try AtomicFile.read(path)
+        do {
+            return try Self.decoder.decode(File.self, from: Data(bytes)).tokens
+        } catch {
+            throw PKIError(.invalidArgument, "\(path): token file is not valid JSON (\(error))")
+        }
+    }
+
+    /// Creates and stores a new token that expires after `ttl` seconds (0: never).
+    public func create(ttl: Double, description: String? = nil, now: Date = Date()) throws -> (BootstrapToken, StoredToken) {
+        var tokens = try list()
+        var token = BootstrapToken.generate()
+        while tokens.contains(where: { $0.id == token.id }) { token = .generate() }
+        let stored = StoredToken(
+            id: token.id,
+            secretHash: token.hash,
+            created: now,
+            expires: ttl > 0 ? now.addingTimeInterval(ttl) : nil,
+            description: description
+        )
+        tokens.append(stored)
+        try save(tokens)
+        return (token, stored)
+    }
+
+    /// Deletes the token with `id`; throws `tokenNotFound` when there is none.
+    public func delete(id: String) throws {
+        let id = try BootstrapToken.validateID(id)
+        var tokens = try list()
+        guard let index = tokens.firstIndex(where: { $0.id == id }) else {
+            throw PKIError(.tokenNotFound, "no bootstrap token with id \"\(id)\" in \(path)")
+        }
+        tokens.remove(at: index)
+        try save(tokens)
+    }
+
+    /// Checks a presented token: well-formed, known, secret matching (in constant time), not expired.
+    /// The error says which, without echoing the secret.
+    @discardableResult
+    public func verify(_ presented: String, now: Date = Date()) throws -> StoredToken {
+        let token = try BootstrapToken(parsing: presented)
+        guard let stored = try list().first(where: { $0.id == token.id }) else {
+            throw PKIError(.tokenNotFound, "bootstrap token \"\(token.id)\" is not known")
+        }
+        guard Self.constantTimeEqual(Array(stored.secretHash.utf8), Array(token.hash.utf8)) else {
+            throw PKIError(.invalidToken, "bootstrap token \"\(token.id)\" has a wrong secret")
+        }
+        guard !stored.isExpired(at: now) else {
+            throw PKIError(.tokenExpired, "bootstrap token \"\(token.id)\" has expired")
+        }
+        return stored
+    }
+
+    private func save(_ tokens: [StoredToken]) throws {
+        let data: Data
+        do {
+            data = try Self.encoder.encode(File(tokens: tokens))
+        } catch {
+            throw PKIError(.writeFailed, "cannot encode \(path): \(error)")
+        }
+        try AtomicFile.makeDirectory(FilePath.directory(of: path), mode: 0o700)
+        try AtomicFile.write(Array(data) + [UInt8(ascii: "\n")], to: path, mode: 0o600)
+    }
+
+    private static func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+        guard a.count == b.count else { return false }
+        var difference: UInt8 = 0
+        for index in a.indices { difference |= a[index] ^ b[index] }
+        return difference == 0
+    }
+
+    private static let encoder: JSONEncoder = {
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .iso8601
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return encoder
+    }()
+
+    private static let decoder: JSONDecoder = {
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        return decoder
+    }()
+}
