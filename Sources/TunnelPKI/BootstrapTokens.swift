@@ -89,6 +89,8 @@ public struct TokenStore: Sendable {
 
     /// Creates and stores a new token that expires after `ttl` seconds (0: never).
     public func create(ttl: Double, description: String? = nil, now: Date = Date()) throws -> (BootstrapToken, StoredToken) {
+        // Whole seconds: what is returned is exactly what the file holds.
+        let now = Date(timeIntervalSince1970: now.timeIntervalSince1970.rounded(.down))
         var tokens = try list()
         var token = BootstrapToken.generate()
         while tokens.contains(where: { $0.id == token.id }) { token = .generate() }

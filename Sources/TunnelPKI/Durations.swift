@@ -42,15 +42,16 @@ public enum Durations {
         return total
     }
 
-    /// The shortest readable form, e.g. `23h59m`, `30d`, `45s`.
+    /// A short readable form with the two largest units, e.g. `23h59m`, `30d`, `45s`.
     public static func format(_ seconds: Double) -> String {
         var rest = Int(seconds.rounded(.down))
         if rest <= 0 { return "0s" }
         var parts = ""
-        for (unit, size) in [("d", 86400), ("h", 3600), ("m", 60), ("s", 1)] where rest >= size {
+        var units = 0
+        for (unit, size) in [("d", 86400), ("h", 3600), ("m", 60), ("s", 1)] where rest >= size && units < 2 {
             parts += "\(rest / size)\(unit)"
             rest %= size
-            if parts.count >= 6 { break }
+            units += 1
         }
         return parts
     }
