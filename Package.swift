@@ -1,12 +1,21 @@
 // swift-tools-version: 6.2
 import PackageDescription
 
+// The data plane hops between event loops with explicit `execute` calls; Swift 5 mode keeps the
+// handler code free of Sendable ceremony while the threading rules are stated in each type's docs.
+let swift5: [SwiftSetting] = [.swiftLanguageMode(.v5)]
+
 let package = Package(
     name: "EdgeTunnel",
     platforms: [.macOS(.v14)],
     products: [
         .executable(name: "edgetunnel", targets: ["edgetunnel"]),
+        .executable(name: "edge-tunnel-server", targets: ["edge-tunnel-server"]),
+        .executable(name: "edge-tunnel-agent", targets: ["edge-tunnel-agent"]),
         .library(name: "TunnelPKI", targets: ["TunnelPKI"]),
+        .library(name: "TunnelWire", targets: ["TunnelWire"]),
+        .library(name: "TunnelServer", targets: ["TunnelServer"]),
+        .library(name: "TunnelAgent", targets: ["TunnelAgent"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-certificates", from: "1.21.1"),
@@ -14,6 +23,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-asn1", from: "1.7.4"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
     ],
     targets: [
         .target(
@@ -24,14 +37,79 @@ let package = Package(
                 .product(name: "SwiftASN1", package: "swift-asn1"),
             ]
         ),
+        .target(
+            name: "TunnelWire",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ],
+            swiftSettings: swift5
+        ),
+        .target(
+            name: "TunnelServer",
+            dependencies: [
+                "TunnelPKI", "TunnelWire",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+            ],
+            swiftSettings: swift5
+        ),
+        .target(
+            name: "TunnelAgent",
+            dependencies: [
+                "TunnelPKI", "TunnelWire", "TunnelServer",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+            ],
+            swiftSettings: swift5
+        ),
         .executableTarget(
             name: "edgetunnel",
             dependencies: [
-                "TunnelPKI",
+                "TunnelPKI", "TunnelServer", "TunnelAgent",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
-            ]
+            ],
+            swiftSettings: swift5
+        ),
+        .executableTarget(
+            name: "edge-tunnel-server",
+            dependencies: [
+                "TunnelServer", "TunnelPKI",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Yams", package: "Yams"),
+            ],
+            swiftSettings: swift5
+        ),
+        .executableTarget(
+            name: "edge-tunnel-agent",
+            dependencies: [
+                "TunnelAgent", "TunnelPKI", "TunnelServer",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: swift5
         ),
         .testTarget(name: "TunnelPKITests", dependencies: ["TunnelPKI"]),
+        .testTarget(
+            name: "TunnelWireTests",
+            dependencies: [
+                "TunnelWire",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ],
+            swiftSettings: swift5
+        ),
     ]
 )

@@ -8,6 +8,11 @@ public struct IssuedCredential: Sendable {
     public let certificate: Certificate
     public let privateKey: Certificate.PrivateKey
 
+    public init(certificate: Certificate, privateKey: Certificate.PrivateKey) {
+        self.certificate = certificate
+        self.privateKey = privateKey
+    }
+
     /// Writes the key (0600) and then the certificate (0644), each atomically.
     public func write(certificatePath: String, keyPath: String) throws {
         let keyPEM = try PEMFiles.pem(privateKey)

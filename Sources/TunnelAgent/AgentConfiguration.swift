@@ -1,0 +1,68 @@
+import NIOCore
+import TunnelPKI
+
+/// Everything an agent needs to start.
+public struct AgentConfiguration: Sendable {
+    public var nodeName: String
+    public var nodeIPs: [IPAddress] = []
+    /// Ordered: the first that works is used.
+    public var serverAddresses: [String] = []
+    public var pkiDirectory = PKIPaths.defaultAgentDirectory
+    public var bootstrapToken: String?
+    public var caCertHash: String?
+    public var allowList: AllowList
+    public var metaBindAddress = "127.0.0.1"
+    public var metaPort = 10266
+    public var dialTimeout: TimeAmount = .seconds(10)
+    public var connectTimeout: TimeAmount = .seconds(5)
+    public var keepaliveInterval: TimeAmount = .seconds(5)
+    /// No frame from the server for this long: the tunnel is dead.
+    public var keepaliveTimeout: TimeAmount = .seconds(15)
+    public var backoffInitial: TimeAmount = .milliseconds(500)
+    public var backoffCap: TimeAmount = .seconds(30)
+    /// How long open streams may take to finish on shutdown.
+    public var drainTimeout: TimeAmount = .seconds(10)
+
+    public init(nodeName: String, nodeIPs: [IPAddress] = [], serverAddresses: [String] = [], allowList: AllowList? = nil) {
+        self.nodeName = nodeName
+        self.nodeIPs = nodeIPs
+        self.serverAddresses = serverAddresses
+        self.allowList = allowList ?? .kubeletDefault(nodeIPs: nodeIPs)
+    }
+
+    public var paths: PKIPaths { PKIPaths(directory: pkiDirectory) }
+}
+
+/// A `host:port` server address, IPv6 in brackets.
+struct ServerAddress: Sendable, CustomStringConvertible {
+    let host: String
+    let port: Int
+    let text: String
+
+    init(parsing text: String) throws {
+        func invalid() -> PKIError {
+            PKIError(.invalidArgument, "invalid server address \"\(text)\": expected HOST:PORT")
+        }
+        let hostPart: Substring
+        let portPart: Substring
+        if text.hasPrefix("[") {
+            guard let close = text.firstIndex(of: "]"), text[text.index(after: close)...].hasPrefix(":") else {
+                throw invalid()
+            }
+            hostPart = text[text.index(after: text.startIndex)..<close]
+            portPart = text[text.index(close, offsetBy: 2)...]
+        } else {
+            guard let colon = text.lastIndex(of: ":") else { throw invalid() }
+            hostPart = text[..<colon]
+            portPart = text[text.index(after: colon)...]
+        }
+        guard !hostPart.isEmpty, let port = Int(portPart), (1...65535).contains(port) else { throw invalid() }
+        guard IPAddress(String(hostPart)) != nil || DNSName.isValid(hostPart.lowercased()) else { throw invalid() }
+        self.host = String(hostPart)
+        self.port = port
+        self.text = text
+    }
+
+    var isIP: Bool { IPAddress(host) != nil }
+    var description: String { text }
+}

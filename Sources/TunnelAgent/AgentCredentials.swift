@@ -1,0 +1,197 @@
+import Crypto
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import NIOSSL
+import NIOTLS
+import TunnelPKI
+import TunnelServer
+import TunnelWire
+import X509
+
+/// The agent's identity: its node certificate and key, and the tunnel CA, kept in the agent's PKI folder.
+public struct AgentCredentials: Sendable {
+    public let certificate: Certificate
+    public let privateKey: Certificate.PrivateKey
+    public let ca: Certificate
+
+    /// Reads existing credentials, checking that they belong together, name this node, and are valid.
+    public static func load(paths: PKIPaths, nodeName: String, now: Date = Date()) throws -> AgentCredentials {
+        let ca = try PEMFiles.certificate(at: paths.caCertificate)
+        try CertificateAuthority.checkIsCA(ca, path: paths.caCertificate)
+        let (certificate, key) = try PEMFiles.keyPair(certificate: paths.agentCertificate, key: paths.agentKey)
+        try PEMFiles.checkValidity(certificate, path: paths.agentCertificate, now: now)
+        guard certificate.subject.commonName == nodeName else {
+            throw PKIError(
+                .invalidArgument,
+                "\(paths.agentCertificate): certificate is for node \(certificate.subject.commonName ?? "?"), not \(nodeName)")
+        }
+        guard ca.publicKey.isValidSignature(certificate.signature, for: certificate) else {
+            throw PKIError(.invalidArgument, "\(paths.agentCertificate): not signed by the CA in \(paths.caCertificate)")
+        }
+        return AgentCredentials(certificate: certificate, privateKey: key, ca: ca)
+    }
+
+    /// Writes key, certificate and CA atomically into the agent's PKI folder.
+    func write(to paths: PKIPaths) throws {
+        try AtomicFile.makeDirectory(paths.directory, mode: 0o700)
+        try AtomicFile.write(Array(try PEMFiles.pem(ca).utf8), to: paths.caCertificate, mode: 0o644)
+        try IssuedCredential(certificate: certificate, privateKey: privateKey)
+            .write(certificatePath: paths.agentCertificate, keyPath: paths.agentKey)
+    }
+
+    /// When to ask for a new certificate: two thirds into its life.
+    var renewalTime: Date {
+        let life = certificate.notValidAfter.timeIntervalSince(certificate.notValidBefore)
+        return certificate.notValidBefore.addingTimeInterval(life * 2 / 3)
+    }
+
+    /// A CSR for this node with a fresh key.
+    static func makeCSR(nodeName: String) throws -> (csrPEM: String, key: Certificate.PrivateKey) {
+        let key = Certificate.PrivateKey(P256.Signing.PrivateKey())
+        let csr = try CertificateSigningRequest(
+            version: .v1,
+            subject: try DistinguishedName {
+                OrganizationName(CertificateAuthority.agentOrganization)
+                CommonName(nodeName)
+            },
+            privateKey: key, attributes: .init(), signatureAlgorithm: .ecdsaWithSHA256)
+        return (try csr.serializeAsPEM().pemString, key)
+    }
+}
+
+/// Why a join failed, in one line.
+public struct JoinError: Error, CustomStringConvertible {
+    public let description: String
+}
+
+/// The bootstrap join: first contact with a server, with a token and a CSR, answered with the node's
+/// certificate and the CA. The server's certificate cannot be verified before the CA is known, so the agent
+/// pins the CA by hash (`--ca-cert-hash`, as `kubeadm join`) and checks afterwards that the CA matches the pin
+/// and that the server's certificate was signed by it.
+enum JoinClient {
+    static func join(
+        address: ServerAddress, token: String, caCertHash: String, nodeName: String, group: EventLoopGroup,
+        timeout: TimeAmount, logger: Logger
+    ) async throws -> AgentCredentials {
+        let pin = try CAHash.validate(caCertHash)
+        _ = try BootstrapToken(parsing: token)
+        let (csrPEM, key) = try AgentCredentials.makeCSR(nodeName: nodeName)
+        let context = try TLSContexts.joinClient()
+        let handler = JoinClientHandler(request: JoinRequest(token: token, nodeName: nodeName, csrPEM: csrPEM))
+        let channel = try await ClientBootstrap(group: group)
+            .connectTimeout(timeout)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let sync = channel.pipeline.syncOperations
+                    try sync.addHandler(NIOSSLClientHandler(context: context, serverHostname: nil))
+                    try sync.addHandler(ByteToMessageHandler(FrameDecoder()))
+                    try sync.addHandler(FrameEncoder())
+                    try sync.addHandler(handler)
+                }
+            }
+            .connect(host: address.host, port: address.port).get()
+        let scheduled = channel.eventLoop.scheduleTask(in: timeout) {
+            handler.fail(channel: channel, JoinError(description: "join with \(address) timed out"))
+        }
+        defer { scheduled.cancel() }
+        let (reply, serverCertificate) = try await handler.result.get()
+        channel.close(promise: nil)
+
+        let ca: Certificate
+        let certificate: Certificate
+        do {
+            ca = try Certificate(pemEncoded: reply.caPEM)
+            certificate = try Certificate(pemEncoded: reply.certificatePEM)
+        } catch {
+            throw JoinError(description: "server \(address) sent an unreadable certificate")
+        }
+        guard try CAHash.of(ca) == pin else {
+            throw JoinError(description: "CA of server \(address) has hash \(try CAHash.of(ca)), not the pinned \(pin)")
+        }
+        guard ca.publicKey.isValidSignature(serverCertificate.signature, for: serverCertificate),
+            (try? serverCertificate.extensions.extendedKeyUsage?.contains(.serverAuth)) == true
+        else {
+            throw JoinError(description: "server \(address) presented a certificate not issued by the pinned CA")
+        }
+        guard ca.publicKey.isValidSignature(certificate.signature, for: certificate),
+            certificate.publicKey == key.publicKey, certificate.subject.commonName == nodeName
+        else {
+            throw JoinError(description: "server \(address) returned a certificate that is not ours")
+        }
+        logger.info("joined", metadata: ["server": "\(address)", "node": "\(nodeName)"])
+        return AgentCredentials(certificate: certificate, privateKey: key, ca: ca)
+    }
+}
+
+final class JoinClientHandler: ChannelInboundHandler {
+    typealias InboundIn = Frame
+    typealias OutboundOut = Frame
+
+    private let request: JoinRequest
+    private let promise: NIOLockedPromise
+    var result: EventLoopFuture<(JoinOK, Certificate)> { promise.future }
+
+    /// A promise that may be completed from the timeout or from the channel, whichever is first.
+    final class NIOLockedPromise: @unchecked Sendable {
+        let promise: EventLoopPromise<(JoinOK, Certificate)>
+        var future: EventLoopFuture<(JoinOK, Certificate)> { promise.futureResult }
+        private var done = false
+        init(_ promise: EventLoopPromise<(JoinOK, Certificate)>) { self.promise = promise }
+        func complete(_ result: Result<(JoinOK, Certificate), Error>) {
+            guard !done else { return }
+            done = true
+            promise.completeWith(result)
+        }
+    }
+
+    private var serverCertificate: Certificate?
+
+    init(request: JoinRequest) {
+        self.request = request
+        self.promise = NIOLockedPromise(MultiThreadedEventLoopGroup.singleton.any().makePromise())
+    }
+
+    func fail(channel: Channel, _ error: Error) {
+        channel.eventLoop.execute {
+            self.promise.complete(.failure(error))
+            channel.close(promise: nil)
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let tlsEvent = event as? TLSUserEvent, case .handshakeCompleted = tlsEvent {
+            serverCertificate = try? context.pipeline.syncOperations.nioSSL_peerCertificate()?.x509()
+            context.writeAndFlush(wrapOutboundOut(request.frame(allocator: context.channel.allocator)), promise: nil)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        switch frame.type {
+        case .joinOK:
+            guard let ok = try? JoinOK(frame: frame), let serverCertificate else {
+                promise.complete(.failure(JoinError(description: "malformed join answer")))
+                return
+            }
+            promise.complete(.success((ok, serverCertificate)))
+        case .refused:
+            let reason = (try? Refused(frame: frame).reason) ?? "no reason given"
+            promise.complete(.failure(JoinError(description: "server refused the join: \(reason)")))
+        default:
+            break
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        promise.complete(.failure(JoinError(description: "server closed the connection before answering the join")))
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        promise.complete(.failure(JoinError(description: "join connection failed: \(error)")))
+        context.close(promise: nil)
+    }
+}

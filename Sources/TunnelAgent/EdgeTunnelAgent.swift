@@ -1,0 +1,486 @@
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOSSL
+import TunnelPKI
+import TunnelServer
+import TunnelWire
+import X509
+
+/// The EdgeTunnel agent: dials out to the server, keeps the tunnel up (keepalive, reconnect with exponential
+/// backoff and full jitter), and dials the targets the server asks for when the allow list permits them.
+public final class EdgeTunnelAgent: @unchecked Sendable {
+    public let configuration: AgentConfiguration
+    let logger: Logger
+    let metrics: AgentMetrics
+    private let group: EventLoopGroup
+    private let ownsGroup: Bool
+    private let lock = NIOLock()
+    private var credentials: AgentCredentials?
+    private var current: AgentTunnel?
+    private var activeAddress: String?
+    private var metaChannel: Channel?
+    private var stopping = false
+    private var retiredBytes = (bytesIn: 0, bytesOut: 0)
+    private var wakeUp: CheckedContinuation<Void, Never>?
+
+    public init(configuration: AgentConfiguration, logger: Logger, group: EventLoopGroup? = nil) throws {
+        self.configuration = configuration
+        self.logger = logger
+        self.metrics = AgentMetrics(serverAddresses: configuration.serverAddresses)
+        if let group {
+            self.group = group
+            self.ownsGroup = false
+        } else {
+            self.group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+            self.ownsGroup = true
+        }
+        _ = try DNSName.validateNodeName(configuration.nodeName)
+        guard !configuration.serverAddresses.isEmpty else {
+            throw PKIError(.invalidArgument, "no --server-address given")
+        }
+        for address in configuration.serverAddresses { _ = try ServerAddress(parsing: address) }
+    }
+
+    /// Loads the node's credentials, or joins with the bootstrap token when there are none.
+    /// Fails with a clear message when neither works.
+    public func prepareCredentials() async throws {
+        let paths = configuration.paths
+        do {
+            let loaded = try AgentCredentials.load(paths: paths, nodeName: configuration.nodeName)
+            setCredentials(loaded)
+            logger.info("using node certificate \(paths.agentCertificate)")
+            return
+        } catch let error as PKIError where error.code == .fileMissing {
+            // No credentials yet: join below.
+        } catch {
+            guard configuration.bootstrapToken != nil else { throw error }
+            logger.warning("existing credentials unusable (\(error)); joining again with the bootstrap token")
+        }
+        guard let token = configuration.bootstrapToken else {
+            throw JoinError(
+                description: "no node certificate in \(paths.directory) and no --bootstrap-token to join with")
+        }
+        guard let hash = configuration.caCertHash else {
+            throw JoinError(description: "--ca-cert-hash is required to join (edgetunnel pki ca-hash prints it)")
+        }
+        var lastError: Error?
+        for text in configuration.serverAddresses {
+            let address = try ServerAddress(parsing: text)
+            do {
+                let joined = try await JoinClient.join(
+                    address: address, token: token, caCertHash: hash, nodeName: configuration.nodeName, group: group,
+                    timeout: configuration.connectTimeout * 2, logger: logger)
+                try joined.write(to: paths)
+                setCredentials(joined)
+                return
+            } catch {
+                logger.warning("join via \(address) failed: \(error)")
+                lastError = error
+            }
+        }
+        throw lastError ?? JoinError(description: "join failed")
+    }
+
+    private func setCredentials(_ credentials: AgentCredentials) {
+        lock.withLock { self.credentials = credentials }
+        metrics.certificateExpiry.set(credentials.certificate.notValidAfter.timeIntervalSince1970)
+    }
+
+    /// Serves `/healthz`, `/readyz` and `/metrics` on the meta port (loopback by default).
+    public func startMeta() async throws {
+        let channel = try await MetaHTTPServer.bind(
+            host: configuration.metaBindAddress, port: configuration.metaPort, group: group
+        ) { [weak self] _, path in
+            self?.route(path) ?? .text(.serviceUnavailable, "stopping")
+        }
+        lock.withLock { metaChannel = channel }
+    }
+
+    public var metaPort: Int { lock.withLock { metaChannel?.localAddress?.port ?? 0 } }
+
+    /// The server address of the registered tunnel, if any.
+    public var connectedAddress: String? { lock.withLock { current?.registered == true ? activeAddress : nil } }
+
+    /// Keeps a tunnel up until ``stop()``.
+    public func run() async {
+        var attempt = 0
+        var first = true
+        while !isStopping {
+            if !first { metrics.reconnects.increment() }
+            first = false
+            var registered = false
+            for text in configuration.serverAddresses where !isStopping {
+                do {
+                    let tunnel = try await connect(to: try ServerAddress(parsing: text))
+                    registered = true
+                    attempt = 0
+                    await tunnel.closed
+                    retire(tunnel)
+                    if !isStopping { logger.warning("tunnel to \(text) closed; reconnecting") }
+                    break
+                } catch {
+                    logger.warning("cannot use server \(text): \(error)")
+                }
+            }
+            if isStopping { break }
+            if !registered {
+                attempt += 1
+                await sleep(backoff(attempt: attempt))
+            }
+        }
+    }
+
+    /// Full jitter: a random delay between 0 and min(cap, initial * 2^attempt), so that thousands of agents
+    /// do not reconnect in lockstep after a server restart.
+    func backoff(attempt: Int) -> TimeAmount {
+        let ceiling = min(
+            configuration.backoffCap.nanoseconds,
+            configuration.backoffInitial.nanoseconds << min(attempt, 20))
+        return .nanoseconds(Int64.random(in: 0...max(1, ceiling)))
+    }
+
+    private func sleep(_ amount: TimeAmount) async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let resumeNow = lock.withLock { () -> Bool in
+                if stopping { return true }
+                wakeUp = continuation
+                return false
+            }
+            if resumeNow {
+                continuation.resume()
+                return
+            }
+            group.any().scheduleTask(in: amount) { [weak self] in self?.wake() }
+        }
+    }
+
+    private func wake() {
+        let continuation = lock.withLock { () -> CheckedContinuation<Void, Never>? in
+            defer { wakeUp = nil }
+            return wakeUp
+        }
+        continuation?.resume()
+    }
+
+    private var isStopping: Bool { lock.withLock { stopping } }
+
+    /// Drains: tells the server to send no new streams, lets open streams finish for up to the drain timeout,
+    /// then closes the tunnel and the meta port.
+    public func stop() async {
+        let (tunnel, meta) = lock.withLock { () -> (AgentTunnel?, Channel?) in
+            stopping = true
+            return (current, metaChannel)
+        }
+        wake()
+        if let tunnel {
+            tunnel.mux.drain(reason: "agent shutting down")
+            let deadline = NIODeadline.now() + configuration.drainTimeout
+            while NIODeadline.now() < deadline, tunnel.mux.counters.snapshot.streams > 0 {
+                try? await Task.sleep(for: .milliseconds(50))
+            }
+            try? await tunnel.channel?.close()
+        }
+        try? await meta?.close()
+        if ownsGroup { try? await group.shutdownGracefully() }
+    }
+
+    private func retire(_ tunnel: AgentTunnel) {
+        let counters = tunnel.mux.counters.snapshot
+        lock.withLock {
+            retiredBytes.bytesIn += counters.bytesIn
+            retiredBytes.bytesOut += counters.bytesOut
+            if current === tunnel {
+                current = nil
+                activeAddress = nil
+            }
+        }
+        metrics.connected.set(Int64(0))
+        metrics.setActive(nil)
+    }
+
+    private func connect(to address: ServerAddress) async throws -> AgentTunnel {
+        guard let credentials = lock.withLock({ credentials }) else {
+            throw JoinError(description: "no credentials")
+        }
+        let context = try TLSContexts.agentClient(
+            certificate: credentials.certificate, key: credentials.privateKey, ca: credentials.ca)
+        let loop = group.next()
+        let tunnel = AgentTunnel(agent: self, address: address, eventLoop: loop)
+        // A name is checked against the certificate's DNS SANs; an IP cannot be SNI, and NIOSSL then checks
+        // the certificate's IP SANs against the address it connected to.
+        let hostname = address.isIP ? nil : address.host
+        let channel = try await ClientBootstrap(group: loop)
+            .connectTimeout(configuration.connectTimeout)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let sync = channel.pipeline.syncOperations
+                    try sync.addHandler(NIOSSLClientHandler(context: context, serverHostname: hostname))
+                    try sync.addHandler(ByteToMessageHandler(FrameDecoder()))
+                    try sync.addHandler(FrameEncoder())
+                    try sync.addHandler(tunnel.mux)
+                    try sync.addHandler(AgentTunnelErrorHandler(tunnel: tunnel))
+                }
+            }
+            .connect(host: address.host, port: address.port).get()
+        tunnel.channel = channel
+        tunnel.mux.sendControl(
+            Hello(nodeName: configuration.nodeName, nodeIPs: configuration.nodeIPs.map(\.description)))
+        let timeout = loop.scheduleTask(in: configuration.connectTimeout * 2) {
+            tunnel.registration.fail(JoinError(description: "server \(address) did not answer HELLO in time"))
+            channel.close(promise: nil)
+        }
+        do {
+            try await tunnel.registration.futureResult.get()
+            timeout.cancel()
+        } catch {
+            timeout.cancel()
+            channel.close(promise: nil)
+            throw error
+        }
+        lock.withLock {
+            current = tunnel
+            activeAddress = address.text
+        }
+        metrics.connected.set(Int64(1))
+        metrics.setActive(address.text)
+        tunnel.startKeepalive()
+        scheduleRenewal(tunnel)
+        logger.info("tunnel registered", metadata: ["server": "\(address)"])
+        return tunnel
+    }
+
+    /// Asks for a new certificate over the tunnel once two thirds of the current one's life have passed.
+    private func scheduleRenewal(_ tunnel: AgentTunnel) {
+        guard let credentials = lock.withLock({ credentials }) else { return }
+        let delay = max(0, credentials.renewalTime.timeIntervalSinceNow)
+        // Re-check at least hourly: a long sleep would not survive a suspended machine's clock jump.
+        let check = TimeAmount.seconds(Int64(min(delay, 3600)))
+        tunnel.channel?.eventLoop.scheduleTask(in: check) { [weak self, weak tunnel] in
+            guard let self, let tunnel, tunnel.channel?.isActive == true else { return }
+            if Date() >= credentials.renewalTime {
+                self.requestRenewal(tunnel)
+            }
+            self.scheduleRenewal(tunnel)
+        }
+    }
+
+    private func requestRenewal(_ tunnel: AgentTunnel) {
+        do {
+            let (csrPEM, key) = try AgentCredentials.makeCSR(nodeName: configuration.nodeName)
+            tunnel.pendingRenewalKey = key
+            tunnel.mux.sendControl(RenewRequest(csrPEM: csrPEM))
+            logger.info("requesting a renewed node certificate")
+        } catch {
+            logger.warning("cannot make a renewal request: \(error)")
+        }
+    }
+
+    func renewed(_ ok: RenewOK, key: Certificate.PrivateKey) {
+        do {
+            guard let old = lock.withLock({ credentials }) else { return }
+            let certificate = try Certificate(pemEncoded: ok.certificatePEM)
+            guard certificate.publicKey == key.publicKey,
+                old.ca.publicKey.isValidSignature(certificate.signature, for: certificate)
+            else {
+                logger.warning("server returned a renewed certificate that does not match our request")
+                return
+            }
+            let renewed = AgentCredentials(certificate: certificate, privateKey: key, ca: old.ca)
+            try renewed.write(to: configuration.paths)
+            setCredentials(renewed)
+            logger.info("node certificate renewed", metadata: [
+                "notAfter": "\(Timestamps.iso8601(certificate.notValidAfter))",
+            ])
+        } catch {
+            logger.warning("cannot store the renewed certificate: \(error)")
+        }
+    }
+
+    // MARK: Streams
+
+    /// Maps a requested target to what the agent dials: its own node name and `localhost` mean loopback.
+    func resolveTarget(_ target: String) -> HostPort? {
+        guard var hostPort = HostPort(authority: target) else { return nil }
+        if hostPort.host == configuration.nodeName.lowercased() || hostPort.host == "localhost" {
+            hostPort.host = "127.0.0.1"
+        }
+        return hostPort
+    }
+
+    func open(_ open: Open, streamID: UInt32, mux: TunnelMux) {
+        guard let target = resolveTarget(open.target) else {
+            mux.rejectStream(streamID, code: 400, reason: "target \"\(open.target)\" is not host:port")
+            return
+        }
+        guard configuration.allowList.allows(host: target.host, port: target.port) else {
+            metrics.refused.increment()
+            logger.warning("refused stream to \(target): not on the allow list")
+            mux.rejectStream(streamID, code: 403, reason: "\(target) is not on the allow list of node \(configuration.nodeName)")
+            return
+        }
+        let loop = mux.eventLoop
+        ClientBootstrap(group: loop)
+            .connectTimeout(configuration.dialTimeout)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(
+                        StreamGlue(mux: mux, streamID: streamID, eventLoop: channel.eventLoop))
+                }
+            }
+            .connect(host: target.host, port: target.port)
+            .whenComplete { [weak self] result in
+                guard let self else { return }
+                switch result {
+                case .success:
+                    mux.acceptStream(streamID)
+                case .failure(let error):
+                    let (code, reason) = Self.classify(error, target: target)
+                    self.metrics.dialFailed(reason: code == 504 ? "timeout" : "unreachable")
+                    self.logger.info("cannot reach \(target): \(reason)")
+                    mux.rejectStream(streamID, code: code, reason: reason)
+                }
+            }
+    }
+
+    static func classify(_ error: Error, target: HostPort) -> (Int, String) {
+        if case ChannelError.connectTimeout = error {
+            return (504, "\(target) did not answer in time")
+        }
+        if let io = error as? IOError, io.errnoCode == ECONNREFUSED {
+            return (502, "\(target) refused the connection")
+        }
+        if let connect = error as? NIOConnectionError {
+            if connect.connectionErrors.contains(where: { ($0.error as? IOError)?.errnoCode == ECONNREFUSED }) {
+                return (502, "\(target) refused the connection")
+            }
+            if connect.connectionErrors.contains(where: { if case ChannelError.connectTimeout = $0.error { true } else { false } }) {
+                return (504, "\(target) did not answer in time")
+            }
+            if connect.dnsAError != nil || connect.dnsAAAAError != nil, connect.connectionErrors.isEmpty {
+                return (502, "\(target.host) cannot be resolved")
+            }
+        }
+        return (502, "\(target) is unreachable: \(error)")
+    }
+
+    // MARK: Meta
+
+    private func route(_ path: String) -> MetaResponse {
+        switch path {
+        case "/healthz", "/livez":
+            return .text(.ok, "ok")
+        case "/readyz":
+            if let address = connectedAddress {
+                return .text(.ok, "ok: tunnel up via \(address)")
+            }
+            return .text(.serviceUnavailable, "tunnel down")
+        case "/metrics":
+            let (tunnel, retired) = lock.withLock { (current, retiredBytes) }
+            let counters = tunnel?.mux.counters.snapshot ?? (bytesIn: 0, bytesOut: 0, streams: 0)
+            return MetaResponse(
+                status: .ok, contentType: "text/plain; version=0.0.4; charset=utf-8",
+                body: metrics.render(
+                    bytesIn: retired.bytesIn + counters.bytesIn, bytesOut: retired.bytesOut + counters.bytesOut,
+                    streamCount: counters.streams))
+        default:
+            return .text(.notFound, "no such endpoint: \(path)")
+        }
+    }
+}
+
+/// One tunnel connection of the agent.
+final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
+    unowned let agent: EdgeTunnelAgent
+    let address: ServerAddress
+    let mux: TunnelMux
+    var channel: Channel?
+    let registration: EventLoopPromise<Void>
+    private let closedPromise: EventLoopPromise<Void>
+    var registered = false
+    var pendingRenewalKey: Certificate.PrivateKey?
+    private var keepalive: RepeatedTask?
+
+    init(agent: EdgeTunnelAgent, address: ServerAddress, eventLoop: EventLoop) {
+        self.agent = agent
+        self.address = address
+        self.mux = TunnelMux(role: .agent, eventLoop: eventLoop)
+        self.registration = eventLoop.makePromise()
+        self.closedPromise = eventLoop.makePromise()
+        mux.delegate = self
+    }
+
+    var closed: Void {
+        get async { try? await closedPromise.futureResult.get() }
+    }
+
+    func startKeepalive() {
+        let interval = agent.configuration.keepaliveInterval
+        let deadAfter = agent.configuration.keepaliveTimeout
+        keepalive = mux.eventLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { [weak self] _ in
+            guard let self else { return }
+            if NIODeadline.now() - self.mux.lastFrameReceived > deadAfter {
+                self.agent.logger.warning("no answer from server \(self.address) for \(deadAfter.nanoseconds / 1_000_000_000)s: tunnel is dead")
+                self.channel?.close(promise: nil)
+            } else {
+                self.mux.ping()
+            }
+        }
+    }
+
+    func mux(_ mux: TunnelMux, didReceiveOpen open: Open, streamID: UInt32) {
+        agent.open(open, streamID: streamID, mux: mux)
+    }
+
+    func mux(_ mux: TunnelMux, didReceiveControl frame: Frame) {
+        switch frame.type {
+        case .helloOK:
+            registered = true
+            registration.succeed(())
+        case .refused:
+            let reason = (try? Refused(frame: frame).reason) ?? "no reason given"
+            agent.logger.error("server \(address) refused the tunnel: \(reason)")
+            registration.fail(JoinError(description: "server refused the registration: \(reason)"))
+        case .goaway:
+            let reason = (try? GoAway(frame: frame).reason) ?? ""
+            agent.logger.info("server \(address) is draining (\(reason)); reconnecting elsewhere when streams finish")
+            mux.markDraining()
+            // Reconnect at once so new streams can reach this node through another replica or the restarted
+            // server; this connection closes when the server closes it.
+            channel?.close(promise: nil)
+        case .renewOK:
+            if let key = pendingRenewalKey, let ok = try? RenewOK(frame: frame) {
+                pendingRenewalKey = nil
+                agent.renewed(ok, key: key)
+            }
+        default:
+            break
+        }
+    }
+
+    func muxDidClose(_ mux: TunnelMux) {
+        keepalive?.cancel()
+        registration.fail(JoinError(description: "server \(address) closed the connection"))
+        closedPromise.succeed(())
+    }
+}
+
+/// Logs and closes on tunnel errors (handshake failures: wrong certificate, refused).
+final class AgentTunnelErrorHandler: ChannelInboundHandler {
+    typealias InboundIn = Any
+    unowned let tunnel: AgentTunnel
+
+    init(tunnel: AgentTunnel) { self.tunnel = tunnel }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        tunnel.agent.logger.warning("tunnel to \(tunnel.address) failed: \(error)")
+        tunnel.registration.fail(error)
+        context.close(promise: nil)
+    }
+}

@@ -1,0 +1,90 @@
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// Which agent serves which node, shared by every frontend of a server. Thread-safe.
+///
+/// A node registers under its certificate's name and the IPs it reports. An IP that another connected node
+/// holds is refused; a second connection for the same node replaces the first (an agent that reconnected
+/// before the server noticed its old connection die).
+public final class AgentRegistry: @unchecked Sendable {
+    private let lock = NIOLock()
+    private var byNode: [String: AgentSession] = [:]
+    private var ipOwner: [String: String] = [:]
+    /// Bytes moved by sessions that have ended, so totals never go backwards.
+    private var retiredBytesIn = 0
+    private var retiredBytesOut = 0
+
+    public init() {}
+
+    public enum RegistrationError: Error, CustomStringConvertible {
+        case ipHeldByOtherNode(ip: String, node: String)
+        public var description: String {
+            switch self {
+            case .ipHeldByOtherNode(let ip, let node): "node IP \(ip) is already registered by node \(node)"
+            }
+        }
+    }
+
+    /// Registers `session`; returns the session it replaced, if any (the caller closes it).
+    func register(_ session: AgentSession) throws -> AgentSession? {
+        try lock.withLock {
+            for ip in session.nodeIPs {
+                if let owner = ipOwner[ip], owner != session.nodeName {
+                    throw RegistrationError.ipHeldByOtherNode(ip: ip, node: owner)
+                }
+            }
+            let previous = byNode[session.nodeName]
+            if let previous {
+                for ip in previous.nodeIPs { ipOwner[ip] = nil }
+            }
+            byNode[session.nodeName] = session
+            for ip in session.nodeIPs { ipOwner[ip] = session.nodeName }
+            return previous
+        }
+    }
+
+    /// Removes `session` if it is still the one registered for its node.
+    func unregister(_ session: AgentSession) {
+        lock.withLock {
+            guard byNode[session.nodeName] === session else { return }
+            byNode[session.nodeName] = nil
+            for ip in session.nodeIPs where ipOwner[ip] == session.nodeName { ipOwner[ip] = nil }
+        }
+    }
+
+    func retire(bytesIn: Int, bytesOut: Int) {
+        lock.withLock {
+            retiredBytesIn += bytesIn
+            retiredBytesOut += bytesOut
+        }
+    }
+
+    /// The agent for a node name or a registered node IP.
+    public func lookup(host: String) -> AgentSession? {
+        lock.withLock {
+            if let session = byNode[host] { return session }
+            let bare = host.hasPrefix("[") && host.hasSuffix("]") ? String(host.dropFirst().dropLast()) : host
+            if let node = ipOwner[bare] { return byNode[node] }
+            return nil
+        }
+    }
+
+    public var sessions: [AgentSession] {
+        lock.withLock { Array(byNode.values) }
+    }
+
+    public var count: Int { lock.withLock { byNode.count } }
+
+    /// Total bytes from agents and to agents, over all sessions past and present.
+    public var totalBytes: (fromAgents: Int, toAgents: Int) {
+        let (retiredIn, retiredOut, live) = lock.withLock { (retiredBytesIn, retiredBytesOut, Array(byNode.values)) }
+        var totalIn = retiredIn
+        var totalOut = retiredOut
+        for session in live {
+            let snapshot = session.mux.counters.snapshot
+            totalIn += snapshot.bytesIn
+            totalOut += snapshot.bytesOut
+        }
+        return (totalIn, totalOut)
+    }
+}

@@ -1,0 +1,155 @@
+import Foundation
+import Logging
+import NIOCore
+import TunnelPKI
+import TunnelWire
+
+/// The server's side of one agent's tunnel connection: registration, keepalive, certificate renewal.
+///
+/// Lives on the tunnel channel's event loop. The node name is the agent certificate's CN; the agent's HELLO
+/// must claim the same name, and its node IPs must not be held by another connected node.
+public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
+    public let nodeName: String
+    public private(set) var nodeIPs: [String] = []
+    public let remoteAddress: String
+    public let connectedSince = Date()
+    public let mux: TunnelMux
+    let channel: Channel
+    private let server: TunnelServerCore
+    private var logger: Logger
+    private var registered = false
+    private var keepalive: RepeatedTask?
+
+    init(nodeName: String, channel: Channel, mux: TunnelMux, server: TunnelServerCore) {
+        self.nodeName = nodeName
+        self.channel = channel
+        self.mux = mux
+        self.server = server
+        self.remoteAddress = channel.remoteAddress?.description ?? "unknown"
+        var logger = server.logger
+        logger[metadataKey: "node"] = "\(nodeName)"
+        logger[metadataKey: "remote"] = "\(remoteAddress)"
+        self.logger = logger
+    }
+
+    /// Streams open on this tunnel (read from any thread).
+    public var streamCount: Int { mux.counters.snapshot.streams }
+
+    func start() {
+        let interval = server.configuration.keepaliveInterval
+        let deadAfter = server.configuration.keepaliveTimeout
+        // A connection that never says HELLO, or goes silent, is closed.
+        keepalive = channel.eventLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { [weak self] _ in
+            guard let self else { return }
+            if NIODeadline.now() - self.mux.lastFrameReceived > deadAfter {
+                self.logger.warning("agent silent for \(deadAfter.seconds)s, closing its tunnel")
+                self.channel.close(promise: nil)
+            } else if !self.registered {
+                self.logger.warning("agent did not register within \(interval.seconds)s, closing")
+                self.channel.close(promise: nil)
+            } else {
+                self.mux.ping()
+            }
+        }
+    }
+
+    public func mux(_ mux: TunnelMux, didReceiveOpen open: Open, streamID: UInt32) {
+        // The mux refuses OPEN from agents itself (role .server); nothing to do.
+    }
+
+    public func mux(_ mux: TunnelMux, didReceiveControl frame: Frame) {
+        switch frame.type {
+        case .hello:
+            handleHello(frame)
+        case .renew:
+            handleRenew(frame)
+        case .goaway:
+            logger.info("agent is draining: no new streams to it")
+            mux.markDraining()
+            server.registry.unregister(self)
+            registered = false
+        case .refused:
+            let reason = (try? Refused(frame: frame).reason) ?? "unknown"
+            logger.warning("agent closed the tunnel: \(reason)")
+        default:
+            break
+        }
+    }
+
+    public func muxDidClose(_ mux: TunnelMux) {
+        keepalive?.cancel()
+        server.registry.unregister(self)
+        let counters = mux.counters.snapshot
+        server.registry.retire(bytesIn: counters.bytesIn, bytesOut: counters.bytesOut)
+        if registered {
+            logger.info("agent disconnected")
+        }
+        registered = false
+    }
+
+    private func refuse(_ reason: String) {
+        logger.warning("registration refused: \(reason)")
+        mux.sendControl(Refused(reason: reason))
+        channel.eventLoop.scheduleTask(in: .milliseconds(200)) { self.channel.close(promise: nil) }
+    }
+
+    private func handleHello(_ frame: Frame) {
+        guard !registered else { return }
+        let hello: Hello
+        do {
+            hello = try Hello(frame: frame)
+        } catch {
+            refuse("malformed HELLO")
+            return
+        }
+        guard hello.version == tunnelProtocolVersion else {
+            refuse("protocol version \(hello.version) is not supported (server speaks \(tunnelProtocolVersion))")
+            return
+        }
+        guard hello.nodeName == nodeName else {
+            refuse("certificate is for node \(nodeName) but the registration claims node \(hello.nodeName)")
+            return
+        }
+        var ips: [String] = []
+        for ip in hello.nodeIPs {
+            guard let address = IPAddress(ip) else {
+                refuse("node IP \"\(ip)\" is not an IP address")
+                return
+            }
+            ips.append(address.description)
+        }
+        nodeIPs = ips
+        do {
+            if let previous = try server.registry.register(self) {
+                previous.logger.info("replaced by a new connection from the same node")
+                previous.channel.close(promise: nil)
+            }
+        } catch {
+            refuse("\(error)")
+            return
+        }
+        registered = true
+        logger.info("agent registered", metadata: ["ips": "\(ips.joined(separator: ","))"])
+        mux.sendControl(
+            HelloOK(serverID: server.configuration.serverID,
+                    pingIntervalSeconds: Double(server.configuration.keepaliveInterval.nanoseconds) / 1e9))
+    }
+
+    private func handleRenew(_ frame: Frame) {
+        do {
+            let request = try RenewRequest(frame: frame)
+            let certificate = try server.authority().signNodeCSR(request.csrPEM, nodeName: nodeName)
+            mux.sendControl(RenewOK(certificatePEM: try PEMFiles.pem(certificate)))
+            logger.info("renewed the agent's certificate", metadata: [
+                "notAfter": "\(Timestamps.iso8601(certificate.notValidAfter))",
+            ])
+        } catch {
+            // The agent keeps its current certificate and asks again later.
+            logger.warning("certificate renewal refused: \(error)")
+        }
+    }
+}
+
+extension TimeAmount {
+    var seconds: Int64 { nanoseconds / 1_000_000_000 }
+}

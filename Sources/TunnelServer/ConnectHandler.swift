@@ -1,0 +1,197 @@
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOSSL
+import TunnelPKI
+import TunnelWire
+
+/// Answers one HTTP/1.1 `CONNECT host:port` on the secure port (the request kube-apiserver's egress selector
+/// and `curl -p -x` send) and then turns the connection into a tunnel stream.
+///
+/// `200 Connection established` is written only once the agent has dialled the target, so a caller never sees
+/// success followed by a broken pipe; otherwise 400/403/502/503/504 with a one-line reason, and the connection
+/// closes. Responses are written as raw bytes: NIOHTTP1's encoder would add body framing to a CONNECT's 200.
+final class ConnectHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = ByteBuffer
+
+    private enum State {
+        case idle
+        case opening
+        case done
+    }
+
+    private let server: TunnelServerCore
+    private let requireNonAgentCertificate: Bool
+    private var state = State.idle
+    private var headTimeout: Scheduled<Void>?
+
+    /// - Parameter requireNonAgentCertificate: refuse callers presenting an agent certificate (TLS frontends):
+    ///   an edge node must not reach other nodes through the cloud.
+    init(server: TunnelServerCore, requireNonAgentCertificate: Bool) {
+        self.server = server
+        self.requireNonAgentCertificate = requireNonAgentCertificate
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        // A caller that does not complete its request head in time (a slow-loris) is dropped.
+        let channel = context.channel
+        headTimeout = context.eventLoop.scheduleTask(in: server.configuration.handshakeTimeout * 3) {
+            channel.close(promise: nil)
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        headTimeout?.cancel()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard case .head(let head) = unwrapInboundIn(data), case .idle = state else { return }
+        headTimeout?.cancel()
+        state = .opening
+        guard head.method == .CONNECT else {
+            respond(context, .methodNotAllowed, "only CONNECT host:port is served on this port")
+            return
+        }
+        if requireNonAgentCertificate, let peer = try? context.pipeline.syncOperations.nioSSL_peerCertificate(),
+            let certificate = try? peer.x509(),
+            certificate.subject.organizations.contains(CertificateAuthority.agentOrganization)
+        {
+            respond(context, .forbidden, "agent certificates cannot open streams")
+            return
+        }
+        guard let target = HostPort(authority: head.uri) else {
+            respond(context, .badRequest, "CONNECT target \"\(head.uri)\" is not host:port")
+            return
+        }
+        open(target, context: context)
+    }
+
+    private func open(_ target: HostPort, context: ChannelHandlerContext) {
+        guard let session = server.registry.lookup(host: target.host) else {
+            server.metrics.dialFailed(reason: "no_agent")
+            respond(context, .badGateway, "no agent for node \(target.host)")
+            return
+        }
+        let started = NIODeadline.now()
+        let mux = session.mux
+        var timedOut = false
+        let timeout = context.eventLoop.scheduleTask(in: server.configuration.dialTimeout) {
+            timedOut = true
+            self.server.metrics.dialFailed(reason: "timeout")
+            self.respond(context, .gatewayTimeout, "dial timeout: agent \(session.nodeName) did not reach \(target) in time")
+        }
+        mux.openStream(target: target.description).hop(to: context.eventLoop).whenSuccess { result in
+            timeout.cancel()
+            if timedOut {
+                if case .opened(let id) = result { mux.cancelStream(id) }
+                return
+            }
+            self.server.metrics.dialDuration.recordNanoseconds(Int64((NIODeadline.now() - started).nanoseconds))
+            switch result {
+            case .opened(let id):
+                guard context.channel.isActive else {
+                    mux.cancelStream(id)
+                    return
+                }
+                self.established(context, mux: mux, streamID: id)
+            case .failed(let failure):
+                let status = HTTPResponseStatus(statusCode: failure.code)
+                self.server.metrics.dialFailed(reason: Self.reason(for: failure.code))
+                let message: String
+                switch failure.code {
+                case 403: message = "refused by agent policy: \(failure.reason)"
+                case 504: message = "dial timeout: \(failure.reason)"
+                default: message = failure.reason
+                }
+                self.respond(context, status, message)
+            }
+        }
+    }
+
+    static func reason(for code: Int) -> String {
+        switch code {
+        case 403: "policy"
+        case 504: "timeout"
+        case 503: "unavailable"
+        default: "unreachable"
+        }
+    }
+
+    private func established(_ context: ChannelHandlerContext, mux: TunnelMux, streamID: UInt32) {
+        state = .done
+        var head = context.channel.allocator.buffer(capacity: 64)
+        head.writeString("HTTP/1.1 200 Connection established\r\n\r\n")
+        context.writeAndFlush(wrapOutboundOut(head), promise: nil)
+        do {
+            let pipeline = context.pipeline.syncOperations
+            try pipeline.addHandler(StreamGlue(mux: mux, streamID: streamID, eventLoop: context.eventLoop))
+            // Removing the decoder forwards any bytes the caller already sent after its request to the glue.
+            let decoder = try pipeline.handler(type: ByteToMessageHandler<HTTPRequestDecoder>.self)
+            pipeline.removeHandler(context: context, promise: nil)
+            pipeline.removeHandler(decoder, promise: nil)
+        } catch {
+            mux.cancelStream(streamID)
+            context.close(promise: nil)
+        }
+    }
+
+    private func respond(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ message: String) {
+        guard context.channel.isActive else { return }
+        state = .done
+        server.logger.info("CONNECT answered \(status.code): \(message)", metadata: [
+            "remote": "\(context.channel.remoteAddress?.description ?? "?")",
+        ])
+        let body = message + "\n"
+        var buffer = context.channel.allocator.buffer(capacity: 128 + body.utf8.count)
+        buffer.writeString("HTTP/1.1 \(status.code) \(status.reasonPhrase)\r\n")
+        buffer.writeString("Content-Type: text/plain; charset=utf-8\r\nContent-Length: \(body.utf8.count)\r\n")
+        buffer.writeString("Connection: close\r\n\r\n\(body)")
+        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in context.close(promise: nil) }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if case .idle = state, error is HTTPParserError {
+            // Malformed request or oversized header block.
+            respond(context, .badRequest, "malformed HTTP request: \(error)")
+            return
+        }
+        context.close(promise: nil)
+    }
+}
+
+/// `host:port` as it appears in a CONNECT request or a Host header; IPv6 hosts in brackets.
+public struct HostPort: Hashable, Sendable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+
+    public init(host: String, port: Int) {
+        self.host = host
+        self.port = port
+    }
+
+    public init?(authority: String) {
+        let host: Substring
+        let portText: Substring
+        if authority.hasPrefix("[") {
+            guard let close = authority.firstIndex(of: "]") else { return nil }
+            host = authority[authority.index(after: authority.startIndex)..<close]
+            let rest = authority[authority.index(after: close)...]
+            guard rest.hasPrefix(":") else { return nil }
+            portText = rest.dropFirst()
+        } else {
+            guard let colon = authority.lastIndex(of: ":") else { return nil }
+            host = authority[..<colon]
+            portText = authority[authority.index(after: colon)...]
+            guard !host.contains(":") else { return nil }
+        }
+        guard !host.isEmpty, host.utf8.count <= 253, let port = Int(portText), (1...65535).contains(port),
+            portText.allSatisfy(\.isNumber),
+            host.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "." || $0 == "-" || $0 == ":") })
+        else { return nil }
+        self.host = String(host).lowercased()
+        self.port = port
+    }
+
+    public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+}

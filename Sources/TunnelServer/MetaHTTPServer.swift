@@ -1,0 +1,80 @@
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// A response of the plain-HTTP meta endpoints.
+public struct MetaResponse: Sendable {
+    public var status: HTTPResponseStatus
+    public var contentType: String
+    public var body: [UInt8]
+
+    public init(status: HTTPResponseStatus, contentType: String = "text/plain; charset=utf-8", body: [UInt8]) {
+        self.status = status
+        self.contentType = contentType
+        self.body = body
+    }
+
+    public static func text(_ status: HTTPResponseStatus, _ text: String) -> MetaResponse {
+        MetaResponse(status: status, body: Array((text + "\n").utf8))
+    }
+}
+
+/// The small HTTP/1.1 server behind `/healthz`, `/readyz`, `/metrics` and `/v1/...` of server and agent.
+/// Every request is answered by `route` (called on an event loop; it must not block).
+public enum MetaHTTPServer {
+    public static func bind(
+        host: String, port: Int, group: EventLoopGroup,
+        route: @escaping @Sendable (HTTPMethod, String) -> MetaResponse
+    ) async throws -> Channel {
+        try await ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 256)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                    try channel.pipeline.syncOperations.addHandler(MetaHandler(route: route))
+                }
+            }
+            .bind(host: host, port: port).get()
+    }
+}
+
+final class MetaHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let route: @Sendable (HTTPMethod, String) -> MetaResponse
+    private var request: HTTPRequestHead?
+
+    init(route: @escaping @Sendable (HTTPMethod, String) -> MetaResponse) {
+        self.route = route
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            request = head
+        case .body:
+            break
+        case .end:
+            guard let head = request else { return }
+            request = nil
+            let path = String(head.uri.split(separator: "?", maxSplits: 1).first ?? "")
+            let response = route(head.method, path)
+            var headers = HTTPHeaders()
+            headers.add(name: "Content-Type", value: response.contentType)
+            headers.add(name: "Content-Length", value: "\(response.body.count)")
+            if !head.isKeepAlive { headers.add(name: "Connection", value: "close") }
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: response.status, headers: headers))), promise: nil)
+            if head.method != .HEAD {
+                var body = context.channel.allocator.buffer(capacity: response.body.count)
+                body.writeBytes(response.body)
+                context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
+            }
+            let keepAlive = head.isKeepAlive
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
+                if !keepAlive { context.close(promise: nil) }
+            }
+        }
+    }
+}

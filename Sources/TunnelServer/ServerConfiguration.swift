@@ -1,0 +1,33 @@
+import Foundation
+import NIOCore
+import TunnelPKI
+
+/// Everything a tunnel server needs to start. Flags and the YAML config file fill it in.
+public struct ServerConfiguration: Sendable {
+    public var pkiDirectory = PKIPaths.defaultServerDirectory
+    public var bindAddress = "0.0.0.0"
+    public var tunnelPort = 10262
+    public var securePort = 10263
+    public var metaPort = 10265
+    /// Addresses the server is reached at, for its certificate's SANs (besides 127.0.0.1 and the Service names).
+    public var certIPs: [String] = []
+    public var certDNSNames: [String] = []
+    /// CA for callers on the secure port; `nil`: the tunnel CA.
+    public var clientCAFile: String?
+    /// Identifies this replica to agents and in `/v1/agents`.
+    public var serverID = ProcessInfo.processInfo.hostName
+    /// How long the server waits for an agent to answer an OPEN before answering 504.
+    public var dialTimeout: TimeAmount = .seconds(15)
+    public var keepaliveInterval: TimeAmount = .seconds(5)
+    /// An agent silent for this long is considered dead.
+    public var keepaliveTimeout: TimeAmount = .seconds(20)
+    /// A TLS handshake or join that takes longer is abandoned.
+    public var handshakeTimeout: TimeAmount = .seconds(10)
+    /// How long in-flight streams may take to finish on shutdown.
+    public var drainTimeout: TimeAmount = .seconds(10)
+    public var eventLoopThreads = 2
+
+    public init() {}
+
+    public var paths: PKIPaths { PKIPaths(directory: pkiDirectory) }
+}

@@ -1,0 +1,69 @@
+import NIOConcurrencyHelpers
+import Prometheus
+
+/// The server's Prometheus metrics (swift-prometheus), one registry per server instance.
+final class ServerMetrics: @unchecked Sendable {
+    let registry = PrometheusCollectorRegistry()
+    let agents: Gauge
+    let streams: Gauge
+    let dialDuration: DurationHistogram
+    let bytesFromAgents: Counter
+    let bytesToAgents: Counter
+    let certificateExpiry: Gauge
+    private let lock = NIOLock()
+    private var failures: [String: Counter] = [:]
+    private var reportedIn = 0
+    private var reportedOut = 0
+
+    init() {
+        agents = registry.makeGauge(name: "edge_tunnel_server_agents", help: "Agents connected to this server.")
+        streams = registry.makeGauge(name: "edge_tunnel_server_streams", help: "Streams open through this server.")
+        dialDuration = registry.makeDurationHistogram(
+            name: "edge_tunnel_server_dial_duration_seconds",
+            buckets: [.milliseconds(1), .milliseconds(5), .milliseconds(10), .milliseconds(50), .milliseconds(100),
+                      .milliseconds(500), .seconds(1), .seconds(5), .seconds(15)],
+            help: "Time from a caller's request to the agent's answer.")
+        bytesFromAgents = registry.makeCounter(
+            name: "edge_tunnel_server_bytes_total", labels: [("direction", "from_agent")],
+            help: "Stream bytes carried through the tunnel.")
+        bytesToAgents = registry.makeCounter(
+            name: "edge_tunnel_server_bytes_total", labels: [("direction", "to_agent")],
+            help: "Stream bytes carried through the tunnel.")
+        certificateExpiry = registry.makeGauge(
+            name: "edge_tunnel_server_certificate_expiry_timestamp_seconds",
+            help: "When the serving certificate expires (Unix time).")
+    }
+
+    func dialFailed(reason: String) {
+        let counter = lock.withLock {
+            if let counter = failures[reason] { return counter }
+            let counter = registry.makeCounter(
+                name: "edge_tunnel_server_dial_failures_total", labels: [("reason", reason)],
+                help: "Streams that could not be opened, by reason.")
+            failures[reason] = counter
+            return counter
+        }
+        counter.increment()
+    }
+
+    /// Refreshes the values that are read from live state, then renders the Prometheus text format.
+    func render(registry agentRegistry: AgentRegistry) -> [UInt8] {
+        let sessions = agentRegistry.sessions
+        agents.set(Double(sessions.count))
+        streams.set(Double(sessions.reduce(0) { $0 + $1.streamCount }))
+        let totals = agentRegistry.totalBytes
+        lock.withLock {
+            if totals.fromAgents > reportedIn {
+                bytesFromAgents.increment(by: Int64(totals.fromAgents - reportedIn))
+                reportedIn = totals.fromAgents
+            }
+            if totals.toAgents > reportedOut {
+                bytesToAgents.increment(by: Int64(totals.toAgents - reportedOut))
+                reportedOut = totals.toAgents
+            }
+        }
+        var buffer: [UInt8] = []
+        registry.emit(into: &buffer)
+        return buffer
+    }
+}

@@ -1,0 +1,97 @@
+import Logging
+import NIOCore
+import NIOTLS
+import NIOSSL
+import TunnelPKI
+import TunnelWire
+import X509
+
+/// Decides, once the TLS handshake on the tunnel port is done, what a connection is: an agent with a node
+/// certificate gets a tunnel (``TunnelMux`` + ``AgentSession``); a caller without a certificate may only join.
+/// A connection that does not finish its handshake in time is closed.
+final class TunnelConnectionClassifier: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = Frame
+
+    private let server: TunnelServerCore
+    private var timeout: Scheduled<Void>?
+
+    init(server: TunnelServerCore) {
+        self.server = server
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        let channel = context.channel
+        timeout = context.eventLoop.scheduleTask(in: server.configuration.handshakeTimeout) {
+            channel.close(promise: nil)
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        timeout?.cancel()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        guard let tlsEvent = event as? TLSUserEvent, case .handshakeCompleted = tlsEvent else {
+            context.fireUserInboundEventTriggered(event)
+            return
+        }
+        let remote = context.channel.remoteAddress?.description ?? "unknown"
+        do {
+            let pipeline = context.pipeline.syncOperations
+            let peerCertificate = try pipeline.nioSSL_peerCertificate()
+            server.logger.trace("tunnel connection from \(remote): client certificate \(peerCertificate != nil)")
+            if let peer = peerCertificate {
+                let certificate = try peer.x509()
+                guard certificate.subject.organizations.contains(CertificateAuthority.agentOrganization),
+                    let node = certificate.subject.commonName, DNSName.isValid(node)
+                else {
+                    server.logger.warning(
+                        "tunnel connection refused: certificate \(certificate.subject) is not an agent certificate",
+                        metadata: ["remote": "\(remote)"])
+                    context.close(promise: nil)
+                    return
+                }
+                let mux = TunnelMux(role: .server, eventLoop: context.eventLoop, limits: server.limits)
+                let session = AgentSession(nodeName: node, channel: context.channel, mux: mux, server: server)
+                mux.delegate = session
+                try pipeline.addHandler(mux, position: .after(self))
+                session.start()
+            } else {
+                try pipeline.addHandler(JoinHandler(server: server), position: .after(self))
+                // The join has its own deadline: a token, a CSR, an answer.
+                let channel = context.channel
+                context.eventLoop.scheduleTask(in: server.configuration.handshakeTimeout * 3) {
+                    channel.close(promise: nil)
+                }
+            }
+            timeout?.cancel()
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        } catch {
+            server.logger.warning("tunnel connection failed: \(error)", metadata: ["remote": "\(remote)"])
+            context.close(promise: nil)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        // Handshake failures (no or wrong certificate, garbage bytes) end this connection only.
+        server.logger.debug("tunnel connection error: \(error)")
+        context.close(promise: nil)
+    }
+}
+
+/// Closes a connection on any error that reaches the end of its pipeline.
+final class CloseOnErrorHandler: ChannelInboundHandler {
+    typealias InboundIn = Any
+    let logger: Logger
+    let what: String
+
+    init(logger: Logger, what: String) {
+        self.logger = logger
+        self.what = what
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        logger.debug("\(what) connection error: \(error)", metadata: ["remote": "\(context.channel.remoteAddress?.description ?? "?")"])
+        context.close(promise: nil)
+    }
+}

@@ -1,0 +1,178 @@
+import Foundation
+import NIOCore
+
+/// The protocol version this build speaks.
+public let tunnelProtocolVersion = 1
+
+/// Control messages travel as JSON payloads: they are rare (one per stream at most), easy to extend, and easy
+/// to read in a capture. DATA, WINDOW, FIN, RST, PING and PONG have binary payloads (see docs/PROTOCOL.md).
+public protocol ControlMessage: Codable, Sendable {
+    static var frameType: FrameType { get }
+}
+
+extension ControlMessage {
+    /// This message as a frame on `streamID`.
+    public func frame(streamID: UInt32 = 0, allocator: ByteBufferAllocator = ByteBufferAllocator()) -> Frame {
+        let bytes = (try? JSONEncoder().encode(self)) ?? Data("{}".utf8)
+        var buffer = allocator.buffer(capacity: bytes.count)
+        buffer.writeBytes(bytes)
+        return Frame(type: Self.frameType, streamID: streamID, payload: buffer)
+    }
+
+    /// Decodes this message from a frame's payload, with an error that names the frame type.
+    public init(frame: Frame) throws {
+        do {
+            self = try JSONDecoder().decode(Self.self, from: Data(frame.payload.readableBytesView))
+        } catch {
+            throw FrameError("malformed \(Self.frameType) payload on stream \(frame.streamID)")
+        }
+    }
+}
+
+/// Agent → server, first frame on a tunnel connection.
+public struct Hello: ControlMessage, Equatable {
+    public static let frameType = FrameType.hello
+    public var version: Int
+    public var nodeName: String
+    public var nodeIPs: [String]
+    public var capabilities: [String]
+    public init(version: Int = tunnelProtocolVersion, nodeName: String, nodeIPs: [String], capabilities: [String] = []) {
+        self.version = version
+        self.nodeName = nodeName
+        self.nodeIPs = nodeIPs
+        self.capabilities = capabilities
+    }
+}
+
+/// Server → agent: the registration is accepted.
+public struct HelloOK: ControlMessage, Equatable {
+    public static let frameType = FrameType.helloOK
+    public var serverID: String
+    public var maxFramePayload: Int
+    public var pingIntervalSeconds: Double
+    public init(serverID: String, maxFramePayload: Int = Frame.maxPayload, pingIntervalSeconds: Double) {
+        self.serverID = serverID
+        self.maxFramePayload = maxFramePayload
+        self.pingIntervalSeconds = pingIntervalSeconds
+    }
+}
+
+/// Either side: the connection is refused or being closed, and why. The sender closes after it.
+public struct Refused: ControlMessage, Equatable {
+    public static let frameType = FrameType.refused
+    public var reason: String
+    public init(reason: String) { self.reason = reason }
+}
+
+/// Server → agent: open stream `streamID` to `target` (`host:port`). `window` is the server's initial receive
+/// window for the stream: how many DATA bytes the agent may send before the first WINDOW update.
+public struct Open: ControlMessage, Equatable {
+    public static let frameType = FrameType.open
+    public var target: String
+    public var window: Int
+    public init(target: String, window: Int) {
+        self.target = target
+        self.window = window
+    }
+}
+
+/// Agent → server: the target is dialled; `window` is the agent's initial receive window.
+public struct OpenOK: ControlMessage, Equatable {
+    public static let frameType = FrameType.openOK
+    public var window: Int
+    public init(window: Int) { self.window = window }
+}
+
+/// Agent → server: the stream could not be opened. Codes follow HTTP's meaning so the server can answer a
+/// CONNECT with them as is: 403 refused by policy, 502 target refused or unreachable, 504 dial timeout.
+public struct OpenFail: ControlMessage, Equatable {
+    public static let frameType = FrameType.openFail
+    public var code: Int
+    public var reason: String
+    public init(code: Int, reason: String) {
+        self.code = code
+        self.reason = reason
+    }
+}
+
+/// Server → agent: no new streams on this connection; open ones may finish.
+public struct GoAway: ControlMessage, Equatable {
+    public static let frameType = FrameType.goaway
+    public var reason: String
+    public init(reason: String) { self.reason = reason }
+}
+
+/// Agent → server on a connection without a client certificate: the bootstrap join.
+public struct JoinRequest: ControlMessage, Equatable {
+    public static let frameType = FrameType.join
+    public var token: String
+    public var nodeName: String
+    public var csrPEM: String
+    public init(token: String, nodeName: String, csrPEM: String) {
+        self.token = token
+        self.nodeName = nodeName
+        self.csrPEM = csrPEM
+    }
+}
+
+/// Server → agent: the node's certificate and the CA that signed it.
+public struct JoinOK: ControlMessage, Equatable {
+    public static let frameType = FrameType.joinOK
+    public var certificatePEM: String
+    public var caPEM: String
+    public init(certificatePEM: String, caPEM: String) {
+        self.certificatePEM = certificatePEM
+        self.caPEM = caPEM
+    }
+}
+
+/// Agent → server over the tunnel: a new CSR for the same node, before the certificate expires.
+public struct RenewRequest: ControlMessage, Equatable {
+    public static let frameType = FrameType.renew
+    public var csrPEM: String
+    public init(csrPEM: String) { self.csrPEM = csrPEM }
+}
+
+/// Server → agent: the renewed certificate.
+public struct RenewOK: ControlMessage, Equatable {
+    public static let frameType = FrameType.renewOK
+    public var certificatePEM: String
+    public init(certificatePEM: String) { self.certificatePEM = certificatePEM }
+}
+
+/// RST codes.
+public enum ResetCode: UInt32, Sendable {
+    case cancel = 0
+    case protocolError = 1
+    case flowControl = 2
+    case connectionGone = 3
+}
+
+extension Frame {
+    /// WINDOW: grant `increment` more bytes on a stream.
+    public static func window(streamID: UInt32, increment: UInt32, allocator: ByteBufferAllocator) -> Frame {
+        var buffer = allocator.buffer(capacity: 4)
+        buffer.writeInteger(increment)
+        return Frame(type: .window, streamID: streamID, payload: buffer)
+    }
+
+    public static func rst(streamID: UInt32, code: ResetCode, allocator: ByteBufferAllocator) -> Frame {
+        var buffer = allocator.buffer(capacity: 4)
+        buffer.writeInteger(code.rawValue)
+        return Frame(type: .rst, streamID: streamID, payload: buffer)
+    }
+
+    public static func fin(streamID: UInt32, allocator: ByteBufferAllocator) -> Frame {
+        Frame(type: .fin, streamID: streamID, payload: allocator.buffer(capacity: 0))
+    }
+
+    /// PING and PONG carry 8 opaque bytes that the PONG echoes.
+    public static func ping(_ type: FrameType, opaque: UInt64, allocator: ByteBufferAllocator) -> Frame {
+        var buffer = allocator.buffer(capacity: 8)
+        buffer.writeInteger(opaque)
+        return Frame(type: type, payload: buffer)
+    }
+
+    /// The u32 at the start of the payload (WINDOW increment, RST code).
+    public var u32Payload: UInt32? { payload.getInteger(at: payload.readerIndex, as: UInt32.self) }
+}

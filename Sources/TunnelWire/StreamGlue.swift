@@ -1,0 +1,147 @@
+import NIOCore
+
+/// Joins one socket to one tunnel stream (the GlueHandler pattern of swift-nio-ssh's examples).
+///
+/// The socket is read only when the ``TunnelMux`` allows it (the stream has credit and the tunnel is writable);
+/// bytes written to the socket are credited back to the peer once the write completed, so the peer can never
+/// make this socket's outbound buffer hold more than the stream's window. Half-close travels both ways; the
+/// socket is closed once both directions are finished, or at once when the stream is reset.
+///
+/// Threading: the glue lives on its socket channel's event loop; the mux calls the `…FromTunnel` methods from
+/// its own loop and they hop.
+public final class StreamGlue: ChannelDuplexHandler {
+    public typealias InboundIn = ByteBuffer
+    public typealias OutboundIn = ByteBuffer
+    public typealias OutboundOut = ByteBuffer
+
+    private let mux: TunnelMux
+    public let streamID: UInt32
+    private let eventLoop: EventLoop
+    private var context: ChannelHandlerContext?
+    private var readAllowed = false
+    private var readPending = false
+    private var inputClosed = false
+    private var outputClosed = false
+    private var resetting = false
+
+    /// - Parameter eventLoop: the event loop of the socket channel this glue is added to.
+    public init(mux: TunnelMux, streamID: UInt32, eventLoop: EventLoop) {
+        self.mux = mux
+        self.streamID = streamID
+        self.eventLoop = eventLoop
+    }
+
+    public func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        mux.attach(self, to: streamID)
+        mux.socketWantsRead(streamID)
+    }
+
+    public func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        mux.dataFromSocket(streamID, unwrapInboundIn(data))
+    }
+
+    public func channelReadComplete(context: ChannelHandlerContext) {
+        mux.socketWantsRead(streamID)
+        context.fireChannelReadComplete()
+    }
+
+    public func read(context: ChannelHandlerContext) {
+        // Reads are paced by the tunnel: only one outstanding permission at a time.
+        if readAllowed {
+            readAllowed = false
+            context.read()
+        } else {
+            readPending = true
+        }
+    }
+
+    public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event {
+            inputClosed = true
+            mux.socketInputClosed(streamID)
+            closeIfBothDone(context)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    public func channelWritabilityChanged(context: ChannelHandlerContext) {
+        mux.socketWritabilityChanged(streamID, writable: context.channel.isWritable)
+        context.fireChannelWritabilityChanged()
+    }
+
+    public func channelInactive(context: ChannelHandlerContext) {
+        mux.socketClosed(streamID)
+        context.fireChannelInactive()
+    }
+
+    public func errorCaught(context: ChannelHandlerContext, error: Error) {
+        context.close(promise: nil)
+    }
+
+    // MARK: From the mux
+
+    func deliverFromTunnel(_ buffer: ByteBuffer) {
+        hop {
+            guard let context = self.context, !self.outputClosed else { return }
+            let count = buffer.readableBytes
+            let mux = self.mux
+            let id = self.streamID
+            context.writeAndFlush(self.wrapOutboundOut(buffer)).whenSuccess {
+                mux.consumedBySocket(id, count: count)
+            }
+        }
+    }
+
+    func allowReadFromTunnel() {
+        hop {
+            guard let context = self.context, !self.inputClosed else { return }
+            self.readAllowed = true
+            if self.readPending {
+                self.readPending = false
+                self.readAllowed = false
+                context.read()
+            }
+        }
+    }
+
+    func finishOutputFromTunnel() {
+        hop {
+            guard let context = self.context, !self.outputClosed else { return }
+            self.outputClosed = true
+            let promise = context.eventLoop.makePromise(of: Void.self)
+            context.close(mode: .output, promise: promise)
+            promise.futureResult.whenFailure { _ in
+                // Transports that cannot half-close (or already closed): finish the whole socket.
+                context.close(promise: nil)
+            }
+            self.closeIfBothDone(context)
+        }
+    }
+
+    func resetFromTunnel() {
+        hop {
+            guard let context = self.context, !self.resetting else { return }
+            self.resetting = true
+            context.close(promise: nil)
+        }
+    }
+
+    private func closeIfBothDone(_ context: ChannelHandlerContext) {
+        if inputClosed && outputClosed {
+            context.close(promise: nil)
+        }
+    }
+
+    private func hop(_ body: @escaping () -> Void) {
+        if eventLoop.inEventLoop {
+            body()
+        } else {
+            eventLoop.execute(body)
+        }
+    }
+}

@@ -1,0 +1,501 @@
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// Receives what a ``TunnelMux`` cannot handle itself. Called on the tunnel channel's event loop.
+public protocol TunnelMuxDelegate: AnyObject {
+    /// The peer asks for a new stream (agents receive these). Answer with ``TunnelMux/acceptStream(_:)`` once
+    /// a glue is attached, or ``TunnelMux/rejectStream(_:code:reason:)``.
+    func mux(_ mux: TunnelMux, didReceiveOpen open: Open, streamID: UInt32)
+    /// A control frame on stream 0 other than PING/PONG/WINDOW (HELLO, REFUSED, GOAWAY, JOIN, RENEW, ...).
+    func mux(_ mux: TunnelMux, didReceiveControl frame: Frame)
+    /// The tunnel connection is gone; every stream has been reset.
+    func muxDidClose(_ mux: TunnelMux)
+}
+
+/// Limits of one tunnel connection.
+public struct TunnelLimits: Sendable {
+    /// Initial receive window of a stream.
+    public var initialWindow = 1 << 20
+    /// A stream's receive window grows up to this while its sender keeps it full and its reader keeps up.
+    public var maximumWindow = 16 << 20
+    /// Sum of all stream receive windows of the connection: bounds the memory a peer can make us hold.
+    public var connectionWindowBudget = 256 << 20
+    /// Streams open at once on one connection.
+    public var maxStreams = 65_536
+
+    public init() {}
+}
+
+/// Outcome of opening a stream from this side.
+public enum OpenResult: Sendable {
+    case opened(streamID: UInt32)
+    case failed(OpenFail)
+}
+
+/// Byte counters of one tunnel connection, readable from any thread.
+public final class TunnelCounters: @unchecked Sendable {
+    private let lock = NIOLock()
+    private var _bytesIn = 0
+    private var _bytesOut = 0
+    private var _streams = 0
+    public init() {}
+    func add(in count: Int) { lock.withLock { _bytesIn += count } }
+    func add(out count: Int) { lock.withLock { _bytesOut += count } }
+    func setStreams(_ count: Int) { lock.withLock { _streams = count } }
+    /// (bytes received from the peer, bytes sent to it, open streams).
+    public var snapshot: (bytesIn: Int, bytesOut: Int, streams: Int) {
+        lock.withLock { (_bytesIn, _bytesOut, _streams) }
+    }
+}
+
+/// Many streams over one tunnel connection, each with its own flow-control window.
+///
+/// Sits on the tunnel channel after the TLS handler, a `ByteToMessageHandler(FrameDecoder())` and a
+/// ``FrameEncoder``. Each stream pairs with a socket through a ``StreamGlue``; bytes move between them as
+/// `ByteBuffer`s without copies, and a socket is read only while its stream has send credit and the tunnel is
+/// writable, so memory per stream is bounded by its window and one slow reader never stops another stream.
+///
+/// Threading: all state lives on the tunnel channel's event loop. Public methods may be called from any
+/// thread; they hop to that loop.
+public final class TunnelMux: ChannelInboundHandler {
+    public typealias InboundIn = Frame
+    public typealias OutboundOut = Frame
+
+    public enum Role: Sendable {
+        /// Opens streams (odd ids).
+        case server
+        /// Accepts streams.
+        case agent
+    }
+
+    final class Stream {
+        let id: UInt32
+        var glue: StreamGlue?
+        var send: SendWindow
+        var receive: ReceiveWindow
+        /// Socket bytes beyond the send window, waiting for credit (at most one read's worth).
+        var pending: ByteBuffer?
+        var finAfterPending = false
+        /// DATA that arrived before the glue was attached.
+        var early: [ByteBuffer] = []
+        var earlyFin = false
+        var glueWantsRead = false
+        var socketWritable = true
+        var localFinSent = false
+        var remoteFinReceived = false
+        var openPromise: EventLoopPromise<OpenResult>?
+        var accepted = false
+
+        init(id: UInt32, sendWindow: Int, receive: ReceiveWindow) {
+            self.id = id
+            self.send = SendWindow(initial: sendWindow)
+            self.receive = receive
+        }
+    }
+
+    public let role: Role
+    public let limits: TunnelLimits
+    public let counters = TunnelCounters()
+    /// Held strongly until the connection closes: the delegate is typically the session object that nothing
+    /// else owns.
+    public var delegate: TunnelMuxDelegate?
+    /// The tunnel channel's event loop.
+    public let eventLoop: EventLoop
+
+    private var context: ChannelHandlerContext?
+    private var streams: [UInt32: Stream] = [:]
+    private var nextStreamID: UInt32
+    private var windowBudgetUsed = 0
+    private var closed = false
+    private var draining = false
+    /// When the last frame arrived, for keepalive.
+    public private(set) var lastFrameReceived = NIODeadline.now()
+
+    public init(role: Role, eventLoop: EventLoop, limits: TunnelLimits = TunnelLimits()) {
+        self.role = role
+        self.eventLoop = eventLoop
+        self.limits = limits
+        self.nextStreamID = role == .server ? 1 : 2
+    }
+
+    // MARK: Channel events
+
+    public func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    public func channelInactive(context: ChannelHandlerContext) {
+        shutdownStreams()
+        context.fireChannelInactive()
+    }
+
+    public func handlerRemoved(context: ChannelHandlerContext) {
+        shutdownStreams()
+        self.context = nil
+    }
+
+    public func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable {
+            for stream in streams.values where stream.glueWantsRead { maybeAllowRead(stream) }
+        }
+        context.fireChannelWritabilityChanged()
+    }
+
+    public func errorCaught(context: ChannelHandlerContext, error: Error) {
+        context.fireErrorCaught(error)
+    }
+
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = unwrapInboundIn(data)
+        lastFrameReceived = .now()
+        do {
+            try handle(frame, context: context)
+        } catch {
+            // A malformed or illegal frame: the peer is broken; say why and close.
+            sendRefusedAndClose(reason: "\(error)")
+            context.fireErrorCaught(error)
+        }
+    }
+
+    public func channelReadComplete(context: ChannelHandlerContext) {
+        context.flush()
+        context.fireChannelReadComplete()
+    }
+
+    private func handle(_ frame: Frame, context: ChannelHandlerContext) throws {
+        guard let type = frame.type else { return }  // unknown types are ignored
+        switch type {
+        case .data:
+            guard let stream = streams[frame.streamID] else { return }  // late data for a reset stream
+            let count = frame.payload.readableBytes
+            try stream.receive.receive(count)
+            counters.add(in: count)
+            if let glue = stream.glue {
+                glue.deliverFromTunnel(frame.payload)
+            } else {
+                stream.early.append(frame.payload)
+            }
+        case .window:
+            guard let increment = frame.u32Payload else { throw FrameError("WINDOW without an increment") }
+            guard frame.streamID != 0, let stream = streams[frame.streamID] else { return }
+            try stream.send.grant(increment)
+            flushPending(stream)
+            maybeAllowRead(stream)
+        case .fin:
+            guard let stream = streams[frame.streamID] else { return }
+            stream.remoteFinReceived = true
+            if let glue = stream.glue { glue.finishOutputFromTunnel() } else { stream.earlyFin = true }
+            removeIfDone(stream)
+        case .rst:
+            guard let stream = streams.removeValue(forKey: frame.streamID) else { return }
+            streamRemoved(stream)
+            stream.glue?.resetFromTunnel()
+            stream.openPromise?.succeed(.failed(OpenFail(code: 502, reason: "stream reset by peer")))
+        case .ping:
+            context.write(
+                wrapOutboundOut(Frame(type: .pong, streamID: 0, payload: frame.payload)), promise: nil)
+        case .pong:
+            break
+        case .openOK:
+            guard role == .server, let stream = streams[frame.streamID], let promise = stream.openPromise else {
+                return
+            }
+            let ok = try OpenOK(frame: frame)
+            try stream.send.grant(UInt32(clamping: max(0, ok.window)))
+            stream.openPromise = nil
+            stream.accepted = true
+            promise.succeed(.opened(streamID: stream.id))
+        case .openFail:
+            guard role == .server, let stream = streams.removeValue(forKey: frame.streamID) else { return }
+            streamRemoved(stream)
+            let fail = try OpenFail(frame: frame)
+            stream.openPromise?.succeed(.failed(fail))
+            stream.openPromise = nil
+        case .open:
+            guard role == .agent else { throw FrameError("OPEN from an agent") }
+            let open = try Open(frame: frame)
+            guard frame.streamID % 2 == 1, streams[frame.streamID] == nil else {
+                throw FrameError("OPEN on invalid or reused stream \(frame.streamID)")
+            }
+            guard !draining, streams.count < limits.maxStreams else {
+                context.write(
+                    wrapOutboundOut(
+                        OpenFail(code: 503, reason: "agent is draining or at its stream limit")
+                            .frame(streamID: frame.streamID, allocator: context.channel.allocator)),
+                    promise: nil)
+                return
+            }
+            let stream = Stream(
+                id: frame.streamID, sendWindow: open.window, receive: newReceiveWindow())
+            streams[stream.id] = stream
+            counters.setStreams(streams.count)
+            delegate?.mux(self, didReceiveOpen: open, streamID: frame.streamID)
+        default:
+            delegate?.mux(self, didReceiveControl: frame)
+        }
+    }
+
+    // MARK: Opening streams
+
+    /// Opens a stream to `target` (server side). The future completes once the peer answered OPEN_OK or
+    /// OPEN_FAIL; after `.opened`, attach a ``StreamGlue`` for the stream id.
+    public func openStream(target: String) -> EventLoopFuture<OpenResult> {
+        let promise = eventLoop.makePromise(of: OpenResult.self)
+        execute {
+            guard let context = self.context, !self.closed else {
+                promise.succeed(.failed(OpenFail(code: 502, reason: "tunnel connection is closed")))
+                return
+            }
+            guard !self.draining else {
+                promise.succeed(.failed(OpenFail(code: 503, reason: "tunnel connection is draining")))
+                return
+            }
+            guard self.streams.count < self.limits.maxStreams, self.nextStreamID < UInt32.max - 2 else {
+                promise.succeed(.failed(OpenFail(code: 503, reason: "too many streams on the tunnel")))
+                return
+            }
+            let id = self.nextStreamID
+            self.nextStreamID += 2
+            let stream = Stream(id: id, sendWindow: 0, receive: self.newReceiveWindow())
+            stream.openPromise = promise
+            self.streams[id] = stream
+            self.counters.setStreams(self.streams.count)
+            context.writeAndFlush(
+                self.wrapOutboundOut(
+                    Open(target: target, window: stream.receive.size).frame(
+                        streamID: id, allocator: context.channel.allocator)),
+                promise: nil)
+        }
+        return promise.futureResult
+    }
+
+    /// Cancels a stream that is still opening or open (the caller went away).
+    public func cancelStream(_ streamID: UInt32) {
+        execute {
+            guard let stream = self.streams.removeValue(forKey: streamID) else { return }
+            self.streamRemoved(stream)
+            self.writeFrame(.rst(streamID: streamID, code: .cancel, allocator: self.allocator), flush: true)
+            stream.glue?.resetFromTunnel()
+        }
+    }
+
+    /// Agent side: the target is dialled and `glue` attached; tell the server.
+    public func acceptStream(_ streamID: UInt32) {
+        execute {
+            guard let stream = self.streams[streamID], let context = self.context else { return }
+            stream.accepted = true
+            context.writeAndFlush(
+                self.wrapOutboundOut(
+                    OpenOK(window: stream.receive.size).frame(streamID: streamID, allocator: context.channel.allocator)),
+                promise: nil)
+        }
+    }
+
+    /// Agent side: the stream cannot be opened.
+    public func rejectStream(_ streamID: UInt32, code: Int, reason: String) {
+        execute {
+            guard let stream = self.streams.removeValue(forKey: streamID), let context = self.context else { return }
+            self.streamRemoved(stream)
+            context.writeAndFlush(
+                self.wrapOutboundOut(
+                    OpenFail(code: code, reason: reason).frame(streamID: streamID, allocator: context.channel.allocator)),
+                promise: nil)
+        }
+    }
+
+    /// Sends a control message on stream 0.
+    public func sendControl<M: ControlMessage>(_ message: M) {
+        execute {
+            self.writeFrame(message.frame(allocator: self.allocator), flush: true)
+        }
+    }
+
+    /// Sends a PING.
+    public func ping() {
+        execute {
+            self.writeFrame(.ping(.ping, opaque: UInt64(NIODeadline.now().uptimeNanoseconds), allocator: self.allocator), flush: true)
+        }
+    }
+
+    /// No new streams; open ones finish. Sends GOAWAY to the peer.
+    public func drain(reason: String) {
+        execute {
+            self.draining = true
+            self.writeFrame(GoAway(reason: reason).frame(allocator: self.allocator), flush: true)
+        }
+    }
+
+    /// Marks this side as draining without telling the peer (it told us).
+    public func markDraining() {
+        execute { self.draining = true }
+    }
+
+    /// Number of open streams (on the loop).
+    public var streamCount: Int { streams.count }
+
+    // MARK: Called by StreamGlue (any thread)
+
+    func attach(_ glue: StreamGlue, to streamID: UInt32) {
+        execute {
+            guard let stream = self.streams[streamID] else {
+                glue.resetFromTunnel()
+                return
+            }
+            stream.glue = glue
+            for buffer in stream.early { glue.deliverFromTunnel(buffer) }
+            stream.early = []
+            if stream.earlyFin { glue.finishOutputFromTunnel() }
+        }
+    }
+
+    func dataFromSocket(_ streamID: UInt32, _ buffer: ByteBuffer) {
+        execute {
+            guard let stream = self.streams[streamID], !stream.localFinSent else { return }
+            if stream.pending != nil {
+                stream.pending!.writeImmutableBuffer(buffer)
+            } else {
+                stream.pending = buffer
+            }
+            self.flushPending(stream)
+        }
+    }
+
+    func socketWantsRead(_ streamID: UInt32) {
+        execute {
+            guard let stream = self.streams[streamID] else { return }
+            stream.glueWantsRead = true
+            self.maybeAllowRead(stream)
+        }
+    }
+
+    func socketInputClosed(_ streamID: UInt32) {
+        execute {
+            guard let stream = self.streams[streamID], !stream.localFinSent else { return }
+            if stream.pending != nil {
+                stream.finAfterPending = true
+            } else {
+                self.sendFin(stream)
+            }
+        }
+    }
+
+    func socketClosed(_ streamID: UInt32) {
+        execute {
+            guard let stream = self.streams.removeValue(forKey: streamID) else { return }
+            self.streamRemoved(stream)
+            if !(stream.localFinSent && stream.remoteFinReceived) {
+                self.writeFrame(.rst(streamID: streamID, code: .cancel, allocator: self.allocator), flush: true)
+            }
+        }
+    }
+
+    func socketWritabilityChanged(_ streamID: UInt32, writable: Bool) {
+        execute { self.streams[streamID]?.socketWritable = writable }
+    }
+
+    func consumedBySocket(_ streamID: UInt32, count: Int) {
+        execute {
+            guard let stream = self.streams[streamID] else { return }
+            let mayGrow = stream.socketWritable
+                && self.windowBudgetUsed + stream.receive.size <= self.limits.connectionWindowBudget
+            guard let update = stream.receive.consumed(count, mayGrow: mayGrow) else { return }
+            self.windowBudgetUsed += update.growth
+            self.writeFrame(
+                .window(streamID: streamID, increment: update.increment, allocator: self.allocator), flush: true)
+        }
+    }
+
+    // MARK: Internals (on the loop)
+
+    private var allocator: ByteBufferAllocator { context?.channel.allocator ?? ByteBufferAllocator() }
+
+    private func execute(_ body: @escaping () -> Void) {
+        if eventLoop.inEventLoop {
+            body()
+        } else {
+            eventLoop.execute(body)
+        }
+    }
+
+    private func newReceiveWindow() -> ReceiveWindow {
+        let remaining = limits.connectionWindowBudget - windowBudgetUsed
+        let initial = max(64 * 1024, min(limits.initialWindow, remaining))
+        windowBudgetUsed += initial
+        return ReceiveWindow(initial: initial, maximum: limits.maximumWindow)
+    }
+
+    private func streamRemoved(_ stream: Stream) {
+        windowBudgetUsed -= stream.receive.size
+        counters.setStreams(streams.count)
+    }
+
+    private func writeFrame(_ frame: Frame, flush: Bool) {
+        guard let context else { return }
+        if flush {
+            context.writeAndFlush(wrapOutboundOut(frame), promise: nil)
+        } else {
+            context.write(wrapOutboundOut(frame), promise: nil)
+        }
+    }
+
+    /// Sends as much of the pending socket data as the window allows, in frames of at most `Frame.maxPayload`.
+    private func flushPending(_ stream: Stream) {
+        guard var pending = stream.pending, let context else { return }
+        var wrote = false
+        while pending.readableBytes > 0 && stream.send.available > 0 {
+            let count = min(pending.readableBytes, stream.send.available, Frame.maxPayload)
+            let slice = pending.readSlice(length: count)!
+            stream.send.consume(count)
+            counters.add(out: count)
+            context.write(wrapOutboundOut(Frame(type: .data, streamID: stream.id, payload: slice)), promise: nil)
+            wrote = true
+        }
+        stream.pending = pending.readableBytes > 0 ? pending : nil
+        if stream.pending == nil && stream.finAfterPending {
+            sendFin(stream)
+        } else if wrote {
+            context.flush()
+        }
+        maybeAllowRead(stream)
+    }
+
+    private func maybeAllowRead(_ stream: Stream) {
+        guard stream.glueWantsRead, stream.pending == nil, stream.send.available > 0,
+            let context, context.channel.isWritable, let glue = stream.glue
+        else { return }
+        stream.glueWantsRead = false
+        glue.allowReadFromTunnel()
+    }
+
+    private func sendFin(_ stream: Stream) {
+        stream.localFinSent = true
+        writeFrame(.fin(streamID: stream.id, allocator: allocator), flush: true)
+        removeIfDone(stream)
+    }
+
+    private func removeIfDone(_ stream: Stream) {
+        guard stream.localFinSent && stream.remoteFinReceived else { return }
+        // The glue closes its socket itself once both directions are done; it may still be flushing.
+        if streams.removeValue(forKey: stream.id) != nil { streamRemoved(stream) }
+    }
+
+    private func shutdownStreams() {
+        guard !closed else { return }
+        closed = true
+        let all = streams.values
+        streams = [:]
+        counters.setStreams(0)
+        for stream in all {
+            stream.glue?.resetFromTunnel()
+            stream.openPromise?.succeed(.failed(OpenFail(code: 502, reason: "tunnel connection closed")))
+        }
+        delegate?.muxDidClose(self)
+        delegate = nil
+    }
+
+    private func sendRefusedAndClose(reason: String) {
+        guard let context else { return }
+        context.writeAndFlush(wrapOutboundOut(Refused(reason: reason).frame(allocator: context.channel.allocator)))
+            .whenComplete { _ in context.close(promise: nil) }
+    }
+}

@@ -1,0 +1,98 @@
+import ArgumentParser
+import Foundation
+import Logging
+import TunnelAgent
+import TunnelPKI
+import TunnelServer
+
+/// `edge-tunnel-agent`: the edge side of EdgeTunnel.
+@main
+struct AgentCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "edge-tunnel-agent",
+        abstract: "Dial out to the tunnel server and serve the cloud's streams to allowed edge endpoints."
+    )
+
+    @Option(name: .customLong("node-name"), help: "This node's name (default: $NODE_NAME, then the host name).")
+    var nodeName: String?
+    @Option(name: .customLong("node-ip"), help: "This node's IP (repeatable, or comma-separated; default: $NODE_IP).")
+    var nodeIPs: [String] = []
+    @Option(name: .customLong("server-address"), help: "Tunnel server HOST:PORT (repeatable; the first that works is used).")
+    var serverAddresses: [String] = []
+    @Option(name: .customLong("pki-dir"), help: "Folder for the node's credentials (default /var/lib/edge-tunnel-agent/pki).")
+    var pkiDir: String = PKIPaths.defaultAgentDirectory
+    @Option(name: .customLong("bootstrap-token"), help: "Token to join with on first start (edgetunnel token create).")
+    var bootstrapToken: String?
+    @Option(name: .customLong("ca-cert-hash"), help: "sha256:<hex> pin of the tunnel CA for the join (edgetunnel pki ca-hash).")
+    var caCertHash: String?
+    @Option(name: .customLong("allow"), help: """
+        Destination the cloud may reach (repeatable): host:port, IP:port, CIDR:port, or with a port range lo-hi. \
+        Default: ports 10250 and 10255 on 127.0.0.1, ::1 and the node's IPs.
+        """)
+    var allow: [String] = []
+    @Option(name: .customLong("meta-port"), help: "Port for /healthz, /readyz, /metrics (default 10266).")
+    var metaPort: Int = 10266
+    @Option(name: .customLong("meta-bind-address"), help: "Address of the meta port (default 127.0.0.1).")
+    var metaBindAddress: String = "127.0.0.1"
+    @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
+    var logLevel: String = "info"
+
+    func run() async throws {
+        let configuration: AgentConfiguration
+        let level: Logger.Level
+        do {
+            (configuration, level) = try resolve()
+        } catch {
+            fail("\(error)")
+        }
+        ProcessSupport.bootstrapLogging(level: level)
+        let logger = Logger(label: "edge-tunnel-agent")
+        let agent: EdgeTunnelAgent
+        do {
+            agent = try EdgeTunnelAgent(configuration: configuration, logger: logger)
+            try await agent.prepareCredentials()
+            try await agent.startMeta()
+        } catch {
+            fail("\(error)")
+        }
+        let runner = Task { await agent.run() }
+        let signal = await ProcessSupport.waitForSignal()
+        logger.info("signal \(signal): draining")
+        await agent.stop()
+        await runner.value
+    }
+
+    private func resolve() throws -> (AgentConfiguration, Logger.Level) {
+        let environment = ProcessInfo.processInfo.environment
+        let name = nodeName ?? environment["NODE_NAME"] ?? ProcessInfo.processInfo.hostName.lowercased()
+        var ipTexts = splitList(nodeIPs)
+        if ipTexts.isEmpty, let fromEnvironment = environment["NODE_IP"] { ipTexts = splitList([fromEnvironment]) }
+        let ips = try ipTexts.map { try IPAddress.parse($0) }
+        let addresses = splitList(serverAddresses)
+        guard !addresses.isEmpty else { throw PKIError(.invalidArgument, "at least one --server-address is required") }
+        let rules = try allow.map { try AllowList.Rule(parsing: $0) }
+        var configuration = AgentConfiguration(
+            nodeName: name, nodeIPs: ips, serverAddresses: addresses,
+            allowList: rules.isEmpty ? nil : AllowList(rules: rules))
+        configuration.pkiDirectory = pkiDir
+        configuration.bootstrapToken = bootstrapToken ?? environment["BOOTSTRAP_TOKEN"]
+        configuration.caCertHash = try caCertHash.map { try CAHash.validate($0) }
+        if let token = configuration.bootstrapToken { _ = try BootstrapToken(parsing: token) }
+        guard (0...65535).contains(metaPort) else { throw PKIError(.invalidArgument, "invalid --meta-port \(metaPort)") }
+        configuration.metaPort = metaPort
+        configuration.metaBindAddress = metaBindAddress
+        guard let level = Logger.Level(flag: logLevel) else {
+            throw PKIError(.invalidArgument, "invalid --log-level \"\(logLevel)\"")
+        }
+        return (configuration, level)
+    }
+}
+
+func splitList(_ values: [String]) -> [String] {
+    values.flatMap { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }.filter { !$0.isEmpty }
+}
+
+func fail(_ message: String) -> Never {
+    FileHandle.standardError.write(Data("edge-tunnel-agent: error: \(message)\n".utf8))
+    exit(1)
+}

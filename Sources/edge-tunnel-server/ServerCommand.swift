@@ -1,0 +1,146 @@
+import ArgumentParser
+import Foundation
+import Logging
+import TunnelPKI
+import TunnelServer
+import Yams
+
+/// `edge-tunnel-server`: the cloud side of EdgeTunnel.
+@main
+struct ServerCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "edge-tunnel-server",
+        abstract: "Accept agents' tunnels and route cloud callers to edge nodes through them.",
+        discussion: """
+            Every flag can also be set in a YAML file given with --config, with the flag's name in camelCase \
+            (pkiDir, bindAddress, tunnelPort, securePort, metaPort, certIPs, certDNSNames, clientCAFile, \
+            serverID, logLevel). A flag on the command line wins over the file.
+            """
+    )
+
+    @Option(help: "YAML configuration file.") var config: String?
+    @Option(name: .customLong("pki-dir"), help: "PKI folder with the tunnel CA (default /var/lib/edge-tunnel-server/pki).")
+    var pkiDir: String?
+    @Option(name: .customLong("bind-address"), help: "Address to listen on (default 0.0.0.0).") var bindAddress: String?
+    @Option(name: .customLong("tunnel-port"), help: "Port for agents' tunnels (default 10262).") var tunnelPort: Int?
+    @Option(name: .customLong("secure-port"), help: "Port for cloud callers' CONNECT over TLS (default 10263).")
+    var securePort: Int?
+    @Option(name: .customLong("meta-port"), help: "Port for /healthz, /readyz, /metrics, /v1/agents (default 10265).")
+    var metaPort: Int?
+    @Option(name: .customLong("cert-ips"), help: "IP the server is reached at, for its certificate (repeatable, or comma-separated).")
+    var certIPs: [String] = []
+    @Option(name: .customLong("cert-dns-names"), help: "DNS name the server is reached at (repeatable, or comma-separated).")
+    var certDNSNames: [String] = []
+    @Option(name: .customLong("client-ca-file"), help: "CA for callers on the secure port (default: the tunnel CA).")
+    var clientCAFile: String?
+    @Option(name: .customLong("server-id"), help: "Name of this replica (default: the host name).") var serverID: String?
+    @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
+    var logLevel: String?
+
+    func run() async throws {
+        let configuration: ServerConfiguration
+        let level: Logger.Level
+        do {
+            let file = try config.map(ServerConfigFile.load) ?? ServerConfigFile()
+            (configuration, level) = try resolve(file)
+        } catch {
+            fail("\(error)")
+        }
+        ProcessSupport.bootstrapLogging(level: level)
+        let logger = Logger(label: "edge-tunnel-server")
+        let server: TunnelServer
+        do {
+            server = try TunnelServer(configuration: configuration, logger: logger)
+            try await server.start()
+        } catch {
+            fail("\(error)")
+        }
+        let signal = await ProcessSupport.waitForSignal()
+        logger.info("signal \(signal): draining")
+        await server.shutdown()
+    }
+
+    private func resolve(_ file: ServerConfigFile) throws -> (ServerConfiguration, Logger.Level) {
+        var configuration = ServerConfiguration()
+        configuration.pkiDirectory = pkiDir ?? file.pkiDir ?? configuration.pkiDirectory
+        configuration.bindAddress = bindAddress ?? file.bindAddress ?? configuration.bindAddress
+        configuration.tunnelPort = try port(tunnelPort ?? file.tunnelPort ?? configuration.tunnelPort, "tunnel-port")
+        configuration.securePort = try port(securePort ?? file.securePort ?? configuration.securePort, "secure-port")
+        configuration.metaPort = try port(metaPort ?? file.metaPort ?? configuration.metaPort, "meta-port")
+        let ips = splitList(certIPs)
+        let names = splitList(certDNSNames)
+        configuration.certIPs = ips.isEmpty ? (file.certIPs ?? []) : ips
+        configuration.certDNSNames = names.isEmpty ? (file.certDNSNames ?? []) : names
+        configuration.clientCAFile = clientCAFile ?? file.clientCAFile
+        configuration.serverID = serverID ?? file.serverID ?? configuration.serverID
+        let levelText = logLevel ?? file.logLevel ?? "info"
+        guard let level = Logger.Level(flag: levelText) else {
+            throw PKIError(.invalidArgument, "invalid --log-level \"\(levelText)\"")
+        }
+        // Check addresses now, so a typo is reported as such rather than as a certificate problem.
+        _ = try ServerSANs(ips: configuration.certIPs, dnsNames: configuration.certDNSNames)
+        return (configuration, level)
+    }
+
+    private func port(_ value: Int, _ name: String) throws -> Int {
+        guard (0...65535).contains(value) else {
+            throw PKIError(.invalidArgument, "invalid --\(name) \(value): must be 0-65535")
+        }
+        return value
+    }
+}
+
+func splitList(_ values: [String]) -> [String] {
+    values.flatMap { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }.filter { !$0.isEmpty }
+}
+
+func fail(_ message: String) -> Never {
+    FileHandle.standardError.write(Data("edge-tunnel-server: error: \(message)\n".utf8))
+    exit(1)
+}
+
+/// The YAML configuration file: the flags in camelCase, as Kubernetes component configs write them.
+struct ServerConfigFile: Codable {
+    var pkiDir: String?
+    var bindAddress: String?
+    var tunnelPort: Int?
+    var securePort: Int?
+    var metaPort: Int?
+    var certIPs: [String]?
+    var certDNSNames: [String]?
+    var clientCAFile: String?
+    var serverID: String?
+    var logLevel: String?
+
+    static let keys: Set<String> = [
+        "pkiDir", "bindAddress", "tunnelPort", "securePort", "metaPort", "certIPs", "certDNSNames", "clientCAFile",
+        "serverID", "logLevel",
+    ]
+
+    /// Reads and checks a config file: unknown keys are errors (a typo must not be silently ignored).
+    static func load(path: String) throws -> ServerConfigFile {
+        let bytes = try AtomicFile.read(path)
+        let text = String(decoding: bytes, as: UTF8.self)
+        let node: Any?
+        do {
+            node = try Yams.load(yaml: text)
+        } catch {
+            throw PKIError(.invalidArgument, "\(path): not valid YAML (\(error))")
+        }
+        guard let node else { return ServerConfigFile() }
+        guard let map = node as? [String: Any] else {
+            throw PKIError(.invalidArgument, "\(path): expected a mapping of settings")
+        }
+        if let unknown = map.keys.sorted().first(where: { !keys.contains($0) }) {
+            throw PKIError(.invalidArgument, "\(path): unknown setting \"\(unknown)\"")
+        }
+        do {
+            return try YAMLDecoder().decode(ServerConfigFile.self, from: text)
+        } catch let DecodingError.typeMismatch(_, context), let DecodingError.dataCorrupted(context) {
+            let key = context.codingPath.map(\.stringValue).joined(separator: ".")
+            throw PKIError(.invalidArgument, "\(path): setting \"\(key)\" has the wrong type")
+        } catch {
+            throw PKIError(.invalidArgument, "\(path): \(error)")
+        }
+    }
+}
