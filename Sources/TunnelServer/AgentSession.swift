@@ -25,11 +25,17 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         self.channel = channel
         self.mux = mux
         self.server = server
-        self.remoteAddress = channel.remoteAddress?.description ?? "unknown"
+        self.remoteAddress = channel.remoteAddress.map(Self.format) ?? "unknown"
         var logger = server.logger
         logger[metadataKey: "node"] = "\(nodeName)"
         logger[metadataKey: "remote"] = "\(remoteAddress)"
         self.logger = logger
+    }
+
+    /// `ip:port`, IPv6 in brackets.
+    static func format(_ address: SocketAddress) -> String {
+        guard let ip = address.ipAddress, let port = address.port else { return address.description }
+        return ip.contains(":") ? "[\(ip)]:\(port)" : "\(ip):\(port)"
     }
 
     /// Streams open on this tunnel (read from any thread).

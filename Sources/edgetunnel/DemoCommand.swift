@@ -1,49 +1,137 @@
 import ArgumentParser
 import Foundation
+import Logging
+import NIOPosix
+import TunnelAgent
 import TunnelPKI
+import TunnelServer
 
-/// The README's main job. For now it builds a complete PKI in a temporary folder and shows what it made;
-/// the tunnel issue turns it into a server, an agent and an edge service on loopback.
-struct DemoCommand: ParsableCommand {
+/// The README's main job: a whole EdgeTunnel on loopback in one process, with nothing installed.
+struct DemoCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "demo",
-        abstract: "Create a tunnel PKI in a temporary folder and show what it made."
+        abstract: "Run a tunnel server, an agent named demo-edge and an edge service on loopback, and reach the service through the tunnel.",
+        discussion: """
+            A fresh PKI is made in a temporary folder; the agent joins with a bootstrap token. The command prints \
+            the curl command that reaches the edge service through the tunnel, runs the request once, and keeps \
+            running until Ctrl-C.
+            """
     )
 
     @Option(name: .customLong("pki-dir"), help: "Folder for the demo PKI (default: a new temporary folder).")
     var directory: String?
+    @Option(name: .customLong("tunnel-port"), help: "Tunnel port (agents).") var tunnelPort = 10262
+    @Option(name: .customLong("secure-port"), help: "Port for CONNECT over TLS.") var securePort = 10263
+    @Option(name: .customLong("meta-port"), help: "Server meta port.") var metaPort = 10265
+    @Option(name: .customLong("agent-meta-port"), help: "Agent meta port.") var agentMetaPort = 10266
+    @Flag(help: "Exit after the first request instead of running until Ctrl-C.") var once = false
 
-    func run() throws {
-        try reportingErrors {
-            let folder = directory ?? (NSTemporaryDirectory() + "edgetunnel-demo-\(UUID().uuidString.prefix(8))")
-            let paths = PKIPaths(directory: folder)
-            if AtomicFile.exists(paths.caCertificate) {
-                throw PKIError(.alreadyExists, "\(paths.caCertificate) already exists; give an empty --pki-dir")
-            }
-            let ca = try CertificateAuthority.create()
-            try ca.write(to: paths)
-            let server = try ca.issueServerCertificate(sans: try ServerSANs(ips: [], dnsNames: ["localhost"]))
-            try server.write(certificatePath: paths.serverCertificate, keyPath: paths.serverKey)
-            let client = try ca.issueClientCertificate(commonName: "demo-operator")
-            try client.write(certificatePath: paths.file("demo-operator.crt"), keyPath: paths.file("demo-operator.key"))
-            let (token, _) = try TokenStore(paths: paths).create(ttl: 3600, description: "demo")
-
-            print("EdgeTunnel demo PKI in \(folder)\n")
-            for (title, file) in [
-                ("Tunnel CA", paths.caCertificate), ("Server certificate", paths.serverCertificate),
-                ("Operator client certificate", paths.file("demo-operator.crt")),
-            ] {
-                let summary = try CertificateSummary(try PEMFiles.certificate(at: file))
-                print("\(title): \(file)")
-                print("  subject \(summary.subject), valid until \(Timestamps.iso8601(summary.notAfter))")
-                if !summary.dnsNames.isEmpty || !summary.ipAddresses.isEmpty {
-                    print("  SANs \((summary.ipAddresses + summary.dnsNames).joined(separator: ", "))")
-                }
-                print("  usage \(summary.isCA ? "CA" : summary.extendedKeyUsage.joined(separator: ", "))")
-            }
-            print("\nBootstrap token (valid 1h): \(token)")
-            print("CA hash for agents:         \(try ca.publicKeyHash)")
-            print("\nCheck with openssl:  openssl verify -CAfile \(paths.caCertificate) \(paths.serverCertificate)")
+    func run() async throws {
+        ProcessSupport.bootstrapLogging(level: .warning)
+        let logger = Logger(label: "edgetunnel-demo")
+        do {
+            try await runDemo(logger: logger)
+        } catch {
+            printError("\(error)")
+            throw ExitCode.failure
         }
+    }
+
+    private func runDemo(logger: Logger) async throws {
+        let folder = directory ?? (NSTemporaryDirectory() + "edgetunnel-demo-\(UUID().uuidString.prefix(8).lowercased())")
+        let paths = PKIPaths(directory: folder + "/server")
+        if AtomicFile.exists(paths.caCertificate) {
+            throw PKIError(.alreadyExists, "\(paths.caCertificate) already exists; give an empty --pki-dir")
+        }
+        let ca = try CertificateAuthority.create()
+        try ca.write(to: paths)
+        let operatorCredential = try ca.issueClientCertificate(commonName: "demo-operator")
+        let operatorCert = paths.file("demo-operator.crt")
+        let operatorKey = paths.file("demo-operator.key")
+        try operatorCredential.write(certificatePath: operatorCert, keyPath: operatorKey)
+        let (token, _) = try TokenStore(paths: paths).create(ttl: 3600, description: "demo")
+
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let edge = try await DemoEdgeService.bind(host: "127.0.0.1", port: 0, nodeName: "demo-edge", group: group)
+        let edgePort = edge.localAddress?.port ?? 0
+
+        var serverConfiguration = ServerConfiguration()
+        serverConfiguration.pkiDirectory = paths.directory
+        serverConfiguration.bindAddress = "127.0.0.1"
+        serverConfiguration.tunnelPort = tunnelPort
+        serverConfiguration.securePort = securePort
+        serverConfiguration.metaPort = metaPort
+        serverConfiguration.serverID = "demo-server"
+        let server = try TunnelServer(configuration: serverConfiguration, logger: logger, group: group)
+        try await server.start()
+
+        var agentConfiguration = AgentConfiguration(
+            nodeName: "demo-edge", nodeIPs: [], serverAddresses: ["127.0.0.1:\(tunnelPort)"],
+            allowList: AllowList(rules: [try AllowList.Rule(parsing: "127.0.0.1:\(edgePort)")]))
+        agentConfiguration.pkiDirectory = folder + "/agent"
+        agentConfiguration.bootstrapToken = token.description
+        agentConfiguration.caCertHash = try ca.publicKeyHash
+        agentConfiguration.metaPort = agentMetaPort
+        let agent = try EdgeTunnelAgent(configuration: agentConfiguration, logger: logger, group: group)
+        try await agent.prepareCredentials()
+        try await agent.startMeta()
+        let runner = Task { await agent.run() }
+        let deadline = Date().addingTimeInterval(10)
+        while agent.connectedAddress == nil || server.registry.lookup(host: "demo-edge") == nil {
+            guard Date() < deadline else { throw PKIError(.invalidArgument, "the demo agent did not connect in 10s") }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+
+        let curl = [
+            "curl", "--proxy-cacert", paths.caCertificate, "--proxy-cert", operatorCert, "--proxy-key", operatorKey,
+            "-p", "-x", "https://127.0.0.1:\(securePort)", "http://demo-edge:\(edgePort)/",
+        ]
+        print("""
+            EdgeTunnel demo is running (PKI in \(folder)).
+              server:  agents on 127.0.0.1:\(tunnelPort), CONNECT on https://127.0.0.1:\(securePort), \
+            meta on http://127.0.0.1:\(metaPort)
+              agent:   node demo-edge, joined with a bootstrap token, meta on http://127.0.0.1:\(agentMetaPort)
+              edge:    a stand-in kubelet on 127.0.0.1:\(edgePort), reachable only through the tunnel's allow list
+
+            Reach the edge service through the tunnel:
+              \(curl.joined(separator: " "))
+
+            Connected agents:  edgetunnel status --server http://127.0.0.1:\(metaPort)
+
+            """)
+        print("Running it once:")
+        fflush(stdout)
+        let ok = runOnce(curl)
+        if once || !ok {
+            await agent.stop()
+            await runner.value
+            await server.shutdown()
+            try? await edge.close()
+            try? await group.shutdownGracefully()
+            if !ok { throw ExitCode.failure }
+            return
+        }
+        print("\nPress Ctrl-C to stop.")
+        _ = await ProcessSupport.waitForSignal()
+        await agent.stop()
+        await runner.value
+        await server.shutdown()
+        try? await edge.close()
+        try? await group.shutdownGracefully()
+    }
+
+    /// Runs the printed curl command and shows its output.
+    private func runOnce(_ command: [String]) -> Bool {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        process.arguments = command + ["-sS", "--max-time", "10"]
+        do {
+            try process.run()
+            process.waitUntilExit()
+        } catch {
+            print("  (cannot run curl: \(error); install curl to try the command above)")
+            return true
+        }
+        return process.terminationStatus == 0
     }
 }

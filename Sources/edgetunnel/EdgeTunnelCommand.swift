@@ -6,11 +6,11 @@ import Glibc
 #endif
 
 @main
-struct EdgeTunnelCommand: ParsableCommand {
+struct EdgeTunnelCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "edgetunnel",
-        abstract: "Administer an EdgeTunnel cloud-edge tunnel: PKI, bootstrap tokens and a local demo.",
-        subcommands: [PKICommand.self, TokenCommand.self, DemoCommand.self]
+        abstract: "Administer an EdgeTunnel cloud-edge tunnel: PKI, bootstrap tokens, status and a local demo.",
+        subcommands: [PKICommand.self, TokenCommand.self, DemoCommand.self, StatusCommand.self]
     )
 }
 

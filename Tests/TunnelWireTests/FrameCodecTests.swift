@@ -1,0 +1,133 @@
+import NIOCore
+import NIOEmbedded
+import Testing
+
+@testable import TunnelWire
+
+@Suite struct FrameCodecTests {
+    func encode(_ frames: [Frame]) throws -> ByteBuffer {
+        let channel = EmbeddedChannel(handler: FrameEncoder())
+        var all = ByteBuffer()
+        for frame in frames {
+            try channel.writeOutbound(frame)
+            while var part = try channel.readOutbound(as: ByteBuffer.self) { all.writeBuffer(&part) }
+        }
+        return all
+    }
+
+    func decodeAll(_ bytes: ByteBuffer, chunk: Int) throws -> [Frame] {
+        let channel = EmbeddedChannel(handler: ByteToMessageHandler(FrameDecoder()))
+        var input = bytes
+        while input.readableBytes > 0 {
+            let slice = input.readSlice(length: min(chunk, input.readableBytes))!
+            try channel.writeInbound(slice)
+        }
+        var frames: [Frame] = []
+        while let frame = try channel.readInbound(as: Frame.self) { frames.append(frame) }
+        return frames
+    }
+
+    @Test(arguments: [1, 7, 12, 13, 4096, 1 << 20])
+    func framesSurviveAnySplitting(chunk: Int) throws {
+        var big = ByteBuffer()
+        big.writeBytes((0..<(200 * 1024)).map { UInt8(truncatingIfNeeded: $0 &* 31) })
+        var small = ByteBuffer()
+        small.writeString("hello")
+        let frames = [
+            Frame(type: .data, streamID: 1, payload: small),
+            Frame(type: .data, flags: 3, streamID: 7, payload: big),
+            Frame.window(streamID: 7, increment: 65536, allocator: .init()),
+            Frame(type: .fin, streamID: 1, payload: ByteBuffer()),
+        ]
+        let decoded = try decodeAll(try encode(frames), chunk: chunk)
+        #expect(decoded.count == 4)
+        #expect(decoded[0].type == .data && decoded[0].streamID == 1 && decoded[0].payload == small)
+        #expect(decoded[1].flags == 3 && decoded[1].payload == big)
+        #expect(decoded[2].type == .window && decoded[2].u32Payload == 65536)
+        #expect(decoded[3].type == .fin && decoded[3].payload.readableBytes == 0)
+    }
+
+    @Test func oversizeFrameIsRejectedBeforeItIsBuffered() throws {
+        let channel = EmbeddedChannel(handler: ByteToMessageHandler(FrameDecoder()))
+        var header = ByteBuffer()
+        header.writeInteger(FrameType.data.rawValue)
+        header.writeInteger(UInt8(0))
+        header.writeInteger(UInt16(0))
+        header.writeInteger(UInt32(1))
+        header.writeInteger(UInt32(Frame.maxPayload + 1))
+        #expect(throws: FrameError.self) { try channel.writeInbound(header) }
+    }
+
+    @Test func unknownTypesAreDeliveredForTheReceiverToIgnore() throws {
+        var bytes = ByteBuffer()
+        bytes.writeInteger(UInt8(200))
+        bytes.writeInteger(UInt8(0))
+        bytes.writeInteger(UInt16(0))
+        bytes.writeInteger(UInt32(0))
+        bytes.writeInteger(UInt32(2))
+        bytes.writeBytes([1, 2])
+        let frames = try decodeAll(bytes, chunk: 100)
+        #expect(frames.count == 1 && frames[0].type == nil && frames[0].rawType == 200)
+    }
+
+    @Test func controlMessagesRoundTripAndMalformedOnesNameTheirType() throws {
+        let open = Open(target: "edge-node-3:10250", window: 1 << 20)
+        #expect(try Open(frame: open.frame(streamID: 5)) == open)
+        var junk = ByteBuffer()
+        junk.writeString("{not json")
+        let error = #expect(throws: FrameError.self) {
+            try Hello(frame: Frame(type: .hello, payload: junk))
+        }
+        #expect(error?.description.contains("hello") == true)
+    }
+}
+
+@Suite struct FlowControlTests {
+    @Test func peerCannotSendBeyondTheWindow() throws {
+        var window = ReceiveWindow(initial: 1000, maximum: 4000)
+        try window.receive(600)
+        try window.receive(400)
+        #expect(throws: FrameError.self) { try window.receive(1) }
+    }
+
+    @Test func creditIsBatchedToAQuarterOfTheWindow() throws {
+        var window = ReceiveWindow(initial: 1000, maximum: 1000)
+        try window.receive(100)
+        #expect(window.consumed(100, mayGrow: true) == nil)
+        try window.receive(200)
+        let update = window.consumed(200, mayGrow: true)
+        #expect(update == .init(increment: 300, growth: 0))
+        #expect(window.outstanding == 1000)
+    }
+
+    @Test func windowGrowsOnlyForAFastReaderThatTheSenderKeepsFull() throws {
+        var fast = ReceiveWindow(initial: 1000, maximum: 4000)
+        try fast.receive(900)  // sender nearly out of credit
+        let grown = fast.consumed(900, mayGrow: true)
+        #expect(grown == .init(increment: 1900, growth: 1000))
+        #expect(fast.size == 2000)
+
+        var slow = ReceiveWindow(initial: 1000, maximum: 4000)
+        try slow.receive(900)
+        let notGrown = slow.consumed(900, mayGrow: false)  // the socket is not keeping up
+        #expect(notGrown == .init(increment: 900, growth: 0))
+        #expect(slow.size == 1000)
+    }
+
+    @Test func windowNeverExceedsItsMaximum() throws {
+        var window = ReceiveWindow(initial: 1000, maximum: 1500)
+        for _ in 0..<10 {
+            try window.receive(window.outstanding)
+            _ = window.consumed(window.size, mayGrow: true)
+        }
+        #expect(window.size == 1500)
+    }
+
+    @Test func sendWindowOverflowIsAProtocolError() throws {
+        var send = SendWindow(initial: Int(Int32.max) - 10)
+        #expect(throws: FrameError.self) { try send.grant(11) }
+        try send.grant(10)
+        send.consume(5)
+        #expect(send.available == Int(Int32.max) - 5)
+    }
+}

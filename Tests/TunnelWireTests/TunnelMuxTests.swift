@@ -1,0 +1,116 @@
+import NIOCore
+import NIOEmbedded
+import Testing
+
+@testable import TunnelWire
+
+/// Records what the mux hands to its owner.
+final class RecordingDelegate: TunnelMuxDelegate {
+    var opens: [(Open, UInt32)] = []
+    var controls: [Frame] = []
+    var closed = false
+    func mux(_ mux: TunnelMux, didReceiveOpen open: Open, streamID: UInt32) { opens.append((open, streamID)) }
+    func mux(_ mux: TunnelMux, didReceiveControl frame: Frame) { controls.append(frame) }
+    func muxDidClose(_ mux: TunnelMux) { closed = true }
+}
+
+@Suite struct TunnelMuxTests {
+    func makeMux(_ role: TunnelMux.Role, limits: TunnelLimits = TunnelLimits()) throws
+        -> (EmbeddedChannel, TunnelMux, RecordingDelegate)
+    {
+        let channel = EmbeddedChannel()
+        let mux = TunnelMux(role: role, eventLoop: channel.eventLoop, limits: limits)
+        let delegate = RecordingDelegate()
+        mux.delegate = delegate
+        try channel.pipeline.syncOperations.addHandler(mux)
+        try channel.connect(to: .init(ipAddress: "127.0.0.1", port: 1)).wait()
+        return (channel, mux, delegate)
+    }
+
+    func outbound(_ channel: EmbeddedChannel) throws -> [Frame] {
+        var frames: [Frame] = []
+        while let frame = try channel.readOutbound(as: Frame.self) { frames.append(frame) }
+        return frames
+    }
+
+    @Test func serverOpensOddStreamsAndLearnsTheResult() throws {
+        let (channel, mux, _) = try makeMux(.server)
+        let first = mux.openStream(target: "edge-1:10250")
+        let second = mux.openStream(target: "edge-1:10255")
+        let frames = try outbound(channel)
+        #expect(frames.map(\.streamID) == [1, 3])
+        #expect(try Open(frame: frames[0]) == Open(target: "edge-1:10250", window: 1 << 20))
+
+        try channel.writeInbound(OpenOK(window: 4096).frame(streamID: 1))
+        try channel.writeInbound(OpenFail(code: 403, reason: "not allowed").frame(streamID: 3))
+        guard case .opened(let id) = try first.wait() else {
+            Issue.record("stream 1 did not open")
+            return
+        }
+        #expect(id == 1)
+        guard case .failed(let failure) = try second.wait() else {
+            Issue.record("stream 3 did not fail")
+            return
+        }
+        #expect(failure.code == 403)
+        #expect(mux.streamCount == 1)
+    }
+
+    @Test func agentRefusesOpenOnAnEvenOrReusedStream() throws {
+        let (channel, _, delegate) = try makeMux(.agent)
+        try channel.writeInbound(Open(target: "127.0.0.1:10250", window: 1024).frame(streamID: 1))
+        #expect(delegate.opens.count == 1 && delegate.opens[0].1 == 1)
+        // Reusing stream 1 is a protocol violation: REFUSED with a reason, then the connection closes.
+        try? channel.writeInbound(Open(target: "127.0.0.1:10250", window: 1024).frame(streamID: 1))
+        let frames = try outbound(channel)
+        #expect(frames.last?.type == .refused)
+        #expect(try Refused(frame: frames.last!).reason.contains("reused"))
+        #expect(!channel.isActive)
+        #expect(delegate.closed)
+    }
+
+    @Test func dataBeyondTheWindowClosesTheConnectionWithAReason() throws {
+        var limits = TunnelLimits()
+        limits.initialWindow = 64 * 1024
+        let (channel, _, _) = try makeMux(.agent, limits: limits)
+        try channel.writeInbound(Open(target: "127.0.0.1:10250", window: 1024).frame(streamID: 1))
+        var payload = ByteBuffer()
+        payload.writeBytes([UInt8](repeating: 7, count: 64 * 1024 + 1))
+        try? channel.writeInbound(Frame(type: .data, streamID: 1, payload: payload))
+        let frames = try outbound(channel)
+        #expect(frames.last?.type == .refused)
+        #expect(!channel.isActive)
+    }
+
+    @Test func pingIsAnsweredAndUnknownFramesAreIgnored() throws {
+        let (channel, _, delegate) = try makeMux(.agent)
+        try channel.writeInbound(Frame(rawType: 99, flags: 0, streamID: 0, payload: ByteBuffer()))
+        try channel.writeInbound(Frame.ping(.ping, opaque: 42, allocator: .init()))
+        let frames = try outbound(channel)
+        #expect(frames.count == 1 && frames[0].type == .pong)
+        #expect(frames[0].payload.getInteger(at: frames[0].payload.readerIndex, as: UInt64.self) == 42)
+        #expect(delegate.controls.isEmpty && channel.isActive)
+    }
+
+    @Test func closingTheTunnelFailsStreamsThatAreStillOpening() throws {
+        let (channel, mux, delegate) = try makeMux(.server)
+        let pending = mux.openStream(target: "edge-1:10250")
+        _ = try channel.finish(acceptAlreadyClosed: true)
+        guard case .failed(let failure) = try pending.wait() else {
+            Issue.record("open did not fail")
+            return
+        }
+        #expect(failure.code == 502)
+        #expect(delegate.closed)
+    }
+
+    @Test func connectionBudgetShrinksInitialWindowsOfNewStreams() throws {
+        var limits = TunnelLimits()
+        limits.initialWindow = 1 << 20
+        limits.connectionWindowBudget = 2 << 20
+        let (channel, mux, _) = try makeMux(.server, limits: limits)
+        for _ in 0..<3 { _ = mux.openStream(target: "edge-1:10250") }
+        let windows = try outbound(channel).map { try Open(frame: $0).window }
+        #expect(windows == [1 << 20, 1 << 20, 64 * 1024])
+    }
+}
