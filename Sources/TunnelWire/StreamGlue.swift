@@ -2,7 +2,8 @@ import NIOCore
 
 /// Joins one socket to one tunnel stream (the GlueHandler pattern of swift-nio-ssh's examples).
 ///
-/// The socket is read only when the ``TunnelMux`` allows it (the stream has credit and the tunnel is writable);
+/// The socket is read only while the ``TunnelMux`` has not paused it (it pauses when the stream runs out of
+/// credit, has unsent bytes, or the tunnel is not writable);
 /// bytes written to the socket are credited back to the peer once the write completed, so the peer can never
 /// make this socket's outbound buffer hold more than the stream's window. Half-close travels both ways; the
 /// socket is closed once both directions are finished, or at once when the stream is reset.
@@ -18,7 +19,8 @@ public final class StreamGlue: ChannelDuplexHandler {
     public let streamID: UInt32
     private let eventLoop: EventLoop
     private var context: ChannelHandlerContext?
-    private var readAllowed = false
+    /// Reads are held back while paused; a `read()` that arrives meanwhile is replayed on resume.
+    private(set) var paused = false
     private var readPending = false
     private var inputClosed = false
     private var outputClosed = false
@@ -34,7 +36,6 @@ public final class StreamGlue: ChannelDuplexHandler {
     public func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
         mux.attach(self, to: streamID)
-        mux.socketWantsRead(streamID)
     }
 
     public func handlerRemoved(context: ChannelHandlerContext) {
@@ -45,18 +46,11 @@ public final class StreamGlue: ChannelDuplexHandler {
         mux.dataFromSocket(streamID, unwrapInboundIn(data))
     }
 
-    public func channelReadComplete(context: ChannelHandlerContext) {
-        mux.socketWantsRead(streamID)
-        context.fireChannelReadComplete()
-    }
-
     public func read(context: ChannelHandlerContext) {
-        // Reads are paced by the tunnel: only one outstanding permission at a time.
-        if readAllowed {
-            readAllowed = false
-            context.read()
-        } else {
+        if paused {
             readPending = true
+        } else {
+            context.read()
         }
     }
 
@@ -97,15 +91,12 @@ public final class StreamGlue: ChannelDuplexHandler {
         }
     }
 
-    func allowReadFromTunnel() {
+    func setPausedFromTunnel(_ paused: Bool) {
         hop {
-            guard let context = self.context, !self.inputClosed else { return }
-            self.readAllowed = true
-            if self.readPending {
-                self.readPending = false
-                self.readAllowed = false
-                context.read()
-            }
+            self.paused = paused
+            guard !paused, self.readPending, let context = self.context else { return }
+            self.readPending = false
+            context.read()
         }
     }
 

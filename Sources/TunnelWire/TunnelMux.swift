@@ -79,7 +79,8 @@ public final class TunnelMux: ChannelInboundHandler {
         /// DATA that arrived before the glue was attached.
         var early: [ByteBuffer] = []
         var earlyFin = false
-        var glueWantsRead = false
+        /// What the glue was last told: reading from its socket is paused.
+        var readPaused = false
         var socketWritable = true
         var localFinSent = false
         var remoteFinReceived = false
@@ -135,9 +136,7 @@ public final class TunnelMux: ChannelInboundHandler {
     }
 
     public func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable {
-            for stream in streams.values where stream.glueWantsRead { maybeAllowRead(stream) }
-        }
+        for stream in streams.values { updateReadState(stream) }
         context.fireChannelWritabilityChanged()
     }
 
@@ -180,7 +179,6 @@ public final class TunnelMux: ChannelInboundHandler {
             guard frame.streamID != 0, let stream = streams[frame.streamID] else { return }
             try stream.send.grant(increment)
             flushPending(stream)
-            maybeAllowRead(stream)
         case .fin:
             guard let stream = streams[frame.streamID] else { return }
             stream.remoteFinReceived = true
@@ -345,6 +343,7 @@ public final class TunnelMux: ChannelInboundHandler {
             for buffer in stream.early { glue.deliverFromTunnel(buffer) }
             stream.early = []
             if stream.earlyFin { glue.finishOutputFromTunnel() }
+            self.updateReadState(stream)
         }
     }
 
@@ -357,14 +356,6 @@ public final class TunnelMux: ChannelInboundHandler {
                 stream.pending = buffer
             }
             self.flushPending(stream)
-        }
-    }
-
-    func socketWantsRead(_ streamID: UInt32) {
-        execute {
-            guard let stream = self.streams[streamID] else { return }
-            stream.glueWantsRead = true
-            self.maybeAllowRead(stream)
         }
     }
 
@@ -440,6 +431,7 @@ public final class TunnelMux: ChannelInboundHandler {
 
     /// Sends as much of the pending socket data as the window allows, in frames of at most `Frame.maxPayload`.
     private func flushPending(_ stream: Stream) {
+        defer { updateReadState(stream) }
         guard var pending = stream.pending, let context else { return }
         var wrote = false
         while pending.readableBytes > 0 && stream.send.available > 0 {
@@ -456,15 +448,17 @@ public final class TunnelMux: ChannelInboundHandler {
         } else if wrote {
             context.flush()
         }
-        maybeAllowRead(stream)
     }
 
-    private func maybeAllowRead(_ stream: Stream) {
-        guard stream.glueWantsRead, stream.pending == nil, stream.send.available > 0,
-            let context, context.channel.isWritable, let glue = stream.glue
-        else { return }
-        stream.glueWantsRead = false
-        glue.allowReadFromTunnel()
+    /// Pauses the stream's socket while it has unsent bytes, no credit, or the tunnel is not writable, and
+    /// resumes it when none of that holds (GlueHandler-style backpressure).
+    private func updateReadState(_ stream: Stream) {
+        guard let glue = stream.glue else { return }
+        let writable = context?.channel.isWritable ?? false
+        let pause = stream.pending != nil || stream.send.available <= 0 || !writable
+        guard pause != stream.readPaused else { return }
+        stream.readPaused = pause
+        glue.setPausedFromTunnel(pause)
     }
 
     private func sendFin(_ stream: Stream) {

@@ -114,3 +114,80 @@ final class RecordingDelegate: TunnelMuxDelegate {
         #expect(windows == [1 << 20, 1 << 20, 64 * 1024])
     }
 }
+
+@Suite struct StreamBackpressureTests {
+    /// A server mux with stream 1 opened (peer window `window`) and glued to a socket channel.
+    func openedStream(window: Int) throws -> (tunnel: EmbeddedChannel, socket: EmbeddedChannel, glue: StreamGlue) {
+        let loop = EmbeddedEventLoop()
+        let tunnel = EmbeddedChannel(loop: loop)
+        let mux = TunnelMux(role: .server, eventLoop: loop)
+        try tunnel.pipeline.syncOperations.addHandler(mux)
+        try tunnel.connect(to: .init(ipAddress: "127.0.0.1", port: 1)).wait()
+        let opened = mux.openStream(target: "edge-1:10250")
+        try tunnel.writeInbound(OpenOK(window: window).frame(streamID: 1))
+        guard case .opened = try opened.wait() else { throw FrameError("not opened") }
+        _ = try tunnel.readOutbound(as: Frame.self)  // the OPEN
+        let socket = EmbeddedChannel(loop: loop)
+        let glue = StreamGlue(mux: mux, streamID: 1, eventLoop: loop)
+        try socket.pipeline.syncOperations.addHandler(glue)
+        try socket.connect(to: .init(ipAddress: "127.0.0.1", port: 2)).wait()
+        return (tunnel, socket, glue)
+    }
+
+    func bytes(_ count: Int) -> ByteBuffer {
+        var buffer = ByteBuffer()
+        buffer.writeBytes([UInt8](repeating: 1, count: count))
+        return buffer
+    }
+
+    @Test func socketPausesWithoutCreditAndResumesOnWindowEvenWithNothingPending() throws {
+        let (tunnel, socket, glue) = try openedStream(window: 100)
+        try socket.writeInbound(bytes(100))  // exactly the window: nothing left pending
+        let data = try tunnel.readOutbound(as: Frame.self)
+        #expect(data?.type == .data && data?.payload.readableBytes == 100)
+        #expect(glue.paused)
+        try tunnel.writeInbound(Frame.window(streamID: 1, increment: 50, allocator: .init()))
+        #expect(!glue.paused)
+    }
+
+    @Test func bytesBeyondTheWindowWaitAndGoOutWhenCreditArrives() throws {
+        let (tunnel, socket, glue) = try openedStream(window: 100)
+        try socket.writeInbound(bytes(150))
+        #expect(try tunnel.readOutbound(as: Frame.self)?.payload.readableBytes == 100)
+        #expect(try tunnel.readOutbound(as: Frame.self) == nil)
+        #expect(glue.paused)
+        try tunnel.writeInbound(Frame.window(streamID: 1, increment: 30, allocator: .init()))
+        #expect(try tunnel.readOutbound(as: Frame.self)?.payload.readableBytes == 30)
+        #expect(glue.paused)  // 20 bytes still pending
+        try tunnel.writeInbound(Frame.window(streamID: 1, increment: 1000, allocator: .init()))
+        #expect(try tunnel.readOutbound(as: Frame.self)?.payload.readableBytes == 20)
+        #expect(!glue.paused)
+    }
+
+    @Test func halfCloseTravelsAfterPendingBytes() throws {
+        let (tunnel, socket, _) = try openedStream(window: 10)
+        try socket.writeInbound(bytes(15))
+        socket.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        #expect(try tunnel.readOutbound(as: Frame.self)?.type == .data)
+        #expect(try tunnel.readOutbound(as: Frame.self) == nil)  // FIN waits for the last 5 bytes
+        try tunnel.writeInbound(Frame.window(streamID: 1, increment: 10, allocator: .init()))
+        #expect(try tunnel.readOutbound(as: Frame.self)?.payload.readableBytes == 5)
+        #expect(try tunnel.readOutbound(as: Frame.self)?.type == .fin)
+    }
+
+    @Test func dataFromTheTunnelIsCreditedOnlyAfterTheSocketWroteIt() throws {
+        let (tunnel, socket, _) = try openedStream(window: 100)
+        let size = 1 << 20  // the initial receive window
+        for _ in 0..<4 {
+            try tunnel.writeInbound(Frame(type: .data, streamID: 1, payload: bytes(size / 4)))
+        }
+        var written = 0
+        while let part = try socket.readOutbound(as: ByteBuffer.self) { written += part.readableBytes }
+        #expect(written == size)
+        var credited = 0
+        while let frame = try tunnel.readOutbound(as: Frame.self) {
+            if frame.type == .window { credited += Int(frame.u32Payload ?? 0) }
+        }
+        #expect(credited >= size)
+    }
+}

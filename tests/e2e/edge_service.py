@@ -1,0 +1,89 @@
+"""An HTTP service standing in for an edge node's kubelet or app, for the end-to-end tests.
+
+GET /blob/N        N deterministic pseudo-random bytes (streamed)
+GET /infinite      an endless stream of bytes (for stalled-reader tests)
+POST /sha256       answers the SHA-256 hex of the request body
+GET /hello         a short greeting
+"""
+import hashlib
+import http.server
+import socketserver
+import sys
+
+
+def blob_chunk(index):
+    return hashlib.sha256(index.to_bytes(8, "big")).digest() * 2048  # 64 KiB
+
+
+def blob(n):
+    i = 0
+    while n > 0:
+        chunk = blob_chunk(i)[:n]
+        yield chunk
+        n -= len(chunk)
+        i += 1
+
+
+def blob_sha256(n):
+    h = hashlib.sha256()
+    for chunk in blob(n):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path.startswith("/blob/"):
+            n = int(self.path.split("/")[2])
+            self.send_response(200)
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            for chunk in blob(n):
+                self.wfile.write(chunk)
+        elif self.path == "/infinite":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            chunk = blob_chunk(0)
+            try:
+                while True:
+                    self.wfile.write(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                return
+        else:
+            body = b"hello from the edge\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    def do_POST(self):
+        h = hashlib.sha256()
+        remaining = int(self.headers.get("Content-Length", "0"))
+        while remaining > 0:
+            data = self.rfile.read(min(remaining, 1 << 20))
+            if not data:
+                break
+            h.update(data)
+            remaining -= len(data)
+        body = (h.hexdigest() + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 512
+
+
+if __name__ == "__main__":
+    host, port = sys.argv[1], int(sys.argv[2])
+    Server((host, port), Handler).serve_forever()

@@ -1,0 +1,346 @@
+"""The tunnel end to end: real server and agent processes, curl and Python TLS clients, a Python edge service."""
+import hashlib
+import json
+import os
+import pathlib
+import random
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import BIN, assert_one_line_error, run
+from edge_service import blob_sha256
+from harness import Cluster, frame, free_port, http_get, read_frame, rss_kib, wait_until
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    c.start_server()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def edge(cluster):
+    """An edge service and an agent `edge-1` allowed to reach it."""
+    port = cluster.start_edge_service()
+    cluster.agent = cluster.start_agent("edge-1", "--allow", f"127.0.0.1:{port}")
+    return port
+
+
+def test_connect_reaches_the_edge_service_by_node_name_and_node_ip(cluster, edge):
+    by_name = cluster.curl(f"http://edge-1:{edge}/hello", check=True)
+    assert by_name.stdout == "hello from the edge\n"
+    by_ip = cluster.curl(f"http://127.0.0.1:{edge}/hello", check=True)
+    assert by_ip.stdout == "hello from the edge\n"
+
+
+def test_100_mib_each_way_is_byte_exact(cluster, edge, tmp_path):
+    size = 100 * 1024 * 1024
+    download = subprocess.run(
+        ["curl", "-sS", "--proxy-cacert", cluster.ca, "--proxy-cert", cluster.cert, "--proxy-key", cluster.key,
+         "-p", "-x", f"https://127.0.0.1:{cluster.ports['secure']}", f"http://edge-1:{edge}/blob/{size}"],
+        capture_output=True, check=True, timeout=120)
+    assert len(download.stdout) == size
+    assert hashlib.sha256(download.stdout).hexdigest() == blob_sha256(size)
+
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(os.urandom(size))
+    answer = cluster.curl(f"http://edge-1:{edge}/sha256", "--data-binary", f"@{upload}",
+                          "-H", "Content-Type: application/octet-stream", check=True)
+    assert answer.stdout.strip() == hashlib.sha256(upload.read_bytes()).hexdigest()
+
+
+def test_200_concurrent_streams_through_one_agent(cluster, edge):
+    count = 200
+    barrier = threading.Barrier(count, timeout=60)
+    results = [None] * count
+    expected = blob_sha256(256 * 1024)
+
+    def worker(index):
+        try:
+            status, tls = cluster.connect_stream(f"edge-1:{edge}")
+            assert status.startswith("HTTP/1.1 200"), status
+            barrier.wait()  # every stream is open at the same time before any is used
+            tls.sendall(f"GET /blob/{256 * 1024} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while True:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            body = data.split(b"\r\n\r\n", 1)[1]
+            results[index] = hashlib.sha256(body).hexdigest() == expected
+            tls.close()
+        except Exception as error:  # noqa: BLE001 - recorded for the assertion below
+            results[index] = repr(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    failures = [r for r in results if r is not True]
+    assert not failures, failures[:5]
+    wait_until(lambda: cluster.agents()[0]["streams"] == 0, 10, "streams to be closed")
+
+
+def test_a_stalled_reader_does_not_stop_another_stream_and_memory_stays_bounded(cluster, edge):
+    # Stream A: an endless response that nobody reads.
+    status, stalled = cluster.connect_stream(f"edge-1:{edge}")
+    assert status.startswith("HTTP/1.1 200")
+    stalled.sendall(b"GET /infinite HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(2)  # let A fill its window and every buffer on the way
+    agent_pid = cluster.agent.popen.pid
+    server_pid = cluster.server.popen.pid
+    before = rss_kib(agent_pid) + rss_kib(server_pid)
+
+    # Stream B moves 50 MiB while A stays stalled.
+    size = 50 * 1024 * 1024
+    download = subprocess.run(
+        ["curl", "-sS", "--proxy-cacert", cluster.ca, "--proxy-cert", cluster.cert, "--proxy-key", cluster.key,
+         "-p", "-x", f"https://127.0.0.1:{cluster.ports['secure']}", f"http://edge-1:{edge}/blob/{size}"],
+        capture_output=True, check=True, timeout=60)
+    assert hashlib.sha256(download.stdout).hexdigest() == blob_sha256(size)
+
+    time.sleep(1)
+    after = rss_kib(agent_pid) + rss_kib(server_pid)
+    # The stalled stream may hold its window (1 MiB) plus socket buffers, never the endless body.
+    assert after - before < 48 * 1024, f"RSS grew by {after - before} KiB while a reader was stalled"
+
+    # Stream A is still alive: it delivers when read again.
+    stalled.settimeout(10)
+    assert len(stalled.recv(65536)) > 0
+    stalled.close()
+
+
+def test_errors_say_what_happened(cluster, edge):
+    unknown = cluster.curl("http://ghost-node:10250/", "-v")
+    assert "502" in unknown.stderr and unknown.returncode != 0
+
+    status, sock = cluster.connect_stream("ghost-node:10250")
+    assert status == "HTTP/1.1 502 Bad Gateway"
+    assert b"no agent for node ghost-node" in sock.recv(4096)
+
+    # Not on the allow list: 403, and the agent never dials (the listener sees no connection).
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.5)
+    forbidden = listener.getsockname()[1]
+    status, sock = cluster.connect_stream(f"edge-1:{forbidden}")
+    assert status == "HTTP/1.1 403 Forbidden"
+    assert b"refused by agent policy" in sock.recv(4096)
+    with pytest.raises(socket.timeout):
+        listener.accept()
+    listener.close()
+
+    # Allowed but nothing listens: 502 naming the target.
+    closed_port = free_port()
+    agent2 = cluster.start_agent("edge-2", "--allow", f"127.0.0.1:{closed_port}", ips=("127.0.0.2",))
+    status, sock = cluster.connect_stream(f"edge-2:{closed_port}")
+    assert status == "HTTP/1.1 502 Bad Gateway"
+    assert b"refused the connection" in sock.recv(4096)
+
+    # Malformed targets: 400.
+    for target in ["edge-1", "edge-1:99999", "edge-1:http", "bad host:80"]:
+        status, sock = cluster.connect_stream(target)
+        assert status == "HTTP/1.1 400 Bad Request", target
+
+    assert agent2.alive() and cluster.agent.alive()
+    metrics = http_get(cluster.meta_url("/metrics"))[1]
+    assert 'edge_tunnel_server_dial_failures_total{reason="no_agent"}' in metrics
+    assert 'edge_tunnel_server_dial_failures_total{reason="policy"}' in metrics
+    agent_metrics = http_get(f"http://127.0.0.1:{cluster.agent.meta}/metrics")[1]
+    assert "edge_tunnel_agent_refused_total 1" in agent_metrics
+
+
+def test_callers_need_a_client_certificate_from_the_right_ca(cluster, edge, tmp_path):
+    # No client certificate on the secure port.
+    no_cert = run("curl", "-sS", "--proxy-cacert", cluster.ca, "-p", "-x",
+                  f"https://127.0.0.1:{cluster.ports['secure']}", f"http://edge-1:{edge}/hello", check=False)
+    assert no_cert.returncode != 0 and "hello" not in no_cert.stdout
+
+    # A certificate from another CA, on both TLS ports.
+    other = tmp_path / "other"
+    run(BIN / "edgetunnel", "pki", "init", "--pki-dir", other)
+    run(BIN / "edgetunnel", "pki", "issue-client", "--pki-dir", other, "--name", "intruder")
+    wrong = run("curl", "-sS", "--proxy-cacert", cluster.ca, "--proxy-cert", other / "intruder.crt",
+                "--proxy-key", other / "intruder.key", "-p", "-x", f"https://127.0.0.1:{cluster.ports['secure']}",
+                f"http://edge-1:{edge}/hello", check=False)
+    assert wrong.returncode != 0 and "hello" not in wrong.stdout
+    context = cluster.tls_context(other / "intruder.crt", other / "intruder.key")
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        with socket.create_connection(("127.0.0.1", cluster.ports["tunnel"]), timeout=5) as raw:
+            with context.wrap_socket(raw) as tls:
+                tls.sendall(frame(1, 0, b"{}"))
+                read_frame(tls)
+
+    # The edge service is still reachable for a proper caller.
+    assert cluster.curl(f"http://edge-1:{edge}/hello", check=True).stdout == "hello from the edge\n"
+
+
+def test_an_agent_certificate_cannot_open_streams(cluster, edge):
+    agent_pki = cluster.tmp / "agent-edge-1"
+    status, sock = cluster.connect_stream(f"edge-1:{edge}", cert=agent_pki / "agent.crt", key=agent_pki / "agent.key")
+    assert status == "HTTP/1.1 403 Forbidden"
+
+
+def test_a_registration_for_another_node_is_refused(cluster, edge):
+    """An agent holding node edge-1's certificate says HELLO as edge-9: refused with the reason."""
+    agent_pki = cluster.tmp / "agent-edge-1"
+    context = cluster.tls_context(agent_pki / "agent.crt", agent_pki / "agent.key")
+    with socket.create_connection(("127.0.0.1", cluster.ports["tunnel"]), timeout=10) as raw:
+        with context.wrap_socket(raw) as tls:
+            hello = json.dumps({"version": 1, "nodeName": "edge-9", "nodeIPs": [], "capabilities": []}).encode()
+            tls.sendall(frame(1, 0, hello))
+            frame_type, _, payload = read_frame(tls)
+    assert frame_type == 15  # REFUSED
+    reason = json.loads(payload)["reason"]
+    assert "edge-1" in reason and "edge-9" in reason
+    assert "registration refused" in cluster.server.text()
+    assert [a["nodeName"] for a in cluster.agents()] == ["edge-1"]
+
+
+def test_a_node_ip_held_by_another_node_is_refused(cluster, edge):
+    second = cluster.start_agent("edge-2", ips=("127.0.0.1",), wait=False)
+    wait_until(lambda: "node IP 127.0.0.1 is already registered by node edge-1" in second.text(), 20,
+               "the agent to log the refusal")
+    assert "node IP 127.0.0.1 is already registered by node edge-1" in cluster.server.text()
+    assert http_get(f"http://127.0.0.1:{second.meta}/readyz")[0] == 503
+    assert [a["nodeName"] for a in cluster.agents()] == ["edge-1"]
+
+
+def test_join_with_a_wrong_token_or_ca_hash_is_refused_clearly(cluster, tmp_path):
+    token = cluster.token()
+    wrong_secret = token.split(".")[0] + ".0000000000000000"
+    args = [BIN / "edge-tunnel-agent", "--node-name", "edge-x", "--server-address",
+            f"127.0.0.1:{cluster.ports['tunnel']}", "--meta-port", free_port()]
+    bad_token = run(*args, "--pki-dir", tmp_path / "a", "--bootstrap-token", wrong_secret,
+                    "--ca-cert-hash", cluster.ca_hash, check=False)
+    assert bad_token.returncode != 0
+    assert "join refused" in bad_token.stderr and "wrong secret" in bad_token.stderr
+    assert not (tmp_path / "a" / "agent.crt").exists()
+
+    bad_hash = run(*args, "--pki-dir", tmp_path / "b", "--bootstrap-token", token,
+                   "--ca-cert-hash", "sha256:" + "0" * 64, check=False)
+    assert bad_hash.returncode != 0
+    assert "not the pinned" in bad_hash.stderr
+    assert not (tmp_path / "b" / "agent.crt").exists()
+
+    no_credentials = run(*args, "--pki-dir", tmp_path / "c", check=False)
+    assert_one_line_error(no_credentials, "no node certificate", "--bootstrap-token")
+
+    malformed = run(*args, "--pki-dir", tmp_path / "d", "--bootstrap-token", "nope", check=False)
+    assert_one_line_error(malformed, "malformed bootstrap token")
+
+
+def test_garbage_and_half_handshakes_on_every_port_do_not_disturb_others(cluster, edge):
+    held = []
+    rng = random.Random(7)
+    for port in cluster.ports.values():
+        for _ in range(5):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 4096))))
+            held.append(s)
+        # A half-finished TLS handshake: the first bytes of a ClientHello, then silence.
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(bytes.fromhex("160301020001"))
+        held.append(s)
+    assert cluster.curl(f"http://edge-1:{edge}/hello", check=True).stdout == "hello from the edge\n"
+    assert http_get(cluster.meta_url("/healthz"))[0] == 200
+    assert cluster.server.alive() and cluster.agent.alive()
+    for s in held:
+        s.close()
+
+
+def test_agents_come_back_after_a_server_restart(cluster, edge):
+    assert cluster.server.stop() == 0
+    wait_until(lambda: http_get(f"http://127.0.0.1:{cluster.agent.meta}/readyz")[0] == 503, 20, "agent to notice")
+    cluster.start_server()
+    wait_until(lambda: http_get(f"http://127.0.0.1:{cluster.agent.meta}/readyz")[0] == 200, 40, "agent to return")
+    assert cluster.curl(f"http://edge-1:{edge}/hello", check=True).stdout == "hello from the edge\n"
+    assert "reusing serving certificate" in cluster.server.text()
+
+
+def test_agent_drains_on_sigterm(cluster, edge):
+    size = 4 * 1024 * 1024
+    slow = subprocess.Popen(
+        ["curl", "-sS", "--limit-rate", "1M", "--proxy-cacert", cluster.ca, "--proxy-cert", cluster.cert,
+         "--proxy-key", cluster.key, "-p", "-x", f"https://127.0.0.1:{cluster.ports['secure']}",
+         f"http://edge-1:{edge}/blob/{size}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_until(lambda: cluster.agents()[0]["streams"] == 1, 10, "the stream to open")
+    cluster.agent.popen.send_signal(signal.SIGTERM)
+    out, err = slow.communicate(timeout=30)
+    assert slow.returncode == 0, err
+    assert hashlib.sha256(out).hexdigest() == blob_sha256(size)
+    assert cluster.agent.popen.wait(20) == 0
+    wait_until(lambda: cluster.agents() == [], 10, "the agent to be gone")
+    status, sock = cluster.connect_stream(f"edge-1:{edge}")
+    assert status == "HTTP/1.1 502 Bad Gateway"
+
+
+def test_meta_endpoints_and_status(cluster, edge):
+    cluster.curl(f"http://edge-1:{edge}/blob/100000", check=True)
+    agents = cluster.agents()
+    assert len(agents) == 1
+    agent = agents[0]
+    assert agent["nodeName"] == "edge-1" and agent["nodeIPs"] == ["127.0.0.1"]
+    assert agent["bytesFromAgent"] >= 100000 and agent["streams"] == 0
+    assert agent["remoteAddress"].startswith("127.0.0.1:")
+    metrics = http_get(cluster.meta_url("/metrics"))[1]
+    for name in ["edge_tunnel_server_agents 1", "edge_tunnel_server_streams", "edge_tunnel_server_dial_duration_seconds_bucket",
+                 'edge_tunnel_server_bytes_total{direction="from_agent"}',
+                 "edge_tunnel_server_certificate_expiry_timestamp_seconds"]:
+        assert name in metrics, name
+    agent_metrics = http_get(f"http://127.0.0.1:{cluster.agent.meta}/metrics")[1]
+    assert "edge_tunnel_agent_connected 1" in agent_metrics
+    assert f'edge_tunnel_agent_active_server{{address="127.0.0.1:{cluster.ports["tunnel"]}"}} 1' in agent_metrics
+    assert http_get(f"http://127.0.0.1:{cluster.agent.meta}/readyz")[1].startswith("ok: tunnel up via")
+
+    status = run(BIN / "edgetunnel", "status", "--server", f"http://127.0.0.1:{cluster.ports['meta']}").stdout
+    assert "edge-1" in status and "127.0.0.1" in status and "1 agent(s)" in status
+    unreachable = run(BIN / "edgetunnel", "status", "--server", f"http://127.0.0.1:{free_port()}", check=False)
+    assert_one_line_error(unreachable, "cannot reach")
+
+
+def test_server_config_file_and_flags(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        config = tmp_path / "server.yaml"
+        config.write_text("certIPs: [192.0.2.7]\ncertDNSNames: [tunnel.example.com]\nlogLevel: debug\n")
+        c.start_server("--config", config)
+        sans = run("openssl", "x509", "-in", c.pki / "server.crt", "-noout", "-ext", "subjectAltName").stdout
+        assert "192.0.2.7" in sans and "tunnel.example.com" in sans
+        c.server.stop()
+        # A flag wins over the file.
+        c.start_server("--config", config, "--cert-ips", "198.51.100.9")
+        sans = run("openssl", "x509", "-in", c.pki / "server.crt", "-noout", "-ext", "subjectAltName").stdout
+        assert "198.51.100.9" in sans and "192.0.2.7" not in sans
+        c.server.stop()
+    finally:
+        c.close()
+    server = [BIN / "edge-tunnel-server", "--pki-dir", c.pki, "--meta-port", free_port(),
+              "--tunnel-port", free_port(), "--secure-port", free_port()]
+    config.write_text("certIPs: [192.0.2.7\n")
+    assert_one_line_error(run(*server, "--config", config, check=False), "server.yaml", "not valid YAML")
+    config.write_text("certIps: [192.0.2.7]\n")
+    assert_one_line_error(run(*server, "--config", config, check=False), "unknown setting \"certIps\"")
+    config.write_text("tunnelPort: ten\n")
+    assert_one_line_error(run(*server, "--config", config, check=False), "tunnelPort")
+    assert_one_line_error(run(*server, "--cert-ips", "300.1.1.1", check=False), "300.1.1.1")
+    assert_one_line_error(run(*server[:1], "--pki-dir", tmp_path / "none", check=False), "ca.crt")
+
+
+def test_demo_runs_once(tmp_path):
+    ports = [str(free_port()) for _ in range(4)]
+    result = run(BIN / "edgetunnel", "demo", "--once", "--pki-dir", tmp_path / "demo", "--tunnel-port", ports[0],
+                 "--secure-port", ports[1], "--meta-port", ports[2], "--agent-meta-port", ports[3])
+    assert "hello from edge node demo-edge" in result.stdout
+    assert f"-x https://127.0.0.1:{ports[1]} http://demo-edge:" in result.stdout
