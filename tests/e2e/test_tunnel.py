@@ -287,7 +287,7 @@ def test_agent_drains_on_sigterm(cluster, edge):
 
 
 def test_meta_endpoints_and_status(cluster, edge):
-    cluster.curl(f"http://edge-1:{edge}/blob/100000", check=True)
+    cluster.curl(f"http://edge-1:{edge}/blob/100000", "-o", "/dev/null", check=True)
     agents = cluster.agents()
     assert len(agents) == 1
     agent = agents[0]
