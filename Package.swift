@@ -77,6 +77,9 @@ let package = Package(
             name: "edgetunnel",
             dependencies: [
                 "TunnelPKI", "TunnelServer", "TunnelAgent",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

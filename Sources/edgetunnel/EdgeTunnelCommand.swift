@@ -10,7 +10,7 @@ struct EdgeTunnelCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "edgetunnel",
         abstract: "Administer an EdgeTunnel cloud-edge tunnel: PKI, bootstrap tokens, status and a local demo.",
-        subcommands: [PKICommand.self, TokenCommand.self, DemoCommand.self, StatusCommand.self]
+        subcommands: [PKICommand.self, TokenCommand.self, DemoCommand.self, StatusCommand.self, ForwardCommand.self]
     )
 }
 

@@ -1,0 +1,201 @@
+import ArgumentParser
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import NIOSSL
+import TunnelPKI
+import TunnelServer
+
+/// `edgetunnel forward`: a local port that reaches NODE:PORT through the tunnel, like `kubectl port-forward`.
+/// Each accepted connection becomes its own `CONNECT` stream on the server's secure port.
+struct ForwardCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "forward",
+        abstract: "Forward a local port to NODE:PORT through the tunnel (one CONNECT stream per connection)."
+    )
+
+    @Option(help: "The tunnel server's secure port, HOST:PORT.") var server: String
+    @Option(name: .customLong("ca-file"), help: "CA that signed the server's certificate.") var caFile: String
+    @Option(help: "Client certificate for the secure port.") var cert: String
+    @Option(help: "Key of the client certificate.") var key: String
+    @Option(help: "Local address to listen on, HOST:PORT.") var listen: String = "127.0.0.1:0"
+    @Option(help: "Destination NODE:PORT (a node name or a registered node IP).") var to: String
+
+    func run() async throws {
+        ProcessSupport.bootstrapLogging(level: .warning)
+        let logger = Logger(label: "edgetunnel-forward")
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let listener: Channel
+        do {
+            guard let serverAddress = HostPort(authority: server) else {
+                throw PKIError(.invalidArgument, "invalid --server \"\(server)\": expected HOST:PORT")
+            }
+            guard let target = HostPort(authority: to) else {
+                throw PKIError(.invalidArgument, "invalid --to \"\(to)\": expected NODE:PORT")
+            }
+            guard let local = HostPort(authority: listen) ?? (listen.hasSuffix(":0") ? HostPort(host: String(listen.dropLast(2)), port: 0) : nil) else {
+                throw PKIError(.invalidArgument, "invalid --listen \"\(listen)\": expected HOST:PORT")
+            }
+            var tls = TLSConfiguration.makeClientConfiguration()
+            tls.trustRoots = try TLSContexts.trustRoots(file: caFile)
+            let (certificate, privateKey) = try PEMFiles.keyPair(certificate: cert, key: key)
+            tls.certificateChain = [.certificate(try TLSContexts.nioCertificate(certificate))]
+            tls.privateKey = .privateKey(try TLSContexts.nioKey(privateKey))
+            let context = try NIOSSLContext(configuration: tls)
+            let forwarder = Forwarder(server: serverAddress, target: target, tls: context, logger: logger)
+            listener = try await ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 1024)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .childChannelOption(.allowRemoteHalfClosure, value: true)
+                .childChannelOption(.autoRead, value: false)
+                .childChannelInitializer { channel in
+                    forwarder.accept(channel)
+                    return channel.eventLoop.makeSucceededVoidFuture()
+                }
+                .bind(host: local.host, port: local.port).get()
+        } catch {
+            printError("\(error)")
+            throw ExitCode.failure
+        }
+        let bound = listener.localAddress
+        print("forwarding \(bound?.ipAddress ?? "?"):\(bound?.port ?? 0) -> \(to) via \(server)")
+        fflush(stdout)
+        _ = await ProcessSupport.waitForSignal()
+        try? await listener.close()
+        try? await group.shutdownGracefully()
+    }
+}
+
+/// Opens a CONNECT stream for each accepted connection and relays bytes once the server answered 200.
+final class Forwarder: @unchecked Sendable {
+    let server: HostPort
+    let target: HostPort
+    let tls: NIOSSLContext
+    let logger: Logger
+
+    init(server: HostPort, target: HostPort, tls: NIOSSLContext, logger: Logger) {
+        self.server = server
+        self.target = target
+        self.tls = tls
+        self.logger = logger
+    }
+
+    func accept(_ inbound: Channel) {
+        let hostname = IPAddress(server.host) == nil ? server.host : nil
+        let request = "CONNECT \(target) HTTP/1.1\r\nHost: \(target)\r\n\r\n"
+        let (localGlue, tunnelGlue) = RelayGlue.pair()
+        let connect = ConnectResponseHandler(request: request)
+        ClientBootstrap(group: inbound.eventLoop)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: self.tls, serverHostname: hostname))
+                    try channel.pipeline.syncOperations.addHandler(connect)
+                }
+            }
+            .connect(host: server.host, port: server.port)
+            .flatMap { outbound in
+                connect.established.flatMap {
+                    // Both channels are on the same loop: glue them, then let the local side read.
+                    do {
+                        try inbound.pipeline.syncOperations.addHandler(localGlue)
+                        try outbound.pipeline.syncOperations.addHandler(tunnelGlue)
+                        outbound.pipeline.syncOperations.removeHandler(connect, promise: nil)
+                    } catch {
+                        return inbound.eventLoop.makeFailedFuture(error)
+                    }
+                    // Reads were held until the stream existed; from now on the glue paces them.
+                    return inbound.setOption(.autoRead, value: true)
+                }.flatMapErrorThrowing { error in
+                    outbound.close(promise: nil)
+                    throw error
+                }
+            }
+            .whenFailure { error in
+                self.logger.warning("forward to \(self.target) failed: \(error)")
+                inbound.close(promise: nil)
+            }
+    }
+}
+
+/// Sends the CONNECT request and waits for the status line; anything but 200 fails the stream.
+final class ConnectResponseHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    let request: String
+    private var promise: EventLoopPromise<Void>?
+    private var buffer = ByteBuffer()
+    private var pending: EventLoopFuture<Void>?
+
+    init(request: String) { self.request = request }
+
+    var established: EventLoopFuture<Void> { pending! }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        let promise = context.eventLoop.makePromise(of: Void.self)
+        self.promise = promise
+        pending = promise.futureResult
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        var out = context.channel.allocator.buffer(capacity: request.utf8.count)
+        out.writeString(request)
+        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        context.fireChannelActive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard promise != nil else {
+            context.fireChannelRead(data)
+            return
+        }
+        var incoming = unwrapInboundIn(data)
+        buffer.writeBuffer(&incoming)
+        let view = buffer.readableBytesView
+        guard let end = view.firstRange(of: Array("\r\n\r\n".utf8)) else {
+            if buffer.readableBytes > 16384 { fail(context, "CONNECT response head too large") }
+            return
+        }
+        let headLength = end.upperBound - view.startIndex
+        let head = buffer.readString(length: headLength) ?? ""
+        let statusLine = head.split(separator: "\r\n").first.map(String.init) ?? ""
+        guard statusLine.split(separator: " ").dropFirst().first == "200" else {
+            let body = buffer.readString(length: buffer.readableBytes) ?? ""
+            fail(context, "server answered \(statusLine) \(body.trimmingCharacters(in: .whitespacesAndNewlines))")
+            return
+        }
+        let leftover = buffer
+        buffer = ByteBuffer()
+        promise?.succeed(())
+        promise = nil
+        if leftover.readableBytes > 0 { context.fireChannelRead(wrapInboundOut(leftover)) }
+    }
+
+    private func fail(_ context: ChannelHandlerContext, _ message: String) {
+        promise?.fail(ForwardError(description: message))
+        promise = nil
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        promise?.fail(ForwardError(description: "server closed the connection before answering CONNECT"))
+        promise = nil
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        promise?.fail(error)
+        promise = nil
+        context.close(promise: nil)
+    }
+
+    typealias InboundOut = ByteBuffer
+}
+
+struct ForwardError: Error, CustomStringConvertible {
+    let description: String
+}
