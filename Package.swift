@@ -106,6 +106,11 @@ let package = Package(
         ),
         .testTarget(name: "TunnelPKITests", dependencies: ["TunnelPKI"]),
         .testTarget(
+            name: "TunnelAgentTests",
+            dependencies: ["TunnelAgent", "TunnelPKI", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: swift5
+        ),
+        .testTarget(
             name: "TunnelWireTests",
             dependencies: [
                 "TunnelWire",

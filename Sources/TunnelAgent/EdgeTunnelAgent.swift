@@ -254,18 +254,20 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         return tunnel
     }
 
-    /// Asks for a new certificate over the tunnel once two thirds of the current one's life have passed.
-    private func scheduleRenewal(_ tunnel: AgentTunnel) {
+    /// Asks for a new certificate over the tunnel once two thirds of the current one's life have passed;
+    /// while an answer is outstanding (or the server refused), asks again no sooner than 30 s later.
+    private func scheduleRenewal(_ tunnel: AgentTunnel, notBefore minimum: Double = 0) {
         guard let credentials = lock.withLock({ credentials }) else { return }
-        let delay = max(0, credentials.renewalTime.timeIntervalSinceNow)
         // Re-check at least hourly: a long sleep would not survive a suspended machine's clock jump.
-        let check = TimeAmount.seconds(Int64(min(delay, 3600)))
-        tunnel.channel?.eventLoop.scheduleTask(in: check) { [weak self, weak tunnel] in
+        let delay = min(max(minimum, credentials.renewalTime.timeIntervalSinceNow, 0.5), 3600)
+        tunnel.channel?.eventLoop.scheduleTask(in: .milliseconds(Int64(delay * 1000))) { [weak self, weak tunnel] in
             guard let self, let tunnel, tunnel.channel?.isActive == true else { return }
-            if Date() >= credentials.renewalTime {
-                self.requestRenewal(tunnel)
+            guard let current = self.lock.withLock({ self.credentials }), Date() >= current.renewalTime else {
+                self.scheduleRenewal(tunnel)
+                return
             }
-            self.scheduleRenewal(tunnel)
+            self.requestRenewal(tunnel)
+            self.scheduleRenewal(tunnel, notBefore: 30)
         }
     }
 

@@ -144,7 +144,8 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
     private func handleRenew(_ frame: Frame) {
         do {
             let request = try RenewRequest(frame: frame)
-            let certificate = try server.authority().signNodeCSR(request.csrPEM, nodeName: nodeName)
+            let certificate = try server.authority().signNodeCSR(
+                request.csrPEM, nodeName: nodeName, validity: server.configuration.agentCertificateValidity)
             mux.sendControl(RenewOK(certificatePEM: try PEMFiles.pem(certificate)))
             logger.info("renewed the agent's certificate", metadata: [
                 "notAfter": "\(Timestamps.iso8601(certificate.notValidAfter))",

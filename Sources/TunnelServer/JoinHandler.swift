@@ -30,7 +30,8 @@ final class JoinHandler: ChannelInboundHandler {
             let request = try JoinRequest(frame: frame)
             try server.tokens.verify(request.token)
             let authority = try server.authority()
-            let certificate = try authority.signNodeCSR(request.csrPEM, nodeName: request.nodeName)
+            let certificate = try authority.signNodeCSR(
+                request.csrPEM, nodeName: request.nodeName, validity: server.configuration.agentCertificateValidity)
             let reply = JoinOK(
                 certificatePEM: try PEMFiles.pem(certificate), caPEM: try PEMFiles.pem(authority.certificate))
             server.logger.info("node joined", metadata: ["node": "\(request.nodeName)", "remote": "\(remote)"])

@@ -26,6 +26,8 @@ public struct ServerConfiguration: Sendable {
     /// How long in-flight streams may take to finish on shutdown.
     public var drainTimeout: TimeAmount = .seconds(10)
     public var eventLoopThreads = 2
+    /// Lifetime of the node certificates the server signs at join and renewal; agents renew at two thirds.
+    public var agentCertificateValidity: TimeInterval = CertificateAuthority.defaultNodeValidity
 
     public init() {}
 

@@ -14,7 +14,7 @@ struct ServerCommand: AsyncParsableCommand {
         discussion: """
             Every flag can also be set in a YAML file given with --config, with the flag's name in camelCase \
             (pkiDir, bindAddress, tunnelPort, securePort, metaPort, certIPs, certDNSNames, clientCAFile, \
-            serverID, logLevel). A flag on the command line wins over the file.
+            serverID, logLevel, agentCertificateValidity). A flag on the command line wins over the file.
             """
     )
 
@@ -36,6 +36,8 @@ struct ServerCommand: AsyncParsableCommand {
     @Option(name: .customLong("server-id"), help: "Name of this replica (default: the host name).") var serverID: String?
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String?
+    @Option(name: .customLong("agent-certificate-validity"), help: "Lifetime of agent certificates (default 720h).")
+    var agentCertificateValidity: String?
 
     func run() async throws {
         let configuration: ServerConfiguration
@@ -73,6 +75,13 @@ struct ServerCommand: AsyncParsableCommand {
         configuration.certDNSNames = names.isEmpty ? (file.certDNSNames ?? []) : names
         configuration.clientCAFile = clientCAFile ?? file.clientCAFile
         configuration.serverID = serverID ?? file.serverID ?? configuration.serverID
+        if let validity = agentCertificateValidity ?? file.agentCertificateValidity {
+            let seconds = try Durations.parse(validity, what: "--agent-certificate-validity")
+            guard seconds >= 10 else {
+                throw PKIError(.invalidDuration, "--agent-certificate-validity must be at least 10s")
+            }
+            configuration.agentCertificateValidity = seconds
+        }
         let levelText = logLevel ?? file.logLevel ?? "info"
         guard let level = Logger.Level(flag: levelText) else {
             throw PKIError(.invalidArgument, "invalid --log-level \"\(levelText)\"")
@@ -111,10 +120,11 @@ struct ServerConfigFile: Codable {
     var clientCAFile: String?
     var serverID: String?
     var logLevel: String?
+    var agentCertificateValidity: String?
 
     static let keys: Set<String> = [
         "pkiDir", "bindAddress", "tunnelPort", "securePort", "metaPort", "certIPs", "certDNSNames", "clientCAFile",
-        "serverID", "logLevel",
+        "serverID", "logLevel", "agentCertificateValidity",
     ]
 
     /// Reads and checks a config file: unknown keys are errors (a typo must not be silently ignored).

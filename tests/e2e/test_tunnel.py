@@ -344,3 +344,126 @@ def test_demo_runs_once(tmp_path):
                  "--secure-port", ports[1], "--meta-port", ports[2], "--agent-meta-port", ports[3])
     assert "hello from edge node demo-edge" in result.stdout
     assert f"-x https://127.0.0.1:{ports[1]} http://demo-edge:" in result.stdout
+
+
+def test_agent_renews_its_certificate_over_the_tunnel(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        c.start_server("--agent-certificate-validity", "15s")
+        port = c.start_edge_service()
+        agent = c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}")
+        crt = tmp_path / "agent-edge-1" / "agent.crt"
+        first = run("openssl", "x509", "-in", crt, "-noout", "-serial").stdout
+        # Renewal is due at two thirds of 15 s; the tunnel stays up throughout.
+        wait_until(lambda: run("openssl", "x509", "-in", crt, "-noout", "-serial").stdout != first, 30,
+                   "a renewed certificate")
+        assert run("openssl", "verify", "-CAfile", c.ca, crt).returncode == 0
+        assert "node certificate renewed" in agent.text()
+        assert len(c.agents()) == 1
+        assert c.curl(f"http://edge-1:{port}/hello", check=True).stdout == "hello from the edge\n"
+        # After a restart the agent uses the renewed certificate (the first one has expired by now).
+        agent.stop()
+        time.sleep(max(0, 16 - 10))
+        again = c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}", join=False)
+        assert again.alive() and "using node certificate" in again.text()
+    finally:
+        c.close()
+
+
+def test_agent_detects_a_dead_server_within_15_seconds(cluster, edge):
+    cluster.server.popen.send_signal(signal.SIGSTOP)  # the server stops answering, the socket stays open
+    try:
+        started = time.monotonic()
+        wait_until(lambda: http_get(f"http://127.0.0.1:{cluster.agent.meta}/readyz")[0] == 503, 25,
+                   "the agent to declare the tunnel dead")
+        # 15 s of silence plus at most one 5 s keepalive tick.
+        assert time.monotonic() - started < 21
+        assert "tunnel is dead" in cluster.agent.text()
+    finally:
+        cluster.server.popen.send_signal(signal.SIGCONT)
+    wait_until(lambda: http_get(f"http://127.0.0.1:{cluster.agent.meta}/readyz")[0] == 200, 40, "reconnect")
+
+
+def test_a_caller_that_goes_away_closes_the_edge_side_promptly(cluster, tmp_path):
+    """The target sees its connection end within 2 s of the caller vanishing mid-stream."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    cluster.start_agent("edge-r", "--allow", f"127.0.0.1:{port}", ips=("127.0.0.3",))
+    status, caller = cluster.connect_stream(f"edge-r:{port}")
+    assert status.startswith("HTTP/1.1 200")
+    target, _ = listener.accept()
+    caller.sendall(b"ping")
+    assert target.recv(4) == b"ping"
+    target.sendall(b"x" * 65536)
+    caller.close()
+    target.settimeout(5)
+    started = time.monotonic()
+    ended = False
+    while time.monotonic() - started < 5:
+        try:
+            if target.recv(65536) == b"":
+                ended = True
+                break
+        except (ConnectionResetError, socket.timeout):
+            ended = True
+            break
+    assert ended and time.monotonic() - started < 2
+    wait_until(lambda: [a for a in cluster.agents() if a["nodeName"] == "edge-r"][0]["streams"] == 0, 5,
+               "the stream to be gone")
+
+
+def test_half_close_is_carried_both_ways(cluster, tmp_path):
+    """Through `edgetunnel forward` (plain TCP locally): the caller shuts down its sending side, the target
+    reads to EOF and answers, then closes; the caller receives the answer and EOF."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    cluster.start_agent("edge-h", "--allow", f"127.0.0.1:{port}", ips=("127.0.0.4",))
+    local = free_port()
+    forward = cluster.spawn([BIN / "edgetunnel", "forward", "--server", f"127.0.0.1:{cluster.ports['secure']}",
+                             "--ca-file", cluster.ca, "--cert", cluster.cert, "--key", cluster.key,
+                             "--listen", f"127.0.0.1:{local}", "--to", f"edge-h:{port}"], "forward")
+    wait_until(lambda: "forwarding" in forward.text(), 10, "forward to listen")
+    payload = os.urandom(3 * 1024 * 1024)
+
+    def target_side():
+        conn, _ = listener.accept()
+        digest = hashlib.sha256()
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                break
+            digest.update(data)
+        conn.sendall(digest.hexdigest().encode())
+        conn.close()
+
+    thread = threading.Thread(target=target_side)
+    thread.start()
+    caller = socket.create_connection(("127.0.0.1", local), timeout=20)
+    caller.sendall(payload)
+    caller.shutdown(socket.SHUT_WR)
+    answer = b""
+    while True:
+        data = caller.recv(65536)
+        if not data:
+            break
+        answer += data
+    thread.join(20)
+    assert answer.decode() == hashlib.sha256(payload).hexdigest()
+
+
+def test_forward_reports_a_refused_stream(cluster, edge):
+    local = free_port()
+    forward = cluster.spawn([BIN / "edgetunnel", "forward", "--server", f"127.0.0.1:{cluster.ports['secure']}",
+                             "--ca-file", cluster.ca, "--cert", cluster.cert, "--key", cluster.key,
+                             "--listen", f"127.0.0.1:{local}", "--to", "ghost:10250"], "forward-ghost")
+    wait_until(lambda: "forwarding" in forward.text(), 10, "forward to listen")
+    with socket.create_connection(("127.0.0.1", local), timeout=10) as s:
+        assert s.recv(10) == b""
+    wait_until(lambda: "no agent for node ghost" in forward.text(), 5, "the refusal to be logged")
+    bad = run(BIN / "edgetunnel", "forward", "--server", "nowhere", "--ca-file", cluster.ca, "--cert", cluster.cert,
+              "--key", cluster.key, "--to", "edge-1:1", check=False)
+    assert_one_line_error(bad, "--server", "nowhere")

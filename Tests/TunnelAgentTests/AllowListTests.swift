@@ -1,0 +1,81 @@
+import Logging
+import Testing
+import TunnelPKI
+
+@testable import TunnelAgent
+
+@Suite struct AllowListTests {
+    func list(_ rules: String...) throws -> AllowList {
+        AllowList(rules: try rules.map { try AllowList.Rule(parsing: $0) })
+    }
+
+    @Test func defaultAllowsOnlyKubeletPortsOnLoopbackAndNodeIPs() {
+        let allow = AllowList.kubeletDefault(nodeIPs: [IPAddress("10.0.3.7")!])
+        #expect(allow.allows(host: "127.0.0.1", port: 10250))
+        #expect(allow.allows(host: "127.0.0.1", port: 10255))
+        #expect(allow.allows(host: "::1", port: 10250))
+        #expect(allow.allows(host: "10.0.3.7", port: 10250))
+        #expect(!allow.allows(host: "10.0.3.8", port: 10250))
+        #expect(!allow.allows(host: "127.0.0.1", port: 22))
+        #expect(!allow.allows(host: "metadata.internal", port: 10250))
+    }
+
+    @Test func cidrsAndPortRanges() throws {
+        let allow = try list("10.0.0.0/8:9100", "192.168.1.0/24:30000-32767", "[fd00::/8]:10250")
+        #expect(allow.allows(host: "10.255.1.2", port: 9100))
+        #expect(!allow.allows(host: "11.0.0.1", port: 9100))
+        #expect(allow.allows(host: "192.168.1.77", port: 31000))
+        #expect(!allow.allows(host: "192.168.2.77", port: 31000))
+        #expect(!allow.allows(host: "192.168.1.77", port: 29999))
+        #expect(allow.allows(host: "fd12::5", port: 10250))
+        #expect(!allow.allows(host: "fe80::1", port: 10250))
+    }
+
+    @Test func hostNamesMatchExactlyAndNeverByAddress() throws {
+        let allow = try list("prometheus.monitoring.svc:9090")
+        #expect(allow.allows(host: "prometheus.monitoring.svc", port: 9090))
+        #expect(allow.allows(host: "PROMETHEUS.monitoring.svc", port: 9090))
+        #expect(!allow.allows(host: "prometheus.monitoring.svc", port: 9091))
+        #expect(!allow.allows(host: "evil.prometheus.monitoring.svc", port: 9090))
+    }
+
+    @Test(arguments: ["10.0.0.1", "10.0.0.1:", "10.0.0.1:0", "10.0.0.1:70000", "10.0.0.0/33:80", "10.0.0.1:90-80",
+                      "[fd00::1:80", "bad_host:80", "10.0.0.1:http"])
+    func malformedRulesAreNamed(_ text: String) {
+        let error = #expect(throws: PKIError.self) { try AllowList.Rule(parsing: text) }
+        #expect(error?.message.contains("\"\(text)\"") == true)
+    }
+
+    @Test func rulesPrintAsTheyParse() throws {
+        #expect(try list("10.0.0.0/8:9100-9200", "[fd00::1]:10250", "127.0.0.1:10250").description
+            == "10.0.0.0/8:9100-9200, [fd00::1]:10250, 127.0.0.1:10250")
+    }
+}
+
+@Suite struct ServerAddressTests {
+    @Test func parsesHostsIPsAndBracketedIPv6() throws {
+        #expect(try ServerAddress(parsing: "tunnel.example.com:10262").host == "tunnel.example.com")
+        #expect(try ServerAddress(parsing: "[fd00::1]:10262").host == "fd00::1")
+        #expect(try ServerAddress(parsing: "10.0.0.5:10262").isIP)
+        for bad in ["tunnel", "tunnel:", ":10262", "tunnel:99999", "bad host:1"] {
+            #expect(throws: PKIError.self) { try ServerAddress(parsing: bad) }
+        }
+    }
+}
+
+@Suite struct BackoffTests {
+    @Test func fullJitterStaysUnderTheCappedExponentialCeiling() async throws {
+        var configuration = AgentConfiguration(nodeName: "edge-1", serverAddresses: ["127.0.0.1:1"])
+        configuration.backoffInitial = .milliseconds(500)
+        configuration.backoffCap = .seconds(30)
+        let agent = try EdgeTunnelAgent(configuration: configuration, logger: .init(label: "test"))
+        for attempt in 1...12 {
+            let ceiling = min(30_000_000_000, 500_000_000 << attempt)
+            let delays = (0..<200).map { _ in agent.backoff(attempt: attempt).nanoseconds }
+            #expect(delays.allSatisfy { $0 >= 0 && $0 <= ceiling })
+            // Full jitter: spread over the whole range, not clustered at the ceiling.
+            #expect(delays.min()! < ceiling / 4 && delays.max()! > ceiling * 3 / 4)
+        }
+        await agent.stop()
+    }
+}

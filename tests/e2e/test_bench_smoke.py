@@ -1,0 +1,23 @@
+"""The benchmark suite in its quick form: every contender runs and produces numbers. Timings are not judged."""
+import json
+import subprocess
+import sys
+
+from conftest import BIN, ROOT
+
+CONTENDERS = ["direct", "socat", "ssh -R", "ssh -R tuned", "EdgeTunnel (forward → TLS CONNECT)"]
+
+
+def test_every_contender_produces_numbers(tmp_path):
+    result = subprocess.run([sys.executable, ROOT / "scripts" / "bench", "--quick", "--bin-dir", BIN,
+                             "--output", tmp_path / "out", "--work-dir", tmp_path / "work"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert list(data["results"]) == CONTENDERS
+    for name, figures in data["results"].items():
+        for key in ["iperf3_1_stream_gbit_s", "iperf3_8_streams_gbit_s", "wrk_1k_rps", "wrk_1m_rps"]:
+            assert figures[key]["median"] > 0, (name, key)
+        assert figures["wrk_1k_p99_ms"]["median"] > 0, name
+    table = (tmp_path / "out" / "bench.md").read_text()
+    assert "EdgeTunnel (forward → TLS CONNECT)" in table and "× ssh -R" in table
