@@ -16,6 +16,7 @@ let package = Package(
         .library(name: "TunnelWire", targets: ["TunnelWire"]),
         .library(name: "TunnelServer", targets: ["TunnelServer"]),
         .library(name: "TunnelAgent", targets: ["TunnelAgent"]),
+        .library(name: "EdgePlan", targets: ["EdgePlan"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-certificates", from: "1.21.1"),
@@ -36,6 +37,19 @@ let package = Package(
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
             ]
+        ),
+        .target(
+            name: "EdgePlan",
+            dependencies: [
+                "TunnelPKI",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Yams", package: "Yams"),
+            ],
+            swiftSettings: swift5
         ),
         .target(
             name: "TunnelWire",
@@ -76,7 +90,8 @@ let package = Package(
         .executableTarget(
             name: "edgetunnel",
             dependencies: [
-                "TunnelPKI", "TunnelServer", "TunnelAgent",
+                "TunnelPKI", "TunnelServer", "TunnelAgent", "EdgePlan",
+                .product(name: "Yams", package: "Yams"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
@@ -105,6 +120,7 @@ let package = Package(
             swiftSettings: swift5
         ),
         .testTarget(name: "TunnelPKITests", dependencies: ["TunnelPKI"]),
+        .testTarget(name: "EdgePlanTests", dependencies: ["EdgePlan", "TunnelPKI"], swiftSettings: swift5),
         .testTarget(
             name: "TunnelAgentTests",
             dependencies: ["TunnelAgent", "TunnelPKI", .product(name: "Logging", package: "swift-log")],

@@ -9,8 +9,10 @@ import Glibc
 struct EdgeTunnelCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "edgetunnel",
-        abstract: "Administer an EdgeTunnel cloud-edge tunnel: PKI, bootstrap tokens, status and a local demo.",
-        subcommands: [PKICommand.self, TokenCommand.self, DemoCommand.self, StatusCommand.self, ForwardCommand.self]
+        abstract: "Administer an EdgeTunnel cloud-edge tunnel: PKI, tokens, status, forwarding, the network plan, and a local demo.",
+        subcommands: [PKICommand.self, TokenCommand.self, DemoCommand.self, StatusCommand.self, ForwardCommand.self, PlanCommand.self,
+            ManifestsCommand.self, DoctorCommand.self, ProbeCommand.self,
+        ]
     )
 }
 

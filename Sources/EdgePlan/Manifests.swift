@@ -1,0 +1,218 @@
+import Yams
+
+/// What `edgetunnel manifests` renders from.
+public struct ManifestOptions: Sendable {
+    public var mode: Connectivity
+    public var image = "edgetunnel/edgetunnel:latest"
+    public var namespace = "kube-system"
+    public var replicas = 2
+    /// Agents' server addresses, in order (e.g. the private-line address first, the public one second).
+    public var serverAddresses: [String] = []
+    /// Node label that marks edge nodes (`key=value`).
+    public var edgeNodeSelector = (key: "alibabacloud.com/is-edge-worker", value: "true")
+    /// The server's PKI: a Secret of that name, or (empty) a hostPath at /var/lib/edge-tunnel-server/pki.
+    public var pkiSecret: String?
+    /// Addresses for the server certificate (certIPs / certDNSNames in its config).
+    public var certIPs: [String] = []
+    public var certDNSNames: [String] = []
+    public var caCertHash: String?
+
+    public init(mode: Connectivity) { self.mode = mode }
+}
+
+/// Renders the Kubernetes objects of an EdgeTunnel installation as a multi-document YAML stream.
+///
+/// The Service `x-tunnel-server-svc` is exactly the one the source document shows (label
+/// `name: edge-tunnel-server`, ports `https` 10263 and `tcp` 10262, selector `k8s-app: edge-tunnel-server`,
+/// `sessionAffinity: None`), of type LoadBalancer on the internet and ClusterIP over a private line.
+public enum Manifests {
+    public static func render(_ o: ManifestOptions) throws -> String {
+        let documents = objects(o)
+        return try documents.map { try Yams.serialize(node: $0, width: -1) }.joined(separator: "---\n")
+    }
+
+    public static func objects(_ o: ManifestOptions) -> [Node] {
+        let ns = o.namespace
+        let serverLabels: Node = map([("k8s-app", s("edge-tunnel-server"))])
+        let agentLabels: Node = map([("k8s-app", s("edge-tunnel-agent"))])
+        var serverConfig = "pkiDir: /var/lib/edge-tunnel-server/pki\n"
+        if !o.certIPs.isEmpty { serverConfig += "certIPs: [\(o.certIPs.joined(separator: ", "))]\n" }
+        if !o.certDNSNames.isEmpty { serverConfig += "certDNSNames: [\(o.certDNSNames.joined(separator: ", "))]\n" }
+        let addresses = o.serverAddresses.isEmpty
+            ? ["x-tunnel-server-svc.\(ns).svc:10262"] : o.serverAddresses
+
+        var configData: [(String, Node)] = [
+            ("server-addresses", s(addresses.joined(separator: ","))),
+            ("server.yaml", s(serverConfig)),
+        ]
+        if let hash = o.caCertHash { configData.append(("ca-cert-hash", s(hash))) }
+
+        let serviceAccountServer = object("v1", "ServiceAccount", "edge-tunnel-server", ns, labels: serverLabels)
+        let serviceAccountAgent = object("v1", "ServiceAccount", "edge-tunnel-agent", ns, labels: agentLabels)
+        let role = object("rbac.authorization.k8s.io/v1", "Role", "edge-tunnel-server", ns, labels: serverLabels, extra: [
+            ("rules", .sequence([
+                map([("apiGroups", seq([s("")])), ("resources", seq([s("services"), s("endpoints"), s("configmaps")])),
+                     ("verbs", seq([s("get"), s("list"), s("watch")]))]),
+            ])),
+        ])
+        let binding = object("rbac.authorization.k8s.io/v1", "RoleBinding", "edge-tunnel-server", ns, labels: serverLabels, extra: [
+            ("roleRef", map([("apiGroup", s("rbac.authorization.k8s.io")), ("kind", s("Role")), ("name", s("edge-tunnel-server"))])),
+            ("subjects", seq([map([("kind", s("ServiceAccount")), ("name", s("edge-tunnel-server")), ("namespace", s(ns))])])),
+        ])
+        let configMap = object("v1", "ConfigMap", "edge-tunnel-config", ns, labels: serverLabels, extra: [
+            ("data", map(configData)),
+        ])
+        let service = object("v1", "Service", "x-tunnel-server-svc", ns, labels: map([("name", s("edge-tunnel-server"))]), extra: [
+            ("spec", map([
+                ("type", s(o.mode == .internet ? "LoadBalancer" : "ClusterIP")),
+                ("selector", serverLabels),
+                ("ports", seq([
+                    map([("name", s("https")), ("port", n(10263)), ("protocol", s("TCP")), ("targetPort", n(10263))]),
+                    map([("name", s("tcp")), ("port", n(10262)), ("protocol", s("TCP")), ("targetPort", n(10262))]),
+                ])),
+                ("sessionAffinity", s("None")),
+            ])),
+        ])
+        let headless = object("v1", "Service", "x-tunnel-server-headless", ns, labels: serverLabels, extra: [
+            ("spec", map([
+                ("clusterIP", s("None")),
+                ("selector", serverLabels),
+                ("ports", seq([
+                    map([("name", s("tcp")), ("port", n(10262)), ("protocol", s("TCP")), ("targetPort", n(10262))]),
+                    map([("name", s("https")), ("port", n(10263)), ("protocol", s("TCP")), ("targetPort", n(10263))]),
+                ])),
+            ])),
+        ])
+        let pkiVolume: Node = o.pkiSecret.map { secret in
+            map([("name", s("pki")), ("secret", map([("secretName", s(secret)), ("defaultMode", n(0o600))]))])
+        } ?? map([("name", s("pki")), ("hostPath", map([("path", s("/var/lib/edge-tunnel-server/pki")), ("type", s("DirectoryOrCreate"))]))])
+        let serverContainer = map([
+            ("name", s("edge-tunnel-server")),
+            ("image", s(o.image)),
+            ("command", seq([s("edge-tunnel-server")])),
+            ("args", seq([s("--config=/etc/edge-tunnel/server.yaml"), s("--server-id=$(POD_NAME)")])),
+            ("env", seq([map([("name", s("POD_NAME")), ("valueFrom", map([("fieldRef", map([("fieldPath", s("metadata.name"))]))]))])])),
+            ("ports", seq([
+                map([("name", s("tunnel")), ("containerPort", n(10262)), ("protocol", s("TCP"))]),
+                map([("name", s("https")), ("containerPort", n(10263)), ("protocol", s("TCP"))]),
+                map([("name", s("meta")), ("containerPort", n(10265)), ("protocol", s("TCP"))]),
+            ])),
+            ("readinessProbe", map([("httpGet", map([("path", s("/readyz")), ("port", n(10265))])), ("periodSeconds", n(5))])),
+            ("livenessProbe", map([("httpGet", map([("path", s("/healthz")), ("port", n(10265))])), ("periodSeconds", n(10)), ("failureThreshold", n(3))])),
+            ("resources", map([
+                ("requests", map([("cpu", s("100m")), ("memory", s("64Mi"))])),
+                ("limits", map([("memory", s("1Gi"))])),
+            ])),
+            ("securityContext", map([("allowPrivilegeEscalation", b(false)), ("readOnlyRootFilesystem", b(true))])),
+            ("volumeMounts", seq([
+                map([("name", s("pki")), ("mountPath", s("/var/lib/edge-tunnel-server/pki"))]),
+                map([("name", s("config")), ("mountPath", s("/etc/edge-tunnel")), ("readOnly", b(true))]),
+            ])),
+        ])
+        let deployment = object("apps/v1", "Deployment", "edge-tunnel-server", ns, labels: serverLabels, extra: [
+            ("spec", map([
+                ("replicas", n(o.replicas)),
+                ("selector", map([("matchLabels", serverLabels)])),
+                ("strategy", map([("type", s("RollingUpdate")), ("rollingUpdate", map([("maxUnavailable", n(1)), ("maxSurge", n(1))]))])),
+                ("template", map([
+                    ("metadata", map([("labels", serverLabels)])),
+                    ("spec", map([
+                        ("serviceAccountName", s("edge-tunnel-server")),
+                        ("terminationGracePeriodSeconds", n(30)),
+                        ("affinity", map([("nodeAffinity", map([("requiredDuringSchedulingIgnoredDuringExecution", map([
+                            ("nodeSelectorTerms", seq([map([("matchExpressions", seq([map([
+                                ("key", s(o.edgeNodeSelector.key)), ("operator", s("NotIn")), ("values", seq([s(o.edgeNodeSelector.value)])),
+                            ])]))])])),
+                        ]))]))])),
+                        ("containers", seq([serverContainer])),
+                        ("volumes", seq([
+                            pkiVolume,
+                            map([("name", s("config")), ("configMap", map([("name", s("edge-tunnel-config"))]))]),
+                        ])),
+                    ])),
+                ])),
+            ])),
+        ])
+        var agentArgs: [Node] = [
+            s("--server-address=$(SERVER_ADDRESSES)"),
+            s("--pki-dir=/var/lib/edge-tunnel-agent/pki"),
+        ]
+        var agentEnv: [Node] = [
+            map([("name", s("NODE_NAME")), ("valueFrom", map([("fieldRef", map([("fieldPath", s("spec.nodeName"))]))]))]),
+            map([("name", s("NODE_IP")), ("valueFrom", map([("fieldRef", map([("fieldPath", s("status.hostIP"))]))]))]),
+            map([("name", s("SERVER_ADDRESSES")), ("valueFrom", map([("configMapKeyRef", map([("name", s("edge-tunnel-config")), ("key", s("server-addresses"))]))]))]),
+            map([("name", s("BOOTSTRAP_TOKEN")), ("valueFrom", map([("secretKeyRef", map([("name", s("edge-tunnel-bootstrap")), ("key", s("token")), ("optional", b(true))]))]))]),
+        ]
+        if o.caCertHash != nil {
+            agentEnv.append(map([("name", s("CA_CERT_HASH")), ("valueFrom", map([("configMapKeyRef", map([("name", s("edge-tunnel-config")), ("key", s("ca-cert-hash"))]))]))]))
+            agentArgs.append(s("--ca-cert-hash=$(CA_CERT_HASH)"))
+        }
+        let agentContainer = map([
+            ("name", s("edge-tunnel-agent")),
+            ("image", s(o.image)),
+            ("command", seq([s("edge-tunnel-agent")])),
+            ("args", seq(agentArgs)),
+            ("env", seq(agentEnv)),
+            ("readinessProbe", map([("httpGet", map([("host", s("127.0.0.1")), ("path", s("/readyz")), ("port", n(10266))])), ("periodSeconds", n(5))])),
+            ("livenessProbe", map([("httpGet", map([("host", s("127.0.0.1")), ("path", s("/healthz")), ("port", n(10266))])), ("periodSeconds", n(10))])),
+            ("resources", map([
+                ("requests", map([("cpu", s("10m")), ("memory", s("16Mi"))])),
+                ("limits", map([("memory", s("128Mi"))])),
+            ])),
+            ("securityContext", map([("allowPrivilegeEscalation", b(false)), ("readOnlyRootFilesystem", b(true))])),
+            ("volumeMounts", seq([map([("name", s("pki")), ("mountPath", s("/var/lib/edge-tunnel-agent/pki"))])])),
+        ])
+        let daemonSet = object("apps/v1", "DaemonSet", "edge-tunnel-agent", ns, labels: agentLabels, extra: [
+            ("spec", map([
+                ("selector", map([("matchLabels", agentLabels)])),
+                ("updateStrategy", map([("type", s("RollingUpdate")), ("rollingUpdate", map([("maxUnavailable", s("10%"))]))])),
+                ("template", map([
+                    ("metadata", map([("labels", agentLabels)])),
+                    ("spec", map([
+                        ("serviceAccountName", s("edge-tunnel-agent")),
+                        // The agent reaches the kubelet on the node's own addresses.
+                        ("hostNetwork", b(true)),
+                        ("dnsPolicy", s("ClusterFirstWithHostNet")),
+                        ("nodeSelector", map([(o.edgeNodeSelector.key, s(o.edgeNodeSelector.value))])),
+                        ("tolerations", seq([map([("operator", s("Exists"))])])),
+                        ("terminationGracePeriodSeconds", n(30)),
+                        ("containers", seq([agentContainer])),
+                        ("volumes", seq([
+                            map([("name", s("pki")), ("hostPath", map([("path", s("/var/lib/edge-tunnel-agent/pki")), ("type", s("DirectoryOrCreate"))]))]),
+                        ])),
+                    ])),
+                ])),
+            ])),
+        ])
+        return [serviceAccountServer, serviceAccountAgent, role, binding, configMap, service, headless, deployment, daemonSet]
+    }
+
+    // MARK: Node builders
+
+    static func object(_ apiVersion: String, _ kind: String, _ name: String, _ namespace: String, labels: Node,
+                       extra: [(String, Node)] = []) -> Node {
+        map([("apiVersion", s(apiVersion)), ("kind", s(kind)),
+             ("metadata", map([("name", s(name)), ("namespace", s(namespace)), ("labels", labels)]))] + extra)
+    }
+
+    static func map(_ pairs: [(String, Node)]) -> Node {
+        .mapping(Node.Mapping(pairs.map { (s($0.0), $0.1) }))
+    }
+
+    static func seq(_ items: [Node]) -> Node { .sequence(Node.Sequence(items)) }
+
+    /// A string that stays a string: values that YAML would read as another type are double-quoted.
+    static func s(_ value: String) -> Node {
+        let lower = value.lowercased()
+        let ambiguous = ["true", "false", "yes", "no", "on", "off", "null", "~", ""].contains(lower)
+            || Double(value) != nil || value.contains(": ") || value.hasPrefix("*") || value.hasPrefix("&")
+            || value.hasPrefix("!") || value.hasPrefix("%") || value.hasPrefix("@")
+        if value.contains("\n") {
+            return .scalar(.init(value, .init(.str), .literal))
+        }
+        return .scalar(.init(value, .init(.str), ambiguous ? .doubleQuoted : .plain))
+    }
+
+    static func n(_ value: Int) -> Node { .scalar(.init(String(value), .init(.int), .plain)) }
+    static func b(_ value: Bool) -> Node { .scalar(.init(value ? "true" : "false", .init(.bool), .plain)) }
+}

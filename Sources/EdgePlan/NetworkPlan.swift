@@ -1,0 +1,239 @@
+/// How the edge reaches the cloud.
+public enum Connectivity: String, Codable, Sendable, CaseIterable {
+    case internet
+    case expressConnect = "express-connect"
+
+    public init(parsing text: String) throws {
+        guard let value = Connectivity(rawValue: text.lowercased()) else {
+            throw PlanError("unknown connectivity \"\(text)\": use internet or express-connect")
+        }
+        self = value
+    }
+}
+
+/// The facts of a cluster that the plan decides from (flags, or a YAML file with the same names in camelCase).
+public struct PlanInput: Codable, Sendable, Equatable {
+    public var connectivity: Connectivity
+    /// The business needs outbound internet from the cluster.
+    public var internetEgress: Bool = false
+    /// The API server must be reachable from the internet.
+    public var publicAPIServer: Bool = false
+    public var kubernetesVersion: KubernetesVersion
+    /// The cluster already exists (an EIP can then no longer be chosen).
+    public var existingCluster: Bool = false
+    /// Whether the existing cluster got an EIP at creation; only meaningful with `existingCluster`.
+    public var hasEIP: Bool?
+    public var edgeCIDRs: [CIDR] = []
+    /// Cloud applications talk to edge applications over the container network (VXLAN overlay).
+    public var cloudEdgeContainerNetwork: Bool = true
+
+    public init(connectivity: Connectivity, kubernetesVersion: KubernetesVersion) {
+        self.connectivity = connectivity
+        self.kubernetesVersion = kubernetesVersion
+    }
+
+    /// Contradictions are errors, not guesses.
+    public func validate() throws {
+        if hasEIP != nil && !existingCluster {
+            throw PlanError("--has-eip describes an existing cluster: give --existing-cluster too")
+        }
+    }
+}
+
+/// How loud a finding is.
+public enum Severity: String, Codable, Sendable, Comparable {
+    case info, warning, error
+
+    public static func < (lhs: Severity, rhs: Severity) -> Bool {
+        let order: [Severity] = [.info, .warning, .error]
+        return order.firstIndex(of: lhs)! < order.firstIndex(of: rhs)!
+    }
+}
+
+/// One decision with the reason behind it.
+public struct Decision: Codable, Sendable, Equatable {
+    public var needed: Bool
+    public var reason: String
+}
+
+public struct ServiceDecision: Codable, Sendable, Equatable {
+    public var name = "x-tunnel-server-svc"
+    public var namespace = "kube-system"
+    /// `LoadBalancer` or `ClusterIP`.
+    public var type: String
+    public var reason: String
+}
+
+/// How the tunnel moves to the private line, by Kubernetes version.
+public struct MigrationDecision: Codable, Sendable, Equatable {
+    public enum Path: String, Codable, Sendable {
+        /// Below 1.20.11: the tunnel's configuration can be changed.
+        case reconfigureTunnel = "reconfigure-tunnel"
+        /// 1.22 and later: a dedicated edge node pool that connects over the private line.
+        case dedicatedNodePool = "dedicated-node-pool"
+        /// 1.20.11 up to 1.22: neither path is documented.
+        case upgrade
+        /// Over the internet nothing moves.
+        case notApplicable = "not-applicable"
+    }
+    public var path: Path
+    public var reason: String
+    /// What to do, step by step.
+    public var steps: [String]
+}
+
+/// A security-group rule the cluster needs, with the command that adds it.
+public struct SecurityGroupRule: Codable, Sendable, Equatable {
+    public var direction = "ingress"
+    public var ipProtocol: String
+    public var portRange: String
+    public var sourceCidrIp: String
+    public var policy = "accept"
+    public var priority = 1
+    public var description: String
+    public var command: String
+}
+
+public struct Finding: Codable, Sendable, Equatable {
+    public var severity: Severity
+    public var message: String
+}
+
+/// The network plan: every decision of the source document, with reasons. Its JSON form is documented in
+/// `docs/PLAN.md` and versioned by `schemaVersion`.
+public struct NetworkPlan: Codable, Sendable, Equatable {
+    public var schemaVersion = 1
+    public var input: PlanInput
+    public var snat: Decision
+    public var eip: Decision
+    public var tunnelService: ServiceDecision
+    public var privateLine: MigrationDecision
+    public var securityGroupRules: [SecurityGroupRule]
+    public var findings: [Finding]
+
+    /// Versions the source document draws lines at.
+    public static let reconfigurableBelow = KubernetesVersion(1, 20, 11)
+    public static let nodePoolFrom = KubernetesVersion(1, 22, 0)
+
+    /// Decides everything from the input.
+    public init(input: PlanInput, regionID: String? = nil, securityGroupID: String? = nil) throws {
+        try input.validate()
+        self.input = input
+        let privateLine = input.connectivity == .expressConnect
+        var findings: [Finding] = []
+
+        // SNAT gives the cluster outbound internet; the tunnel itself never needs it (agents dial in).
+        if input.internetEgress {
+            snat = Decision(needed: true, reason: "the business needs outbound internet access: configure SNAT on the VPC's NAT gateway")
+        } else if privateLine {
+            snat = Decision(needed: false, reason: "over a private line without a need for outbound internet, SNAT is not needed")
+        } else {
+            snat = Decision(needed: false, reason: "no need for outbound internet was given; the tunnel does not need SNAT (agents dial in)")
+        }
+
+        // EIP exposes the API server on the internet; it can only be chosen when the cluster is created.
+        let eipNeeded: Bool
+        if !privateLine {
+            eipNeeded = true
+            eip = Decision(needed: true, reason: "over the internet, edge nodes reach the API server at a public address: an EIP is required")
+        } else if input.publicAPIServer {
+            eipNeeded = true
+            eip = Decision(needed: true, reason: "the API server must be reachable from the internet: an EIP is required even with a private line")
+        } else {
+            eipNeeded = false
+            eip = Decision(needed: false, reason: "over a private line edge nodes reach the API server privately: no EIP is needed")
+        }
+        if eipNeeded {
+            if input.existingCluster && input.hasEIP == false {
+                findings.append(Finding(
+                    severity: .error,
+                    message: "the existing cluster has no EIP and one cannot be attached to its API server afterwards: "
+                        + "create a new cluster with \"Expose API server with EIP\" and move the workloads, "
+                        + (privateLine
+                            ? "or keep the API server private and reach it over the private line"
+                            : "or connect the edge over a private line (express-connect) so no public API server is needed")))
+            } else if input.existingCluster && input.hasEIP == nil {
+                findings.append(Finding(
+                    severity: .warning,
+                    message: "an EIP is required but it is unknown whether the existing cluster has one (give --has-eip or --no-has-eip): it cannot be added afterwards"))
+            } else if !input.existingCluster {
+                findings.append(Finding(
+                    severity: .info,
+                    message: "choose \"Expose API server with EIP\" when creating the cluster: it cannot be attached later"))
+            }
+        }
+
+        tunnelService = privateLine
+            ? ServiceDecision(type: "ClusterIP", reason: "over a private line agents reach the tunnel server's Service address through the line: ClusterIP, no public load balancer")
+            : ServiceDecision(type: "LoadBalancer", reason: "over the internet agents reach the tunnel server through a public load balancer")
+
+        self.privateLine = Self.migration(input)
+        if self.privateLine.path == .upgrade {
+            findings.append(Finding(severity: .warning, message: self.privateLine.reason))
+        }
+
+        var rules: [SecurityGroupRule] = []
+        let region = regionID ?? "<region-id>"
+        let group = securityGroupID ?? "<security-group-id>"
+        func rule(_ proto: String, _ port: Int, _ cidr: CIDR, _ description: String) -> SecurityGroupRule {
+            let field = cidr.isIPv4 ? "--SourceCidrIp" : "--Ipv6SourceCidrIp"
+            let command = "aliyun ecs AuthorizeSecurityGroup --RegionId \(region) --SecurityGroupId \(group) "
+                + "--IpProtocol \(proto) --PortRange \(port)/\(port) \(field) \(cidr) --Policy accept --Priority 1 "
+                + "--Description \"\(description)\""
+            return SecurityGroupRule(
+                ipProtocol: proto, portRange: "\(port)/\(port)", sourceCidrIp: cidr.description,
+                description: description, command: command)
+        }
+        if input.cloudEdgeContainerNetwork {
+            for cidr in input.edgeCIDRs {
+                rules.append(rule("udp", 8472, cidr, "VXLAN container network from edge \(cidr)"))
+            }
+        }
+        if privateLine {
+            for cidr in input.edgeCIDRs {
+                rules.append(rule("tcp", 10262, cidr, "EdgeTunnel agents from edge \(cidr) over the private line"))
+            }
+        }
+        if input.edgeCIDRs.isEmpty && (input.cloudEdgeContainerNetwork || privateLine) {
+            findings.append(Finding(
+                severity: .warning,
+                message: "no --edge-cidr given: the security-group rules (\(input.cloudEdgeContainerNetwork ? "UDP 8472" : "")\(input.cloudEdgeContainerNetwork && privateLine ? ", " : "")\(privateLine ? "TCP 10262" : "")) cannot be rendered"))
+        }
+        securityGroupRules = rules
+        self.findings = findings
+    }
+
+    static func migration(_ input: PlanInput) -> MigrationDecision {
+        let version = input.kubernetesVersion
+        guard input.connectivity == .expressConnect else {
+            return MigrationDecision(
+                path: .notApplicable, reason: "over the internet the tunnel stays on its public load balancer", steps: [])
+        }
+        if version < reconfigurableBelow {
+            return MigrationDecision(
+                path: .reconfigureTunnel,
+                reason: "Kubernetes \(version) is older than 1.20.11: the tunnel's configuration can be changed in place",
+                steps: [
+                    "set the tunnel Service x-tunnel-server-svc to type ClusterIP",
+                    "add the Service's ClusterIP (the private-line address) to the server's certIPs in its config file; "
+                        + "EdgeTunnel issues its certificate for the new address set itself: nothing under "
+                        + "/var/lib/edge-tunnel-server/pki needs deleting",
+                    "put the private-line address first in the agents' server addresses (the edge-tunnel-config "
+                        + "ConfigMap), the public one after it: agents use the first address that works",
+                ])
+        }
+        if version >= nodePoolFrom {
+            return MigrationDecision(
+                path: .dedicatedNodePool,
+                reason: "Kubernetes \(version) is 1.22 or later: edge node pools can connect over the private line",
+                steps: [
+                    "create a dedicated edge node pool whose nodes connect to the cloud over the private line",
+                    "move the edge nodes that sit behind the line into that pool",
+                ])
+        }
+        return MigrationDecision(
+            path: .upgrade,
+            reason: "Kubernetes \(version) is between 1.20.11 and 1.22: neither reconfiguring the tunnel nor a private-line node pool is documented for it; upgrade the cluster to 1.22 or later",
+            steps: ["upgrade the cluster to Kubernetes 1.22 or later", "then create a dedicated edge node pool over the private line"])
+    }
+}

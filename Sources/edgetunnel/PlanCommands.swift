@@ -1,0 +1,259 @@
+import ArgumentParser
+import EdgePlan
+import Foundation
+import TunnelPKI
+import Yams
+
+/// Bad input to the plan tools: one line on stderr and exit code 2.
+func failUsage(_ message: String) -> ExitCode {
+    printError(message)
+    return ExitCode(2)
+}
+
+func printJSON<T: Encodable>(_ value: T) throws {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+    print(String(decoding: try encoder.encode(value), as: UTF8.self))
+}
+
+struct PlanCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "plan",
+        abstract: "Decide the network plan of an edge cluster: SNAT, EIP, tunnel Service type, private-line path, security-group rules.",
+        discussion: "Inputs come from flags or a YAML file (--file) with the same names in camelCase; flags win. Bad input exits with code 2."
+    )
+
+    @Option(help: "YAML file with connectivity, internetEgress, publicAPIServer, kubernetesVersion, existingCluster, hasEIP, edgeCIDRs, cloudEdgeContainerNetwork.")
+    var file: String?
+    @Option(help: "internet or express-connect.") var connectivity: String?
+    @Flag(name: .customLong("internet-egress"), help: "The business needs outbound internet.") var internetEgress = false
+    @Flag(name: .customLong("public-apiserver"), help: "The API server must be reachable from the internet.") var publicAPIServer = false
+    @Option(name: .customLong("kubernetes-version"), help: "e.g. 1.22.15 or v1.20.11-aliyun.1") var kubernetesVersion: String?
+    @Flag(name: .customLong("existing-cluster"), help: "The cluster already exists.") var existingCluster = false
+    @Flag(name: .customLong("has-eip"), inversion: .prefixedNo, help: "Whether the existing cluster got an EIP at creation.")
+    var hasEIP: Bool?
+    @Option(name: .customLong("edge-cidr"), help: "An edge network (repeatable).") var edgeCIDRs: [String] = []
+    @Flag(name: .customLong("cloud-edge-container-network"), inversion: .prefixedNo,
+          help: "Cloud apps talk to edge apps over the container network (default: yes).")
+    var containerNetwork: Bool?
+    @Option(name: .customLong("region-id"), help: "Region for the printed aliyun commands.") var regionID: String?
+    @Option(name: .customLong("security-group-id"), help: "Security group for the printed aliyun commands.") var securityGroupID: String?
+    @Option(help: "text or json.") var output: OutputFormat = .text
+
+    struct FileInput: Decodable {
+        var connectivity: String?
+        var internetEgress: Bool?
+        var publicAPIServer: Bool?
+        var kubernetesVersion: String?
+        var existingCluster: Bool?
+        var hasEIP: Bool?
+        var edgeCIDRs: [String]?
+        var cloudEdgeContainerNetwork: Bool?
+    }
+
+    func run() throws {
+        let plan: NetworkPlan
+        do {
+            plan = try NetworkPlan(input: try input(), regionID: regionID, securityGroupID: securityGroupID)
+        } catch let error as PlanError {
+            throw failUsage(error.description)
+        } catch let error as PKIError {
+            throw failUsage(error.message)
+        }
+        switch output {
+        case .json: try printJSON(plan)
+        case .text: print(plan.text)
+        }
+    }
+
+    func input() throws -> PlanInput {
+        var fileInput = FileInput()
+        if let file {
+            let text = String(decoding: try AtomicFile.read(file), as: UTF8.self)
+            do {
+                fileInput = try YAMLDecoder().decode(FileInput.self, from: text)
+            } catch {
+                throw PlanError("\(file): not a plan input file (\(String(describing: error).prefix(120)))")
+            }
+        }
+        guard let connectivityText = connectivity ?? fileInput.connectivity else {
+            throw PlanError("--connectivity is required: internet or express-connect")
+        }
+        guard let versionText = kubernetesVersion ?? fileInput.kubernetesVersion else {
+            throw PlanError("--kubernetes-version is required, e.g. 1.22.15")
+        }
+        var input = PlanInput(
+            connectivity: try Connectivity(parsing: connectivityText),
+            kubernetesVersion: try KubernetesVersion(parsing: versionText))
+        input.internetEgress = internetEgress || (fileInput.internetEgress ?? false)
+        input.publicAPIServer = publicAPIServer || (fileInput.publicAPIServer ?? false)
+        input.existingCluster = existingCluster || (fileInput.existingCluster ?? false)
+        input.hasEIP = hasEIP ?? fileInput.hasEIP
+        let cidrs = edgeCIDRs.isEmpty ? (fileInput.edgeCIDRs ?? []) : edgeCIDRs
+        input.edgeCIDRs = try cidrs.map { try CIDR(parsing: $0) }
+        input.cloudEdgeContainerNetwork = containerNetwork ?? fileInput.cloudEdgeContainerNetwork ?? true
+        return input
+    }
+}
+
+
+struct ManifestsCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "manifests",
+        abstract: "Render the Kubernetes objects of an EdgeTunnel installation as YAML."
+    )
+
+    @Option(help: "internet (LoadBalancer Service) or express-connect (ClusterIP).") var mode: String
+    @Option(help: "Container image.") var image = "edgetunnel/edgetunnel:latest"
+    @Option(help: "Namespace.") var namespace = "kube-system"
+    @Option(help: "Server replicas.") var replicas = 2
+    @Option(name: .customLong("server-address"), help: "Agents' server address HOST:PORT, in order (repeatable).")
+    var serverAddresses: [String] = []
+    @Option(name: .customLong("edge-node-selector"), help: "Label of edge nodes, key=value.")
+    var edgeNodeSelector = "alibabacloud.com/is-edge-worker=true"
+    @Option(name: .customLong("pki-secret"), help: "Secret holding the server PKI (default: a hostPath).") var pkiSecret: String?
+    @Option(name: .customLong("cert-ip"), help: "Address for the server certificate (repeatable).") var certIPs: [String] = []
+    @Option(name: .customLong("cert-dns-name"), help: "DNS name for the server certificate (repeatable).") var certDNSNames: [String] = []
+    @Option(name: .customLong("ca-cert-hash"), help: "CA pin for joining agents (edgetunnel pki ca-hash).") var caCertHash: String?
+
+    func run() throws {
+        do {
+            var options = ManifestOptions(mode: try Connectivity(parsing: mode))
+            options.image = image
+            guard DNSName.isValid(namespace), !namespace.contains(".") else {
+                throw PlanError("invalid --namespace \"\(namespace)\"")
+            }
+            options.namespace = namespace
+            guard (1...100).contains(replicas) else { throw PlanError("--replicas must be 1-100, got \(replicas)") }
+            options.replicas = replicas
+            for address in serverAddresses where Doctor.hostPort(address) == nil {
+                throw PlanError("invalid --server-address \"\(address)\": expected HOST:PORT")
+            }
+            options.serverAddresses = serverAddresses
+            let selector = edgeNodeSelector.split(separator: "=", maxSplits: 1)
+            guard selector.count == 2, !selector[0].isEmpty else {
+                throw PlanError("invalid --edge-node-selector \"\(edgeNodeSelector)\": expected key=value")
+            }
+            options.edgeNodeSelector = (String(selector[0]), String(selector[1]))
+            options.pkiSecret = pkiSecret
+            _ = try ServerSANs(ips: certIPs, dnsNames: certDNSNames)
+            options.certIPs = certIPs
+            options.certDNSNames = certDNSNames
+            options.caCertHash = try caCertHash.map { try CAHash.validate($0) }
+            print(try Manifests.render(options), terminator: "")
+        } catch let error as PlanError {
+            throw failUsage(error.description)
+        } catch let error as PKIError {
+            throw failUsage(error.message)
+        }
+    }
+}
+
+struct DoctorCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "doctor",
+        abstract: "Check a live setup against the plan: one line per check, each failure with its fix; exits 1 when any check fails."
+    )
+
+    @Option(help: "internet or express-connect (for the Service check).") var mode: String?
+    @Option(name: .customLong("server-address"), help: "A tunnel server address to check over TLS (repeatable).")
+    var serverAddresses: [String] = []
+    @Option(name: .customLong("ca-file"), help: "The tunnel CA, for the TLS checks.") var caFile: String?
+    @Option(name: .customLong("service-file"), help: "The Service as `kubectl get svc -o yaml` prints it.") var serviceFile: String?
+    @Option(name: .customLong("security-group-file"), help: "DescribeSecurityGroupAttribute JSON export.") var securityGroupFile: String?
+    @Option(name: .customLong("edge-cidr"), help: "An edge network for the UDP 8472 check (repeatable).") var edgeCIDRs: [String] = []
+    @Option(name: .customLong("probe-udp"), help: "ADDR:PORT of an `edgetunnel probe udp --listen` responder.") var probeUDP: String?
+    @Option(help: "text or json.") var output: OutputFormat = .text
+
+    func run() async throws {
+        var results: [CheckResult] = []
+        do {
+            let cidrs = try edgeCIDRs.map { try CIDR(parsing: $0) }
+            let connectivity = try mode.map { try Connectivity(parsing: $0) }
+            if !serverAddresses.isEmpty && caFile == nil { throw PlanError("--ca-file is required to check --server-address") }
+            if serviceFile != nil && connectivity == nil { throw PlanError("--mode is required to check --service-file") }
+            if serverAddresses.isEmpty && serviceFile == nil && securityGroupFile == nil && probeUDP == nil {
+                throw PlanError("nothing to check: give --server-address, --service-file, --security-group-file or --probe-udp")
+            }
+            for address in serverAddresses {
+                results.append(await Doctor.checkTLS(address: address, caFile: caFile!))
+            }
+            if let serviceFile, let connectivity {
+                let text = String(decoding: try AtomicFile.read(serviceFile), as: UTF8.self)
+                results += Doctor.checkService(yaml: text, path: serviceFile, mode: connectivity)
+            }
+            if let securityGroupFile {
+                let group = try SecurityGroupExport.load(path: securityGroupFile, data: Data(try AtomicFile.read(securityGroupFile)))
+                results += Doctor.checkSecurityGroup(group, path: securityGroupFile, edgeCIDRs: cidrs)
+            }
+            if let probeUDP {
+                try UDPProbe.validateAddress(probeUDP)
+                results.append(Doctor.checkUDP(target: probeUDP))
+            }
+        } catch let error as PlanError {
+            throw failUsage(error.description)
+        } catch let error as PKIError {
+            throw failUsage(error.message)
+        }
+        switch output {
+        case .json:
+            try printJSON(results)
+        case .text:
+            for result in results { print(result.line) }
+            let failed = results.filter { $0.status == .fail }.count
+            print(failed == 0 ? "all \(results.count) checks passed" : "\(failed) of \(results.count) checks failed")
+        }
+        if results.contains(where: { $0.status == .fail }) { throw ExitCode(1) }
+    }
+}
+
+struct ProbeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "probe", abstract: "Check that traffic passes between two hosts.", subcommands: [UDP.self])
+
+    struct UDP: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "udp",
+            abstract: "Answer probes (--listen) or send nonce-stamped probes and count the echoes (--target); default port 8472 (VXLAN)."
+        )
+
+        @Option(help: "ADDR:PORT to answer probes on.") var listen: String?
+        @Option(help: "ADDR:PORT of a responder.") var target: String?
+        @Option(help: "Probes to send.") var count = 5
+        @Option(help: "How long to wait for echoes after the last probe.") var timeout = "2s"
+        @Option(help: "Time between probes.") var interval = "100ms"
+        @Option(help: "text or json.") var output: OutputFormat = .text
+
+        func run() throws {
+            do {
+                switch (listen, target) {
+                case (let listen?, nil):
+                    try UDPProbe.respond(on: listen, ready: {
+                        print("answering UDP probes on \(listen)")
+                        fflush(stdout)
+                    })
+                case (nil, let target?):
+                    let result = try UDPProbe.probe(
+                        target: target, count: count, timeout: try Durations.parse(timeout, what: "--timeout"),
+                        interval: try Durations.parse(interval, what: "--interval"))
+                    if output == .json {
+                        try printJSON(result)
+                    } else {
+                        var line = "\(result.received)/\(result.sent) probes to \(target) came back"
+                        if let min = result.rttMillisecondsMin, let avg = result.rttMillisecondsAvg, let max = result.rttMillisecondsMax {
+                            line += String(format: ", rtt min/avg/max %.3f/%.3f/%.3f ms", min, avg, max)
+                        }
+                        print(line)
+                    }
+                    if !result.passes { throw ExitCode(1) }
+                default:
+                    throw PlanError("give exactly one of --listen ADDR:PORT or --target ADDR:PORT")
+                }
+            } catch let error as PlanError {
+                throw failUsage(error.description)
+            } catch let error as PKIError {
+                throw failUsage(error.message)
+            }
+        }
+    }
+}
