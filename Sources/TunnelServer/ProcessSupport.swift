@@ -28,6 +28,16 @@ public enum ProcessSupport {
         }
     }
 
+    /// Calls `handler` (on a private queue) every time `number` arrives, e.g. SIGHUP for a reload. Keep the
+    /// returned source alive.
+    public static func onSignal(_ number: Int32, _ handler: @escaping @Sendable () -> Void) -> DispatchSourceSignal {
+        signal(number, SIG_IGN)
+        let source = DispatchSource.makeSignalSource(signal: number, queue: DispatchQueue(label: "edgetunnel.signal.\(number)"))
+        source.setEventHandler(handler: handler)
+        source.resume()
+        return source
+    }
+
     /// Text logs to stderr at `level`.
     public static func bootstrapLogging(level: Logger.Level) {
         LoggingSystem.bootstrap { label in

@@ -10,6 +10,9 @@ import TunnelWire
 import X509
 
 /// State shared by every listener of one server.
+///
+/// The TLS contexts are swapped as a whole when the serving certificate changes: every new handshake reads
+/// the current context when its connection is accepted, connections already open keep theirs.
 final class TunnelServerCore: @unchecked Sendable {
     let configuration: ServerConfiguration
     let logger: Logger
@@ -17,41 +20,80 @@ final class TunnelServerCore: @unchecked Sendable {
     let metrics = ServerMetrics()
     let limits = TunnelLimits()
     let tokens: TokenStore
+    private let clientCA: NIOSSLTrustRoots
     private let lock = NIOLock()
     private var _authority: CertificateAuthority
     private var _tunnelContext: NIOSSLContext
     private var _callerContext: NIOSSLContext
     private var _serving: Certificate
+    private var _sans: ServerSANs
 
     init(configuration: ServerConfiguration, logger: Logger) throws {
         self.configuration = configuration
         self.logger = logger
         self.tokens = TokenStore(paths: configuration.paths)
         let authority = try CertificateAuthority.load(from: configuration.paths)
-        let serving = try ServingCertificate.ensure(configuration: configuration, authority: authority, logger: logger)
-        let clientCA: NIOSSLTrustRoots = try configuration.clientCAFile.map { try TLSContexts.trustRoots(file: $0) }
+        let sans = try ServerSANs(ips: configuration.certIPs, dnsNames: configuration.certDNSNames)
+        let serving = try ServingCertificate.ensure(paths: configuration.paths, sans: sans, authority: authority, logger: logger)
+        clientCA = try configuration.clientCAFile.map { try TLSContexts.trustRoots(file: $0) }
             ?? .certificates([try TLSContexts.nioCertificate(authority.certificate)])
-        let chain = [serving.certificate, authority.certificate]
         _authority = authority
         _serving = serving.certificate
-        _tunnelContext = try TLSContexts.tunnelServer(chain: chain, key: serving.privateKey, ca: authority.certificate)
-        _callerContext = try TLSContexts.callerServer(chain: chain, key: serving.privateKey, clientCA: clientCA)
+        _sans = sans
+        (_tunnelContext, _callerContext) = try Self.contexts(serving, authority: authority, clientCA: clientCA)
         metrics.certificateExpiry.set(serving.certificate.notValidAfter.timeIntervalSince1970)
+    }
+
+    private static func contexts(_ serving: IssuedCredential, authority: CertificateAuthority, clientCA: NIOSSLTrustRoots)
+        throws -> (NIOSSLContext, NIOSSLContext)
+    {
+        let chain = [serving.certificate, authority.certificate]
+        return (
+            try TLSContexts.tunnelServer(chain: chain, key: serving.privateKey, ca: authority.certificate),
+            try TLSContexts.callerServer(chain: chain, key: serving.privateKey, clientCA: clientCA)
+        )
     }
 
     func authority() throws -> CertificateAuthority { lock.withLock { _authority } }
     var tunnelContext: NIOSSLContext { lock.withLock { _tunnelContext } }
     var callerContext: NIOSSLContext { lock.withLock { _callerContext } }
     var servingCertificate: Certificate { lock.withLock { _serving } }
+    var sans: ServerSANs { lock.withLock { _sans } }
+
+    /// Makes the serving certificate name exactly `sans` and be far from expiry: re-issues it from the CA when
+    /// needed (same key type, new serial), writes it atomically, and serves it to every new handshake.
+    /// Returns whether a new certificate was issued.
+    @discardableResult
+    func refreshServingCertificate(sans: ServerSANs) throws -> Bool {
+        let (current, authority) = lock.withLock { (_serving, _authority) }
+        let currentSANs = try? CertificateSummary.sans(of: current)
+        if currentSANs == sans && Date() < ServingCertificate.renewalTime(of: current) {
+            lock.withLock { _sans = sans }
+            return false
+        }
+        let issued = try authority.issueServerCertificate(sans: sans)
+        let (tunnel, caller) = try Self.contexts(issued, authority: authority, clientCA: clientCA)
+        try issued.write(certificatePath: configuration.paths.serverCertificate, keyPath: configuration.paths.serverKey)
+        lock.withLock {
+            _serving = issued.certificate
+            _sans = sans
+            _tunnelContext = tunnel
+            _callerContext = caller
+        }
+        metrics.certificateExpiry.set(issued.certificate.notValidAfter.timeIntervalSince1970)
+        logger.info("serving certificate re-issued; new handshakes get it, open connections keep theirs", metadata: [
+            "sans": "\((sans.ipAddresses.map(\.description) + sans.dnsNames).joined(separator: ","))",
+            "notAfter": "\(Timestamps.iso8601(issued.certificate.notValidAfter))",
+        ])
+        return true
+    }
 }
 
 /// The serving certificate: reused while it matches the wanted SANs and is far from expiry, else re-issued.
 enum ServingCertificate {
-    static func ensure(configuration: ServerConfiguration, authority: CertificateAuthority, logger: Logger) throws
+    static func ensure(paths: PKIPaths, sans wanted: ServerSANs, authority: CertificateAuthority, logger: Logger) throws
         -> IssuedCredential
     {
-        let paths = configuration.paths
-        let wanted = try ServerSANs(ips: configuration.certIPs, dnsNames: configuration.certDNSNames)
         if AtomicFile.exists(paths.serverCertificate),
             let (certificate, key) = try? PEMFiles.keyPair(certificate: paths.serverCertificate, key: paths.serverKey),
             authority.certificate.publicKey.isValidSignature(certificate.signature, for: certificate),
@@ -86,6 +128,7 @@ public final class TunnelServer: @unchecked Sendable {
     private let lock = NIOLock()
     private var channels: [Channel] = []
     private var ready = false
+    private var renewalTask: Scheduled<Void>?
 
     /// Loads the CA and prepares the serving certificate; throws a one-line error naming what is wrong.
     public init(configuration: ServerConfiguration, logger: Logger, group: EventLoopGroup? = nil) throws {
@@ -101,6 +144,33 @@ public final class TunnelServer: @unchecked Sendable {
     }
 
     public var registry: AgentRegistry { core.registry }
+
+    /// Applies a new address set (from a changed config file or SIGHUP): the certificate is re-issued when
+    /// its SANs differ, without restarting and without touching open tunnels. Invalid addresses are refused
+    /// with an error naming them, and the current certificate stays.
+    public func updateAddresses(certIPs: [String], certDNSNames: [String]) throws {
+        let sans = try ServerSANs(ips: certIPs, dnsNames: certDNSNames)
+        try core.refreshServingCertificate(sans: sans)
+    }
+
+    /// The SANs of the certificate in force.
+    public var currentSANs: ServerSANs { core.sans }
+
+    /// Re-issues the serving certificate two thirds into its life, checked at least hourly.
+    private func scheduleRenewal() {
+        let renewal = ServingCertificate.renewalTime(of: core.servingCertificate)
+        let delay = min(max(renewal.timeIntervalSinceNow, 1), 3600)
+        let task = group.next().scheduleTask(in: .milliseconds(Int64(delay * 1000))) { [weak self] in
+            guard let self, self.lock.withLock({ self.ready }) else { return }
+            do {
+                try self.core.refreshServingCertificate(sans: self.core.sans)
+            } catch {
+                self.core.logger.error("cannot renew the serving certificate: \(error)")
+            }
+            self.scheduleRenewal()
+        }
+        lock.withLock { renewalTask = task }
+    }
 
     /// Binds every listener. Ports given as 0 are chosen by the OS (see ``boundPorts``).
     public func start() async throws {
@@ -144,6 +214,7 @@ public final class TunnelServer: @unchecked Sendable {
             channels = [tunnel, secure, meta]
             ready = true
         }
+        scheduleRenewal()
         core.logger.info("edge-tunnel-server listening", metadata: [
             "tunnel": "\(tunnel.localAddress?.description ?? "?")",
             "secure": "\(secure.localAddress?.description ?? "?")",
@@ -163,6 +234,7 @@ public final class TunnelServer: @unchecked Sendable {
     public func shutdown() async {
         let listeners = lock.withLock {
             ready = false
+            renewalTask?.cancel()
             let all = channels
             channels = []
             return all
@@ -191,6 +263,8 @@ public final class TunnelServer: @unchecked Sendable {
                 body: core.metrics.render(registry: core.registry))
         case "/v1/agents":
             return MetaResponse(status: .ok, contentType: "application/json", body: agentsJSON())
+        case "/v1/server":
+            return MetaResponse(status: .ok, contentType: "application/json", body: serverJSON())
         default:
             return .text(.notFound, "no such endpoint: \(path)")
         }
@@ -215,6 +289,32 @@ public final class TunnelServer: @unchecked Sendable {
                 remoteAddress: session.remoteAddress, streams: counters.streams, bytesFromAgent: counters.bytesIn,
                 bytesToAgent: counters.bytesOut)
         }.sorted { $0.nodeName < $1.nodeName }
+    }
+
+    /// What `/v1/server` serves: the certificate in force and the addresses it names.
+    public struct ServerInfo: Codable, Sendable {
+        public var serverID: String
+        public var certificateIPs: [String]
+        public var certificateDNSNames: [String]
+        public var certificateSerial: String
+        public var certificateNotAfter: Date
+        public var agents: Int
+    }
+
+    public var serverInfo: ServerInfo {
+        let certificate = core.servingCertificate
+        let summary = try? CertificateSummary(certificate)
+        return ServerInfo(
+            serverID: configuration.serverID, certificateIPs: summary?.ipAddresses ?? [],
+            certificateDNSNames: summary?.dnsNames ?? [], certificateSerial: summary?.serialNumber ?? "",
+            certificateNotAfter: certificate.notValidAfter, agents: core.registry.count)
+    }
+
+    private func serverJSON() -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .iso8601
+        encoder.outputFormatting = [.sortedKeys]
+        return Array((try? encoder.encode(serverInfo)) ?? Data())
     }
 
     private func agentsJSON() -> [UInt8] {

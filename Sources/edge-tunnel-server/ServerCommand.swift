@@ -5,6 +5,10 @@ import TunnelPKI
 import TunnelServer
 import Yams
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// `edge-tunnel-server`: the cloud side of EdgeTunnel.
 @main
 struct ServerCommand: AsyncParsableCommand {
@@ -57,9 +61,27 @@ struct ServerCommand: AsyncParsableCommand {
         } catch {
             fail("\(error)")
         }
+        var watcher: Task<Void, Never>?
+        var hangup: DispatchSourceSignal?
+        if let config {
+            let reloader = ConfigReloader(command: self, path: config, server: server, logger: logger)
+            hangup = ProcessSupport.onSignal(SIGHUP) { reloader.reload(reason: "SIGHUP") }
+            watcher = Task { await reloader.watch() }
+        } else {
+            hangup = ProcessSupport.onSignal(SIGHUP) {
+                logger.info("SIGHUP: no --config file to reload")
+            }
+        }
         let signal = await ProcessSupport.waitForSignal()
         logger.info("signal \(signal): draining")
+        watcher?.cancel()
+        hangup?.cancel()
         await server.shutdown()
+    }
+
+    /// The configuration from the flags and `file` (flags win).
+    func resolved(_ file: ServerConfigFile) throws -> ServerConfiguration {
+        try resolve(file).0
     }
 
     private func resolve(_ file: ServerConfigFile) throws -> (ServerConfiguration, Logger.Level) {
@@ -106,6 +128,60 @@ func splitList(_ values: [String]) -> [String] {
 func fail(_ message: String) -> Never {
     FileHandle.standardError.write(Data("edge-tunnel-server: error: \(message)\n".utf8))
     exit(1)
+}
+
+/// Re-reads the config file when its contents change (polled every 2 s, which also catches a Kubernetes
+/// ConfigMap's symlink swap) or on SIGHUP, and applies the new address set live. A file that does not parse
+/// is rejected with a logged error; the server keeps the last good configuration.
+final class ConfigReloader: @unchecked Sendable {
+    let command: ServerCommand
+    let path: String
+    let server: TunnelServer
+    let logger: Logger
+    private let lock = NSLock()
+    private var lastContents: [UInt8]?
+    private var applied: ServerConfiguration
+
+    init(command: ServerCommand, path: String, server: TunnelServer, logger: Logger) {
+        self.command = command
+        self.path = path
+        self.server = server
+        self.logger = logger
+        self.applied = server.configuration
+        self.lastContents = try? AtomicFile.read(path)
+    }
+
+    func watch() async {
+        while !Task.isCancelled {
+            try? await Task.sleep(for: .seconds(2))
+            guard let contents = try? AtomicFile.read(path) else { continue }
+            let changed = lock.withLock { contents != lastContents }
+            if changed { reload(reason: "\(path) changed") }
+        }
+    }
+
+    func reload(reason: String) {
+        lock.lock()
+        defer { lock.unlock() }
+        do {
+            let contents = try AtomicFile.read(path)
+            lastContents = contents
+            let next = try command.resolved(try ServerConfigFile.load(path: path))
+            if next.tunnelPort != applied.tunnelPort || next.securePort != applied.securePort
+                || next.metaPort != applied.metaPort || next.bindAddress != applied.bindAddress
+                || next.pkiDirectory != applied.pkiDirectory || next.clientCAFile != applied.clientCAFile
+            {
+                logger.warning("\(reason): ports, bind address, PKI folder and client CA change only with a restart; applying the addresses")
+            }
+            try server.updateAddresses(certIPs: next.certIPs, certDNSNames: next.certDNSNames)
+            applied = next
+            logger.info("\(reason): configuration applied", metadata: [
+                "certIPs": "\(next.certIPs.joined(separator: ","))", "certDNSNames": "\(next.certDNSNames.joined(separator: ","))",
+            ])
+        } catch {
+            logger.error("\(reason): configuration rejected, keeping the last good one: \(error)")
+        }
+    }
 }
 
 /// The YAML configuration file: the flags in camelCase, as Kubernetes component configs write them.
