@@ -14,7 +14,10 @@ public struct AgentConfiguration: Sendable {
     public var metaBindAddress = "127.0.0.1"
     public var metaPort = 10266
     public var dialTimeout: TimeAmount = .seconds(10)
-    public var connectTimeout: TimeAmount = .seconds(5)
+    /// TCP connect and TLS handshake to a server address; short so that a dead path is skipped quickly.
+    public var connectTimeout: TimeAmount = .seconds(3)
+    /// How often a more preferred server address is checked while the tunnel uses a less preferred one.
+    public var failBackInterval: TimeAmount = .seconds(10)
     public var keepaliveInterval: TimeAmount = .seconds(5)
     /// No frame from the server for this long: the tunnel is dead.
     public var keepaliveTimeout: TimeAmount = .seconds(15)

@@ -5,6 +5,7 @@ import NIOCore
 import NIOHTTP1
 import NIOPosix
 import NIOSSL
+import NIOTLS
 import TunnelPKI
 import TunnelServer
 import TunnelWire
@@ -26,11 +27,16 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     private var stopping = false
     private var retiredBytes = (bytesIn: 0, bytesOut: 0)
     private var wakeUp: CheckedContinuation<Void, Never>?
+    /// The server addresses in order of preference; replaced when the addresses file changes.
+    private var addresses: [String]
+    /// Tunnels replaced by a newer one, finishing their streams.
+    private var lingering: [AgentTunnel] = []
 
     public init(configuration: AgentConfiguration, logger: Logger, group: EventLoopGroup? = nil) throws {
         self.configuration = configuration
         self.logger = logger
         self.metrics = AgentMetrics(serverAddresses: configuration.serverAddresses)
+        self.addresses = configuration.serverAddresses
         if let group {
             self.group = group
             self.ownsGroup = false
@@ -105,33 +111,160 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     /// The server address of the registered tunnel, if any.
     public var connectedAddress: String? { lock.withLock { current?.registered == true ? activeAddress : nil } }
 
-    /// Keeps a tunnel up until ``stop()``.
+    /// The server addresses in force, in order of preference.
+    public var serverAddresses: [String] { lock.withLock { addresses } }
+
+    /// Replaces the address list (from the addresses file). A tunnel on an address that is no longer listed
+    /// is drained and the agent reconnects; a newly preferred address is taken up by the fail-back check.
+    public func setServerAddresses(_ new: [String]) throws {
+        guard !new.isEmpty else { throw PKIError(.invalidArgument, "the server address list is empty") }
+        for address in new { _ = try ServerAddress(parsing: address) }
+        let (changed, tunnel) = lock.withLock { () -> (Bool, AgentTunnel?) in
+            let changed = addresses != new
+            addresses = new
+            return (changed, current)
+        }
+        guard changed else { return }
+        metrics.setAddresses(new)
+        metrics.setActive(connectedAddress)
+        logger.info("server addresses are now \(new.joined(separator: ", "))")
+        if let tunnel, !new.contains(tunnel.address.text) {
+            logger.info("\(tunnel.address) is no longer a server address: moving")
+            tunnel.markUnusable()
+        }
+    }
+
+    /// Keeps a tunnel up until ``stop()``: the first address that works, the next one when it dies, and back
+    /// to a more preferred address once it has been healthy for two checks in a row (10 s apart).
     public func run() async {
         var attempt = 0
         var first = true
+        var startAfter: String?
         while !isStopping {
             if !first { metrics.reconnects.increment() }
             first = false
-            var registered = false
-            for text in configuration.serverAddresses where !isStopping {
+            let list = serverAddresses
+            // After a tunnel died, try the addresses after it first; the fail-back check returns later.
+            var order = list
+            if let dead = startAfter, let index = list.firstIndex(of: dead) {
+                order = Array(list[(index + 1)...]) + Array(list[...index])
+            }
+            startAfter = nil
+            var tunnel: AgentTunnel?
+            for text in order where !isStopping {
                 do {
-                    let tunnel = try await connect(to: try ServerAddress(parsing: text))
-                    registered = true
-                    attempt = 0
-                    await tunnel.closed
-                    retire(tunnel)
-                    if !isStopping { logger.warning("tunnel to \(text) closed; reconnecting") }
+                    tunnel = try await connect(to: try ServerAddress(parsing: text))
                     break
                 } catch {
-                    logger.warning("cannot use server \(text): \(error)")
+                    logger.warning("skipping server \(text): \(error)")
                 }
             }
             if isStopping { break }
-            if !registered {
+            guard var active = tunnel else {
                 attempt += 1
                 await sleep(backoff(attempt: attempt))
+                continue
+            }
+            attempt = 0
+            // Serve on this tunnel; replace it by a more preferred one when that is healthy again.
+            while !isStopping {
+                let outcome = await serve(active)
+                guard case .failBack(let better) = outcome else { break }
+                retireTunnel(active)
+                active = better
+            }
+            if isStopping { break }
+            let died = active.channel?.isActive != true
+            retireTunnel(active)
+            if died {
+                startAfter = active.address.text
+                logger.warning("tunnel to \(active.address) is down; moving on")
             }
         }
+    }
+
+    enum ServeOutcome {
+        case unusable
+        case failBack(AgentTunnel)
+    }
+
+    /// Waits until `tunnel` becomes unusable, checking every 10 s whether a more preferred address works again.
+    private func serve(_ tunnel: AgentTunnel) async -> ServeOutcome {
+        var healthy: [String: Int] = [:]
+        while !isStopping {
+            if await tunnel.waitUnusable(timeout: configuration.failBackInterval) { return .unusable }
+            let list = serverAddresses
+            guard let index = list.firstIndex(of: tunnel.address.text), index > 0 else {
+                if !list.contains(tunnel.address.text) { return .unusable }
+                continue
+            }
+            for text in list[..<index] {
+                guard let address = try? ServerAddress(parsing: text) else { continue }
+                if await probe(address) {
+                    healthy[text, default: 0] += 1
+                } else {
+                    healthy[text] = 0
+                }
+                // Hysteresis: two healthy checks in a row before moving, so a flapping path is not chased.
+                guard healthy[text, default: 0] >= 2 else { continue }
+                do {
+                    let better = try await connect(to: address)
+                    logger.info("preferred server \(text) is healthy again: moved from \(tunnel.address)")
+                    return .failBack(better)
+                } catch {
+                    healthy[text] = 0
+                    logger.warning("preferred server \(text) looked healthy but the tunnel failed: \(error)")
+                }
+            }
+        }
+        return .unusable
+    }
+
+    /// A TLS handshake with the node certificate, verified against the CA: the path and the server work.
+    func probe(_ address: ServerAddress) async -> Bool {
+        guard let credentials = lock.withLock({ credentials }),
+            let context = try? TLSContexts.agentClient(
+                certificate: credentials.certificate, key: credentials.privateKey, ca: credentials.ca)
+        else { return false }
+        let loop = group.next()
+        let done = loop.makePromise(of: Bool.self)
+        let hostname = address.isIP ? nil : address.host
+        do {
+            let channel = try await ClientBootstrap(group: loop)
+                .connectTimeout(configuration.connectTimeout)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: context, serverHostname: hostname))
+                        try channel.pipeline.syncOperations.addHandler(HandshakeProbe(done: done))
+                    }
+                }
+                .connect(host: address.host, port: address.port).get()
+            let timer = loop.scheduleTask(in: configuration.connectTimeout) { done.succeed(false) }
+            let ok = (try? await done.futureResult.get()) ?? false
+            timer.cancel()
+            channel.close(promise: nil)
+            return ok
+        } catch {
+            done.succeed(false)
+            return false
+        }
+    }
+
+    /// A replaced tunnel: no new streams come on it (the server drains it); close it once its streams end.
+    private func retireTunnel(_ tunnel: AgentTunnel) {
+        lock.withLock { lingering.append(tunnel) }
+        let deadline = NIODeadline.now() + configuration.drainTimeout
+        func check() {
+            tunnel.mux.eventLoop.scheduleTask(in: .milliseconds(200)) { [weak self] in
+                if tunnel.mux.streamCount == 0 || NIODeadline.now() > deadline || tunnel.channel?.isActive != true {
+                    tunnel.channel?.close(promise: nil)
+                    self?.retire(tunnel)
+                } else {
+                    check()
+                }
+            }
+        }
+        tunnel.mux.eventLoop.execute { check() }
     }
 
     /// Full jitter: a random delay between 0 and min(cap, initial * 2^attempt), so that thousands of agents
@@ -171,10 +304,11 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     /// Drains: tells the server to send no new streams, lets open streams finish for up to the drain timeout,
     /// then closes the tunnel and the meta port.
     public func stop() async {
-        let (tunnel, meta) = lock.withLock { () -> (AgentTunnel?, Channel?) in
+        let (tunnel, meta, old) = lock.withLock { () -> (AgentTunnel?, Channel?, [AgentTunnel]) in
             stopping = true
-            return (current, metaChannel)
+            return (current, metaChannel, lingering)
         }
+        for replaced in old { replaced.channel?.close(promise: nil) }
         wake()
         if let tunnel {
             tunnel.mux.drain(reason: "agent shutting down")
@@ -190,16 +324,21 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
 
     private func retire(_ tunnel: AgentTunnel) {
         let counters = tunnel.mux.counters.snapshot
-        lock.withLock {
+        let wasCurrent = lock.withLock { () -> Bool in
+            guard !tunnel.retired else { return false }
+            tunnel.retired = true
             retiredBytes.bytesIn += counters.bytesIn
             retiredBytes.bytesOut += counters.bytesOut
-            if current === tunnel {
-                current = nil
-                activeAddress = nil
-            }
+            lingering.removeAll { $0 === tunnel }
+            guard current === tunnel else { return false }
+            current = nil
+            activeAddress = nil
+            return true
         }
-        metrics.connected.set(Int64(0))
-        metrics.setActive(nil)
+        if wasCurrent {
+            metrics.connected.set(Int64(0))
+            metrics.setActive(nil)
+        }
     }
 
     private func connect(to address: ServerAddress) async throws -> AgentTunnel {
@@ -404,8 +543,12 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
     let mux: TunnelMux
     var channel: Channel?
     let registration: EventLoopPromise<Void>
-    private let closedPromise: EventLoopPromise<Void>
+    /// Completes when no new streams can come on this tunnel: it closed, the server said GOAWAY, or its
+    /// address was removed.
+    private let unusable: EventLoopPromise<Void>
     var registered = false
+    /// Guarded by the agent's lock: byte counts were moved to the agent's totals.
+    var retired = false
     var pendingRenewalKey: Certificate.PrivateKey?
     private var keepalive: RepeatedTask?
 
@@ -414,12 +557,23 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
         self.address = address
         self.mux = TunnelMux(role: .agent, eventLoop: eventLoop)
         self.registration = eventLoop.makePromise()
-        self.closedPromise = eventLoop.makePromise()
+        self.unusable = eventLoop.makePromise()
         mux.delegate = self
     }
 
-    var closed: Void {
-        get async { try? await closedPromise.futureResult.get() }
+    func markUnusable() {
+        unusable.succeed(())
+    }
+
+    /// Whether the tunnel became unusable within `timeout`.
+    func waitUnusable(timeout: TimeAmount) async -> Bool {
+        let result = mux.eventLoop.makePromise(of: Bool.self)
+        let timer = mux.eventLoop.scheduleTask(in: timeout) { result.succeed(false) }
+        unusable.futureResult.whenComplete { _ in
+            timer.cancel()
+            result.succeed(true)
+        }
+        return (try? await result.futureResult.get()) ?? true
     }
 
     func startKeepalive() {
@@ -451,11 +605,11 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
             registration.fail(JoinError(description: "server refused the registration: \(reason)"))
         case .goaway:
             let reason = (try? GoAway(frame: frame).reason) ?? ""
-            agent.logger.info("server \(address) is draining (\(reason)); reconnecting elsewhere when streams finish")
+            agent.logger.info("server \(address) is draining (\(reason)); open streams finish on it, new ones go to a new tunnel")
             mux.markDraining()
-            // Reconnect at once so new streams can reach this node through another replica or the restarted
-            // server; this connection closes when the server closes it.
-            channel?.close(promise: nil)
+            // Reconnect at once so new streams reach this node (another replica, the restarted server, or the
+            // new path); this connection closes when its streams are done.
+            unusable.succeed(())
         case .renewOK:
             if let key = pendingRenewalKey, let ok = try? RenewOK(frame: frame) {
                 pendingRenewalKey = nil
@@ -469,7 +623,7 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
     func muxDidClose(_ mux: TunnelMux) {
         keepalive?.cancel()
         registration.fail(JoinError(description: "server \(address) closed the connection"))
-        closedPromise.succeed(())
+        unusable.succeed(())
     }
 }
 
@@ -484,5 +638,28 @@ final class AgentTunnelErrorHandler: ChannelInboundHandler {
         tunnel.agent.logger.warning("tunnel to \(tunnel.address) failed: \(error)")
         tunnel.registration.fail(error)
         context.close(promise: nil)
+    }
+}
+
+/// Completes `done` with whether the TLS handshake succeeded.
+final class HandshakeProbe: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    let done: EventLoopPromise<Bool>
+
+    init(done: EventLoopPromise<Bool>) { self.done = done }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls { done.succeed(true) }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        done.succeed(false)
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        done.succeed(false)
+        context.fireChannelInactive()
     }
 }

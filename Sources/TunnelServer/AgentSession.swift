@@ -93,6 +93,24 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         registered = false
     }
 
+    /// No new streams on this connection (a newer one of the same node took over, e.g. after a path
+    /// switch): tell the agent, let open streams finish, close when they have or after the drain timeout.
+    func retire(reason: String) {
+        logger.info("\(reason): draining the old connection")
+        mux.drain(reason: reason)
+        let deadline = NIODeadline.now() + server.configuration.drainTimeout
+        func check() {
+            channel.eventLoop.scheduleTask(in: .milliseconds(200)) {
+                if self.mux.streamCount == 0 || NIODeadline.now() > deadline {
+                    self.channel.close(promise: nil)
+                } else {
+                    check()
+                }
+            }
+        }
+        channel.eventLoop.execute { check() }
+    }
+
     private func refuse(_ reason: String) {
         logger.warning("registration refused: \(reason)")
         mux.sendControl(Refused(reason: reason))
@@ -127,8 +145,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         nodeIPs = ips
         do {
             if let previous = try server.registry.register(self) {
-                previous.logger.info("replaced by a new connection from the same node")
-                previous.channel.close(promise: nil)
+                previous.retire(reason: "replaced by a new connection from the same node")
             }
         } catch {
             refuse("\(error)")

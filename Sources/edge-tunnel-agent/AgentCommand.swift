@@ -19,6 +19,11 @@ struct AgentCommand: AsyncParsableCommand {
     var nodeIPs: [String] = []
     @Option(name: .customLong("server-address"), help: "Tunnel server HOST:PORT (repeatable; the first that works is used).")
     var serverAddresses: [String] = []
+    @Option(name: .customLong("server-addresses-file"), help: """
+        File with the server addresses, one HOST:PORT a line in order of preference ('#' comments); watched, so \
+        a ConfigMap change moves the agent without a restart. Instead of --server-address.
+        """)
+    var serverAddressesFile: String?
     @Option(name: .customLong("pki-dir"), help: "Folder for the node's credentials (default /var/lib/edge-tunnel-agent/pki).")
     var pkiDir: String = PKIPaths.defaultAgentDirectory
     @Option(name: .customLong("bootstrap-token"), help: "Token to join with on first start (edgetunnel token create).")
@@ -56,10 +61,31 @@ struct AgentCommand: AsyncParsableCommand {
             fail("\(error)")
         }
         let runner = Task { await agent.run() }
+        let watcher = serverAddressesFile.map { path in
+            Task { await watchAddresses(path: path, agent: agent, logger: logger) }
+        }
         let signal = await ProcessSupport.waitForSignal()
         logger.info("signal \(signal): draining")
+        watcher?.cancel()
         await agent.stop()
         await runner.value
+    }
+
+    /// Re-reads the addresses file every 2 s (a ConfigMap update swaps a symlink; polling catches it).
+    private func watchAddresses(path: String, agent: EdgeTunnelAgent, logger: Logger) async {
+        var last = (try? readAddresses(path)) ?? []
+        while !Task.isCancelled {
+            try? await Task.sleep(for: .seconds(2))
+            do {
+                let current = try readAddresses(path)
+                guard current != last else { continue }
+                try agent.setServerAddresses(current)
+                last = current
+            } catch {
+                logger.error("\(path): keeping the current server addresses: \(error)")
+                if let current = try? readAddresses(path) { last = current }
+            }
+        }
     }
 
     private func resolve() throws -> (AgentConfiguration, Logger.Level) {
@@ -68,8 +94,16 @@ struct AgentCommand: AsyncParsableCommand {
         var ipTexts = splitList(nodeIPs)
         if ipTexts.isEmpty, let fromEnvironment = environment["NODE_IP"] { ipTexts = splitList([fromEnvironment]) }
         let ips = try ipTexts.map { try IPAddress.parse($0) }
-        let addresses = splitList(serverAddresses)
-        guard !addresses.isEmpty else { throw PKIError(.invalidArgument, "at least one --server-address is required") }
+        var addresses = splitList(serverAddresses)
+        if let file = serverAddressesFile {
+            guard addresses.isEmpty else {
+                throw PKIError(.invalidArgument, "give either --server-address or --server-addresses-file, not both")
+            }
+            addresses = try readAddresses(file)
+        }
+        guard !addresses.isEmpty else {
+            throw PKIError(.invalidArgument, "at least one --server-address (or --server-addresses-file) is required")
+        }
         let rules = try allow.map { try AllowList.Rule(parsing: $0) }
         var configuration = AgentConfiguration(
             nodeName: name, nodeIPs: ips, serverAddresses: addresses,
@@ -86,6 +120,17 @@ struct AgentCommand: AsyncParsableCommand {
         }
         return (configuration, level)
     }
+}
+
+/// The addresses of an addresses file: one or more a line (comma-separated), '#' starts a comment.
+func readAddresses(_ path: String) throws -> [String] {
+    let text = String(decoding: try AtomicFile.read(path), as: UTF8.self)
+    let lines = text.split(whereSeparator: \.isNewline).map { line -> String in
+        String(line.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first ?? "")
+    }
+    let addresses = splitList(lines)
+    guard !addresses.isEmpty else { throw PKIError(.invalidArgument, "\(path): no server address in the file") }
+    return addresses
 }
 
 func splitList(_ values: [String]) -> [String] {
