@@ -579,12 +579,16 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
     func startKeepalive() {
         let interval = agent.configuration.keepaliveInterval
         let deadAfter = agent.configuration.keepaliveTimeout
-        keepalive = mux.eventLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { [weak self] _ in
+        var lastPing = NIODeadline.now()
+        keepalive = mux.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [weak self] _ in
             guard let self else { return }
-            if NIODeadline.now() - self.mux.lastFrameReceived > deadAfter {
+            let now = NIODeadline.now()
+            if now - self.mux.lastFrameReceived > deadAfter {
                 self.agent.logger.warning("no answer from server \(self.address) for \(deadAfter.nanoseconds / 1_000_000_000)s: tunnel is dead")
+                self.keepalive?.cancel()
                 self.channel?.close(promise: nil)
-            } else {
+            } else if now - lastPing >= interval {
+                lastPing = now
                 self.mux.ping()
             }
         }
