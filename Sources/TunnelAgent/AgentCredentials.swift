@@ -80,7 +80,9 @@ enum JoinClient {
         let (csrPEM, key) = try AgentCredentials.makeCSR(nodeName: nodeName)
         let context = try TLSContexts.joinClient()
         let handler = JoinClientHandler(request: JoinRequest(token: token, nodeName: nodeName, csrPEM: csrPEM))
-        let channel = try await ClientBootstrap(group: group)
+        let channel: Channel
+        do {
+            channel = try await ClientBootstrap(group: group)
             .connectTimeout(timeout)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
@@ -92,6 +94,10 @@ enum JoinClient {
                 }
             }
             .connect(host: address.host, port: address.port).get()
+        } catch {
+            handler.promise.complete(.failure(error))
+            throw error
+        }
         let scheduled = channel.eventLoop.scheduleTask(in: timeout) {
             handler.fail(channel: channel, JoinError(description: "join with \(address) timed out"))
         }
@@ -130,7 +136,7 @@ final class JoinClientHandler: ChannelInboundHandler {
     typealias OutboundOut = Frame
 
     private let request: JoinRequest
-    private let promise: NIOLockedPromise
+    let promise: NIOLockedPromise
     var result: EventLoopFuture<(JoinOK, Certificate)> { promise.future }
 
     /// A promise that may be completed from the timeout or from the channel, whichever is first.

@@ -174,7 +174,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
                 active = better
             }
             if isStopping { break }
-            let died = active.channel?.isActive != true
+            let died = active.channel?.isActive != true || active.declaredDead
             retireTunnel(active)
             if died {
                 startAfter = active.address.text
@@ -250,13 +250,13 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         }
     }
 
-    /// A replaced tunnel: no new streams come on it (the server drains it); close it once its streams end.
+    /// A replaced tunnel: no new streams come on it (the server drains it); close it once its streams end,
+    /// however long they run (its keepalive still closes it if the path dies).
     private func retireTunnel(_ tunnel: AgentTunnel) {
         lock.withLock { lingering.append(tunnel) }
-        let deadline = NIODeadline.now() + configuration.drainTimeout
         func check() {
             tunnel.mux.eventLoop.scheduleTask(in: .milliseconds(200)) { [weak self] in
-                if tunnel.mux.streamCount == 0 || NIODeadline.now() > deadline || tunnel.channel?.isActive != true {
+                if tunnel.mux.streamCount == 0 || tunnel.channel?.isActive != true {
                     tunnel.channel?.close(promise: nil)
                     self?.retire(tunnel)
                 } else {
@@ -549,6 +549,8 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
     var registered = false
     /// Guarded by the agent's lock: byte counts were moved to the agent's totals.
     var retired = false
+    /// Keepalive found the server silent.
+    var declaredDead = false
     var pendingRenewalKey: Certificate.PrivateKey?
     private var keepalive: RepeatedTask?
 
@@ -586,6 +588,9 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
             if now - self.mux.lastFrameReceived > deadAfter {
                 self.agent.logger.warning("no answer from server \(self.address) for \(deadAfter.nanoseconds / 1_000_000_000)s: tunnel is dead")
                 self.keepalive?.cancel()
+                // Move on at once: closing a dead TLS connection waits for a close_notify that never comes.
+                self.declaredDead = true
+                self.markUnusable()
                 self.channel?.close(promise: nil)
             } else if now - lastPing >= interval {
                 lastPing = now

@@ -94,14 +94,14 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
     }
 
     /// No new streams on this connection (a newer one of the same node took over, e.g. after a path
-    /// switch): tell the agent, let open streams finish, close when they have or after the drain timeout.
+    /// switch): tell the agent, and close once its open streams have finished — however long a
+    /// `kubectl logs -f` on it runs; keepalive still closes it if the path dies.
     func retire(reason: String) {
         logger.info("\(reason): draining the old connection")
         mux.drain(reason: reason)
-        let deadline = NIODeadline.now() + server.configuration.drainTimeout
         func check() {
             channel.eventLoop.scheduleTask(in: .milliseconds(200)) {
-                if self.mux.streamCount == 0 || NIODeadline.now() > deadline {
+                if self.mux.streamCount == 0 || !self.channel.isActive {
                     self.channel.close(promise: nil)
                 } else {
                     check()

@@ -47,3 +47,66 @@ def two_hosts(prefix="10.231.7"):
     finally:
         sh("ip", "netns", "del", a, check=False)
         sh("ip", "netns", "del", b, check=False)
+
+
+class Topology:
+    """cloud ── private line ── edge, and edge ── inet (masquerading router) ── cloud.
+
+    cloud: 10.240.1.1 on the private line, 10.240.3.1 as its public address (towards inet).
+    edge:  10.240.1.2 on the private line, 10.240.2.2 towards inet (default route). New inbound connections
+           to the edge are dropped: the cloud can never dial the edge.
+    inet:  routes edge → cloud and masquerades, so the cloud sees the edge's internet traffic as 10.240.3.2.
+    """
+
+    PRIVATE = "10.240.1.1"
+    PUBLIC = "10.240.3.1"
+
+    def __init__(self):
+        tag = uuid.uuid4().hex[:5]
+        self.cloud, self.edge, self.inet = f"cloud{tag}", f"edge{tag}", f"inet{tag}"
+        self.private_link = f"pe{tag}"  # the edge end of the private line
+        self.tag = tag
+
+    def __enter__(self):
+        require_netns()
+        t = self.tag
+        try:
+            for ns in (self.cloud, self.edge, self.inet):
+                sh("ip", "netns", "add", ns)
+                sh("ip", "-n", ns, "link", "set", "lo", "up")
+            links = [
+                (self.cloud, f"pc{t}", "10.240.1.1/30", self.edge, f"pe{t}", "10.240.1.2/30"),
+                (self.edge, f"ie{t}", "10.240.2.2/30", self.inet, f"ii{t}", "10.240.2.1/30"),
+                (self.inet, f"io{t}", "10.240.3.2/30", self.cloud, f"ic{t}", "10.240.3.1/30"),
+            ]
+            for ns_a, dev_a, ip_a, ns_b, dev_b, ip_b in links:
+                sh("ip", "link", "add", dev_a, "netns", ns_a, "type", "veth", "peer", "name", dev_b, "netns", ns_b)
+                sh("ip", "-n", ns_a, "addr", "add", ip_a, "dev", dev_a)
+                sh("ip", "-n", ns_b, "addr", "add", ip_b, "dev", dev_b)
+                sh("ip", "-n", ns_a, "link", "set", dev_a, "up")
+                sh("ip", "-n", ns_b, "link", "set", dev_b, "up")
+            sh("ip", "-n", self.edge, "route", "add", "default", "via", "10.240.2.1")
+            sh("ip", "netns", "exec", self.inet, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            sh("ip", "netns", "exec", self.inet, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", f"io{t}",
+               "-j", "MASQUERADE")
+            for dev in (f"pe{t}", f"ie{t}"):
+                sh("ip", "netns", "exec", self.edge, "iptables", "-A", "INPUT", "-i", dev, "-m", "conntrack",
+                   "--ctstate", "NEW", "-j", "DROP")
+        except Exception:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for ns in (self.cloud, self.edge, self.inet):
+            sh("ip", "netns", "del", ns, check=False)
+
+    def run(self, ns, *args, check=True, timeout=60):
+        return subprocess.run(["ip", "netns", "exec", ns, *[str(a) for a in args]], capture_output=True, text=True,
+                              check=check, timeout=timeout)
+
+    def cut_private_line(self):
+        sh("ip", "-n", self.edge, "link", "set", self.private_link, "down")
+
+    def restore_private_line(self):
+        sh("ip", "-n", self.edge, "link", "set", self.private_link, "up")

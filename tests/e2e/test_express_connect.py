@@ -1,0 +1,229 @@
+"""Express Connect without manual steps, on a real network: namespaces for the cloud, the edge and an internet
+router that masquerades the edge, a private line between cloud and edge, links cut on purpose."""
+import hashlib
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import BIN, run
+from edge_service import blob_sha256
+from harness import Proc, wait_until
+from netns import Topology
+
+HERE = pathlib.Path(__file__).resolve().parent
+PRIVATE, PUBLIC = Topology.PRIVATE, Topology.PUBLIC
+EDGE_PORT = 18080
+
+
+class Setup:
+    """PKI on the host; server in `cloud`; agent and an edge service in `edge`."""
+
+    def __init__(self, topo, tmp):
+        self.topo, self.tmp = topo, pathlib.Path(tmp)
+        self.pki = self.tmp / "pki"
+        self.procs = []
+        run(BIN / "edgetunnel", "pki", "init", "--pki-dir", self.pki)
+        run(BIN / "edgetunnel", "pki", "issue-client", "--pki-dir", self.pki, "--name", "operator")
+        self.token = run(BIN / "edgetunnel", "token", "create", "--pki-dir", self.pki).stdout.strip()
+        self.ca_hash = run(BIN / "edgetunnel", "pki", "ca-hash", "--pki-dir", self.pki).stdout.strip()
+        self.config = self.tmp / "server.yaml"
+        self.addresses = self.tmp / "addresses"
+
+    def spawn(self, ns, args, name):
+        proc = Proc(["ip", "netns", "exec", ns, *args], self.tmp / f"{name}.log")
+        self.procs.append(proc)
+        return proc
+
+    def start_server(self, cert_ips):
+        self.config.write_text(f"certIPs: [{', '.join(cert_ips)}]\n")
+        self.server = self.spawn(self.topo.cloud, [BIN / "edge-tunnel-server", "--config", self.config,
+                                                   "--pki-dir", self.pki, "--server-id", "cloud"], "server")
+        wait_until(lambda: self.meta("/readyz") == "ok\n", 20, "server ready")
+
+    def start_agent(self, addresses):
+        self.addresses.write_text("\n".join(addresses) + "\n")
+        self.spawn(self.topo.edge, [sys.executable, HERE / "edge_service.py", "127.0.0.1", EDGE_PORT], "edge-service")
+        self.agent = self.spawn(self.topo.edge, [
+            BIN / "edge-tunnel-agent", "--node-name", "edge-1", "--node-ip", "10.240.1.2",
+            "--server-addresses-file", self.addresses, "--pki-dir", self.tmp / "agent",
+            "--bootstrap-token", self.token, "--ca-cert-hash", self.ca_hash, "--allow", f"127.0.0.1:{EDGE_PORT}"],
+            "agent")
+
+    def meta(self, path):
+        return self.topo.run(self.topo.cloud, "curl", "-s", "--max-time", "3", f"http://127.0.0.1:10265{path}",
+                             check=False).stdout
+
+    def agent_meta(self, path):
+        return self.topo.run(self.topo.edge, "curl", "-s", "--max-time", "3", f"http://127.0.0.1:10266{path}",
+                             check=False).stdout
+
+    def path_in_use(self):
+        """The server address the agent's tunnel uses, from its /readyz."""
+        text = self.agent_meta("/readyz")
+        return text.rsplit(" ", 1)[-1].strip() if text.startswith("ok") else None
+
+    def remote_of_agent(self):
+        agents = json.loads(self.meta("/v1/agents") or "{}").get("agents", [])
+        return agents[0]["remoteAddress"] if agents else None
+
+    def curl_args(self, path, *extra, max_time=20):
+        return ["curl", "-sS", "--max-time", str(max_time), "--proxy-cacert", self.pki / "ca.crt", "--proxy-cert",
+                self.pki / "operator.crt", "--proxy-key", self.pki / "operator.key", "-p", "-x",
+                "https://127.0.0.1:10263", *extra, f"http://edge-1:{EDGE_PORT}{path}"]
+
+    def request(self, path="/hello"):
+        return self.topo.run(self.topo.cloud, *self.curl_args(path), check=False)
+
+    def close(self):
+        for proc in reversed(self.procs):
+            proc.stop(timeout=5)
+
+
+@pytest.fixture
+def topo():
+    with Topology() as t:
+        yield t
+
+
+def test_the_documents_switch_automated(topo, tmp_path):
+    """Server certificate names only the public address; the agent prefers the private line. Adding the private
+    address to the server config moves the agent onto the private line with no restart, and a stream that was
+    open across the change survives."""
+    s = Setup(topo, tmp_path)
+    try:
+        s.start_server([PUBLIC])
+        s.start_agent([f"{PRIVATE}:10262", f"{PUBLIC}:10262"])
+        wait_until(lambda: s.path_in_use() == f"{PUBLIC}:10262", 30, "the agent on the internet path")
+        assert s.remote_of_agent().startswith("10.240.3.2:")  # masqueraded: the cloud never sees the edge
+        assert "skipping server 10.240.1.1:10262" in s.agent.text()  # TLS verification fails on the private IP
+        metrics = s.agent_meta("/metrics")
+        assert f'edge_tunnel_agent_active_server{{address="{PUBLIC}:10262"}} 1' in metrics
+        assert f'edge_tunnel_agent_active_server{{address="{PRIVATE}:10262"}} 0' in metrics
+
+        # Long enough (about 40 s at 100 KiB/s) to still be running when the agent moves.
+        size = 4 * 1024 * 1024
+        slow = subprocess.Popen(["ip", "netns", "exec", topo.cloud,
+                                 *map(str, s.curl_args(f"/blob/{size}", "--limit-rate", "100K", max_time=120))],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(1)
+
+        server_pid = s.server.popen.pid
+        s.config.write_text(f"certIPs: [{PUBLIC}, {PRIVATE}]\n")  # the operator's only step
+        wait_until(lambda: s.path_in_use() == f"{PRIVATE}:10262", 45, "the agent on the private line")
+        assert s.remote_of_agent().startswith("10.240.1.2:")
+        assert s.server.popen.pid == server_pid and s.server.alive()
+        assert s.request().stdout == "hello from the edge\n"
+
+        assert slow.poll() is None, "the stream should still be running across the switch"
+        out, err = slow.communicate(timeout=120)
+        assert slow.returncode == 0, err
+        assert hashlib.sha256(out).hexdigest() == blob_sha256(size)
+    finally:
+        s.close()
+
+
+def test_failover_to_the_internet_and_back(topo, tmp_path):
+    s = Setup(topo, tmp_path)
+    try:
+        s.start_server([PUBLIC, PRIVATE])
+        s.start_agent([f"{PRIVATE}:10262", f"{PUBLIC}:10262"])
+        wait_until(lambda: s.path_in_use() == f"{PRIVATE}:10262", 30, "the agent on the private line")
+        transfer = subprocess.Popen(["ip", "netns", "exec", topo.cloud, *map(str, s.curl_args("/infinite"))],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)
+
+        topo.cut_private_line()
+        cut = time.monotonic()
+        # New requests every 0.5 s, each on its own: those sent before the agent moved may wait for the server's
+        # dial timeout on the dead tunnel; the first success must come within 15 s of the cut.
+        successes = []
+
+        def attempt():
+            if s.request().stdout == "hello from the edge\n":
+                successes.append(time.monotonic() - cut)
+
+        launched = []
+        while time.monotonic() - cut < 20 and not successes:
+            thread = threading.Thread(target=attempt)
+            thread.start()
+            launched.append(thread)
+            time.sleep(0.5)
+        for thread in launched:
+            thread.join(30)
+        assert successes, "no request succeeded over the internet path"
+        assert min(successes) < 15, f"the first request to succeed finished {min(successes):.1f}s after the cut"
+        assert s.path_in_use() == f"{PUBLIC}:10262"
+        transfer.kill()
+
+        topo.restore_private_line()
+        restored = time.monotonic()
+        failures = []
+        stop = threading.Event()
+
+        def keep_requesting():
+            while not stop.is_set():
+                result = s.request()
+                if result.stdout != "hello from the edge\n":
+                    failures.append((round(time.monotonic() - restored, 1), result.stderr.strip()))
+                time.sleep(0.3)
+
+        worker = threading.Thread(target=keep_requesting)
+        worker.start()
+        try:
+            wait_until(lambda: s.path_in_use() == f"{PRIVATE}:10262", 30, "the agent back on the private line")
+            assert time.monotonic() - restored < 30
+            time.sleep(3)
+        finally:
+            stop.set()
+            worker.join(30)
+        assert not failures, f"requests failed after recovery: {failures}"
+        assert s.remote_of_agent().startswith("10.240.1.2:")
+    finally:
+        s.close()
+
+
+def test_bad_paths_are_skipped_with_a_reason(topo, tmp_path):
+    """A refusing address, a black-holed one and one with the wrong certificate are each skipped with a logged
+    reason; the agent ends up on the working one."""
+    s = Setup(topo, tmp_path)
+    try:
+        s.start_server([PUBLIC, PRIVATE])
+        # A server of another CA on the private line's port 10272.
+        other = tmp_path / "other"
+        run(BIN / "edgetunnel", "pki", "init", "--pki-dir", other)
+        s.spawn(topo.cloud, [BIN / "edge-tunnel-server", "--pki-dir", other, "--tunnel-port", "10272",
+                             "--secure-port", "10273", "--meta-port", "10275", "--cert-ips", PRIVATE], "impostor")
+        topo.run(topo.cloud, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "10270", "-j", "DROP")
+        s.start_agent([f"{PRIVATE}:10271", f"{PRIVATE}:10270", f"{PRIVATE}:10272", f"{PUBLIC}:10262"])
+        wait_until(lambda: s.path_in_use() == f"{PUBLIC}:10262", 40, "the agent on the working address")
+        log = s.agent.text()
+        assert f"skipping server {PRIVATE}:10271" in log and "refused" in log.lower()
+        assert f"skipping server {PRIVATE}:10270" in log
+        assert f"skipping server {PRIVATE}:10272" in log
+        assert s.request().stdout == "hello from the edge\n"
+    finally:
+        s.close()
+
+
+def test_a_changed_addresses_file_moves_the_agent_without_a_restart(topo, tmp_path):
+    s = Setup(topo, tmp_path)
+    try:
+        s.start_server([PUBLIC, PRIVATE])
+        s.start_agent([f"{PUBLIC}:10262"])
+        wait_until(lambda: s.path_in_use() == f"{PUBLIC}:10262", 30, "the agent on the internet path")
+        pid = s.agent.popen.pid
+        s.addresses.write_text(f"# private line first\n{PRIVATE}:10262\n{PUBLIC}:10262\n")
+        wait_until(lambda: s.path_in_use() == f"{PRIVATE}:10262", 40, "the agent on the private line")
+        s.addresses.write_text(f"{PUBLIC}:10262\n")
+        wait_until(lambda: s.path_in_use() == f"{PUBLIC}:10262", 20, "the agent back on the internet path")
+        s.addresses.write_text("not an address\n")
+        wait_until(lambda: "keeping the current server addresses" in s.agent.text(), 10, "the bad file to be refused")
+        assert s.path_in_use() == f"{PUBLIC}:10262" and s.agent.popen.pid == pid
+    finally:
+        s.close()
