@@ -288,6 +288,7 @@ def test_agent_drains_on_sigterm(cluster, edge):
 
 def test_meta_endpoints_and_status(cluster, edge):
     cluster.curl(f"http://edge-1:{edge}/blob/100000", "-o", "/dev/null", check=True)
+    wait_until(lambda: cluster.agents()[0]["streams"] == 0, 5, "the finished stream to be closed")
     agents = cluster.agents()
     assert len(agents) == 1
     agent = agents[0]
