@@ -137,17 +137,8 @@ final class ConnectHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func respond(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ message: String) {
-        guard context.channel.isActive else { return }
         state = .done
-        server.logger.info("CONNECT answered \(status.code): \(message)", metadata: [
-            "remote": "\(context.channel.remoteAddress?.description ?? "?")",
-        ])
-        let body = message + "\n"
-        var buffer = context.channel.allocator.buffer(capacity: 128 + body.utf8.count)
-        buffer.writeString("HTTP/1.1 \(status.code) \(status.reasonPhrase)\r\n")
-        buffer.writeString("Content-Type: text/plain; charset=utf-8\r\nContent-Length: \(body.utf8.count)\r\n")
-        buffer.writeString("Connection: close\r\n\r\n\(body)")
-        context.writeAndFlush(wrapOutboundOut(buffer)).whenComplete { _ in context.close(promise: nil) }
+        HTTPErrorResponse.send(context, Int(status.code), message, logger: server.logger)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {

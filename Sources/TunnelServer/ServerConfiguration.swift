@@ -9,6 +9,15 @@ public struct ServerConfiguration: Sendable {
     public var tunnelPort = 10262
     public var securePort = 10263
     public var metaPort = 10265
+    /// Plain-HTTP Host routing (kubelet read-only port style); 0 turns it off.
+    public var insecurePort = 10264
+    public var insecureBindAddress = "127.0.0.1"
+    /// The proxy-client identity presented to kubelets; default: one issued from the tunnel CA
+    /// (`kubelet-client.crt` in the PKI folder).
+    public var kubeletClientCert: String?
+    public var kubeletClientKey: String?
+    /// CA that signed the kubelets' serving certificates; without it they are not verified (logged once).
+    public var kubeletCAFile: String?
     /// Addresses the server is reached at, for its certificate's SANs (besides 127.0.0.1 and the Service names).
     public var certIPs: [String] = []
     public var certDNSNames: [String] = []
@@ -26,6 +35,8 @@ public struct ServerConfiguration: Sendable {
     /// How long in-flight streams may take to finish on shutdown.
     public var drainTimeout: TimeAmount = .seconds(10)
     public var eventLoopThreads = 2
+    /// Lifetime of the server's own serving certificate; it is re-issued two thirds into it.
+    public var servingCertificateValidity: TimeInterval = 365 * 86400
     /// Lifetime of the node certificates the server signs at join and renewal; agents renew at two thirds.
     public var agentCertificateValidity: TimeInterval = CertificateAuthority.defaultNodeValidity
 

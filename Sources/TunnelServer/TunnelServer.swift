@@ -27,6 +27,8 @@ final class TunnelServerCore: @unchecked Sendable {
     private var _callerContext: NIOSSLContext
     private var _serving: Certificate
     private var _sans: ServerSANs
+    /// TLS client context for the kubelets behind Host-routed HTTPS requests.
+    let kubeletClientContext: NIOSSLContext
 
     init(configuration: ServerConfiguration, logger: Logger) throws {
         self.configuration = configuration
@@ -34,7 +36,9 @@ final class TunnelServerCore: @unchecked Sendable {
         self.tokens = TokenStore(paths: configuration.paths)
         let authority = try CertificateAuthority.load(from: configuration.paths)
         let sans = try ServerSANs(ips: configuration.certIPs, dnsNames: configuration.certDNSNames)
-        let serving = try ServingCertificate.ensure(paths: configuration.paths, sans: sans, authority: authority, logger: logger)
+        let serving = try ServingCertificate.ensure(
+            paths: configuration.paths, sans: sans, authority: authority,
+            validity: configuration.servingCertificateValidity, logger: logger)
         clientCA = try configuration.clientCAFile.map { try TLSContexts.trustRoots(file: $0) }
             ?? .certificates([try TLSContexts.nioCertificate(authority.certificate)])
         _authority = authority
@@ -42,6 +46,43 @@ final class TunnelServerCore: @unchecked Sendable {
         _sans = sans
         (_tunnelContext, _callerContext) = try Self.contexts(serving, authority: authority, clientCA: clientCA)
         metrics.certificateExpiry.set(serving.certificate.notValidAfter.timeIntervalSince1970)
+        kubeletClientContext = try Self.kubeletContext(configuration: configuration, authority: authority, logger: logger)
+    }
+
+    private static func kubeletContext(configuration: ServerConfiguration, authority: CertificateAuthority, logger: Logger)
+        throws -> NIOSSLContext
+    {
+        let paths = configuration.paths
+        let certificate: Certificate
+        let key: Certificate.PrivateKey
+        if let certPath = configuration.kubeletClientCert {
+            guard let keyPath = configuration.kubeletClientKey else {
+                throw PKIError(.invalidArgument, "--kubelet-client-cert needs --kubelet-client-key")
+            }
+            (certificate, key) = try PEMFiles.keyPair(certificate: certPath, key: keyPath)
+        } else if let existing = try? PEMFiles.keyPair(
+            certificate: paths.file("kubelet-client.crt"), key: paths.file("kubelet-client.key")),
+            Date() < ServingCertificate.renewalTime(of: existing.0)
+        {
+            (certificate, key) = existing
+        } else {
+            let issued = try authority.issueClientCertificate(commonName: "edge-tunnel-kubelet-client")
+            try issued.write(certificatePath: paths.file("kubelet-client.crt"), keyPath: paths.file("kubelet-client.key"))
+            (certificate, key) = (issued.certificate, issued.privateKey)
+        }
+        var tls = TLSConfiguration.makeClientConfiguration()
+        tls.certificateChain = [.certificate(try TLSContexts.nioCertificate(certificate))]
+        tls.privateKey = .privateKey(try TLSContexts.nioKey(key))
+        if let caFile = configuration.kubeletCAFile {
+            tls.trustRoots = try TLSContexts.trustRoots(file: caFile)
+            // The kubelet is reached through a socket pair inside the stream, so there is no peer address to
+            // match an IP SAN against: the chain is verified, the name is not.
+            tls.certificateVerification = .noHostnameVerification
+        } else {
+            tls.certificateVerification = .none
+            logger.warning("no --kubelet-ca-file: kubelets' serving certificates are not verified")
+        }
+        return try NIOSSLContext(configuration: tls)
     }
 
     private static func contexts(_ serving: IssuedCredential, authority: CertificateAuthority, clientCA: NIOSSLTrustRoots)
@@ -71,7 +112,7 @@ final class TunnelServerCore: @unchecked Sendable {
             lock.withLock { _sans = sans }
             return false
         }
-        let issued = try authority.issueServerCertificate(sans: sans)
+        let issued = try authority.issueServerCertificate(sans: sans, validity: configuration.servingCertificateValidity)
         let (tunnel, caller) = try Self.contexts(issued, authority: authority, clientCA: clientCA)
         try issued.write(certificatePath: configuration.paths.serverCertificate, keyPath: configuration.paths.serverKey)
         lock.withLock {
@@ -91,7 +132,9 @@ final class TunnelServerCore: @unchecked Sendable {
 
 /// The serving certificate: reused while it matches the wanted SANs and is far from expiry, else re-issued.
 enum ServingCertificate {
-    static func ensure(paths: PKIPaths, sans wanted: ServerSANs, authority: CertificateAuthority, logger: Logger) throws
+    static func ensure(
+        paths: PKIPaths, sans wanted: ServerSANs, authority: CertificateAuthority, validity: TimeInterval, logger: Logger
+    ) throws
         -> IssuedCredential
     {
         if AtomicFile.exists(paths.serverCertificate),
@@ -103,7 +146,7 @@ enum ServingCertificate {
             logger.info("reusing serving certificate \(paths.serverCertificate)")
             return IssuedCredential(certificate: certificate, privateKey: key)
         }
-        let issued = try authority.issueServerCertificate(sans: wanted)
+        let issued = try authority.issueServerCertificate(sans: wanted, validity: validity)
         try issued.write(certificatePath: paths.serverCertificate, keyPath: paths.serverKey)
         logger.info("issued serving certificate", metadata: [
             "sans": "\((wanted.ipAddresses.map(\.description) + wanted.dnsNames).joined(separator: ","))",
@@ -200,9 +243,7 @@ public final class TunnelServer: @unchecked Sendable {
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(NIOSSLServerHandler(context: core.callerContext))
-                    try sync.addHandler(
-                        ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes)))
-                    try sync.addHandler(ConnectHandler(server: core, requireNonAgentCertificate: true))
+                    try sync.addHandler(HostRouter(server: core, mode: .tls))
                 }
             }
             .bind(host: host, port: configuration.securePort).get()
@@ -210,8 +251,22 @@ public final class TunnelServer: @unchecked Sendable {
             [weak self] method, path in
             self?.route(method, path) ?? .text(.serviceUnavailable, "shutting down")
         }
+        var insecure: Channel?
+        if configuration.insecurePort != 0 {
+            insecure = try await ServerBootstrap(group: group)
+                .serverChannelOption(.backlog, value: 1024)
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .childChannelOption(.allowRemoteHalfClosure, value: true)
+                .childChannelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(HostRouter(server: core, mode: .plain))
+                    }
+                }
+                .bind(host: configuration.insecureBindAddress, port: configuration.insecurePort).get()
+        }
         lock.withLock {
-            channels = [tunnel, secure, meta]
+            channels = [tunnel, secure, meta] + (insecure.map { [$0] } ?? [])
             ready = true
         }
         scheduleRenewal()
@@ -225,7 +280,7 @@ public final class TunnelServer: @unchecked Sendable {
     /// The ports actually bound: tunnel, secure, meta.
     public var boundPorts: (tunnel: Int, secure: Int, meta: Int) {
         let ports = lock.withLock { channels.map { $0.localAddress?.port ?? 0 } }
-        guard ports.count == 3 else { return (0, 0, 0) }
+        guard ports.count >= 3 else { return (0, 0, 0) }
         return (ports[0], ports[1], ports[2])
     }
 

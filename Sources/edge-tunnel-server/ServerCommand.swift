@@ -31,6 +31,16 @@ struct ServerCommand: AsyncParsableCommand {
     var securePort: Int?
     @Option(name: .customLong("meta-port"), help: "Port for /healthz, /readyz, /metrics, /v1/agents (default 10265).")
     var metaPort: Int?
+    @Option(name: .customLong("insecure-port"), help: "Port for plain-HTTP Host routing (default 10264; 0 turns it off).")
+    var insecurePort: Int?
+    @Option(name: .customLong("insecure-bind-address"), help: "Address of the insecure port (default 127.0.0.1).")
+    var insecureBindAddress: String?
+    @Option(name: .customLong("kubelet-client-cert"), help: "Proxy-client certificate for kubelets (default: issued from the tunnel CA).")
+    var kubeletClientCert: String?
+    @Option(name: .customLong("kubelet-client-key"), help: "Key of --kubelet-client-cert.")
+    var kubeletClientKey: String?
+    @Option(name: .customLong("kubelet-ca-file"), help: "CA of the kubelets' serving certificates (default: not verified, logged).")
+    var kubeletCAFile: String?
     @Option(name: .customLong("cert-ips"), help: "IP the server is reached at, for its certificate (repeatable, or comma-separated).")
     var certIPs: [String] = []
     @Option(name: .customLong("cert-dns-names"), help: "DNS name the server is reached at (repeatable, or comma-separated).")
@@ -42,6 +52,8 @@ struct ServerCommand: AsyncParsableCommand {
     var logLevel: String?
     @Option(name: .customLong("agent-certificate-validity"), help: "Lifetime of agent certificates (default 720h).")
     var agentCertificateValidity: String?
+    @Option(name: .customLong("serving-certificate-validity"), help: "Lifetime of the server's certificate (default 8760h).")
+    var servingCertificateValidity: String?
 
     func run() async throws {
         let configuration: ServerConfiguration
@@ -91,6 +103,11 @@ struct ServerCommand: AsyncParsableCommand {
         configuration.tunnelPort = try port(tunnelPort ?? file.tunnelPort ?? configuration.tunnelPort, "tunnel-port")
         configuration.securePort = try port(securePort ?? file.securePort ?? configuration.securePort, "secure-port")
         configuration.metaPort = try port(metaPort ?? file.metaPort ?? configuration.metaPort, "meta-port")
+        configuration.insecurePort = try port(insecurePort ?? file.insecurePort ?? configuration.insecurePort, "insecure-port")
+        configuration.insecureBindAddress = insecureBindAddress ?? file.insecureBindAddress ?? configuration.insecureBindAddress
+        configuration.kubeletClientCert = kubeletClientCert ?? file.kubeletClientCert
+        configuration.kubeletClientKey = kubeletClientKey ?? file.kubeletClientKey
+        configuration.kubeletCAFile = kubeletCAFile ?? file.kubeletCAFile
         let ips = splitList(certIPs)
         let names = splitList(certDNSNames)
         configuration.certIPs = ips.isEmpty ? (file.certIPs ?? []) : ips
@@ -103,6 +120,13 @@ struct ServerCommand: AsyncParsableCommand {
                 throw PKIError(.invalidDuration, "--agent-certificate-validity must be at least 10s")
             }
             configuration.agentCertificateValidity = seconds
+        }
+        if let validity = servingCertificateValidity ?? file.servingCertificateValidity {
+            let seconds = try Durations.parse(validity, what: "--serving-certificate-validity")
+            guard seconds >= 10 else {
+                throw PKIError(.invalidDuration, "--serving-certificate-validity must be at least 10s")
+            }
+            configuration.servingCertificateValidity = seconds
         }
         let levelText = logLevel ?? file.logLevel ?? "info"
         guard let level = Logger.Level(flag: levelText) else {
@@ -197,10 +221,17 @@ struct ServerConfigFile: Codable {
     var serverID: String?
     var logLevel: String?
     var agentCertificateValidity: String?
+    var servingCertificateValidity: String?
+    var insecurePort: Int?
+    var insecureBindAddress: String?
+    var kubeletClientCert: String?
+    var kubeletClientKey: String?
+    var kubeletCAFile: String?
 
     static let keys: Set<String> = [
         "pkiDir", "bindAddress", "tunnelPort", "securePort", "metaPort", "certIPs", "certDNSNames", "clientCAFile",
-        "serverID", "logLevel", "agentCertificateValidity",
+        "serverID", "logLevel", "agentCertificateValidity", "servingCertificateValidity", "insecurePort",
+        "insecureBindAddress", "kubeletClientCert", "kubeletClientKey", "kubeletCAFile",
     ]
 
     /// Reads and checks a config file: unknown keys are errors (a typo must not be silently ignored).

@@ -61,6 +61,7 @@ struct DemoCommand: AsyncParsableCommand {
         serverConfiguration.tunnelPort = tunnelPort
         serverConfiguration.securePort = securePort
         serverConfiguration.metaPort = metaPort
+        serverConfiguration.insecurePort = 0
         serverConfiguration.serverID = "demo-server"
         let server = try TunnelServer(configuration: serverConfiguration, logger: logger, group: group)
         try await server.start()

@@ -82,7 +82,7 @@ class Cluster:
         self.cert = self.pki / "operator.crt"
         self.key = self.pki / "operator.key"
         self.ca_hash = run(BIN / "edgetunnel", "pki", "ca-hash", "--pki-dir", self.pki).stdout.strip()
-        self.ports = {name: free_port() for name in ("tunnel", "secure", "meta")}
+        self.ports = {name: free_port() for name in ("tunnel", "secure", "meta", "insecure")}
 
     def token(self, ttl="1h"):
         return run(BIN / "edgetunnel", "token", "create", "--pki-dir", self.pki, "--ttl", ttl).stdout.strip()
@@ -96,7 +96,8 @@ class Cluster:
         self.server = self.spawn([
             BIN / "edge-tunnel-server", "--pki-dir", self.pki, "--bind-address", "127.0.0.1",
             "--tunnel-port", self.ports["tunnel"], "--secure-port", self.ports["secure"],
-            "--meta-port", self.ports["meta"], "--server-id", "test-server", *extra], "server")
+            "--meta-port", self.ports["meta"], "--insecure-port", self.ports["insecure"], "--server-id", "test-server",
+            *extra], "server")
         if wait:
             wait_until(lambda: http_get(self.meta_url("/readyz"))[0] == 200, 20, "server /readyz")
         return self.server

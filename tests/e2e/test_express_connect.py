@@ -198,7 +198,8 @@ def test_bad_paths_are_skipped_with_a_reason(topo, tmp_path):
         other = tmp_path / "other"
         run(BIN / "edgetunnel", "pki", "init", "--pki-dir", other)
         s.spawn(topo.cloud, [BIN / "edge-tunnel-server", "--pki-dir", other, "--tunnel-port", "10272",
-                             "--secure-port", "10273", "--meta-port", "10275", "--cert-ips", PRIVATE], "impostor")
+                             "--secure-port", "10273", "--meta-port", "10275", "--insecure-port", "0", "--cert-ips", PRIVATE],
+                "impostor")
         topo.run(topo.cloud, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "10270", "-j", "DROP")
         s.start_agent([f"{PRIVATE}:10271", f"{PRIVATE}:10270", f"{PRIVATE}:10272", f"{PUBLIC}:10262"])
         wait_until(lambda: s.path_in_use() == f"{PUBLIC}:10262", 40, "the agent on the working address")

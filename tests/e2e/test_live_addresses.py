@@ -3,6 +3,7 @@ import hashlib
 import json
 import signal
 import subprocess
+import time
 
 from conftest import BIN, run
 from edge_service import blob_sha256
@@ -92,5 +93,25 @@ def test_sighup_applies_a_changed_file_at_once(tmp_path):
         wait_until(lambda: "tunnel-b.example.com" in json.loads(http_get(c.meta_url("/v1/server"))[1])["certificateDNSNames"],
                    5, "SIGHUP reload")
         assert "SIGHUP: configuration applied" in c.server.text()
+    finally:
+        c.close()
+
+
+def test_the_server_renews_its_own_certificate_at_two_thirds_of_its_life(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        c.start_server("--serving-certificate-validity", "15s")
+        port = c.start_edge_service()
+        c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}")
+        first = json.loads(http_get(c.meta_url("/v1/server"))[1])
+        wait_until(lambda: json.loads(http_get(c.meta_url("/v1/server"))[1])["certificateSerial"] != first["certificateSerial"],
+                   25, "the renewed serving certificate")
+        renewed = json.loads(http_get(c.meta_url("/v1/server"))[1])
+        assert renewed["certificateNotAfter"] > first["certificateNotAfter"]
+        assert renewed["certificateIPs"] == first["certificateIPs"]
+        assert c.curl(f"http://edge-1:{port}/hello", check=True).stdout == "hello from the edge\n"
+        # A new agent handshake after the first certificate expired still verifies.
+        time.sleep(max(0, 16 - 10))
+        c.start_agent("edge-2", ips=("127.0.0.6",))
     finally:
         c.close()

@@ -328,7 +328,7 @@ def test_server_config_file_and_flags(tmp_path):
     finally:
         c.close()
     server = [BIN / "edge-tunnel-server", "--pki-dir", c.pki, "--meta-port", free_port(),
-              "--tunnel-port", free_port(), "--secure-port", free_port()]
+              "--tunnel-port", free_port(), "--secure-port", free_port(), "--insecure-port", "0"]
     config.write_text("certIPs: [192.0.2.7\n")
     assert_one_line_error(run(*server, "--config", config, check=False), "server.yaml", "not valid YAML")
     config.write_text("certIps: [192.0.2.7]\n")

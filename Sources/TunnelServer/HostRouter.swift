@@ -1,0 +1,305 @@
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import NIOSSL
+import NIOTLS
+import TunnelPKI
+import TunnelWire
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The first handler on the secure port (TLS, after the TLS handler) and the insecure port (plain HTTP).
+///
+/// It reads the first request head only. `CONNECT` goes to ``ConnectHandler``. Any other request is routed
+/// by its `Host` (a node name or a registered node IP, default port 10250 on the secure port and 10255 on
+/// the insecure one) to that node's agent, and from then on bytes are relayed unchanged both ways — so
+/// chunked responses (`kubectl logs -f`) arrive chunk by chunk and `Connection: Upgrade` exchanges (exec,
+/// attach, port-forward over SPDY or WebSocket) pass their 101 and carry bytes until either side closes. On
+/// the secure port the server opens TLS to the kubelet inside the stream with its proxy-client certificate.
+/// A connection stays bound to the node of its first request.
+final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    enum Mode {
+        /// Secure port: TLS from the caller (client certificate required), TLS to the kubelet.
+        case tls
+        /// Insecure port: plain HTTP both ways.
+        case plain
+    }
+
+    private let server: TunnelServerCore
+    private let mode: Mode
+    private var buffer: ByteBuffer?
+    private var done = false
+    private var headTimeout: Scheduled<Void>?
+
+    init(server: TunnelServerCore, mode: Mode) {
+        self.server = server
+        self.mode = mode
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        headTimeout = context.eventLoop.scheduleTask(in: server.configuration.handshakeTimeout) { [weak self] in
+            guard let self, !self.done else { return }
+            HTTPErrorResponse.send(context, 408, "request head not received in time", logger: self.server.logger)
+            self.done = true
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        headTimeout?.cancel()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        guard !done else { return }
+        if buffer == nil { buffer = incoming } else { buffer!.writeBuffer(&incoming) }
+        guard let end = RequestHead.end(in: buffer!.readableBytesView) else {
+            if buffer!.readableBytes > RequestHead.maxSize {
+                reject(context, 431, "request header block is larger than \(RequestHead.maxSize / 1024) KiB")
+            }
+            return
+        }
+        headTimeout?.cancel()
+        done = true
+        let head: RequestHead
+        do {
+            head = try RequestHead(parsing: buffer!.getBytes(at: buffer!.readerIndex, length: end)!)
+        } catch let rejection as RequestHead.Rejection {
+            reject(context, rejection.status, rejection.reason)
+            return
+        } catch {
+            reject(context, 400, "malformed request head")
+            return
+        }
+        if mode == .tls, let peer = try? context.pipeline.syncOperations.nioSSL_peerCertificate(),
+            let certificate = try? peer.x509(),
+            certificate.subject.organizations.contains(CertificateAuthority.agentOrganization)
+        {
+            reject(context, 403, "agent certificates cannot open streams")
+            return
+        }
+        if head.method == "CONNECT" {
+            handOverToConnect(context)
+            return
+        }
+        let destination: HostPort
+        do {
+            destination = try head.destination(defaultPort: mode == .tls ? 10250 : 10255)
+        } catch let rejection as RequestHead.Rejection {
+            reject(context, rejection.status, rejection.reason)
+            return
+        } catch {
+            reject(context, 400, "bad Host")
+            return
+        }
+        route(to: destination, context: context)
+    }
+
+    private func reject(_ context: ChannelHandlerContext, _ status: Int, _ message: String) {
+        done = true
+        buffer = nil
+        HTTPErrorResponse.send(context, status, message, logger: server.logger)
+    }
+
+    /// CONNECT requests are served by the CONNECT handler, fed with the bytes read so far.
+    private func handOverToConnect(_ context: ChannelHandlerContext) {
+        do {
+            let sync = context.pipeline.syncOperations
+            try sync.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes)), position: .after(self))
+            let decoder = try sync.handler(type: ByteToMessageHandler<HTTPRequestDecoder>.self)
+            try sync.addHandler(ConnectHandler(server: server, requireNonAgentCertificate: mode == .tls), position: .after(decoder))
+            let bytes = buffer!
+            buffer = nil
+            context.fireChannelRead(wrapInboundOut(bytes))
+            sync.removeHandler(context: context, promise: nil)
+        } catch {
+            context.close(promise: nil)
+        }
+    }
+
+    private func route(to destination: HostPort, context: ChannelHandlerContext) {
+        guard let session = server.registry.lookup(host: destination.host) else {
+            server.metrics.dialFailed(reason: "no_agent")
+            reject(context, 502, "no agent for node \(destination.host)")
+            return
+        }
+        let mux = session.mux
+        let started = NIODeadline.now()
+        var timedOut = false
+        let timeout = context.eventLoop.scheduleTask(in: server.configuration.dialTimeout) {
+            timedOut = true
+            self.server.metrics.dialFailed(reason: "timeout")
+            self.reject(context, 504, "dial timeout: agent \(session.nodeName) did not reach \(destination) in time")
+        }
+        mux.openStream(target: destination.description).hop(to: context.eventLoop).whenSuccess { result in
+            timeout.cancel()
+            if timedOut {
+                if case .opened(let id) = result { mux.cancelStream(id) }
+                return
+            }
+            self.server.metrics.dialDuration.recordNanoseconds(Int64((NIODeadline.now() - started).nanoseconds))
+            switch result {
+            case .failed(let failure):
+                self.server.metrics.dialFailed(reason: ConnectHandler.reason(for: failure.code))
+                let message = failure.code == 403
+                    ? "refused by agent policy: \(failure.reason)"
+                    : "kubelet of node \(session.nodeName) at \(destination): \(failure.reason)"
+                self.reject(context, failure.code, message)
+            case .opened(let id):
+                guard context.channel.isActive else {
+                    mux.cancelStream(id)
+                    return
+                }
+                switch self.mode {
+                case .plain: self.relayPlain(context, mux: mux, streamID: id)
+                case .tls: self.relayTLS(context, mux: mux, streamID: id, node: session.nodeName, destination: destination)
+                }
+            }
+        }
+    }
+
+    /// Plain HTTP: the caller's socket is glued to the stream, the head read so far goes first.
+    private func relayPlain(_ context: ChannelHandlerContext, mux: TunnelMux, streamID: UInt32) {
+        do {
+            let sync = context.pipeline.syncOperations
+            try sync.addHandler(StreamGlue(mux: mux, streamID: streamID, eventLoop: context.eventLoop), position: .after(self))
+            let bytes = buffer!
+            buffer = nil
+            context.fireChannelRead(wrapInboundOut(bytes))
+            sync.removeHandler(context: context, promise: nil)
+        } catch {
+            mux.cancelStream(streamID)
+            context.close(promise: nil)
+        }
+    }
+
+    /// HTTPS: TLS to the kubelet runs inside the stream. One end of a socket pair is glued to the stream,
+    /// the other carries the TLS client; once its handshake succeeded, the caller's decrypted bytes are
+    /// relayed into it. A failed handshake is answered with 502 before anything was forwarded.
+    private func relayTLS(
+        _ context: ChannelHandlerContext, mux: TunnelMux, streamID: UInt32, node: String, destination: HostPort
+    ) {
+        var fds: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0 else {
+            mux.cancelStream(streamID)
+            reject(context, 502, "cannot create a socket pair: \(String(cString: strerror(errno)))")
+            return
+        }
+        let loop = context.eventLoop
+        let kubeletTLS = server.kubeletClientContext
+        let handshake = loop.makePromise(of: Void.self)
+        let waiter = HandshakeWaiter(promise: handshake)
+        let streamSide = NIOPipeBootstrap(group: loop)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(StreamGlue(mux: mux, streamID: streamID, eventLoop: channel.eventLoop))
+                }
+            }
+            .takingOwnershipOfDescriptor(inputOutput: fds[0])
+        let tlsSide = NIOPipeBootstrap(group: loop)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let sni = IPAddress(destination.host) == nil ? destination.host : nil
+                    try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: kubeletTLS, serverHostname: sni))
+                    try channel.pipeline.syncOperations.addHandler(waiter)
+                }
+            }
+            .takingOwnershipOfDescriptor(inputOutput: fds[1])
+        let timer = loop.scheduleTask(in: server.configuration.dialTimeout) {
+            handshake.fail(HTTPErrorResponse.Failure(description: "TLS handshake timed out"))
+        }
+        streamSide.and(tlsSide).flatMap { (streamChannel, tlsChannel) in
+            handshake.futureResult.map { (streamChannel, tlsChannel) }.flatMapErrorThrowing { error in
+                streamChannel.close(promise: nil)
+                tlsChannel.close(promise: nil)
+                throw error
+            }
+        }.whenComplete { result in
+            timer.cancel()
+            switch result {
+            case .failure(let error):
+                mux.cancelStream(streamID)
+                self.server.metrics.dialFailed(reason: "kubelet_tls")
+                self.reject(context, 502, "TLS to the kubelet of node \(node) at \(destination) failed: \(error)")
+            case .success(let (streamChannel, tlsChannel)):
+                guard context.channel.isActive else {
+                    tlsChannel.close(promise: nil)
+                    return
+                }
+                // A caller that goes away resets the stream at once; closing the TLS side alone would wait for
+                // the kubelet's close_notify.
+                context.channel.closeFuture.whenComplete { _ in
+                    mux.cancelStream(streamID)
+                    streamChannel.close(promise: nil)
+                }
+                do {
+                    let (callerGlue, kubeletGlue) = RelayGlue.pair()
+                    tlsChannel.pipeline.syncOperations.removeHandler(waiter, promise: nil)
+                    try tlsChannel.pipeline.syncOperations.addHandler(kubeletGlue)
+                    let sync = context.pipeline.syncOperations
+                    try sync.addHandler(callerGlue, position: .after(self))
+                    tlsChannel.writeAndFlush(self.buffer!, promise: nil)
+                    self.buffer = nil
+                    sync.removeHandler(context: context, promise: nil)
+                } catch {
+                    tlsChannel.close(promise: nil)
+                    context.close(promise: nil)
+                }
+            }
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        context.close(promise: nil)
+    }
+}
+
+/// Completes a promise when the TLS handshake of its channel finished (or failed).
+final class HandshakeWaiter: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    let promise: EventLoopPromise<Void>
+
+    init(promise: EventLoopPromise<Void>) { self.promise = promise }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls { promise.succeed(()) }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        promise.fail(error)
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        promise.fail(HTTPErrorResponse.Failure(description: "connection closed during the TLS handshake"))
+        context.fireChannelInactive()
+    }
+}
+
+/// Answers with an HTTP status and a one-line reason as raw bytes, then closes.
+enum HTTPErrorResponse {
+    struct Failure: Error, CustomStringConvertible { let description: String }
+
+    static func send(_ context: ChannelHandlerContext, _ status: Int, _ message: String, logger: Logger) {
+        guard context.channel.isActive else { return }
+        logger.info("answered \(status): \(message)", metadata: [
+            "remote": "\(context.channel.remoteAddress?.description ?? "?")",
+        ])
+        let body = message + "\n"
+        let phrase = HTTPResponseStatus(statusCode: status).reasonPhrase
+        var buffer = context.channel.allocator.buffer(capacity: 128 + body.utf8.count)
+        buffer.writeString("HTTP/1.1 \(status) \(phrase)\r\n")
+        buffer.writeString("Content-Type: text/plain; charset=utf-8\r\nContent-Length: \(body.utf8.count)\r\n")
+        buffer.writeString("Connection: close\r\n\r\n\(body)")
+        context.writeAndFlush(NIOAny(buffer)).whenComplete { _ in context.close(promise: nil) }
+    }
+}

@@ -1,0 +1,101 @@
+/// The head of an HTTP/1.1 request, parsed just enough to route it: method, target, headers.
+///
+/// Strict on purpose: a request is refused (4xx) rather than guessed at when it is ambiguous — both
+/// `Content-Length` and `Transfer-Encoding` (the request-smuggling pattern), conflicting lengths, obsolete
+/// line folding, or a head over the size limit.
+struct RequestHead: Equatable {
+    var method: String
+    var target: String
+    var version: String
+    var headers: [(name: String, value: String)]
+
+    static func == (lhs: RequestHead, rhs: RequestHead) -> Bool {
+        lhs.method == rhs.method && lhs.target == rhs.target && lhs.version == rhs.version
+            && lhs.headers.map(\.name) == rhs.headers.map(\.name) && lhs.headers.map(\.value) == rhs.headers.map(\.value)
+    }
+
+    struct Rejection: Error, Equatable {
+        var status: Int
+        var reason: String
+    }
+
+    /// The largest head accepted; a longer one is answered with 431.
+    static let maxSize = 64 * 1024
+
+    /// Where the head ends in `bytes` (just past the blank line), or nil if it has not ended yet.
+    static func end(in bytes: some Collection<UInt8>) -> Int? {
+        var matched = 0
+        var index = 0
+        for byte in bytes {
+            index += 1
+            switch (matched, byte) {
+            case (0, 13), (2, 13): matched += 1
+            case (1, 10): matched = 2
+            case (3, 10): return index
+            case (_, 13): matched = 1
+            default: matched = 0
+            }
+        }
+        return nil
+    }
+
+    init(parsing bytes: some Collection<UInt8>) throws {
+        guard let text = String(validating: bytes, as: UTF8.self) else {
+            throw Rejection(status: 400, reason: "request head is not valid UTF-8")
+        }
+        var lines = text.components(separatedBy: "\r\n")
+        while lines.last == "" { lines.removeLast() }
+        guard let requestLine = lines.first else { throw Rejection(status: 400, reason: "empty request") }
+        let parts = requestLine.split(separator: " ", omittingEmptySubsequences: false)
+        guard parts.count == 3, !parts[0].isEmpty, !parts[1].isEmpty, parts[2].hasPrefix("HTTP/1.") else {
+            throw Rejection(status: 400, reason: "malformed request line")
+        }
+        method = String(parts[0])
+        target = String(parts[1])
+        version = String(parts[2])
+        headers = []
+        for line in lines.dropFirst() {
+            guard let first = line.first, first != " " && first != "\t" else {
+                throw Rejection(status: 400, reason: "obsolete header line folding is not accepted")
+            }
+            guard let colon = line.firstIndex(of: ":") else { throw Rejection(status: 400, reason: "malformed header line") }
+            let name = String(line[..<colon])
+            guard !name.isEmpty, !name.contains(" ") else { throw Rejection(status: 400, reason: "malformed header name") }
+            headers.append((name, line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)))
+        }
+        let lengths = Set(values("Content-Length"))
+        if !values("Transfer-Encoding").isEmpty && !lengths.isEmpty {
+            throw Rejection(status: 400, reason: "both Content-Length and Transfer-Encoding: refused (request smuggling)")
+        }
+        if lengths.count > 1 { throw Rejection(status: 400, reason: "conflicting Content-Length headers") }
+        if let length = lengths.first, UInt64(length) == nil {
+            throw Rejection(status: 400, reason: "malformed Content-Length")
+        }
+        if values("Host").count > 1 { throw Rejection(status: 400, reason: "more than one Host header") }
+    }
+
+    func values(_ name: String) -> [String] {
+        headers.filter { $0.name.caseInsensitiveCompare(name) == .orderedSame }.map(\.value)
+    }
+
+    /// The routing destination: the `Host` header (or an absolute-form target), with `defaultPort` if none.
+    func destination(defaultPort: Int) throws -> HostPort {
+        var authority = values("Host").first
+        if target.hasPrefix("http://") || target.hasPrefix("https://") {
+            let rest = target.split(separator: "/", maxSplits: 3, omittingEmptySubsequences: false)
+            if rest.count >= 3 { authority = String(rest[2]) }
+        }
+        guard let authority, !authority.isEmpty else {
+            throw Rejection(status: 400, reason: "request has no Host header: cannot tell which node it is for")
+        }
+        if let hostPort = HostPort(authority: authority) { return hostPort }
+        if let hostPort = HostPort(authority: authority.hasPrefix("[") ? "\(authority):\(defaultPort)" : "\(authority):\(defaultPort)"),
+            !authority.contains(":") || authority.hasPrefix("[") && authority.hasSuffix("]")
+        {
+            return hostPort
+        }
+        throw Rejection(status: 400, reason: "Host \"\(authority)\" is not a node name or IP with an optional port")
+    }
+}
+
+import Foundation

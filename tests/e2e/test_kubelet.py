@@ -1,0 +1,218 @@
+"""Kubelet traffic through the tunnel: Host-routed HTTPS on the secure port, plain HTTP on the insecure port,
+streaming logs and WebSocket exec, and the errors callers see."""
+import base64
+import os
+import pathlib
+import socket
+import ssl
+import struct
+import sys
+import time
+
+import pytest
+
+from conftest import BIN, run
+from harness import Cluster, free_port, wait_until
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+@pytest.fixture
+def kube(tmp_path):
+    """Server (verifying kubelets against their CA), agent edge-1, and a kubelet stand-in on 127.0.0.1."""
+    c = Cluster(tmp_path)
+    kpki = tmp_path / "kubelet-pki"
+    run(BIN / "edgetunnel", "pki", "init", "--pki-dir", kpki, "--common-name", "kubelet-ca")
+    run(BIN / "edgetunnel", "pki", "issue-server", "--pki-dir", kpki, "--dns", "edge-1")
+    c.https_port, c.http_port = free_port(), free_port()
+    c.events = tmp_path / "kubelet-events"
+    c.events.write_text("")
+    standin = c.spawn([sys.executable, HERE / "kubelet_standin.py", "127.0.0.1", c.https_port, c.http_port,
+                       kpki / "server.crt", kpki / "server.key", c.events], "kubelet")
+    wait_until(lambda: "ready" in standin.text(), 10, "kubelet stand-in")
+    c.start_server("--kubelet-ca-file", kpki / "ca.crt")
+    c.agent = c.start_agent("edge-1", "--allow", f"127.0.0.1:{c.https_port}", "--allow", f"127.0.0.1:{c.http_port}")
+    yield c
+    c.close()
+
+
+def secure_socket(c, cert=None, key=None):
+    raw = socket.create_connection(("127.0.0.1", c.ports["secure"]), timeout=20)
+    return c.tls_context(cert or c.cert, key or c.key).wrap_socket(raw)
+
+
+def read_head(sock):
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = sock.recv(1)
+        if not data:
+            break
+        head += data
+    return head.decode(errors="replace")
+
+
+def test_https_request_is_routed_by_host_to_the_kubelet(kube):
+    for host in [f"edge-1:{kube.https_port}", f"127.0.0.1:{kube.https_port}"]:
+        result = run("curl", "-sS", "--cacert", kube.ca, "--cert", kube.cert, "--key", kube.key, "-H", f"Host: {host}",
+                     f"https://127.0.0.1:{kube.ports['secure']}/healthz")
+        assert result.stdout == "kubelet ok\n"
+    # The kubelet saw the server's proxy-client certificate: issued from the tunnel CA.
+    assert (kube.pki / "kubelet-client.crt").exists()
+
+
+def test_plain_http_on_the_insecure_port(kube):
+    result = run("curl", "-sS", "-H", f"Host: edge-1:{kube.http_port}",
+                 f"http://127.0.0.1:{kube.ports['insecure']}/metrics")
+    assert "kubelet_running_pods 3" in result.stdout
+
+
+def test_follow_logs_arrive_line_by_line_and_closing_ends_the_kubelet_side(kube):
+    sock = secure_socket(kube)
+    sock.sendall(f"GET /containerLogs/default/web/app?follow=true HTTP/1.1\r\nHost: edge-1:{kube.https_port}\r\n\r\n".encode())
+    head = read_head(sock)
+    assert head.startswith("HTTP/1.1 200") and "chunked" in head.lower()
+    data = b""
+    delays = []
+    while len(delays) < 5:
+        data += sock.recv(4096)
+        while b"\n" in data.split(b"\r\n", 1)[-1] if b"\r\n" in data else False:
+            size_line, rest = data.split(b"\r\n", 1)
+            size = int(size_line, 16)
+            if len(rest) < size + 2:
+                break
+            line, data = rest[:size], rest[size + 2:]
+            delays.append(time.time() - float(line.split()[0]))
+    assert max(delays) < 1.0, f"lines arrived {max(delays):.2f}s after the kubelet wrote them"
+    closed_at = time.time()
+    sock.close()
+    wait_until(lambda: "closed" in kube.events.read_text(), 5, "the kubelet side to close")
+    ended = float(kube.events.read_text().split()[1])
+    assert ended - closed_at < 2.0
+
+
+def ws_frame(payload, opcode=2):
+    mask = os.urandom(4)
+    header = bytes([0x80 | opcode])
+    if len(payload) < 126:
+        header += bytes([0x80 | len(payload)])
+    else:
+        header += bytes([0x80 | 126]) + struct.pack(">H", len(payload))
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def ws_read(sock):
+    def exact(n):
+        out = b""
+        while len(out) < n:
+            chunk = sock.recv(n - len(out))
+            if not chunk:
+                raise ConnectionError("closed")
+            out += chunk
+        return out
+    head = exact(2)
+    length = head[1] & 0x7F
+    if length == 126:
+        length = struct.unpack(">H", exact(2))[0]
+    return exact(length)
+
+
+@pytest.mark.parametrize("port_kind", ["secure", "insecure"])
+def test_websocket_exec_passes_101_and_1000_round_trips_are_byte_exact(kube, port_kind):
+    if port_kind == "secure":
+        sock, port = secure_socket(kube), kube.https_port
+    else:
+        sock, port = socket.create_connection(("127.0.0.1", kube.ports["insecure"]), timeout=20), kube.http_port
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /exec/default/web/app?command=sh&stdin=true HTTP/1.1\r\nHost: edge-1:{port}\r\n"
+                  f"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n").encode())
+    head = read_head(sock)
+    assert head.startswith("HTTP/1.1 101") and "v4.channel.k8s.io" in head
+    for i in range(1000):
+        payload = b"\x00" + os.urandom(1 + i % 200)  # channel 0 (stdin) and data
+        sock.sendall(ws_frame(payload))
+        assert ws_read(sock) == payload, f"round trip {i} differs"
+    sock.close()
+
+
+def raw_request(kube, request, port_kind="insecure", timeout=20):
+    if port_kind == "secure":
+        sock = secure_socket(kube)
+    else:
+        sock = socket.create_connection(("127.0.0.1", kube.ports["insecure"]), timeout=timeout)
+    sock.settimeout(timeout)
+    sock.sendall(request)
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except (ConnectionResetError, socket.timeout):
+        pass
+    sock.close()
+    return data.decode(errors="replace")
+
+
+def test_errors_say_what_happened(kube):
+    no_host = raw_request(kube, b"GET /metrics HTTP/1.1\r\n\r\n")
+    assert no_host.startswith("HTTP/1.1 400") and "no Host header" in no_host
+    unknown = raw_request(kube, b"GET /metrics HTTP/1.1\r\nHost: ghost-node:10255\r\n\r\n")
+    assert unknown.startswith("HTTP/1.1 502") and "no agent for node ghost-node" in unknown
+    bad_host = raw_request(kube, b"GET /metrics HTTP/1.1\r\nHost: not a host\r\n\r\n")
+    assert bad_host.startswith("HTTP/1.1 400")
+    huge = raw_request(kube, b"GET / HTTP/1.1\r\nHost: edge-1:1\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
+    assert huge.startswith("HTTP/1.1 431")
+    smuggle = raw_request(kube, f"POST / HTTP/1.1\r\nHost: edge-1:{kube.http_port}\r\nContent-Length: 4\r\n"
+                                f"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n".encode())
+    assert smuggle.startswith("HTTP/1.1 400") and "smuggling" in smuggle
+    closed = free_port()
+    refused = raw_request(kube, f"GET / HTTP/1.1\r\nHost: edge-1:{kube.https_port + 0}\r\n\r\n".encode().replace(
+        str(kube.https_port).encode(), str(closed).encode()))
+    assert refused.startswith("HTTP/1.1 403")  # not on the allow list
+    policy = raw_request(kube, b"GET / HTTP/1.1\r\nHost: edge-1:22\r\n\r\n", port_kind="secure")
+    assert policy.startswith("HTTP/1.1 403") and "refused by agent policy" in policy
+
+
+def test_kubelet_refusing_or_failing_tls_is_a_502_naming_it(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        other = tmp_path / "wrong-ca"
+        run(BIN / "edgetunnel", "pki", "init", "--pki-dir", other)
+        c.start_server("--kubelet-ca-file", other / "ca.crt")
+        closed, plain = free_port(), free_port()
+        service = c.start_edge_service(plain)
+        c.start_agent("edge-1", "--allow", f"127.0.0.1:{closed}", "--allow", f"127.0.0.1:{plain}")
+        down = raw_request(c, f"GET / HTTP/1.1\r\nHost: edge-1:{closed}\r\n\r\n".encode(), port_kind="secure")
+        assert down.startswith("HTTP/1.1 502") and "refused the connection" in down and "edge-1" in down
+        # A plain HTTP service where the kubelet's TLS is expected: the TLS to it fails, named.
+        not_tls = raw_request(c, f"GET / HTTP/1.1\r\nHost: edge-1:{plain}\r\n\r\n".encode(), port_kind="secure")
+        assert not_tls.startswith("HTTP/1.1 502") and "TLS to the kubelet of node edge-1" in not_tls
+    finally:
+        c.close()
+
+
+def test_a_slow_client_times_out_and_others_are_unaffected(kube):
+    slow = socket.create_connection(("127.0.0.1", kube.ports["insecure"]), timeout=30)
+    started = time.monotonic()
+    answer = b""
+    for byte in b"GET /metrics HTTP/1.1\r\nHost: edge-1:":
+        try:
+            slow.sendall(bytes([byte]))
+        except OSError:
+            break
+        # Meanwhile a normal caller is served at once.
+        if time.monotonic() - started < 1.5:
+            result = run("curl", "-sS", "--max-time", "5", "-H", f"Host: edge-1:{kube.http_port}",
+                         f"http://127.0.0.1:{kube.ports['insecure']}/metrics")
+            assert "kubelet_running_pods" in result.stdout
+        slow.settimeout(1)
+        try:
+            answer += slow.recv(4096)
+            if answer:
+                break
+        except socket.timeout:
+            pass
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert time.monotonic() - started < 15
