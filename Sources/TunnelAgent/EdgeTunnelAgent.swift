@@ -156,7 +156,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
                     tunnel = try await connect(to: try ServerAddress(parsing: text))
                     break
                 } catch {
-                    logger.warning("skipping server \(text): \(error)")
+                    logger.warning("skipping server \(text): \(Self.describe(error, address: text))")
                 }
             }
             if isStopping { break }
@@ -488,6 +488,20 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
                     mux.rejectStream(streamID, code: code, reason: reason)
                 }
             }
+    }
+
+    /// A connection failure in an operator's words.
+    static func describe(_ error: Error, address: String) -> String {
+        if let ssl = error as? NIOSSLExtraError, ssl == .failedToValidateHostname {
+            return "its certificate does not name \(address): add the address to the server's certIPs or certDNSNames"
+        }
+        if case NIOSSLError.handshakeFailed = error {
+            return "TLS handshake failed (\(error)): is it an EdgeTunnel server of this CA?"
+        }
+        if case ChannelError.connectTimeout = error {
+            return "no answer within the connect timeout (black-holed or down)"
+        }
+        return "\(error)"
     }
 
     static func classify(_ error: Error, target: HostPort) -> (Int, String) {

@@ -7,6 +7,7 @@ import socket
 import ssl
 import struct
 import sys
+import subprocess
 import time
 
 import pytest
@@ -216,3 +217,61 @@ def test_a_slow_client_times_out_and_others_are_unaffected(kube):
             pass
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert time.monotonic() - started < 15
+
+
+def test_routes_dns_and_iptables_send_kubelet_traffic_to_the_tunnel(tmp_path):
+    """Apply `routes iptables` with iptables-restore in a cloud namespace; `curl https://<node IP>:10250` there
+    then reaches the kubelet stand-in on the edge through the tunnel (the edge cannot be dialled directly)."""
+    from netns import sh, two_hosts
+
+    node_ip = "10.0.3.7"
+    with two_hosts() as (cloud, cloud_ip, edge, edge_ip):
+        c = Cluster(tmp_path)
+        try:
+            kpki = tmp_path / "kubelet-pki"
+            run(BIN / "edgetunnel", "pki", "init", "--pki-dir", kpki)
+            run(BIN / "edgetunnel", "pki", "issue-server", "--pki-dir", kpki, "--ip", node_ip)
+            sh("ip", "-n", edge, "addr", "add", f"{node_ip}/32", "dev", "lo")
+            sh("ip", "-n", cloud, "route", "add", "10.0.3.0/24", "via", edge_ip)
+            # The edge cannot be dialled: only connections it opened itself come in.
+            sh("ip", "netns", "exec", edge, "iptables", "-A", "INPUT", "!", "-i", "lo", "-m", "conntrack",
+               "--ctstate", "NEW", "-j", "DROP")
+            events = tmp_path / "events"
+            events.write_text("")
+            standin = c.spawn(["ip", "netns", "exec", edge, sys.executable, HERE / "kubelet_standin.py", node_ip,
+                               "10250", "10255", kpki / "server.crt", kpki / "server.key", events], "kubelet")
+            wait_until(lambda: "ready" in standin.text(), 10, "kubelet stand-in")
+            server = c.spawn(["ip", "netns", "exec", cloud, BIN / "edge-tunnel-server", "--pki-dir", c.pki,
+                              "--cert-ips", f"{cloud_ip},{node_ip}", "--insecure-bind-address", "0.0.0.0",
+                              "--kubelet-ca-file", kpki / "ca.crt"], "server-ns")
+            meta = f"http://{cloud_ip}:10265"
+            wait_until(lambda: sh("ip", "netns", "exec", cloud, "curl", "-s", f"{meta}/readyz", check=False).stdout == "ok\n",
+                       20, "server")
+            c.spawn(["ip", "netns", "exec", edge, BIN / "edge-tunnel-agent", "--node-name", "edge-node-3",
+                     "--node-ip", node_ip, "--server-address", f"{cloud_ip}:10262", "--pki-dir", tmp_path / "agent",
+                     "--bootstrap-token", c.token(), "--ca-cert-hash", c.ca_hash], "agent-ns")
+            wait_until(lambda: "edge-node-3" in sh("ip", "netns", "exec", cloud, "curl", "-s", f"{meta}/v1/agents",
+                                                   check=False).stdout, 20, "agent")
+
+            hosts = sh("ip", "netns", "exec", cloud, BIN / "edgetunnel", "routes", "dns", "--server", meta,
+                       "--tunnel-address", cloud_ip).stdout
+            assert f"{cloud_ip} edge-node-3" in hosts.splitlines()
+            rules = sh("ip", "netns", "exec", cloud, BIN / "edgetunnel", "routes", "iptables", "--server", meta,
+                       "--tunnel-address", cloud_ip).stdout
+            assert f"-d {node_ip}/32 -p tcp --dport 10250" in rules
+            # Before the rules, the kubelet is unreachable from the cloud.
+            direct = sh("ip", "netns", "exec", cloud, "curl", "-s", "--max-time", "2", f"http://{node_ip}:10255/metrics",
+                        check=False)
+            assert direct.returncode != 0
+            restore = subprocess.run(["ip", "netns", "exec", cloud, "iptables-restore", "--noflush"], input=rules,
+                                     capture_output=True, text=True)
+            assert restore.returncode == 0, restore.stderr
+            sh("ip", "netns", "exec", cloud, "iptables", "-t", "nat", "-A", "OUTPUT", "-j", "EDGE-TUNNEL")
+
+            https = sh("ip", "netns", "exec", cloud, "curl", "-sS", "--max-time", "10", "--cacert", c.ca,
+                       "--cert", c.cert, "--key", c.key, f"https://{node_ip}:10250/healthz")
+            assert https.stdout == "kubelet ok\n"
+            plain = sh("ip", "netns", "exec", cloud, "curl", "-sS", "--max-time", "10", f"http://{node_ip}:10255/metrics")
+            assert "kubelet_running_pods 3" in plain.stdout
+        finally:
+            c.close()
