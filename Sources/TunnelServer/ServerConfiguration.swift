@@ -12,6 +12,9 @@ public struct ServerConfiguration: Sendable {
     /// Plain-HTTP Host routing (kubelet read-only port style); 0 turns it off.
     public var insecurePort = 10264
     public var insecureBindAddress = "127.0.0.1"
+    /// A Unix socket (created mode 0600) that accepts CONNECT from a co-located caller without TLS, as
+    /// kube-apiserver's egress selector does with `transport.uds`; nil: off.
+    public var udsPath: String?
     /// The proxy-client identity presented to kubelets; default: one issued from the tunnel CA
     /// (`kubelet-client.crt` in the PKI folder).
     public var kubeletClientCert: String?

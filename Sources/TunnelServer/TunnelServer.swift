@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -265,8 +268,12 @@ public final class TunnelServer: @unchecked Sendable {
                 }
                 .bind(host: configuration.insecureBindAddress, port: configuration.insecurePort).get()
         }
+        var uds: Channel?
+        if let path = configuration.udsPath {
+            uds = try await bindUnixSocket(path: path)
+        }
         lock.withLock {
-            channels = [tunnel, secure, meta] + (insecure.map { [$0] } ?? [])
+            channels = [tunnel, secure, meta] + (insecure.map { [$0] } ?? []) + (uds.map { [$0] } ?? [])
             ready = true
         }
         scheduleRenewal()
@@ -275,6 +282,32 @@ public final class TunnelServer: @unchecked Sendable {
             "secure": "\(secure.localAddress?.description ?? "?")",
             "meta": "\(meta.localAddress?.description ?? "?")",
         ])
+    }
+
+    /// Listens on a Unix socket readable and writable by the owner only; a stale socket file is replaced.
+    private func bindUnixSocket(path: String) async throws -> Channel {
+        var info = stat()
+        if lstat(path, &info) == 0 {
+            guard (info.st_mode & S_IFMT) == S_IFSOCK else {
+                throw PKIError(.invalidArgument, "--uds-path \(path) exists and is not a socket")
+            }
+            unlink(path)
+        }
+        let core = self.core
+        // The socket is created under a restrictive umask so that it is never reachable by others.
+        let previous = umask(0o177)
+        defer { umask(previous) }
+        let channel = try await ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 1024)
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(HostRouter(server: core, mode: .plain))
+                }
+            }
+            .bind(unixDomainSocketPath: path).get()
+        chmod(path, 0o600)
+        return channel
     }
 
     /// The ports actually bound: tunnel, secure, meta.
@@ -295,6 +328,7 @@ public final class TunnelServer: @unchecked Sendable {
             return all
         }
         for channel in listeners { try? await channel.close() }
+        if let path = configuration.udsPath { unlink(path) }
         let sessions = core.registry.sessions
         for session in sessions { session.mux.drain(reason: "server shutting down") }
         let deadline = NIODeadline.now() + configuration.drainTimeout

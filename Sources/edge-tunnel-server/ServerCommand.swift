@@ -35,6 +35,8 @@ struct ServerCommand: AsyncParsableCommand {
     var insecurePort: Int?
     @Option(name: .customLong("insecure-bind-address"), help: "Address of the insecure port (default 127.0.0.1).")
     var insecureBindAddress: String?
+    @Option(name: .customLong("uds-path"), help: "Unix socket (mode 0600) for CONNECT from a co-located caller; off by default.")
+    var udsPath: String?
     @Option(name: .customLong("kubelet-client-cert"), help: "Proxy-client certificate for kubelets (default: issued from the tunnel CA).")
     var kubeletClientCert: String?
     @Option(name: .customLong("kubelet-client-key"), help: "Key of --kubelet-client-cert.")
@@ -105,6 +107,7 @@ struct ServerCommand: AsyncParsableCommand {
         configuration.metaPort = try port(metaPort ?? file.metaPort ?? configuration.metaPort, "meta-port")
         configuration.insecurePort = try port(insecurePort ?? file.insecurePort ?? configuration.insecurePort, "insecure-port")
         configuration.insecureBindAddress = insecureBindAddress ?? file.insecureBindAddress ?? configuration.insecureBindAddress
+        configuration.udsPath = udsPath ?? file.udsPath
         configuration.kubeletClientCert = kubeletClientCert ?? file.kubeletClientCert
         configuration.kubeletClientKey = kubeletClientKey ?? file.kubeletClientKey
         configuration.kubeletCAFile = kubeletCAFile ?? file.kubeletCAFile
@@ -224,6 +227,7 @@ struct ServerConfigFile: Codable {
     var servingCertificateValidity: String?
     var insecurePort: Int?
     var insecureBindAddress: String?
+    var udsPath: String?
     var kubeletClientCert: String?
     var kubeletClientKey: String?
     var kubeletCAFile: String?
@@ -231,7 +235,7 @@ struct ServerConfigFile: Codable {
     static let keys: Set<String> = [
         "pkiDir", "bindAddress", "tunnelPort", "securePort", "metaPort", "certIPs", "certDNSNames", "clientCAFile",
         "serverID", "logLevel", "agentCertificateValidity", "servingCertificateValidity", "insecurePort",
-        "insecureBindAddress", "kubeletClientCert", "kubeletClientKey", "kubeletCAFile",
+        "insecureBindAddress", "udsPath", "kubeletClientCert", "kubeletClientKey", "kubeletCAFile",
     ]
 
     /// Reads and checks a config file: unknown keys are errors (a typo must not be silently ignored).

@@ -15,10 +15,11 @@ struct ForwardCommand: AsyncParsableCommand {
         abstract: "Forward a local port to NODE:PORT through the tunnel (one CONNECT stream per connection)."
     )
 
-    @Option(help: "The tunnel server's secure port, HOST:PORT.") var server: String
-    @Option(name: .customLong("ca-file"), help: "CA that signed the server's certificate.") var caFile: String
-    @Option(help: "Client certificate for the secure port.") var cert: String
-    @Option(help: "Key of the client certificate.") var key: String
+    @Option(help: "The tunnel server's secure port HOST:PORT, or unix:PATH for its Unix socket (--uds-path).")
+    var server: String
+    @Option(name: .customLong("ca-file"), help: "CA that signed the server's certificate (TLS only).") var caFile: String?
+    @Option(help: "Client certificate for the secure port (TLS only).") var cert: String?
+    @Option(help: "Key of the client certificate (TLS only).") var key: String?
     @Option(help: "Local address to listen on, HOST:PORT.") var listen: String = "127.0.0.1:0"
     @Option(help: "Destination NODE:PORT (a node name or a registered node IP).") var to: String
 
@@ -28,8 +29,24 @@ struct ForwardCommand: AsyncParsableCommand {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let listener: Channel
         do {
-            guard let serverAddress = HostPort(authority: server) else {
-                throw PKIError(.invalidArgument, "invalid --server \"\(server)\": expected HOST:PORT")
+            let endpoint: Forwarder.Endpoint
+            if server.hasPrefix("unix:") {
+                let path = String(server.dropFirst("unix:".count))
+                guard !path.isEmpty else { throw PKIError(.invalidArgument, "invalid --server \"\(server)\": expected unix:PATH") }
+                endpoint = .unix(path)
+            } else {
+                guard let serverAddress = HostPort(authority: server) else {
+                    throw PKIError(.invalidArgument, "invalid --server \"\(server)\": expected HOST:PORT or unix:PATH")
+                }
+                guard let caFile, let cert, let key else {
+                    throw PKIError(.invalidArgument, "--ca-file, --cert and --key are required for a TLS --server")
+                }
+                var tls = TLSConfiguration.makeClientConfiguration()
+                tls.trustRoots = try TLSContexts.trustRoots(file: caFile)
+                let (certificate, privateKey) = try PEMFiles.keyPair(certificate: cert, key: key)
+                tls.certificateChain = [.certificate(try TLSContexts.nioCertificate(certificate))]
+                tls.privateKey = .privateKey(try TLSContexts.nioKey(privateKey))
+                endpoint = .tls(serverAddress, try NIOSSLContext(configuration: tls))
             }
             guard let target = HostPort(authority: to) else {
                 throw PKIError(.invalidArgument, "invalid --to \"\(to)\": expected NODE:PORT")
@@ -37,13 +54,7 @@ struct ForwardCommand: AsyncParsableCommand {
             guard let local = HostPort(authority: listen) ?? (listen.hasSuffix(":0") ? HostPort(host: String(listen.dropLast(2)), port: 0) : nil) else {
                 throw PKIError(.invalidArgument, "invalid --listen \"\(listen)\": expected HOST:PORT")
             }
-            var tls = TLSConfiguration.makeClientConfiguration()
-            tls.trustRoots = try TLSContexts.trustRoots(file: caFile)
-            let (certificate, privateKey) = try PEMFiles.keyPair(certificate: cert, key: key)
-            tls.certificateChain = [.certificate(try TLSContexts.nioCertificate(certificate))]
-            tls.privateKey = .privateKey(try TLSContexts.nioKey(privateKey))
-            let context = try NIOSSLContext(configuration: tls)
-            let forwarder = Forwarder(server: serverAddress, target: target, tls: context, logger: logger)
+            let forwarder = Forwarder(endpoint: endpoint, target: target, logger: logger)
             listener = try await ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 1024)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -70,33 +81,52 @@ struct ForwardCommand: AsyncParsableCommand {
 
 /// Opens a CONNECT stream for each accepted connection and relays bytes once the server answered 200.
 final class Forwarder: @unchecked Sendable {
-    let server: HostPort
+    enum Endpoint {
+        /// The secure port, over TLS with a client certificate.
+        case tls(HostPort, NIOSSLContext)
+        /// The server's Unix socket: same host, no TLS.
+        case unix(String)
+    }
+
+    let endpoint: Endpoint
     let target: HostPort
-    let tls: NIOSSLContext
     let logger: Logger
 
-    init(server: HostPort, target: HostPort, tls: NIOSSLContext, logger: Logger) {
-        self.server = server
+    init(endpoint: Endpoint, target: HostPort, logger: Logger) {
+        self.endpoint = endpoint
         self.target = target
-        self.tls = tls
         self.logger = logger
     }
 
     func accept(_ inbound: Channel) {
-        let hostname = IPAddress(server.host) == nil ? server.host : nil
         let request = "CONNECT \(target) HTTP/1.1\r\nHost: \(target)\r\n\r\n"
         let (localGlue, tunnelGlue) = RelayGlue.pair()
         let connect = ConnectResponseHandler(request: request)
-        ClientBootstrap(group: inbound.eventLoop)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+        let bootstrap = ClientBootstrap(group: inbound.eventLoop)
             .channelOption(.allowRemoteHalfClosure, value: true)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: self.tls, serverHostname: hostname))
-                    try channel.pipeline.syncOperations.addHandler(connect)
+        let connected: EventLoopFuture<Channel>
+        switch endpoint {
+        case .tls(let server, let tls):
+            let hostname = IPAddress(server.host) == nil ? server.host : nil
+            connected = bootstrap
+                .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: tls, serverHostname: hostname))
+                        try channel.pipeline.syncOperations.addHandler(connect)
+                    }
                 }
-            }
-            .connect(host: server.host, port: server.port)
+                .connect(host: server.host, port: server.port)
+        case .unix(let path):
+            connected = bootstrap
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(connect)
+                    }
+                }
+                .connect(unixDomainSocketPath: path)
+        }
+        connected
             .flatMap { outbound in
                 connect.established.flatMap {
                     // Both channels are on the same loop: glue them, then let the local side read.

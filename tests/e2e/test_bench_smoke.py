@@ -5,7 +5,8 @@ import sys
 
 from conftest import BIN, ROOT
 
-CONTENDERS = ["direct", "socat", "ssh -R", "ssh -R tuned", "EdgeTunnel (forward → TLS CONNECT)"]
+CONTENDERS = ["direct", "socat", "ssh -R", "ssh -R tuned", "EdgeTunnel (forward → TLS CONNECT)",
+              "EdgeTunnel (forward → Unix socket CONNECT)"]
 
 
 def test_every_contender_produces_numbers(tmp_path):

@@ -5,6 +5,7 @@ import os
 import pathlib
 import random
 import signal
+import stat
 import socket
 import ssl
 import subprocess
@@ -468,3 +469,41 @@ def test_forward_reports_a_refused_stream(cluster, edge):
     bad = run(BIN / "edgetunnel", "forward", "--server", "nowhere", "--ca-file", cluster.ca, "--cert", cluster.cert,
               "--key", cluster.key, "--to", "edge-1:1", check=False)
     assert_one_line_error(bad, "--server", "nowhere")
+
+
+def test_unix_socket_frontend_for_a_colocated_caller(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        sock_path = tmp_path / "tunnel.sock"
+        c.start_server("--uds-path", sock_path)
+        assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
+        port = c.start_edge_service()
+        c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(sock_path))
+            s.sendall(f"CONNECT edge-1:{port} HTTP/1.1\r\nHost: edge-1:{port}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(1)
+            assert head.startswith(b"HTTP/1.1 200")
+            s.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            assert data.endswith(b"hello from the edge\n")
+        local = free_port()
+        forward = c.spawn([BIN / "edgetunnel", "forward", "--server", f"unix:{sock_path}", "--listen",
+                           f"127.0.0.1:{local}", "--to", f"edge-1:{port}"], "forward-uds")
+        wait_until(lambda: "forwarding" in forward.text(), 10, "forward to listen")
+        size = 20 * 1024 * 1024
+        out = subprocess.run(["curl", "-sS", f"http://127.0.0.1:{local}/blob/{size}"], capture_output=True, check=True,
+                             timeout=60).stdout
+        assert hashlib.sha256(out).hexdigest() == blob_sha256(size)
+        c.server.stop()
+        assert not sock_path.exists()
+    finally:
+        c.close()
