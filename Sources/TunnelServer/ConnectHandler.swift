@@ -68,53 +68,19 @@ final class ConnectHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func open(_ target: HostPort, context: ChannelHandlerContext) {
-        guard let session = server.registry.lookup(host: target.host) else {
-            server.metrics.dialFailed(reason: "no_agent")
-            respond(context, .badGateway, "no agent for node \(target.host)")
-            return
-        }
-        let started = NIODeadline.now()
-        let mux = session.mux
-        var timedOut = false
-        let timeout = context.eventLoop.scheduleTask(in: server.configuration.dialTimeout) {
-            timedOut = true
-            self.server.metrics.dialFailed(reason: "timeout")
-            self.respond(context, .gatewayTimeout, "dial timeout: agent \(session.nodeName) did not reach \(target) in time")
-        }
-        mux.openStream(target: target.description).hop(to: context.eventLoop).whenSuccess { result in
-            timeout.cancel()
-            if timedOut {
-                if case .opened(let id) = result { mux.cancelStream(id) }
-                return
-            }
-            self.server.metrics.dialDuration.recordNanoseconds(Int64((NIODeadline.now() - started).nanoseconds))
-            switch result {
-            case .opened(let id):
+        StreamDialer.open(target, server: server, on: context.eventLoop) { _, failure in
+            failure.code == 504 ? "dial timeout: \(failure.reason)" : failure.reason
+        }.whenSuccess { outcome in
+            switch outcome {
+            case .opened(let mux, let id, _):
                 guard context.channel.isActive else {
                     mux.cancelStream(id)
                     return
                 }
                 self.established(context, mux: mux, streamID: id)
-            case .failed(let failure):
-                let status = HTTPResponseStatus(statusCode: failure.code)
-                self.server.metrics.dialFailed(reason: Self.reason(for: failure.code))
-                let message: String
-                switch failure.code {
-                case 403: message = "refused by agent policy: \(failure.reason)"
-                case 504: message = "dial timeout: \(failure.reason)"
-                default: message = failure.reason
-                }
-                self.respond(context, status, message)
+            case .failed(let status, let message):
+                self.respond(context, HTTPResponseStatus(statusCode: status), message)
             }
-        }
-    }
-
-    static func reason(for code: Int) -> String {
-        switch code {
-        case 403: "policy"
-        case 504: "timeout"
-        case 503: "unavailable"
-        default: "unreachable"
         }
     }
 

@@ -124,41 +124,20 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func route(to destination: HostPort, context: ChannelHandlerContext) {
-        guard let session = server.registry.lookup(host: destination.host) else {
-            server.metrics.dialFailed(reason: "no_agent")
-            reject(context, 502, "no agent for node \(destination.host)")
-            return
-        }
-        let mux = session.mux
-        let started = NIODeadline.now()
-        var timedOut = false
-        let timeout = context.eventLoop.scheduleTask(in: server.configuration.dialTimeout) {
-            timedOut = true
-            self.server.metrics.dialFailed(reason: "timeout")
-            self.reject(context, 504, "dial timeout: agent \(session.nodeName) did not reach \(destination) in time")
-        }
-        mux.openStream(target: destination.description).hop(to: context.eventLoop).whenSuccess { result in
-            timeout.cancel()
-            if timedOut {
-                if case .opened(let id) = result { mux.cancelStream(id) }
-                return
-            }
-            self.server.metrics.dialDuration.recordNanoseconds(Int64((NIODeadline.now() - started).nanoseconds))
-            switch result {
-            case .failed(let failure):
-                self.server.metrics.dialFailed(reason: ConnectHandler.reason(for: failure.code))
-                let message = failure.code == 403
-                    ? "refused by agent policy: \(failure.reason)"
-                    : "kubelet of node \(session.nodeName) at \(destination): \(failure.reason)"
-                self.reject(context, failure.code, message)
-            case .opened(let id):
+        StreamDialer.open(destination, server: server, on: context.eventLoop) { node, failure in
+            "kubelet of node \(node) at \(destination): \(failure.reason)"
+        }.whenSuccess { outcome in
+            switch outcome {
+            case .failed(let status, let message):
+                self.reject(context, status, message)
+            case .opened(let mux, let id, let node):
                 guard context.channel.isActive else {
                     mux.cancelStream(id)
                     return
                 }
                 switch self.mode {
                 case .plain: self.relayPlain(context, mux: mux, streamID: id)
-                case .tls: self.relayTLS(context, mux: mux, streamID: id, node: session.nodeName, destination: destination)
+                case .tls: self.relayTLS(context, mux: mux, streamID: id, node: node, destination: destination)
                 }
             }
         }

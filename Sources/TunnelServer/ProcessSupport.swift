@@ -1,4 +1,5 @@
 import Dispatch
+import Foundation
 import Logging
 
 #if canImport(Glibc)
@@ -36,6 +37,18 @@ public enum ProcessSupport {
         source.setEventHandler(handler: handler)
         source.resume()
         return source
+    }
+
+    /// Values of a repeatable flag that may also be comma-separated (`--cert-ips a,b --cert-ips c`).
+    public static func splitList(_ values: [String]) -> [String] {
+        values.flatMap { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }.filter { !$0.isEmpty }
+    }
+
+    /// One line on stderr, `PROGRAM: error: MESSAGE`, and exit code 1.
+    public static func fail(_ program: String, _ message: String) -> Never {
+        let line = Array("\(program): error: \(message)\n".utf8)
+        _ = line.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+        exit(1)
     }
 
     /// Text logs to stderr at `level`.

@@ -133,11 +133,6 @@ func readAddresses(_ path: String) throws -> [String] {
     return addresses
 }
 
-func splitList(_ values: [String]) -> [String] {
-    values.flatMap { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }.filter { !$0.isEmpty }
-}
+func splitList(_ values: [String]) -> [String] { ProcessSupport.splitList(values) }
 
-func fail(_ message: String) -> Never {
-    FileHandle.standardError.write(Data("edge-tunnel-agent: error: \(message)\n".utf8))
-    exit(1)
-}
+func fail(_ message: String) -> Never { ProcessSupport.fail("edge-tunnel-agent", message) }

@@ -148,14 +148,9 @@ struct ServerCommand: AsyncParsableCommand {
     }
 }
 
-func splitList(_ values: [String]) -> [String] {
-    values.flatMap { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }.filter { !$0.isEmpty }
-}
+func splitList(_ values: [String]) -> [String] { ProcessSupport.splitList(values) }
 
-func fail(_ message: String) -> Never {
-    FileHandle.standardError.write(Data("edge-tunnel-server: error: \(message)\n".utf8))
-    exit(1)
-}
+func fail(_ message: String) -> Never { ProcessSupport.fail("edge-tunnel-server", message) }
 
 /// Re-reads the config file when its contents change (polled every 2 s, which also catches a Kubernetes
 /// ConfigMap's symlink swap) or on SIGHUP, and applies the new address set live. A file that does not parse

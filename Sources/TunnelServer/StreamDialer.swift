@@ -1,0 +1,60 @@
+import NIOCore
+import TunnelWire
+
+/// Opens a stream to a node's target for a caller — the part CONNECT and Host routing share: find the
+/// node's agent, ask it to dial within the dial timeout, record the metrics, and turn every failure into the
+/// HTTP status and one-line reason the caller gets.
+enum StreamDialer {
+    enum Outcome {
+        case opened(mux: TunnelMux, streamID: UInt32, node: String)
+        case failed(status: Int, message: String)
+    }
+
+    /// Completes on `loop`. `describe` words an agent's dial failure (403 is always worded as policy).
+    static func open(
+        _ target: HostPort, server: TunnelServerCore, on loop: EventLoop,
+        describe: @escaping (_ node: String, _ failure: OpenFail) -> String
+    ) -> EventLoopFuture<Outcome> {
+        guard let session = server.registry.lookup(host: target.host) else {
+            server.metrics.dialFailed(reason: "no_agent")
+            return loop.makeSucceededFuture(.failed(status: 502, message: "no agent for node \(target.host)"))
+        }
+        let promise = loop.makePromise(of: Outcome.self)
+        let started = NIODeadline.now()
+        let mux = session.mux
+        var timedOut = false
+        let timeout = loop.scheduleTask(in: server.configuration.dialTimeout) {
+            timedOut = true
+            server.metrics.dialFailed(reason: "timeout")
+            promise.succeed(.failed(status: 504, message: "dial timeout: agent \(session.nodeName) did not reach \(target) in time"))
+        }
+        mux.openStream(target: target.description).hop(to: loop).whenSuccess { result in
+            timeout.cancel()
+            if timedOut {
+                if case .opened(let id) = result { mux.cancelStream(id) }
+                return
+            }
+            server.metrics.dialDuration.recordNanoseconds(Int64((NIODeadline.now() - started).nanoseconds))
+            switch result {
+            case .opened(let id):
+                promise.succeed(.opened(mux: mux, streamID: id, node: session.nodeName))
+            case .failed(let failure):
+                server.metrics.dialFailed(reason: reason(for: failure.code))
+                let message = failure.code == 403
+                    ? "refused by agent policy: \(failure.reason)" : describe(session.nodeName, failure)
+                promise.succeed(.failed(status: failure.code, message: message))
+            }
+        }
+        return promise.futureResult
+    }
+
+    /// The `reason` label of `edge_tunnel_server_dial_failures_total` for an agent's answer.
+    static func reason(for code: Int) -> String {
+        switch code {
+        case 403: "policy"
+        case 504: "timeout"
+        case 503: "unavailable"
+        default: "unreachable"
+        }
+    }
+}
