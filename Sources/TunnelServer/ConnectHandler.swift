@@ -68,9 +68,8 @@ final class ConnectHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func open(_ target: HostPort, context: ChannelHandlerContext) {
-        StreamDialer.open(target, server: server, on: context.eventLoop) { _, failure in
-            failure.code == 504 ? "dial timeout: \(failure.reason)" : failure.reason
-        }.whenSuccess { outcome in
+        StreamDialer.open(target, server: server, on: context.eventLoop) { _, failure in failure.reason }
+            .whenSuccess { outcome in
             switch outcome {
             case .opened(let mux, let id, _):
                 guard context.channel.isActive else {

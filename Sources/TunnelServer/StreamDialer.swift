@@ -10,7 +10,8 @@ enum StreamDialer {
         case failed(status: Int, message: String)
     }
 
-    /// Completes on `loop`. `describe` words an agent's dial failure (403 is always worded as policy).
+    /// Completes on `loop`. `describe` words an agent's dial failure (403 is always worded as policy, 504 as a
+    /// dial timeout).
     static func open(
         _ target: HostPort, server: TunnelServerCore, on loop: EventLoop,
         describe: @escaping (_ node: String, _ failure: OpenFail) -> String
@@ -40,8 +41,12 @@ enum StreamDialer {
                 promise.succeed(.opened(mux: mux, streamID: id, node: session.nodeName))
             case .failed(let failure):
                 server.metrics.dialFailed(reason: reason(for: failure.code))
-                let message = failure.code == 403
-                    ? "refused by agent policy: \(failure.reason)" : describe(session.nodeName, failure)
+                let message: String
+                switch failure.code {
+                case 403: message = "refused by agent policy: \(failure.reason)"
+                case 504: message = "dial timeout: \(describe(session.nodeName, failure))"
+                default: message = describe(session.nodeName, failure)
+                }
                 promise.succeed(.failed(status: failure.code, message: message))
             }
         }

@@ -275,3 +275,37 @@ def test_routes_dns_and_iptables_send_kubelet_traffic_to_the_tunnel(tmp_path):
             assert "kubelet_running_pods 3" in plain.stdout
         finally:
             c.close()
+
+
+def test_a_black_holed_target_is_a_504_dial_timeout(tmp_path):
+    """The agent's dial never completes (the target drops SYNs): CONNECT and Host routing both answer 504."""
+    from netns import sh, two_hosts
+
+    with two_hosts(prefix="10.231.9") as (cloud, cloud_ip, edge, edge_ip):
+        c = Cluster(tmp_path)
+        try:
+            # The target is the node's own address, port 9, and it drops SYNs.
+            sh("ip", "netns", "exec", edge, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "DROP")
+            c.spawn(["ip", "netns", "exec", cloud, BIN / "edge-tunnel-server", "--pki-dir", c.pki, "--cert-ips", cloud_ip,
+                     "--insecure-bind-address", "0.0.0.0"], "server-ns")
+            meta = f"http://{cloud_ip}:10265"
+            wait_until(lambda: sh("ip", "netns", "exec", cloud, "curl", "-s", f"{meta}/readyz", check=False).stdout == "ok\n",
+                       20, "server")
+            c.spawn(["ip", "netns", "exec", edge, BIN / "edge-tunnel-agent", "--node-name", "edge-1", "--node-ip", edge_ip,
+                     "--server-address", f"{cloud_ip}:10262", "--pki-dir", tmp_path / "agent", "--bootstrap-token",
+                     c.token(), "--ca-cert-hash", c.ca_hash, "--allow", f"{edge_ip}:9"], "agent-ns")
+            wait_until(lambda: "edge-1" in sh("ip", "netns", "exec", cloud, "curl", "-s", f"{meta}/v1/agents",
+                                              check=False).stdout, 20, "agent")
+            connect = subprocess.Popen(["ip", "netns", "exec", cloud, "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                                        "--proxy-cacert", c.ca, "--proxy-cert", c.cert, "--proxy-key", c.key, "-p", "-x",
+                                        "https://127.0.0.1:10263", f"http://{edge_ip}:9/"], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+            routed = subprocess.run(["ip", "netns", "exec", cloud, "curl", "-s", "-w", "\n%{http_code}", "-H",
+                                     f"Host: {edge_ip}:9", "http://127.0.0.1:10264/x"], capture_output=True, text=True,
+                                    timeout=40)
+            body, status = routed.stdout.rsplit("\n", 1)
+            assert status == "504" and body.startswith("dial timeout:"), routed.stdout
+            out, err = connect.communicate(timeout=40)
+            assert "504" in err or out == "504", (out, err)
+        finally:
+            c.close()
