@@ -1,5 +1,6 @@
 import NIOConcurrencyHelpers
 import Prometheus
+import TunnelServer
 
 /// The agent's Prometheus metrics.
 final class AgentMetrics: @unchecked Sendable {
@@ -8,14 +9,12 @@ final class AgentMetrics: @unchecked Sendable {
     let streams: Gauge
     let refused: Counter
     let reconnects: Counter
-    let bytesFromServer: Counter
-    let bytesToServer: Counter
+    let bytesFromServer: TotalCounter
+    let bytesToServer: TotalCounter
     let certificateExpiry: Gauge
+    private let failures: LabeledCounters
     private let lock = NIOLock()
-    private var failures: [String: Counter] = [:]
     private var active: [String: Gauge] = [:]
-    private var reportedIn = 0
-    private var reportedOut = 0
 
     init(serverAddresses: [String]) {
         connected = registry.makeGauge(name: "edge_tunnel_agent_connected", help: "1 while the tunnel is registered.")
@@ -24,12 +23,15 @@ final class AgentMetrics: @unchecked Sendable {
             name: "edge_tunnel_agent_refused_total", help: "Stream requests refused by the allow list.")
         reconnects = registry.makeCounter(
             name: "edge_tunnel_agent_reconnects_total", help: "Tunnel connections attempted after the first.")
-        bytesFromServer = registry.makeCounter(
+        bytesFromServer = TotalCounter(registry.makeCounter(
             name: "edge_tunnel_agent_bytes_total", labels: [("direction", "from_server")],
-            help: "Stream bytes carried through the tunnel.")
-        bytesToServer = registry.makeCounter(
+            help: "Stream bytes carried through the tunnel."))
+        bytesToServer = TotalCounter(registry.makeCounter(
             name: "edge_tunnel_agent_bytes_total", labels: [("direction", "to_server")],
-            help: "Stream bytes carried through the tunnel.")
+            help: "Stream bytes carried through the tunnel."))
+        failures = LabeledCounters(
+            registry: registry, name: "edge_tunnel_agent_dial_failures_total", label: "reason",
+            help: "Targets the agent could not dial, by reason.")
         certificateExpiry = registry.makeGauge(
             name: "edge_tunnel_agent_certificate_expiry_timestamp_seconds",
             help: "When the node certificate expires (Unix time).")
@@ -53,30 +55,14 @@ final class AgentMetrics: @unchecked Sendable {
     }
 
     func dialFailed(reason: String) {
-        let counter = lock.withLock {
-            if let counter = failures[reason] { return counter }
-            let counter = registry.makeCounter(
-                name: "edge_tunnel_agent_dial_failures_total", labels: [("reason", reason)],
-                help: "Targets the agent could not dial, by reason.")
-            failures[reason] = counter
-            return counter
-        }
-        counter.increment()
+        failures.increment(reason)
     }
 
     /// Adds the byte totals seen since the last scrape and renders the Prometheus text format.
     func render(bytesIn: Int, bytesOut: Int, streamCount: Int) -> [UInt8] {
         streams.set(Double(streamCount))
-        lock.withLock {
-            if bytesIn > reportedIn {
-                bytesFromServer.increment(by: Int64(bytesIn - reportedIn))
-                reportedIn = bytesIn
-            }
-            if bytesOut > reportedOut {
-                bytesToServer.increment(by: Int64(bytesOut - reportedOut))
-                reportedOut = bytesOut
-            }
-        }
+        bytesFromServer.update(to: bytesIn)
+        bytesToServer.update(to: bytesOut)
         var buffer: [UInt8] = []
         registry.emit(into: &buffer)
         return buffer

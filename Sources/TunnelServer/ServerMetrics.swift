@@ -1,4 +1,3 @@
-import NIOConcurrencyHelpers
 import Prometheus
 
 /// The server's Prometheus metrics (swift-prometheus), one registry per server instance.
@@ -7,13 +6,10 @@ final class ServerMetrics: @unchecked Sendable {
     let agents: Gauge
     let streams: Gauge
     let dialDuration: DurationHistogram
-    let bytesFromAgents: Counter
-    let bytesToAgents: Counter
+    let bytesFromAgents: TotalCounter
+    let bytesToAgents: TotalCounter
     let certificateExpiry: Gauge
-    private let lock = NIOLock()
-    private var failures: [String: Counter] = [:]
-    private var reportedIn = 0
-    private var reportedOut = 0
+    private let failures: LabeledCounters
 
     init() {
         agents = registry.makeGauge(name: "edge_tunnel_server_agents", help: "Agents connected to this server.")
@@ -23,27 +19,22 @@ final class ServerMetrics: @unchecked Sendable {
             buckets: [.milliseconds(1), .milliseconds(5), .milliseconds(10), .milliseconds(50), .milliseconds(100),
                       .milliseconds(500), .seconds(1), .seconds(5), .seconds(15)],
             help: "Time from a caller's request to the agent's answer.")
-        bytesFromAgents = registry.makeCounter(
+        bytesFromAgents = TotalCounter(registry.makeCounter(
             name: "edge_tunnel_server_bytes_total", labels: [("direction", "from_agent")],
-            help: "Stream bytes carried through the tunnel.")
-        bytesToAgents = registry.makeCounter(
+            help: "Stream bytes carried through the tunnel."))
+        bytesToAgents = TotalCounter(registry.makeCounter(
             name: "edge_tunnel_server_bytes_total", labels: [("direction", "to_agent")],
-            help: "Stream bytes carried through the tunnel.")
+            help: "Stream bytes carried through the tunnel."))
         certificateExpiry = registry.makeGauge(
             name: "edge_tunnel_server_certificate_expiry_timestamp_seconds",
             help: "When the serving certificate expires (Unix time).")
+        failures = LabeledCounters(
+            registry: registry, name: "edge_tunnel_server_dial_failures_total", label: "reason",
+            help: "Streams that could not be opened, by reason.")
     }
 
     func dialFailed(reason: String) {
-        let counter = lock.withLock {
-            if let counter = failures[reason] { return counter }
-            let counter = registry.makeCounter(
-                name: "edge_tunnel_server_dial_failures_total", labels: [("reason", reason)],
-                help: "Streams that could not be opened, by reason.")
-            failures[reason] = counter
-            return counter
-        }
-        counter.increment()
+        failures.increment(reason)
     }
 
     /// Refreshes the values that are read from live state, then renders the Prometheus text format.
@@ -52,16 +43,8 @@ final class ServerMetrics: @unchecked Sendable {
         agents.set(Double(sessions.count))
         streams.set(Double(sessions.reduce(0) { $0 + $1.streamCount }))
         let totals = agentRegistry.totalBytes
-        lock.withLock {
-            if totals.fromAgents > reportedIn {
-                bytesFromAgents.increment(by: Int64(totals.fromAgents - reportedIn))
-                reportedIn = totals.fromAgents
-            }
-            if totals.toAgents > reportedOut {
-                bytesToAgents.increment(by: Int64(totals.toAgents - reportedOut))
-                reportedOut = totals.toAgents
-            }
-        }
+        bytesFromAgents.update(to: totals.fromAgents)
+        bytesToAgents.update(to: totals.toAgents)
         var buffer: [UInt8] = []
         registry.emit(into: &buffer)
         return buffer
