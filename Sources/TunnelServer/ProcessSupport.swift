@@ -51,13 +51,31 @@ public enum ProcessSupport {
         exit(1)
     }
 
-    /// Text logs to stderr at `level`.
-    public static func bootstrapLogging(level: Logger.Level) {
+    /// Logs to stderr at `level`: swift-log's text lines, or one JSON object a line for log pipelines.
+    public static func bootstrapLogging(level: Logger.Level, json: Bool = false) {
         LoggingSystem.bootstrap { label in
+            if json {
+                var handler = JSONLogHandler(label: label)
+                handler.logLevel = level
+                return handler
+            }
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level
             return handler
         }
+    }
+
+    /// Parses `--log-format`.
+    public static func parseLogFormat(_ text: String) throws -> Bool {
+        switch text {
+        case "text": return false
+        case "json": return true
+        default: throw LogFormatError(description: "invalid --log-format \"\(text)\": use text or json")
+        }
+    }
+
+    public struct LogFormatError: Error, CustomStringConvertible {
+        public let description: String
     }
 }
 
@@ -65,5 +83,39 @@ extension Logger.Level {
     /// Parses `--log-level`.
     public init?(flag: String) {
         self.init(rawValue: flag.lowercased())
+    }
+}
+
+/// One JSON object a line on stderr: `time`, `level`, `logger`, `message`, and the metadata as string fields.
+public struct JSONLogHandler: LogHandler {
+    public var metadata: Logger.Metadata = [:]
+    public var logLevel: Logger.Level = .info
+    private let label: String
+    private static let lock = NSLock()
+
+    public init(label: String) { self.label = label }
+
+    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+
+    public func log(
+        level: Logger.Level, message: Logger.Message, metadata explicit: Logger.Metadata?, source: String,
+        file: String, function: String, line: UInt
+    ) {
+        var fields: [String: String] = [:]
+        for (key, value) in metadata.merging(explicit ?? [:], uniquingKeysWith: { $1 }) { fields[key] = "\(value)" }
+        fields["time"] = Date().formatted(.iso8601)
+        fields["level"] = level.rawValue
+        fields["logger"] = label
+        fields["message"] = message.description
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        guard var data = try? encoder.encode(fields) else { return }
+        data.append(UInt8(ascii: "\n"))
+        Self.lock.lock()
+        defer { Self.lock.unlock() }
+        FileHandle.standardError.write(data)
     }
 }

@@ -41,16 +41,20 @@ struct AgentCommand: AsyncParsableCommand {
     var metaBindAddress: String = "127.0.0.1"
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String = "info"
+    @Option(name: .customLong("log-format"), help: "text or json (one object a line).")
+    var logFormat: String = "text"
 
     func run() async throws {
         let configuration: AgentConfiguration
         let level: Logger.Level
+        let json: Bool
         do {
             (configuration, level) = try resolve()
+            json = try ProcessSupport.parseLogFormat(logFormat)
         } catch {
             fail("\(error)")
         }
-        ProcessSupport.bootstrapLogging(level: level)
+        ProcessSupport.bootstrapLogging(level: level, json: json)
         let logger = Logger(label: "edge-tunnel-agent")
         let agent: EdgeTunnelAgent
         do {

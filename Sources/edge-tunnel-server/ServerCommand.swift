@@ -52,6 +52,8 @@ struct ServerCommand: AsyncParsableCommand {
     @Option(name: .customLong("server-id"), help: "Name of this replica (default: the host name).") var serverID: String?
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String?
+    @Option(name: .customLong("log-format"), help: "text or json (one object a line).")
+    var logFormat: String = "text"
     @Option(name: .customLong("agent-certificate-validity"), help: "Lifetime of agent certificates (default 720h).")
     var agentCertificateValidity: String?
     @Option(name: .customLong("serving-certificate-validity"), help: "Lifetime of the server's certificate (default 8760h).")
@@ -60,13 +62,15 @@ struct ServerCommand: AsyncParsableCommand {
     func run() async throws {
         let configuration: ServerConfiguration
         let level: Logger.Level
+        let json: Bool
         do {
             let file = try config.map(ServerConfigFile.load) ?? ServerConfigFile()
             (configuration, level) = try resolve(file)
+            json = try ProcessSupport.parseLogFormat(logFormat)
         } catch {
             fail("\(error)")
         }
-        ProcessSupport.bootstrapLogging(level: level)
+        ProcessSupport.bootstrapLogging(level: level, json: json)
         let logger = Logger(label: "edge-tunnel-server")
         let server: TunnelServer
         do {

@@ -507,3 +507,26 @@ def test_unix_socket_frontend_for_a_colocated_caller(tmp_path):
         assert not sock_path.exists()
     finally:
         c.close()
+
+
+def test_json_logs_are_one_object_a_line(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        c.start_server("--log-format", "json")
+        port = c.start_edge_service()
+        agent = c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}", "--log-format", "json")
+        c.curl("http://ghost:1/", check=False)
+        wait_until(lambda: "no agent for node ghost" in c.server.text(), 5, "the refusal to be logged")
+        for proc in (c.server, agent):
+            lines = [line for line in proc.text().splitlines() if line.strip()]
+            assert lines
+            records = [json.loads(line) for line in lines]
+            assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+        registered = [json.loads(l) for l in c.server.text().splitlines() if "agent registered" in l]
+        assert registered and registered[0]["node"] == "edge-1" and registered[0]["level"] == "info"
+        bad = run(BIN / "edge-tunnel-server", "--pki-dir", c.pki, "--log-format", "xml", check=False)
+        assert_one_line_error(bad, "--log-format", "xml")
+        bad = run(BIN / "edge-tunnel-agent", "--server-address", "127.0.0.1:1", "--log-format", "xml", check=False)
+        assert_one_line_error(bad, "--log-format", "xml")
+    finally:
+        c.close()
