@@ -227,7 +227,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
                 certificate: credentials.certificate, key: credentials.privateKey, ca: credentials.ca)
         else { return false }
         let loop = group.next()
-        let done = loop.makePromise(of: Bool.self)
+        let done = loop.makePromise(of: Void.self)
         let hostname = address.isIP ? nil : address.host
         do {
             let channel = try await ClientBootstrap(group: loop)
@@ -235,17 +235,19 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: context, serverHostname: hostname))
-                        try channel.pipeline.syncOperations.addHandler(HandshakeProbe(done: done))
+                        try channel.pipeline.syncOperations.addHandler(HandshakeWaiter(promise: done))
                     }
                 }
                 .connect(host: address.host, port: address.port).get()
-            let timer = loop.scheduleTask(in: configuration.connectTimeout) { done.succeed(false) }
-            let ok = (try? await done.futureResult.get()) ?? false
+            let timer = loop.scheduleTask(in: configuration.connectTimeout) {
+                done.fail(JoinError(description: "handshake timed out"))
+            }
+            let ok = (try? await done.futureResult.get()) != nil
             timer.cancel()
             channel.close(promise: nil)
             return ok
         } catch {
-            done.succeed(false)
+            done.fail(error)
             return false
         }
     }
@@ -661,28 +663,5 @@ final class AgentTunnelErrorHandler: ChannelInboundHandler {
         tunnel.agent.logger.warning("tunnel to \(tunnel.address) failed: \(error)")
         tunnel.registration.fail(error)
         context.close(promise: nil)
-    }
-}
-
-/// Completes `done` with whether the TLS handshake succeeded.
-final class HandshakeProbe: ChannelInboundHandler {
-    typealias InboundIn = ByteBuffer
-    let done: EventLoopPromise<Bool>
-
-    init(done: EventLoopPromise<Bool>) { self.done = done }
-
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls { done.succeed(true) }
-        context.fireUserInboundEventTriggered(event)
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
-        done.succeed(false)
-        context.close(promise: nil)
-    }
-
-    func channelInactive(context: ChannelHandlerContext) {
-        done.succeed(false)
-        context.fireChannelInactive()
     }
 }

@@ -22,42 +22,19 @@ final class ConnectHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private let server: TunnelServerCore
-    private let requireNonAgentCertificate: Bool
     private var state = State.idle
-    private var headTimeout: Scheduled<Void>?
 
-    /// - Parameter requireNonAgentCertificate: refuse callers presenting an agent certificate (TLS frontends):
-    ///   an edge node must not reach other nodes through the cloud.
-    init(server: TunnelServerCore, requireNonAgentCertificate: Bool) {
+    /// ``HostRouter``, the only way in, has read the whole head under its own deadline and refused callers
+    /// presenting an agent certificate.
+    init(server: TunnelServerCore) {
         self.server = server
-        self.requireNonAgentCertificate = requireNonAgentCertificate
-    }
-
-    func handlerAdded(context: ChannelHandlerContext) {
-        // A caller that does not complete its request head in time (a slow-loris) is dropped.
-        let channel = context.channel
-        headTimeout = context.eventLoop.scheduleTask(in: server.configuration.handshakeTimeout * 3) {
-            channel.close(promise: nil)
-        }
-    }
-
-    func handlerRemoved(context: ChannelHandlerContext) {
-        headTimeout?.cancel()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard case .head(let head) = unwrapInboundIn(data), case .idle = state else { return }
-        headTimeout?.cancel()
         state = .opening
         guard head.method == .CONNECT else {
             respond(context, .methodNotAllowed, "only CONNECT host:port is served on this port")
-            return
-        }
-        if requireNonAgentCertificate, let peer = try? context.pipeline.syncOperations.nioSSL_peerCertificate(),
-            let certificate = try? peer.x509(),
-            certificate.subject.organizations.contains(CertificateAuthority.agentOrganization)
-        {
-            respond(context, .forbidden, "agent certificates cannot open streams")
             return
         }
         guard let target = HostPort(authority: head.uri) else {

@@ -113,7 +113,7 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
             let sync = context.pipeline.syncOperations
             try sync.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes)), position: .after(self))
             let decoder = try sync.handler(type: ByteToMessageHandler<HTTPRequestDecoder>.self)
-            try sync.addHandler(ConnectHandler(server: server, requireNonAgentCertificate: mode == .tls), position: .after(decoder))
+            try sync.addHandler(ConnectHandler(server: server), position: .after(decoder))
             let bytes = buffer!
             buffer = nil
             context.fireChannelRead(wrapInboundOut(bytes))
@@ -242,23 +242,23 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
 }
 
 /// Completes a promise when the TLS handshake of its channel finished (or failed).
-final class HandshakeWaiter: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = ByteBuffer
+public final class HandshakeWaiter: ChannelInboundHandler, RemovableChannelHandler {
+    public typealias InboundIn = ByteBuffer
     let promise: EventLoopPromise<Void>
 
-    init(promise: EventLoopPromise<Void>) { self.promise = promise }
+    public init(promise: EventLoopPromise<Void>) { self.promise = promise }
 
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+    public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls { promise.succeed(()) }
         context.fireUserInboundEventTriggered(event)
     }
 
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
+    public func errorCaught(context: ChannelHandlerContext, error: Error) {
         promise.fail(error)
         context.close(promise: nil)
     }
 
-    func channelInactive(context: ChannelHandlerContext) {
+    public func channelInactive(context: ChannelHandlerContext) {
         promise.fail(HTTPErrorResponse.Failure(description: "connection closed during the TLS handshake"))
         context.fireChannelInactive()
     }

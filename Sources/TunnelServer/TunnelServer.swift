@@ -199,9 +199,6 @@ public final class TunnelServer: @unchecked Sendable {
         try core.refreshServingCertificate(sans: sans)
     }
 
-    /// The SANs of the certificate in force.
-    public var currentSANs: ServerSANs { core.sans }
-
     /// Re-issues the serving certificate two thirds into its life, checked at least hourly.
     private func scheduleRenewal() {
         let renewal = ServingCertificate.renewalTime(of: core.servingCertificate)
@@ -218,7 +215,7 @@ public final class TunnelServer: @unchecked Sendable {
         lock.withLock { renewalTask = task }
     }
 
-    /// Binds every listener. Ports given as 0 are chosen by the OS (see ``boundPorts``).
+    /// Binds every listener (ports given as 0 are chosen by the OS).
     public func start() async throws {
         let host = configuration.bindAddress
         let core = self.core
@@ -308,13 +305,6 @@ public final class TunnelServer: @unchecked Sendable {
             .bind(unixDomainSocketPath: path).get()
         chmod(path, 0o600)
         return channel
-    }
-
-    /// The ports actually bound: tunnel, secure, meta.
-    public var boundPorts: (tunnel: Int, secure: Int, meta: Int) {
-        let ports = lock.withLock { channels.map { $0.localAddress?.port ?? 0 } }
-        guard ports.count >= 3 else { return (0, 0, 0) }
-        return (ports[0], ports[1], ports[2])
     }
 
     /// Graceful shutdown: stop accepting, tell every agent to send no new streams (GOAWAY), let open streams
