@@ -88,7 +88,7 @@ enum JoinClient {
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(NIOSSLClientHandler(context: context, serverHostname: nil))
-                    try sync.addHandler(ByteToMessageHandler(FrameDecoder()))
+                    try sync.addHandler(FrameDecoder())
                     try sync.addHandler(FrameEncoder())
                     try sync.addHandler(handler)
                 }

@@ -357,11 +357,12 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         let channel = try await ClientBootstrap(group: loop)
             .connectTimeout(configuration.connectTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(NIOSSLClientHandler(context: context, serverHostname: hostname))
-                    try sync.addHandler(ByteToMessageHandler(FrameDecoder()))
+                    try sync.addHandler(FrameDecoder())
                     try sync.addHandler(FrameEncoder())
                     try sync.addHandler(tunnel.mux)
                     try sync.addHandler(AgentTunnelErrorHandler(tunnel: tunnel))
@@ -470,6 +471,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         ClientBootstrap(group: loop)
             .connectTimeout(configuration.dialTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
             .channelOption(.allowRemoteHalfClosure, value: true)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {

@@ -62,30 +62,99 @@ public struct FrameError: Error, Hashable, Sendable, CustomStringConvertible {
     }
 }
 
-/// Turns bytes into frames. Rejects oversize frames before buffering them, so a peer cannot make us hold more
-/// than one maximal frame of unparsed input.
-public struct FrameDecoder: NIOSingleStepByteToMessageDecoder {
+/// Turns bytes into frames without copying DATA.
+///
+/// A DATA frame is passed on in pieces as its bytes arrive, each piece a slice of the buffer it came in: a
+/// 256 KiB frame that spans twenty TLS records is never gathered into one buffer (a `ByteToMessageHandler`
+/// would append every record to its cumulation buffer and move the remainder down after each frame: two copies
+/// of every byte). Receivers treat DATA as a byte stream, so pieces are indistinguishable from frames.
+/// Other frames are delivered whole; their payload is gathered only when it spans reads. Oversize frames are
+/// rejected from their header, so a peer cannot make us hold more than one maximal control frame.
+/// After an error the connection's input is ignored (the error is fired for the pipeline to close it).
+public final class FrameDecoder: ChannelInboundHandler {
+    public typealias InboundIn = ByteBuffer
     public typealias InboundOut = Frame
+
+    private enum State {
+        case header
+        /// Inside a DATA frame: `remaining` payload bytes still to come.
+        case data(streamID: UInt32, flags: UInt8, remaining: Int)
+        /// Gathering the payload of a non-DATA frame that spans reads.
+        case control(rawType: UInt8, flags: UInt8, streamID: UInt32, length: Int)
+        case failed
+    }
+
+    private var state = State.header
+    /// Header bytes, or a control payload, split across reads.
+    private var partial: ByteBuffer?
 
     public init() {}
 
-    public mutating func decode(buffer: inout ByteBuffer) throws -> Frame? {
-        guard buffer.readableBytes >= Frame.headerSize else { return nil }
-        let start = buffer.readerIndex
-        guard let length = buffer.getInteger(at: start + 8, as: UInt32.self) else { return nil }
-        guard length <= Frame.maxPayload else { throw FrameError.oversize(length) }
-        guard buffer.readableBytes >= Frame.headerSize + Int(length) else { return nil }
-        let rawType = buffer.readInteger(as: UInt8.self)!
-        let flags = buffer.readInteger(as: UInt8.self)!
-        _ = buffer.readInteger(as: UInt16.self)
-        let streamID = buffer.readInteger(as: UInt32.self)!
-        buffer.moveReaderIndex(forwardBy: 4)
-        let payload = buffer.readSlice(length: Int(length))!
-        return Frame(rawType: rawType, flags: flags, streamID: streamID, payload: payload)
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var buffer = unwrapInboundIn(data)
+        do {
+            while buffer.readableBytes > 0 {
+                if let frame = try next(&buffer, allocator: context.channel.allocator) {
+                    context.fireChannelRead(wrapInboundOut(frame))
+                }
+            }
+        } catch {
+            state = .failed
+            partial = nil
+            context.fireErrorCaught(error)
+        }
     }
 
-    public mutating func decodeLast(buffer: inout ByteBuffer, seenEOF: Bool) throws -> Frame? {
-        try decode(buffer: &buffer)
+    /// Consumes bytes of `buffer` and returns a frame (or DATA piece) when one is complete.
+    private func next(_ buffer: inout ByteBuffer, allocator: ByteBufferAllocator) throws -> Frame? {
+        switch state {
+        case .failed:
+            buffer.moveReaderIndex(to: buffer.writerIndex)
+            return nil
+        case .data(let streamID, let flags, let remaining):
+            let count = min(remaining, buffer.readableBytes)
+            let piece = buffer.readSlice(length: count)!
+            state = count == remaining ? .header : .data(streamID: streamID, flags: flags, remaining: remaining - count)
+            return Frame(rawType: FrameType.data.rawValue, flags: flags, streamID: streamID, payload: piece)
+        case .control(let rawType, let flags, let streamID, let length):
+            let count = min(length - partial!.readableBytes, buffer.readableBytes)
+            var part = buffer.readSlice(length: count)!
+            partial!.writeBuffer(&part)
+            guard partial!.readableBytes == length else { return nil }
+            let payload = partial!
+            partial = nil
+            state = .header
+            return Frame(rawType: rawType, flags: flags, streamID: streamID, payload: payload)
+        case .header:
+            var header: ByteBuffer
+            if partial == nil && buffer.readableBytes >= Frame.headerSize {
+                header = buffer.readSlice(length: Frame.headerSize)!
+            } else {
+                if partial == nil { partial = allocator.buffer(capacity: Frame.headerSize) }
+                var part = buffer.readSlice(length: min(Frame.headerSize - partial!.readableBytes, buffer.readableBytes))!
+                partial!.writeBuffer(&part)
+                guard partial!.readableBytes == Frame.headerSize else { return nil }
+                header = partial!
+                partial = nil
+            }
+            let rawType = header.readInteger(as: UInt8.self)!
+            let flags = header.readInteger(as: UInt8.self)!
+            header.moveReaderIndex(forwardBy: 2)
+            let streamID = header.readInteger(as: UInt32.self)!
+            let length = header.readInteger(as: UInt32.self)!
+            guard length <= Frame.maxPayload else { throw FrameError.oversize(length) }
+            let size = Int(length)
+            if rawType == FrameType.data.rawValue && size > 0 {
+                state = .data(streamID: streamID, flags: flags, remaining: size)
+                return nil
+            }
+            if buffer.readableBytes >= size {
+                return Frame(rawType: rawType, flags: flags, streamID: streamID, payload: buffer.readSlice(length: size)!)
+            }
+            partial = allocator.buffer(capacity: size)
+            state = .control(rawType: rawType, flags: flags, streamID: streamID, length: size)
+            return nil
+        }
     }
 }
 

@@ -50,7 +50,7 @@ public final class TunnelCounters: @unchecked Sendable {
 
 /// Many streams over one tunnel connection, each with its own flow-control window.
 ///
-/// Sits on the tunnel channel after the TLS handler, a `ByteToMessageHandler(FrameDecoder())` and a
+/// Sits on the tunnel channel after the TLS handler, a ``FrameDecoder`` and a
 /// ``FrameEncoder``. Each stream pairs with a socket through a ``StreamGlue``; bytes move between them as
 /// `ByteBuffer`s without copies, and a socket is read only while its stream has send credit and the tunnel is
 /// writable, so memory per stream is bounded by its window and one slow reader never stops another stream.

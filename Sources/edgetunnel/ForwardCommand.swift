@@ -6,6 +6,7 @@ import NIOPosix
 import NIOSSL
 import TunnelPKI
 import TunnelServer
+import TunnelWire
 
 /// `edgetunnel forward`: a local port that reaches NODE:PORT through the tunnel, like `kubectl port-forward`.
 /// Each accepted connection becomes its own `CONNECT` stream on the server's secure port.
@@ -59,6 +60,7 @@ struct ForwardCommand: AsyncParsableCommand {
                 .serverChannelOption(.backlog, value: 1024)
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+                .childChannelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
                 .childChannelOption(.allowRemoteHalfClosure, value: true)
                 .childChannelOption(.autoRead, value: false)
                 .childChannelInitializer { channel in
@@ -104,6 +106,7 @@ final class Forwarder: @unchecked Sendable {
         let connect = ConnectResponseHandler(request: request)
         let bootstrap = ClientBootstrap(group: inbound.eventLoop)
             .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
         let connected: EventLoopFuture<Channel>
         switch endpoint {
         case .tls(let server, let tls):

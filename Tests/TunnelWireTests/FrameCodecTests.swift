@@ -16,14 +16,21 @@ import Testing
     }
 
     func decodeAll(_ bytes: ByteBuffer, chunk: Int) throws -> [Frame] {
-        let channel = EmbeddedChannel(handler: ByteToMessageHandler(FrameDecoder()))
+        let channel = EmbeddedChannel(handler: FrameDecoder())
         var input = bytes
+        var frames: [Frame] = []
         while input.readableBytes > 0 {
             let slice = input.readSlice(length: min(chunk, input.readableBytes))!
             try channel.writeInbound(slice)
+            while var frame = try channel.readInbound(as: Frame.self) {
+                // DATA arrives in pieces as its bytes do (a byte stream); join consecutive pieces of one stream.
+                if frame.type == .data, frames.last?.type == .data, frames.last?.streamID == frame.streamID {
+                    frames[frames.count - 1].payload.writeBuffer(&frame.payload)
+                } else {
+                    frames.append(frame)
+                }
+            }
         }
-        var frames: [Frame] = []
-        while let frame = try channel.readInbound(as: Frame.self) { frames.append(frame) }
         return frames
     }
 
@@ -47,8 +54,22 @@ import Testing
         #expect(decoded[3].type == .fin && decoded[3].payload.readableBytes == 0)
     }
 
+    @Test func dataIsPassedOnAsItArrivesWithoutWaitingForTheWholeFrame() throws {
+        var payload = ByteBuffer()
+        payload.writeBytes((0..<(100 * 1024)).map { UInt8(truncatingIfNeeded: $0) })
+        var wire = try encode([Frame(type: .data, streamID: 9, payload: payload)])
+        let channel = EmbeddedChannel(handler: FrameDecoder())
+        try channel.writeInbound(wire.readSlice(length: Frame.headerSize + 1000)!)
+        let first = try channel.readInbound(as: Frame.self)
+        #expect(first?.type == .data && first?.streamID == 9 && first?.payload.readableBytes == 1000)
+        try channel.writeInbound(wire)
+        let rest = try channel.readInbound(as: Frame.self)
+        #expect(rest?.payload.readableBytes == payload.readableBytes - 1000)
+        #expect(try channel.readInbound(as: Frame.self) == nil)
+    }
+
     @Test func oversizeFrameIsRejectedBeforeItIsBuffered() throws {
-        let channel = EmbeddedChannel(handler: ByteToMessageHandler(FrameDecoder()))
+        let channel = EmbeddedChannel(handler: FrameDecoder())
         var header = ByteBuffer()
         header.writeInteger(FrameType.data.rawValue)
         header.writeInteger(UInt8(0))
@@ -56,6 +77,9 @@ import Testing
         header.writeInteger(UInt32(1))
         header.writeInteger(UInt32(Frame.maxPayload + 1))
         #expect(throws: FrameError.self) { try channel.writeInbound(header) }
+        // The stream is out of step now: nothing after the bad header is taken for a frame.
+        try channel.writeInbound(try encode([Frame(type: .fin, streamID: 1, payload: ByteBuffer())]))
+        #expect(try channel.readInbound(as: Frame.self) == nil)
     }
 
     @Test func unknownTypesAreDeliveredForTheReceiverToIgnore() throws {
