@@ -79,13 +79,20 @@ public final class StreamGlue: ChannelDuplexHandler {
 
     // MARK: From the mux
 
-    func deliverFromTunnel(_ buffer: ByteBuffer) {
+    /// Writes the bytes a read of the tunnel brought for this stream with one flush, and credits them back to
+    /// the peer once the socket took them all.
+    func deliverFromTunnel(_ buffers: [ByteBuffer]) {
         hop {
             guard let context = self.context, !self.outputClosed else { return }
-            let count = buffer.readableBytes
+            var count = 0
+            for buffer in buffers.dropLast() {
+                count += buffer.readableBytes
+                context.write(self.wrapOutboundOut(buffer), promise: nil)
+            }
+            count += buffers.last!.readableBytes
             let mux = self.mux
             let id = self.streamID
-            context.writeAndFlush(self.wrapOutboundOut(buffer)).whenSuccess {
+            context.writeAndFlush(self.wrapOutboundOut(buffers.last!)).whenSuccess {
                 mux.consumedBySocket(id, count: count)
             }
         }

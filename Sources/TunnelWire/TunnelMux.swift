@@ -76,8 +76,11 @@ public final class TunnelMux: ChannelInboundHandler {
         /// Socket bytes beyond the send window, waiting for credit (at most one read's worth).
         var pending: ByteBuffer?
         var finAfterPending = false
-        /// DATA that arrived before the glue was attached.
-        var early: [ByteBuffer] = []
+        /// DATA received and not yet handed to the glue: gathered during one read of the tunnel and handed over
+        /// in one go at its end (one hop, one flush), or held until the glue is attached.
+        var inbound: [ByteBuffer] = []
+        /// Listed in `toDeliver` for the end of the current read.
+        var deliveryQueued = false
         var earlyFin = false
         /// What the glue was last told: reading from its socket is paused.
         var readPaused = false
@@ -109,6 +112,12 @@ public final class TunnelMux: ChannelInboundHandler {
     private var windowBudgetUsed = 0
     private var closed = false
     private var draining = false
+    /// Streams with DATA to hand to their glue when the current read of the tunnel completes.
+    private var toDeliver: [Stream] = []
+    /// Frames written outside a tunnel read wait for one flush at the end of the event loop's current tick, so
+    /// that many streams' bytes leave in one TLS write instead of one system call each.
+    private var flushScheduled = false
+    private var inTunnelRead = false
     /// When the last frame arrived, for keepalive.
     public private(set) var lastFrameReceived = NIODeadline.now()
 
@@ -147,6 +156,7 @@ public final class TunnelMux: ChannelInboundHandler {
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = unwrapInboundIn(data)
         lastFrameReceived = .now()
+        inTunnelRead = true
         do {
             try handle(frame, context: context)
         } catch {
@@ -157,8 +167,26 @@ public final class TunnelMux: ChannelInboundHandler {
     }
 
     public func channelReadComplete(context: ChannelHandlerContext) {
+        inTunnelRead = false
+        deliverQueued()
         context.flush()
         context.fireChannelReadComplete()
+    }
+
+    /// Hands each stream's gathered DATA to its glue.
+    private func deliverQueued() {
+        guard !toDeliver.isEmpty else { return }
+        let streams = toDeliver
+        toDeliver.removeAll(keepingCapacity: true)
+        for stream in streams { deliver(stream) }
+    }
+
+    private func deliver(_ stream: Stream) {
+        stream.deliveryQueued = false
+        guard let glue = stream.glue, !stream.inbound.isEmpty else { return }
+        let buffers = stream.inbound
+        stream.inbound = []
+        glue.deliverFromTunnel(buffers)
     }
 
     private func handle(_ frame: Frame, context: ChannelHandlerContext) throws {
@@ -169,10 +197,10 @@ public final class TunnelMux: ChannelInboundHandler {
             let count = frame.payload.readableBytes
             try stream.receive.receive(count)
             counters.add(in: count)
-            if let glue = stream.glue {
-                glue.deliverFromTunnel(frame.payload)
-            } else {
-                stream.early.append(frame.payload)
+            stream.inbound.append(frame.payload)
+            if stream.glue != nil && !stream.deliveryQueued {
+                stream.deliveryQueued = true
+                toDeliver.append(stream)
             }
         case .window:
             guard let increment = frame.u32Payload else { throw FrameError("WINDOW without an increment") }
@@ -182,7 +210,12 @@ public final class TunnelMux: ChannelInboundHandler {
         case .fin:
             guard let stream = streams[frame.streamID] else { return }
             stream.remoteFinReceived = true
-            if let glue = stream.glue { glue.finishOutputFromTunnel() } else { stream.earlyFin = true }
+            if let glue = stream.glue {
+                deliver(stream)  // bytes before the FIN go first
+                glue.finishOutputFromTunnel()
+            } else {
+                stream.earlyFin = true
+            }
             removeIfDone(stream)
         case .rst:
             guard let stream = streams.removeValue(forKey: frame.streamID) else { return }
@@ -340,8 +373,7 @@ public final class TunnelMux: ChannelInboundHandler {
                 return
             }
             stream.glue = glue
-            for buffer in stream.early { glue.deliverFromTunnel(buffer) }
-            stream.early = []
+            self.deliver(stream)
             if stream.earlyFin { glue.finishOutputFromTunnel() }
             self.updateReadState(stream)
         }
@@ -392,7 +424,8 @@ public final class TunnelMux: ChannelInboundHandler {
             guard let update = stream.receive.consumed(count, mayGrow: mayGrow) else { return }
             self.windowBudgetUsed += update.growth
             self.writeFrame(
-                .window(streamID: streamID, increment: update.increment, allocator: self.allocator), flush: true)
+                .window(streamID: streamID, increment: update.increment, allocator: self.allocator), flush: false)
+            self.scheduleFlush()
         }
     }
 
@@ -416,6 +449,7 @@ public final class TunnelMux: ChannelInboundHandler {
     }
 
     private func streamRemoved(_ stream: Stream) {
+        stream.inbound = []
         windowBudgetUsed -= stream.receive.size
         counters.setStreams(streams.count)
     }
@@ -446,7 +480,18 @@ public final class TunnelMux: ChannelInboundHandler {
         if stream.pending == nil && stream.finAfterPending {
             sendFin(stream)
         } else if wrote {
-            context.flush()
+            scheduleFlush()
+        }
+    }
+
+    /// Flushes the tunnel once the event loop has handled everything that is ready now (all sockets' reads of
+    /// this tick), or at the end of the tunnel read in progress.
+    private func scheduleFlush() {
+        guard !inTunnelRead, !flushScheduled else { return }
+        flushScheduled = true
+        eventLoop.execute {
+            self.flushScheduled = false
+            self.context?.flush()
         }
     }
 

@@ -143,6 +143,7 @@ final class RecordingDelegate: TunnelMuxDelegate {
     @Test func socketPausesWithoutCreditAndResumesOnWindowEvenWithNothingPending() throws {
         let (tunnel, socket, glue) = try openedStream(window: 100)
         try socket.writeInbound(bytes(100))  // exactly the window: nothing left pending
+        tunnel.embeddedEventLoop.run()  // the tunnel is flushed at the end of the loop's tick
         let data = try tunnel.readOutbound(as: Frame.self)
         #expect(data?.type == .data && data?.payload.readableBytes == 100)
         #expect(glue.paused)
@@ -153,6 +154,7 @@ final class RecordingDelegate: TunnelMuxDelegate {
     @Test func bytesBeyondTheWindowWaitAndGoOutWhenCreditArrives() throws {
         let (tunnel, socket, glue) = try openedStream(window: 100)
         try socket.writeInbound(bytes(150))
+        tunnel.embeddedEventLoop.run()
         #expect(try tunnel.readOutbound(as: Frame.self)?.payload.readableBytes == 100)
         #expect(try tunnel.readOutbound(as: Frame.self) == nil)
         #expect(glue.paused)
@@ -168,6 +170,7 @@ final class RecordingDelegate: TunnelMuxDelegate {
         let (tunnel, socket, _) = try openedStream(window: 10)
         try socket.writeInbound(bytes(15))
         socket.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        tunnel.embeddedEventLoop.run()
         #expect(try tunnel.readOutbound(as: Frame.self)?.type == .data)
         #expect(try tunnel.readOutbound(as: Frame.self) == nil)  // FIN waits for the last 5 bytes
         try tunnel.writeInbound(Frame.window(streamID: 1, increment: 10, allocator: .init()))
@@ -181,6 +184,7 @@ final class RecordingDelegate: TunnelMuxDelegate {
         for _ in 0..<4 {
             try tunnel.writeInbound(Frame(type: .data, streamID: 1, payload: bytes(size / 4)))
         }
+        tunnel.embeddedEventLoop.run()
         var written = 0
         while let part = try socket.readOutbound(as: ByteBuffer.self) { written += part.readableBytes }
         #expect(written == size)
@@ -189,5 +193,40 @@ final class RecordingDelegate: TunnelMuxDelegate {
             if frame.type == .window { credited += Int(frame.u32Payload ?? 0) }
         }
         #expect(credited >= size)
+    }
+
+    @Test func readsOfManySocketsInOneTickLeaveInOneFlush() throws {
+        let loop = EmbeddedEventLoop()
+        let tunnel = EmbeddedChannel(loop: loop)
+        let flushes = FlushCounter()
+        let mux = TunnelMux(role: .server, eventLoop: loop)
+        try tunnel.pipeline.syncOperations.addHandlers([flushes, mux])
+        try tunnel.connect(to: .init(ipAddress: "127.0.0.1", port: 1)).wait()
+        var sockets: [EmbeddedChannel] = []
+        for id in [UInt32(1), 3, 5] {
+            let opened = mux.openStream(target: "edge-1:10250")
+            try tunnel.writeInbound(OpenOK(window: 1 << 20).frame(streamID: id))
+            guard case .opened = try opened.wait() else { throw FrameError("not opened") }
+            let socket = EmbeddedChannel(loop: loop)
+            try socket.pipeline.syncOperations.addHandler(StreamGlue(mux: mux, streamID: id, eventLoop: loop))
+            sockets.append(socket)
+        }
+        while try tunnel.readOutbound(as: Frame.self) != nil {}
+        flushes.count = 0
+        for socket in sockets { try socket.writeInbound(bytes(1000)) }
+        loop.run()
+        var streams: [UInt32] = []
+        while let frame = try tunnel.readOutbound(as: Frame.self) { streams.append(frame.streamID) }
+        #expect(streams == [1, 3, 5])
+        #expect(flushes.count == 1)
+    }
+}
+
+final class FlushCounter: ChannelOutboundHandler {
+    typealias OutboundIn = Frame
+    var count = 0
+    func flush(context: ChannelHandlerContext) {
+        count += 1
+        context.flush()
     }
 }
