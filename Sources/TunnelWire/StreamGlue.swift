@@ -25,6 +25,8 @@ public final class StreamGlue: ChannelDuplexHandler {
     private var inputClosed = false
     private var outputClosed = false
     private var resetting = false
+    /// The socket failed (reset by its peer, ...): its close aborts the stream.
+    private var failed = false
 
     /// - Parameter eventLoop: the event loop of the socket channel this glue is added to.
     public init(mux: TunnelMux, streamID: UInt32, eventLoop: EventLoop) {
@@ -69,11 +71,14 @@ public final class StreamGlue: ChannelDuplexHandler {
     }
 
     public func channelInactive(context: ChannelHandlerContext) {
-        mux.socketClosed(streamID)
+        // After we shut its output, a socket whose peer then closes is closed whole by NIO with no inputClosed
+        // event: that is still an orderly end of its input, not an abort.
+        mux.socketClosed(streamID, eof: outputClosed && !inputClosed && !failed && !resetting)
         context.fireChannelInactive()
     }
 
     public func errorCaught(context: ChannelHandlerContext, error: Error) {
+        failed = true
         context.close(promise: nil)
     }
 

@@ -402,8 +402,20 @@ public final class TunnelMux: ChannelInboundHandler {
         }
     }
 
-    func socketClosed(_ streamID: UInt32) {
+    /// The socket closed. `eof`: it ended cleanly after its output was finished (NIO reports that as a close,
+    /// not as an input EOF, once both halves are shut): the stream ends with FIN after its last bytes, as a
+    /// half-close would. Otherwise the stream is reset.
+    func socketClosed(_ streamID: UInt32, eof: Bool = false) {
         execute {
+            if eof, let stream = self.streams[streamID], !stream.localFinSent {
+                stream.glue = nil  // the socket is gone; what it sent still goes out
+                if stream.pending != nil {
+                    stream.finAfterPending = true
+                } else {
+                    self.sendFin(stream)
+                }
+                return
+            }
             guard let stream = self.streams.removeValue(forKey: streamID) else { return }
             self.streamRemoved(stream)
             if !(stream.localFinSent && stream.remoteFinReceived) {

@@ -195,6 +195,19 @@ final class RecordingDelegate: TunnelMuxDelegate {
         #expect(credited >= size)
     }
 
+    @Test func socketClosingAfterItsOutputWasFinishedEndsTheStreamWithFinNotReset() throws {
+        let (tunnel, socket, _) = try openedStream(window: 1000)
+        try socket.writeInbound(bytes(10))  // the socket's last bytes
+        // The peer is done sending: the glue finishes the socket's output, and this socket (like a TCP socket
+        // whose peer had already closed) closes whole, with no input-EOF event.
+        try tunnel.writeInbound(Frame(type: .fin, streamID: 1, payload: ByteBuffer()))
+        tunnel.embeddedEventLoop.run()
+        #expect(!socket.isActive)
+        var types: [FrameType?] = []
+        while let frame = try tunnel.readOutbound(as: Frame.self) { types.append(frame.type) }
+        #expect(types == [.data, .fin])
+    }
+
     @Test func readsOfManySocketsInOneTickLeaveInOneFlush() throws {
         let loop = EmbeddedEventLoop()
         let tunnel = EmbeddedChannel(loop: loop)
