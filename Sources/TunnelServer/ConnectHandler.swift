@@ -11,37 +11,50 @@ import TunnelWire
 /// `200 Connection established` is written only once the agent has dialled the target, so a caller never sees
 /// success followed by a broken pipe; otherwise 400/403/502/503/504 with a one-line reason, and the connection
 /// closes. Responses are written as raw bytes: NIOHTTP1's encoder would add body framing to a CONNECT's 200.
-final class ConnectHandler: ChannelInboundHandler, RemovableChannelHandler {
-    typealias InboundIn = HTTPServerRequestPart
+/// Bytes the caller sent after its request are held (and reading paused) until the stream exists.
+final class ConnectHandler: ChannelDuplexHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     private enum State {
-        case idle
         case opening
         case done
     }
 
     private let server: TunnelServerCore
-    private var state = State.idle
+    private let target: String
+    private var state = State.opening
+    /// Caller bytes after the request head, for the stream.
+    private var early: ByteBuffer?
+    private var readPending = false
 
-    /// ``HostRouter``, the only way in, has read the whole head under its own deadline and refused callers
-    /// presenting an agent certificate.
-    init(server: TunnelServerCore) {
+    /// ``HostRouter``, the only way in, has parsed the `CONNECT` head under its own deadline and refused callers
+    /// presenting an agent certificate; `early` holds whatever followed the head.
+    init(server: TunnelServerCore, target: String, early: ByteBuffer?) {
         self.server = server
+        self.target = target
+        self.early = early
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        guard let destination = HostPort(authority: target) else {
+            respond(context, 400, "CONNECT target \"\(target)\" is not host:port")
+            return
+        }
+        open(destination, context: context)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard case .head(let head) = unwrapInboundIn(data), case .idle = state else { return }
-        state = .opening
-        guard head.method == .CONNECT else {
-            respond(context, .methodNotAllowed, "only CONNECT host:port is served on this port")
-            return
-        }
-        guard let target = HostPort(authority: head.uri) else {
-            respond(context, .badRequest, "CONNECT target \"\(head.uri)\" is not host:port")
-            return
-        }
-        open(target, context: context)
+        guard case .opening = state else { return }
+        var incoming = unwrapInboundIn(data)
+        if early == nil { early = incoming } else { early!.writeBuffer(&incoming) }
+    }
+
+    func read(context: ChannelHandlerContext) {
+        // No reading while the stream is being opened: the caller waits for the 200 (backpressure).
+        if case .opening = state { readPending = true } else { context.read() }
     }
 
     private func open(_ target: HostPort, context: ChannelHandlerContext) {
@@ -55,7 +68,7 @@ final class ConnectHandler: ChannelInboundHandler, RemovableChannelHandler {
                 }
                 self.established(context, mux: mux, streamID: id)
             case .failed(let status, let message):
-                self.respond(context, HTTPResponseStatus(statusCode: status), message)
+                self.respond(context, status, message)
             }
         }
     }
@@ -67,29 +80,26 @@ final class ConnectHandler: ChannelInboundHandler, RemovableChannelHandler {
         context.writeAndFlush(wrapOutboundOut(head), promise: nil)
         do {
             let pipeline = context.pipeline.syncOperations
-            try pipeline.addHandler(StreamGlue(mux: mux, streamID: streamID, eventLoop: context.eventLoop))
-            // Removing the decoder forwards any bytes the caller already sent after its request to the glue.
-            let decoder = try pipeline.handler(type: ByteToMessageHandler<HTTPRequestDecoder>.self)
+            try pipeline.addHandler(StreamGlue(mux: mux, streamID: streamID, eventLoop: context.eventLoop), position: .after(self))
+            if let early, early.readableBytes > 0 {
+                self.early = nil
+                context.fireChannelRead(wrapInboundOut(early))
+            }
+            if readPending {
+                readPending = false
+                context.read()
+            }
             pipeline.removeHandler(context: context, promise: nil)
-            pipeline.removeHandler(decoder, promise: nil)
         } catch {
             mux.cancelStream(streamID)
             context.close(promise: nil)
         }
     }
 
-    private func respond(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ message: String) {
+    private func respond(_ context: ChannelHandlerContext, _ status: Int, _ message: String) {
         state = .done
-        HTTPErrorResponse.send(context, Int(status.code), message, logger: server.logger)
-    }
-
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
-        if case .idle = state, error is HTTPParserError {
-            // Malformed request or oversized header block.
-            respond(context, .badRequest, "malformed HTTP request: \(error)")
-            return
-        }
-        context.close(promise: nil)
+        early = nil
+        HTTPErrorResponse.send(context, status, message, logger: server.logger)
     }
 }
 

@@ -85,7 +85,7 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
             return
         }
         if head.method == "CONNECT" {
-            handOverToConnect(context)
+            handOverToConnect(context, target: head.target, headLength: end)
             return
         }
         let destination: HostPort
@@ -107,16 +107,16 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
         HTTPErrorResponse.send(context, status, message, logger: server.logger)
     }
 
-    /// CONNECT requests are served by the CONNECT handler, fed with the bytes read so far.
-    private func handOverToConnect(_ context: ChannelHandlerContext) {
+    /// CONNECT requests are served by the CONNECT handler, with the bytes read after the head.
+    private func handOverToConnect(_ context: ChannelHandlerContext, target: String, headLength: Int) {
+        var bytes = buffer!
+        buffer = nil
+        bytes.moveReaderIndex(forwardBy: headLength)
         do {
             let sync = context.pipeline.syncOperations
-            try sync.addHandler(ByteToMessageHandler(HTTPRequestDecoder(leftOverBytesStrategy: .forwardBytes)), position: .after(self))
-            let decoder = try sync.handler(type: ByteToMessageHandler<HTTPRequestDecoder>.self)
-            try sync.addHandler(ConnectHandler(server: server), position: .after(decoder))
-            let bytes = buffer!
-            buffer = nil
-            context.fireChannelRead(wrapInboundOut(bytes))
+            try sync.addHandler(
+                ConnectHandler(server: server, target: target, early: bytes.readableBytes > 0 ? bytes : nil),
+                position: .after(self))
             sync.removeHandler(context: context, promise: nil)
         } catch {
             context.close(promise: nil)

@@ -43,7 +43,8 @@ struct RequestHead: Equatable {
         guard let text = String(validating: bytes, as: UTF8.self) else {
             throw Rejection(status: 400, reason: "request head is not valid UTF-8")
         }
-        var lines = text.components(separatedBy: "\r\n")
+        // "\r\n" is one Character (a grapheme cluster): this splits at CRLF only, like the HTTP grammar.
+        var lines = text.split(separator: "\r\n", omittingEmptySubsequences: false)
         while lines.last == "" { lines.removeLast() }
         guard let requestLine = lines.first else { throw Rejection(status: 400, reason: "empty request") }
         let parts = requestLine.split(separator: " ", omittingEmptySubsequences: false)
@@ -61,7 +62,8 @@ struct RequestHead: Equatable {
             guard let colon = line.firstIndex(of: ":") else { throw Rejection(status: 400, reason: "malformed header line") }
             let name = String(line[..<colon])
             guard !name.isEmpty, !name.contains(" ") else { throw Rejection(status: 400, reason: "malformed header name") }
-            headers.append((name, line[line.index(after: colon)...].trimmingCharacters(in: .whitespaces)))
+            let value = line[line.index(after: colon)...].drop { $0 == " " || $0 == "\t" }
+            headers.append((name, String(value.reversed().drop { $0 == " " || $0 == "\t" }.reversed())))
         }
         let lengths = Set(values("Content-Length"))
         if !values("Transfer-Encoding").isEmpty && !lengths.isEmpty {
@@ -75,7 +77,7 @@ struct RequestHead: Equatable {
     }
 
     func values(_ name: String) -> [String] {
-        headers.filter { $0.name.caseInsensitiveCompare(name) == .orderedSame }.map(\.value)
+        headers.filter { $0.name.utf8.count == name.utf8.count && $0.name.lowercased() == name.lowercased() }.map(\.value)
     }
 
     /// The routing destination: the `Host` header (or an absolute-form target), with `defaultPort` if none.
