@@ -16,6 +16,12 @@ public struct AgentCredentials: Sendable {
     public let privateKey: Certificate.PrivateKey
     public let ca: Certificate
 
+    public init(certificate: Certificate, privateKey: Certificate.PrivateKey, ca: Certificate) {
+        self.certificate = certificate
+        self.privateKey = privateKey
+        self.ca = ca
+    }
+
     /// Reads existing credentials, checking that they belong together, name this node, and are valid.
     public static func load(paths: PKIPaths, nodeName: String, now: Date = Date()) throws -> AgentCredentials {
         let ca = try PEMFiles.certificate(at: paths.caCertificate)

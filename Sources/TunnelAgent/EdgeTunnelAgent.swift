@@ -91,6 +91,11 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         throw lastError ?? JoinError(description: "join failed")
     }
 
+    /// Uses credentials made elsewhere instead of the PKI folder (the swarm benchmark issues thousands in memory).
+    public func useCredentials(_ credentials: AgentCredentials) {
+        setCredentials(credentials)
+    }
+
     private func setCredentials(_ credentials: AgentCredentials) {
         lock.withLock { self.credentials = credentials }
         metrics.certificateExpiry.set(credentials.certificate.notValidAfter.timeIntervalSince1970)
@@ -468,7 +473,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
             return
         }
         let loop = mux.eventLoop
-        ClientBootstrap(group: loop)
+        let bootstrap = ClientBootstrap(group: loop)
             .connectTimeout(configuration.dialTimeout)
             .channelOption(.socketOption(.tcp_nodelay), value: 1)
             .channelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
@@ -479,7 +484,15 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
                         StreamGlue(mux: mux, streamID: streamID, eventLoop: channel.eventLoop))
                 }
             }
-            .connect(host: target.host, port: target.port)
+        // An IP target is dialled directly: the resolver and Happy Eyeballs machinery of connect(host:port:)
+        // cost more than the connect itself, which matters at thousands of new streams a second.
+        let connected: EventLoopFuture<Channel>
+        if let address = try? SocketAddress(ipAddress: target.host, port: target.port) {
+            connected = bootstrap.connect(to: address)
+        } else {
+            connected = bootstrap.connect(host: target.host, port: target.port)
+        }
+        connected
             .whenComplete { [weak self] result in
                 guard let self else { return }
                 switch result {

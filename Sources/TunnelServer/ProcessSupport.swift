@@ -29,6 +29,15 @@ public enum ProcessSupport {
         }
     }
 
+    /// Raises the open-file limit to its hard maximum: a server carrying thousands of agents and streams, or an
+    /// agent carrying thousands of streams, needs a descriptor for each (the soft limit is often 1024).
+    public static func raiseFileLimit() {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
+        limit.rlim_cur = limit.rlim_max
+        _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+    }
+
     /// Calls `handler` (on a private queue) every time `number` arrives, e.g. SIGHUP for a reload. Keep the
     /// returned source alive.
     public static func onSignal(_ number: Int32, _ handler: @escaping @Sendable () -> Void) -> DispatchSourceSignal {

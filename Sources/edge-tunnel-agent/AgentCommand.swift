@@ -55,6 +55,7 @@ struct AgentCommand: AsyncParsableCommand {
             fail("\(error)")
         }
         ProcessSupport.bootstrapLogging(level: level, json: json)
+        ProcessSupport.raiseFileLimit()
         let logger = Logger(label: "edge-tunnel-agent")
         let agent: EdgeTunnelAgent
         do {

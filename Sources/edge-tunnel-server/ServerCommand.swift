@@ -71,6 +71,7 @@ struct ServerCommand: AsyncParsableCommand {
             fail("\(error)")
         }
         ProcessSupport.bootstrapLogging(level: level, json: json)
+        ProcessSupport.raiseFileLimit()
         let logger = Logger(label: "edge-tunnel-server")
         let server: TunnelServer
         do {

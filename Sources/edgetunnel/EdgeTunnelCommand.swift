@@ -11,7 +11,7 @@ struct EdgeTunnelCommand: AsyncParsableCommand {
         commandName: "edgetunnel",
         abstract: "Administer an EdgeTunnel cloud-edge tunnel: PKI, tokens, status, forwarding, the network plan, and a local demo.",
         subcommands: [PKICommand.self, TokenCommand.self, DemoCommand.self, StatusCommand.self, ForwardCommand.self, PlanCommand.self,
-            ManifestsCommand.self, DoctorCommand.self, ProbeCommand.self, RoutesCommand.self,
+            ManifestsCommand.self, DoctorCommand.self, ProbeCommand.self, RoutesCommand.self, BenchCommand.self,
         ]
     )
 }

@@ -30,25 +30,7 @@ struct ForwardCommand: AsyncParsableCommand {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let listener: Channel
         do {
-            let endpoint: Forwarder.Endpoint
-            if server.hasPrefix("unix:") {
-                let path = String(server.dropFirst("unix:".count))
-                guard !path.isEmpty else { throw PKIError(.invalidArgument, "invalid --server \"\(server)\": expected unix:PATH") }
-                endpoint = .unix(path)
-            } else {
-                guard let serverAddress = HostPort(authority: server) else {
-                    throw PKIError(.invalidArgument, "invalid --server \"\(server)\": expected HOST:PORT or unix:PATH")
-                }
-                guard let caFile, let cert, let key else {
-                    throw PKIError(.invalidArgument, "--ca-file, --cert and --key are required for a TLS --server")
-                }
-                var tls = TLSConfiguration.makeClientConfiguration()
-                tls.trustRoots = try TLSContexts.trustRoots(file: caFile)
-                let (certificate, privateKey) = try PEMFiles.keyPair(certificate: cert, key: key)
-                tls.certificateChain = [.certificate(try TLSContexts.nioCertificate(certificate))]
-                tls.privateKey = .privateKey(try TLSContexts.nioKey(privateKey))
-                endpoint = .tls(serverAddress, try NIOSSLContext(configuration: tls))
-            }
+            let endpoint = try Forwarder.Endpoint(server: server, caFile: caFile, cert: cert, key: key)
             guard let target = HostPort(authority: to) else {
                 throw PKIError(.invalidArgument, "invalid --to \"\(to)\": expected NODE:PORT")
             }
@@ -88,6 +70,28 @@ final class Forwarder: @unchecked Sendable {
         case tls(HostPort, NIOSSLContext)
         /// The server's Unix socket: same host, no TLS.
         case unix(String)
+
+        /// From the `--server`, `--ca-file`, `--cert` and `--key` options.
+        init(server: String, caFile: String?, cert: String?, key: String?) throws {
+            if server.hasPrefix("unix:") {
+                let path = String(server.dropFirst("unix:".count))
+                guard !path.isEmpty else { throw PKIError(.invalidArgument, "invalid --server \"\(server)\": expected unix:PATH") }
+                self = .unix(path)
+                return
+            }
+            guard let serverAddress = HostPort(authority: server) else {
+                throw PKIError(.invalidArgument, "invalid --server \"\(server)\": expected HOST:PORT or unix:PATH")
+            }
+            guard let caFile, let cert, let key else {
+                throw PKIError(.invalidArgument, "--ca-file, --cert and --key are required for a TLS --server")
+            }
+            var tls = TLSConfiguration.makeClientConfiguration()
+            tls.trustRoots = try TLSContexts.trustRoots(file: caFile)
+            let (certificate, privateKey) = try PEMFiles.keyPair(certificate: cert, key: key)
+            tls.certificateChain = [.certificate(try TLSContexts.nioCertificate(certificate))]
+            tls.privateKey = .privateKey(try TLSContexts.nioKey(privateKey))
+            self = .tls(serverAddress, try NIOSSLContext(configuration: tls))
+        }
     }
 
     let endpoint: Endpoint
@@ -100,11 +104,12 @@ final class Forwarder: @unchecked Sendable {
         self.logger = logger
     }
 
-    func accept(_ inbound: Channel) {
+    /// Connects to the server on `loop` and sends `CONNECT target`; once the server answered 200, `ready` runs
+    /// (to add the handlers that take the stream's bytes) and the response handler is removed.
+    func openStream(on loop: EventLoop, ready: @escaping (Channel) throws -> Void = { _ in }) -> EventLoopFuture<Channel> {
         let request = "CONNECT \(target) HTTP/1.1\r\nHost: \(target)\r\n\r\n"
-        let (localGlue, tunnelGlue) = RelayGlue.pair()
         let connect = ConnectResponseHandler(request: request)
-        let bootstrap = ClientBootstrap(group: inbound.eventLoop)
+        let bootstrap = ClientBootstrap(group: loop)
             .channelOption(.allowRemoteHalfClosure, value: true)
             .channelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
         let connected: EventLoopFuture<Channel>
@@ -129,23 +134,28 @@ final class Forwarder: @unchecked Sendable {
                 }
                 .connect(unixDomainSocketPath: path)
         }
-        connected
-            .flatMap { outbound in
-                connect.established.flatMap {
-                    // Both channels are on the same loop: glue them, then let the local side read.
-                    do {
-                        try inbound.pipeline.syncOperations.addHandler(localGlue)
-                        try outbound.pipeline.syncOperations.addHandler(tunnelGlue)
-                        outbound.pipeline.syncOperations.removeHandler(connect, promise: nil)
-                    } catch {
-                        return inbound.eventLoop.makeFailedFuture(error)
-                    }
-                    // Reads were held until the stream existed; from now on the glue paces them.
-                    return inbound.setOption(.autoRead, value: true)
-                }.flatMapErrorThrowing { error in
-                    outbound.close(promise: nil)
-                    throw error
-                }
+        return connected.flatMap { outbound in
+            connect.established.flatMapThrowing { () -> Channel in
+                try ready(outbound)
+                outbound.pipeline.syncOperations.removeHandler(connect, promise: nil)
+                return outbound
+            }.flatMapErrorThrowing { error -> Channel in
+                outbound.close(promise: nil)
+                throw error
+            }
+        }
+    }
+
+    func accept(_ inbound: Channel) {
+        let (localGlue, tunnelGlue) = RelayGlue.pair()
+        // Both channels on the same loop: the glue relays between them without hops.
+        openStream(on: inbound.eventLoop) { outbound in
+            try inbound.pipeline.syncOperations.addHandler(localGlue)
+            try outbound.pipeline.syncOperations.addHandler(tunnelGlue)
+        }
+            .flatMap { _ in
+                // Reads were held until the stream existed; from now on the glue paces them.
+                return inbound.setOption(.autoRead, value: true)
             }
             .whenFailure { error in
                 self.logger.warning("forward to \(self.target) failed: \(error)")
