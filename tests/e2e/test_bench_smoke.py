@@ -24,5 +24,20 @@ def test_every_contender_produces_numbers(tmp_path):
         for key in ["wrk_1k_rps", "wrk_1m_rps", "wrk_1k_p99_ms", "wrk_1m_p99_ms"]:
             assert isinstance(figures[key]["median"], (int, float)), (name, key)
             assert len(figures[key]["runs"]) == 1, (name, key)
+        # The responses were the files, not errors.
+        assert not any("Non-2xx" in error for error in figures["errors"]), (name, figures["errors"])
+    # Stream set-up: every stream of the short run opened, on both paths.
+    for path in ("uds", "tls"):
+        assert data["setup"][path]["streams_per_second"]["median"] > 0, path
+        assert data["setup"][path]["failures"]["median"] == 0, path
+    # Footprint: the processes were found and measured; idle streams were held (RSS can only be read, not judged).
+    footprint = data["footprint"]
+    assert footprint["idle_agent_mib"]["median"] > 0 and footprint["idle_server_mib"]["median"] > 0
+    assert footprint["server_cpu_s_per_gb"]["median"] > 0 and footprint["agent_cpu_s_per_gb"]["median"] > 0
+    # Swarm: all agents connected, and all came back after the server restarted.
+    swarm = data["swarm"]["50"]
+    assert swarm["connect_s"]["median"] > 0 and swarm["reconnect_s"]["median"] > 0
+    assert swarm["server_rss_mib"]["median"] > 0
     table = (tmp_path / "out" / "bench.md").read_text()
     assert "EdgeTunnel (forward → TLS CONNECT)" in table and "× ssh -R" in table
+    assert "new streams/s" in table and "KiB per agent" in table and "idle agent RSS" in table
