@@ -6,5 +6,5 @@ public enum SocketTuning {
     /// `read` system calls and TLS unwraps, which is where a relay's time goes on loopback. The size adapts
     /// per channel, so small request/response traffic keeps small buffers.
     public static let receiveAllocator = AdaptiveRecvByteBufferAllocator(
-        minimum: 1024, initial: 16 * 1024, maximum: 256 * 1024)
+        minimum: 1024, initial: 2048, maximum: 256 * 1024)
 }
