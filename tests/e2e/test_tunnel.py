@@ -199,13 +199,27 @@ def test_a_registration_for_another_node_is_refused(cluster, edge):
     context = cluster.tls_context(agent_pki / "agent.crt", agent_pki / "agent.key")
     with socket.create_connection(("127.0.0.1", cluster.ports["tunnel"]), timeout=10) as raw:
         with context.wrap_socket(raw) as tls:
-            hello = json.dumps({"version": 1, "nodeName": "edge-9", "nodeIPs": [], "capabilities": []}).encode()
+            hello = json.dumps({"version": 2, "nodeName": "edge-9", "nodeIPs": [], "capabilities": []}).encode()
             tls.sendall(frame(1, 0, hello))
             frame_type, _, payload = read_frame(tls)
     assert frame_type == 15  # REFUSED
     reason = json.loads(payload)["reason"]
     assert "edge-1" in reason and "edge-9" in reason
     assert "registration refused" in cluster.server.text()
+    assert [a["nodeName"] for a in cluster.agents()] == ["edge-1"]
+
+
+def test_an_agent_of_another_protocol_version_is_refused_with_the_reason(cluster, edge):
+    """Version 1 agents (JSON OPEN) cannot talk to this server: told so at HELLO, not broken at the first stream."""
+    agent_pki = cluster.tmp / "agent-edge-1"
+    context = cluster.tls_context(agent_pki / "agent.crt", agent_pki / "agent.key")
+    with socket.create_connection(("127.0.0.1", cluster.ports["tunnel"]), timeout=10) as raw:
+        with context.wrap_socket(raw) as tls:
+            hello = json.dumps({"version": 1, "nodeName": "edge-1", "nodeIPs": [], "capabilities": []}).encode()
+            tls.sendall(frame(1, 0, hello))
+            frame_type, _, payload = read_frame(tls)
+    assert frame_type == 15  # REFUSED
+    assert json.loads(payload)["reason"] == "protocol version 1 is not supported (server speaks 2)"
     assert [a["nodeName"] for a in cluster.agents()] == ["edge-1"]
 
 
