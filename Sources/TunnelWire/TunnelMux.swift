@@ -291,11 +291,8 @@ public final class TunnelMux: ChannelInboundHandler {
             stream.openPromise = promise
             self.streams[id] = stream
             self.counters.setStreams(self.streams.count)
-            context.writeAndFlush(
-                self.wrapOutboundOut(
-                    Open(target: target, window: stream.receive.size).frame(
-                        streamID: id, allocator: context.channel.allocator)),
-                promise: nil)
+            self.writeStreamFrame(
+                Open(target: target, window: stream.receive.size).frame(streamID: id, allocator: context.channel.allocator))
         }
         return promise.futureResult
     }
@@ -305,7 +302,7 @@ public final class TunnelMux: ChannelInboundHandler {
         execute {
             guard let stream = self.streams.removeValue(forKey: streamID) else { return }
             self.streamRemoved(stream)
-            self.writeFrame(.rst(streamID: streamID, code: .cancel, allocator: self.allocator), flush: true)
+            self.writeStreamFrame(.rst(streamID: streamID, code: .cancel, allocator: self.allocator))
             stream.glue?.resetFromTunnel()
         }
     }
@@ -315,10 +312,8 @@ public final class TunnelMux: ChannelInboundHandler {
         execute {
             guard let stream = self.streams[streamID], let context = self.context else { return }
             stream.accepted = true
-            context.writeAndFlush(
-                self.wrapOutboundOut(
-                    OpenOK(window: stream.receive.size).frame(streamID: streamID, allocator: context.channel.allocator)),
-                promise: nil)
+            self.writeStreamFrame(
+                OpenOK(window: stream.receive.size).frame(streamID: streamID, allocator: context.channel.allocator))
         }
     }
 
@@ -327,10 +322,8 @@ public final class TunnelMux: ChannelInboundHandler {
         execute {
             guard let stream = self.streams.removeValue(forKey: streamID), let context = self.context else { return }
             self.streamRemoved(stream)
-            context.writeAndFlush(
-                self.wrapOutboundOut(
-                    OpenFail(code: code, reason: reason).frame(streamID: streamID, allocator: context.channel.allocator)),
-                promise: nil)
+            self.writeStreamFrame(
+                OpenFail(code: code, reason: reason).frame(streamID: streamID, allocator: context.channel.allocator))
         }
     }
 
@@ -419,7 +412,7 @@ public final class TunnelMux: ChannelInboundHandler {
             guard let stream = self.streams.removeValue(forKey: streamID) else { return }
             self.streamRemoved(stream)
             if !(stream.localFinSent && stream.remoteFinReceived) {
-                self.writeFrame(.rst(streamID: streamID, code: .cancel, allocator: self.allocator), flush: true)
+                self.writeStreamFrame(.rst(streamID: streamID, code: .cancel, allocator: self.allocator))
             }
         }
     }
@@ -435,9 +428,7 @@ public final class TunnelMux: ChannelInboundHandler {
                 && self.windowBudgetUsed + stream.receive.size <= self.limits.connectionWindowBudget
             guard let update = stream.receive.consumed(count, mayGrow: mayGrow) else { return }
             self.windowBudgetUsed += update.growth
-            self.writeFrame(
-                .window(streamID: streamID, increment: update.increment, allocator: self.allocator), flush: false)
-            self.scheduleFlush()
+            self.writeStreamFrame(.window(streamID: streamID, increment: update.increment, allocator: self.allocator))
         }
     }
 
@@ -496,6 +487,14 @@ public final class TunnelMux: ChannelInboundHandler {
         }
     }
 
+    /// A frame of one stream (OPEN, OPEN_OK, OPEN_FAIL, WINDOW, FIN, RST): it leaves with the tick's flush, so
+    /// that the frames of thousands of streams opening and closing share TLS records and write calls.
+    /// Connection-level frames (PING, GOAWAY, control messages) are flushed at once.
+    private func writeStreamFrame(_ frame: Frame) {
+        writeFrame(frame, flush: false)
+        scheduleFlush()
+    }
+
     /// Flushes the tunnel once the event loop has handled everything that is ready now (all sockets' reads of
     /// this tick), or at the end of the tunnel read in progress.
     private func scheduleFlush() {
@@ -520,7 +519,7 @@ public final class TunnelMux: ChannelInboundHandler {
 
     private func sendFin(_ stream: Stream) {
         stream.localFinSent = true
-        writeFrame(.fin(streamID: stream.id, allocator: allocator), flush: true)
+        writeStreamFrame(.fin(streamID: stream.id, allocator: allocator))
         removeIfDone(stream)
     }
 

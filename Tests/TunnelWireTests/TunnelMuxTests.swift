@@ -28,6 +28,7 @@ final class RecordingDelegate: TunnelMuxDelegate {
     }
 
     func outbound(_ channel: EmbeddedChannel) throws -> [Frame] {
+        channel.embeddedEventLoop.run()  // per-stream frames leave with the loop tick's flush
         var frames: [Frame] = []
         while let frame = try channel.readOutbound(as: Frame.self) { frames.append(frame) }
         return frames
@@ -126,6 +127,7 @@ final class RecordingDelegate: TunnelMuxDelegate {
         let opened = mux.openStream(target: "edge-1:10250")
         try tunnel.writeInbound(OpenOK(window: window).frame(streamID: 1))
         guard case .opened = try opened.wait() else { throw FrameError("not opened") }
+        loop.run()
         _ = try tunnel.readOutbound(as: Frame.self)  // the OPEN
         let socket = EmbeddedChannel(loop: loop)
         let glue = StreamGlue(mux: mux, streamID: 1, eventLoop: loop)
@@ -224,6 +226,7 @@ final class RecordingDelegate: TunnelMuxDelegate {
             try socket.pipeline.syncOperations.addHandler(StreamGlue(mux: mux, streamID: id, eventLoop: loop))
             sockets.append(socket)
         }
+        loop.run()
         while try tunnel.readOutbound(as: Frame.self) != nil {}
         flushes.count = 0
         for socket in sockets { try socket.writeInbound(bytes(1000)) }
