@@ -193,15 +193,20 @@ def test_an_agent_certificate_cannot_open_streams(cluster, edge):
     assert status == "HTTP/1.1 403 Forbidden"
 
 
-def test_a_registration_for_another_node_is_refused(cluster, edge):
-    """An agent holding node edge-1's certificate says HELLO as edge-9: refused with the reason."""
+def hello_with_edge1_certificate(cluster, hello):
+    """Says HELLO on the tunnel port with node edge-1's certificate; returns the answer's type and payload."""
     agent_pki = cluster.tmp / "agent-edge-1"
     context = cluster.tls_context(agent_pki / "agent.crt", agent_pki / "agent.key")
     with socket.create_connection(("127.0.0.1", cluster.ports["tunnel"]), timeout=10) as raw:
         with context.wrap_socket(raw) as tls:
-            hello = json.dumps({"version": 2, "nodeName": "edge-9", "nodeIPs": [], "capabilities": []}).encode()
-            tls.sendall(frame(1, 0, hello))
+            tls.sendall(frame(1, 0, json.dumps({"nodeIPs": [], "capabilities": [], **hello}).encode()))
             frame_type, _, payload = read_frame(tls)
+    return frame_type, payload
+
+
+def test_a_registration_for_another_node_is_refused(cluster, edge):
+    """An agent holding node edge-1's certificate says HELLO as edge-9: refused with the reason."""
+    frame_type, payload = hello_with_edge1_certificate(cluster, {"version": 2, "nodeName": "edge-9"})
     assert frame_type == 15  # REFUSED
     reason = json.loads(payload)["reason"]
     assert "edge-1" in reason and "edge-9" in reason
@@ -211,13 +216,7 @@ def test_a_registration_for_another_node_is_refused(cluster, edge):
 
 def test_an_agent_of_another_protocol_version_is_refused_with_the_reason(cluster, edge):
     """Version 1 agents (JSON OPEN) cannot talk to this server: told so at HELLO, not broken at the first stream."""
-    agent_pki = cluster.tmp / "agent-edge-1"
-    context = cluster.tls_context(agent_pki / "agent.crt", agent_pki / "agent.key")
-    with socket.create_connection(("127.0.0.1", cluster.ports["tunnel"]), timeout=10) as raw:
-        with context.wrap_socket(raw) as tls:
-            hello = json.dumps({"version": 1, "nodeName": "edge-1", "nodeIPs": [], "capabilities": []}).encode()
-            tls.sendall(frame(1, 0, hello))
-            frame_type, _, payload = read_frame(tls)
+    frame_type, payload = hello_with_edge1_certificate(cluster, {"version": 1, "nodeName": "edge-1"})
     assert frame_type == 15  # REFUSED
     assert json.loads(payload)["reason"] == "protocol version 1 is not supported (server speaks 2)"
     assert [a["nodeName"] for a in cluster.agents()] == ["edge-1"]
