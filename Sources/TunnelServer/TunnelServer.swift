@@ -173,6 +173,8 @@ public final class TunnelServer: @unchecked Sendable {
     private let ownsGroup: Bool
     private let lock = NIOLock()
     private var channels: [Channel] = []
+    /// Device and inode of the Unix socket file this server created (--uds-path).
+    private var udsIdentity: (device: UInt, inode: UInt)?
     private var ready = false
     private var renewalTask: Scheduled<Void>?
 
@@ -285,6 +287,9 @@ public final class TunnelServer: @unchecked Sendable {
     }
 
     /// Listens on a Unix socket readable and writable by the owner only; a stale socket file is replaced.
+    ///
+    /// The socket is created and bound here and handed to NIO bound: NIO removes the file of a socket it bound
+    /// itself when the channel closes, whoever's file it is by then (see ``removeOwnUnixSocket(path:)``).
     private func bindUnixSocket(path: String) async throws -> Channel {
         var info = stat()
         if lstat(path, &info) == 0 {
@@ -293,12 +298,36 @@ public final class TunnelServer: @unchecked Sendable {
             }
             unlink(path)
         }
-        let core = self.core
-        // The socket is created under a restrictive umask so that it is never reachable by others.
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+            throw PKIError(.invalidArgument, "--uds-path \(path) is longer than a Unix socket path may be")
+        }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw PKIError(.invalidArgument, "--uds-path \(path): cannot create a socket (errno \(errno))") }
+        // Created under a restrictive umask so that it is never reachable by others.
         let previous = umask(0o177)
-        defer { umask(previous) }
-        let channel = try await ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 1024)
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        let bindError = errno
+        umask(previous)
+        guard bound == 0, listen(fd, 1024) == 0 else {
+            close(fd)
+            throw PKIError(.invalidArgument, "--uds-path \(path): cannot listen (\(String(cString: strerror(bindError))))")
+        }
+        chmod(path, 0o600)
+        var created = stat()
+        if lstat(path, &created) == 0 {
+            lock.withLock { udsIdentity = (UInt(created.st_dev), UInt(created.st_ino)) }
+        }
+        let core = self.core
+        return try await ServerBootstrap(group: group)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
             .childChannelInitializer { channel in
@@ -306,9 +335,16 @@ public final class TunnelServer: @unchecked Sendable {
                     try channel.pipeline.syncOperations.addHandler(HostRouter(server: core, mode: .plain))
                 }
             }
-            .bind(unixDomainSocketPath: path).get()
-        chmod(path, 0o600)
-        return channel
+            .withBoundSocket(fd).get()
+    }
+
+    /// Removes the Unix socket file if it is still ours: during a rolling restart on a shared path the next
+    /// server may already have replaced it, and removing that one would cut off every co-located caller.
+    private func removeOwnUnixSocket(path: String) {
+        guard let identity = lock.withLock({ udsIdentity }) else { return }
+        var info = stat()
+        guard lstat(path, &info) == 0, UInt(info.st_dev) == identity.device, UInt(info.st_ino) == identity.inode else { return }
+        unlink(path)
     }
 
     /// Graceful shutdown: stop accepting, tell every agent to send no new streams (GOAWAY), let open streams
@@ -322,7 +358,7 @@ public final class TunnelServer: @unchecked Sendable {
             return all
         }
         for channel in listeners { try? await channel.close() }
-        if let path = configuration.udsPath { unlink(path) }
+        if let path = configuration.udsPath { removeOwnUnixSocket(path: path) }
         let sessions = core.registry.sessions
         for session in sessions { session.mux.drain(reason: "server shutting down") }
         let deadline = NIODeadline.now() + configuration.drainTimeout

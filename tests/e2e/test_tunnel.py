@@ -522,6 +522,44 @@ def test_unix_socket_frontend_for_a_colocated_caller(tmp_path):
         c.close()
 
 
+def test_a_stopping_server_leaves_the_unix_socket_of_its_successor(tmp_path):
+    """Rolling restart on a shared --uds-path: the new server replaces the socket file while the old one still
+    runs; the old one's shutdown must not remove the new one's socket."""
+    sock_path = tmp_path / "tunnel.sock"
+    old, new = Cluster(tmp_path / "old"), Cluster(tmp_path / "new")
+    try:
+        old.start_server("--uds-path", sock_path)
+        new.start_server("--uds-path", sock_path)
+        old.server.stop()
+        assert sock_path.exists()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(sock_path))
+            s.sendall(b"CONNECT ghost:80 HTTP/1.1\r\nHost: ghost:80\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 502")  # the new server answers: no agent for ghost
+        new.server.stop()
+        assert not sock_path.exists()  # its own socket it does remove
+    finally:
+        old.close()
+        new.close()
+
+
+def test_a_bad_unix_socket_path_is_one_clear_line(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        not_a_socket = tmp_path / "plain-file"
+        not_a_socket.write_text("keep me")
+        too_long = tmp_path / ("s" * 120)
+        for path, words in ((not_a_socket, "is not a socket"), (too_long, "longer than a Unix socket path")):
+            server = c.start_server("--uds-path", path, wait=False)
+            assert server.popen.wait(20) != 0
+            errors = [line for line in server.text().splitlines() if "error:" in line and str(path) in line]
+            assert len(errors) == 1 and words in errors[0], server.text()
+        assert not_a_socket.read_text() == "keep me"
+    finally:
+        c.close()
+
+
 def test_json_logs_are_one_object_a_line(tmp_path):
     c = Cluster(tmp_path)
     try:
