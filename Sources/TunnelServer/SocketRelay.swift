@@ -1,4 +1,6 @@
 import NIOCore
+import NIOPosix
+import TunnelWire
 
 /// Relays bytes between two channels on the same event loop, each direction reading only while the other
 /// side is writable (the GlueHandler pattern of swift-nio-ssh's examples). Half-close is passed on.
@@ -101,5 +103,18 @@ public final class RelayGlue: ChannelDuplexHandler {
 
     private func closeIfDone(_ context: ChannelHandlerContext) {
         if inputClosed && outputClosed { context.close(promise: nil) }
+    }
+}
+
+extension ServerBootstrap {
+    /// The options of a TCP listener whose connections carry stream bytes (the server's ports and
+    /// `edgetunnel forward`): a deep backlog, address reuse, no Nagle delay, adaptive reads of up to 256 KiB,
+    /// and half-close passed on unless `halfClosure` is false.
+    public func streamListener(halfClosure: Bool = true) -> ServerBootstrap {
+        let bootstrap = self.serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
+        return halfClosure ? bootstrap.childChannelOption(.allowRemoteHalfClosure, value: true) : bootstrap
     }
 }

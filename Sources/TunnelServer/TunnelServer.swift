@@ -222,10 +222,7 @@ public final class TunnelServer: @unchecked Sendable {
         let host = configuration.bindAddress
         let core = self.core
         let tunnel = try await ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 1024)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .childChannelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
+            .streamListener(halfClosure: false)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
@@ -238,11 +235,7 @@ public final class TunnelServer: @unchecked Sendable {
             }
             .bind(host: host, port: configuration.tunnelPort).get()
         let secure = try await ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 1024)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .childChannelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
-            .childChannelOption(.allowRemoteHalfClosure, value: true)
+            .streamListener()
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
@@ -258,11 +251,7 @@ public final class TunnelServer: @unchecked Sendable {
         var insecure: Channel?
         if configuration.insecurePort != 0 {
             insecure = try await ServerBootstrap(group: group)
-                .serverChannelOption(.backlog, value: 1024)
-                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-                .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-                .childChannelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
-                .childChannelOption(.allowRemoteHalfClosure, value: true)
+                .streamListener()
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(HostRouter(server: core, mode: .plain))

@@ -100,7 +100,7 @@ struct BenchCommand: ParsableCommand {
                 throw ExitCode.failure
             }
             let start = NIODeadline.now()
-            let runners = swarm.map { agent in Task { await agent.run() } }
+            for agent in swarm { Task { await agent.run() } }
             let reporter = Task {
                 while !Task.isCancelled {
                     let connected = swarm.reduce(0) { $0 + ($1.connectedAddress == nil ? 0 : 1) }
@@ -113,7 +113,6 @@ struct BenchCommand: ParsableCommand {
             _ = await ProcessSupport.waitForSignal()
             reporter.cancel()
             // Nothing flows through a swarm: no drain, the process exit closes every tunnel at once.
-            _ = runners
             Foundation.exit(0)
         }
     }

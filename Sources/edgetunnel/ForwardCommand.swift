@@ -39,11 +39,7 @@ struct ForwardCommand: AsyncParsableCommand {
             }
             let forwarder = Forwarder(endpoint: endpoint, target: target, logger: logger)
             listener = try await ServerBootstrap(group: group)
-                .serverChannelOption(.backlog, value: 1024)
-                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-                .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-                .childChannelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
-                .childChannelOption(.allowRemoteHalfClosure, value: true)
+                .streamListener()
                 .childChannelOption(.autoRead, value: false)
                 .childChannelInitializer { channel in
                     forwarder.accept(channel)
