@@ -67,38 +67,26 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
         }
         headTimeout?.cancel()
         done = true
-        let head: RequestHead
+        // RequestHead throws only rejections (status and reason); the head and its Host are checked in one go.
         do {
-            head = try RequestHead(parsing: buffer!.getBytes(at: buffer!.readerIndex, length: end)!)
+            let head = try RequestHead(parsing: buffer!.getBytes(at: buffer!.readerIndex, length: end)!)
+            if mode == .tls, let peer = try? context.pipeline.syncOperations.nioSSL_peerCertificate(),
+                let certificate = try? peer.x509(),
+                certificate.subject.organizations.contains(CertificateAuthority.agentOrganization)
+            {
+                reject(context, 403, "agent certificates cannot open streams")
+                return
+            }
+            if head.method == "CONNECT" {
+                handOverToConnect(context, target: head.target, headLength: end)
+                return
+            }
+            route(to: try head.destination(defaultPort: mode == .tls ? 10250 : 10255), context: context)
         } catch let rejection as RequestHead.Rejection {
             reject(context, rejection.status, rejection.reason)
-            return
         } catch {
-            reject(context, 400, "malformed request head")
-            return
+            reject(context, 400, "malformed request head: \(error)")
         }
-        if mode == .tls, let peer = try? context.pipeline.syncOperations.nioSSL_peerCertificate(),
-            let certificate = try? peer.x509(),
-            certificate.subject.organizations.contains(CertificateAuthority.agentOrganization)
-        {
-            reject(context, 403, "agent certificates cannot open streams")
-            return
-        }
-        if head.method == "CONNECT" {
-            handOverToConnect(context, target: head.target, headLength: end)
-            return
-        }
-        let destination: HostPort
-        do {
-            destination = try head.destination(defaultPort: mode == .tls ? 10250 : 10255)
-        } catch let rejection as RequestHead.Rejection {
-            reject(context, rejection.status, rejection.reason)
-            return
-        } catch {
-            reject(context, 400, "bad Host")
-            return
-        }
-        route(to: destination, context: context)
     }
 
     private func reject(_ context: ChannelHandlerContext, _ status: Int, _ message: String) {
