@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from conftest import BIN, ROOT
+from conftest import BIN, ROOT, assert_one_line_error, run
 
 CONTENDERS = ["direct", "socat", "ssh -R", "ssh -R tuned", "EdgeTunnel (forward → TLS CONNECT)",
               "EdgeTunnel (forward → Unix socket CONNECT)"]
@@ -41,3 +41,24 @@ def test_every_contender_produces_numbers(tmp_path):
     table = (tmp_path / "out" / "bench.md").read_text()
     assert "EdgeTunnel (forward → TLS CONNECT)" in table and "× ssh -R" in table
     assert "new streams/s" in table and "KiB per agent" in table and "idle agent RSS" in table
+
+
+def test_bench_commands_reject_bad_input_in_one_line(tmp_path):
+    pki = tmp_path / "pki"
+    run(BIN / "edgetunnel", "pki", "init", "--pki-dir", pki)
+    streams = [BIN / "edgetunnel", "bench", "streams"]
+    for args, needles in [
+        (["--server", "unix:/nonexistent.sock", "--to", "edge-1:80", "--count", "0"], ["--count", "0"]),
+        (["--server", "unix:/nonexistent.sock", "--to", "edge-1:80", "--concurrency", "0"], ["--concurrency"]),
+        (["--server", "nowhere", "--to", "edge-1:80"], ["--server", "nowhere"]),
+        (["--server", "unix:/nonexistent.sock", "--to", "edge-1"], ["--to", "edge-1"]),
+        (["--server", "127.0.0.1:10263", "--to", "edge-1:80"], ["--ca-file"]),
+    ]:
+        assert_one_line_error(run(*streams, *args, check=False), *needles)
+    swarm = [BIN / "edgetunnel", "bench", "swarm"]
+    for args, needles in [
+        (["--server", "127.0.0.1:10262", "--pki-dir", pki, "--agents", "0"], ["--agents", "0"]),
+        (["--server", "127.0.0.1:10262", "--pki-dir", tmp_path / "missing"], [str(tmp_path / "missing")]),
+        (["--server", "not an address", "--pki-dir", pki, "--agents", "1"], ["not an address"]),
+    ]:
+        assert_one_line_error(run(*swarm, *args, check=False), *needles)
