@@ -37,7 +37,11 @@ public struct ServerConfiguration: Sendable {
     public var handshakeTimeout: TimeAmount = .seconds(10)
     /// How long in-flight streams may take to finish on shutdown.
     public var drainTimeout: TimeAmount = .seconds(10)
-    public var eventLoopThreads = 2
+    /// Event-loop threads. A relay's work is split about evenly between its loop and the kernel's network
+    /// stack, and every byte crossing from a caller's loop to a tunnel's loop costs a thread wake-up; on the
+    /// 2-core benchmark machine one loop served 25% more 1 KiB requests than two, and moved as much or more
+    /// in bulk (docs/benchmarks.md). Hence one loop per two cores.
+    public var eventLoopThreads = max(1, System.coreCount / 2)
     /// Lifetime of the server's own serving certificate; it is re-issued two thirds into it.
     public var servingCertificateValidity: TimeInterval = 365 * 86400
     /// Lifetime of the node certificates the server signs at join and renewal; agents renew at two thirds.

@@ -58,6 +58,8 @@ struct ServerCommand: AsyncParsableCommand {
     var agentCertificateValidity: String?
     @Option(name: .customLong("serving-certificate-validity"), help: "Lifetime of the server's certificate (default 8760h).")
     var servingCertificateValidity: String?
+    @Option(name: .customLong("event-loop-threads"), help: "Event-loop threads (default: half the CPU cores, at least 1).")
+    var eventLoopThreads: Int?
 
     func run() async throws {
         let configuration: ServerConfiguration
@@ -122,6 +124,12 @@ struct ServerCommand: AsyncParsableCommand {
         configuration.certDNSNames = names.isEmpty ? (file.certDNSNames ?? []) : names
         configuration.clientCAFile = clientCAFile ?? file.clientCAFile
         configuration.serverID = serverID ?? file.serverID ?? configuration.serverID
+        if let threads = eventLoopThreads ?? file.eventLoopThreads {
+            guard (1...256).contains(threads) else {
+                throw PKIError(.invalidArgument, "invalid --event-loop-threads \(threads): must be 1-256")
+            }
+            configuration.eventLoopThreads = threads
+        }
         if let validity = agentCertificateValidity ?? file.agentCertificateValidity {
             let seconds = try Durations.parse(validity, what: "--agent-certificate-validity")
             guard seconds >= 10 else {
@@ -231,11 +239,13 @@ struct ServerConfigFile: Codable {
     var kubeletClientCert: String?
     var kubeletClientKey: String?
     var kubeletCAFile: String?
+    var eventLoopThreads: Int?
 
     static let keys: Set<String> = [
         "pkiDir", "bindAddress", "tunnelPort", "securePort", "metaPort", "certIPs", "certDNSNames", "clientCAFile",
         "serverID", "logLevel", "agentCertificateValidity", "servingCertificateValidity", "insecurePort",
         "insecureBindAddress", "udsPath", "kubeletClientCert", "kubeletClientKey", "kubeletCAFile",
+        "eventLoopThreads",
     ]
 
     /// Reads and checks a config file: unknown keys are errors (a typo must not be silently ignored).

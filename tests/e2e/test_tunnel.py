@@ -325,19 +325,27 @@ def test_meta_endpoints_and_status(cluster, edge):
     assert_one_line_error(unreachable, "cannot reach")
 
 
+def event_loop_threads(pid):
+    """The number of SwiftNIO event-loop threads (named NIO-ELT-…) the process runs."""
+    return sum(1 for comm in pathlib.Path(f"/proc/{pid}/task").glob("*/comm") if comm.read_text().startswith("NIO-ELT"))
+
+
 def test_server_config_file_and_flags(tmp_path):
     c = Cluster(tmp_path)
     try:
         config = tmp_path / "server.yaml"
-        config.write_text("certIPs: [192.0.2.7]\ncertDNSNames: [tunnel.example.com]\nlogLevel: debug\n")
+        config.write_text("certIPs: [192.0.2.7]\ncertDNSNames: [tunnel.example.com]\nlogLevel: debug\n"
+                          "eventLoopThreads: 3\n")
         c.start_server("--config", config)
         sans = run("openssl", "x509", "-in", c.pki / "server.crt", "-noout", "-ext", "subjectAltName").stdout
         assert "192.0.2.7" in sans and "tunnel.example.com" in sans
+        assert event_loop_threads(c.server.popen.pid) == 3
         c.server.stop()
         # A flag wins over the file.
-        c.start_server("--config", config, "--cert-ips", "198.51.100.9")
+        c.start_server("--config", config, "--cert-ips", "198.51.100.9", "--event-loop-threads", "1")
         sans = run("openssl", "x509", "-in", c.pki / "server.crt", "-noout", "-ext", "subjectAltName").stdout
         assert "198.51.100.9" in sans and "192.0.2.7" not in sans
+        assert event_loop_threads(c.server.popen.pid) == 1
         c.server.stop()
     finally:
         c.close()
@@ -350,6 +358,7 @@ def test_server_config_file_and_flags(tmp_path):
     config.write_text("tunnelPort: ten\n")
     assert_one_line_error(run(*server, "--config", config, check=False), "tunnelPort")
     assert_one_line_error(run(*server, "--cert-ips", "300.1.1.1", check=False), "300.1.1.1")
+    assert_one_line_error(run(*server, "--event-loop-threads", "0", check=False), "--event-loop-threads 0")
     assert_one_line_error(run(*server[:1], "--pki-dir", tmp_path / "none", check=False), "ca.crt")
 
 
