@@ -222,6 +222,42 @@ def test_an_agent_of_another_protocol_version_is_refused_with_the_reason(cluster
     assert [a["nodeName"] for a in cluster.agents()] == ["edge-1"]
 
 
+def test_the_server_pings_a_quiet_tunnel_only(cluster, edge):
+    """The server PINGs a tunnel on which nothing arrived for its interval (5 s), and not one whose agent PINGs on
+    its own: with 10,000 agents, PINGs on top of theirs would be thousands of TLS records a second."""
+    cluster.agent.stop()
+    wait_until(lambda: cluster.agents() == [], 10, "the agent to be gone")
+    agent_pki = cluster.tmp / "agent-edge-1"
+    context = cluster.tls_context(agent_pki / "agent.crt", agent_pki / "agent.key")
+    with socket.create_connection(("127.0.0.1", cluster.ports["tunnel"]), timeout=10) as raw:
+        with context.wrap_socket(raw) as tls:
+            tls.sendall(frame(1, 0, json.dumps({"version": 2, "nodeName": "edge-1", "nodeIPs": [],
+                                                "capabilities": []}).encode()))
+            assert read_frame(tls)[0] == 2  # HELLO_OK
+
+            def frames_for(seconds, ping_every=None):
+                """Frame types received for `seconds`; PINGs of the server are answered, ours sent every ping_every."""
+                seen, end, next_ping = [], time.monotonic() + seconds, time.monotonic()
+                tls.settimeout(0.2)
+                while time.monotonic() < end:
+                    if ping_every and time.monotonic() >= next_ping:
+                        tls.sendall(frame(10, 0, b"agent-pg"))
+                        next_ping += ping_every
+                    try:
+                        frame_type, _, payload = read_frame(tls)
+                    except socket.timeout:
+                        continue
+                    seen.append(frame_type)
+                    if frame_type == 10:
+                        tls.sendall(frame(11, 0, payload))
+                return seen
+
+            quiet = frames_for(11)
+            assert 10 in quiet, f"no PING on a quiet tunnel: {quiet}"
+            chatty = frames_for(11, ping_every=1)
+            assert 10 not in chatty and chatty.count(11) >= 9, chatty
+
+
 def test_a_node_ip_held_by_another_node_is_refused(cluster, edge):
     second = cluster.start_agent("edge-2", ips=("127.0.0.1",), wait=False)
     wait_until(lambda: "node IP 127.0.0.1 is already registered by node edge-1" in second.text(), 20,
