@@ -158,15 +158,25 @@ public final class FrameDecoder: ChannelInboundHandler {
     }
 }
 
-/// Turns frames into bytes.
+/// Turns frames into bytes, batched: the frames written between two flushes leave as few buffers as possible.
 ///
-/// Small payloads are copied behind their header so that one TLS record carries both; large payloads go out as
-/// a header write followed by the payload buffer itself (no copy).
-public final class FrameEncoder: ChannelOutboundHandler {
+/// TLS makes one record of every buffer written to it (swift-nio-ssl encrypts each write on its own), so a
+/// header and its small payload as separate buffers — or fifty streams' 1 KiB responses as fifty buffers —
+/// would cost a record, an AES-GCM pass and a few allocations each. Small payloads (≤ 4 KiB) are copied
+/// behind their header into a batch of up to 16 KiB, one record's worth; a large payload's header closes the
+/// batch and the payload follows as its own buffer (no copy). The batch is handed on at `flush` or `close`.
+public final class FrameEncoder: ChannelOutboundHandler, RemovableChannelHandler {
     public typealias OutboundIn = Frame
     public typealias OutboundOut = ByteBuffer
 
     static let copyThreshold = 4096
+    /// The most plaintext one TLS record carries.
+    static let batchLimit = 16 * 1024
+
+    private var batch: ByteBuffer?
+    /// Completed when the batch is written: the promise of the batch's first frame that had one, the later
+    /// ones cascaded from it.
+    private var batchPromise: EventLoopPromise<Void>?
 
     public init() {}
 
@@ -175,18 +185,58 @@ public final class FrameEncoder: ChannelOutboundHandler {
         let length = frame.payload.readableBytes
         precondition(length <= Frame.maxPayload, "frame payload over the limit")
         let copy = length <= Self.copyThreshold
-        var header = context.channel.allocator.buffer(capacity: Frame.headerSize + (copy ? length : 0))
-        header.writeInteger(frame.rawType)
-        header.writeInteger(frame.flags)
-        header.writeInteger(UInt16(0))
-        header.writeInteger(frame.streamID)
-        header.writeInteger(UInt32(length))
+        let needed = Frame.headerSize + (copy ? length : 0)
+        if let batch, batch.readableBytes + needed > Self.batchLimit {
+            emitBatch(context)
+        }
+        if batch == nil {
+            batch = context.channel.allocator.buffer(capacity: copy ? Self.batchLimit : needed)
+        }
+        batch!.writeInteger(frame.rawType)
+        batch!.writeInteger(frame.flags)
+        batch!.writeInteger(UInt16(0))
+        batch!.writeInteger(frame.streamID)
+        batch!.writeInteger(UInt32(length))
         if copy {
-            header.writeBuffer(&frame.payload)
-            context.write(wrapOutboundOut(header), promise: promise)
+            batch!.writeBuffer(&frame.payload)
+            addToBatch(promise)
         } else {
-            context.write(wrapOutboundOut(header), promise: nil)
+            emitBatch(context)
             context.write(wrapOutboundOut(frame.payload), promise: promise)
         }
+    }
+
+    public func flush(context: ChannelHandlerContext) {
+        emitBatch(context)
+        context.flush()
+    }
+
+    public func close(context: ChannelHandlerContext, mode: CloseMode, promise: EventLoopPromise<Void>?) {
+        // Written but not flushed: handed on, so the channel fails or writes it as it does any unflushed write.
+        emitBatch(context)
+        context.close(mode: mode, promise: promise)
+    }
+
+    public func handlerRemoved(context: ChannelHandlerContext) {
+        batch = nil
+        batchPromise?.fail(ChannelError.ioOnClosedChannel)
+        batchPromise = nil
+    }
+
+    private func addToBatch(_ promise: EventLoopPromise<Void>?) {
+        guard let promise else { return }
+        if let batchPromise {
+            batchPromise.futureResult.cascade(to: promise)
+        } else {
+            batchPromise = promise
+        }
+    }
+
+    private func emitBatch(_ context: ChannelHandlerContext) {
+        guard let bytes = batch else { return }
+        let promise = batchPromise
+        batch = nil
+        batchPromise = nil
+        context.write(wrapOutboundOut(bytes), promise: promise)
     }
 }

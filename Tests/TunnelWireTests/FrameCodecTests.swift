@@ -1,3 +1,4 @@
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOEmbedded
 import Testing
@@ -52,6 +53,40 @@ import Testing
         #expect(decoded[1].flags == 3 && decoded[1].payload == big)
         #expect(decoded[2].type == .window && decoded[2].u32Payload == 65536)
         #expect(decoded[3].type == .fin && decoded[3].payload.readableBytes == 0)
+    }
+
+    @Test func framesBetweenFlushesLeaveAsOneBufferPerTLSRecord() throws {
+        let channel = EmbeddedChannel(handler: FrameEncoder())
+        var kib = ByteBuffer()
+        kib.writeBytes([UInt8](repeating: 7, count: 1024))
+        // Fifty streams' 1 KiB each, as fifty responses in one loop tick: not fifty TLS records.
+        let completed = NIOLockedValueBox(0)
+        for id in 1...50 {
+            channel.write(Frame(type: .data, streamID: UInt32(id), payload: kib)).whenSuccess {
+                completed.withLockedValue { $0 += 1 }
+            }
+        }
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)  // nothing leaves before the flush
+        channel.flush()
+        var buffers: [ByteBuffer] = []
+        while let buffer = try channel.readOutbound(as: ByteBuffer.self) { buffers.append(buffer) }
+        #expect(buffers.map(\.readableBytes) == [15 * 1036, 15 * 1036, 15 * 1036, 5 * 1036])
+        #expect(buffers.allSatisfy { $0.readableBytes <= 16 * 1024 })
+        #expect(completed.withLockedValue { $0 } == 50)  // every frame's promise, through the batch's
+        var all = ByteBuffer()
+        for var buffer in buffers { all.writeBuffer(&buffer) }
+        let decoded = try decodeAll(all, chunk: 1 << 20)
+        #expect(decoded.map(\.streamID) == Array(1...50) && decoded.allSatisfy { $0.payload == kib })
+
+        // A large payload is not copied: its header closes the batch and the payload follows as it is.
+        var big = ByteBuffer()
+        big.writeBytes([UInt8](repeating: 9, count: 100 * 1024))
+        channel.write(Frame.window(streamID: 3, increment: 1, allocator: .init()), promise: nil)
+        channel.write(Frame(type: .data, streamID: 3, payload: big), promise: nil)
+        channel.flush()
+        #expect(try channel.readOutbound(as: ByteBuffer.self)?.readableBytes == 12 + 4 + 12)
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == big)
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
     }
 
     @Test func dataIsPassedOnAsItArrivesWithoutWaitingForTheWholeFrame() throws {
