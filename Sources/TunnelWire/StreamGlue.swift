@@ -87,19 +87,23 @@ public final class StreamGlue: ChannelDuplexHandler {
     /// Writes the bytes a read of the tunnel brought for this stream with one flush, and credits them back to
     /// the peer once the socket took them all.
     func deliverFromTunnel(_ buffers: [ByteBuffer]) {
-        hop {
-            guard let context = self.context, !self.outputClosed else { return }
-            var count = 0
-            for buffer in buffers.dropLast() {
-                count += buffer.readableBytes
-                context.write(self.wrapOutboundOut(buffer), promise: nil)
-            }
-            count += buffers.last!.readableBytes
-            let mux = self.mux
-            let id = self.streamID
-            context.writeAndFlush(self.wrapOutboundOut(buffers.last!)).whenSuccess {
-                mux.consumedBySocket(id, count: count)
-            }
+        // Called for every tunnel read that carried this stream's bytes: on the socket's own loop (the usual
+        // case) no closure is made for the hop.
+        guard eventLoop.inEventLoop else {
+            eventLoop.execute { self.deliverFromTunnel(buffers) }
+            return
+        }
+        guard let context, !outputClosed else { return }
+        var count = 0
+        for buffer in buffers.dropLast() {
+            count += buffer.readableBytes
+            context.write(wrapOutboundOut(buffer), promise: nil)
+        }
+        count += buffers.last!.readableBytes
+        let mux = self.mux
+        let id = streamID
+        context.writeAndFlush(wrapOutboundOut(buffers.last!)).whenSuccess {
+            mux.consumedBySocket(id, count: count)
         }
     }
 

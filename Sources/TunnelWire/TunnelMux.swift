@@ -373,15 +373,18 @@ public final class TunnelMux: ChannelInboundHandler {
     }
 
     func dataFromSocket(_ streamID: UInt32, _ buffer: ByteBuffer) {
-        execute {
-            guard let stream = self.streams[streamID], !stream.localFinSent else { return }
-            if stream.pending != nil {
-                stream.pending!.writeImmutableBuffer(buffer)
-            } else {
-                stream.pending = buffer
-            }
-            self.flushPending(stream)
+        // Called for every socket read: on the tunnel's own loop no closure is made (`execute` would allocate one).
+        guard eventLoop.inEventLoop else {
+            eventLoop.execute { self.dataFromSocket(streamID, buffer) }
+            return
         }
+        guard let stream = streams[streamID], !stream.localFinSent else { return }
+        if stream.pending != nil {
+            stream.pending!.writeImmutableBuffer(buffer)
+        } else {
+            stream.pending = buffer
+        }
+        flushPending(stream)
     }
 
     func socketInputClosed(_ streamID: UInt32) {
@@ -422,14 +425,15 @@ public final class TunnelMux: ChannelInboundHandler {
     }
 
     func consumedBySocket(_ streamID: UInt32, count: Int) {
-        execute {
-            guard let stream = self.streams[streamID] else { return }
-            let mayGrow = stream.socketWritable
-                && self.windowBudgetUsed + stream.receive.size <= self.limits.connectionWindowBudget
-            guard let update = stream.receive.consumed(count, mayGrow: mayGrow) else { return }
-            self.windowBudgetUsed += update.growth
-            self.writeStreamFrame(.window(streamID: streamID, increment: update.increment, allocator: self.allocator))
+        guard eventLoop.inEventLoop else {  // as in dataFromSocket: no closure on the tunnel's loop
+            eventLoop.execute { self.consumedBySocket(streamID, count: count) }
+            return
         }
+        guard let stream = streams[streamID] else { return }
+        let mayGrow = stream.socketWritable && windowBudgetUsed + stream.receive.size <= limits.connectionWindowBudget
+        guard let update = stream.receive.consumed(count, mayGrow: mayGrow) else { return }
+        windowBudgetUsed += update.growth
+        writeStreamFrame(.window(streamID: streamID, increment: update.increment, allocator: allocator))
     }
 
     // MARK: Internals (on the loop)
