@@ -1,6 +1,7 @@
 import Crypto
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import NIOSSL
@@ -137,7 +138,9 @@ enum JoinClient {
     }
 }
 
-final class JoinClientHandler: ChannelInboundHandler {
+/// Sendable because the join code hands it to the channel initializer and to the timeout task: everything it does
+/// off the channel's loop goes through the locked promise or hops onto the loop first (``fail(channel:_:)``).
+final class JoinClientHandler: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = Frame
     typealias OutboundOut = Frame
 
@@ -145,16 +148,20 @@ final class JoinClientHandler: ChannelInboundHandler {
     let promise: NIOLockedPromise
     var result: EventLoopFuture<(JoinOK, Certificate)> { promise.future }
 
-    /// A promise that may be completed from the timeout or from the channel, whichever is first.
+    /// A promise that may be completed from the timeout, from the channel or from the failed connect, whichever
+    /// is first; the others are ignored (completing a NIO promise twice traps).
     final class NIOLockedPromise: @unchecked Sendable {
         let promise: EventLoopPromise<(JoinOK, Certificate)>
         var future: EventLoopFuture<(JoinOK, Certificate)> { promise.futureResult }
+        private let lock = NIOLock()
         private var done = false
         init(_ promise: EventLoopPromise<(JoinOK, Certificate)>) { self.promise = promise }
         func complete(_ result: Result<(JoinOK, Certificate), Error>) {
-            guard !done else { return }
-            done = true
-            promise.completeWith(result)
+            let first = lock.withLock {
+                defer { done = true }
+                return !done
+            }
+            if first { promise.completeWith(result) }
         }
     }
 
