@@ -17,24 +17,26 @@ final class AgentMetrics: @unchecked Sendable {
     private var active: [String: Gauge] = [:]
 
     init(serverAddresses: [String]) {
-        connected = registry.makeGauge(name: "edge_tunnel_agent_connected", help: "1 while the tunnel is registered.")
-        streams = registry.makeGauge(name: "edge_tunnel_agent_streams", help: "Streams open through this agent.")
+        connected = registry.makeGauge(
+            descriptor: .named("edge_tunnel_agent_connected", help: "1 while the tunnel is registered."))
+        streams = registry.makeGauge(
+            descriptor: .named("edge_tunnel_agent_streams", help: "Streams open through this agent."))
         refused = registry.makeCounter(
-            name: "edge_tunnel_agent_refused_total", help: "Stream requests refused by the allow list.")
+            descriptor: .named("edge_tunnel_agent_refused_total", help: "Stream requests refused by the allow list."))
         reconnects = registry.makeCounter(
-            name: "edge_tunnel_agent_reconnects_total", help: "Tunnel connections attempted after the first.")
-        bytesFromServer = TotalCounter(registry.makeCounter(
-            name: "edge_tunnel_agent_bytes_total", labels: [("direction", "from_server")],
-            help: "Stream bytes carried through the tunnel."))
-        bytesToServer = TotalCounter(registry.makeCounter(
-            name: "edge_tunnel_agent_bytes_total", labels: [("direction", "to_server")],
-            help: "Stream bytes carried through the tunnel."))
+            descriptor: .named(
+                "edge_tunnel_agent_reconnects_total", help: "Tunnel connections attempted after the first."))
+        let bytes = MetricNameDescriptor.named(
+            "edge_tunnel_agent_bytes_total", help: "Stream bytes carried through the tunnel.")
+        bytesFromServer = TotalCounter(registry.makeCounter(descriptor: bytes, labels: [("direction", "from_server")]))
+        bytesToServer = TotalCounter(registry.makeCounter(descriptor: bytes, labels: [("direction", "to_server")]))
         failures = LabeledCounters(
             registry: registry, name: "edge_tunnel_agent_dial_failures_total", label: "reason",
             help: "Targets the agent could not dial, by reason.")
         certificateExpiry = registry.makeGauge(
-            name: "edge_tunnel_agent_certificate_expiry_timestamp_seconds",
-            help: "When the node certificate expires (Unix time).")
+            descriptor: .named(
+                "edge_tunnel_agent_certificate_expiry_timestamp_seconds",
+                help: "When the node certificate expires (Unix time)."))
         setAddresses(serverAddresses)
     }
 
@@ -42,8 +44,10 @@ final class AgentMetrics: @unchecked Sendable {
         lock.withLock {
             for address in addresses where active[address] == nil {
                 active[address] = registry.makeGauge(
-                    name: "edge_tunnel_agent_active_server", labels: [("address", address)],
-                    help: "1 for the server address the tunnel uses now, 0 for the others.")
+                    descriptor: .named(
+                        "edge_tunnel_agent_active_server",
+                        help: "1 for the server address the tunnel uses now, 0 for the others."),
+                    labels: [("address", address)])
             }
         }
     }

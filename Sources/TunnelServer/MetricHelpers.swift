@@ -1,6 +1,13 @@
 import NIOConcurrencyHelpers
 import Prometheus
 
+extension MetricNameDescriptor {
+    /// A metric whose name is spelled in full (`edge_tunnel_server_agents`): nothing is prefixed or suffixed.
+    public static func named(_ name: String, help: String) -> MetricNameDescriptor {
+        MetricNameDescriptor(metricName: name, unitName: "", helpText: help)
+    }
+}
+
 /// Counters of one metric name split by one label, each created when its label value is first seen
 /// (e.g. `edge_tunnel_server_dial_failures_total{reason}`). Thread-safe.
 public final class LabeledCounters: @unchecked Sendable {
@@ -21,7 +28,7 @@ public final class LabeledCounters: @unchecked Sendable {
     public func increment(_ value: String) {
         let counter = lock.withLock {
             if let counter = counters[value] { return counter }
-            let counter = registry.makeCounter(name: name, labels: [(label, value)], help: help)
+            let counter = registry.makeCounter(descriptor: .named(name, help: help), labels: [(label, value)])
             counters[value] = counter
             return counter
         }

@@ -12,22 +12,23 @@ final class ServerMetrics: @unchecked Sendable {
     private let failures: LabeledCounters
 
     init() {
-        agents = registry.makeGauge(name: "edge_tunnel_server_agents", help: "Agents connected to this server.")
-        streams = registry.makeGauge(name: "edge_tunnel_server_streams", help: "Streams open through this server.")
+        agents = registry.makeGauge(
+            descriptor: .named("edge_tunnel_server_agents", help: "Agents connected to this server."))
+        streams = registry.makeGauge(
+            descriptor: .named("edge_tunnel_server_streams", help: "Streams open through this server."))
         dialDuration = registry.makeDurationHistogram(
-            name: "edge_tunnel_server_dial_duration_seconds",
+            descriptor: .named(
+                "edge_tunnel_server_dial_duration_seconds", help: "Time from a caller's request to the agent's answer."),
             buckets: [.milliseconds(1), .milliseconds(5), .milliseconds(10), .milliseconds(50), .milliseconds(100),
-                      .milliseconds(500), .seconds(1), .seconds(5), .seconds(15)],
-            help: "Time from a caller's request to the agent's answer.")
-        bytesFromAgents = TotalCounter(registry.makeCounter(
-            name: "edge_tunnel_server_bytes_total", labels: [("direction", "from_agent")],
-            help: "Stream bytes carried through the tunnel."))
-        bytesToAgents = TotalCounter(registry.makeCounter(
-            name: "edge_tunnel_server_bytes_total", labels: [("direction", "to_agent")],
-            help: "Stream bytes carried through the tunnel."))
+                      .milliseconds(500), .seconds(1), .seconds(5), .seconds(15)])
+        let bytes = MetricNameDescriptor.named(
+            "edge_tunnel_server_bytes_total", help: "Stream bytes carried through the tunnel.")
+        bytesFromAgents = TotalCounter(registry.makeCounter(descriptor: bytes, labels: [("direction", "from_agent")]))
+        bytesToAgents = TotalCounter(registry.makeCounter(descriptor: bytes, labels: [("direction", "to_agent")]))
         certificateExpiry = registry.makeGauge(
-            name: "edge_tunnel_server_certificate_expiry_timestamp_seconds",
-            help: "When the serving certificate expires (Unix time).")
+            descriptor: .named(
+                "edge_tunnel_server_certificate_expiry_timestamp_seconds",
+                help: "When the serving certificate expires (Unix time)."))
         failures = LabeledCounters(
             registry: registry, name: "edge_tunnel_server_dial_failures_total", label: "reason",
             help: "Streams that could not be opened, by reason.")
