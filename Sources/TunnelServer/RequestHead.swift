@@ -43,26 +43,24 @@ struct RequestHead: Equatable {
         // Lines end at CRLF, as in the HTTP grammar; split on bytes (splitting a String on "\r\n" would run
         // grapheme breaking over every byte, a visible cost at thousands of CONNECTs a second).
         let raw = Array(bytes)
-        var lines: [String] = []
+        var ranges: [Range<Int>] = []
         var start = 0
         var index = 0
         while index + 1 < raw.count {
             if raw[index] == 13 && raw[index + 1] == 10 {
-                guard let line = String(validating: raw[start..<index], as: UTF8.self) else {
-                    throw Rejection(status: 400, reason: "request head is not valid UTF-8")
-                }
-                lines.append(line)
+                ranges.append(start..<index)
                 index += 2
                 start = index
             } else {
                 index += 1
             }
         }
-        if start < raw.count {
-            guard let line = String(validating: raw[start...], as: UTF8.self) else {
+        if start < raw.count { ranges.append(start..<raw.count) }
+        var lines = try ranges.map { range in
+            guard let line = String(validating: raw[range], as: UTF8.self) else {
                 throw Rejection(status: 400, reason: "request head is not valid UTF-8")
             }
-            lines.append(line)
+            return line
         }
         while lines.last == "" { lines.removeLast() }
         guard let requestLine = lines.first else { throw Rejection(status: 400, reason: "empty request") }

@@ -163,6 +163,10 @@ def test_errors_say_what_happened(kube):
     assert unknown.startswith("HTTP/1.1 502") and "no agent for node ghost-node" in unknown
     bad_host = raw_request(kube, b"GET /metrics HTTP/1.1\r\nHost: not a host\r\n\r\n")
     assert bad_host.startswith("HTTP/1.1 400")
+    not_utf8 = raw_request(kube, b"GET /metrics HTTP/1.1\r\nHost: edge-1:10255\r\nX-Name: \xff\xfe\r\n\r\n")
+    assert not_utf8.startswith("HTTP/1.1 400") and "request head is not valid UTF-8" in not_utf8
+    truncated = raw_request(kube, b"GET /metrics HTTP/1.1\r\nHost: edge-1:10255\r\nX-Name: \xc3\r\n\r\n")
+    assert truncated.startswith("HTTP/1.1 400") and "not valid UTF-8" in truncated
     huge = raw_request(kube, b"GET / HTTP/1.1\r\nHost: edge-1:1\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n")
     assert huge.startswith("HTTP/1.1 431")
     smuggle = raw_request(kube, f"POST / HTTP/1.1\r\nHost: edge-1:{kube.http_port}\r\nContent-Length: 4\r\n"
