@@ -361,8 +361,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         let hostname = address.isIP ? nil : address.host
         let channel = try await ClientBootstrap(group: loop)
             .connectTimeout(configuration.connectTimeout)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .channelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
+            .streamConnection(halfClosure: false)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
@@ -475,9 +474,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         let loop = mux.eventLoop
         let bootstrap = ClientBootstrap(group: loop)
             .connectTimeout(configuration.dialTimeout)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
-            .channelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
-            .channelOption(.allowRemoteHalfClosure, value: true)
+            .streamConnection(halfClosure: true)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(

@@ -118,3 +118,13 @@ extension ServerBootstrap {
         return halfClosure ? bootstrap.childChannelOption(.allowRemoteHalfClosure, value: true) : bootstrap
     }
 }
+
+extension ClientBootstrap {
+    /// The options of a TCP connection that carries stream bytes (the agent's tunnel and its dials to targets):
+    /// no Nagle delay, adaptive reads of up to 256 KiB, and half-close passed on if `halfClosure`.
+    public func streamConnection(halfClosure: Bool) -> ClientBootstrap {
+        let bootstrap = self.channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
+        return halfClosure ? bootstrap.channelOption(.allowRemoteHalfClosure, value: true) : bootstrap
+    }
+}
