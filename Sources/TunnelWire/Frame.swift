@@ -165,7 +165,7 @@ public final class FrameDecoder: ChannelInboundHandler {
 /// would cost a record, an AES-GCM pass and a few allocations each. Small payloads (≤ 4 KiB) are copied
 /// behind their header into a batch of up to 16 KiB, one record's worth; a large payload's header closes the
 /// batch and the payload follows as its own buffer (no copy). The batch is handed on at `flush` or `close`.
-public final class FrameEncoder: ChannelOutboundHandler, RemovableChannelHandler {
+public final class FrameEncoder: ChannelOutboundHandler {
     public typealias OutboundIn = Frame
     public typealias OutboundOut = ByteBuffer
 
