@@ -1,4 +1,5 @@
 """The tunnel end to end: real server and agent processes, curl and Python TLS clients, a Python edge service."""
+import contextlib
 import hashlib
 import json
 import os
@@ -193,14 +194,22 @@ def test_an_agent_certificate_cannot_open_streams(cluster, edge):
     assert status == "HTTP/1.1 403 Forbidden"
 
 
-def hello_with_edge1_certificate(cluster, hello):
-    """Says HELLO on the tunnel port with node edge-1's certificate; returns the answer's type and payload."""
+@contextlib.contextmanager
+def tunnel_as_edge1(cluster, hello):
+    """A raw tunnel connection with node edge-1's certificate that has said HELLO (nodeIPs and capabilities
+    empty unless `hello` says otherwise); yields the TLS socket."""
     agent_pki = cluster.tmp / "agent-edge-1"
     context = cluster.tls_context(agent_pki / "agent.crt", agent_pki / "agent.key")
     with socket.create_connection(("127.0.0.1", cluster.ports["tunnel"]), timeout=10) as raw:
         with context.wrap_socket(raw) as tls:
             tls.sendall(frame(1, 0, json.dumps({"nodeIPs": [], "capabilities": [], **hello}).encode()))
-            frame_type, _, payload = read_frame(tls)
+            yield tls
+
+
+def hello_with_edge1_certificate(cluster, hello):
+    """Says HELLO on the tunnel port with node edge-1's certificate; returns the answer's type and payload."""
+    with tunnel_as_edge1(cluster, hello) as tls:
+        frame_type, _, payload = read_frame(tls)
     return frame_type, payload
 
 
@@ -227,35 +236,30 @@ def test_the_server_pings_a_quiet_tunnel_only(cluster, edge):
     its own: with 10,000 agents, PINGs on top of theirs would be thousands of TLS records a second."""
     cluster.agent.stop()
     wait_until(lambda: cluster.agents() == [], 10, "the agent to be gone")
-    agent_pki = cluster.tmp / "agent-edge-1"
-    context = cluster.tls_context(agent_pki / "agent.crt", agent_pki / "agent.key")
-    with socket.create_connection(("127.0.0.1", cluster.ports["tunnel"]), timeout=10) as raw:
-        with context.wrap_socket(raw) as tls:
-            tls.sendall(frame(1, 0, json.dumps({"version": 2, "nodeName": "edge-1", "nodeIPs": [],
-                                                "capabilities": []}).encode()))
-            assert read_frame(tls)[0] == 2  # HELLO_OK
+    with tunnel_as_edge1(cluster, {"version": 2, "nodeName": "edge-1"}) as tls:
+        assert read_frame(tls)[0] == 2  # HELLO_OK
 
-            def frames_for(seconds, ping_every=None):
-                """Frame types received for `seconds`; PINGs of the server are answered, ours sent every ping_every."""
-                seen, end, next_ping = [], time.monotonic() + seconds, time.monotonic()
-                tls.settimeout(0.2)
-                while time.monotonic() < end:
-                    if ping_every and time.monotonic() >= next_ping:
-                        tls.sendall(frame(10, 0, b"agent-pg"))
-                        next_ping += ping_every
-                    try:
-                        frame_type, _, payload = read_frame(tls)
-                    except socket.timeout:
-                        continue
-                    seen.append(frame_type)
-                    if frame_type == 10:
-                        tls.sendall(frame(11, 0, payload))
-                return seen
+        def frames_for(seconds, ping_every=None):
+            """Frame types received for `seconds`; PINGs of the server are answered, ours sent every ping_every."""
+            seen, end, next_ping = [], time.monotonic() + seconds, time.monotonic()
+            tls.settimeout(0.2)
+            while time.monotonic() < end:
+                if ping_every and time.monotonic() >= next_ping:
+                    tls.sendall(frame(10, 0, b"agent-pg"))
+                    next_ping += ping_every
+                try:
+                    frame_type, _, payload = read_frame(tls)
+                except socket.timeout:
+                    continue
+                seen.append(frame_type)
+                if frame_type == 10:
+                    tls.sendall(frame(11, 0, payload))
+            return seen
 
-            quiet = frames_for(11)
-            assert 10 in quiet, f"no PING on a quiet tunnel: {quiet}"
-            chatty = frames_for(11, ping_every=1)
-            assert 10 not in chatty and chatty.count(11) >= 9, chatty
+        quiet = frames_for(11)
+        assert 10 in quiet, f"no PING on a quiet tunnel: {quiet}"
+        chatty = frames_for(11, ping_every=1)
+        assert 10 not in chatty and chatty.count(11) >= 9, chatty
 
 
 def test_a_node_ip_held_by_another_node_is_refused(cluster, edge):
