@@ -80,10 +80,12 @@ struct BenchCommand: ParsableCommand {
             ProcessSupport.raiseFileLimit()
             let logger = Logger(label: "edgetunnel-swarm")
             let swarm: [EdgeTunnelAgent]
-            let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, threads))
+            let group: MultiThreadedEventLoopGroup
             do {
                 guard agents > 0 else { throw PKIError(.invalidArgument, "invalid --agents \(agents): must be at least 1") }
-                guard interval > 0 else { throw PKIError(.invalidArgument, "invalid --interval \(interval)") }
+                guard threads > 0 else { throw PKIError(.invalidArgument, "invalid --threads \(threads): must be at least 1") }
+                guard interval > 0 else { throw PKIError(.invalidArgument, "invalid --interval \(interval): must be above 0") }
+                group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
                 let ca = try CertificateAuthority.load(from: PKIPaths(directory: pkiDir))
                 swarm = try (0..<agents).map { index in
                     let name = "\(prefix)\(index)"

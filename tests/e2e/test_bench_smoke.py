@@ -67,5 +67,7 @@ def test_bench_commands_reject_bad_input_in_one_line(tmp_path):
         (["--server", "127.0.0.1:10262", "--pki-dir", pki, "--agents", "0"], ["--agents", "0"]),
         (["--server", "127.0.0.1:10262", "--pki-dir", tmp_path / "missing"], [str(tmp_path / "missing")]),
         (["--server", "not an address", "--pki-dir", pki, "--agents", "1"], ["not an address"]),
+        (["--server", "127.0.0.1:10262", "--pki-dir", pki, "--threads", "0"], ["--threads", "0"]),
+        (["--server", "127.0.0.1:10262", "--pki-dir", pki, "--interval", "0"], ["--interval", "0"]),
     ]:
         assert_one_line_error(run(*swarm, *args, check=False), *needles)
