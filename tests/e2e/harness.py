@@ -70,6 +70,10 @@ class Proc:
     def text(self):
         return pathlib.Path(self.log).read_text(errors="replace")
 
+    def expect_log(self, words, timeout=5):
+        """Waits for `words` in the log: a process writes its log line after the effect a test observes."""
+        wait_until(lambda: words in self.text(), timeout, f"the log line {words!r}")
+
     def alive(self):
         return self.popen.poll() is None
 

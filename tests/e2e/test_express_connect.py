@@ -102,7 +102,7 @@ def test_the_documents_switch_automated(topo, tmp_path):
         wait_until(lambda: s.path_in_use() == f"{PUBLIC}:10262", 30, "the agent on the internet path")
         assert s.remote_of_agent().startswith("10.240.3.2:")  # masqueraded: the cloud never sees the edge
         # TLS verification fails on the private IP, and the log says why.
-        assert "skipping server 10.240.1.1:10262: its certificate does not name 10.240.1.1:10262" in s.agent.text()
+        s.agent.expect_log("skipping server 10.240.1.1:10262: its certificate does not name 10.240.1.1:10262")
         metrics = s.agent_meta("/metrics")
         assert f'edge_tunnel_agent_active_server{{address="{PUBLIC}:10262"}} 1' in metrics
         assert f'edge_tunnel_agent_active_server{{address="{PRIVATE}:10262"}} 0' in metrics
