@@ -2,7 +2,6 @@
 import json
 import os
 import pathlib
-import random
 import signal
 import socket
 import ssl
@@ -14,28 +13,10 @@ import urllib.request
 
 from conftest import BIN, run
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "scripts"))
+from freeport import free_port  # noqa: E402  (shared with scripts/bench)
+
 HERE = pathlib.Path(__file__).resolve().parent
-
-
-_handed_out = set()
-
-
-def free_port():
-    """A free port below the kernel's ephemeral range: a port the kernel picked (bind to 0) can be given to some
-    process's outgoing connection before the process under test binds it. Never the same port twice per run."""
-    low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(1000):
-        port = random.randint(10000, max(10001, low - 1))
-        if port in _handed_out:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait_until(predicate, timeout, what):
