@@ -22,6 +22,18 @@ let agentLinking: [LinkerSetting] = [
     )
 ]
 
+// What the server, the agent and their shared support module build on: NIO with TLS and HTTP/1, logs, metrics.
+let networking: [Target.Dependency] = [
+    .product(name: "NIOCore", package: "swift-nio"),
+    .product(name: "NIOPosix", package: "swift-nio"),
+    .product(name: "NIOHTTP1", package: "swift-nio"),
+    .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+    .product(name: "NIOSSL", package: "swift-nio-ssl"),
+    .product(name: "NIOTLS", package: "swift-nio"),
+    .product(name: "Logging", package: "swift-log"),
+    .product(name: "Prometheus", package: "swift-prometheus"),
+]
+
 let package = Package(
     name: "EdgeTunnel",
     platforms: [.macOS(.v14)],
@@ -77,37 +89,31 @@ let package = Package(
             swiftSettings: swift5
         ),
         .target(
-            name: "TunnelServer",
+            name: "TunnelSupport",
             dependencies: [
                 "TunnelPKI", "TunnelWire",
-                .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "NIOHTTP1", package: "swift-nio"),
-                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-                .product(name: "NIOSSL", package: "swift-nio-ssl"),
-                .product(name: "NIOTLS", package: "swift-nio"),
-                .product(name: "Logging", package: "swift-log"),
-                .product(name: "Prometheus", package: "swift-prometheus"),
-            ],
+                .product(name: "X509", package: "swift-certificates"),
+            ] + networking,
+            swiftSettings: swift5
+        ),
+        .target(
+            name: "TunnelServer",
+            dependencies: [
+                "TunnelPKI", "TunnelWire", "TunnelSupport",
+            ] + networking,
             swiftSettings: swift5
         ),
         .target(
             name: "TunnelAgent",
             dependencies: [
-                "TunnelPKI", "TunnelWire", "TunnelServer",
-                .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "NIOSSL", package: "swift-nio-ssl"),
-                .product(name: "NIOTLS", package: "swift-nio"),
-                .product(name: "Logging", package: "swift-log"),
-                .product(name: "Prometheus", package: "swift-prometheus"),
-            ],
+                "TunnelPKI", "TunnelWire", "TunnelSupport",
+            ] + networking,
             swiftSettings: swift5
         ),
         .executableTarget(
             name: "edgetunnel",
             dependencies: [
-                "TunnelPKI", "TunnelServer", "TunnelAgent", "EdgePlan",
+                "TunnelPKI", "TunnelSupport", "TunnelServer", "TunnelAgent", "EdgePlan",
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
@@ -120,7 +126,7 @@ let package = Package(
         .executableTarget(
             name: "edge-tunnel-server",
             dependencies: [
-                "TunnelServer", "TunnelPKI",
+                "TunnelServer", "TunnelSupport", "TunnelPKI",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),
@@ -130,7 +136,7 @@ let package = Package(
         .executableTarget(
             name: "edge-tunnel-agent",
             dependencies: [
-                "TunnelAgent", "TunnelPKI", "TunnelServer",
+                "TunnelAgent", "TunnelPKI", "TunnelSupport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],

@@ -7,7 +7,7 @@ import NIOPosix
 import NIOSSL
 import NIOTLS
 import TunnelPKI
-import TunnelServer
+import TunnelSupport
 import TunnelWire
 import X509
 

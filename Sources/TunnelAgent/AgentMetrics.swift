@@ -1,6 +1,6 @@
 import NIOConcurrencyHelpers
 import Prometheus
-import TunnelServer
+import TunnelSupport
 
 /// The agent's Prometheus metrics.
 final class AgentMetrics: @unchecked Sendable {

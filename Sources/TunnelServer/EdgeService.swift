@@ -1,6 +1,7 @@
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import TunnelSupport
 
 /// A tiny HTTP service standing in for an edge node's kubelet in the demo: answers every GET with a greeting.
 public enum DemoEdgeService {

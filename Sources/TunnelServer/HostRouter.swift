@@ -5,6 +5,7 @@ import NIOPosix
 import NIOSSL
 import NIOTLS
 import TunnelPKI
+import TunnelSupport
 import TunnelWire
 
 #if canImport(Glibc)
@@ -226,29 +227,6 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         context.close(promise: nil)
-    }
-}
-
-/// Completes a promise when the TLS handshake of its channel finished (or failed).
-public final class HandshakeWaiter: ChannelInboundHandler, RemovableChannelHandler {
-    public typealias InboundIn = ByteBuffer
-    let promise: EventLoopPromise<Void>
-
-    public init(promise: EventLoopPromise<Void>) { self.promise = promise }
-
-    public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls { promise.succeed(()) }
-        context.fireUserInboundEventTriggered(event)
-    }
-
-    public func errorCaught(context: ChannelHandlerContext, error: Error) {
-        promise.fail(error)
-        context.close(promise: nil)
-    }
-
-    public func channelInactive(context: ChannelHandlerContext) {
-        promise.fail(HTTPErrorResponse.Failure(description: "connection closed during the TLS handshake"))
-        context.fireChannelInactive()
     }
 }
 

@@ -118,3 +118,4 @@ struct RequestHead: Equatable {
 }
 
 import Foundation
+import TunnelSupport

@@ -1,4 +1,5 @@
 import Prometheus
+import TunnelSupport
 
 /// The server's Prometheus metrics (swift-prometheus), one registry per server instance.
 final class ServerMetrics: @unchecked Sendable {

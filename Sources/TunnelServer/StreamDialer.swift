@@ -1,4 +1,5 @@
 import NIOCore
+import TunnelSupport
 import TunnelWire
 
 /// Opens a stream to a node's target for a caller — the part CONNECT and Host routing share: find the

@@ -1,8 +1,9 @@
 import Logging
 import NIOCore
-import NIOTLS
 import NIOSSL
+import NIOTLS
 import TunnelPKI
+import TunnelSupport
 import TunnelWire
 import X509
 

@@ -9,6 +9,7 @@ import NIOHTTP1
 import NIOPosix
 import NIOSSL
 import TunnelPKI
+import TunnelSupport
 import TunnelWire
 import X509
 

@@ -3,7 +3,7 @@ import Foundation
 import Logging
 import TunnelAgent
 import TunnelPKI
-import TunnelServer
+import TunnelSupport
 
 /// `edge-tunnel-agent`: the edge side of EdgeTunnel.
 @main

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import TunnelPKI
 import TunnelServer
+import TunnelSupport
 import Yams
 
 #if canImport(Glibc)

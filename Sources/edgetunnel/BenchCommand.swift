@@ -7,6 +7,7 @@ import NIOPosix
 import TunnelAgent
 import TunnelPKI
 import TunnelServer
+import TunnelSupport
 
 /// `edgetunnel bench`: load generators that `scripts/bench` drives; each prints one JSON object a report.
 struct BenchCommand: ParsableCommand {

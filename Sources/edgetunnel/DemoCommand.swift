@@ -5,6 +5,7 @@ import NIOPosix
 import TunnelAgent
 import TunnelPKI
 import TunnelServer
+import TunnelSupport
 
 /// The README's main job: a whole EdgeTunnel on loopback in one process, with nothing installed.
 struct DemoCommand: AsyncParsableCommand {

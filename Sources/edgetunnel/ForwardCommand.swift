@@ -6,6 +6,7 @@ import NIOPosix
 import NIOSSL
 import TunnelPKI
 import TunnelServer
+import TunnelSupport
 import TunnelWire
 
 /// `edgetunnel forward`: a local port that reaches NODE:PORT through the tunnel, like `kubectl port-forward`.
