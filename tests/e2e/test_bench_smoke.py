@@ -30,6 +30,12 @@ def test_every_contender_produces_numbers(tmp_path):
         for key in ["wrk_1k_rps", "wrk_1m_rps", "wrk_1k_p99_ms", "wrk_1m_p99_ms"]:
             assert isinstance(figures[key]["median"], (int, float)), (name, key)
             assert len(figures[key]["runs"]) == 1, (name, key)
+        # The relays' CPU per request was measured for every relaying contender (sshd's forks and socat's
+        # reaped children included), and there is nothing to measure for direct.
+        if name == "direct":
+            assert figures["wrk_1k_relay_cpu_us"] is None
+        else:
+            assert figures["wrk_1k_relay_cpu_us"]["median"] > 0, (name, "no relay CPU counted")
         # The responses were the files, not errors.
         assert not any("Non-2xx" in error for error in figures["errors"]), (name, figures["errors"])
     # Stream set-up: every stream of the short run opened, on both paths.
@@ -46,7 +52,7 @@ def test_every_contender_produces_numbers(tmp_path):
     assert swarm["server_rss_mib"]["median"] > 0
     table = (tmp_path / "out" / "bench.md").read_text()
     assert "EdgeTunnel (forward → TLS CONNECT)" in table and "× ssh -R tuned" in table
-    assert "| EdgeTunnel (Host-routed HTTP port) | — | — |" in table
+    assert "| EdgeTunnel (Host-routed HTTP port) | — | — |" in table and "relay CPU µs per 1 KiB req" in table
     assert "new streams/s" in table and "KiB per agent" in table and "idle agent RSS" in table
 
 
