@@ -229,3 +229,39 @@ def test_a_changed_addresses_file_moves_the_agent_without_a_restart(topo, tmp_pa
         assert s.path_in_use() == f"{PUBLIC}:10262" and s.agent.popen.pid == pid
     finally:
         s.close()
+
+
+def test_a_server_name_follows_its_dns_record(topo, tmp_path):
+    """Agents usually name the server (a load balancer's or a private zone's DNS name) rather than an IP. The
+    name is resolved on every dial and checked against the certificate: when the record moves from the private
+    line to the public address, the agent follows it on its next dial, with no restart."""
+    name = "tunnel.edge.test"
+    # `ip netns exec` bind-mounts /etc/netns/NS/hosts over /etc/hosts for the agent only; rewritten in place
+    # (same inode) it changes what the agent's resolver reads on its next lookup.
+    netns_etc = pathlib.Path("/etc/netns") / topo.edge
+    netns_etc.mkdir(parents=True)
+    hosts = netns_etc / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{PRIVATE} {name}\n")
+    s = Setup(topo, tmp_path)
+    try:
+        s.start_server([])
+        s.config.write_text(f"certDNSNames: [{name}]\n")  # the certificate names only the DNS name
+        wait_until(lambda: name in json.loads(s.meta("/v1/server") or "{}").get("certificateDNSNames", []), 15,
+                   "the certificate to name the server's DNS name")
+        s.start_agent([f"{name}:10262"])
+        wait_until(lambda: s.path_in_use() == f"{name}:10262", 30, "the agent connected by name")
+        assert s.remote_of_agent().startswith("10.240.1.2:")  # over the private line
+        assert s.request().stdout == "hello from the edge\n"
+
+        with open(hosts, "r+") as f:  # in place: the bind mount follows the inode
+            f.truncate(0)
+            f.write(f"127.0.0.1 localhost\n{PUBLIC} {name}\n")
+        topo.cut_private_line()
+        wait_until(lambda: (s.remote_of_agent() or "").startswith("10.240.3.2:"), 40,
+                   "the agent on the address the name now has (masqueraded by the internet router)")
+        assert s.path_in_use() == f"{name}:10262"
+        assert s.request().stdout == "hello from the edge\n"
+    finally:
+        s.close()
+        hosts.unlink(missing_ok=True)
+        netns_etc.rmdir()
