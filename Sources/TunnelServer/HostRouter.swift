@@ -7,6 +7,7 @@ import NIOTLS
 import TunnelPKI
 import TunnelSupport
 import TunnelWire
+import X509
 
 #if canImport(Glibc)
 import Glibc
@@ -184,8 +185,14 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
         let timer = loop.scheduleTask(in: server.configuration.dialTimeout) {
             handshake.fail(HTTPErrorResponse.Failure(description: "TLS handshake timed out"))
         }
+        let checkName = server.configuration.kubeletCAFile != nil
         streamSide.and(tlsSide).flatMap { (streamChannel, tlsChannel) in
-            handshake.futureResult.map { (streamChannel, tlsChannel) }.flatMapErrorThrowing { error in
+            handshake.futureResult.flatMapThrowing { () throws -> (any Channel, any Channel) in
+                if checkName {
+                    try KubeletName.check(try tlsChannel.pipeline.syncOperations.nioSSL_peerCertificate(), for: destination)
+                }
+                return (streamChannel, tlsChannel)
+            }.flatMapErrorThrowing { error in
                 streamChannel.close(promise: nil)
                 tlsChannel.close(promise: nil)
                 throw error
@@ -227,6 +234,31 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         context.close(promise: nil)
+    }
+}
+
+/// The kubelet's serving certificate must name the host the caller asked for — its node name or the node IP —
+/// as kube-apiserver checks when it reaches kubelets directly. The chain was verified by the TLS handshake;
+/// NIOSSL's own name check cannot run here: the kubelet sits behind a socket pair that has no peer IP.
+enum KubeletName {
+    struct Mismatch: Error, CustomStringConvertible { let description: String }
+
+    static func check(_ certificate: NIOSSLCertificate?, for destination: HostPort) throws {
+        guard let certificate else { throw Mismatch(description: "the kubelet presented no certificate") }
+        let summary: CertificateSummary
+        do {
+            summary = try CertificateSummary(Certificate(derEncoded: try certificate.toDERBytes()))
+        } catch {
+            throw Mismatch(description: "the kubelet's certificate cannot be read: \(error)")
+        }
+        if let ip = IPAddress(destination.host) {
+            if summary.ipAddresses.compactMap(IPAddress.init).contains(ip) { return }
+        } else if summary.dnsNames.contains(where: { $0.lowercased() == destination.host }) {
+            return
+        }
+        let names = summary.dnsNames + summary.ipAddresses
+        throw Mismatch(description: "the kubelet's certificate names \(names.isEmpty ? "no host" : names.joined(separator: ", ")), "
+            + "not \(destination.host)")
     }
 }
 

@@ -180,6 +180,31 @@ def test_errors_say_what_happened(kube):
     assert policy.startswith("HTTP/1.1 403") and "refused by agent policy" in policy
 
 
+def test_a_kubelet_certificate_for_another_name_is_refused(tmp_path):
+    """The kubelet's certificate is signed by the right CA but names another node: asked for by node name, the
+    server refuses it with 502 naming both; asked for by an IP the certificate does carry, it is served."""
+    c = Cluster(tmp_path)
+    try:
+        kpki = tmp_path / "kubelet-pki"
+        run(BIN / "edgetunnel", "pki", "init", "--pki-dir", kpki, "--common-name", "kubelet-ca")
+        run(BIN / "edgetunnel", "pki", "issue-server", "--pki-dir", kpki, "--dns", "edge-2")  # + 127.0.0.1
+        https, http = free_port(), free_port()
+        events = tmp_path / "kubelet-events"
+        standin = c.spawn([sys.executable, HERE / "kubelet_standin.py", "127.0.0.1", https, http,
+                           kpki / "server.crt", kpki / "server.key", events], "kubelet")
+        wait_until(lambda: "ready" in standin.text(), 10, "kubelet stand-in")
+        c.start_server("--kubelet-ca-file", kpki / "ca.crt")
+        c.start_agent("edge-1", "--allow", f"127.0.0.1:{https}")
+        wrong = raw_request(c, f"GET /healthz HTTP/1.1\r\nHost: edge-1:{https}\r\n\r\n".encode(), port_kind="secure")
+        assert wrong.startswith("HTTP/1.1 502"), wrong
+        assert "TLS to the kubelet of node edge-1" in wrong and "names edge-2" in wrong and "not edge-1" in wrong
+        by_ip = raw_request(c, f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{https}\r\nConnection: close\r\n\r\n".encode(),
+                            port_kind="secure")
+        assert by_ip.startswith("HTTP/1.1 200") and by_ip.endswith("kubelet ok\n"), by_ip
+    finally:
+        c.close()
+
+
 def test_kubelet_refusing_or_failing_tls_is_a_502_naming_it(tmp_path):
     c = Cluster(tmp_path)
     try:
