@@ -34,8 +34,11 @@ def test_every_contender_produces_numbers(tmp_path):
         # reaped children included), and there is nothing to measure for direct.
         if name == "direct":
             assert figures["wrk_1k_relay_cpu_us"] is None
+            assert figures["iperf3_1_stream_relay_cpu_s_per_gb"] is None
         else:
             assert figures["wrk_1k_relay_cpu_us"]["median"] > 0, (name, "no relay CPU counted")
+            if name not in HTTP_ONLY:
+                assert figures["iperf3_1_stream_relay_cpu_s_per_gb"]["median"] > 0, (name, "no relay CPU per GB")
         # The responses were the files, not errors.
         assert not any("Non-2xx" in error for error in figures["errors"]), (name, figures["errors"])
     # Stream set-up: every stream of the short run opened, on both paths.
@@ -53,6 +56,7 @@ def test_every_contender_produces_numbers(tmp_path):
     table = (tmp_path / "out" / "bench.md").read_text()
     assert "EdgeTunnel (forward → TLS CONNECT)" in table and "× ssh -R tuned" in table
     assert "| EdgeTunnel (Host-routed HTTP port) | — | — |" in table and "relay CPU µs per 1 KiB req" in table
+    assert "relay CPU s per GB" in table
     assert "new streams/s" in table and "KiB per agent" in table and "idle agent RSS" in table
 
 
