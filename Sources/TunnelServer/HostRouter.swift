@@ -245,18 +245,18 @@ enum KubeletName {
 
     static func check(_ certificate: NIOSSLCertificate?, for destination: HostPort) throws {
         guard let certificate else { throw Mismatch(description: "the kubelet presented no certificate") }
-        let summary: CertificateSummary
+        let sans: ServerSANs
         do {
-            summary = try CertificateSummary(Certificate(derEncoded: try certificate.toDERBytes()))
+            sans = try CertificateSummary.sans(of: Certificate(derEncoded: try certificate.toDERBytes()))
         } catch {
             throw Mismatch(description: "the kubelet's certificate cannot be read: \(error)")
         }
         if let ip = IPAddress(destination.host) {
-            if summary.ipAddresses.compactMap(IPAddress.init).contains(ip) { return }
-        } else if summary.dnsNames.contains(where: { $0.lowercased() == destination.host }) {
+            if sans.ipAddresses.contains(ip) { return }
+        } else if sans.dnsNames.contains(where: { $0.lowercased() == destination.host }) {
             return
         }
-        let names = summary.dnsNames + summary.ipAddresses
+        let names = sans.dnsNames + sans.ipAddresses.map(\.description)
         throw Mismatch(description: "the kubelet's certificate names \(names.isEmpty ? "no host" : names.joined(separator: ", ")), "
             + "not \(destination.host)")
     }
