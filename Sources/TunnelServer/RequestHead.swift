@@ -1,3 +1,6 @@
+import Foundation
+import TunnelSupport
+
 /// The head of an HTTP/1.1 request, parsed just enough to route it: method, target, headers.
 ///
 /// Strict on purpose: a request is refused (4xx) rather than guessed at when it is ambiguous — both
@@ -116,6 +119,3 @@ struct RequestHead: Equatable {
         throw Rejection(status: 400, reason: "Host \"\(authority)\" is not a node name or IP with an optional port")
     }
 }
-
-import Foundation
-import TunnelSupport
