@@ -3,6 +3,7 @@ router that masquerades the edge, a private line between cloud and edge, links c
 import hashlib
 import json
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -236,14 +237,14 @@ def test_a_server_name_follows_its_dns_record(topo, tmp_path):
     name is resolved on every dial and checked against the certificate: when the record moves from the private
     line to the public address, the agent follows it on its next dial, with no restart."""
     name = "tunnel.edge.test"
+    s = Setup(topo, tmp_path)
     # `ip netns exec` bind-mounts /etc/netns/NS/hosts over /etc/hosts for the agent only; rewritten in place
     # (same inode) it changes what the agent's resolver reads on its next lookup.
     netns_etc = pathlib.Path("/etc/netns") / topo.edge
-    netns_etc.mkdir(parents=True)
     hosts = netns_etc / "hosts"
-    hosts.write_text(f"127.0.0.1 localhost\n{PRIVATE} {name}\n")
-    s = Setup(topo, tmp_path)
     try:
+        netns_etc.mkdir(parents=True)
+        hosts.write_text(f"127.0.0.1 localhost\n{PRIVATE} {name}\n")
         s.start_server([])
         s.config.write_text(f"certDNSNames: [{name}]\n")  # the certificate names only the DNS name
         wait_until(lambda: name in json.loads(s.meta("/v1/server") or "{}").get("certificateDNSNames", []), 15,
@@ -263,5 +264,4 @@ def test_a_server_name_follows_its_dns_record(topo, tmp_path):
         assert s.request().stdout == "hello from the edge\n"
     finally:
         s.close()
-        hosts.unlink(missing_ok=True)
-        netns_etc.rmdir()
+        shutil.rmtree(netns_etc, ignore_errors=True)

@@ -18,20 +18,26 @@ from harness import Cluster, free_port, wait_until
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-@pytest.fixture
-def kube(tmp_path):
-    """Server (verifying kubelets against their CA), agent edge-1, and a kubelet stand-in on 127.0.0.1."""
-    c = Cluster(tmp_path)
+def start_kubelet_standin(c, tmp_path, name):
+    """A kubelet stand-in on 127.0.0.1 whose serving certificate, from its own CA, names `name` and 127.0.0.1.
+    Sets c.https_port, c.http_port and c.events; returns the CA file."""
     kpki = tmp_path / "kubelet-pki"
     run(BIN / "edgetunnel", "pki", "init", "--pki-dir", kpki, "--common-name", "kubelet-ca")
-    run(BIN / "edgetunnel", "pki", "issue-server", "--pki-dir", kpki, "--dns", "edge-1")
+    run(BIN / "edgetunnel", "pki", "issue-server", "--pki-dir", kpki, "--dns", name)
     c.https_port, c.http_port = free_port(), free_port()
     c.events = tmp_path / "kubelet-events"
     c.events.write_text("")
     standin = c.spawn([sys.executable, HERE / "kubelet_standin.py", "127.0.0.1", c.https_port, c.http_port,
                        kpki / "server.crt", kpki / "server.key", c.events], "kubelet")
     wait_until(lambda: "ready" in standin.text(), 10, "kubelet stand-in")
-    c.start_server("--kubelet-ca-file", kpki / "ca.crt")
+    return kpki / "ca.crt"
+
+
+@pytest.fixture
+def kube(tmp_path):
+    """Server (verifying kubelets against their CA), agent edge-1, and a kubelet stand-in on 127.0.0.1."""
+    c = Cluster(tmp_path)
+    c.start_server("--kubelet-ca-file", start_kubelet_standin(c, tmp_path, "edge-1"))
     c.agent = c.start_agent("edge-1", "--allow", f"127.0.0.1:{c.https_port}", "--allow", f"127.0.0.1:{c.http_port}")
     yield c
     c.close()
@@ -185,15 +191,8 @@ def test_a_kubelet_certificate_for_another_name_is_refused(tmp_path):
     server refuses it with 502 naming both; asked for by an IP the certificate does carry, it is served."""
     c = Cluster(tmp_path)
     try:
-        kpki = tmp_path / "kubelet-pki"
-        run(BIN / "edgetunnel", "pki", "init", "--pki-dir", kpki, "--common-name", "kubelet-ca")
-        run(BIN / "edgetunnel", "pki", "issue-server", "--pki-dir", kpki, "--dns", "edge-2")  # + 127.0.0.1
-        https, http = free_port(), free_port()
-        events = tmp_path / "kubelet-events"
-        standin = c.spawn([sys.executable, HERE / "kubelet_standin.py", "127.0.0.1", https, http,
-                           kpki / "server.crt", kpki / "server.key", events], "kubelet")
-        wait_until(lambda: "ready" in standin.text(), 10, "kubelet stand-in")
-        c.start_server("--kubelet-ca-file", kpki / "ca.crt")
+        c.start_server("--kubelet-ca-file", start_kubelet_standin(c, tmp_path, "edge-2"))
+        https = c.https_port
         c.start_agent("edge-1", "--allow", f"127.0.0.1:{https}")
         wrong = raw_request(c, f"GET /healthz HTTP/1.1\r\nHost: edge-1:{https}\r\n\r\n".encode(), port_kind="secure")
         assert wrong.startswith("HTTP/1.1 502"), wrong
