@@ -8,6 +8,12 @@ import NIOCore
 /// make this socket's outbound buffer hold more than the stream's window. Half-close travels both ways; the
 /// socket is closed once both directions are finished, or at once when the stream is reset.
 ///
+/// Completion is seen without a promise per write (a promise, its future and the callback closures were four
+/// allocations per tunnel read of every stream): the socket channel's write-buffer watermarks are set to one
+/// byte, so the channel is writable exactly when NIO holds nothing unsent. After a flush that left the channel
+/// writable, the bytes are in the kernel and credited at once; otherwise they are credited when the channel
+/// becomes writable again, having drained.
+///
 /// Threading: the glue lives on its socket channel's event loop; the mux calls the `…FromTunnel` methods from
 /// its own loop and they hop.
 public final class StreamGlue: ChannelDuplexHandler {
@@ -27,6 +33,11 @@ public final class StreamGlue: ChannelDuplexHandler {
     private var resetting = false
     /// The socket failed (reset by its peer, ...): its close aborts the stream.
     private var failed = false
+    /// Bytes written to the socket that NIO still holds (the channel is not writable): credited when it drains.
+    private var uncredited = 0
+
+    /// Writable means "nothing unsent": not writable above one buffered byte, writable again at none.
+    static let watermark = ChannelOptions.Types.WriteBufferWaterMark(low: 1, high: 1)
 
     /// - Parameter eventLoop: the event loop of the socket channel this glue is added to.
     public init(mux: TunnelMux, streamID: UInt32, eventLoop: EventLoop) {
@@ -37,6 +48,8 @@ public final class StreamGlue: ChannelDuplexHandler {
 
     public func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        // A channel that is already closed has nothing to credit; the stream is reset when the mux learns it.
+        try? context.channel.syncOptions?.setOption(.writeBufferWaterMark, value: Self.watermark)
         mux.attach(self, to: streamID)
     }
 
@@ -66,7 +79,11 @@ public final class StreamGlue: ChannelDuplexHandler {
     }
 
     public func channelWritabilityChanged(context: ChannelHandlerContext) {
-        mux.socketWritabilityChanged(streamID, writable: context.channel.isWritable)
+        if context.channel.isWritable && uncredited > 0 {
+            let count = uncredited
+            uncredited = 0
+            mux.consumedBySocket(streamID, count: count, promptly: false)
+        }
         context.fireChannelWritabilityChanged()
     }
 
@@ -95,15 +112,15 @@ public final class StreamGlue: ChannelDuplexHandler {
         }
         guard let context, !outputClosed else { return }
         var count = 0
-        for buffer in buffers.dropLast() {
+        for buffer in buffers {
             count += buffer.readableBytes
             context.write(wrapOutboundOut(buffer), promise: nil)
         }
-        count += buffers.last!.readableBytes
-        let mux = self.mux
-        let id = streamID
-        context.writeAndFlush(wrapOutboundOut(buffers.last!)).whenSuccess {
-            mux.consumedBySocket(id, count: count)
+        context.flush()
+        if context.channel.isWritable {
+            mux.consumedBySocket(streamID, count: count, promptly: true)
+        } else {
+            uncredited += count  // the kernel's buffer is full: credited by channelWritabilityChanged
         }
     }
 

@@ -84,7 +84,6 @@ public final class TunnelMux: ChannelInboundHandler {
         var earlyFin = false
         /// What the glue was last told: reading from its socket is paused.
         var readPaused = false
-        var socketWritable = true
         var localFinSent = false
         var remoteFinReceived = false
         var openPromise: EventLoopPromise<OpenResult>?
@@ -184,9 +183,9 @@ public final class TunnelMux: ChannelInboundHandler {
     private func deliver(_ stream: Stream) {
         stream.deliveryQueued = false
         guard let glue = stream.glue, !stream.inbound.isEmpty else { return }
-        let buffers = stream.inbound
-        stream.inbound = []
-        glue.deliverFromTunnel(buffers)
+        glue.deliverFromTunnel(stream.inbound)
+        // The glue keeps no reference (unless it hopped), so the storage is reused for the next read.
+        stream.inbound.removeAll(keepingCapacity: true)
     }
 
     private func handle(_ frame: Frame, context: ChannelHandlerContext) throws {
@@ -420,17 +419,15 @@ public final class TunnelMux: ChannelInboundHandler {
         }
     }
 
-    func socketWritabilityChanged(_ streamID: UInt32, writable: Bool) {
-        execute { self.streams[streamID]?.socketWritable = writable }
-    }
-
-    func consumedBySocket(_ streamID: UInt32, count: Int) {
+    /// `count` bytes of the stream left for its socket's kernel buffer. `promptly`: the socket took them in the
+    /// write that delivered them — its reader keeps up, so a starved sender may be given a larger window.
+    func consumedBySocket(_ streamID: UInt32, count: Int, promptly: Bool) {
         guard eventLoop.inEventLoop else {  // as in dataFromSocket: no closure on the tunnel's loop
-            eventLoop.execute { self.consumedBySocket(streamID, count: count) }
+            eventLoop.execute { self.consumedBySocket(streamID, count: count, promptly: promptly) }
             return
         }
         guard let stream = streams[streamID] else { return }
-        let mayGrow = stream.socketWritable && windowBudgetUsed + stream.receive.size <= limits.connectionWindowBudget
+        let mayGrow = promptly && windowBudgetUsed + stream.receive.size <= limits.connectionWindowBudget
         guard let update = stream.receive.consumed(count, mayGrow: mayGrow) else { return }
         windowBudgetUsed += update.growth
         writeStreamFrame(.window(streamID: streamID, increment: update.increment, allocator: allocator))

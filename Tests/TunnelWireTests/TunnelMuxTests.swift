@@ -197,6 +197,31 @@ final class RecordingDelegate: TunnelMuxDelegate {
         #expect(credited >= size)
     }
 
+    @Test func bytesTheSocketCouldNotTakeAreCreditedOnceItDrainedAndDoNotGrowTheWindow() throws {
+        let (tunnel, socket, _) = try openedStream(window: 100)
+        // Writable must mean "NIO holds nothing unsent", or credit would run ahead of the socket.
+        let watermark = try socket.syncOptions!.getOption(.writeBufferWaterMark)
+        #expect(watermark.low == 1 && watermark.high == 1)
+        func credited() throws -> Int {
+            var total = 0
+            while let frame = try tunnel.readOutbound(as: Frame.self) {
+                if frame.type == .window { total += Int(frame.u32Payload ?? 0) }
+            }
+            return total
+        }
+        socket.isWritable = false  // the reader is slow: the kernel's buffer is full and NIO holds the rest
+        let size = 1 << 20  // the initial receive window, all of it sent: the sender is starved
+        for _ in 0..<4 {
+            try tunnel.writeInbound(Frame(type: .data, streamID: 1, payload: bytes(size / 4)))
+        }
+        tunnel.embeddedEventLoop.run()
+        #expect(try credited() == 0)
+        socket.isWritable = true  // drained
+        socket.pipeline.fireChannelWritabilityChanged()
+        tunnel.embeddedEventLoop.run()
+        #expect(try credited() == size)  // exactly what was written: a slow reader never gets a larger window
+    }
+
     @Test func socketClosingAfterItsOutputWasFinishedEndsTheStreamWithFinNotReset() throws {
         let (tunnel, socket, _) = try openedStream(window: 1000)
         try socket.writeInbound(bytes(10))  // the socket's last bytes
