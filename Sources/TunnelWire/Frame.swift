@@ -87,6 +87,10 @@ public final class FrameDecoder: ChannelInboundHandler {
     private var state = State.header
     /// Header bytes, or a control payload, split across reads.
     private var partial: ByteBuffer?
+    /// The ``TunnelMux`` of this pipeline, set by the mux while it is in it: frames go to it by a direct call.
+    /// Through the pipeline each `Frame` would be boxed into an `NIOAny` (too large to store inline): one
+    /// allocation per frame.
+    var sink: TunnelMux?
 
     public init() {}
 
@@ -95,7 +99,11 @@ public final class FrameDecoder: ChannelInboundHandler {
         do {
             while buffer.readableBytes > 0 {
                 if let frame = try next(&buffer, allocator: context.channel.allocator) {
-                    context.fireChannelRead(wrapInboundOut(frame))
+                    if let sink {
+                        sink.receive(frame)
+                    } else {
+                        context.fireChannelRead(wrapInboundOut(frame))
+                    }
                 }
             }
         } catch {
@@ -177,11 +185,29 @@ public final class FrameEncoder: ChannelOutboundHandler {
     /// Completed when the batch is written: the promise of the batch's first frame that had one, the later
     /// ones cascaded from it.
     private var batchPromise: EventLoopPromise<Void>?
+    /// This handler's context, for ``encode(_:)``.
+    private var context: ChannelHandlerContext?
 
     public init() {}
 
+    public func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
     public func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        var frame = unwrapOutboundIn(data)
+        encode(unwrapOutboundIn(data), context: context, promise: promise)
+    }
+
+    /// Writes a frame as `write` does, called directly by the ``TunnelMux`` next to this encoder (no `NIOAny`
+    /// box per frame). Returns false once the encoder has left the pipeline.
+    func encode(_ frame: Frame) -> Bool {
+        guard let context else { return false }
+        encode(frame, context: context, promise: nil)
+        return true
+    }
+
+    private func encode(_ frame: Frame, context: ChannelHandlerContext, promise: EventLoopPromise<Void>?) {
+        var frame = frame
         let length = frame.payload.readableBytes
         precondition(length <= Frame.maxPayload, "frame payload over the limit")
         let copy = length <= Self.copyThreshold
@@ -218,6 +244,7 @@ public final class FrameEncoder: ChannelOutboundHandler {
     }
 
     public func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
         batch = nil
         batchPromise?.fail(ChannelError.ioOnClosedChannel)
         batchPromise = nil

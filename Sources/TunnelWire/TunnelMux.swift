@@ -106,6 +106,9 @@ public final class TunnelMux: ChannelInboundHandler {
     public let eventLoop: EventLoop
 
     private var context: ChannelHandlerContext?
+    /// The frame codec this mux talks to directly (see `handlerAdded`).
+    private var decoder: FrameDecoder?
+    private var encoder: FrameEncoder?
     private var streams: [UInt32: Stream] = [:]
     private var nextStreamID: UInt32
     private var windowBudgetUsed = 0
@@ -131,6 +134,15 @@ public final class TunnelMux: ChannelInboundHandler {
 
     public func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        // Behind a frame codec (the tunnel's pipeline: TLS, FrameDecoder, FrameEncoder, mux), frames pass by
+        // direct calls: through the pipeline NIO boxes each `Frame` into an `NIOAny`, an allocation per frame
+        // each way. Nothing that handles frames may sit between the codec and the mux.
+        let sync = context.pipeline.syncOperations
+        if let decoder = try? sync.handler(type: FrameDecoder.self), let encoder = try? sync.handler(type: FrameEncoder.self) {
+            decoder.sink = self
+            self.decoder = decoder
+            self.encoder = encoder
+        }
     }
 
     public func channelInactive(context: ChannelHandlerContext) {
@@ -140,6 +152,9 @@ public final class TunnelMux: ChannelInboundHandler {
 
     public func handlerRemoved(context: ChannelHandlerContext) {
         shutdownStreams()
+        decoder?.sink = nil
+        decoder = nil
+        encoder = nil
         self.context = nil
     }
 
@@ -153,7 +168,12 @@ public final class TunnelMux: ChannelInboundHandler {
     }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        let frame = unwrapInboundIn(data)
+        receive(unwrapInboundIn(data))
+    }
+
+    /// One frame from the peer: from `channelRead`, or straight from the ``FrameDecoder`` before this mux.
+    func receive(_ frame: Frame) {
+        guard let context else { return }
         lastFrameReceived = .now()
         inTunnelRead = true
         do {
@@ -222,8 +242,7 @@ public final class TunnelMux: ChannelInboundHandler {
             stream.glue?.resetFromTunnel()
             stream.openPromise?.succeed(.failed(OpenFail(code: 502, reason: "stream reset by peer")))
         case .ping:
-            context.write(
-                wrapOutboundOut(Frame(type: .pong, streamID: 0, payload: frame.payload)), promise: nil)
+            send(Frame(type: .pong, streamID: 0, payload: frame.payload))
         case .pong:
             break
         case .openOK:
@@ -248,11 +267,9 @@ public final class TunnelMux: ChannelInboundHandler {
                 throw FrameError("OPEN on invalid or reused stream \(frame.streamID)")
             }
             guard !draining, streams.count < limits.maxStreams else {
-                context.write(
-                    wrapOutboundOut(
-                        OpenFail(code: 503, reason: "agent is draining or at its stream limit")
-                            .frame(streamID: frame.streamID, allocator: context.channel.allocator)),
-                    promise: nil)
+                send(
+                    OpenFail(code: 503, reason: "agent is draining or at its stream limit")
+                        .frame(streamID: frame.streamID, allocator: context.channel.allocator))
                 return
             }
             let stream = Stream(
@@ -459,25 +476,27 @@ public final class TunnelMux: ChannelInboundHandler {
     }
 
     private func writeFrame(_ frame: Frame, flush: Bool) {
-        guard let context else { return }
-        if flush {
-            context.writeAndFlush(wrapOutboundOut(frame), promise: nil)
-        } else {
-            context.write(wrapOutboundOut(frame), promise: nil)
-        }
+        send(frame)
+        if flush { context?.flush() }
+    }
+
+    /// Writes a frame towards the peer: into the encoder next to this mux directly, or through the pipeline.
+    private func send(_ frame: Frame) {
+        if let encoder, encoder.encode(frame) { return }
+        context?.write(wrapOutboundOut(frame), promise: nil)
     }
 
     /// Sends as much of the pending socket data as the window allows, in frames of at most `Frame.maxPayload`.
     private func flushPending(_ stream: Stream) {
         defer { updateReadState(stream) }
-        guard var pending = stream.pending, let context else { return }
+        guard var pending = stream.pending, context != nil else { return }
         var wrote = false
         while pending.readableBytes > 0 && stream.send.available > 0 {
             let count = min(pending.readableBytes, stream.send.available, Frame.maxPayload)
             let slice = pending.readSlice(length: count)!
             stream.send.consume(count)
             counters.add(out: count)
-            context.write(wrapOutboundOut(Frame(type: .data, streamID: stream.id, payload: slice)), promise: nil)
+            send(Frame(type: .data, streamID: stream.id, payload: slice))
             wrote = true
         }
         stream.pending = pending.readableBytes > 0 ? pending : nil

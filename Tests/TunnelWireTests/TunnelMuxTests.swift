@@ -57,6 +57,41 @@ final class RecordingDelegate: TunnelMuxDelegate {
         #expect(mux.streamCount == 1)
     }
 
+    @Test func behindTheFrameCodecTheMuxReadsAndWritesBytes() throws {
+        let channel = EmbeddedChannel()
+        let mux = TunnelMux(role: .server, eventLoop: channel.eventLoop)
+        try channel.pipeline.syncOperations.addHandlers([FrameDecoder(), FrameEncoder(), mux])
+        try channel.connect(to: .init(ipAddress: "127.0.0.1", port: 1)).wait()
+        func bytes(_ frames: [Frame]) throws -> ByteBuffer {
+            let encoder = EmbeddedChannel(handler: FrameEncoder())
+            var all = ByteBuffer()
+            for frame in frames { try encoder.writeOutbound(frame) }
+            while var part = try encoder.readOutbound(as: ByteBuffer.self) { all.writeBuffer(&part) }
+            return all
+        }
+        func sent() throws -> [Frame] {
+            channel.embeddedEventLoop.run()
+            let decoder = EmbeddedChannel(handler: FrameDecoder())
+            while let part = try channel.readOutbound(as: ByteBuffer.self) { try decoder.writeInbound(part) }
+            var frames: [Frame] = []
+            while let frame = try decoder.readInbound(as: Frame.self) { frames.append(frame) }
+            return frames
+        }
+
+        let opened = mux.openStream(target: "edge-1:10250")
+        let open = try sent()
+        #expect(open.count == 1)
+        #expect(try Open(frame: open[0]).target == "edge-1:10250")
+        try channel.writeInbound(
+            try bytes([OpenOK(window: 4096).frame(streamID: 1), .ping(.ping, opaque: 7, allocator: .init())]))
+        guard case .opened(let id) = try opened.wait() else {
+            Issue.record("stream 1 did not open")
+            return
+        }
+        #expect(id == 1)
+        #expect(try sent().map(\.type) == [.pong])
+    }
+
     @Test func agentRefusesOpenOnAnEvenOrReusedStream() throws {
         let (channel, _, delegate) = try makeMux(.agent)
         try channel.writeInbound(Open(target: "127.0.0.1:10250", window: 1024).frame(streamID: 1))
