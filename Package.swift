@@ -10,7 +10,8 @@ let swift5: [SwiftSetting] = [.swiftLanguageMode(.v5)]
 // (6 MiB resident when shared). lld resolves the static libraries in any order; packed relative relocations
 // keep the loader from reading 2.6 MB of relocation entries at start, and without --export-dynamic the
 // binary has no 28,000-symbol dynamic table to map. The binary stays position-independent (ASLR).
-// The server is linked the same way (idle 25 MiB instead of 32, one replica per cloud node at scale).
+// The server is linked the same way: idle 24 MiB instead of 34 (docs/benchmarks.md), and it runs one replica
+// per cloud node at scale.
 let leanLinking: [LinkerSetting] = [
     .unsafeFlags(
         [
