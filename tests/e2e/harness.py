@@ -39,17 +39,62 @@ def http_get(url, timeout=5):
         return error.code, error.read().decode()
 
 
-class Proc:
-    """A background process whose output goes to a log file."""
+# The Python stand-ins (edge_service.py, kubelet_standin.py) keep Python's default SIGTERM action.
+PYTHON_HELPER_EXITS = (0, -signal.SIGTERM)
+# Signals that mean the process crashed (a Swift `precondition`/`fatalError` traps with SIGILL or SIGTRAP).
+CRASH_SIGNALS = {signal.SIGILL, signal.SIGTRAP, signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE}
+# What a Swift runtime trap prints.
+CRASH_WORDS = ("Fatal error",)
+# The EdgeTunnel binaries drain for up to 10 s on SIGTERM: the harness waits longer than that before SIGKILL.
+STOP_TIMEOUT = 15
 
-    def __init__(self, args, log, env=None):
+
+def describe_status(returncode):
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+class Proc:
+    """A background process whose output goes to a log file.
+
+    Teardown (`stop_and_check`) fails the test when the process exited on its own without `may_exit=True` /
+    `expect_exit()`, crashed, did not exit cleanly on the harness's SIGTERM (within the timeout, with a code in
+    `clean_exits`), or printed a Swift trap ("Fatal error").
+    """
+
+    def __init__(self, args, log, env=None, may_exit=False, clean_exits=(0,)):
+        self.args = [str(a) for a in args]
         self.log = log
+        self.may_exit = may_exit
+        self.clean_exits = tuple(clean_exits)
+        self.stopped_with = None  # the signal the test or the harness stopped the process with
+        self.killed_after_timeout = None  # the timeout after which the harness had to SIGKILL it
+        self.log_start = pathlib.Path(log).stat().st_size if pathlib.Path(log).exists() else 0
+        self.log_end = None
         self.handle = open(log, "ab")
-        self.popen = subprocess.Popen([str(a) for a in args], stdout=self.handle, stderr=subprocess.STDOUT,
+        self.popen = subprocess.Popen(self.args, stdout=self.handle, stderr=subprocess.STDOUT,
                                       env=env, start_new_session=True)
+
+    def expect_exit(self):
+        """Declares that the process may exit by itself (an error exit the test checks, for instance)."""
+        self.may_exit = True
+        return self
 
     def text(self):
         return pathlib.Path(self.log).read_text(errors="replace")
+
+    def own_text(self):
+        """The part of the log this process wrote (a restarted process appends to the same file)."""
+        with open(self.log, "rb") as f:
+            f.seek(self.log_start)
+            data = f.read() if self.log_end is None else f.read(max(0, self.log_end - self.log_start))
+        return data.decode(errors="replace")
 
     def expect_log(self, words, timeout=5):
         """Waits for `words` in the log: a process writes its log line after the effect a test observes."""
@@ -58,16 +103,72 @@ class Proc:
     def alive(self):
         return self.popen.poll() is None
 
-    def stop(self, sig=signal.SIGTERM, timeout=15):
+    def send_signal(self, sig):
+        """Sends `sig`; SIGTERM, SIGINT and SIGKILL count as the test stopping the process on purpose."""
+        if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL) and self.popen.poll() is None:
+            self.stopped_with = sig
+        self.popen.send_signal(sig)
+
+    def _ended(self):
+        if self.log_end is None:
+            self.log_end = pathlib.Path(self.log).stat().st_size
+
+    def stop(self, sig=signal.SIGTERM, timeout=STOP_TIMEOUT):
         if self.popen.poll() is None:
-            self.popen.send_signal(sig)
+            self.send_signal(sig)
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
+                self.killed_after_timeout = timeout
                 self.popen.kill()
                 self.popen.wait()
+        self._ended()
         self.handle.close()
         return self.popen.returncode
+
+    def problem(self):
+        """Why this (stopped) process fails the test, or None."""
+        code = self.popen.returncode
+        status = describe_status(code)
+        reasons = []
+        if self.killed_after_timeout is not None:
+            reasons.append(f"did not exit within {self.killed_after_timeout}s of "
+                           f"{signal.Signals(self.stopped_with).name} and was killed")
+        elif self.stopped_with in (signal.SIGTERM, signal.SIGINT):
+            if code not in self.clean_exits:
+                reasons.append(f"stopped with {signal.Signals(self.stopped_with).name}, it ended with {status}")
+        elif self.stopped_with is None and code is not None:
+            if code < 0 and -code in CRASH_SIGNALS:
+                reasons.append(f"crashed: {status}")
+            elif not self.may_exit:
+                reasons.append(f"exited on its own with {status}")
+        text = self.own_text()
+        words = [w for w in CRASH_WORDS if w in text]
+        if words:
+            reasons.append(f"its log contains {words[0]!r}")
+        if not reasons:
+            return None
+        tail = "\n".join(text.splitlines()[-20:])
+        return (f"{' '.join(self.args)}\n  ({status}; {'; '.join(reasons)})\n  last lines of {self.log}:\n"
+                + "\n".join("    " + line for line in tail.splitlines()))
+
+
+def stop_and_check(procs, timeout=STOP_TIMEOUT):
+    """Stops every process (last started first), then fails if any of them ended badly (see `Proc`)."""
+    errors = []
+    for proc in reversed(procs):
+        try:
+            proc.stop(timeout=timeout)
+        except Exception as error:  # noqa: BLE001 - every process is stopped before anything is raised
+            errors.append(f"{' '.join(proc.args)}: stopping it failed: {error!r}")
+    check_exits(procs, errors)
+
+
+def check_exits(procs, errors=()):
+    """Raises an AssertionError naming every process that ended badly; the processes must have been stopped."""
+    problems = list(errors) + [p for p in (proc.problem() for proc in procs) if p]
+    if problems:
+        raise AssertionError("process(es) ended unexpectedly:\n" + "\n".join(problems))
 
 
 class Cluster:
@@ -88,8 +189,12 @@ class Cluster:
     def token(self, ttl="1h"):
         return run(BIN / "edgetunnel", "token", "create", "--pki-dir", self.pki, "--ttl", ttl).stdout.strip()
 
-    def spawn(self, args, name, env=None):
-        proc = Proc(args, self.tmp / f"{name}.log", env=env)
+    def spawn(self, args, name, env=None, may_exit=False, clean_exits=(0,)):
+        log = self.tmp / f"{name}.log"
+        for earlier in self.procs:  # a restarted process appends to its predecessor's log
+            if pathlib.Path(earlier.log) == log and not earlier.alive():
+                earlier._ended()
+        proc = Proc(args, log, env=env, may_exit=may_exit, clean_exits=clean_exits)
         self.procs.append(proc)
         return proc
 
@@ -126,7 +231,8 @@ class Cluster:
 
     def start_edge_service(self, port=None):
         port = port or free_port()
-        service = self.spawn([sys.executable, HERE / "edge_service.py", "127.0.0.1", port], f"edge-{port}")
+        service = self.spawn([sys.executable, HERE / "edge_service.py", "127.0.0.1", port], f"edge-{port}",
+                             clean_exits=PYTHON_HELPER_EXITS)
         wait_until(lambda: socket.create_connection(("127.0.0.1", port), 1).close() is None, 10, "edge service")
         return port
 
@@ -156,8 +262,8 @@ class Cluster:
         return head.split(b"\r\n", 1)[0].decode(), tls
 
     def close(self):
-        for proc in reversed(self.procs):
-            proc.stop(signal.SIGKILL if proc.alive() and False else signal.SIGTERM, timeout=5)
+        """Stops every process, then fails if one of them ended badly (see `Proc`)."""
+        stop_and_check(self.procs)
 
 
 def frame(frame_type, stream_id, payload):

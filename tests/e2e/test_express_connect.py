@@ -14,7 +14,7 @@ import pytest
 
 from conftest import BIN, run
 from edge_service import blob_sha256
-from harness import Proc, wait_until
+from harness import PYTHON_HELPER_EXITS, Proc, stop_and_check, wait_until
 from netns import Topology
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -36,8 +36,9 @@ class Setup:
         self.config = self.tmp / "server.yaml"
         self.addresses = self.tmp / "addresses"
 
-    def spawn(self, ns, args, name):
-        proc = Proc(["ip", "netns", "exec", ns, *args], self.tmp / f"{name}.log")
+    def spawn(self, ns, args, name, may_exit=False, clean_exits=(0,)):
+        proc = Proc(["ip", "netns", "exec", ns, *args], self.tmp / f"{name}.log", may_exit=may_exit,
+                    clean_exits=clean_exits)
         self.procs.append(proc)
         return proc
 
@@ -49,7 +50,8 @@ class Setup:
 
     def start_agent(self, addresses):
         self.addresses.write_text("\n".join(addresses) + "\n")
-        self.spawn(self.topo.edge, [sys.executable, HERE / "edge_service.py", "127.0.0.1", EDGE_PORT], "edge-service")
+        self.spawn(self.topo.edge, [sys.executable, HERE / "edge_service.py", "127.0.0.1", EDGE_PORT], "edge-service",
+                   clean_exits=PYTHON_HELPER_EXITS)
         self.agent = self.spawn(self.topo.edge, [
             BIN / "edge-tunnel-agent", "--node-name", "edge-1", "--node-ip", "10.240.1.2",
             "--server-addresses-file", self.addresses, "--pki-dir", self.tmp / "agent",
@@ -82,8 +84,8 @@ class Setup:
         return self.topo.run(self.topo.cloud, *self.curl_args(path), check=False)
 
     def close(self):
-        for proc in reversed(self.procs):
-            proc.stop(timeout=5)
+        """Stops every process, then fails if one of them ended badly (see harness.Proc)."""
+        stop_and_check(self.procs)
 
 
 @pytest.fixture
@@ -263,5 +265,7 @@ def test_a_server_name_follows_its_dns_record(topo, tmp_path):
         assert s.path_in_use() == f"{name}:10262"
         assert s.request().stdout == "hello from the edge\n"
     finally:
-        s.close()
-        shutil.rmtree(netns_etc, ignore_errors=True)
+        try:
+            s.close()
+        finally:
+            shutil.rmtree(netns_etc, ignore_errors=True)

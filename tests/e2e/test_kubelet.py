@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import BIN, run
-from harness import Cluster, free_port, wait_until
+from harness import PYTHON_HELPER_EXITS, Cluster, free_port, wait_until
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -28,7 +28,8 @@ def start_kubelet_standin(c, tmp_path, name):
     c.events = tmp_path / "kubelet-events"
     c.events.write_text("")
     standin = c.spawn([sys.executable, HERE / "kubelet_standin.py", "127.0.0.1", c.https_port, c.http_port,
-                       kpki / "server.crt", kpki / "server.key", c.events], "kubelet")
+                       kpki / "server.crt", kpki / "server.key", c.events], "kubelet",
+                       clean_exits=PYTHON_HELPER_EXITS)
     wait_until(lambda: "ready" in standin.text(), 10, "kubelet stand-in")
     return kpki / "ca.crt"
 
@@ -81,7 +82,10 @@ def test_follow_logs_arrive_line_by_line_and_closing_ends_the_kubelet_side(kube)
     data = b""
     delays = []
     while len(delays) < 5:
-        data += sock.recv(4096)
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise AssertionError(f"the stream closed after {len(delays)} lines")
+        data += chunk
         while b"\n" in data.split(b"\r\n", 1)[-1] if b"\r\n" in data else False:
             size_line, rest = data.split(b"\r\n", 1)
             size = int(size_line, 16)
@@ -267,7 +271,8 @@ def test_routes_dns_and_iptables_send_kubelet_traffic_to_the_tunnel(tmp_path):
             events = tmp_path / "events"
             events.write_text("")
             standin = c.spawn(["ip", "netns", "exec", edge, sys.executable, HERE / "kubelet_standin.py", node_ip,
-                               "10250", "10255", kpki / "server.crt", kpki / "server.key", events], "kubelet")
+                               "10250", "10255", kpki / "server.crt", kpki / "server.key", events], "kubelet",
+                              clean_exits=PYTHON_HELPER_EXITS)
             wait_until(lambda: "ready" in standin.text(), 10, "kubelet stand-in")
             server = c.spawn(["ip", "netns", "exec", cloud, BIN / "edge-tunnel-server", "--pki-dir", c.pki,
                               "--cert-ips", f"{cloud_ip},{node_ip}", "--insecure-bind-address", "0.0.0.0",

@@ -2,14 +2,14 @@
 import json
 import pathlib
 import shutil
-import subprocess
+import signal
 import time
 
 import pytest
 import yaml
 
 from conftest import BIN, assert_one_line_error, run
-from harness import Cluster, free_port, wait_until
+from harness import Cluster, Proc, free_port, stop_and_check, wait_until
 from netns import sh, two_hosts
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -191,12 +191,13 @@ def test_doctor_bad_input(tmp_path):
         assert_one_line_error(result, needle)
 
 
-def test_udp_probe_between_two_namespaces_and_doctor_follows():
+def test_udp_probe_between_two_namespaces_and_doctor_follows(tmp_path):
     with two_hosts() as (a, ip_a, b, ip_b):
-        responder = subprocess.Popen(["ip", "netns", "exec", b, BIN / "edgetunnel", "probe", "udp", "--listen",
-                                      f"{ip_b}:8472"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        responder = Proc(["ip", "netns", "exec", b, BIN / "edgetunnel", "probe", "udp", "--listen", f"{ip_b}:8472"],
+                         tmp_path / "responder.log")
         try:
-            assert "answering UDP probes" in responder.stdout.readline()
+            wait_until(lambda: "\n" in responder.text(), 10, "the responder's first line")
+            assert "answering UDP probes" in responder.text().splitlines()[0]
             probe = sh("ip", "netns", "exec", a, BIN / "edgetunnel", "probe", "udp", "--target", f"{ip_b}:8472",
                        "--count", "5", "--timeout", "1s", "--output", "json")
             result = json.loads(probe.stdout)
@@ -212,8 +213,9 @@ def test_udp_probe_between_two_namespaces_and_doctor_follows():
             failing = sh("ip", "netns", "exec", a, BIN / "edgetunnel", "doctor", "--probe-udp", f"{ip_b}:8472", check=False)
             assert failing.returncode == 1 and "FAIL  udp" in failing.stdout and "0/5 probes came back" in failing.stdout
         finally:
-            responder.kill()
-            responder.wait()
+            # Killed on purpose (it keeps the default SIGTERM action); it must not have exited before that.
+            responder.stop(signal.SIGKILL)
+            stop_and_check([responder])
 
 
 def test_probe_bad_input():
