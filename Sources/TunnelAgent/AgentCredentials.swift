@@ -95,7 +95,7 @@ enum JoinClient {
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(NIOSSLClientHandler(context: context, serverHostname: nil))
-                    try sync.addHandler(FrameDecoder())
+                    try sync.addHandler(FrameDecoder(maxPayload: Frame.maxUnregisteredPayload))
                     try sync.addHandler(FrameEncoder())
                     try sync.addHandler(handler)
                 }
@@ -197,7 +197,7 @@ final class JoinClientHandler: ChannelInboundHandler, @unchecked Sendable {
             }
             promise.complete(.success((ok, serverCertificate)))
         case .refused:
-            let reason = (try? Refused(frame: frame).reason) ?? "no reason given"
+            let reason = (try? Refused(frame: frame).reason).map { PeerText.bounded($0) } ?? "no reason given"
             promise.complete(.failure(JoinError(description: "server refused the join: \(reason)")))
         default:
             break

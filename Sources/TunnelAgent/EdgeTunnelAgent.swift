@@ -366,7 +366,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(NIOSSLClientHandler(context: context, serverHostname: hostname))
-                    try sync.addHandler(FrameDecoder())
+                    try sync.addHandler(FrameDecoder(maxPayload: Frame.maxUnregisteredPayload))
                     try sync.addHandler(FrameEncoder())
                     try sync.addHandler(tunnel.mux)
                     try sync.addHandler(AgentTunnelErrorHandler(tunnel: tunnel))
@@ -462,7 +462,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
 
     func open(_ open: Open, streamID: UInt32, mux: TunnelMux) {
         guard let target = resolveTarget(open.target) else {
-            mux.rejectStream(streamID, code: 400, reason: "target \"\(open.target)\" is not host:port")
+            mux.rejectStream(streamID, code: 400, reason: "target \"\(PeerText.bounded(open.target))\" is not host:port")
             return
         }
         guard configuration.allowList.allows(host: target.host, port: target.port) else {
@@ -635,13 +635,14 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
         switch frame.type {
         case .helloOK:
             registered = true
+            mux.peerRegistered()
             registration.succeed(())
         case .refused:
-            let reason = (try? Refused(frame: frame).reason) ?? "no reason given"
+            let reason = (try? Refused(frame: frame).reason).map { PeerText.bounded($0) } ?? "no reason given"
             agent.logger.error("server \(address) refused the tunnel: \(reason)")
             registration.fail(JoinError(description: "server refused the registration: \(reason)"))
         case .goaway:
-            let reason = (try? GoAway(frame: frame).reason) ?? ""
+            let reason = (try? GoAway(frame: frame).reason).map { PeerText.bounded($0) } ?? ""
             agent.logger.info("server \(address) is draining (\(reason)); open streams finish on it, new ones go to a new tunnel")
             mux.markDraining()
             // Reconnect at once so new streams reach this node (another replica, the restarted server, or the

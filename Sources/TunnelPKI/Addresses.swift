@@ -31,6 +31,11 @@ public struct IPAddress: Hashable, Sendable, Comparable, CustomStringConvertible
 
     public var isIPv4: Bool { bytes.count == 4 }
 
+    /// 127.0.0.0/8 or ::1.
+    public var isLoopback: Bool {
+        isIPv4 ? bytes[0] == 127 : bytes == [UInt8](repeating: 0, count: 15) + [1]
+    }
+
     public var description: String {
         var buffer = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
         let family = isIPv4 ? AF_INET : AF_INET6

@@ -78,7 +78,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             server.registry.unregister(self)
             registered = false
         case .refused:
-            let reason = (try? Refused(frame: frame).reason) ?? "unknown"
+            let reason = (try? Refused(frame: frame).reason).map { PeerText.bounded($0) } ?? "unknown"
             logger.warning("agent closed the tunnel: \(reason)")
         default:
             break
@@ -134,13 +134,13 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             return
         }
         guard hello.nodeName == nodeName else {
-            refuse("certificate is for node \(nodeName) but the registration claims node \(hello.nodeName)")
+            refuse("certificate is for node \(nodeName) but the registration claims node \(PeerText.bounded(hello.nodeName))")
             return
         }
         var ips: [String] = []
         for ip in hello.nodeIPs {
             guard let address = IPAddress(ip) else {
-                refuse("node IP \"\(ip)\" is not an IP address")
+                refuse("node IP \"\(PeerText.bounded(ip))\" is not an IP address")
                 return
             }
             ips.append(address.description)
@@ -155,6 +155,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             return
         }
         registered = true
+        mux.peerRegistered()
         logger.info("agent registered", metadata: ["ips": "\(ips.joined(separator: ","))"])
         mux.sendControl(
             HelloOK(serverID: server.configuration.serverID,

@@ -22,9 +22,19 @@ import Glibc
 /// attach, port-forward over SPDY or WebSocket) pass their 101 and carry bytes until either side closes. On
 /// the secure port the server opens TLS to the kubelet inside the stream with its proxy-client certificate.
 /// A connection stays bound to the node of its first request.
-final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
+///
+/// A request in absolute form (`GET http://edge-7:9100/metrics HTTP/1.1`, what Go's HTTP client and curl send
+/// to a forward proxy for `http://` URLs) is forwarded as a proxy does: plain HTTP to the URL's host and port,
+/// the head rewritten to origin form with the hop-by-hop headers removed and `Connection: close` (the target
+/// closes after its answer, so the next request on the caller's connection, perhaps for another node, comes
+/// on a new connection).
+///
+/// While the stream is being opened the caller is not read (backpressure, as in ``ConnectHandler``): bytes
+/// that arrived with the head, a request body among them, are kept and go first.
+final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
     typealias InboundOut = ByteBuffer
+    typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
 
     enum Mode {
@@ -34,10 +44,23 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
         case plain
     }
 
+    private enum State {
+        /// Reading the request head.
+        case head
+        /// The head is in; the stream is being opened. The caller is not read meanwhile.
+        case routing
+        /// Relaying, or answered with an error.
+        case done
+    }
+
     private let server: TunnelServerCore
     private let mode: Mode
+    /// The bytes read so far: the head, and whatever followed it in the same reads.
     private var buffer: ByteBuffer?
-    private var done = false
+    /// How many bytes of `buffer` were searched for the end of the head (each byte is searched once).
+    private var scanned = 0
+    private var state = State.head
+    private var readPending = false
     private var headTimeout: Scheduled<Void>?
 
     init(server: TunnelServerCore, mode: Mode) {
@@ -47,10 +70,13 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         headTimeout = context.eventLoop.scheduleTask(in: server.configuration.handshakeTimeout) { [weak self] in
-            guard let self, !self.done else { return }
-            HTTPErrorResponse.send(context, 408, "request head not received in time", logger: self.server.logger)
-            self.done = true
+            guard let self, case .head = self.state else { return }
+            self.reject(context, 408, "request head not received in time")
         }
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if case .routing = state { readPending = true } else { context.read() }
     }
 
     func handlerRemoved(context: ChannelHandlerContext) {
@@ -59,19 +85,36 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var incoming = unwrapInboundIn(data)
-        guard !done else { return }
+        switch state {
+        case .done:
+            return
+        case .routing:
+            buffer!.writeBuffer(&incoming)  // at most the rest of the current read: reading is paused
+            return
+        case .head:
+            break
+        }
         if buffer == nil { buffer = incoming } else { buffer!.writeBuffer(&incoming) }
-        guard let end = RequestHead.end(in: buffer!.readableBytesView) else {
-            if buffer!.readableBytes > RequestHead.maxSize {
+        let view = buffer!.readableBytesView
+        // Search only the new bytes (and the three before them, for a blank line split across reads).
+        let from = max(0, scanned - 3)
+        guard let end = RequestHead.end(in: view.dropFirst(from)).map({ $0 + from }) else {
+            scanned = view.count
+            if view.count > RequestHead.maxSize {
                 reject(context, 431, "request header block is larger than \(RequestHead.maxSize / 1024) KiB")
             }
             return
         }
+        guard end <= RequestHead.maxSize else {
+            reject(context, 431, "request header block is larger than \(RequestHead.maxSize / 1024) KiB")
+            return
+        }
         headTimeout?.cancel()
-        done = true
+        state = .routing
+        PendingConnectionHandler.authenticated(context.pipeline.syncOperations)
         // RequestHead throws only rejections (status and reason); the head and its Host are checked in one go.
         do {
-            let head = try RequestHead(parsing: buffer!.getBytes(at: buffer!.readerIndex, length: end)!)
+            let head = try RequestHead(parsing: view.prefix(end))
             if mode == .tls, let peer = try? context.pipeline.syncOperations.nioSSL_peerCertificate(),
                 let certificate = try? peer.x509(),
                 certificate.subject.organizations.contains(CertificateAuthority.agentOrganization)
@@ -83,7 +126,17 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
                 handOverToConnect(context, target: head.target, headLength: end)
                 return
             }
-            route(to: try head.destination(defaultPort: mode == .tls ? 10250 : 10255), context: context)
+            if let forward = try head.forwardProxyRequest() {
+                // Absolute form: a forward-proxy request, plain HTTP to the URL's target, in origin form.
+                buffer!.moveReaderIndex(forwardBy: end)
+                var rewritten = context.channel.allocator.buffer(capacity: forward.head.utf8.count + buffer!.readableBytes)
+                rewritten.writeString(forward.head)
+                rewritten.writeBuffer(&buffer!)
+                buffer = rewritten
+                route(to: forward.destination, plain: true, context: context)
+                return
+            }
+            route(to: try head.destination(defaultPort: mode == .tls ? 10250 : 10255), plain: mode == .plain, context: context)
         } catch let rejection as RequestHead.Rejection {
             reject(context, rejection.status, rejection.reason)
         } catch {
@@ -92,7 +145,8 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     private func reject(_ context: ChannelHandlerContext, _ status: Int, _ message: String) {
-        done = true
+        state = .done
+        readPending = false
         buffer = nil
         HTTPErrorResponse.send(context, status, message, logger: server.logger)
     }
@@ -113,7 +167,8 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
-    private func route(to destination: HostPort, context: ChannelHandlerContext) {
+    /// `plain`: HTTP to the target as it is; otherwise TLS to the kubelet inside the stream.
+    private func route(to destination: HostPort, plain: Bool, context: ChannelHandlerContext) {
         StreamDialer.open(destination, server: server, on: context.eventLoop) { node, failure in
             "kubelet of node \(node) at \(destination): \(failure.reason)"
         }.whenSuccess { outcome in
@@ -125,9 +180,10 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
                     mux.cancelStream(id)
                     return
                 }
-                switch self.mode {
-                case .plain: self.relayPlain(context, mux: mux, streamID: id)
-                case .tls: self.relayTLS(context, mux: mux, streamID: id, node: node, destination: destination)
+                if plain {
+                    self.relayPlain(context, mux: mux, streamID: id)
+                } else {
+                    self.relayTLS(context, mux: mux, streamID: id, node: node, destination: destination)
                 }
             }
         }
@@ -140,7 +196,9 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
             try sync.addHandler(StreamGlue(mux: mux, streamID: streamID, eventLoop: context.eventLoop), position: .after(self))
             let bytes = buffer!
             buffer = nil
+            state = .done
             context.fireChannelRead(wrapInboundOut(bytes))
+            resumeReading(context)
             sync.removeHandler(context: context, promise: nil)
         } catch {
             mux.cancelStream(streamID)
@@ -223,6 +281,8 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
                     try sync.addHandler(callerGlue, position: .after(self))
                     tlsChannel.writeAndFlush(self.buffer!, promise: nil)
                     self.buffer = nil
+                    self.state = .done
+                    self.resumeReading(context)
                     sync.removeHandler(context: context, promise: nil)
                 } catch {
                     tlsChannel.close(promise: nil)
@@ -230,6 +290,13 @@ final class HostRouter: ChannelInboundHandler, RemovableChannelHandler {
                 }
             }
         }
+    }
+
+    /// A read held while the stream was opened is issued now, towards the glue that took over.
+    private func resumeReading(_ context: ChannelHandlerContext) {
+        guard readPending else { return }
+        readPending = false
+        context.read()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
@@ -278,5 +345,9 @@ enum HTTPErrorResponse {
         buffer.writeString("Content-Type: text/plain; charset=utf-8\r\nContent-Length: \(body.utf8.count)\r\n")
         buffer.writeString("Connection: close\r\n\r\n\(body)")
         context.writeAndFlush(NIOAny(buffer)).whenComplete { _ in context.close(promise: nil) }
+        // A peer that does not read (or never finished its TLS handshake, which holds the write back) is
+        // closed anyway: an answer owed must not keep a socket open.
+        let channel = context.channel
+        context.eventLoop.scheduleTask(in: .seconds(2)) { channel.close(promise: nil) }
     }
 }

@@ -28,7 +28,14 @@ final class JoinHandler: ChannelInboundHandler {
         }
         do {
             let request = try JoinRequest(frame: frame)
-            try server.tokens.verify(request.token)
+            do {
+                try server.tokens.verify(request.token)
+            } catch let error as PKIError where [.tokenNotFound, .invalidToken, .tokenExpired].contains(error.code) {
+                // One answer whatever is wrong with the token, so that a prober cannot tell a known token id
+                // from an unknown one; the operator's log says which.
+                server.logger.warning("join refused: \(error)", metadata: ["remote": "\(remote)"])
+                throw JoinRefusal.invalidToken
+            }
             let authority = try server.authority()
             let certificate = try authority.signNodeCSR(
                 request.csrPEM, nodeName: request.nodeName, validity: server.configuration.agentCertificateValidity)
@@ -43,12 +50,22 @@ final class JoinHandler: ChannelInboundHandler {
     }
 
     private func refuse(_ context: ChannelHandlerContext, _ reason: String, remote: String) {
-        server.logger.warning("\(reason)", metadata: ["remote": "\(remote)"])
-        context.writeAndFlush(wrapOutboundOut(Refused(reason: reason).frame(allocator: context.channel.allocator)))
+        let refused = Refused(reason: reason)  // bounded: the reason may quote the peer's node name or CSR
+        server.logger.warning("\(refused.reason)", metadata: ["remote": "\(remote)"])
+        context.writeAndFlush(wrapOutboundOut(refused.frame(allocator: context.channel.allocator)))
             .whenComplete { _ in context.close(promise: nil) }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         context.close(promise: nil)
+    }
+}
+
+/// What a refused join is told when its token does not hold.
+enum JoinRefusal: Error, CustomStringConvertible {
+    case invalidToken
+
+    var description: String {
+        "the bootstrap token is not valid (unknown, wrong secret or expired): create one with edgetunnel token create"
     }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import TunnelSupport
+import TunnelWire
 
 /// The head of an HTTP/1.1 request, parsed just enough to route it: method, target, headers.
 ///
@@ -110,12 +111,57 @@ struct RequestHead: Equatable {
         guard let authority, !authority.isEmpty else {
             throw Rejection(status: 400, reason: "request has no Host header: cannot tell which node it is for")
         }
+        return try Self.hostPort(authority, defaultPort: defaultPort)
+    }
+
+    /// `host[:port]` with `defaultPort` when the port is missing; a 400 naming the authority otherwise.
+    private static func hostPort(_ authority: String, defaultPort: Int) throws -> HostPort {
         if let hostPort = HostPort(authority: authority) { return hostPort }
-        if let hostPort = HostPort(authority: authority.hasPrefix("[") ? "\(authority):\(defaultPort)" : "\(authority):\(defaultPort)"),
+        if let hostPort = HostPort(authority: "\(authority):\(defaultPort)"),
             !authority.contains(":") || authority.hasPrefix("[") && authority.hasSuffix("]")
         {
             return hostPort
         }
-        throw Rejection(status: 400, reason: "Host \"\(authority)\" is not a node name or IP with an optional port")
+        throw Rejection(status: 400, reason: "Host \"\(PeerText.bounded(authority))\" is not a node name or IP with an optional port")
+    }
+
+    /// A forward-proxy request for an `http://` URL, as the target must receive it.
+    struct ForwardRequest: Equatable {
+        var destination: HostPort
+        /// The head in origin form, hop-by-hop headers removed, `Connection: close`, ending in the blank line.
+        var head: String
+    }
+
+    /// Headers that concern one connection only (RFC 9110 §7.6.1), never forwarded; `Host` is set anew from
+    /// the URL. `Transfer-Encoding` stays: the body is passed on unchanged and it frames it.
+    private static let hopByHop: Set<String> = [
+        "connection", "keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate", "te", "trailer",
+        "upgrade", "host",
+    ]
+
+    /// For a request in absolute form with the `http` scheme (`GET http://edge-7:9100/metrics HTTP/1.1`): where
+    /// it goes (port 80 by default) and the head to send there. Nil for any other form.
+    func forwardProxyRequest() throws -> ForwardRequest? {
+        guard target.utf8.count > 7, target.prefix(7).lowercased() == "http://" else { return nil }
+        let rest = target.dropFirst(7)
+        let pathStart = rest.firstIndex { $0 == "/" || $0 == "?" } ?? rest.endIndex
+        let authority = String(rest[..<pathStart])
+        guard !authority.contains("@") else {
+            throw Rejection(status: 400, reason: "a URL with credentials is not forwarded")
+        }
+        let destination = try Self.hostPort(authority, defaultPort: 80)
+        var path = String(rest[pathStart...])
+        if !path.hasPrefix("/") { path = "/" + path }
+        let named = Set(values("Connection").flatMap { $0.split(separator: ",") }.map {
+            $0.trimmingCharacters(in: .whitespaces).lowercased()
+        })
+        var head = "\(method) \(path) \(version)\r\nHost: \(authority)\r\n"
+        for (name, value) in headers {
+            let lower = name.lowercased()
+            guard !Self.hopByHop.contains(lower), !named.contains(lower) else { continue }
+            head += "\(name): \(value)\r\n"
+        }
+        head += "Connection: close\r\n\r\n"
+        return ForwardRequest(destination: destination, head: head)
     }
 }

@@ -35,6 +35,12 @@ public struct ServerConfiguration: Sendable {
     public var keepaliveTimeout: TimeAmount = .seconds(20)
     /// A TLS handshake or join that takes longer is abandoned.
     public var handshakeTimeout: TimeAmount = .seconds(10)
+    /// Connections of one listener still in their TLS handshake (or, on plain ports, before their request
+    /// head), in all and per source IP; more are closed at once and counted.
+    public var maxPendingConnections = 4096
+    public var maxPendingConnectionsPerSource = 256
+    /// The insecure port has no authentication: it binds to a non-loopback address only when this is set.
+    public var allowInsecureBind = false
     /// How long in-flight streams may take to finish on shutdown.
     public var drainTimeout: TimeAmount = .seconds(10)
     /// Event-loop threads. A relay's work is split about evenly between its loop and the kernel's network

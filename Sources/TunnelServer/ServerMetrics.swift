@@ -11,6 +11,9 @@ final class ServerMetrics: @unchecked Sendable {
     let bytesToAgents: TotalCounter
     let certificateExpiry: Gauge
     private let failures: LabeledCounters
+    /// Connections closed before they authenticated, by listener and reason (``ConnectionGate/Rejection``).
+    let connectionsRejected: LabeledCounters
+    let pendingConnections: LabeledGauges
 
     init() {
         agents = registry.makeGauge(
@@ -33,6 +36,12 @@ final class ServerMetrics: @unchecked Sendable {
         failures = LabeledCounters(
             registry: registry, name: "edge_tunnel_server_dial_failures_total", label: "reason",
             help: "Streams that could not be opened, by reason.")
+        connectionsRejected = LabeledCounters(
+            registry: registry, name: "edge_tunnel_server_connections_rejected_total", labels: ["port", "reason"],
+            help: "Connections closed before they authenticated: listener full, source full, or handshake too slow.")
+        pendingConnections = LabeledGauges(
+            registry: registry, name: "edge_tunnel_server_unauthenticated_connections", label: "port",
+            help: "Connections still in their TLS handshake or before their request head, by listener.")
     }
 
     func dialFailed(reason: String) {
@@ -40,7 +49,8 @@ final class ServerMetrics: @unchecked Sendable {
     }
 
     /// Refreshes the values that are read from live state, then renders the Prometheus text format.
-    func render(registry agentRegistry: AgentRegistry) -> [UInt8] {
+    func render(registry agentRegistry: AgentRegistry, gates: [ConnectionGate]) -> [UInt8] {
+        for gate in gates { pendingConnections.set(gate.port, Double(gate.pendingCount)) }
         let sessions = agentRegistry.sessions
         agents.set(Double(sessions.count))
         streams.set(Double(sessions.reduce(0) { $0 + $1.streamCount }))

@@ -9,26 +9,14 @@ import X509
 
 /// Decides, once the TLS handshake on the tunnel port is done, what a connection is: an agent with a node
 /// certificate gets a tunnel (``TunnelMux`` + ``AgentSession``); a caller without a certificate may only join.
-/// A connection that does not finish its handshake in time is closed.
+/// The listener's ``ConnectionGate`` closes a connection that does not finish its handshake in time.
 final class TunnelConnectionClassifier: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = Frame
 
     private let server: TunnelServerCore
-    private var timeout: Scheduled<Void>?
 
     init(server: TunnelServerCore) {
         self.server = server
-    }
-
-    func handlerAdded(context: ChannelHandlerContext) {
-        let channel = context.channel
-        timeout = context.eventLoop.scheduleTask(in: server.configuration.handshakeTimeout) {
-            channel.close(promise: nil)
-        }
-    }
-
-    func handlerRemoved(context: ChannelHandlerContext) {
-        timeout?.cancel()
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -65,7 +53,6 @@ final class TunnelConnectionClassifier: ChannelInboundHandler, RemovableChannelH
                     channel.close(promise: nil)
                 }
             }
-            timeout?.cancel()
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
         } catch {
             server.logger.warning("tunnel connection failed: \(error)", metadata: ["remote": "\(remote)"])
@@ -92,7 +79,13 @@ final class CloseOnErrorHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        logger.debug("\(what) connection error: \(error)", metadata: ["remote": "\(context.channel.remoteAddress?.description ?? "?")"])
+        let remote = context.channel.remoteAddress?.description ?? "?"
+        if error is FrameError {
+            // The peer broke the protocol (or would make us break it): an operator wants to know which one.
+            logger.warning("\(what) connection closed: \(error)", metadata: ["remote": "\(remote)"])
+        } else {
+            logger.debug("\(what) connection error: \(error)", metadata: ["remote": "\(remote)"])
+        }
         context.close(promise: nil)
     }
 }

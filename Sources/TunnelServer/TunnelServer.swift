@@ -178,6 +178,8 @@ public final class TunnelServer: @unchecked Sendable {
     private var udsIdentity: (device: UInt, inode: UInt)?
     private var ready = false
     private var renewalTask: Scheduled<Void>?
+    /// One per listener: connections not yet authenticated (see ``ConnectionGate``).
+    private var gates: [ConnectionGate] = []
 
     /// Loads the CA and prepares the serving certificate; throws a one-line error naming what is wrong.
     public init(configuration: ServerConfiguration, logger: Logger, group: EventLoopGroup? = nil) throws {
@@ -218,17 +220,47 @@ public final class TunnelServer: @unchecked Sendable {
         lock.withLock { renewalTask = task }
     }
 
+    /// The gate of the listener named `port`.
+    private func makeGate(_ port: String) -> ConnectionGate {
+        let metrics = core.metrics
+        let logger = core.logger
+        let gate = ConnectionGate(
+            port: port, total: configuration.maxPendingConnections,
+            perSource: configuration.maxPendingConnectionsPerSource, deadline: configuration.handshakeTimeout
+        ) { port, reason in
+            metrics.connectionsRejected.increment(port, reason.rawValue)
+            logger.debug("\(port) connection closed before it authenticated: \(reason.rawValue)")
+        }
+        lock.withLock { gates.append(gate) }
+        return gate
+    }
+
     /// Binds every listener (ports given as 0 are chosen by the OS).
     public func start() async throws {
         let host = configuration.bindAddress
         let core = self.core
+        if configuration.insecurePort != 0 && !Self.isLoopback(configuration.insecureBindAddress) {
+            guard configuration.allowInsecureBind else {
+                throw PKIError(.invalidArgument,
+                    "--insecure-bind-address \(configuration.insecureBindAddress) is not a loopback address: the insecure "
+                    + "port proxies without authentication; pass --allow-insecure-bind to expose it, or --insecure-port 0")
+            }
+            core.logger.critical("""
+                the insecure port \(configuration.insecurePort) proxies WITHOUT AUTHENTICATION on \
+                \(configuration.insecureBindAddress) (--allow-insecure-bind): anyone who reaches it reaches every \
+                node's allowed endpoints
+                """)
+        }
+        let tunnelGate = makeGate("tunnel")
+        let secureGate = makeGate("secure")
         let tunnel = try await ServerBootstrap(group: group)
             .streamListener(halfClosure: false)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(NIOSSLServerHandler(context: core.tunnelContext))
-                    try sync.addHandler(FrameDecoder())
+                    try sync.addHandler(tunnelGate.handler())
+                    try sync.addHandler(FrameDecoder(maxPayload: Frame.maxUnregisteredPayload))
                     try sync.addHandler(FrameEncoder())
                     try sync.addHandler(TunnelConnectionClassifier(server: core))
                     try sync.addHandler(CloseOnErrorHandler(logger: core.logger, what: "tunnel"))
@@ -241,6 +273,7 @@ public final class TunnelServer: @unchecked Sendable {
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(NIOSSLServerHandler(context: core.callerContext))
+                    try sync.addHandler(secureGate.handler())
                     try sync.addHandler(HostRouter(server: core, mode: .tls))
                 }
             }
@@ -251,10 +284,12 @@ public final class TunnelServer: @unchecked Sendable {
         }
         var insecure: Channel?
         if configuration.insecurePort != 0 {
+            let gate = makeGate("insecure")
             insecure = try await ServerBootstrap(group: group)
                 .streamListener()
                 .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(gate.handler())
                         try channel.pipeline.syncOperations.addHandler(HostRouter(server: core, mode: .plain))
                     }
                 }
@@ -317,15 +352,22 @@ public final class TunnelServer: @unchecked Sendable {
             lock.withLock { udsIdentity = (UInt(created.st_dev), UInt(created.st_ino)) }
         }
         let core = self.core
+        let gate = makeGate("uds")
         return try await ServerBootstrap(group: group)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(gate.handler())
                     try channel.pipeline.syncOperations.addHandler(HostRouter(server: core, mode: .plain))
                 }
             }
             .withBoundSocket(fd).get()
+    }
+
+    static func isLoopback(_ address: String) -> Bool {
+        guard let ip = IPAddress(address) else { return address == "localhost" }
+        return ip.isLoopback
     }
 
     /// Removes the Unix socket file if it is still ours: during a rolling restart on a shared path the next
@@ -369,7 +411,7 @@ public final class TunnelServer: @unchecked Sendable {
         case "/metrics":
             return MetaResponse(
                 status: .ok, contentType: "text/plain; version=0.0.4; charset=utf-8",
-                body: core.metrics.render(registry: core.registry))
+                body: core.metrics.render(registry: core.registry, gates: lock.withLock { gates }))
         case "/v1/agents":
             return MetaResponse(status: .ok, contentType: "application/json", body: agentsJSON())
         case "/v1/server":

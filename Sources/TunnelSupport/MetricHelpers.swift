@@ -8,28 +8,33 @@ extension MetricNameDescriptor {
     }
 }
 
-/// Counters of one metric name split by one label, each created when its label value is first seen
+/// Counters of one metric name split by labels, each created when its label values are first seen
 /// (e.g. `edge_tunnel_server_dial_failures_total{reason}`). Thread-safe.
 public final class LabeledCounters: @unchecked Sendable {
     private let registry: PrometheusCollectorRegistry
     private let name: String
-    private let label: String
+    private let labels: [String]
     private let help: String
     private let lock = NIOLock()
-    private var counters: [String: Counter] = [:]
+    private var counters: [[String]: Counter] = [:]
 
-    public init(registry: PrometheusCollectorRegistry, name: String, label: String, help: String) {
+    public convenience init(registry: PrometheusCollectorRegistry, name: String, label: String, help: String) {
+        self.init(registry: registry, name: name, labels: [label], help: help)
+    }
+
+    public init(registry: PrometheusCollectorRegistry, name: String, labels: [String], help: String) {
         self.registry = registry
         self.name = name
-        self.label = label
+        self.labels = labels
         self.help = help
     }
 
-    public func increment(_ value: String) {
+    /// Increments the counter of `values`, one for each label in order.
+    public func increment(_ values: String...) {
         let counter = lock.withLock {
-            if let counter = counters[value] { return counter }
-            let counter = registry.makeCounter(descriptor: .named(name, help: help), labels: [(label, value)])
-            counters[value] = counter
+            if let counter = counters[values] { return counter }
+            let counter = registry.makeCounter(descriptor: .named(name, help: help), labels: Array(zip(labels, values)))
+            counters[values] = counter
             return counter
         }
         counter.increment()
@@ -51,5 +56,32 @@ public final class TotalCounter: @unchecked Sendable {
             counter.increment(by: Int64(total - reported))
             reported = total
         }
+    }
+}
+
+/// Gauges of one metric name split by one label, each created when its label value is first seen. Thread-safe.
+public final class LabeledGauges: @unchecked Sendable {
+    private let registry: PrometheusCollectorRegistry
+    private let name: String
+    private let label: String
+    private let help: String
+    private let lock = NIOLock()
+    private var gauges: [String: Gauge] = [:]
+
+    public init(registry: PrometheusCollectorRegistry, name: String, label: String, help: String) {
+        self.registry = registry
+        self.name = name
+        self.label = label
+        self.help = help
+    }
+
+    public func set(_ value: String, _ number: Double) {
+        let gauge = lock.withLock {
+            if let gauge = gauges[value] { return gauge }
+            let gauge = registry.makeGauge(descriptor: .named(name, help: help), labels: [(label, value)])
+            gauges[value] = gauge
+            return gauge
+        }
+        gauge.set(number)
     }
 }

@@ -1,6 +1,7 @@
 import Dispatch
 import Foundation
 import Logging
+import TunnelWire
 
 #if canImport(Glibc)
 import Glibc
@@ -70,7 +71,7 @@ public enum ProcessSupport {
             }
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level
-            return handler
+            return EscapingLogHandler(handler)
         }
     }
 
@@ -92,6 +93,40 @@ extension Logger.Level {
     /// Parses `--log-level`.
     public init?(flag: String) {
         self.init(rawValue: flag.lowercased())
+    }
+}
+
+/// Text log lines that a peer cannot split or forge: the message and every metadata value have their control
+/// characters escaped and are shortened (``PeerText``), whatever a call site forgot to quote.
+public struct EscapingLogHandler: LogHandler {
+    /// The longest message or metadata value written, in characters.
+    public static let messageLimit = 4096
+    private var inner: StreamLogHandler
+
+    public init(_ inner: StreamLogHandler) { self.inner = inner }
+
+    public var logLevel: Logger.Level {
+        get { inner.logLevel }
+        set { inner.logLevel = newValue }
+    }
+
+    public var metadata: Logger.Metadata {
+        get { inner.metadata }
+        set { inner.metadata = newValue }
+    }
+
+    public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { inner[metadataKey: key] }
+        set { inner[metadataKey: key] = newValue }
+    }
+
+    public func log(event: LogEvent) {
+        var event = event
+        event.message = "\(PeerText.bounded(event.message.description, limit: Self.messageLimit))"
+        if let metadata = event.metadata {
+            event.metadata = metadata.mapValues { .string(PeerText.bounded("\($0)", limit: Self.messageLimit)) }
+        }
+        inner.log(event: event)
     }
 }
 
@@ -117,8 +152,8 @@ public struct JSONLogHandler: LogHandler {
         fields["time"] = Date().formatted(.iso8601)
         fields["level"] = event.level.rawValue
         fields["logger"] = label
-        fields["message"] = event.message.description
-        if let error = event.error { fields["error"] = "\(error)" }
+        fields["message"] = PeerText.bounded(event.message.description, limit: EscapingLogHandler.messageLimit)
+        if let error = event.error { fields["error"] = PeerText.bounded("\(error)", limit: EscapingLogHandler.messageLimit) }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         guard var data = try? encoder.encode(fields) else { return }

@@ -28,6 +28,10 @@ public struct Frame: Sendable {
     public static let headerSize = 12
     /// The largest payload either side sends or accepts.
     public static let maxPayload = 256 * 1024
+    /// The largest payload accepted before the peer is registered (HELLO answered) or joining: an
+    /// unregistered peer cannot make us allocate more than this for one frame. HELLO, JOIN and their answers
+    /// are a few hundred bytes to a few KiB (a CSR, two certificates).
+    public static let maxUnregisteredPayload = 16 * 1024
 
     /// Raw type byte: frames of unknown types are delivered too, so that the receiver can ignore them.
     public var rawType: UInt8
@@ -57,8 +61,8 @@ public struct FrameError: Error, Hashable, Sendable, CustomStringConvertible {
     public let description: String
     public init(_ description: String) { self.description = description }
 
-    public static func oversize(_ length: UInt32) -> FrameError {
-        FrameError("frame payload of \(length) bytes exceeds the limit of \(Frame.maxPayload)")
+    public static func oversize(_ length: UInt32, limit: Int = Frame.maxPayload) -> FrameError {
+        FrameError("frame payload of \(length) bytes exceeds the limit of \(limit)")
     }
 }
 
@@ -91,8 +95,14 @@ public final class FrameDecoder: ChannelInboundHandler {
     /// Through the pipeline each `Frame` would be boxed into an `NIOAny` (too large to store inline): one
     /// allocation per frame.
     var sink: TunnelMux?
+    /// The largest payload accepted now: ``Frame/maxUnregisteredPayload`` until the connection is registered.
+    public var maxPayload: Int
 
-    public init() {}
+    /// - Parameter maxPayload: the largest payload accepted until ``maxPayload`` is raised (by the mux once the
+    ///   peer is registered, see ``TunnelMux/peerRegistered()``).
+    public init(maxPayload: Int = Frame.maxPayload) {
+        self.maxPayload = maxPayload
+    }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
@@ -150,7 +160,7 @@ public final class FrameDecoder: ChannelInboundHandler {
             header.moveReaderIndex(forwardBy: 2)
             let streamID = header.readInteger(as: UInt32.self)!
             let length = header.readInteger(as: UInt32.self)!
-            guard length <= Frame.maxPayload else { throw FrameError.oversize(length) }
+            guard length <= maxPayload else { throw FrameError.oversize(length, limit: maxPayload) }
             let size = Int(length)
             if rawType == FrameType.data.rawValue && size > 0 {
                 state = .data(streamID: streamID, flags: flags, remaining: size)
@@ -209,7 +219,15 @@ public final class FrameEncoder: ChannelOutboundHandler {
     private func encode(_ frame: Frame, context: ChannelHandlerContext, promise: EventLoopPromise<Void>?) {
         var frame = frame
         let length = frame.payload.readableBytes
-        precondition(length <= Frame.maxPayload, "frame payload over the limit")
+        guard length <= Frame.maxPayload else {
+            // Every frame we build is bounded (DATA by the send loop, reasons by `maxReasonLength`); should one
+            // ever not be, the connection fails with the reason — the process and its other peers go on.
+            let error = FrameError("refusing to send a \(FrameType(rawValue: frame.rawType).map { "\($0)" } ?? "type \(frame.rawType)") "
+                + "frame of \(length) bytes: over the limit of \(Frame.maxPayload)")
+            promise?.fail(error)
+            context.fireErrorCaught(error)
+            return
+        }
         let copy = length <= Self.copyThreshold
         let needed = Frame.headerSize + (copy ? length : 0)
         if let batch, batch.readableBytes + needed > Self.batchLimit {

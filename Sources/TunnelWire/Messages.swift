@@ -62,11 +62,16 @@ public struct HelloOK: ControlMessage, Equatable {
     }
 }
 
+/// The longest reason (in characters) a REFUSED, OPEN_FAIL or GOAWAY we build carries: reasons quote peer
+/// input, and JSON escaping can make each character six bytes, so an unbounded reason could exceed the frame
+/// limit. Peer strings inside a reason are shortened further where they are quoted (``PeerText``).
+public let maxReasonLength = 1024
+
 /// Either side: the connection is refused or being closed, and why. The sender closes after it.
 public struct Refused: ControlMessage, Equatable {
     public static let frameType = FrameType.refused
     public var reason: String
-    public init(reason: String) { self.reason = reason }
+    public init(reason: String) { self.reason = PeerText.bounded(reason, limit: maxReasonLength) }
 }
 
 /// Server → agent: open stream `streamID` to `target` (`host:port`). `window` is the server's initial receive
@@ -126,7 +131,7 @@ public struct OpenFail: ControlMessage, Equatable {
     public var reason: String
     public init(code: Int, reason: String) {
         self.code = code
-        self.reason = reason
+        self.reason = PeerText.bounded(reason, limit: maxReasonLength)
     }
 }
 
@@ -134,7 +139,7 @@ public struct OpenFail: ControlMessage, Equatable {
 public struct GoAway: ControlMessage, Equatable {
     public static let frameType = FrameType.goaway
     public var reason: String
-    public init(reason: String) { self.reason = reason }
+    public init(reason: String) { self.reason = PeerText.bounded(reason, limit: maxReasonLength) }
 }
 
 /// Agent → server on a connection without a client certificate: the bootstrap join.

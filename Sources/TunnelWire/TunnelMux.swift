@@ -22,6 +22,10 @@ public struct TunnelLimits: Sendable {
     public var connectionWindowBudget = 256 << 20
     /// Streams open at once on one connection.
     public var maxStreams = 65_536
+    /// Replies the peer made us owe (PONG, OPEN_FAIL, RST) while it did not read what we already sent: past this
+    /// the connection is closed, so a peer that sends PINGs and never reads cannot grow our write buffer
+    /// (HTTP/2 stacks bound their outbound control frames the same way).
+    public var maxUnreadReplies = 1024
 
     public init() {}
 }
@@ -122,6 +126,12 @@ public final class TunnelMux: ChannelInboundHandler {
     private var inTunnelRead = false
     /// When the last frame arrived, for keepalive.
     public private(set) var lastFrameReceived = NIODeadline.now()
+    /// Replies written since the tunnel last was writable (see ``TunnelLimits/maxUnreadReplies``).
+    private var unreadReplies = 0
+    /// The highest stream id the peer has opened (agent side): ids are never reused.
+    private var lastPeerStreamID: UInt32 = 0
+    /// The peer broke the protocol: its further frames are ignored while the connection closes.
+    private var failed = false
 
     public init(role: Role, eventLoop: EventLoop, limits: TunnelLimits = TunnelLimits()) {
         self.role = role
@@ -159,6 +169,7 @@ public final class TunnelMux: ChannelInboundHandler {
     }
 
     public func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { unreadReplies = 0 }
         for stream in streams.values { updateReadState(stream) }
         context.fireChannelWritabilityChanged()
     }
@@ -173,13 +184,14 @@ public final class TunnelMux: ChannelInboundHandler {
 
     /// One frame from the peer: from `channelRead`, or straight from the ``FrameDecoder`` before this mux.
     func receive(_ frame: Frame) {
-        guard let context else { return }
+        guard let context, !failed else { return }
         lastFrameReceived = .now()
         inTunnelRead = true
         do {
             try handle(frame, context: context)
         } catch {
             // A malformed or illegal frame: the peer is broken; say why and close.
+            failed = true
             sendRefusedAndClose(reason: "\(error)")
             context.fireErrorCaught(error)
         }
@@ -242,7 +254,10 @@ public final class TunnelMux: ChannelInboundHandler {
             stream.glue?.resetFromTunnel()
             stream.openPromise?.succeed(.failed(OpenFail(code: 502, reason: "stream reset by peer")))
         case .ping:
-            send(Frame(type: .pong, streamID: 0, payload: frame.payload))
+            guard frame.payload.readableBytes == 8 else {
+                throw FrameError("PING with \(frame.payload.readableBytes) payload bytes (8 expected)")
+            }
+            try reply(Frame(type: .pong, streamID: 0, payload: frame.payload))
         case .pong:
             break
         case .openOK:
@@ -263,11 +278,13 @@ public final class TunnelMux: ChannelInboundHandler {
         case .open:
             guard role == .agent else { throw FrameError("OPEN from an agent") }
             let open = try Open(frame: frame)
-            guard frame.streamID % 2 == 1, streams[frame.streamID] == nil else {
+            // Ids only grow: an id at or below the last one opened is a stream that exists or existed.
+            guard frame.streamID % 2 == 1, frame.streamID > lastPeerStreamID else {
                 throw FrameError("OPEN on invalid or reused stream \(frame.streamID)")
             }
+            lastPeerStreamID = frame.streamID
             guard !draining, streams.count < limits.maxStreams else {
-                send(
+                try reply(
                     OpenFail(code: 503, reason: "agent is draining or at its stream limit")
                         .frame(streamID: frame.streamID, allocator: context.channel.allocator))
                 return
@@ -480,6 +497,23 @@ public final class TunnelMux: ChannelInboundHandler {
         if flush { context?.flush() }
     }
 
+    /// Writes a frame the peer's frame asks for. A peer that keeps asking while it does not read what we
+    /// send is cut off before its replies pile up.
+    private func reply(_ frame: Frame) throws {
+        if let channel = context?.channel, !channel.isWritable {
+            unreadReplies += 1
+            guard unreadReplies <= limits.maxUnreadReplies else {
+                throw FrameError("peer does not read: \(unreadReplies) replies unsent")
+            }
+        }
+        send(frame)
+    }
+
+    /// The peer is registered (HELLO answered): frames up to ``Frame/maxPayload`` are accepted from now on.
+    public func peerRegistered() {
+        execute { self.decoder?.maxPayload = Frame.maxPayload }
+    }
+
     /// Writes a frame towards the peer: into the encoder next to this mux directly, or through the pipeline.
     private func send(_ frame: Frame) {
         if let encoder, encoder.encode(frame) { return }
@@ -565,6 +599,11 @@ public final class TunnelMux: ChannelInboundHandler {
 
     private func sendRefusedAndClose(reason: String) {
         guard let context else { return }
+        // A peer that does not read would hold the REFUSED, and the connection, forever.
+        guard context.channel.isWritable else {
+            context.close(promise: nil)
+            return
+        }
         context.writeAndFlush(wrapOutboundOut(Refused(reason: reason).frame(allocator: context.channel.allocator)))
             .whenComplete { _ in context.close(promise: nil) }
     }

@@ -61,6 +61,14 @@ struct ServerCommand: AsyncParsableCommand {
     var servingCertificateValidity: String?
     @Option(name: .customLong("event-loop-threads"), help: "Event-loop threads (default: half the CPU cores, at least 1).")
     var eventLoopThreads: Int?
+    @Option(name: .customLong("handshake-timeout"), help: "Time a connection has to finish its TLS handshake or send its request head (default 10s).")
+    var handshakeTimeout: String?
+    @Option(name: .customLong("max-pending-connections"), help: "Connections per listener still in their handshake, in all (default 4096).")
+    var maxPendingConnections: Int?
+    @Option(name: .customLong("max-pending-connections-per-source"), help: "Connections per listener still in their handshake, per source IP (default 256).")
+    var maxPendingConnectionsPerSource: Int?
+    @Flag(name: .customLong("allow-insecure-bind"), help: "Let --insecure-bind-address be a non-loopback address: the insecure port has no authentication.")
+    var allowInsecureBind = false
 
     func run() async throws {
         let configuration: ServerConfiguration
@@ -131,6 +139,24 @@ struct ServerCommand: AsyncParsableCommand {
             }
             configuration.eventLoopThreads = threads
         }
+        if let timeout = handshakeTimeout ?? file.handshakeTimeout {
+            let seconds = try Durations.parse(timeout, what: "--handshake-timeout")
+            guard (1...300).contains(seconds) else {
+                throw PKIError(.invalidDuration, "--handshake-timeout must be between 1s and 300s")
+            }
+            configuration.handshakeTimeout = .milliseconds(Int64(seconds * 1000))
+        }
+        if let total = maxPendingConnections ?? file.maxPendingConnections {
+            guard total >= 1 else { throw PKIError(.invalidArgument, "invalid --max-pending-connections \(total): must be at least 1") }
+            configuration.maxPendingConnections = total
+        }
+        if let perSource = maxPendingConnectionsPerSource ?? file.maxPendingConnectionsPerSource {
+            guard perSource >= 1 else {
+                throw PKIError(.invalidArgument, "invalid --max-pending-connections-per-source \(perSource): must be at least 1")
+            }
+            configuration.maxPendingConnectionsPerSource = perSource
+        }
+        configuration.allowInsecureBind = allowInsecureBind || (file.allowInsecureBind ?? false)
         if let validity = agentCertificateValidity ?? file.agentCertificateValidity {
             let seconds = try Durations.parse(validity, what: "--agent-certificate-validity")
             guard seconds >= 10 else {
@@ -241,12 +267,17 @@ struct ServerConfigFile: Codable {
     var kubeletClientKey: String?
     var kubeletCAFile: String?
     var eventLoopThreads: Int?
+    var handshakeTimeout: String?
+    var maxPendingConnections: Int?
+    var maxPendingConnectionsPerSource: Int?
+    var allowInsecureBind: Bool?
 
     static let keys: Set<String> = [
         "pkiDir", "bindAddress", "tunnelPort", "securePort", "metaPort", "certIPs", "certDNSNames", "clientCAFile",
         "serverID", "logLevel", "agentCertificateValidity", "servingCertificateValidity", "insecurePort",
         "insecureBindAddress", "udsPath", "kubeletClientCert", "kubeletClientKey", "kubeletCAFile",
-        "eventLoopThreads",
+        "eventLoopThreads", "handshakeTimeout", "maxPendingConnections", "maxPendingConnectionsPerSource",
+        "allowInsecureBind",
     ]
 
     /// Reads and checks a config file: unknown keys are errors (a typo must not be silently ignored).

@@ -4,6 +4,7 @@ HTTPS on one port (certificate from its own CA) and plain HTTP on another:
 GET /containerLogs/...?follow=true   chunked, one line every 100 ms: "<unix time> line <n>\\n", until the client goes
 GET /exec/... (Upgrade: websocket)    101 with subprotocol v4.channel.k8s.io, then echoes every frame
 GET /metrics, /healthz                a short body
+POST /sha256                          the SHA-256 hex of the request body
 Every closed follow stream is appended to EVENTS as "closed <unix time>".
 """
 import base64
@@ -60,6 +61,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.echo_frames()
             return
         body = b"kubelet ok\n" if self.path != "/metrics" else b"# kubelet metrics\nkubelet_running_pods 3\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        digest = hashlib.sha256()
+        remaining = int(self.headers.get("Content-Length", "0"))
+        while remaining > 0:
+            data = self.rfile.read(min(remaining, 1 << 20))
+            if not data:
+                break
+            digest.update(data)
+            remaining -= len(data)
+        body = (digest.hexdigest() + "\n").encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

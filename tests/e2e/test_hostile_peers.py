@@ -1,0 +1,283 @@
+"""Hostile agents, callers and unauthenticated connections against a real server (issue: hostile peers).
+
+Each scenario plays the attacker for at least 30 s with real certificates and raw frames, while a real agent
+(`edge-2`) keeps serving byte-exact downloads to a caller from another source address, and asserts that the
+server stays up, its RSS stays under a stated bound, and its file descriptors return to the baseline once the
+attacker has gone.
+"""
+import contextlib
+import hashlib
+import json
+import os
+import resource
+import socket
+import ssl
+import struct
+import threading
+import time
+
+import pytest
+
+from conftest import BIN, run
+from edge_service import blob_sha256
+from harness import Cluster, frame, free_port, http_get, read_frame, recv_exact, rss_kib, wait_until
+
+SCENARIO_SECONDS = 30
+# The server's RSS may grow by at most this much during an attack (a legitimate stream's window is 1 MiB;
+# the attacks below could grow it by gigabytes before the fixes).
+RSS_GROWTH_BOUND_MIB = 96
+VICTIM_SOURCE = "127.0.0.2"  # the victim caller's address: per-source limits must not catch it
+VICTIM_BLOB = 256 * 1024
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A server, a real agent edge-2 with an edge service, and an agent certificate for edge-1 (the attacker)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 16384)), hard))
+    c = Cluster(tmp_path)
+    c.start_server()
+    c.victim_port = c.start_edge_service()
+    c.victim = c.start_agent("edge-2", "--allow", f"127.0.0.1:{c.victim_port}")
+    run(BIN / "edgetunnel", "pki", "issue-client", "--pki-dir", c.pki, "--name", "edge-1",
+        "--org", "edge-tunnel:agents", "--out-dir", tmp_path / "attacker")
+    c.attacker_cert = tmp_path / "attacker" / "edge-1.crt"
+    c.attacker_key = tmp_path / "attacker" / "edge-1.key"
+    yield c
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    c.close()
+
+
+def fd_count(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def victim_download(c):
+    """One CONNECT through the secure port from VICTIM_SOURCE to edge-2, a blob downloaded and checked."""
+    raw = socket.create_connection(("127.0.0.1", c.ports["secure"]), timeout=10, source_address=(VICTIM_SOURCE, 0))
+    with c.tls_context(c.cert, c.key).wrap_socket(raw) as tls:
+        tls.sendall(f"CONNECT edge-2:{c.victim_port} HTTP/1.1\r\nHost: edge-2\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = tls.recv(1)
+            assert chunk, f"connection closed during the CONNECT answer: {head!r}"
+            head += chunk
+        assert head.startswith(b"HTTP/1.1 200"), head
+        tls.sendall(f"GET /blob/{VICTIM_BLOB} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    body = data.split(b"\r\n\r\n", 1)[1]
+    assert hashlib.sha256(body).hexdigest() == blob_sha256(VICTIM_BLOB), "the victim's stream was not byte-exact"
+
+
+def hostile_scenario(c, attack, seconds=SCENARIO_SECONDS):
+    """Runs `attack(stop_event)` in a thread for `seconds` while the victim downloads; asserts the four bounds.
+    Returns what the attack returned."""
+    pid = c.server.popen.pid
+    victim_download(c)
+    time.sleep(0.5)
+    base_fds = fd_count(pid)
+    base_rss = rss_kib(pid)
+    stop = threading.Event()
+    outcome = {}
+
+    def run_attack():
+        try:
+            outcome["value"] = attack(stop)
+        except BaseException as error:  # reported by the main thread
+            outcome["error"] = error
+
+    attacker = threading.Thread(target=run_attack, daemon=True)
+    attacker.start()
+    peak, downloads = base_rss, 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        assert c.server.alive(), "the server died during the attack"
+        victim_download(c)
+        downloads += 1
+        peak = max(peak, rss_kib(pid))
+        time.sleep(0.2)
+    stop.set()
+    attacker.join(60)
+    assert not attacker.is_alive(), "the attack did not stop"
+    if "error" in outcome:
+        raise outcome["error"]
+    assert c.server.alive(), "the server died during the attack"
+    assert downloads >= 10, f"only {downloads} victim downloads in {seconds}s"
+    growth_mib = (peak - base_rss) / 1024
+    assert growth_mib < RSS_GROWTH_BOUND_MIB, f"server RSS grew by {growth_mib:.0f} MiB"
+    wait_until(lambda: fd_count(pid) <= base_fds, 30, f"server descriptors back to {base_fds}")
+    victim_download(c)
+    return outcome.get("value")
+
+
+@contextlib.contextmanager
+def attacker_tunnel(c, cert=True):
+    """A raw TLS connection to the tunnel port, with edge-1's agent certificate or none."""
+    context = c.tls_context(c.attacker_cert, c.attacker_key) if cert else c.tls_context()
+    raw = socket.create_connection(("127.0.0.1", c.ports["tunnel"]), timeout=10)
+    with context.wrap_socket(raw) as tls:
+        yield tls
+
+
+def hello(node, ips=()):
+    return frame(1, 0, json.dumps({"version": 2, "nodeName": node, "nodeIPs": list(ips), "capabilities": []}).encode())
+
+
+def test_an_echoed_oversize_node_name_does_not_stop_the_server(lab):
+    """HELLO and JOIN with node names of 15,000 slashes (JSON escaping doubles them) and of 140,000: the server
+    answers with a bounded reason or closes that connection, and keeps serving everyone."""
+    token = lab.token()
+
+    def attack(stop):
+        refusals = 0
+        while not stop.is_set():
+            with attacker_tunnel(lab) as tls:
+                tls.sendall(hello("/" * 15000))
+                frame_type, _, payload = read_frame(tls)
+                assert frame_type == 15, frame_type
+                reason = json.loads(payload)["reason"]
+                assert len(payload) < 8 * 1024 and "edge-1" in reason and "more)" in reason, reason[:200]
+                refusals += 1
+            with attacker_tunnel(lab) as tls:  # over the limit for an unregistered peer: closed, no answer
+                tls.sendall(hello("/" * 140000))
+                with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+                    read_frame(tls)
+            with attacker_tunnel(lab, cert=False) as tls:
+                tls.sendall(frame(13, 0, json.dumps({"token": token, "nodeName": "/" * 15000, "csrPEM": "x"}).encode()))
+                frame_type, _, payload = read_frame(tls)
+                assert frame_type == 15 and len(payload) < 8 * 1024, (frame_type, payload[:200])
+                assert "invalid node name" in json.loads(payload)["reason"], payload[:200]
+        return refusals
+
+    assert hostile_scenario(lab, attack) >= 10
+    lab.server.expect_log("registration refused")
+    refusals = [line for line in lab.server.text().splitlines() if "registration refused" in line]
+    assert refusals and all(len(line) < 2000 for line in refusals), max(map(len, refusals))
+
+
+def test_an_agent_that_pings_and_never_reads_is_cut_off(lab):
+    """A registered agent sends 8-byte PINGs as fast as it can and never reads the PONGs: the server closes it
+    instead of queueing PONGs (it grew by 4.8 GB in 15 s before). A PING with a 256 KiB payload is a protocol
+    error."""
+    ping = frame(10, 0, b"12345678") * 4096
+
+    def attack(stop):
+        cut_off = 0
+        while not stop.is_set():
+            with attacker_tunnel(lab) as tls:
+                tls.sendall(hello("edge-1"))
+                assert read_frame(tls)[0] == 2  # HELLO_OK
+                tls.settimeout(5)
+                try:
+                    while not stop.is_set():
+                        tls.sendall(ping)
+                except (ConnectionError, ssl.SSLError, OSError):
+                    cut_off += 1
+            with attacker_tunnel(lab) as tls:
+                tls.sendall(hello("edge-1"))
+                assert read_frame(tls)[0] == 2
+                tls.sendall(frame(10, 0, b"x" * (256 * 1024)))
+                while True:  # PONG-less: a REFUSED naming the PING, then the close
+                    frame_type, _, payload = read_frame(tls)
+                    if frame_type == 15:
+                        assert b"PING with 262144 payload bytes" in payload, payload
+                        break
+        return cut_off
+
+    assert hostile_scenario(lab, attack) >= 1
+    lab.server.expect_log("peer does not read")
+
+
+def test_connections_that_never_handshake_are_closed_and_capped(lab):
+    """3,000 TCP connections to the secure port that never send a ClientHello: past 256 from one source they are
+    closed at once, the rest when the 10 s handshake deadline passes; a caller from another address and the
+    agents are not shut out meanwhile. The same on the tunnel port."""
+    def attack(stop):
+        held = []
+        for port in ("secure", "tunnel"):
+            for _ in range(1500):
+                s = socket.socket()
+                s.settimeout(5)
+                s.connect(("127.0.0.1", lab.ports[port]))
+                held.append(s)
+        opened = time.monotonic()
+
+        def closed(s):
+            s.setblocking(False)
+            try:
+                return s.recv(1) == b""
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+
+        beyond_limit = 2 * (1500 - 256)
+        wait_until(lambda: sum(closed(s) for s in held) >= beyond_limit, 5, "connections beyond the limit closed")
+        at_once = sum(closed(s) for s in held)
+        wait_until(lambda: all(closed(s) for s in held), 20, "every silent connection to be closed")
+        waited = time.monotonic() - opened
+        for s in held:
+            s.close()
+        while not stop.is_set():
+            time.sleep(0.1)
+        return at_once, waited
+
+    at_once, waited = hostile_scenario(lab, attack)
+    assert at_once <= 2 * (1500 - 256) + 20, f"{at_once} closed at once: the admitted ones should wait for the deadline"
+    assert 8 <= waited <= 20, waited
+    metrics = http_get(lab.meta_url("/metrics"))[1]
+    for port in ("secure", "tunnel"):
+        assert f'edge_tunnel_server_connections_rejected_total{{port="{port}",reason="source_limit"}}' in metrics
+        assert f'edge_tunnel_server_connections_rejected_total{{port="{port}",reason="handshake_timeout"}}' in metrics
+    assert 'edge_tunnel_server_unauthenticated_connections{port="secure"} 0' in metrics
+    assert [a["nodeName"] for a in lab.agents()] == ["edge-2"]
+
+
+def test_a_hostile_server_cannot_make_the_agent_build_an_oversize_frame(tmp_path):
+    """A fake server with a real serving certificate answers the agent's HELLO and sends an OPEN whose target is
+    200,000 characters: the agent refuses it with a bounded OPEN_FAIL and keeps its tunnel."""
+    c = Cluster(tmp_path)
+    try:
+        c.start_server()
+        agent = c.start_agent("edge-1")  # joins, so it holds a certificate and the CA
+        agent.stop()
+        c.server.stop()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(c.pki / "server.crt"), str(c.pki / "server.key"))
+        context.load_verify_locations(str(c.ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+        listener = socket.create_server(("127.0.0.1", c.ports["tunnel"]))
+        listener.settimeout(30)
+        agent = c.start_agent("edge-1", join=False, wait=False, pki=tmp_path / "agent-edge-1")
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls:
+            tls.settimeout(10)
+            frame_type, _, _ = read_frame(tls)
+            assert frame_type == 1  # HELLO
+            ok = {"serverID": "evil", "maxFramePayload": 262144, "pingIntervalSeconds": 5}
+            tls.sendall(frame(2, 0, json.dumps(ok).encode()))
+            tls.sendall(frame(3, 1, struct.pack(">I", 1 << 20) + b"/" * 200000))
+            while True:
+                frame_type, stream_id, payload = read_frame(tls)
+                if frame_type == 10:
+                    tls.sendall(frame(11, 0, payload))
+                    continue
+                break
+            assert (frame_type, stream_id) == (5, 1), frame_type  # OPEN_FAIL on stream 1
+            assert len(payload) < 8 * 1024 and b"is not host:port" in payload, payload[:200]
+            time.sleep(1)
+            assert agent.alive()
+            tls.sendall(frame(10, 0, b"pingpong"))
+            while True:
+                frame_type, _, payload = read_frame(tls)
+                if frame_type == 11:
+                    assert payload == b"pingpong"
+                    break
+        listener.close()
+    finally:
+        c.close()
