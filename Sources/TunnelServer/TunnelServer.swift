@@ -220,13 +220,15 @@ public final class TunnelServer: @unchecked Sendable {
         lock.withLock { renewalTask = task }
     }
 
-    /// The gate of the listener named `port`.
-    private func makeGate(_ port: String) -> ConnectionGate {
+    /// The gate of the listener named `port`. On plain ports (`tls` false) the deadline is the request head's,
+    /// and a little longer than it, so that the 408 goes out first.
+    private func makeGate(_ port: String, tls: Bool = true) -> ConnectionGate {
         let metrics = core.metrics
         let logger = core.logger
         let gate = ConnectionGate(
             port: port, total: configuration.maxPendingConnections,
-            perSource: configuration.maxPendingConnectionsPerSource, deadline: configuration.handshakeTimeout
+            perSource: configuration.maxPendingConnectionsPerSource,
+            deadline: configuration.handshakeTimeout + (tls ? .zero : .seconds(2))
         ) { port, reason in
             metrics.connectionsRejected.increment(port, reason.rawValue)
             logger.debug("\(port) connection closed before it authenticated: \(reason.rawValue)")
@@ -284,7 +286,7 @@ public final class TunnelServer: @unchecked Sendable {
         }
         var insecure: Channel?
         if configuration.insecurePort != 0 {
-            let gate = makeGate("insecure")
+            let gate = makeGate("insecure", tls: false)
             insecure = try await ServerBootstrap(group: group)
                 .streamListener()
                 .childChannelInitializer { channel in
@@ -352,7 +354,7 @@ public final class TunnelServer: @unchecked Sendable {
             lock.withLock { udsIdentity = (UInt(created.st_dev), UInt(created.st_ino)) }
         }
         let core = self.core
-        let gate = makeGate("uds")
+        let gate = makeGate("uds", tls: false)
         return try await ServerBootstrap(group: group)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelOption(.recvAllocator, value: SocketTuning.receiveAllocator)

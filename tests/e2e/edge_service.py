@@ -3,9 +3,11 @@
 GET /blob/N        N deterministic pseudo-random bytes (streamed)
 GET /infinite      an endless stream of bytes (for stalled-reader tests)
 POST /sha256       answers the SHA-256 hex of the request body
+GET /headers       the request line and headers as received (JSON)
 GET /hello         a short greeting
 """
 import hashlib
+import json
 import http.server
 import socketserver
 import sys
@@ -55,6 +57,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     self.wfile.write(chunk)
             except (BrokenPipeError, ConnectionResetError):
                 return
+        elif self.path.startswith("/headers"):
+            # The request line and headers as received, for proxy tests.
+            body = json.dumps({"requestline": self.requestline,
+                               "headers": [[k, v] for k, v in self.headers.items()]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
         else:
             body = b"hello from the edge\n"
             self.send_response(200)
