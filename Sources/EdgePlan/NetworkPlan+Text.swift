@@ -1,3 +1,5 @@
+import TunnelPKI
+
 extension NetworkPlan {
     /// The plan as an operator reads it.
     public var text: String {

@@ -1,3 +1,5 @@
+import TunnelPKI
+
 /// How the edge reaches the cloud.
 public enum Connectivity: String, Codable, Sendable, CaseIterable {
     case internet

@@ -27,6 +27,9 @@ public struct AgentConfiguration: Sendable {
     public var backoffCap: TimeAmount = .seconds(30)
     /// How long open streams may take to finish on shutdown.
     public var drainTimeout: TimeAmount = .seconds(10)
+    /// Receive windows over all of the agent's tunnels: what a server can make the agent hold for targets that
+    /// read slowly. The manifests give the agent 128 MiB of memory: this, ~25 MiB idle, and TLS buffers.
+    public var bufferBudget = 64 << 20
 
     public init(nodeName: String, nodeIPs: [IPAddress] = [], serverAddresses: [String] = [], allowList: AllowList? = nil) {
         self.nodeName = nodeName

@@ -79,14 +79,16 @@ public struct JoinError: Error, CustomStringConvertible {
 /// and that the server's certificate was signed by it.
 enum JoinClient {
     static func join(
-        address: ServerAddress, token: String, caCertHash: String, nodeName: String, group: EventLoopGroup,
+        address: ServerAddress, token: String, caCertHash: String, nodeName: String, nodeIPs: [IPAddress],
+        group: EventLoopGroup,
         timeout: TimeAmount, logger: Logger
     ) async throws -> AgentCredentials {
         let pin = try CAHash.validate(caCertHash)
         _ = try BootstrapToken(parsing: token)
         let (csrPEM, key) = try AgentCredentials.makeCSR(nodeName: nodeName)
         let context = try TLSContexts.joinClient()
-        let handler = JoinClientHandler(request: JoinRequest(token: token, nodeName: nodeName, csrPEM: csrPEM))
+        let handler = JoinClientHandler(
+            request: JoinRequest(token: token, nodeName: nodeName, nodeIPs: nodeIPs.map(\.description), csrPEM: csrPEM))
         let channel: Channel
         do {
             channel = try await ClientBootstrap(group: group)

@@ -102,11 +102,22 @@ public struct AllowList: Sendable, CustomStringConvertible {
         return AllowList(rules: rules)
     }
 
-    /// Whether `host:port` may be dialled. `host` is already mapped (node name → loopback).
+    /// Whether `host:port` may be dialled. `host` is already mapped (node name → loopback). An IPv4-mapped IPv6
+    /// address is checked as the IPv4 address it reaches, so a broad IPv6 rule (`[::/0]:10250`) never lets
+    /// `[::ffff:169.254.169.254]` through.
     public func allows(host: String, port: Int) -> Bool {
-        let address = IPAddress(host)
+        let address = IPAddress(host)?.unmapped
         let name = host.lowercased()
         return rules.contains { $0.allows(host: name, address: address, port: port) }
+    }
+
+    /// For a target dialled by name: whether the address the name resolved to may be used. A name rule must
+    /// not become a way to loopback or the cloud metadata address (DNS rebinding): special-purpose addresses
+    /// (``IPAddress/isSpecialPurpose``) only where an address rule allows them.
+    public func allowsResolved(_ address: IPAddress, port: Int) -> Bool {
+        let address = address.unmapped
+        if rules.contains(where: { $0.allows(host: address.description, address: address, port: port) }) { return true }
+        return !address.isSpecialPurpose
     }
 
     public var description: String { rules.map(\.description).joined(separator: ", ") }

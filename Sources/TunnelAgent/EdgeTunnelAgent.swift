@@ -17,6 +17,8 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     public let configuration: AgentConfiguration
     let logger: Logger
     let metrics: AgentMetrics
+    /// The limits of every tunnel of this agent: one buffer budget shared by all of them (``AgentConfiguration/bufferBudget``).
+    let tunnelLimits: TunnelLimits
     private let group: EventLoopGroup
     private let ownsGroup: Bool
     private let lock = NIOLock()
@@ -36,6 +38,10 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         self.configuration = configuration
         self.logger = logger
         self.metrics = AgentMetrics(serverAddresses: configuration.serverAddresses)
+        var limits = TunnelLimits()
+        limits.connectionWindowBudget = configuration.bufferBudget
+        limits.processBudget = WindowBudget(limit: configuration.bufferBudget)
+        self.tunnelLimits = limits
         self.addresses = configuration.serverAddresses
         if let group {
             self.group = group
@@ -78,7 +84,8 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
             let address = try ServerAddress(parsing: text)
             do {
                 let joined = try await JoinClient.join(
-                    address: address, token: token, caCertHash: hash, nodeName: configuration.nodeName, group: group,
+                    address: address, token: token, caCertHash: hash, nodeName: configuration.nodeName,
+                    nodeIPs: configuration.nodeIPs, group: group,
                     timeout: configuration.connectTimeout * 2, logger: logger)
                 try joined.write(to: paths)
                 setCredentials(joined)
@@ -489,11 +496,23 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         } else {
             connected = bootstrap.connect(host: target.host, port: target.port)
         }
+        let byName = IPAddress(target.host) == nil
+        let allowList = configuration.allowList
         connected
             .whenComplete { [weak self] result in
                 guard let self else { return }
                 switch result {
-                case .success:
+                case .success(let channel):
+                    if byName, let ip = channel.remoteAddress?.ipAddress.flatMap(IPAddress.init),
+                        !allowList.allowsResolved(ip, port: target.port)
+                    {
+                        self.metrics.refused.increment()
+                        self.logger.warning("refused stream to \(target): the name resolved to \(ip), which no address rule allows")
+                        mux.rejectStream(streamID, code: 403, reason: "\(target.host) resolved to \(ip), which the allow list of node "
+                            + "\(self.configuration.nodeName) does not allow by address")
+                        channel.close(promise: nil)
+                        return
+                    }
                     mux.acceptStream(streamID)
                 case .failure(let error):
                     let (code, reason) = Self.classify(error, target: target)
@@ -585,7 +604,7 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
     init(agent: EdgeTunnelAgent, address: ServerAddress, eventLoop: EventLoop) {
         self.agent = agent
         self.address = address
-        self.mux = TunnelMux(role: .agent, eventLoop: eventLoop)
+        self.mux = TunnelMux(role: .agent, eventLoop: eventLoop, limits: agent.tunnelLimits)
         self.registration = eventLoop.makePromise()
         self.unusable = eventLoop.makePromise()
         mux.delegate = self

@@ -36,6 +36,24 @@ public struct IPAddress: Hashable, Sendable, Comparable, CustomStringConvertible
         isIPv4 ? bytes[0] == 127 : bytes == [UInt8](repeating: 0, count: 15) + [1]
     }
 
+    /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as the IPv4 address it reaches; any other unchanged.
+    public var unmapped: IPAddress {
+        guard !isIPv4, bytes.prefix(12).elementsEqual([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]) else { return self }
+        return IPAddress(bytes: bytes.suffix(4))!
+    }
+
+    /// Loopback, link-local (the cloud metadata address 169.254.169.254 among them), unspecified or multicast:
+    /// addresses a host name in the edge network should never lead to.
+    public var isSpecialPurpose: Bool {
+        let address = unmapped
+        if address.isLoopback { return true }
+        let b = address.bytes
+        if address.isIPv4 {
+            return b[0] == 0 || (b[0] == 169 && b[1] == 254) || b[0] >= 224
+        }
+        return b.allSatisfy { $0 == 0 } || (b[0] == 0xfe && b[1] & 0xc0 == 0x80) || b[0] == 0xff
+    }
+
     public var description: String {
         var buffer = [CChar](repeating: 0, count: Int(INET6_ADDRSTRLEN))
         let family = isIPv4 ? AF_INET : AF_INET6

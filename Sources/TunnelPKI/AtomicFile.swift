@@ -106,6 +106,14 @@ public enum AtomicFile {
         var info = stat()
         return stat(path, &info) == 0
     }
+
+    /// What changes whenever the file at `path` is replaced or rewritten (device, inode, size, modification
+    /// time); empty when there is none. Cheaper than reading the file to see whether it changed.
+    public static func stamp(_ path: String) -> [Int] {
+        var info = stat()
+        guard stat(path, &info) == 0 else { return [] }
+        return [Int(info.st_dev), Int(info.st_ino), Int(info.st_size), info.st_mtim.tv_sec, info.st_mtim.tv_nsec]
+    }
 }
 
 /// Path helpers without Foundation.

@@ -58,10 +58,47 @@ public struct StoredToken: Codable, Hashable, Sendable {
     /// `nil`: the token never expires (`--ttl 0`).
     public var expires: Date?
     public var description: String?
+    /// The node names this token may join: exact names, or a prefix ending in `*` (`edge-*`). `nil`: any name.
+    public var nodes: [String]?
+    /// The networks whose addresses a node joining with this token may name as its node IPs (they become its
+    /// certificate's IP SANs). `nil` or empty: no node IPs.
+    public var nodeCIDRs: [String]?
 
     public func isExpired(at now: Date) -> Bool {
         if let expires { return expires <= now }
         return false
+    }
+
+    /// Whether a node named `name` may join with this token.
+    public func allows(node name: String) -> Bool {
+        guard let nodes else { return true }
+        return nodes.contains { pattern in
+            pattern.hasSuffix("*") ? name.hasPrefix(pattern.dropLast()) : name == pattern
+        }
+    }
+
+    /// Checks that every one of `ips` lies in the token's networks, or throws an error naming the first that
+    /// does not.
+    public func checkNodeIPs(_ ips: [IPAddress]) throws {
+        let networks = try (nodeCIDRs ?? []).map { try CIDR(parsing: $0) }
+        for ip in ips where !networks.contains(where: { $0.contains(ip) }) {
+            throw PKIError(.invalidArgument, networks.isEmpty
+                ? "bootstrap token \(id) allows no node IPs (\(ip) was asked for): create it with --node-cidr"
+                : "node IP \(ip) is outside the networks of bootstrap token \(id) (\(networks.map(\.description).joined(separator: ", ")))")
+        }
+    }
+
+    /// Checks a `--node` pattern: a node name, or a prefix of one followed by `*`.
+    public static func validateNodePattern(_ pattern: String) throws -> String {
+        let name = pattern.hasSuffix("*") ? String(pattern.dropLast()) : pattern
+        guard !name.isEmpty || pattern == "*", !name.contains("*"),
+            name.utf8.allSatisfy({ ($0 >= 97 && $0 <= 122) || ($0 >= 48 && $0 <= 57) || $0 == 45 || $0 == 46 }),
+            pattern.hasSuffix("*") || DNSName.isValid(name)
+        else {
+            throw PKIError(.invalidNodeName,
+                "invalid --node \"\(pattern)\": a node name, or the start of one followed by * (edge-*)")
+        }
+        return pattern
     }
 }
 
@@ -88,7 +125,11 @@ public struct TokenStore: Sendable {
     }
 
     /// Creates and stores a new token that expires after `ttl` seconds (0: never).
-    public func create(ttl: Double, description: String? = nil, now: Date = Date()) throws -> (BootstrapToken, StoredToken) {
+    public func create(
+        ttl: Double, description: String? = nil, nodes: [String]? = nil, nodeCIDRs: [String]? = nil, now: Date = Date()
+    ) throws -> (BootstrapToken, StoredToken) {
+        let nodes = try nodes.map { try $0.map(StoredToken.validateNodePattern) }
+        let nodeCIDRs = try nodeCIDRs.map { try $0.map { try CIDR(parsing: $0).description } }
         // Whole seconds: what is returned is exactly what the file holds.
         let now = Date(timeIntervalSince1970: now.timeIntervalSince1970.rounded(.down))
         var tokens = try list()
@@ -99,7 +140,9 @@ public struct TokenStore: Sendable {
             secretHash: token.hash,
             created: now,
             expires: ttl > 0 ? now.addingTimeInterval(ttl) : nil,
-            description: description
+            description: description,
+            nodes: nodes,
+            nodeCIDRs: nodeCIDRs
         )
         tokens.append(stored)
         try save(tokens)
@@ -121,8 +164,13 @@ public struct TokenStore: Sendable {
     /// The error says which, without echoing the secret.
     @discardableResult
     public func verify(_ presented: String, now: Date = Date()) throws -> StoredToken {
+        try Self.verify(presented, among: try list(), now: now)
+    }
+
+    /// ``verify(_:now:)`` against tokens already read (a server keeps them in memory between changes of the file).
+    public static func verify(_ presented: String, among tokens: [StoredToken], now: Date = Date()) throws -> StoredToken {
         let token = try BootstrapToken(parsing: presented)
-        guard let stored = try list().first(where: { $0.id == token.id }) else {
+        guard let stored = tokens.first(where: { $0.id == token.id }) else {
             throw PKIError(.tokenNotFound, "bootstrap token \"\(token.id)\" is not known")
         }
         guard Self.constantTimeEqual(Array(stored.secretHash.utf8), Array(token.hash.utf8)) else {

@@ -33,7 +33,8 @@ public struct CertificateAuthority: Sendable {
     public static let agentOrganization = "edge-tunnel:agents"
     /// Agent certificates are short-lived and renewed over the tunnel.
     public static let defaultNodeValidity: TimeInterval = 30 * 86400
-    static let backdate: TimeInterval = 300
+    /// Certificates start this long before they are issued, for clock skew between machines.
+    public static let backdate: TimeInterval = 300
 
     public let certificate: Certificate
     public let privateKey: Certificate.PrivateKey
@@ -148,9 +149,11 @@ public struct CertificateAuthority: Sendable {
     ///
     /// The CSR's own signature must verify, and if it names a common name that name must be `nodeName`: a
     /// joining agent cannot obtain a certificate for another node. Only the CSR's public key is used.
+    /// `ips` become the certificate's IP SANs: the node IPs the node may claim when it registers.
     public func signNodeCSR(
         _ csrPEM: String,
         nodeName: String,
+        ips: [IPAddress] = [],
         validity: TimeInterval = defaultNodeValidity,
         now: Date = Date()
     ) throws -> Certificate {
@@ -175,7 +178,8 @@ public struct CertificateAuthority: Sendable {
             CommonName(node)
         }
         return try makeCertificate(
-            publicKey: csr.publicKey, subject: subject, validity: validity, now: now, usage: .clientAuth, sans: []
+            publicKey: csr.publicKey, subject: subject, validity: validity, now: now, usage: .clientAuth,
+            sans: ips.map { .ipAddress(ASN1OctetString(contentBytes: ArraySlice($0.bytes))) }
         )
     }
 

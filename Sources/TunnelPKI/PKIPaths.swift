@@ -20,6 +20,8 @@ public struct PKIPaths: Sendable, Hashable {
     public var serverKey: String { file("server.key") }
     /// Bootstrap tokens, hashed.
     public var tokens: String { file("tokens.json") }
+    /// Nodes that have joined, been reset or revoked (``NodeStore``).
+    public var nodes: String { file("nodes.json") }
     /// An agent's node certificate and key.
     public var agentCertificate: String { file("agent.crt") }
     public var agentKey: String { file("agent.key") }

@@ -3,6 +3,7 @@ import Logging
 import NIOCore
 import TunnelPKI
 import TunnelWire
+import X509
 
 /// The server's side of one agent's tunnel connection: registration, keepalive, certificate renewal.
 ///
@@ -14,14 +15,32 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
     public let remoteAddress: String
     public let connectedSince = Date()
     public let mux: TunnelMux
+    /// The node IPs the certificate names (IP SANs): the only ones HELLO may claim, and kept at renewal.
+    let certificateIPs: [IPAddress]
+    /// When the certificate became valid: a reset or revocation after it voids the certificate.
+    let certificateValidFrom: Date
     let channel: Channel
     private let server: TunnelServerCore
     private var logger: Logger
-    private var registered = false
-    private var keepalive: RepeatedTask?
+    /// Where the connection is in its life. Only `awaitingHello` is closed for not registering: a draining
+    /// agent (its own GOAWAY) keeps its open streams for their drain.
+    private enum State {
+        case awaitingHello
+        case registered
+        case draining
+        case closed
+    }
 
-    init(nodeName: String, channel: Channel, mux: TunnelMux, server: TunnelServerCore) {
+    private var state = State.awaitingHello
+    private var keepalive: RepeatedTask?
+    /// When this connection last asked for a renewal: at most one per ``renewalInterval`` is signed.
+    private var lastRenewal: NIODeadline?
+    static let renewalInterval: TimeAmount = .seconds(10)
+
+    init(nodeName: String, certificate: Certificate, channel: Channel, mux: TunnelMux, server: TunnelServerCore) {
         self.nodeName = nodeName
+        self.certificateIPs = (try? CertificateSummary.sans(of: certificate).ipAddresses) ?? []
+        self.certificateValidFrom = certificate.notValidBefore
         self.channel = channel
         self.mux = mux
         self.server = server
@@ -53,7 +72,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             if quiet > deadAfter {
                 self.logger.warning("agent silent for \(deadAfter.seconds)s, closing its tunnel")
                 self.channel.close(promise: nil)
-            } else if !self.registered {
+            } else if case .awaitingHello = self.state {
                 self.logger.warning("agent did not register within \(interval.seconds)s, closing")
                 self.channel.close(promise: nil)
             } else if quiet >= interval {
@@ -76,7 +95,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             logger.info("agent is draining: no new streams to it")
             mux.markDraining()
             server.registry.unregister(self)
-            registered = false
+            state = .draining
         case .refused:
             let reason = (try? Refused(frame: frame).reason).map { PeerText.bounded($0) } ?? "unknown"
             logger.warning("agent closed the tunnel: \(reason)")
@@ -90,10 +109,10 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         server.registry.unregister(self)
         let counters = mux.counters.snapshot
         server.registry.retire(bytesIn: counters.bytesIn, bytesOut: counters.bytesOut)
-        if registered {
+        if case .registered = state {
             logger.info("agent disconnected")
         }
-        registered = false
+        state = .closed
     }
 
     /// No new streams on this connection (a newer one of the same node took over, e.g. after a path
@@ -121,7 +140,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
     }
 
     private func handleHello(_ frame: Frame) {
-        guard !registered else { return }
+        guard case .awaitingHello = state else { return }
         let hello: Hello
         do {
             hello = try Hello(frame: frame)
@@ -143,6 +162,12 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
                 refuse("node IP \"\(PeerText.bounded(ip))\" is not an IP address")
                 return
             }
+            guard certificateIPs.contains(address) else {
+                let issued = certificateIPs.isEmpty ? "none" : certificateIPs.map(\.description).joined(separator: ", ")
+                refuse("node IP \(address) is not in the certificate of node \(nodeName) (its IPs: \(issued)); "
+                    + "a node's IPs are fixed when it joins")
+                return
+            }
             ips.append(address.description)
         }
         nodeIPs = ips
@@ -154,7 +179,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             refuse("\(error)")
             return
         }
-        registered = true
+        state = .registered
         mux.peerRegistered()
         logger.info("agent registered", metadata: ["ips": "\(ips.joined(separator: ","))"])
         mux.sendControl(
@@ -162,11 +187,30 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
                     pingIntervalSeconds: Double(server.configuration.keepaliveInterval.nanoseconds) / 1e9))
     }
 
+    /// The node lost its right to a tunnel (revoked, or reset by an operator): told why, then closed.
+    func cutOff(reason: String) {
+        logger.warning("\(reason): closing its tunnel")
+        mux.sendControl(Refused(reason: reason))
+        channel.eventLoop.scheduleTask(in: .milliseconds(200)) { self.channel.close(promise: nil) }
+    }
+
     private func handleRenew(_ frame: Frame) {
+        let now = NIODeadline.now()
+        if let last = lastRenewal, now - last < Self.renewalInterval {
+            server.metrics.limitHits.increment("renew_rate")
+            logger.warning("certificate renewal refused: asked again within \(Self.renewalInterval.seconds)s")
+            return
+        }
+        lastRenewal = now
         do {
+            try server.identities.reloadIfChanged()  // a stat: a revocation a moment ago counts
+            guard server.identities.accepts(node: nodeName, certificateValidFrom: certificateValidFrom) else {
+                throw RenewalRefused(description: "node \(nodeName) is revoked or was reset")
+            }
             let request = try RenewRequest(frame: frame)
             let certificate = try server.authority().signNodeCSR(
-                request.csrPEM, nodeName: nodeName, validity: server.configuration.agentCertificateValidity)
+                request.csrPEM, nodeName: nodeName, ips: certificateIPs,
+                validity: server.configuration.agentCertificateValidity)
             mux.sendControl(RenewOK(certificatePEM: try PEMFiles.pem(certificate)))
             logger.info("renewed the agent's certificate", metadata: [
                 "notAfter": "\(Timestamps.iso8601(certificate.notValidAfter))",
@@ -180,4 +224,8 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
 
 extension TimeAmount {
     var seconds: Int64 { nanoseconds / 1_000_000_000 }
+}
+
+struct RenewalRefused: Error, CustomStringConvertible {
+    let description: String
 }

@@ -115,11 +115,19 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
         // RequestHead throws only rejections (status and reason); the head and its Host are checked in one go.
         do {
             let head = try RequestHead(parsing: view.prefix(end))
+            var caller = context.channel.remoteAddress?.ipAddress.map { "address \($0)" } ?? "the Unix socket"
             if mode == .tls, let peer = try? context.pipeline.syncOperations.nioSSL_peerCertificate(),
-                let certificate = try? peer.x509(),
-                certificate.subject.organizations.contains(CertificateAuthority.agentOrganization)
+                let certificate = try? peer.x509()
             {
-                reject(context, 403, "agent certificates cannot open streams")
+                if certificate.subject.organizations.contains(CertificateAuthority.agentOrganization) {
+                    reject(context, 403, "agent certificates cannot open streams")
+                    return
+                }
+                caller = "certificate \(certificate.subject.commonName ?? "\(certificate.subject)")"
+            }
+            guard server.callerStreams.admit(caller, until: context.channel) else {
+                server.metrics.limitHits.increment("streams_per_caller")
+                reject(context, 429, "caller \(caller) has \(server.callerStreams.limit) streams open, its limit")
                 return
             }
             if head.method == "CONNECT" {

@@ -26,19 +26,39 @@ final class JoinHandler: ChannelInboundHandler {
             refuse(context, "this connection has no client certificate: only a bootstrap join is accepted", remote: remote)
             return
         }
+        guard server.joins.admit(context.channel.remoteAddress?.ipAddress ?? "local") else {
+            server.metrics.limitHits.increment("join_rate")
+            refuse(context, "join refused: too many joins from this address, try again in \(server.joins.window.seconds)s",
+                   remote: remote)
+            return
+        }
         do {
             let request = try JoinRequest(frame: frame)
+            let token: StoredToken
             do {
-                try server.tokens.verify(request.token)
+                token = try server.joins.verify(request.token)
             } catch let error as PKIError where [.tokenNotFound, .invalidToken, .tokenExpired].contains(error.code) {
                 // One answer whatever is wrong with the token, so that a prober cannot tell a known token id
                 // from an unknown one; the operator's log says which.
                 server.logger.warning("join refused: \(error)", metadata: ["remote": "\(remote)"])
                 throw JoinRefusal.invalidToken
             }
+            guard token.allows(node: request.nodeName) else {
+                throw JoinRefusal.nodeNotAllowed(token: token.id, node: PeerText.bounded(request.nodeName))
+            }
+            var ips: [IPAddress] = []
+            for text in request.nodeIPs ?? [] {
+                guard let ip = IPAddress(text) else { throw JoinRefusal.badIP(PeerText.bounded(text)) }
+                if !ips.contains(ip) { ips.append(ip) }
+            }
+            try token.checkNodeIPs(ips)
             let authority = try server.authority()
+            try server.identities.reloadIfChanged()  // a reset a moment ago counts
             let certificate = try authority.signNodeCSR(
-                request.csrPEM, nodeName: request.nodeName, validity: server.configuration.agentCertificateValidity)
+                request.csrPEM, nodeName: request.nodeName, ips: ips, validity: server.configuration.agentCertificateValidity,
+                now: server.identities.issuingTime(for: request.nodeName))
+            // Recorded last: a name is taken only by a join that gets its certificate.
+            try server.identities.recordJoin(request.nodeName, ips: ips)
             let reply = JoinOK(
                 certificatePEM: try PEMFiles.pem(certificate), caPEM: try PEMFiles.pem(authority.certificate))
             server.logger.info("node joined", metadata: ["node": "\(request.nodeName)", "remote": "\(remote)"])
@@ -64,8 +84,17 @@ final class JoinHandler: ChannelInboundHandler {
 /// What a refused join is told when its token does not hold.
 enum JoinRefusal: Error, CustomStringConvertible {
     case invalidToken
+    case nodeNotAllowed(token: String, node: String)
+    case badIP(String)
 
     var description: String {
-        "the bootstrap token is not valid (unknown, wrong secret or expired): create one with edgetunnel token create"
+        switch self {
+        case .invalidToken:
+            "the bootstrap token is not valid (unknown, wrong secret or expired): create one with edgetunnel token create"
+        case .nodeNotAllowed(let token, let node):
+            "bootstrap token \(token) is not for node \(node) (see its --node patterns)"
+        case .badIP(let text):
+            "node IP \"\(text)\" is not an IP address"
+        }
     }
 }

@@ -39,6 +39,14 @@ public struct ServerConfiguration: Sendable {
     /// head), in all and per source IP; more are closed at once and counted.
     public var maxPendingConnections = 4096
     public var maxPendingConnectionsPerSource = 256
+    /// Streams open at once through one agent, and streams to one agent still waiting for its answer.
+    public var maxStreamsPerAgent = 20_000
+    public var maxPendingOpensPerAgent = 1024
+    /// Streams open at once for one caller identity (the client certificate's CN on the secure port; the source
+    /// address on the insecure port; the Unix socket as one caller).
+    public var maxStreamsPerCaller = 20_000
+    /// Receive windows over all tunnels: bounds what slow readers can make the server hold (see docs/SECURITY.md).
+    public var maxBufferedBytes = 512 << 20
     /// The insecure port has no authentication: it binds to a non-loopback address only when this is set.
     public var allowInsecureBind = false
     /// How long in-flight streams may take to finish on shutdown.

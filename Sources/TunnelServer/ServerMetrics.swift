@@ -1,5 +1,6 @@
 import Prometheus
 import TunnelSupport
+import TunnelWire
 
 /// The server's Prometheus metrics (swift-prometheus), one registry per server instance.
 final class ServerMetrics: @unchecked Sendable {
@@ -14,6 +15,9 @@ final class ServerMetrics: @unchecked Sendable {
     /// Connections closed before they authenticated, by listener and reason (``ConnectionGate/Rejection``).
     let connectionsRejected: LabeledCounters
     let pendingConnections: LabeledGauges
+    /// Streams refused by a limit (`streams_per_agent`, `pending_opens`, `streams_per_caller`, `buffer_budget`).
+    let limitHits: LabeledCounters
+    let bufferedBytes: Gauge
 
     init() {
         agents = registry.makeGauge(
@@ -39,6 +43,12 @@ final class ServerMetrics: @unchecked Sendable {
         connectionsRejected = LabeledCounters(
             registry: registry, name: "edge_tunnel_server_connections_rejected_total", labels: ["port", "reason"],
             help: "Connections closed before they authenticated: listener full, source full, or handshake too slow.")
+        limitHits = LabeledCounters(
+            registry: registry, name: "edge_tunnel_server_limit_hits_total", label: "limit",
+            help: "Streams refused because a limit was reached, by limit.")
+        bufferedBytes = registry.makeGauge(
+            descriptor: .named(
+                "edge_tunnel_server_window_budget_bytes", help: "Receive window granted over all tunnels (--max-buffered-bytes bounds it)."))
         pendingConnections = LabeledGauges(
             registry: registry, name: "edge_tunnel_server_unauthenticated_connections", label: "port",
             help: "Connections still in their TLS handshake or before their request head, by listener.")
@@ -49,7 +59,8 @@ final class ServerMetrics: @unchecked Sendable {
     }
 
     /// Refreshes the values that are read from live state, then renders the Prometheus text format.
-    func render(registry agentRegistry: AgentRegistry, gates: [ConnectionGate]) -> [UInt8] {
+    func render(registry agentRegistry: AgentRegistry, gates: [ConnectionGate], budget: WindowBudget?) -> [UInt8] {
+        bufferedBytes.set(Double(budget?.inUse ?? 0))
         for gate in gates { pendingConnections.set(gate.port, Double(gate.pendingCount)) }
         let sessions = agentRegistry.sessions
         agents.set(Double(sessions.count))

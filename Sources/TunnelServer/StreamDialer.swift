@@ -41,6 +41,9 @@ enum StreamDialer {
             case .opened(let id):
                 promise.succeed(.opened(mux: mux, streamID: id, node: session.nodeName))
             case .failed(let failure):
+                if let limit = failure.limit, knownLimits.contains(limit) {  // the agent's word: known names only
+                    server.metrics.limitHits.increment(limit)
+                }
                 server.metrics.dialFailed(reason: reason(for: failure.code))
                 let message: String
                 switch failure.code {
@@ -53,6 +56,9 @@ enum StreamDialer {
         }
         return promise.futureResult
     }
+
+    /// The limits an OPEN_FAIL may name (an agent's answer is a label value: anything else is not counted).
+    static let knownLimits: Set<String> = ["streams_per_agent", "pending_opens", "buffer_budget"]
 
     /// The `reason` label of `edge_tunnel_server_dial_failures_total` for an agent's answer.
     static func reason(for code: Int) -> String {

@@ -40,8 +40,16 @@ final class TunnelConnectionClassifier: ChannelInboundHandler, RemovableChannelH
                     context.close(promise: nil)
                     return
                 }
+                guard server.identities.accepts(node: node, certificateValidFrom: certificate.notValidBefore) else {
+                    server.logger.warning(
+                        "tunnel connection refused: node \(node) is revoked or was reset after this certificate was issued",
+                        metadata: ["remote": "\(remote)"])
+                    context.close(promise: nil)
+                    return
+                }
                 let mux = TunnelMux(role: .server, eventLoop: context.eventLoop, limits: server.limits)
-                let session = AgentSession(nodeName: node, channel: context.channel, mux: mux, server: server)
+                let session = AgentSession(
+                    nodeName: node, certificate: certificate, channel: context.channel, mux: mux, server: server)
                 mux.delegate = session
                 try pipeline.addHandler(mux, position: .after(self))
                 session.start()

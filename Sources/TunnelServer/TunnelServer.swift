@@ -22,8 +22,10 @@ final class TunnelServerCore: @unchecked Sendable {
     let logger: Logger
     let registry = AgentRegistry()
     let metrics = ServerMetrics()
-    let limits = TunnelLimits()
-    let tokens: TokenStore
+    let limits: TunnelLimits
+    let callerStreams: CallerStreams
+    let joins: JoinGuard
+    let identities: NodeIdentities
     private let clientCA: NIOSSLTrustRoots
     private let lock = NIOLock()
     private var _authority: CertificateAuthority
@@ -37,7 +39,15 @@ final class TunnelServerCore: @unchecked Sendable {
     init(configuration: ServerConfiguration, logger: Logger) throws {
         self.configuration = configuration
         self.logger = logger
-        self.tokens = TokenStore(paths: configuration.paths)
+        self.joins = JoinGuard(store: TokenStore(paths: configuration.paths))
+        var limits = TunnelLimits()
+        limits.maxStreams = configuration.maxStreamsPerAgent
+        limits.maxPendingOpens = configuration.maxPendingOpensPerAgent
+        limits.openTimeout = configuration.dialTimeout + .seconds(1)  // the dialer answers 504 first
+        limits.processBudget = WindowBudget(limit: configuration.maxBufferedBytes)
+        self.limits = limits
+        self.callerStreams = CallerStreams(limit: configuration.maxStreamsPerCaller)
+        self.identities = try NodeIdentities(paths: configuration.paths)
         let authority = try CertificateAuthority.load(from: configuration.paths)
         let sans = try ServerSANs(ips: configuration.certIPs, dnsNames: configuration.certDNSNames)
         let serving = try ServingCertificate.ensure(
@@ -178,6 +188,7 @@ public final class TunnelServer: @unchecked Sendable {
     private var udsIdentity: (device: UInt, inode: UInt)?
     private var ready = false
     private var renewalTask: Scheduled<Void>?
+    private var identityWatch: RepeatedTask?
     /// One per listener: connections not yet authenticated (see ``ConnectionGate``).
     private var gates: [ConnectionGate] = []
 
@@ -202,6 +213,30 @@ public final class TunnelServer: @unchecked Sendable {
     public func updateAddresses(certIPs: [String], certDNSNames: [String]) throws {
         let sans = try ServerSANs(ips: certIPs, dnsNames: certDNSNames)
         try core.refreshServingCertificate(sans: sans)
+    }
+
+    /// Re-reads `nodes.json` every two seconds: a node revoked (or reset) by `edgetunnel node` loses its live
+    /// tunnel within seconds.
+    private func watchIdentities() {
+        let core = self.core
+        var seen = core.identities.generation
+        let task = group.next().scheduleRepeatedTask(initialDelay: .seconds(2), delay: .seconds(2)) { _ in
+            do {
+                try core.identities.reloadIfChanged()
+            } catch {
+                core.logger.error("cannot read the node identities: \(error)")
+                return
+            }
+            // A join or a renewal may have re-read the file first: every change is acted on here, once.
+            let generation = core.identities.generation
+            guard generation != seen else { return }
+            seen = generation
+            for session in core.registry.sessions
+            where !core.identities.accepts(node: session.nodeName, certificateValidFrom: session.certificateValidFrom) {
+                session.cutOff(reason: "node \(session.nodeName) is revoked or was reset: its certificate is no longer accepted")
+            }
+        }
+        lock.withLock { identityWatch = task }
     }
 
     /// Re-issues the serving certificate two thirds into its life, checked at least hourly.
@@ -306,6 +341,7 @@ public final class TunnelServer: @unchecked Sendable {
             ready = true
         }
         scheduleRenewal()
+        watchIdentities()
         core.logger.info("edge-tunnel-server listening", metadata: [
             "tunnel": "\(tunnel.localAddress?.description ?? "?")",
             "secure": "\(secure.localAddress?.description ?? "?")",
@@ -387,6 +423,7 @@ public final class TunnelServer: @unchecked Sendable {
         let listeners = lock.withLock {
             ready = false
             renewalTask?.cancel()
+            identityWatch?.cancel()
             let all = channels
             channels = []
             return all
@@ -413,7 +450,8 @@ public final class TunnelServer: @unchecked Sendable {
         case "/metrics":
             return MetaResponse(
                 status: .ok, contentType: "text/plain; version=0.0.4; charset=utf-8",
-                body: core.metrics.render(registry: core.registry, gates: lock.withLock { gates }))
+                body: core.metrics.render(
+                    registry: core.registry, gates: lock.withLock { gates }, budget: core.limits.processBudget))
         case "/v1/agents":
             return MetaResponse(status: .ok, contentType: "application/json", body: agentsJSON())
         case "/v1/server":

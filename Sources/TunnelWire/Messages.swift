@@ -125,13 +125,17 @@ public struct OpenOK: ControlMessage, Equatable {
 
 /// Agent → server: the stream could not be opened. Codes follow HTTP's meaning so the server can answer a
 /// CONNECT with them as is: 403 refused by policy, 502 target refused or unreachable, 504 dial timeout.
+/// `limit` names the limit that refused the stream, when one did (`streams_per_agent`, `pending_opens`,
+/// `buffer_budget`): the server counts it in `edge_tunnel_server_limit_hits_total`.
 public struct OpenFail: ControlMessage, Equatable {
     public static let frameType = FrameType.openFail
     public var code: Int
     public var reason: String
-    public init(code: Int, reason: String) {
+    public var limit: String?
+    public init(code: Int, reason: String, limit: String? = nil) {
         self.code = code
         self.reason = PeerText.bounded(reason, limit: maxReasonLength)
+        self.limit = limit.map { PeerText.bounded($0, limit: 64) }
     }
 }
 
@@ -143,14 +147,18 @@ public struct GoAway: ControlMessage, Equatable {
 }
 
 /// Agent → server on a connection without a client certificate: the bootstrap join.
+/// `nodeIPs` become the certificate's IP SANs, within the networks the token allows; they are the only node
+/// IPs the node may claim in HELLO. (Agents before this field existed send none.)
 public struct JoinRequest: ControlMessage, Equatable {
     public static let frameType = FrameType.join
     public var token: String
     public var nodeName: String
+    public var nodeIPs: [String]?
     public var csrPEM: String
-    public init(token: String, nodeName: String, csrPEM: String) {
+    public init(token: String, nodeName: String, nodeIPs: [String] = [], csrPEM: String) {
         self.token = token
         self.nodeName = nodeName
+        self.nodeIPs = nodeIPs
         self.csrPEM = csrPEM
     }
 }

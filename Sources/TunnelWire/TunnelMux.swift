@@ -20,14 +20,51 @@ public struct TunnelLimits: Sendable {
     public var maximumWindow = 16 << 20
     /// Sum of all stream receive windows of the connection: bounds the memory a peer can make us hold.
     public var connectionWindowBudget = 256 << 20
-    /// Streams open at once on one connection.
+    /// Streams open at once on one connection (for the server: streams per agent).
     public var maxStreams = 65_536
+    /// Streams of one connection waiting for the agent's OPEN_OK or OPEN_FAIL (server side).
+    public var maxPendingOpens = 1024
+    /// How long the server waits for the agent's answer to an OPEN; then the stream is reset and fails (504).
+    public var openTimeout: TimeAmount = .seconds(15)
+    /// Receive windows granted over every connection of the process; `nil`: only the per-connection budget.
+    public var processBudget: WindowBudget?
+    /// The highest stream id the server opens; ids are never reused, so a connection that reaches it asks its
+    /// agent to reconnect (GOAWAY) and the next streams go over the new connection.
+    public var lastStreamID: UInt32 = UInt32.max - 1
     /// Replies the peer made us owe (PONG, OPEN_FAIL, RST) while it did not read what we already sent: past this
     /// the connection is closed, so a peer that sends PINGs and never reads cannot grow our write buffer
     /// (HTTP/2 stacks bound their outbound control frames the same way).
     public var maxUnreadReplies = 1024
 
     public init() {}
+}
+
+/// Bytes of receive window granted across every tunnel connection of a process: what all peers together can make
+/// the process hold for streams whose readers are slow. A stream whose minimum window (64 KiB) does not fit is
+/// refused (503), and windows grow only while the budget allows. Thread-safe.
+public final class WindowBudget: @unchecked Sendable {
+    public let limit: Int
+    private let lock = NIOLock()
+    private var used = 0
+
+    public init(limit: Int) { self.limit = limit }
+
+    /// Bytes granted now.
+    public var inUse: Int { lock.withLock { used } }
+
+    /// Takes up to `wanted` bytes and at least `minimum`; nil (nothing taken) when not even `minimum` is left.
+    func take(_ wanted: Int, minimum: Int) -> Int? {
+        lock.withLock {
+            let granted = min(wanted, limit - used)
+            guard granted >= minimum else { return nil }
+            used += granted
+            return granted
+        }
+    }
+
+    func give(_ count: Int) {
+        lock.withLock { used -= count }
+    }
 }
 
 /// Outcome of opening a stream from this side.
@@ -116,6 +153,8 @@ public final class TunnelMux: ChannelInboundHandler {
     private var streams: [UInt32: Stream] = [:]
     private var nextStreamID: UInt32
     private var windowBudgetUsed = 0
+    /// Streams opened by this side that the peer has not answered yet.
+    private var pendingOpens = 0
     private var closed = false
     private var draining = false
     /// Streams with DATA to hand to their glue when the current read of the tunnel completes.
@@ -267,6 +306,7 @@ public final class TunnelMux: ChannelInboundHandler {
             let ok = try OpenOK(frame: frame)
             try stream.send.grant(UInt32(clamping: max(0, ok.window)))
             stream.openPromise = nil
+            pendingOpens -= 1
             stream.accepted = true
             promise.succeed(.opened(streamID: stream.id))
         case .openFail:
@@ -289,8 +329,13 @@ public final class TunnelMux: ChannelInboundHandler {
                         .frame(streamID: frame.streamID, allocator: context.channel.allocator))
                 return
             }
-            let stream = Stream(
-                id: frame.streamID, sendWindow: open.window, receive: newReceiveWindow())
+            guard let window = newReceiveWindow() else {
+                try reply(
+                    OpenFail(code: 503, reason: "agent is out of buffer budget", limit: "buffer_budget")
+                        .frame(streamID: frame.streamID, allocator: context.channel.allocator))
+                return
+            }
+            let stream = Stream(id: frame.streamID, sendWindow: open.window, receive: window)
             streams[stream.id] = stream
             counters.setStreams(streams.count)
             delegate?.mux(self, didReceiveOpen: open, streamID: frame.streamID)
@@ -314,16 +359,45 @@ public final class TunnelMux: ChannelInboundHandler {
                 promise.succeed(.failed(OpenFail(code: 503, reason: "tunnel connection is draining")))
                 return
             }
-            guard self.streams.count < self.limits.maxStreams, self.nextStreamID < UInt32.max - 2 else {
-                promise.succeed(.failed(OpenFail(code: 503, reason: "too many streams on the tunnel")))
+            guard self.nextStreamID <= self.limits.lastStreamID else {
+                // Every id is used: the agent reconnects on GOAWAY, and its new connection takes the next streams.
+                self.draining = true
+                self.writeFrame(GoAway(reason: "stream ids exhausted: reconnect").frame(allocator: self.allocator), flush: true)
+                promise.succeed(.failed(OpenFail(code: 503, reason: "stream ids of the tunnel exhausted: the agent is reconnecting")))
+                return
+            }
+            guard self.streams.count < self.limits.maxStreams else {
+                promise.succeed(.failed(OpenFail(
+                    code: 503, reason: "the agent has \(self.streams.count) streams open, its limit", limit: "streams_per_agent")))
+                return
+            }
+            guard self.pendingOpens < self.limits.maxPendingOpens else {
+                promise.succeed(.failed(OpenFail(
+                    code: 503, reason: "\(self.pendingOpens) streams to the agent are still opening, its limit",
+                    limit: "pending_opens")))
+                return
+            }
+            guard let window = self.newReceiveWindow() else {
+                promise.succeed(.failed(OpenFail(
+                    code: 503, reason: "the server's stream buffer budget is exhausted", limit: "buffer_budget")))
                 return
             }
             let id = self.nextStreamID
             self.nextStreamID += 2
-            let stream = Stream(id: id, sendWindow: 0, receive: self.newReceiveWindow())
+            let stream = Stream(id: id, sendWindow: 0, receive: window)
             stream.openPromise = promise
+            self.pendingOpens += 1
             self.streams[id] = stream
             self.counters.setStreams(self.streams.count)
+            // An agent that never answers must not hold the stream (and its caller) forever.
+            self.eventLoop.scheduleTask(in: self.limits.openTimeout) { [weak self] in
+                guard let self, let stream = self.streams[id], let pending = stream.openPromise else { return }
+                self.streams.removeValue(forKey: id)
+                self.streamRemoved(stream)
+                stream.openPromise = nil
+                self.writeStreamFrame(.rst(streamID: id, code: .cancel, allocator: self.allocator))
+                pending.succeed(.failed(OpenFail(code: 504, reason: "no answer from the agent in time")))
+            }
             self.writeStreamFrame(
                 Open(target: target, window: stream.receive.size).frame(streamID: id, allocator: context.channel.allocator))
         }
@@ -461,8 +535,17 @@ public final class TunnelMux: ChannelInboundHandler {
             return
         }
         guard let stream = streams[streamID] else { return }
-        let mayGrow = promptly && windowBudgetUsed + stream.receive.size <= limits.connectionWindowBudget
-        guard let update = stream.receive.consumed(count, mayGrow: mayGrow) else { return }
+        var mayGrow = promptly && windowBudgetUsed + stream.receive.size <= limits.connectionWindowBudget
+            && stream.receive.size < stream.receive.maximum
+        // Growth is at most the current size: reserved from the process budget first, the unused part returned.
+        var reserved = 0
+        if mayGrow, let budget = limits.processBudget {
+            reserved = budget.take(stream.receive.size, minimum: stream.receive.size) ?? 0
+            mayGrow = reserved > 0
+        }
+        let update = stream.receive.consumed(count, mayGrow: mayGrow)
+        if reserved > 0 { limits.processBudget?.give(reserved - (update?.growth ?? 0)) }
+        guard let update else { return }
         windowBudgetUsed += update.growth
         writeStreamFrame(.window(streamID: streamID, increment: update.increment, allocator: allocator))
     }
@@ -479,9 +562,18 @@ public final class TunnelMux: ChannelInboundHandler {
         }
     }
 
-    private func newReceiveWindow() -> ReceiveWindow {
+    /// The smallest window a stream starts with.
+    static let minimumWindow = 64 * 1024
+
+    /// A new stream's window from the connection's budget and the process's; nil when the process budget cannot
+    /// spare even the minimum.
+    private func newReceiveWindow() -> ReceiveWindow? {
         let remaining = limits.connectionWindowBudget - windowBudgetUsed
-        let initial = max(64 * 1024, min(limits.initialWindow, remaining))
+        var initial = max(Self.minimumWindow, min(limits.initialWindow, remaining))
+        if let budget = limits.processBudget {
+            guard let granted = budget.take(initial, minimum: Self.minimumWindow) else { return nil }
+            initial = granted
+        }
         windowBudgetUsed += initial
         return ReceiveWindow(initial: initial, maximum: limits.maximumWindow)
     }
@@ -489,6 +581,8 @@ public final class TunnelMux: ChannelInboundHandler {
     private func streamRemoved(_ stream: Stream) {
         stream.inbound = []
         windowBudgetUsed -= stream.receive.size
+        limits.processBudget?.give(stream.receive.size)
+        if stream.openPromise != nil { pendingOpens -= 1 }
         counters.setStreams(streams.count)
     }
 
@@ -589,6 +683,9 @@ public final class TunnelMux: ChannelInboundHandler {
         let all = streams.values
         streams = [:]
         counters.setStreams(0)
+        for stream in all { limits.processBudget?.give(stream.receive.size) }
+        windowBudgetUsed = 0
+        pendingOpens = 0
         for stream in all {
             stream.glue?.resetFromTunnel()
             stream.openPromise?.succeed(.failed(OpenFail(code: 502, reason: "tunnel connection closed")))

@@ -67,6 +67,14 @@ struct ServerCommand: AsyncParsableCommand {
     var maxPendingConnections: Int?
     @Option(name: .customLong("max-pending-connections-per-source"), help: "Connections per listener still in their handshake, per source IP (default 256).")
     var maxPendingConnectionsPerSource: Int?
+    @Option(name: .customLong("max-streams-per-agent"), help: "Streams open at once through one agent (default 20000).")
+    var maxStreamsPerAgent: Int?
+    @Option(name: .customLong("max-pending-opens-per-agent"), help: "Streams to one agent waiting for its answer (default 1024).")
+    var maxPendingOpensPerAgent: Int?
+    @Option(name: .customLong("max-streams-per-caller"), help: "Streams open at once for one caller identity (default 20000).")
+    var maxStreamsPerCaller: Int?
+    @Option(name: .customLong("max-buffered-mib"), help: "Receive windows over all tunnels, in MiB (default 512).")
+    var maxBufferedMiB: Int?
     @Flag(name: .customLong("allow-insecure-bind"), help: "Let --insecure-bind-address be a non-loopback address: the insecure port has no authentication.")
     var allowInsecureBind = false
 
@@ -157,6 +165,24 @@ struct ServerCommand: AsyncParsableCommand {
             configuration.maxPendingConnectionsPerSource = perSource
         }
         configuration.allowInsecureBind = allowInsecureBind || (file.allowInsecureBind ?? false)
+        func positive(_ value: Int?, _ flag: String) throws -> Int? {
+            guard let value else { return nil }
+            guard value >= 1 else { throw PKIError(.invalidArgument, "invalid --\(flag) \(value): must be at least 1") }
+            return value
+        }
+        if let value = try positive(maxStreamsPerAgent ?? file.maxStreamsPerAgent, "max-streams-per-agent") {
+            configuration.maxStreamsPerAgent = value
+        }
+        if let value = try positive(maxPendingOpensPerAgent ?? file.maxPendingOpensPerAgent, "max-pending-opens-per-agent") {
+            configuration.maxPendingOpensPerAgent = value
+        }
+        if let value = try positive(maxStreamsPerCaller ?? file.maxStreamsPerCaller, "max-streams-per-caller") {
+            configuration.maxStreamsPerCaller = value
+        }
+        if let value = try positive(maxBufferedMiB ?? file.maxBufferedMiB, "max-buffered-mib") {
+            guard value <= 1 << 20 else { throw PKIError(.invalidArgument, "invalid --max-buffered-mib \(value): too large") }
+            configuration.maxBufferedBytes = value << 20
+        }
         if let validity = agentCertificateValidity ?? file.agentCertificateValidity {
             let seconds = try Durations.parse(validity, what: "--agent-certificate-validity")
             guard seconds >= 10 else {
@@ -271,13 +297,17 @@ struct ServerConfigFile: Codable {
     var maxPendingConnections: Int?
     var maxPendingConnectionsPerSource: Int?
     var allowInsecureBind: Bool?
+    var maxStreamsPerAgent: Int?
+    var maxPendingOpensPerAgent: Int?
+    var maxStreamsPerCaller: Int?
+    var maxBufferedMiB: Int?
 
     static let keys: Set<String> = [
         "pkiDir", "bindAddress", "tunnelPort", "securePort", "metaPort", "certIPs", "certDNSNames", "clientCAFile",
         "serverID", "logLevel", "agentCertificateValidity", "servingCertificateValidity", "insecurePort",
         "insecureBindAddress", "udsPath", "kubeletClientCert", "kubeletClientKey", "kubeletCAFile",
         "eventLoopThreads", "handshakeTimeout", "maxPendingConnections", "maxPendingConnectionsPerSource",
-        "allowInsecureBind",
+        "allowInsecureBind", "maxStreamsPerAgent", "maxPendingOpensPerAgent", "maxStreamsPerCaller", "maxBufferedMiB",
     ]
 
     /// Reads and checks a config file: unknown keys are errors (a typo must not be silently ignored).

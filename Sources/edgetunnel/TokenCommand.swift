@@ -22,10 +22,18 @@ extension TokenCommand {
         @Option(help: "A note stored with the token.")
         var description: String?
 
+        @Option(name: .customLong("node"), help: "A node name (or prefix*) that may join with this token; repeatable. Default: any name.")
+        var nodes: [String] = []
+
+        @Option(name: .customLong("node-cidr"), help: "A network whose addresses joining nodes may claim as node IPs; repeatable. Default: none.")
+        var nodeCIDRs: [String] = []
+
         func run() throws {
             try reportingErrors {
                 let ttl = try Durations.parse(self.ttl, what: "--ttl")
-                let (token, _) = try TokenStore(paths: pki.paths).create(ttl: ttl, description: description)
+                let (token, _) = try TokenStore(paths: pki.paths).create(
+                    ttl: ttl, description: description, nodes: nodes.isEmpty ? nil : nodes,
+                    nodeCIDRs: nodeCIDRs.isEmpty ? nil : nodeCIDRs)
                 print(token)
             }
         }
@@ -51,10 +59,12 @@ extension TokenCommand {
                         var expires: Date?
                         var expired: Bool
                         var description: String?
+                        var nodes: [String]?
+                        var nodeCIDRs: [String]?
                     }
                     let rows = tokens.map {
                         Row(id: $0.id, created: $0.created, expires: $0.expires, expired: $0.isExpired(at: now),
-                            description: $0.description)
+                            description: $0.description, nodes: $0.nodes, nodeCIDRs: $0.nodeCIDRs)
                     }
                     let encoder = JSONEncoder()
                     encoder.dateEncodingStrategy = .iso8601

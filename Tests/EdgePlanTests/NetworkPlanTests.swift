@@ -1,4 +1,6 @@
+import Foundation
 import Testing
+import TunnelPKI
 
 @testable import EdgePlan
 
@@ -93,7 +95,7 @@ import Testing
         #expect(throws: PlanError.self) { try NetworkPlan(input: input) }
         #expect(throws: PlanError.self) { try Connectivity(parsing: "carrier-pigeon") }
         for bad in ["10.0.0.0/33", "10.0.0/8", "banana", "10.0.0.0/-1", "fd00::/129"] {
-            #expect(throws: PlanError.self) { try CIDR(parsing: bad) }
+            #expect(throws: PKIError.self) { try CIDR(parsing: bad) }
         }
     }
 
@@ -171,4 +173,3 @@ import Testing
     }
 }
 
-import Foundation

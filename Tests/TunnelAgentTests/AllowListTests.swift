@@ -79,3 +79,27 @@ import TunnelPKI
         await agent.stop()
     }
 }
+
+@Suite struct AllowListHostileTargetTests {
+    func list(_ rules: String...) throws -> AllowList {
+        AllowList(rules: try rules.map { try AllowList.Rule(parsing: $0) })
+    }
+
+    @Test func aBroadIPv6RuleDoesNotLetIPv4MappedAddressesThrough() throws {
+        let allow = try list("[::/0]:10250")
+        #expect(allow.allows(host: "fd00::7", port: 10250))
+        #expect(!allow.allows(host: "::ffff:169.254.169.254", port: 10250))
+        #expect(!allow.allows(host: "::ffff:127.0.0.1", port: 10250))
+        // An IPv4 rule still covers the mapped spelling of its addresses.
+        #expect(try list("10.0.0.0/8:10250").allows(host: "::ffff:10.1.2.3", port: 10250))
+    }
+
+    @Test func aNameMustNotResolveToLoopbackOrTheMetadataAddress() throws {
+        let allow = try list("registry.edge.local:5000", "127.0.0.1:10250")
+        for bad in ["169.254.169.254", "127.0.0.1", "::1", "0.0.0.0", "fe80::1", "::ffff:169.254.169.254", "224.0.0.1"] {
+            #expect(!allow.allowsResolved(IPAddress(bad)!, port: 5000), "\(bad)")
+        }
+        #expect(allow.allowsResolved(IPAddress("10.0.3.9")!, port: 5000))
+        #expect(allow.allowsResolved(IPAddress("127.0.0.1")!, port: 10250))  // an address rule allows it
+    }
+}

@@ -306,3 +306,84 @@ final class FlushCounter: ChannelOutboundHandler {
         context.flush()
     }
 }
+
+@Suite struct TunnelMuxHostilePeerTests {
+    let helper = TunnelMuxTests()
+
+    @Test func whenStreamIDsRunOutTheServerSaysGoAwayInsteadOf503Forever() throws {
+        var limits = TunnelLimits()
+        limits.lastStreamID = 3
+        let (channel, mux, _) = try helper.makeMux(.server, limits: limits)
+        _ = mux.openStream(target: "edge-1:10250")
+        _ = mux.openStream(target: "edge-1:10250")
+        let third = mux.openStream(target: "edge-1:10250")
+        let frames = try helper.outbound(channel)
+        #expect(frames.map(\.type) == [.open, .open, .goaway])
+        #expect(try GoAway(frame: frames[2]).reason == "stream ids exhausted: reconnect")
+        guard case .failed(let failure) = try third.wait() else {
+            Issue.record("a stream opened past the last id")
+            return
+        }
+        #expect(failure.code == 503)
+    }
+
+    @Test func theAgentRefusesAReusedOrLowerStreamID() throws {
+        for reused: UInt32 in [5, 3] {
+            let (channel, mux, delegate) = try helper.makeMux(.agent)
+            try channel.writeInbound(Open(target: "127.0.0.1:10250", window: 1024).frame(streamID: 5))
+            mux.rejectStream(5, code: 502, reason: "closed")  // stream 5 is gone
+            _ = try helper.outbound(channel)
+            #expect(throws: FrameError.self) {
+                try channel.writeInbound(Open(target: "127.0.0.1:10250", window: 1024).frame(streamID: reused))
+            }
+            #expect(delegate.opens.count == 1)
+        }
+    }
+
+    @Test func aPingMustCarryEightBytes() throws {
+        let (channel, _, _) = try helper.makeMux(.server)
+        var big = ByteBuffer()
+        big.writeRepeatingByte(0, count: 9)
+        #expect(throws: FrameError.self) { try channel.writeInbound(Frame(type: .ping, payload: big)) }
+    }
+
+    @Test func aPeerThatNeverReadsIsCutOffBeforeItsRepliesPileUp() throws {
+        var limits = TunnelLimits()
+        limits.maxUnreadReplies = 10
+        let (channel, _, _) = try helper.makeMux(.server, limits: limits)
+        channel.isWritable = false
+        var ping = ByteBuffer()
+        ping.writeInteger(UInt64(7))
+        for _ in 0..<10 { try channel.writeInbound(Frame(type: .ping, payload: ping)) }
+        #expect(throws: FrameError.self) { try channel.writeInbound(Frame(type: .ping, payload: ping)) }
+    }
+
+    @Test func reasonsQuotingPeerInputStayBelowTheFrameLimit() throws {
+        let name = String(repeating: "/", count: 140_000) + "\n\u{1b}[31m"
+        let refused = Refused(reason: "registration claims node \(PeerText.bounded(name))")
+        let frame = refused.frame()
+        #expect(frame.payload.readableBytes < 8 * 1024)
+        #expect(!refused.reason.contains("\n") && refused.reason.contains("more)"))
+        let fail = OpenFail(code: 400, reason: String(repeating: "\u{1}", count: 300_000))
+        #expect(fail.frame().payload.readableBytes < Frame.maxPayload)
+    }
+
+    @Test func theEncoderFailsTheConnectionInsteadOfTrappingOnAnOversizeFrame() throws {
+        let channel = EmbeddedChannel(handler: FrameEncoder())
+        var payload = ByteBuffer()
+        payload.writeRepeatingByte(0, count: Frame.maxPayload + 1)
+        #expect(throws: FrameError.self) { try channel.writeOutbound(Frame(type: .refused, payload: payload)) }
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
+    }
+
+    @Test func beforeRegistrationFramesAreCappedAt16KiB() throws {
+        let channel = EmbeddedChannel(handler: FrameDecoder(maxPayload: Frame.maxUnregisteredPayload))
+        var header = ByteBuffer()
+        header.writeInteger(FrameType.hello.rawValue)
+        header.writeInteger(UInt8(0))
+        header.writeInteger(UInt16(0))
+        header.writeInteger(UInt32(0))
+        header.writeInteger(UInt32(Frame.maxUnregisteredPayload + 1))
+        #expect(throws: FrameError.self) { try channel.writeInbound(header) }
+    }
+}

@@ -186,8 +186,10 @@ class Cluster:
         self.ca_hash = run(BIN / "edgetunnel", "pki", "ca-hash", "--pki-dir", self.pki).stdout.strip()
         self.ports = {name: free_port() for name in ("tunnel", "secure", "meta", "insecure")}
 
-    def token(self, ttl="1h"):
-        return run(BIN / "edgetunnel", "token", "create", "--pki-dir", self.pki, "--ttl", ttl).stdout.strip()
+    def token(self, ttl="1h", cidrs=("127.0.0.0/8", "10.0.0.0/8")):
+        """A bootstrap token whose nodes may claim node IPs in `cidrs` (loopback and the namespace tests' nets)."""
+        args = [a for cidr in cidrs for a in ("--node-cidr", cidr)]
+        return run(BIN / "edgetunnel", "token", "create", "--pki-dir", self.pki, "--ttl", ttl, *args).stdout.strip()
 
     def spawn(self, args, name, env=None, may_exit=False, clean_exits=(0,)):
         log = self.tmp / f"{name}.log"

@@ -31,7 +31,8 @@ class Setup:
         self.procs = []
         run(BIN / "edgetunnel", "pki", "init", "--pki-dir", self.pki)
         run(BIN / "edgetunnel", "pki", "issue-client", "--pki-dir", self.pki, "--name", "operator")
-        self.token = run(BIN / "edgetunnel", "token", "create", "--pki-dir", self.pki).stdout.strip()
+        self.token = run(BIN / "edgetunnel", "token", "create", "--pki-dir", self.pki,
+                         "--node-cidr", "10.240.1.0/24").stdout.strip()
         self.ca_hash = run(BIN / "edgetunnel", "pki", "ca-hash", "--pki-dir", self.pki).stdout.strip()
         self.config = self.tmp / "server.yaml"
         self.addresses = self.tmp / "addresses"

@@ -281,3 +281,127 @@ def test_a_hostile_server_cannot_make_the_agent_build_an_oversize_frame(tmp_path
         listener.close()
     finally:
         c.close()
+
+
+def connect_status(c, target, cert=None, key=None):
+    """A CONNECT through the secure port; returns (status line, socket) — the socket is left open."""
+    return c.connect_stream(target, cert=cert, key=key, timeout=30)
+
+
+def limit_hits(c, limit):
+    for line in http_get(c.meta_url("/metrics"))[1].splitlines():
+        if line.startswith(f'edge_tunnel_server_limit_hits_total{{limit="{limit}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_streams_per_caller_per_agent_and_the_buffer_budget_are_limited(tmp_path):
+    """Each limit answers with a status and a reason and counts in edge_tunnel_server_limit_hits_total; other
+    callers and streams go on."""
+    c = Cluster(tmp_path)
+    held = []
+    try:
+        c.start_server("--max-streams-per-caller", "3", "--max-streams-per-agent", "5", "--max-buffered-mib", "6")
+        port = c.start_edge_service()
+        c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}")
+        run(BIN / "edgetunnel", "pki", "issue-client", "--pki-dir", c.pki, "--name", "operator-2")
+        other = (c.pki / "operator-2.crt", c.pki / "operator-2.key")
+        for _ in range(3):
+            status, sock = connect_status(c, f"edge-1:{port}")
+            assert status == "HTTP/1.1 200 Connection established", status
+            held.append(sock)
+        status, sock = connect_status(c, f"edge-1:{port}")
+        assert status == "HTTP/1.1 429 Too Many Requests", status
+        assert b"caller certificate operator has 3 streams open, its limit" in sock.recv(4096)
+        assert limit_hits(c, "streams_per_caller") == 1
+        # Another caller is not affected, up to the agent's limit of 5 streams.
+        for _ in range(2):
+            status, sock = connect_status(c, f"edge-1:{port}", *other)
+            assert status == "HTTP/1.1 200 Connection established", status
+            held.append(sock)
+        status, sock = connect_status(c, f"edge-1:{port}", *other)
+        assert status == "HTTP/1.1 503 Service Unavailable", status
+        assert b"the agent has 5 streams open, its limit" in sock.recv(4096)
+        assert limit_hits(c, "streams_per_agent") == 1
+        # Five 1 MiB windows are granted; the sixth MiB is the last the budget holds for a stream.
+        for sock in held:
+            sock.close()
+        held.clear()
+        wait_until(lambda: c.agents()[0]["streams"] == 0, 10, "the streams to close")
+        budget = [line for line in http_get(c.meta_url("/metrics"))[1].splitlines()
+                  if line.startswith("edge_tunnel_server_window_budget_bytes")]
+        assert budget == ["edge_tunnel_server_window_budget_bytes 0.0"], budget
+    finally:
+        for sock in held:
+            sock.close()
+        c.close()
+
+
+def test_the_process_buffer_budget_refuses_streams_past_it(tmp_path):
+    c = Cluster(tmp_path)
+    held = []
+    try:
+        c.start_server("--max-buffered-mib", "2")
+        port = c.start_edge_service()
+        c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}")
+        for _ in range(2):
+            status, sock = connect_status(c, f"edge-1:{port}")
+            assert status == "HTTP/1.1 200 Connection established", status
+            held.append(sock)
+        status, sock = connect_status(c, f"edge-1:{port}")
+        assert status == "HTTP/1.1 503 Service Unavailable", status
+        assert b"buffer budget is exhausted" in sock.recv(4096)
+        assert limit_hits(c, "buffer_budget") == 1
+        held.pop().close()
+        wait_until(lambda: c.agents()[0]["streams"] == 1, 10, "a stream to close")
+        assert c.curl(f"http://edge-1:{port}/hello", check=True).stdout == "hello from the edge\n"
+    finally:
+        for sock in held:
+            sock.close()
+        c.close()
+
+
+def test_an_agent_that_never_answers_opens_cannot_hold_callers_or_memory(lab):
+    """A registered edge-1 that reads OPENs and never answers: at most --max-pending-opens-per-agent (1024)
+    wait for it, the rest are refused at once (503), the waiting ones get 504 after the dial timeout, and the
+    streams are reclaimed."""
+    def attack(stop):
+        refused = 0
+        with attacker_tunnel(lab) as tls:
+            tls.sendall(hello("edge-1"))
+            assert read_frame(tls)[0] == 2
+            tls.settimeout(1)
+            callers = []
+            while not stop.is_set():
+                for _ in range(200):
+                    s = socket.create_connection(("127.0.0.1", lab.ports["insecure"]), timeout=30)
+                    s.sendall(b"CONNECT edge-1:10250 HTTP/1.1\r\nHost: edge-1\r\n\r\n")
+                    callers.append(s)
+                try:  # read (and ignore) the OPENs, answer PINGs so the server keeps the tunnel
+                    while True:
+                        frame_type, _, payload = read_frame(tls)
+                        if frame_type == 10:
+                            tls.sendall(frame(11, 0, payload))
+                except (socket.timeout, ssl.SSLError):
+                    pass
+                for s in list(callers):
+                    s.setblocking(False)
+                    try:
+                        answer = s.recv(4096)
+                    except BlockingIOError:
+                        continue
+                    if answer.startswith(b"HTTP/1.1 503"):
+                        assert b"still opening, its limit" in answer, answer
+                        refused += 1
+                    elif answer:
+                        assert answer.startswith(b"HTTP/1.1 504"), answer
+                    s.close()
+                    callers.remove(s)
+                if len(callers) > 2000:
+                    break
+            for s in callers:
+                s.close()
+        return refused
+
+    refused = hostile_scenario(lab, attack)
+    assert refused > 0 and limit_hits(lab, "pending_opens") == refused

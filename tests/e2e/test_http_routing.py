@@ -152,3 +152,20 @@ def test_prometheus_scrapes_a_node_exporter_on_an_edge_node_through_the_tunnel(t
         assert prometheus.alive() and exporter.alive()
     finally:
         c.close()
+
+
+def test_the_insecure_port_binds_beyond_loopback_only_when_told_so(tmp_path):
+    """10264 proxies without authentication: a non-loopback --insecure-bind-address is refused with one line,
+    and with --allow-insecure-bind the server starts and says so as critical."""
+    c = Cluster(tmp_path)
+    try:
+        server = c.start_server("--insecure-bind-address", "0.0.0.0", wait=False).expect_exit()
+        assert server.popen.wait(20) != 0
+        errors = [line for line in server.own_text().splitlines() if "error:" in line]
+        assert len(errors) == 1 and "--insecure-bind-address 0.0.0.0 is not a loopback address" in errors[0], errors
+        assert "--allow-insecure-bind" in errors[0]
+        c.start_server("--insecure-bind-address", "0.0.0.0", "--allow-insecure-bind")
+        c.server.expect_log("proxies WITHOUT AUTHENTICATION")
+        assert "critical" in [line for line in c.server.own_text().splitlines() if "WITHOUT" in line][0]
+    finally:
+        c.close()

@@ -275,7 +275,7 @@ def test_routes_dns_and_iptables_send_kubelet_traffic_to_the_tunnel(tmp_path):
                               clean_exits=PYTHON_HELPER_EXITS)
             wait_until(lambda: "ready" in standin.text(), 10, "kubelet stand-in")
             server = c.spawn(["ip", "netns", "exec", cloud, BIN / "edge-tunnel-server", "--pki-dir", c.pki,
-                              "--cert-ips", f"{cloud_ip},{node_ip}", "--insecure-bind-address", "0.0.0.0",
+                              "--cert-ips", f"{cloud_ip},{node_ip}", "--insecure-bind-address", "0.0.0.0", "--allow-insecure-bind",
                               "--kubelet-ca-file", kpki / "ca.crt"], "server-ns")
             meta = f"http://{cloud_ip}:10265"
             wait_until(lambda: sh("ip", "netns", "exec", cloud, "curl", "-s", f"{meta}/readyz", check=False).stdout == "ok\n",
@@ -320,7 +320,7 @@ def test_a_black_holed_target_is_a_504_dial_timeout(tmp_path):
             # The target is the node's own address, port 9, and it drops SYNs.
             sh("ip", "netns", "exec", edge, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "DROP")
             c.spawn(["ip", "netns", "exec", cloud, BIN / "edge-tunnel-server", "--pki-dir", c.pki, "--cert-ips", cloud_ip,
-                     "--insecure-bind-address", "0.0.0.0"], "server-ns")
+                     "--insecure-bind-address", "0.0.0.0", "--allow-insecure-bind"], "server-ns")
             meta = f"http://{cloud_ip}:10265"
             wait_until(lambda: sh("ip", "netns", "exec", cloud, "curl", "-s", f"{meta}/readyz", check=False).stdout == "ok\n",
                        20, "server")

@@ -1,5 +1,3 @@
-import TunnelPKI
-
 /// An IPv4 or IPv6 network such as `10.1.0.0/16`. A bare address is a /32 (or /128).
 public struct CIDR: Hashable, Sendable, CustomStringConvertible, Codable {
     public let address: IPAddress
@@ -8,13 +6,13 @@ public struct CIDR: Hashable, Sendable, CustomStringConvertible, Codable {
     public init(parsing text: String) throws {
         let parts = text.split(separator: "/", omittingEmptySubsequences: false)
         guard (1...2).contains(parts.count), let address = IPAddress(String(parts[0])) else {
-            throw PlanError("malformed CIDR \"\(text)\": expected an address and prefix such as 10.1.0.0/16")
+            throw PKIError(.invalidArgument, "malformed CIDR \"\(text)\": expected an address and prefix such as 10.1.0.0/16")
         }
         let bits = address.bytes.count * 8
         let prefix: Int
         if parts.count == 2 {
             guard let value = Int(parts[1]), (0...bits).contains(value), parts[1].allSatisfy(\.isNumber) else {
-                throw PlanError("malformed CIDR \"\(text)\": prefix must be 0-\(bits)")
+                throw PKIError(.invalidArgument, "malformed CIDR \"\(text)\": prefix must be 0-\(bits)")
             }
             prefix = value
         } else {

@@ -1,0 +1,130 @@
+import Foundation
+
+/// What the server knows of one node's identity: when it joined, whether it is revoked, and from when its
+/// certificates count (``certificatesValidFrom``: a reset makes every earlier certificate of the name void).
+public struct NodeRecord: Codable, Hashable, Sendable {
+    public var name: String
+    /// When the node last joined; `nil` after a reset until it joins again.
+    public var joined: Date?
+    /// The node IPs its certificate names (IP SANs), as issued at its join.
+    public var ips: [String]
+    /// Certificates of this name issued before this moment are refused (set by a reset and a revocation).
+    public var certificatesValidFrom: Date?
+    /// Set by `edgetunnel node revoke`: the node may neither connect, renew nor join until it is reset.
+    public var revoked: Date?
+
+    /// Whether a certificate of this node, valid from `notValidBefore`, may be used now.
+    public func accepts(certificateValidFrom notValidBefore: Date) -> Bool {
+        guard revoked == nil else { return false }
+        guard let from = certificatesValidFrom else { return true }
+        // Certificates are back-dated by the CA's clock-skew margin.
+        return notValidBefore.addingTimeInterval(CertificateAuthority.backdate) >= from
+    }
+}
+
+/// The node identities of a PKI folder, in `nodes.json` (mode 0600), rewritten atomically.
+///
+/// A bootstrap token is shared by every agent of a DaemonSet, so whoever holds it could otherwise join under
+/// any node name and replace that node's tunnel. Once a name has joined, a join for it is refused until an
+/// operator runs `edgetunnel node reset NAME` (the node was re-imaged); `revoke` also cuts off the node's live
+/// tunnel and certificate.
+public struct NodeStore: Sendable {
+    private struct File: Codable {
+        var nodes: [NodeRecord]
+    }
+
+    public let path: String
+
+    public init(paths: PKIPaths) { self.path = paths.nodes }
+
+    /// Every node record; none when the file does not exist yet.
+    public func list() throws -> [NodeRecord] {
+        guard AtomicFile.exists(path) else { return [] }
+        let bytes = try AtomicFile.read(path)
+        do {
+            return try Self.decoder.decode(File.self, from: Data(bytes)).nodes
+        } catch {
+            throw PKIError(.invalidArgument, "\(path): node file is not valid JSON (\(error))")
+        }
+    }
+
+    public func record(_ name: String) throws -> NodeRecord? {
+        try list().first { $0.name == name }
+    }
+
+    /// Records a join of `name` with `ips`; refuses a name that has joined and was not reset, or is revoked.
+    public func recordJoin(_ name: String, ips: [String], now: Date = Date()) throws {
+        var nodes = try list()
+        if let index = nodes.firstIndex(where: { $0.name == name }) {
+            if nodes[index].revoked != nil {
+                throw PKIError(.alreadyExists, "node \(name) is revoked: run edgetunnel node reset \(name) before it joins again")
+            }
+            if nodes[index].joined != nil {
+                throw PKIError(.alreadyExists,
+                    "node \(name) has already joined: if it was re-installed, run edgetunnel node reset \(name) first")
+            }
+            nodes[index].joined = now
+            nodes[index].ips = ips
+        } else {
+            nodes.append(NodeRecord(name: name, joined: now, ips: ips))
+        }
+        try save(nodes)
+    }
+
+    /// Lets `name` join again and voids every certificate issued to it so far (and lifts a revocation).
+    public func reset(_ name: String, now: Date = Date()) throws {
+        try update(name, now: now) { record in
+            record.joined = nil
+            record.revoked = nil
+            record.ips = []
+        }
+    }
+
+    /// Cuts `name` off: its certificates are refused at the handshake and at renewal, its live tunnel is closed,
+    /// and it may not join until it is reset.
+    public func revoke(_ name: String, now: Date = Date()) throws {
+        try update(name, now: now) { $0.revoked = now }
+    }
+
+    private func update(_ name: String, now: Date, _ change: (inout NodeRecord) -> Void) throws {
+        _ = try DNSName.validateNodeName(name)
+        var nodes = try list()
+        let index: Int
+        if let existing = nodes.firstIndex(where: { $0.name == name }) {
+            index = existing
+        } else {
+            // A node that joined before this store existed (or is unknown): its record starts here.
+            nodes.append(NodeRecord(name: name, joined: nil, ips: []))
+            index = nodes.count - 1
+        }
+        // Whole seconds, as certificates carry them, rounded up: every certificate issued so far, even in this
+        // second, is void. Certificates issued later start no earlier than this (``NodeIdentities``).
+        nodes[index].certificatesValidFrom = Date(timeIntervalSince1970: now.timeIntervalSince1970.rounded(.up))
+        change(&nodes[index])
+        try save(nodes)
+    }
+
+    private func save(_ nodes: [NodeRecord]) throws {
+        let data: Data
+        do {
+            data = try Self.encoder.encode(File(nodes: nodes.sorted { $0.name < $1.name }))
+        } catch {
+            throw PKIError(.writeFailed, "cannot encode \(path): \(error)")
+        }
+        try AtomicFile.makeDirectory(FilePath.directory(of: path), mode: 0o700)
+        try AtomicFile.write(Array(data) + [UInt8(ascii: "\n")], to: path, mode: 0o600)
+    }
+
+    private static let encoder: JSONEncoder = {
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .iso8601
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return encoder
+    }()
+
+    private static let decoder: JSONDecoder = {
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        return decoder
+    }()
+}

@@ -1,0 +1,61 @@
+import Foundation
+import NIOConcurrencyHelpers
+import TunnelPKI
+
+/// The server's view of ``NodeStore`` (`nodes.json`): which node names have joined, which are reset or revoked.
+///
+/// Read once at start and again whenever the file changes (``reloadIfChanged()``, every few seconds), so that
+/// `edgetunnel node revoke` reaches a running server without a restart. Joins go through ``recordJoin``, which
+/// checks and writes under one lock: two joins for one name cannot both succeed. Thread-safe.
+final class NodeIdentities: @unchecked Sendable {
+    private let store: NodeStore
+    private let lock = NIOLock()
+    private var records: [String: NodeRecord] = [:]
+    /// The file's identity and modification time when it was last read.
+    private var stamp: [Int] = []
+    private var _generation = 0
+
+    /// Counts the times the records changed (read anew or joined): whoever acts on changes compares it.
+    var generation: Int { lock.withLock { _generation } }
+
+    init(paths: PKIPaths) throws {
+        store = NodeStore(paths: paths)
+        _ = try reloadIfChanged()
+    }
+
+    /// Whether a certificate of `node`, valid from `notValidBefore`, may be used (not revoked, not voided by a
+    /// reset). Names without a record (nodes that joined before the store existed) are accepted.
+    func accepts(node: String, certificateValidFrom notValidBefore: Date) -> Bool {
+        lock.withLock { records[node] }?.accepts(certificateValidFrom: notValidBefore) ?? true
+    }
+
+    /// The moment a new certificate of `node` must be issued at (its validity start), so that it counts after a
+    /// reset in the same second: now, or the reset's rounded-up second if that is later.
+    func issuingTime(for node: String) -> Date {
+        max(Date(), lock.withLock { records[node]?.certificatesValidFrom } ?? .distantPast)
+    }
+
+    /// Re-reads the file if it changed; returns whether it did. A file that cannot be read keeps the last state.
+    @discardableResult
+    func reloadIfChanged() throws -> Bool {
+        let current = AtomicFile.stamp(store.path)
+        guard current != lock.withLock({ stamp }) else { return false }
+        let nodes = try store.list()
+        lock.withLock {
+            records = Dictionary(nodes.map { ($0.name, $0) }, uniquingKeysWith: { $1 })
+            stamp = current
+            _generation += 1
+        }
+        return true
+    }
+
+    /// Records a join; throws (naming the node) if it has joined before and was not reset, or is revoked.
+    func recordJoin(_ name: String, ips: [IPAddress]) throws {
+        try lock.withLock {
+            try store.recordJoin(name, ips: ips.map(\.description))
+            if let record = try store.record(name) { records[name] = record }
+            stamp = AtomicFile.stamp(store.path)
+            _generation += 1
+        }
+    }
+}

@@ -1,0 +1,154 @@
+"""Node identity cannot be borrowed: names taken once joined, tokens bound to names and networks, node IPs bound
+to the certificate, revocation that reaches a live tunnel. Real agents, a raw agent with a real certificate."""
+import json
+import socket
+import time
+
+import pytest
+
+from conftest import BIN, run
+from harness import Cluster, frame, free_port, http_get, read_frame, wait_until
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    c.start_server()
+    yield c
+    c.close()
+
+
+def join(c, name, pki, token, ips=("127.0.0.1",)):
+    """An agent that joins and is expected to be refused: returns its stderr (it exits by itself)."""
+    args = [BIN / "edge-tunnel-agent", "--node-name", name, "--server-address", f"127.0.0.1:{c.ports['tunnel']}",
+            "--pki-dir", pki, "--meta-port", free_port(), "--bootstrap-token", token, "--ca-cert-hash", c.ca_hash]
+    for ip in ips:
+        args += ["--node-ip", ip]
+    result = run(*args, check=False)
+    assert result.returncode != 0, result.stderr
+    assert not (pki / "agent.crt").exists()
+    return result.stderr
+
+
+def registered(c):
+    return {a["nodeName"]: a for a in c.agents()}
+
+
+def test_a_shared_token_cannot_take_over_a_node_that_joined(cluster, tmp_path):
+    """Every agent of a DaemonSet holds the same token: once edge-1 has joined, a join as edge-1 with that token
+    is refused and edge-1's tunnel is untouched, until an operator runs `edgetunnel node reset edge-1`, which also
+    voids the old certificate: its tunnel is closed within seconds and cannot come back."""
+    token = cluster.token()
+    first = cluster.start_agent("edge-1")
+    before = registered(cluster)["edge-1"]
+    error = join(cluster, "edge-1", tmp_path / "thief", token)
+    assert "node edge-1 has already joined" in error and "edgetunnel node reset edge-1" in error, error
+    time.sleep(1)
+    assert registered(cluster)["edge-1"]["remoteAddress"] == before["remoteAddress"]
+
+    reset = run(BIN / "edgetunnel", "node", "reset", "--pki-dir", cluster.pki, "edge-1")
+    assert "may join again" in reset.stdout
+    wait_until(lambda: http_get(f"http://127.0.0.1:{first.meta}/readyz")[0] == 503, 10,
+               "the old edge-1 tunnel to be closed")
+    cluster.server.expect_log("is revoked or was reset")
+    second = cluster.start_agent("edge-1", pki=tmp_path / "reinstalled")
+    assert registered(cluster)["edge-1"]["remoteAddress"] != before["remoteAddress"]
+    time.sleep(3)  # the old agent keeps trying: its certificate is refused at the handshake
+    cluster.server.expect_log("tunnel connection refused: node edge-1 is revoked or was reset")
+    assert http_get(f"http://127.0.0.1:{first.meta}/readyz")[0] == 503
+    assert http_get(f"http://127.0.0.1:{second.meta}/readyz")[0] == 200
+
+
+def test_tokens_bound_to_names_and_networks(cluster, tmp_path):
+    token = run(BIN / "edgetunnel", "token", "create", "--pki-dir", cluster.pki, "--node", "edge-a*",
+                "--node-cidr", "127.0.0.0/24").stdout.strip()
+    error = join(cluster, "edge-b1", tmp_path / "b1", token)
+    assert "is not for node edge-b1" in error, error
+    error = join(cluster, "edge-a1", tmp_path / "a1", token, ips=("127.0.1.1",))
+    assert "node IP 127.0.1.1 is outside the networks of bootstrap token" in error, error
+    unbound = run(BIN / "edgetunnel", "token", "create", "--pki-dir", cluster.pki).stdout.strip()
+    error = join(cluster, "edge-a2", tmp_path / "a2", unbound)
+    assert "allows no node IPs" in error and "--node-cidr" in error, error
+    listed = json.loads(run(BIN / "edgetunnel", "token", "list", "--pki-dir", cluster.pki, "--output", "json").stdout)
+    assert {"nodes": ["edge-a*"], "nodeCIDRs": ["127.0.0.0/24"]}.items() <= listed[0].items()
+
+    agent = cluster.spawn([BIN / "edge-tunnel-agent", "--node-name", "edge-a1", "--node-ip", "127.0.0.9",
+                           "--server-address", f"127.0.0.1:{cluster.ports['tunnel']}", "--pki-dir", tmp_path / "a1ok",
+                           "--meta-port", free_port(), "--bootstrap-token", token, "--ca-cert-hash", cluster.ca_hash],
+                          "agent-edge-a1")
+    wait_until(lambda: "edge-a1" in registered(cluster), 20, "edge-a1 to register")
+    assert registered(cluster)["edge-a1"]["nodeIPs"] == ["127.0.0.9"]
+    cert = run("openssl", "x509", "-in", tmp_path / "a1ok" / "agent.crt", "-noout", "-ext", "subjectAltName").stdout
+    assert "IP Address:127.0.0.9" in cert, cert
+    assert agent.alive()
+
+
+def raw_hello(c, cert, key, node, ips):
+    context = c.tls_context(cert, key)
+    with socket.create_connection(("127.0.0.1", c.ports["tunnel"]), timeout=10) as raw:
+        with context.wrap_socket(raw) as tls:
+            tls.sendall(frame(1, 0, json.dumps({"version": 2, "nodeName": node, "nodeIPs": ips,
+                                                "capabilities": []}).encode()))
+            frame_type, _, payload = read_frame(tls)
+    return frame_type, payload
+
+
+def test_hello_may_claim_only_the_ips_in_the_certificate(cluster, tmp_path):
+    """Node IPs were first come, first served: an agent could claim another node's IP, and kube-apiserver's
+    `CONNECT <node IP>:10250` landed on it. Now HELLO may claim only the certificate's IP SANs."""
+    run(BIN / "edgetunnel", "pki", "issue-client", "--pki-dir", cluster.pki, "--name", "edge-7",
+        "--org", "edge-tunnel:agents", "--out-dir", tmp_path)
+    frame_type, payload = raw_hello(cluster, tmp_path / "edge-7.crt", tmp_path / "edge-7.key", "edge-7", ["10.0.3.7"])
+    assert frame_type == 15
+    reason = json.loads(payload)["reason"]
+    assert "node IP 10.0.3.7 is not in the certificate of node edge-7 (its IPs: none)" in reason, reason
+    frame_type, _ = raw_hello(cluster, tmp_path / "edge-7.crt", tmp_path / "edge-7.key", "edge-7", [])
+    assert frame_type == 2  # HELLO_OK: no IPs claimed
+
+    cluster.start_agent("edge-1", ips=("127.0.0.1",))
+    agent_pki = cluster.tmp / "agent-edge-1"
+    frame_type, payload = raw_hello(cluster, agent_pki / "agent.crt", agent_pki / "agent.key", "edge-1",
+                                    ["127.0.0.1", "127.0.0.2"])
+    assert frame_type == 15 and "node IP 127.0.0.2 is not in the certificate" in json.loads(payload)["reason"]
+
+
+def test_revocation_closes_the_live_tunnel_and_refuses_handshakes_and_renewal(cluster, tmp_path):
+    agent = cluster.start_agent("edge-1")
+    agent_pki = cluster.tmp / "agent-edge-1"
+    # A raw connection of edge-2 that has registered, to send RENEW right after the revocation.
+    cluster.start_agent("edge-2", ips=("127.0.0.2",)).stop()
+    edge2 = cluster.tmp / "agent-edge-2"
+    context = cluster.tls_context(edge2 / "agent.crt", edge2 / "agent.key")
+    raw = socket.create_connection(("127.0.0.1", cluster.ports["tunnel"]), timeout=10)
+    tls = context.wrap_socket(raw)
+    tls.sendall(frame(1, 0, json.dumps({"version": 2, "nodeName": "edge-2", "nodeIPs": [],
+                                        "capabilities": []}).encode()))
+    assert read_frame(tls)[0] == 2
+
+    started = time.monotonic()
+    for name in ("edge-1", "edge-2"):
+        run(BIN / "edgetunnel", "node", "revoke", "--pki-dir", cluster.pki, name)
+    csr = run("openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+              "-keyout", tmp_path / "k.pem", "-subj", "/O=edge-tunnel:agents/CN=edge-2").stdout
+    tls.sendall(frame(16, 0, json.dumps({"csrPEM": csr}).encode()))
+    tls.settimeout(10)
+    seen = []
+    try:
+        while True:
+            frame_type, _, payload = read_frame(tls)
+            seen.append(frame_type)
+    except (ConnectionError, OSError):
+        pass
+    assert 17 not in seen, "a revoked node got a renewed certificate"
+    tls.close()
+    wait_until(lambda: http_get(f"http://127.0.0.1:{agent.meta}/readyz")[0] == 503, 10, "edge-1's tunnel closed")
+    assert time.monotonic() - started < 8
+    assert "edge-1" not in registered(cluster)
+    cluster.server.expect_log("certificate renewal refused: node edge-2 is revoked or was reset")
+    time.sleep(3)
+    cluster.server.expect_log("tunnel connection refused: node edge-1 is revoked")
+    nodes = {n["name"]: n for n in json.loads(run(BIN / "edgetunnel", "node", "list", "--pki-dir", cluster.pki,
+                                                   "--output", "json").stdout)}
+    assert nodes["edge-1"]["revoked"] and nodes["edge-2"]["revoked"]
+    error = join(cluster, "edge-1", tmp_path / "again", cluster.token())
+    assert "node edge-1 is revoked" in error, error
