@@ -36,6 +36,23 @@ let networking: [Target.Dependency] = [
     .product(name: "Prometheus", package: "swift-prometheus"),
 ]
 
+// Fuzzing (scripts/fuzz): with EDGETUNNEL_FUZZ set, our own targets are built with libFuzzer's coverage
+// instrumentation and the libFuzzer targets under Fuzz/ are declared. Use a scratch path of its own
+// (.build-fuzz): the flags differ from the normal build's.
+let fuzzing = Context.environment["EDGETUNNEL_FUZZ"] != nil
+let fuzzFlags: [SwiftSetting] = fuzzing ? [.unsafeFlags(["-sanitize=fuzzer"])] : []
+let fuzzTargets: [Target] = !fuzzing ? [] : [
+    ("FuzzWire", ["TunnelWire", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio")]),
+    ("FuzzRequestHead", ["TunnelServer", "TunnelWire"]),
+    ("FuzzConfig", ["TunnelServer", "EdgePlan"]),
+    ("FuzzSecurityGroup", ["EdgePlan", "TunnelPKI"]),
+    ("FuzzJoin", ["TunnelPKI", "TunnelWire", .product(name: "NIOCore", package: "swift-nio")]),
+].map { (name: String, dependencies: [Target.Dependency]) in
+    .executableTarget(
+        name: name, dependencies: ["FuzzSupport"] + dependencies, path: "Fuzz/\(name)",
+        swiftSettings: swift5 + fuzzFlags, linkerSettings: [.unsafeFlags(["-sanitize=fuzzer", "-use-ld=lld"])])
+} + [.target(name: "FuzzSupport", path: "Fuzz/FuzzSupport")]
+
 let package = Package(
     name: "EdgeTunnel",
     platforms: [.macOS(.v14)],
@@ -67,12 +84,13 @@ let package = Package(
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Crypto", package: "swift-crypto"),
                 .product(name: "SwiftASN1", package: "swift-asn1"),
-            ]
+            ],
+            swiftSettings: fuzzFlags
         ),
         .target(
             name: "EdgePlan",
             dependencies: [
-                "TunnelPKI",
+                "TunnelPKI", "TunnelSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
@@ -80,7 +98,7 @@ let package = Package(
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Yams", package: "Yams"),
             ],
-            swiftSettings: swift5
+            swiftSettings: swift5 + fuzzFlags
         ),
         .target(
             name: "TunnelWire",
@@ -88,29 +106,31 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             ],
-            swiftSettings: swift5
+            swiftSettings: swift5 + fuzzFlags
         ),
         .target(
             name: "TunnelSupport",
             dependencies: [
                 "TunnelPKI", "TunnelWire",
                 .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Yams", package: "Yams"),
             ] + networking,
-            swiftSettings: swift5
+            swiftSettings: swift5 + fuzzFlags
         ),
         .target(
             name: "TunnelServer",
             dependencies: [
                 "TunnelPKI", "TunnelWire", "TunnelSupport",
+                .product(name: "Yams", package: "Yams"),
             ] + networking,
-            swiftSettings: swift5
+            swiftSettings: swift5 + fuzzFlags
         ),
         .target(
             name: "TunnelAgent",
             dependencies: [
                 "TunnelPKI", "TunnelWire", "TunnelSupport",
             ] + networking,
-            swiftSettings: swift5
+            swiftSettings: swift5 + fuzzFlags
         ),
         .executableTarget(
             name: "edgetunnel",
@@ -147,6 +167,16 @@ let package = Package(
             linkerSettings: leanLinking
         ),
         .testTarget(name: "TunnelPKITests", dependencies: ["TunnelPKI"]),
+        .testTarget(
+            name: "TunnelServerTests",
+            dependencies: [
+                "TunnelServer", "TunnelSupport", "TunnelPKI", "TunnelWire",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ],
+            swiftSettings: swift5
+        ),
         .testTarget(name: "EdgePlanTests", dependencies: ["EdgePlan", "TunnelPKI"], swiftSettings: swift5),
         .testTarget(
             name: "TunnelAgentTests",
@@ -163,5 +193,5 @@ let package = Package(
             ],
             swiftSettings: swift5
         ),
-    ]
+    ] + fuzzTargets
 )

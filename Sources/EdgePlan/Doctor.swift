@@ -4,6 +4,7 @@ import NIOPosix
 import NIOSSL
 import NIOTLS
 import TunnelPKI
+import TunnelSupport
 import X509
 import Yams
 
@@ -166,7 +167,7 @@ public enum Doctor {
     /// Checks a Service as `kubectl get svc -o yaml` prints it against what `mode` needs.
     public static func checkService(yaml text: String, path: String, mode: Connectivity) -> [CheckResult] {
         let name = "service \(path)"
-        guard let object = try? Yams.load(yaml: text) as? [String: Any] else {
+        guard let object = (try? SafeYAML.load(text)) as? [String: Any] else {
             return [CheckResult(name, .fail, "not a YAML object", fix: "save it with kubectl -n kube-system get svc x-tunnel-server-svc -o yaml")]
         }
         guard (object["kind"] as? String) == "Service" else {

@@ -40,17 +40,6 @@ struct PlanCommand: ParsableCommand {
     @Option(name: .customLong("security-group-id"), help: "Security group for the printed aliyun commands.") var securityGroupID: String?
     @Option(help: "text or json.") var output: OutputFormat = .text
 
-    struct FileInput: Decodable {
-        var connectivity: String?
-        var internetEgress: Bool?
-        var publicAPIServer: Bool?
-        var kubernetesVersion: String?
-        var existingCluster: Bool?
-        var hasEIP: Bool?
-        var edgeCIDRs: [String]?
-        var cloudEdgeContainerNetwork: Bool?
-    }
-
     func run() throws {
         let plan: NetworkPlan
         do {
@@ -67,14 +56,9 @@ struct PlanCommand: ParsableCommand {
     }
 
     func input() throws -> PlanInput {
-        var fileInput = FileInput()
+        var fileInput = PlanFile()
         if let file {
-            let text = String(decoding: try AtomicFile.read(file), as: UTF8.self)
-            do {
-                fileInput = try YAMLDecoder().decode(FileInput.self, from: text)
-            } catch {
-                throw PlanError("\(file): not a plan input file (\(String(describing: error).prefix(120)))")
-            }
+            fileInput = try PlanFile.parse(String(decoding: try AtomicFile.read(file), as: UTF8.self), path: file)
         }
         guard let connectivityText = connectivity ?? fileInput.connectivity else {
             throw PlanError("--connectivity is required: internet or express-connect")

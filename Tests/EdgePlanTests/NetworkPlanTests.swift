@@ -173,3 +173,13 @@ import TunnelPKI
     }
 }
 
+
+@Suite struct DoctorHostileInputTests {
+    /// Found by the FuzzConfig fuzzer: Yams' untyped loader force-unwrapped non-string mapping keys.
+    @Test func aServiceFileWithNonStringKeysIsRefusedNotATrap() {
+        for text in ["{[a]: 1}", "kind: Service\nspec:\n  ? [type]\n  : ClusterIP\n", String(repeating: "[", count: 200)] {
+            let results = Doctor.checkService(yaml: text, path: "svc.yaml", mode: .expressConnect)
+            #expect(results.count == 1 && results[0].status == .fail, "\(text.prefix(40))")
+        }
+    }
+}

@@ -1,0 +1,62 @@
+import FuzzSupport
+import NIOCore
+import NIOEmbedded
+import TunnelWire
+
+/// libFuzzer target: arbitrary bytes as a tunnel connection's input, through the frame decoder into a mux, as
+/// the server (first byte even) or as the agent (odd). The second byte chooses the split of the input into
+/// reads. Whatever arrives, the process must not trap; errors close the connection, as they should.
+final class Delegate: TunnelMuxDelegate {
+    var accept = true
+    func mux(_ mux: TunnelMux, didReceiveOpen open: Open, streamID: UInt32) {
+        accept.toggle()
+        if accept { mux.acceptStream(streamID) } else { mux.rejectStream(streamID, code: 403, reason: open.target) }
+    }
+    func mux(_ mux: TunnelMux, didReceiveControl frame: Frame) {
+        if frame.type == .hello { mux.peerRegistered() }
+    }
+    func muxDidClose(_ mux: TunnelMux) {}
+}
+
+@_cdecl("LLVMFuzzerTestOneInput")
+public func fuzzWire(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
+    let input = UnsafeBufferPointer(start: data, count: size)
+    guard input.count >= 2 else { return 0 }
+    let role: TunnelMux.Role = input[0] % 2 == 0 ? .server : .agent
+    let chunk = Int(input[1]) + 1
+    let channel = EmbeddedChannel()
+    var limits = TunnelLimits()
+    limits.maxUnreadReplies = 16
+    limits.maxStreams = 8
+    limits.processBudget = WindowBudget(limit: 4 << 20)
+    let mux = TunnelMux(role: role, eventLoop: channel.eventLoop, limits: limits)
+    mux.delegate = Delegate()
+    do {
+        try channel.pipeline.syncOperations.addHandlers([
+            FrameDecoder(maxPayload: Frame.maxUnregisteredPayload), FrameEncoder(), mux,
+        ])
+        try channel.connect(to: .init(ipAddress: "127.0.0.1", port: 1)).wait()
+    } catch {
+        return 0
+    }
+    if role == .server {
+        for _ in 0..<3 { _ = mux.openStream(target: "edge-1:10250") }
+    }
+    var offset = 2
+    while offset < input.count {
+        let end = min(input.count, offset + chunk)
+        var buffer = channel.allocator.buffer(capacity: end - offset)
+        buffer.writeBytes(UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(input)[offset..<end]))
+        _ = try? channel.writeInbound(buffer)
+        channel.embeddedEventLoop.run()
+        while (try? channel.readOutbound(as: ByteBuffer.self)) != nil {}
+        offset = end
+    }
+    _ = try? channel.finish()
+    return 0
+}
+
+runFuzzer { data, size in
+    guard let data else { return 0 }
+    return fuzzWire(data, size)
+}

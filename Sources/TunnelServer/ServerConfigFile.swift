@@ -1,0 +1,75 @@
+import TunnelPKI
+import TunnelSupport
+import TunnelWire
+import Yams
+
+/// The YAML configuration file: the flags in camelCase, as Kubernetes component configs write them.
+public struct ServerConfigFile: Codable, Sendable {
+    public var pkiDir: String?
+    public var bindAddress: String?
+    public var tunnelPort: Int?
+    public var securePort: Int?
+    public var metaPort: Int?
+    public var certIPs: [String]?
+    public var certDNSNames: [String]?
+    public var clientCAFile: String?
+    public var serverID: String?
+    public var logLevel: String?
+    public var agentCertificateValidity: String?
+    public var servingCertificateValidity: String?
+    public var insecurePort: Int?
+    public var insecureBindAddress: String?
+    public var udsPath: String?
+    public var kubeletClientCert: String?
+    public var kubeletClientKey: String?
+    public var kubeletCAFile: String?
+    public var eventLoopThreads: Int?
+    public var handshakeTimeout: String?
+    public var maxPendingConnections: Int?
+    public var maxPendingConnectionsPerSource: Int?
+    public var allowInsecureBind: Bool?
+    public var maxStreamsPerAgent: Int?
+    public var maxPendingOpensPerAgent: Int?
+    public var maxStreamsPerCaller: Int?
+    public var maxBufferedMiB: Int?
+
+    public static let keys: Set<String> = [
+        "pkiDir", "bindAddress", "tunnelPort", "securePort", "metaPort", "certIPs", "certDNSNames", "clientCAFile",
+        "serverID", "logLevel", "agentCertificateValidity", "servingCertificateValidity", "insecurePort",
+        "insecureBindAddress", "udsPath", "kubeletClientCert", "kubeletClientKey", "kubeletCAFile",
+        "eventLoopThreads", "handshakeTimeout", "maxPendingConnections", "maxPendingConnectionsPerSource",
+        "allowInsecureBind", "maxStreamsPerAgent", "maxPendingOpensPerAgent", "maxStreamsPerCaller", "maxBufferedMiB",
+    ]
+
+    public init() {}
+
+    /// Reads and checks a config file: unknown keys are errors (a typo must not be silently ignored).
+    public static func load(path: String) throws -> ServerConfigFile {
+        try parse(String(decoding: try AtomicFile.read(path), as: UTF8.self), path: path)
+    }
+
+    /// Checks the text of a config file; errors name `path` and the setting.
+    public static func parse(_ text: String, path: String) throws -> ServerConfigFile {
+        let node: Any?
+        do {
+            node = try SafeYAML.load(text)
+        } catch {
+            throw PKIError(.invalidArgument, "\(path): not valid YAML (\(error))")
+        }
+        guard let node else { return ServerConfigFile() }
+        guard let map = node as? [String: Any] else {
+            throw PKIError(.invalidArgument, "\(path): expected a mapping of settings")
+        }
+        if let unknown = map.keys.sorted().first(where: { !keys.contains($0) }) {
+            throw PKIError(.invalidArgument, "\(path): unknown setting \"\(unknown)\"")
+        }
+        do {
+            return try YAMLDecoder().decode(ServerConfigFile.self, from: text)
+        } catch let DecodingError.typeMismatch(_, context), let DecodingError.dataCorrupted(context) {
+            let key = context.codingPath.map(\.stringValue).joined(separator: ".")
+            throw PKIError(.invalidArgument, "\(path): setting \"\(key)\" has the wrong type")
+        } catch {
+            throw PKIError(.invalidArgument, "\(path): \(PeerText.bounded("\(error)"))")
+        }
+    }
+}

@@ -1,0 +1,99 @@
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOEmbedded
+import Testing
+import TunnelPKI
+
+@testable import TunnelServer
+@testable import TunnelSupport
+
+/// What decides whether a peer gets in: the unauthenticated-connection gate, per-caller streams, the join
+/// rate limit and token cache, and node identities.
+@Suite struct AdmissionTests {
+    @Test func theGateCapsPerSourceAndInTotalAndCountsWhy() throws {
+        let rejections = NIOLockedValueBox<[ConnectionGate.Rejection]>([])
+        let gate = ConnectionGate(port: "secure", total: 3, perSource: 2, deadline: .seconds(10)) { _, reason in
+            rejections.withLockedValue { $0.append(reason) }
+        }
+        #expect(gate.admit("10.0.0.1") == nil && gate.admit("10.0.0.1") == nil)
+        #expect(gate.admit("10.0.0.1") == .sourceLimit)
+        #expect(gate.admit("10.0.0.2") == nil)
+        #expect(gate.admit("10.0.0.3") == .totalLimit)
+        gate.release("10.0.0.1")
+        #expect(gate.admit("10.0.0.3") == nil && gate.pendingCount == 3)
+        #expect(rejections.withLockedValue { $0 } == [.sourceLimit, .totalLimit])
+    }
+
+    @Test func aConnectionThatDoesNotAuthenticateInTimeIsClosed() throws {
+        let gate = ConnectionGate(port: "tunnel", total: 10, perSource: 10, deadline: .seconds(10)) { _, _ in }
+        let channel = EmbeddedChannel()
+        try channel.connect(to: .init(ipAddress: "10.0.0.9", port: 4242)).wait()
+        try channel.pipeline.syncOperations.addHandler(gate.handler())
+        #expect(gate.pendingCount == 1)
+        channel.embeddedEventLoop.advanceTime(by: .seconds(9))
+        #expect(channel.isActive)
+        channel.embeddedEventLoop.advanceTime(by: .seconds(1))
+        #expect(!channel.isActive && gate.pendingCount == 0)
+    }
+
+    @Test func callerStreamsAreCountedUntilTheCallerCloses() throws {
+        let streams = CallerStreams(limit: 2)
+        let first = EmbeddedChannel()
+        try first.connect(to: .init(ipAddress: "10.0.0.1", port: 1)).wait()
+        let second = EmbeddedChannel()
+        #expect(streams.admit("certificate operator", until: first))
+        #expect(streams.admit("certificate operator", until: second))
+        #expect(!streams.admit("certificate operator", until: EmbeddedChannel()))
+        #expect(streams.admit("certificate other", until: EmbeddedChannel()))
+        try first.close().wait()
+        first.embeddedEventLoop.run()
+        #expect(streams.admit("certificate operator", until: EmbeddedChannel()))
+    }
+
+    @Test func joinsAreRateLimitedPerSource() {
+        let guardian = JoinGuard(store: TokenStore(path: "/nonexistent/tokens.json"), perSource: 3, window: .seconds(10))
+        let start = NIODeadline.now()
+        for _ in 0..<3 { #expect(guardian.admit("10.0.0.1", now: start)) }
+        #expect(!guardian.admit("10.0.0.1", now: start + .seconds(1)))
+        #expect(guardian.admit("10.0.0.2", now: start + .seconds(1)))
+        #expect(guardian.admit("10.0.0.1", now: start + .seconds(11)))
+    }
+
+    @Test func tokensAreReadAgainOnlyWhenTheFileChanges() throws {
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("joinguard-\(UUID())").path
+        defer { try? FileManager.default.removeItem(atPath: folder) }
+        let store = TokenStore(paths: PKIPaths(directory: folder))
+        let (first, _) = try store.create(ttl: 0)
+        let guardian = JoinGuard(store: store)
+        #expect(try guardian.verify(first.description).id == first.id)
+        let (second, _) = try store.create(ttl: 0)  // a new file: read again
+        #expect(try guardian.verify(second.description).id == second.id)
+        try store.delete(id: first.id)
+        #expect(throws: PKIError.self) { try guardian.verify(first.description) }
+    }
+
+    @Test func aResetVoidsEarlierCertificatesAndARevocationAllOfThem() throws {
+        let folder = FileManager.default.temporaryDirectory.appendingPathComponent("nodes-\(UUID())").path
+        defer { try? FileManager.default.removeItem(atPath: folder) }
+        let paths = PKIPaths(directory: folder)
+        let identities = try NodeIdentities(paths: paths)
+        let issued = Date().addingTimeInterval(-CertificateAuthority.backdate - 5)  // 5 s ago, back-dated
+        try identities.recordJoin("edge-1", ips: [IPAddress("10.0.3.7")!])
+        #expect(identities.accepts(node: "edge-1", certificateValidFrom: issued))
+        #expect(throws: PKIError.self) { try identities.recordJoin("edge-1", ips: []) }  // taken
+
+        try NodeStore(paths: paths).reset("edge-1")
+        try identities.reloadIfChanged()
+        #expect(!identities.accepts(node: "edge-1", certificateValidFrom: issued))
+        let reissued = identities.issuingTime(for: "edge-1").addingTimeInterval(-CertificateAuthority.backdate)
+        #expect(identities.accepts(node: "edge-1", certificateValidFrom: reissued))
+        try identities.recordJoin("edge-1", ips: [])  // may join again
+
+        try NodeStore(paths: paths).revoke("edge-1")
+        try identities.reloadIfChanged()
+        #expect(!identities.accepts(node: "edge-1", certificateValidFrom: reissued))
+        #expect(throws: PKIError.self) { try identities.recordJoin("edge-1", ips: []) }
+        #expect(identities.accepts(node: "edge-2", certificateValidFrom: issued))  // unknown names: as before
+    }
+}
