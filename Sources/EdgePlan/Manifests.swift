@@ -157,7 +157,8 @@ public enum Manifests {
             ("livenessProbe", map([("httpGet", map([("host", s("127.0.0.1")), ("path", s("/healthz")), ("port", n(10266))])), ("periodSeconds", n(10))])),
             ("resources", map([
                 ("requests", map([("cpu", s("10m")), ("memory", s("16Mi"))])),
-                ("limits", map([("memory", s("128Mi"))])),
+                // The agent's stream buffers are bounded at 96 MiB (AgentConfiguration.bufferBudget); idle ~25.
+                ("limits", map([("memory", s("160Mi"))])),
             ])),
             ("securityContext", map([("allowPrivilegeEscalation", b(false)), ("readOnlyRootFilesystem", b(true))])),
             ("volumeMounts", seq([map([("name", s("pki")), ("mountPath", s("/var/lib/edge-tunnel-agent/pki"))])])),

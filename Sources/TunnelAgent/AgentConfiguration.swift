@@ -28,8 +28,10 @@ public struct AgentConfiguration: Sendable {
     /// How long open streams may take to finish on shutdown.
     public var drainTimeout: TimeAmount = .seconds(10)
     /// Receive windows over all of the agent's tunnels: what a server can make the agent hold for targets that
-    /// read slowly. The manifests give the agent 128 MiB of memory: this, ~25 MiB idle, and TLS buffers.
-    public var bufferBudget = 64 << 20
+    /// read slowly. A third of it may go to full 1 MiB windows on one tunnel; the rest serves streams beyond
+    /// those with windows from 4 KiB up, so that ten thousand idle streams fit. The manifests give the agent
+    /// 160 MiB of memory: this, ~25 MiB idle, and TLS buffers.
+    public var bufferBudget = 96 << 20
 
     public init(nodeName: String, nodeIPs: [IPAddress] = [], serverAddresses: [String] = [], allowList: AllowList? = nil) {
         self.nodeName = nodeName

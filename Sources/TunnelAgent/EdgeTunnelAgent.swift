@@ -39,8 +39,9 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         self.logger = logger
         self.metrics = AgentMetrics(serverAddresses: configuration.serverAddresses)
         var limits = TunnelLimits()
-        limits.connectionWindowBudget = configuration.bufferBudget
+        limits.connectionWindowBudget = configuration.bufferBudget / 3
         limits.processBudget = WindowBudget(limit: configuration.bufferBudget)
+        limits.minimumWindow = 4 * 1024
         self.tunnelLimits = limits
         self.addresses = configuration.serverAddresses
         if let group {
@@ -268,17 +269,10 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     /// however long they run (its keepalive still closes it if the path dies).
     private func retireTunnel(_ tunnel: AgentTunnel) {
         lock.withLock { lingering.append(tunnel) }
-        func check() {
-            tunnel.mux.eventLoop.scheduleTask(in: .milliseconds(200)) { [weak self] in
-                if tunnel.mux.streamCount == 0 || tunnel.channel?.isActive != true {
-                    tunnel.channel?.close(promise: nil)
-                    self?.retire(tunnel)
-                } else {
-                    check()
-                }
-            }
+        tunnel.mux.whenIdle().whenComplete { [weak self] _ in
+            tunnel.channel?.close(promise: nil)
+            self?.retire(tunnel)
         }
-        tunnel.mux.eventLoop.execute { check() }
     }
 
     /// Full jitter: a random delay between 0 and min(cap, initial * 2^attempt), so that thousands of agents
@@ -326,10 +320,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         wake()
         if let tunnel {
             tunnel.mux.drain(reason: "agent shutting down")
-            let deadline = NIODeadline.now() + configuration.drainTimeout
-            while NIODeadline.now() < deadline, tunnel.mux.counters.snapshot.streams > 0 {
-                try? await Task.sleep(for: .milliseconds(50))
-            }
+            await tunnel.mux.whenIdle().orTimeout(configuration.drainTimeout)
             try? await tunnel.channel?.close()
         }
         try? await meta?.close()

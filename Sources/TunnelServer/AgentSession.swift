@@ -121,16 +121,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
     func retire(reason: String) {
         logger.info("\(reason): draining the old connection")
         mux.drain(reason: reason)
-        func check() {
-            channel.eventLoop.scheduleTask(in: .milliseconds(200)) {
-                if self.mux.streamCount == 0 || !self.channel.isActive {
-                    self.channel.close(promise: nil)
-                } else {
-                    check()
-                }
-            }
-        }
-        channel.eventLoop.execute { check() }
+        mux.whenIdle().whenComplete { _ in self.channel.close(promise: nil) }
     }
 
     private func refuse(_ reason: String) {

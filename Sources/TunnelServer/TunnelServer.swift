@@ -432,10 +432,9 @@ public final class TunnelServer: @unchecked Sendable {
         if let path = configuration.udsPath { removeOwnUnixSocket(path: path) }
         let sessions = core.registry.sessions
         for session in sessions { session.mux.drain(reason: "server shutting down") }
-        let deadline = NIODeadline.now() + configuration.drainTimeout
-        while NIODeadline.now() < deadline, sessions.contains(where: { $0.streamCount > 0 }) {
-            try? await Task.sleep(for: .milliseconds(100))
-        }
+        let loop = group.next()
+        await EventLoopFuture.andAllComplete(sessions.map { $0.mux.whenIdle() }, on: loop)
+            .orTimeout(configuration.drainTimeout)
         for session in sessions { try? await session.channel.close() }
         if ownsGroup { try? await group.shutdownGracefully() }
     }

@@ -28,11 +28,23 @@ public final class StreamGlue: ChannelDuplexHandler {
     /// Reads are held back while paused; a `read()` that arrives meanwhile is replayed on resume.
     private(set) var paused = false
     private var readPending = false
-    private var inputClosed = false
-    private var outputClosed = false
-    private var resetting = false
-    /// The socket failed (reset by its peer, ...): its close aborts the stream.
-    private var failed = false
+    /// How far the socket has been closed, each direction on its own, or why it was given up.
+    enum SocketState: Equatable {
+        case open
+        /// The socket sent EOF; the stream still writes to it.
+        case inputClosed
+        /// The stream finished (FIN): we shut the socket's output; it may still send.
+        case outputClosed
+        /// Both directions ended in order.
+        case closed
+        /// The stream was reset from the tunnel.
+        case reset
+        /// The socket failed (reset by its peer, ...): its close aborts the stream.
+        case failed
+    }
+
+    private(set) var socketState = SocketState.open
+    private var outputOpen: Bool { socketState == .open || socketState == .inputClosed }
     /// Bytes written to the socket that NIO still holds (the channel is not writable): credited when it drains.
     private var uncredited = 0
 
@@ -71,7 +83,11 @@ public final class StreamGlue: ChannelDuplexHandler {
 
     public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case ChannelEvent.inputClosed = event {
-            inputClosed = true
+            switch socketState {
+            case .open: socketState = .inputClosed
+            case .outputClosed: socketState = .closed
+            default: break
+            }
             mux.socketInputClosed(streamID)
             closeIfBothDone(context)
         }
@@ -90,12 +106,12 @@ public final class StreamGlue: ChannelDuplexHandler {
     public func channelInactive(context: ChannelHandlerContext) {
         // After we shut its output, a socket whose peer then closes is closed whole by NIO with no inputClosed
         // event: that is still an orderly end of its input, not an abort.
-        mux.socketClosed(streamID, eof: outputClosed && !inputClosed && !failed && !resetting)
+        mux.socketClosed(streamID, eof: socketState == .outputClosed)
         context.fireChannelInactive()
     }
 
     public func errorCaught(context: ChannelHandlerContext, error: Error) {
-        failed = true
+        if socketState != .reset { socketState = .failed }
         context.close(promise: nil)
     }
 
@@ -110,7 +126,7 @@ public final class StreamGlue: ChannelDuplexHandler {
             eventLoop.execute { self.deliverFromTunnel(buffers) }
             return
         }
-        guard let context, !outputClosed else { return }
+        guard let context, outputOpen else { return }
         var count = 0
         for buffer in buffers {
             count += buffer.readableBytes
@@ -135,8 +151,8 @@ public final class StreamGlue: ChannelDuplexHandler {
 
     func finishOutputFromTunnel() {
         hop {
-            guard let context = self.context, !self.outputClosed else { return }
-            self.outputClosed = true
+            guard let context = self.context, self.outputOpen else { return }
+            self.socketState = self.socketState == .inputClosed ? .closed : .outputClosed
             let promise = context.eventLoop.makePromise(of: Void.self)
             context.close(mode: .output, promise: promise)
             promise.futureResult.whenFailure { _ in
@@ -149,14 +165,14 @@ public final class StreamGlue: ChannelDuplexHandler {
 
     func resetFromTunnel() {
         hop {
-            guard let context = self.context, !self.resetting else { return }
-            self.resetting = true
+            guard let context = self.context, self.socketState != .reset else { return }
+            self.socketState = .reset
             context.close(promise: nil)
         }
     }
 
     private func closeIfBothDone(_ context: ChannelHandlerContext) {
-        if inputClosed && outputClosed {
+        if socketState == .closed {
             context.close(promise: nil)
         }
     }

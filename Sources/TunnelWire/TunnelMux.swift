@@ -28,6 +28,9 @@ public struct TunnelLimits: Sendable {
     public var openTimeout: TimeAmount = .seconds(15)
     /// Receive windows granted over every connection of the process; `nil`: only the per-connection budget.
     public var processBudget: WindowBudget?
+    /// The smallest window a stream starts with once the budgets are used up by larger ones (and the least a
+    /// stream needs from the process budget to open at all).
+    public var minimumWindow = 16 * 1024
     /// The highest stream id the server opens; ids are never reused, so a connection that reaches it asks its
     /// agent to reconnect (GOAWAY) and the next streams go over the new connection.
     public var lastStreamID: UInt32 = UInt32.max - 1
@@ -122,16 +125,18 @@ public final class TunnelMux: ChannelInboundHandler {
         var inbound: [ByteBuffer] = []
         /// Listed in `toDeliver` for the end of the current read.
         var deliveryQueued = false
+        /// The peer's FIN came before the glue was attached: passed on when it is.
         var earlyFin = false
         /// What the glue was last told: reading from its socket is paused.
         var readPaused = false
-        var localFinSent = false
-        var remoteFinReceived = false
+        /// Where the stream is in its life; every frame from the peer is checked against it.
+        var lifecycle: StreamStateMachine
+        /// Server side, while `lifecycle` is opening: who learns the agent's answer.
         var openPromise: EventLoopPromise<OpenResult>?
-        var accepted = false
 
-        init(id: UInt32, sendWindow: Int, receive: ReceiveWindow) {
+        init(id: UInt32, openedBy opener: StreamStateMachine.Opener, sendWindow: Int, receive: ReceiveWindow) {
             self.id = id
+            self.lifecycle = StreamStateMachine(openedBy: opener)
             self.send = SendWindow(initial: sendWindow)
             self.receive = receive
         }
@@ -155,6 +160,8 @@ public final class TunnelMux: ChannelInboundHandler {
     private var windowBudgetUsed = 0
     /// Streams opened by this side that the peer has not answered yet.
     private var pendingOpens = 0
+    /// Waiting for the last stream to end (``whenIdle()``).
+    private var idleWaiters: [EventLoopPromise<Void>] = []
     private var closed = false
     private var draining = false
     /// Streams with DATA to hand to their glue when the current read of the tunnel completes.
@@ -263,7 +270,8 @@ public final class TunnelMux: ChannelInboundHandler {
         guard let type = frame.type else { return }  // unknown types are ignored
         switch type {
         case .data:
-            guard let stream = streams[frame.streamID] else { return }  // late data for a reset stream
+            guard let stream = try stream(for: frame) else { return }
+            try stream.lifecycle.receive(.data)
             let count = frame.payload.readableBytes
             try stream.receive.receive(count)
             counters.add(in: count)
@@ -274,12 +282,13 @@ public final class TunnelMux: ChannelInboundHandler {
             }
         case .window:
             guard let increment = frame.u32Payload else { throw FrameError("WINDOW without an increment") }
-            guard frame.streamID != 0, let stream = streams[frame.streamID] else { return }
+            guard frame.streamID != 0, let stream = try stream(for: frame) else { return }
+            try stream.lifecycle.receive(.window)
             try stream.send.grant(increment)
             flushPending(stream)
         case .fin:
-            guard let stream = streams[frame.streamID] else { return }
-            stream.remoteFinReceived = true
+            guard let stream = try stream(for: frame) else { return }
+            try stream.lifecycle.receive(.fin)
             if let glue = stream.glue {
                 deliver(stream)  // bytes before the FIN go first
                 glue.finishOutputFromTunnel()
@@ -288,7 +297,9 @@ public final class TunnelMux: ChannelInboundHandler {
             }
             removeIfDone(stream)
         case .rst:
-            guard let stream = streams.removeValue(forKey: frame.streamID) else { return }
+            guard let stream = try stream(for: frame) else { return }
+            try stream.lifecycle.receive(.rst)
+            streams.removeValue(forKey: stream.id)
             streamRemoved(stream)
             stream.glue?.resetFromTunnel()
             stream.openPromise?.succeed(.failed(OpenFail(code: 502, reason: "stream reset by peer")))
@@ -300,19 +311,22 @@ public final class TunnelMux: ChannelInboundHandler {
         case .pong:
             break
         case .openOK:
-            guard role == .server, let stream = streams[frame.streamID], let promise = stream.openPromise else {
-                return
-            }
+            guard role == .server else { throw FrameError("OPEN_OK from the server") }
+            guard let stream = try stream(for: frame) else { return }
+            try stream.lifecycle.receive(.openOK)
             let ok = try OpenOK(frame: frame)
             try stream.send.grant(UInt32(clamping: max(0, ok.window)))
+            let promise = stream.openPromise
             stream.openPromise = nil
             pendingOpens -= 1
-            stream.accepted = true
-            promise.succeed(.opened(streamID: stream.id))
+            promise?.succeed(.opened(streamID: stream.id))
         case .openFail:
-            guard role == .server, let stream = streams.removeValue(forKey: frame.streamID) else { return }
-            streamRemoved(stream)
+            guard role == .server else { throw FrameError("OPEN_FAIL from the server") }
+            guard let stream = try stream(for: frame) else { return }
+            try stream.lifecycle.receive(.openFail)
             let fail = try OpenFail(frame: frame)
+            streams.removeValue(forKey: stream.id)
+            streamRemoved(stream)
             stream.openPromise?.succeed(.failed(fail))
             stream.openPromise = nil
         case .open:
@@ -335,13 +349,25 @@ public final class TunnelMux: ChannelInboundHandler {
                         .frame(streamID: frame.streamID, allocator: context.channel.allocator))
                 return
             }
-            let stream = Stream(id: frame.streamID, sendWindow: open.window, receive: window)
+            let stream = Stream(id: frame.streamID, openedBy: .remote, sendWindow: open.window, receive: window)
             streams[stream.id] = stream
             counters.setStreams(streams.count)
             delegate?.mux(self, didReceiveOpen: open, streamID: frame.streamID)
         default:
             delegate?.mux(self, didReceiveControl: frame)
         }
+    }
+
+    /// The stream a frame from the peer is for. Nil for a stream that existed and is gone (frames that cross
+    /// a reset or a close are dropped); a protocol error for an id that was never opened.
+    private func stream(for frame: Frame) throws -> Stream? {
+        if let stream = streams[frame.streamID] { return stream }
+        let opened = frame.streamID % 2 == 1
+            && (role == .server ? frame.streamID < nextStreamID : frame.streamID <= lastPeerStreamID)
+        guard opened else {
+            throw FrameError("\(frame.type.map { "\($0)" } ?? "frame") on stream \(frame.streamID), which was never opened")
+        }
+        return nil
     }
 
     // MARK: Opening streams
@@ -384,7 +410,7 @@ public final class TunnelMux: ChannelInboundHandler {
             }
             let id = self.nextStreamID
             self.nextStreamID += 2
-            let stream = Stream(id: id, sendWindow: 0, receive: window)
+            let stream = Stream(id: id, openedBy: .local, sendWindow: 0, receive: window)
             stream.openPromise = promise
             self.pendingOpens += 1
             self.streams[id] = stream
@@ -408,6 +434,7 @@ public final class TunnelMux: ChannelInboundHandler {
     public func cancelStream(_ streamID: UInt32) {
         execute {
             guard let stream = self.streams.removeValue(forKey: streamID) else { return }
+            stream.lifecycle.reset()
             self.streamRemoved(stream)
             self.writeStreamFrame(.rst(streamID: streamID, code: .cancel, allocator: self.allocator))
             stream.glue?.resetFromTunnel()
@@ -417,10 +444,12 @@ public final class TunnelMux: ChannelInboundHandler {
     /// Agent side: the target is dialled and `glue` attached; tell the server.
     public func acceptStream(_ streamID: UInt32) {
         execute {
-            guard let stream = self.streams[streamID], let context = self.context else { return }
-            stream.accepted = true
+            guard let stream = self.streams[streamID], let context = self.context, stream.lifecycle.sendOpenOK() else {
+                return
+            }
             self.writeStreamFrame(
                 OpenOK(window: stream.receive.size).frame(streamID: streamID, allocator: context.channel.allocator))
+            self.flushPending(stream)  // what the target sent before the answer went out
         }
     }
 
@@ -464,6 +493,27 @@ public final class TunnelMux: ChannelInboundHandler {
     /// Number of open streams (on the loop).
     public var streamCount: Int { streams.count }
 
+    /// Completes when no stream is open on this connection — at once if none is — or the connection closed:
+    /// a drain waits for this event instead of polling the stream count.
+    public func whenIdle() -> EventLoopFuture<Void> {
+        let promise = eventLoop.makePromise(of: Void.self)
+        execute {
+            if self.streams.isEmpty || self.closed {
+                promise.succeed(())
+            } else {
+                self.idleWaiters.append(promise)
+            }
+        }
+        return promise.futureResult
+    }
+
+    private func notifyIfIdle() {
+        guard streams.isEmpty, !idleWaiters.isEmpty else { return }
+        let waiters = idleWaiters
+        idleWaiters = []
+        for waiter in waiters { waiter.succeed(()) }
+    }
+
     // MARK: Called by StreamGlue (any thread)
 
     func attach(_ glue: StreamGlue, to streamID: UInt32) {
@@ -485,7 +535,9 @@ public final class TunnelMux: ChannelInboundHandler {
             eventLoop.execute { self.dataFromSocket(streamID, buffer) }
             return
         }
-        guard let stream = streams[streamID], !stream.localFinSent else { return }
+        guard let stream = streams[streamID], stream.lifecycle.canSend || stream.lifecycle.state == .opening,
+            !stream.finAfterPending
+        else { return }
         if stream.pending != nil {
             stream.pending!.writeImmutableBuffer(buffer)
         } else {
@@ -496,8 +548,9 @@ public final class TunnelMux: ChannelInboundHandler {
 
     func socketInputClosed(_ streamID: UInt32) {
         execute {
-            guard let stream = self.streams[streamID], !stream.localFinSent else { return }
-            if stream.pending != nil {
+            guard let stream = self.streams[streamID], stream.lifecycle.canSend || stream.lifecycle.state == .opening
+            else { return }
+            if stream.pending != nil || !stream.lifecycle.canSend {
                 stream.finAfterPending = true
             } else {
                 self.sendFin(stream)
@@ -510,7 +563,7 @@ public final class TunnelMux: ChannelInboundHandler {
     /// half-close would. Otherwise the stream is reset.
     func socketClosed(_ streamID: UInt32, eof: Bool = false) {
         execute {
-            if eof, let stream = self.streams[streamID], !stream.localFinSent {
+            if eof, let stream = self.streams[streamID], stream.lifecycle.canSend {
                 stream.glue = nil  // the socket is gone; what it sent still goes out
                 if stream.pending != nil {
                     stream.finAfterPending = true
@@ -520,10 +573,11 @@ public final class TunnelMux: ChannelInboundHandler {
                 return
             }
             guard let stream = self.streams.removeValue(forKey: streamID) else { return }
-            self.streamRemoved(stream)
-            if !(stream.localFinSent && stream.remoteFinReceived) {
+            if !stream.lifecycle.isClosed {
+                stream.lifecycle.reset()
                 self.writeStreamFrame(.rst(streamID: streamID, code: .cancel, allocator: self.allocator))
             }
+            self.streamRemoved(stream)
         }
     }
 
@@ -562,16 +616,13 @@ public final class TunnelMux: ChannelInboundHandler {
         }
     }
 
-    /// The smallest window a stream starts with.
-    static let minimumWindow = 64 * 1024
-
     /// A new stream's window from the connection's budget and the process's; nil when the process budget cannot
     /// spare even the minimum.
     private func newReceiveWindow() -> ReceiveWindow? {
         let remaining = limits.connectionWindowBudget - windowBudgetUsed
-        var initial = max(Self.minimumWindow, min(limits.initialWindow, remaining))
+        var initial = max(limits.minimumWindow, min(limits.initialWindow, remaining))
         if let budget = limits.processBudget {
-            guard let granted = budget.take(initial, minimum: Self.minimumWindow) else { return nil }
+            guard let granted = budget.take(initial, minimum: limits.minimumWindow) else { return nil }
             initial = granted
         }
         windowBudgetUsed += initial
@@ -584,6 +635,7 @@ public final class TunnelMux: ChannelInboundHandler {
         limits.processBudget?.give(stream.receive.size)
         if stream.openPromise != nil { pendingOpens -= 1 }
         counters.setStreams(streams.count)
+        notifyIfIdle()
     }
 
     private func writeFrame(_ frame: Frame, flush: Bool) {
@@ -614,20 +666,24 @@ public final class TunnelMux: ChannelInboundHandler {
         context?.write(wrapOutboundOut(frame), promise: nil)
     }
 
-    /// Sends as much of the pending socket data as the window allows, in frames of at most `Frame.maxPayload`.
+    /// Sends as much of the pending socket data as the window allows, in frames of at most `Frame.maxPayload`,
+    /// and the FIN that waited behind it. Nothing while the stream cannot send yet (the agent has not answered
+    /// OPEN_OK): the socket's bytes wait, and its reading is paused.
     private func flushPending(_ stream: Stream) {
         defer { updateReadState(stream) }
-        guard var pending = stream.pending, context != nil else { return }
+        guard context != nil, stream.lifecycle.canSend else { return }
         var wrote = false
-        while pending.readableBytes > 0 && stream.send.available > 0 {
-            let count = min(pending.readableBytes, stream.send.available, Frame.maxPayload)
-            let slice = pending.readSlice(length: count)!
-            stream.send.consume(count)
-            counters.add(out: count)
-            send(Frame(type: .data, streamID: stream.id, payload: slice))
-            wrote = true
+        if var pending = stream.pending {
+            while pending.readableBytes > 0 && stream.send.available > 0 {
+                let count = min(pending.readableBytes, stream.send.available, Frame.maxPayload)
+                let slice = pending.readSlice(length: count)!
+                stream.send.consume(count)
+                counters.add(out: count)
+                send(Frame(type: .data, streamID: stream.id, payload: slice))
+                wrote = true
+            }
+            stream.pending = pending.readableBytes > 0 ? pending : nil
         }
-        stream.pending = pending.readableBytes > 0 ? pending : nil
         if stream.pending == nil && stream.finAfterPending {
             sendFin(stream)
         } else if wrote {
@@ -666,13 +722,13 @@ public final class TunnelMux: ChannelInboundHandler {
     }
 
     private func sendFin(_ stream: Stream) {
-        stream.localFinSent = true
+        guard stream.lifecycle.sendFin() else { return }
         writeStreamFrame(.fin(streamID: stream.id, allocator: allocator))
         removeIfDone(stream)
     }
 
     private func removeIfDone(_ stream: Stream) {
-        guard stream.localFinSent && stream.remoteFinReceived else { return }
+        guard stream.lifecycle.isClosed else { return }
         // The glue closes its socket itself once both directions are done; it may still be flushing.
         if streams.removeValue(forKey: stream.id) != nil { streamRemoved(stream) }
     }
@@ -686,6 +742,7 @@ public final class TunnelMux: ChannelInboundHandler {
         for stream in all { limits.processBudget?.give(stream.receive.size) }
         windowBudgetUsed = 0
         pendingOpens = 0
+        notifyIfIdle()
         for stream in all {
             stream.glue?.resetFromTunnel()
             stream.openPromise?.succeed(.failed(OpenFail(code: 502, reason: "tunnel connection closed")))
@@ -703,5 +760,18 @@ public final class TunnelMux: ChannelInboundHandler {
         }
         context.writeAndFlush(wrapOutboundOut(Refused(reason: reason).frame(allocator: context.channel.allocator)))
             .whenComplete { _ in context.close(promise: nil) }
+    }
+}
+
+extension EventLoopFuture where Value == Void {
+    /// Waits for this future, or for `timeout` if that passes first (a drain that must end).
+    public func orTimeout(_ timeout: TimeAmount) async {
+        let done = eventLoop.makePromise(of: Void.self)
+        let timer = eventLoop.scheduleTask(in: timeout) { done.succeed(()) }
+        whenComplete { _ in
+            timer.cancel()
+            done.succeed(())
+        }
+        try? await done.futureResult.get()
     }
 }

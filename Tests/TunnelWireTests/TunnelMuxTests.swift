@@ -147,7 +147,7 @@ final class RecordingDelegate: TunnelMuxDelegate {
         let (channel, mux, _) = try makeMux(.server, limits: limits)
         for _ in 0..<3 { _ = mux.openStream(target: "edge-1:10250") }
         let windows = try outbound(channel).map { try Open(frame: $0).window }
-        #expect(windows == [1 << 20, 1 << 20, 64 * 1024])
+        #expect(windows == [1 << 20, 1 << 20, 16 * 1024])
     }
 }
 
