@@ -152,3 +152,34 @@ def test_revocation_closes_the_live_tunnel_and_refuses_handshakes_and_renewal(cl
     assert nodes["edge-1"]["revoked"] and nodes["edge-2"]["revoked"]
     error = join(cluster, "edge-1", tmp_path / "again", cluster.token())
     assert "node edge-1 is revoked" in error, error
+
+
+def test_renewal_is_limited_to_one_per_ten_seconds_per_connection(cluster, tmp_path):
+    """RENEW makes the server sign a certificate: a connection asking again within 10 s gets no second one."""
+    cluster.start_agent("edge-1").stop()
+    agent_pki = cluster.tmp / "agent-edge-1"
+    context = cluster.tls_context(agent_pki / "agent.crt", agent_pki / "agent.key")
+    csr = run("openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+              "-keyout", tmp_path / "k.pem", "-subj", "/O=edge-tunnel:agents/CN=edge-1").stdout
+    with socket.create_connection(("127.0.0.1", cluster.ports["tunnel"]), timeout=10) as raw:
+        with context.wrap_socket(raw) as tls:
+            tls.sendall(frame(1, 0, json.dumps({"version": 2, "nodeName": "edge-1", "nodeIPs": [],
+                                                "capabilities": []}).encode()))
+            assert read_frame(tls)[0] == 2
+            for _ in range(5):
+                tls.sendall(frame(16, 0, json.dumps({"csrPEM": csr}).encode()))
+            tls.settimeout(3)
+            renewed = 0
+            try:
+                while True:
+                    frame_type, _, payload = read_frame(tls)
+                    if frame_type == 17:
+                        renewed += 1
+                        assert "BEGIN CERTIFICATE" in json.loads(payload)["certificatePEM"]
+            except (socket.timeout, ConnectionError, OSError):
+                pass
+    assert renewed == 1, renewed
+    cluster.server.expect_log("certificate renewal refused: asked again within 10s")
+    hits = [line for line in http_get(cluster.meta_url("/metrics"))[1].splitlines()
+            if line.startswith('edge_tunnel_server_limit_hits_total{limit="renew_rate"}')]
+    assert len(hits) == 1 and float(hits[0].split()[-1]) == 4, hits

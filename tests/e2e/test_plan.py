@@ -114,6 +114,12 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
         assert probe["httpGet"] == {"path": "/readyz", "port": 10265}
         ds = next(d for d in docs if d["kind"] == "DaemonSet")
         assert ds["spec"]["template"]["spec"]["nodeSelector"] == {"alibabacloud.com/is-edge-worker": "true"}
+        # The agent's stream buffers are bounded at 96 MiB plus ~25 MiB idle: its limit must hold both (it
+        # was 128Mi against a 256 MiB budget).
+        limit = ds["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+        assert limit.endswith("Mi") and int(limit[:-2]) >= 96 + 25 + 16, limit
+        server_limit = deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+        assert server_limit == "1Gi"  # --max-buffered-mib 512 plus the server's own
         config = next(d for d in docs if d["kind"] == "ConfigMap")
         assert config["data"]["server-addresses"] == "172.21.3.4:10262,tunnel.example.com:10262"
         assert "certIPs: [172.21.3.4]" in config["data"]["server.yaml"]
