@@ -36,9 +36,13 @@ public struct IPAddress: Hashable, Sendable, Comparable, CustomStringConvertible
         isIPv4 ? bytes[0] == 127 : bytes == [UInt8](repeating: 0, count: 15) + [1]
     }
 
-    /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) as the IPv4 address it reaches; any other unchanged.
+    /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`), or one in the well-known NAT64 prefix
+    /// (`64:ff9b::a.b.c.d`), as the IPv4 address it reaches; any other unchanged.
     public var unmapped: IPAddress {
-        guard !isIPv4, bytes.prefix(12).elementsEqual([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]) else { return self }
+        guard !isIPv4,
+            bytes.prefix(12).elementsEqual([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff])
+                || bytes.prefix(12).elementsEqual([0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0])
+        else { return self }
         return IPAddress(bytes: bytes.suffix(4))!
     }
 

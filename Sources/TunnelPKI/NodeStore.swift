@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Foundation
 
 /// What the server knows of one node's identity: when it joined, whether it is revoked, and from when its
@@ -52,23 +55,36 @@ public struct NodeStore: Sendable {
         try list().first { $0.name == name }
     }
 
-    /// Records a join of `name` with `ips`; refuses a name that has joined and was not reset, or is revoked.
-    public func recordJoin(_ name: String, ips: [String], now: Date = Date()) throws {
-        var nodes = try list()
-        if let index = nodes.firstIndex(where: { $0.name == name }) {
-            if nodes[index].revoked != nil {
-                throw PKIError(.alreadyExists, "node \(name) is revoked: run edgetunnel node reset \(name) before it joins again")
+    /// Records a join of `name` with `ips`, whose certificate counts from `certificateValidFrom`. Refuses a name
+    /// that has joined and was not reset, or is revoked; node IPs that another joined node holds; and a join
+    /// that a reset overtook (its certificate would already be void).
+    public func recordJoin(_ name: String, ips: [String], certificateValidFrom: Date, now: Date = Date()) throws {
+        try withFileLock {
+            var nodes = try list()
+            for other in nodes where other.name != name && other.joined != nil && other.revoked == nil {
+                if let shared = ips.first(where: other.ips.contains) {
+                    throw PKIError(.alreadyExists, "node IP \(shared) belongs to node \(other.name)")
+                }
             }
-            if nodes[index].joined != nil {
-                throw PKIError(.alreadyExists,
-                    "node \(name) has already joined: if it was re-installed, run edgetunnel node reset \(name) first")
+            if let index = nodes.firstIndex(where: { $0.name == name }) {
+                let record = nodes[index]
+                if record.revoked != nil {
+                    throw PKIError(.alreadyExists, "node \(name) is revoked: run edgetunnel node reset \(name) before it joins again")
+                }
+                if record.joined != nil {
+                    throw PKIError(.alreadyExists,
+                        "node \(name) has already joined: if it was re-installed, run edgetunnel node reset \(name) first")
+                }
+                guard record.accepts(certificateValidFrom: certificateValidFrom) else {
+                    throw PKIError(.alreadyExists, "node \(name) was reset while it joined: join again")
+                }
+                nodes[index].joined = now
+                nodes[index].ips = ips
+            } else {
+                nodes.append(NodeRecord(name: name, joined: now, ips: ips))
             }
-            nodes[index].joined = now
-            nodes[index].ips = ips
-        } else {
-            nodes.append(NodeRecord(name: name, joined: now, ips: ips))
+            try save(nodes)
         }
-        try save(nodes)
     }
 
     /// Lets `name` join again and voids every certificate issued to it so far (and lifts a revocation).
@@ -88,6 +104,10 @@ public struct NodeStore: Sendable {
 
     private func update(_ name: String, now: Date, _ change: (inout NodeRecord) -> Void) throws {
         _ = try DNSName.validateNodeName(name)
+        try withFileLock { try updateLocked(name, now: now, change) }
+    }
+
+    private func updateLocked(_ name: String, now: Date, _ change: (inout NodeRecord) -> Void) throws {
         var nodes = try list()
         let index: Int
         if let existing = nodes.firstIndex(where: { $0.name == name }) {
@@ -102,6 +122,19 @@ public struct NodeStore: Sendable {
         nodes[index].certificatesValidFrom = Date(timeIntervalSince1970: now.timeIntervalSince1970.rounded(.up))
         change(&nodes[index])
         try save(nodes)
+    }
+
+    /// Read, change and write under an exclusive lock on `nodes.json.lock`, so that the server's joins and the
+    /// operator's `edgetunnel node` commands (and servers sharing the folder) never overwrite each other.
+    private func withFileLock<T>(_ body: () throws -> T) throws -> T {
+        try AtomicFile.makeDirectory(FilePath.directory(of: path), mode: 0o700)
+        let fd = open(path + ".lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw PKIError(.writeFailed, "cannot open \(path).lock (errno \(errno))") }
+        defer { close(fd) }
+        while flock(fd, LOCK_EX) != 0 {
+            guard errno == EINTR else { throw PKIError(.writeFailed, "cannot lock \(path).lock (errno \(errno))") }
+        }
+        return try body()
     }
 
     private func save(_ nodes: [NodeRecord]) throws {

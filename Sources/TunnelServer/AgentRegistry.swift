@@ -10,6 +10,9 @@ public final class AgentRegistry: @unchecked Sendable {
     private let lock = NIOLock()
     private var byNode: [String: AgentSession] = [:]
     private var ipOwner: [String: String] = [:]
+    /// Every agent connection with a node certificate, registered or not (waiting for HELLO, draining,
+    /// replaced): a revocation must reach them all.
+    private var live: [ObjectIdentifier: AgentSession] = [:]
     /// Bytes moved by sessions that have ended, so totals never go backwards.
     private var retiredBytesIn = 0
     private var retiredBytesOut = 0
@@ -51,6 +54,17 @@ public final class AgentRegistry: @unchecked Sendable {
             for ip in session.nodeIPs where ipOwner[ip] == session.nodeName { ipOwner[ip] = nil }
         }
     }
+
+    func track(_ session: AgentSession) {
+        lock.withLock { live[ObjectIdentifier(session)] = session }
+    }
+
+    func untrack(_ session: AgentSession) {
+        lock.withLock { live[ObjectIdentifier(session)] = nil }
+    }
+
+    /// Every agent connection alive now (see `live`).
+    var liveSessions: [AgentSession] { lock.withLock { Array(live.values) } }
 
     func retire(bytesIn: Int, bytesOut: Int) {
         lock.withLock {

@@ -61,6 +61,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
     public var streamCount: Int { mux.counters.snapshot.streams }
 
     func start() {
+        server.registry.track(self)
         let interval = server.configuration.keepaliveInterval
         let deadAfter = server.configuration.keepaliveTimeout
         // A connection that never says HELLO, or goes silent, is closed. Only a quiet tunnel is pinged: an
@@ -92,6 +93,8 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         case .renew:
             handleRenew(frame)
         case .goaway:
+            // Before HELLO there is nothing to drain: the registration deadline still applies.
+            guard case .registered = state else { return }
             logger.info("agent is draining: no new streams to it")
             mux.markDraining()
             server.registry.unregister(self)
@@ -106,6 +109,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
 
     public func muxDidClose(_ mux: TunnelMux) {
         keepalive?.cancel()
+        server.registry.untrack(self)
         server.registry.unregister(self)
         let counters = mux.counters.snapshot
         server.registry.retire(bytesIn: counters.bytesIn, bytesOut: counters.bytesOut)
@@ -141,6 +145,12 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         }
         guard hello.version == tunnelProtocolVersion else {
             refuse("protocol version \(hello.version) is not supported (server speaks \(tunnelProtocolVersion))")
+            return
+        }
+        // A revocation between this connection's handshake and its HELLO counts.
+        try? server.identities.reloadIfChanged()
+        guard server.identities.accepts(node: nodeName, certificateValidFrom: certificateValidFrom) else {
+            refuse("node \(nodeName) is revoked or was reset after this certificate was issued")
             return
         }
         guard hello.nodeName == nodeName else {

@@ -79,6 +79,14 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
         if case .routing = state { readPending = true } else { context.read() }
     }
 
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        // The secure port requires a client certificate: a finished handshake is an authenticated caller.
+        if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls {
+            PendingConnectionHandler.authenticated(context.pipeline.syncOperations)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
     func handlerRemoved(context: ChannelHandlerContext) {
         headTimeout?.cancel()
     }
@@ -343,6 +351,7 @@ enum HTTPErrorResponse {
 
     static func send(_ context: ChannelHandlerContext, _ status: Int, _ message: String, logger: Logger) {
         guard context.channel.isActive else { return }
+        let status = (400...599).contains(status) ? status : 502  // NIO traps on some codes; errors only here
         logger.info("answered \(status): \(message)", metadata: [
             "remote": "\(context.channel.remoteAddress?.description ?? "?")",
         ])

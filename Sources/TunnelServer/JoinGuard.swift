@@ -15,6 +15,10 @@ final class JoinGuard: @unchecked Sendable {
     private var tokens: [StoredToken] = []
     private var stamp: [Int]?
     private var attempts: [String: (count: Int, since: NIODeadline)] = [:]
+    private var lastPrune = NIODeadline.uptimeNanoseconds(0)
+    /// Sources tracked at once; past it (after forgetting expired ones, at most once a window) new sources are
+    /// refused until the window passes, so the table cannot grow without bound.
+    static let maxSources = 10_000
 
     init(store: TokenStore, perSource: Int = 50, window: TimeAmount = .seconds(10)) {
         self.store = store
@@ -22,11 +26,17 @@ final class JoinGuard: @unchecked Sendable {
         self.window = window
     }
 
-    /// Counts a join attempt from `source`; false when it is over the limit.
+    /// Counts a join attempt from `source` (an IPv6 source by its /64: one host owns many addresses); false
+    /// when it is over the limit.
     func admit(_ source: String, now: NIODeadline = .now()) -> Bool {
-        lock.withLock {
-            if attempts.count > 10_000 {  // forget sources whose window has passed
-                attempts = attempts.filter { now - $0.value.since < window }
+        let source = Self.key(source)
+        return lock.withLock {
+            if attempts[source] == nil && attempts.count >= Self.maxSources {
+                if now - lastPrune >= window {
+                    lastPrune = now
+                    attempts = attempts.filter { now - $0.value.since < window }
+                }
+                guard attempts.count < Self.maxSources else { return false }
             }
             var entry = attempts[source] ?? (0, now)
             if now - entry.since >= window { entry = (0, now) }
@@ -34,6 +44,11 @@ final class JoinGuard: @unchecked Sendable {
             attempts[source] = entry
             return entry.count <= perSource
         }
+    }
+
+    static func key(_ source: String) -> String {
+        guard let address = IPAddress(source), !address.isIPv4 else { return source }
+        return IPAddress(bytes: address.bytes.prefix(8) + [UInt8](repeating: 0, count: 8))!.description + "/64"
     }
 
     /// Verifies a presented token against the stored ones, re-reading `tokens.json` only when it changed.

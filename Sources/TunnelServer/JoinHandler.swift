@@ -58,7 +58,7 @@ final class JoinHandler: ChannelInboundHandler {
                 request.csrPEM, nodeName: request.nodeName, ips: ips, validity: server.configuration.agentCertificateValidity,
                 now: server.identities.issuingTime(for: request.nodeName))
             // Recorded last: a name is taken only by a join that gets its certificate.
-            try server.identities.recordJoin(request.nodeName, ips: ips)
+            try server.identities.recordJoin(request.nodeName, ips: ips, certificateValidFrom: certificate.notValidBefore)
             let reply = JoinOK(
                 certificatePEM: try PEMFiles.pem(certificate), caPEM: try PEMFiles.pem(authority.certificate))
             server.logger.info("node joined", metadata: ["node": "\(request.nodeName)", "remote": "\(remote)"])

@@ -49,10 +49,11 @@ final class NodeIdentities: @unchecked Sendable {
         return true
     }
 
-    /// Records a join; throws (naming the node) if it has joined before and was not reset, or is revoked.
-    func recordJoin(_ name: String, ips: [IPAddress]) throws {
+    /// Records a join whose certificate is valid from `certificateValidFrom`; throws (naming the node) if it has
+    /// joined before and was not reset, is revoked, was reset meanwhile, or names another node's IP.
+    func recordJoin(_ name: String, ips: [IPAddress], certificateValidFrom: Date) throws {
         try lock.withLock {
-            try store.recordJoin(name, ips: ips.map(\.description))
+            try store.recordJoin(name, ips: ips.map(\.description), certificateValidFrom: certificateValidFrom)
             if let record = try store.record(name) { records[name] = record }
             stamp = AtomicFile.stamp(store.path)
             _generation += 1

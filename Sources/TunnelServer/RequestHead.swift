@@ -61,6 +61,11 @@ struct RequestHead: Equatable {
         }
         if start < raw.count { ranges.append(start..<raw.count) }
         var lines = try ranges.map { range in
+            // A bare CR or LF, NUL or another control character (HTAB aside) is refused (RFC 9112 §2.2): a
+            // lone LF would end a line for the target's parser and smuggle a header past ours.
+            guard !raw[range].contains(where: { ($0 < 0x20 && $0 != 0x09) || $0 == 0x7f }) else {
+                throw Rejection(status: 400, reason: "control character in the request head")
+            }
             guard let line = String(validating: raw[range], as: UTF8.self) else {
                 throw Rejection(status: 400, reason: "request head is not valid UTF-8")
             }

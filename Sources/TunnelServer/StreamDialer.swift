@@ -40,7 +40,11 @@ enum StreamDialer {
             switch result {
             case .opened(let id):
                 promise.succeed(.opened(mux: mux, streamID: id, node: session.nodeName))
-            case .failed(let failure):
+            case .failed(var failure):
+                // The agent's answer: its code becomes our HTTP status only if it is an error status, and its
+                // reason (decoded as sent, not through OpenFail's init) is shortened and escaped.
+                failure.code = (400...599).contains(failure.code) ? failure.code : 502
+                failure.reason = PeerText.bounded(failure.reason)
                 if let limit = failure.limit, knownLimits.contains(limit) {  // the agent's word: known names only
                     server.metrics.limitHits.increment(limit)
                 }

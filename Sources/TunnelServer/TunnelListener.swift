@@ -53,13 +53,10 @@ final class TunnelConnectionClassifier: ChannelInboundHandler, RemovableChannelH
                 mux.delegate = session
                 try pipeline.addHandler(mux, position: .after(self))
                 session.start()
+                PendingConnectionHandler.authenticated(pipeline)
             } else {
+                // A join stays in the listener's gate: counted per source, closed at its deadline.
                 try pipeline.addHandler(JoinHandler(server: server), position: .after(self))
-                // The join has its own deadline: a token, a CSR, an answer.
-                let channel = context.channel
-                context.eventLoop.scheduleTask(in: server.configuration.handshakeTimeout * 3) {
-                    channel.close(promise: nil)
-                }
             }
             context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
         } catch {

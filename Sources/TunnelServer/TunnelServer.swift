@@ -231,7 +231,7 @@ public final class TunnelServer: @unchecked Sendable {
             let generation = core.identities.generation
             guard generation != seen else { return }
             seen = generation
-            for session in core.registry.sessions
+            for session in core.registry.liveSessions
             where !core.identities.accepts(node: session.nodeName, certificateValidFrom: session.certificateValidFrom) {
                 session.cutOff(reason: "node \(session.nodeName) is revoked or was reset: its certificate is no longer accepted")
             }
@@ -288,6 +288,8 @@ public final class TunnelServer: @unchecked Sendable {
                 node's allowed endpoints
                 """)
         }
+        // On the tunnel port a handshake without a certificate is a join: it stays counted (and under the
+        // deadline) until it ends; an agent's certificate releases it (TunnelConnectionClassifier).
         let tunnelGate = makeGate("tunnel")
         let secureGate = makeGate("secure")
         let tunnel = try await ServerBootstrap(group: group)
@@ -295,8 +297,8 @@ public final class TunnelServer: @unchecked Sendable {
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
-                    try sync.addHandler(NIOSSLServerHandler(context: core.tunnelContext))
                     try sync.addHandler(tunnelGate.handler())
+                    try sync.addHandler(NIOSSLServerHandler(context: core.tunnelContext))
                     try sync.addHandler(FrameDecoder(maxPayload: Frame.maxUnregisteredPayload))
                     try sync.addHandler(FrameEncoder())
                     try sync.addHandler(TunnelConnectionClassifier(server: core))
@@ -309,8 +311,8 @@ public final class TunnelServer: @unchecked Sendable {
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
-                    try sync.addHandler(NIOSSLServerHandler(context: core.callerContext))
                     try sync.addHandler(secureGate.handler())
+                    try sync.addHandler(NIOSSLServerHandler(context: core.callerContext))
                     try sync.addHandler(HostRouter(server: core, mode: .tls))
                 }
             }

@@ -1,6 +1,5 @@
 import NIOConcurrencyHelpers
 import NIOCore
-import NIOTLS
 
 /// Bounds the connections of one listener that have not authenticated yet (TLS handshake not done, or no
 /// request head yet on a plain port): at most `perSource` from one IP address and `total` in all. Without it,
@@ -68,9 +67,14 @@ public final class ConnectionGate: @unchecked Sendable {
 }
 
 /// Holds one connection in its listener's ``ConnectionGate`` until it authenticates: closed at once when the
-/// gate is full, closed when ``ConnectionGate/deadline`` passes first. It leaves the pipeline when the TLS
-/// handshake completes (TLS ports) or when ``authenticated(_:)`` is called (plain ports, once the request
-/// head is in), so established connections pay nothing for it.
+/// gate is full, closed when ``ConnectionGate/deadline`` passes first. The protocol handler says when the
+/// connection is authenticated (``authenticated(_:)``): the secure port once the TLS handshake with a client
+/// certificate is done, the tunnel port once an agent certificate is accepted (a join without one stays
+/// counted until it ends), plain ports once the request head is in. Then this handler leaves the pipeline, so
+/// established connections pay nothing for it.
+///
+/// Add it first, before the TLS handler: its closes go straight to the socket. Through the TLS handler a close
+/// waits for the peer's close_notify, which a peer that does not read never sends, and the descriptor stays.
 public final class PendingConnectionHandler: ChannelInboundHandler, RemovableChannelHandler {
     public typealias InboundIn = Any
 
@@ -87,23 +91,15 @@ public final class PendingConnectionHandler: ChannelInboundHandler, RemovableCha
             return
         }
         self.source = source
-        let channel = context.channel
         let gate = self.gate
         timer = context.eventLoop.scheduleTask(in: gate.deadline) {
             gate.timedOut()
-            channel.close(promise: nil)
+            context.close(promise: nil)
         }
     }
 
     public func handlerRemoved(context: ChannelHandlerContext) {
         release()
-    }
-
-    public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        context.fireUserInboundEventTriggered(event)
-        if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls {
-            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
-        }
     }
 
     public func channelInactive(context: ChannelHandlerContext) {

@@ -11,19 +11,30 @@ public enum SafeYAML {
     /// The document as plain values (`[String: Any]`, `[Any]`, scalars), nil when empty.
     public static func load(_ text: String) throws -> Any? {
         guard let node = try Yams.compose(yaml: text) else { return nil }
-        guard keysArePlain(node, depth: 0) else {
-            throw Failure(description: "a mapping key is not a plain string, or the document nests deeper than 64 levels")
+        var budget = maxNodes
+        guard keysArePlain(node, depth: 0, budget: &budget) else {
+            throw Failure(description:
+                "a mapping key is not a plain string, or the document nests deeper than 64 levels or has more "
+                    + "than \(maxNodes) values (aliases counted as often as they are used)")
         }
         return node.any
     }
 
-    private static func keysArePlain(_ node: Node, depth: Int) -> Bool {
-        guard depth < 64 else { return false }
+    /// Values visited at most: aliases make a short file stand for an exponential tree ("billion laughs").
+    static let maxNodes = 100_000
+
+    private static func keysArePlain(_ node: Node, depth: Int, budget: inout Int) -> Bool {
+        budget -= 1
+        guard depth < 64, budget >= 0 else { return false }
         switch node {
         case .mapping(let mapping):
-            return mapping.allSatisfy { $0.key.scalar != nil && keysArePlain($0.value, depth: depth + 1) }
+            for (key, value) in mapping {
+                guard key.scalar != nil, keysArePlain(value, depth: depth + 1, budget: &budget) else { return false }
+            }
+            return true
         case .sequence(let sequence):
-            return sequence.allSatisfy { keysArePlain($0, depth: depth + 1) }
+            for value in sequence where !keysArePlain(value, depth: depth + 1, budget: &budget) { return false }
+            return true
         default:
             return true
         }

@@ -230,7 +230,7 @@ public final class TunnelMux: ChannelInboundHandler {
 
     /// One frame from the peer: from `channelRead`, or straight from the ``FrameDecoder`` before this mux.
     func receive(_ frame: Frame) {
-        guard let context, !failed else { return }
+        guard let context, !failed, !closed else { return }
         lastFrameReceived = .now()
         inTunnelRead = true
         do {
@@ -385,7 +385,7 @@ public final class TunnelMux: ChannelInboundHandler {
                 promise.succeed(.failed(OpenFail(code: 503, reason: "tunnel connection is draining")))
                 return
             }
-            guard self.nextStreamID <= self.limits.lastStreamID else {
+            guard self.nextStreamID <= self.limits.lastStreamID, self.nextStreamID <= UInt32.max - 2 else {
                 // Every id is used: the agent reconnects on GOAWAY, and its new connection takes the next streams.
                 self.draining = true
                 self.writeFrame(GoAway(reason: "stream ids exhausted: reconnect").frame(allocator: self.allocator), flush: true)

@@ -177,7 +177,9 @@ import TunnelPKI
 @Suite struct DoctorHostileInputTests {
     /// Found by the FuzzConfig fuzzer: Yams' untyped loader force-unwrapped non-string mapping keys.
     @Test func aServiceFileWithNonStringKeysIsRefusedNotATrap() {
-        for text in ["{[a]: 1}", "kind: Service\nspec:\n  ? [type]\n  : ClusterIP\n", String(repeating: "[", count: 200)] {
+        var laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+        for level in 1...8 { laughs += "l\(level): &l\(level) [\(Array(repeating: level == 1 ? "*a" : "*l\(level - 1)", count: 10).joined(separator: ", "))]\n" }
+        for text in ["{[a]: 1}", "kind: Service\nspec:\n  ? [type]\n  : ClusterIP\n", String(repeating: "[", count: 200), laughs] {
             let results = Doctor.checkService(yaml: text, path: "svc.yaml", mode: .expressConnect)
             #expect(results.count == 1 && results[0].status == .fail, "\(text.prefix(40))")
         }

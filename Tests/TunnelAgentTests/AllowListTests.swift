@@ -90,6 +90,7 @@ import TunnelPKI
         #expect(allow.allows(host: "fd00::7", port: 10250))
         #expect(!allow.allows(host: "::ffff:169.254.169.254", port: 10250))
         #expect(!allow.allows(host: "::ffff:127.0.0.1", port: 10250))
+        #expect(!allow.allows(host: "64:ff9b::169.254.169.254", port: 10250))  // NAT64
         // An IPv4 rule still covers the mapped spelling of its addresses.
         #expect(try list("10.0.0.0/8:10250").allows(host: "::ffff:10.1.2.3", port: 10250))
     }

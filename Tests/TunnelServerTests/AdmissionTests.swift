@@ -79,21 +79,40 @@ import TunnelPKI
         let paths = PKIPaths(directory: folder)
         let identities = try NodeIdentities(paths: paths)
         let issued = Date().addingTimeInterval(-CertificateAuthority.backdate - 5)  // 5 s ago, back-dated
-        try identities.recordJoin("edge-1", ips: [IPAddress("10.0.3.7")!])
+        try identities.recordJoin("edge-1", ips: [IPAddress("10.0.3.7")!], certificateValidFrom: issued)
         #expect(identities.accepts(node: "edge-1", certificateValidFrom: issued))
-        #expect(throws: PKIError.self) { try identities.recordJoin("edge-1", ips: []) }  // taken
+        #expect(throws: PKIError.self) { try identities.recordJoin("edge-1", ips: [], certificateValidFrom: issued) }  // taken
+        // Another name cannot take edge-1's IP.
+        #expect(throws: PKIError.self) {
+            try identities.recordJoin("edge-evil", ips: [IPAddress("10.0.3.7")!], certificateValidFrom: issued)
+        }
 
         try NodeStore(paths: paths).reset("edge-1")
         try identities.reloadIfChanged()
         #expect(!identities.accepts(node: "edge-1", certificateValidFrom: issued))
         let reissued = identities.issuingTime(for: "edge-1").addingTimeInterval(-CertificateAuthority.backdate)
         #expect(identities.accepts(node: "edge-1", certificateValidFrom: reissued))
-        try identities.recordJoin("edge-1", ips: [])  // may join again
+        #expect(throws: PKIError.self) {  // a certificate signed before the reset cannot be recorded after it
+            try identities.recordJoin("edge-1", ips: [], certificateValidFrom: issued)
+        }
+        try identities.recordJoin("edge-1", ips: [], certificateValidFrom: reissued)  // may join again
 
         try NodeStore(paths: paths).revoke("edge-1")
         try identities.reloadIfChanged()
         #expect(!identities.accepts(node: "edge-1", certificateValidFrom: reissued))
-        #expect(throws: PKIError.self) { try identities.recordJoin("edge-1", ips: []) }
+        #expect(throws: PKIError.self) { try identities.recordJoin("edge-1", ips: [], certificateValidFrom: reissued) }
         #expect(identities.accepts(node: "edge-2", certificateValidFrom: issued))  // unknown names: as before
+    }
+}
+
+@Suite struct JoinGuardBoundTests {
+    @Test func ipv6SourcesCountByTheirSlash64AndTheTableIsBounded() {
+        let guardian = JoinGuard(store: TokenStore(path: "/nonexistent/tokens.json"), perSource: 2, window: .seconds(10))
+        let now = NIODeadline.now()
+        #expect(guardian.admit("fd00::1", now: now) && guardian.admit("fd00::2", now: now))
+        #expect(!guardian.admit("fd00::ffff", now: now))  // same /64
+        for index in 0..<JoinGuard.maxSources { _ = guardian.admit("10.\(index >> 16).\((index >> 8) & 255).\(index & 255)", now: now) }
+        #expect(!guardian.admit("192.168.7.7", now: now + .seconds(1)))  // full, nothing expired yet
+        #expect(guardian.admit("192.168.7.7", now: now + .seconds(11)))  // expired sources forgotten
     }
 }

@@ -69,6 +69,9 @@ import TunnelSupport
             ("GET / HTTP/1.1\r\nNoColon\r\n\r\n", "malformed header line"),
             ("GET /  HTTP/1.1\r\n\r\n", "malformed request line"),
             ("GET / SPDY/3\r\n\r\n", "malformed request line"),
+            ("GET http://edge-7/ HTTP/1.1\r\nX-A: 1\nTransfer-Encoding: chunked\r\n\r\n", "control character"),
+            ("GET /\u{0}x HTTP/1.1\r\nHost: a\r\n\r\n", "control character"),
+            ("GET / HTTP/1.1\r\nHost: a\rX: b\r\n\r\n", "control character"),
         ]
         for (text, words) in cases {
             let rejection = rejection(text)

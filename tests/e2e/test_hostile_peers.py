@@ -410,3 +410,59 @@ def test_an_agent_that_never_answers_opens_cannot_hold_callers_or_memory(lab):
 
     refused = hostile_scenario(lab, attack)
     assert refused > 0 and limit_hits(lab, "pending_opens") == refused
+
+
+def test_an_agent_answering_with_a_bogus_status_cannot_stop_the_server(lab):
+    """OPEN_FAIL codes are the agent's word: -1 made NIO trap when the server turned it into an HTTP status, and
+    200 would have told the caller its CONNECT was established. Both become 502; the reason is shortened."""
+    with attacker_tunnel(lab) as tls:
+        tls.sendall(hello("edge-1"))
+        assert read_frame(tls)[0] == 2
+        for code in (-1, 200, 99999):
+            raw = socket.create_connection(("127.0.0.1", lab.ports["insecure"]), timeout=10)
+            raw.sendall(b"CONNECT edge-1:10250 HTTP/1.1\r\nHost: edge-1\r\n\r\n")
+            while True:
+                frame_type, stream_id, payload = read_frame(tls)
+                if frame_type == 3:
+                    break
+            tls.sendall(frame(5, stream_id, json.dumps({"code": code, "reason": "x\n" * 50000}).encode()))
+            answer = raw.recv(65536)
+            raw.close()
+            assert answer.startswith(b"HTTP/1.1 502 Bad Gateway"), (code, answer[:100])
+            assert len(answer) < 4096, len(answer)
+    assert lab.server.alive()
+    victim_download(lab)
+
+
+def test_handshakes_without_a_certificate_stay_counted_until_they_join(tmp_path):
+    """On the tunnel port a TLS handshake without a client certificate may only join: it stays in the per-source
+    count and under the deadline until it ends, so silent certificate-less connections cannot pile up."""
+    c = Cluster(tmp_path)
+    held = []
+    try:
+        c.start_server("--max-pending-connections-per-source", "20", "--handshake-timeout", "4s")
+        context = c.tls_context()
+        for _ in range(20):
+            raw = socket.create_connection(("127.0.0.1", c.ports["tunnel"]), timeout=10)
+            held.append(context.wrap_socket(raw))  # handshake done, no certificate, nothing sent
+        extra = socket.create_connection(("127.0.0.1", c.ports["tunnel"]), timeout=10)
+        extra.settimeout(5)
+        assert extra.recv(1) == b"", "a 21st connection from the same source was admitted"
+        extra.close()
+        started = time.monotonic()
+        for tls in held:
+            tls.settimeout(10)
+            with contextlib.suppress(OSError):  # an EOF, or a reset: either way closed by the deadline
+                assert tls.recv(1) == b""
+        assert 2 <= time.monotonic() - started <= 8
+        assert limit_free(c)
+    finally:
+        for tls in held:
+            tls.close()
+        c.close()
+
+
+def limit_free(c):
+    """The tunnel port admits again once the held connections are gone."""
+    agent = c.start_agent("edge-1")
+    return agent.alive()
