@@ -115,13 +115,7 @@ public struct TokenStore: Sendable {
 
     /// All stored tokens, expired ones included; none when the file does not exist yet.
     public func list() throws -> [StoredToken] {
-        guard AtomicFile.exists(path) else { return [] }
-        let bytes = try AtomicFile.read(path)
-        do {
-            return try Self.decoder.decode(File.self, from: Data(bytes)).tokens
-        } catch {
-            throw PKIError(.invalidArgument, "\(path): token file is not valid JSON (\(error))")
-        }
+        try PrivateJSONFile.read(File.self, from: path, what: "token file")?.tokens ?? []
     }
 
     /// Creates and stores a new token that expires after `ttl` seconds (0: never).
@@ -183,14 +177,7 @@ public struct TokenStore: Sendable {
     }
 
     private func save(_ tokens: [StoredToken]) throws {
-        let data: Data
-        do {
-            data = try Self.encoder.encode(File(tokens: tokens))
-        } catch {
-            throw PKIError(.writeFailed, "cannot encode \(path): \(error)")
-        }
-        try AtomicFile.makeDirectory(FilePath.directory(of: path), mode: 0o700)
-        try AtomicFile.write(Array(data) + [UInt8(ascii: "\n")], to: path, mode: 0o600)
+        try PrivateJSONFile.write(File(tokens: tokens), to: path)
     }
 
     private static func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
@@ -199,17 +186,4 @@ public struct TokenStore: Sendable {
         for index in a.indices { difference |= a[index] ^ b[index] }
         return difference == 0
     }
-
-    private static let encoder: JSONEncoder = {
-        let encoder = JSONEncoder()
-        encoder.dateEncodingStrategy = .iso8601
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        return encoder
-    }()
-
-    private static let decoder: JSONDecoder = {
-        let decoder = JSONDecoder()
-        decoder.dateDecodingStrategy = .iso8601
-        return decoder
-    }()
 }

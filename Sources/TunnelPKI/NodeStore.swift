@@ -42,13 +42,7 @@ public struct NodeStore: Sendable {
 
     /// Every node record; none when the file does not exist yet.
     public func list() throws -> [NodeRecord] {
-        guard AtomicFile.exists(path) else { return [] }
-        let bytes = try AtomicFile.read(path)
-        do {
-            return try Self.decoder.decode(File.self, from: Data(bytes)).nodes
-        } catch {
-            throw PKIError(.invalidArgument, "\(path): node file is not valid JSON (\(error))")
-        }
+        try PrivateJSONFile.read(File.self, from: path, what: "node file")?.nodes ?? []
     }
 
     public func record(_ name: String) throws -> NodeRecord? {
@@ -138,26 +132,6 @@ public struct NodeStore: Sendable {
     }
 
     private func save(_ nodes: [NodeRecord]) throws {
-        let data: Data
-        do {
-            data = try Self.encoder.encode(File(nodes: nodes.sorted { $0.name < $1.name }))
-        } catch {
-            throw PKIError(.writeFailed, "cannot encode \(path): \(error)")
-        }
-        try AtomicFile.makeDirectory(FilePath.directory(of: path), mode: 0o700)
-        try AtomicFile.write(Array(data) + [UInt8(ascii: "\n")], to: path, mode: 0o600)
+        try PrivateJSONFile.write(File(nodes: nodes.sorted { $0.name < $1.name }), to: path)
     }
-
-    private static let encoder: JSONEncoder = {
-        let encoder = JSONEncoder()
-        encoder.dateEncodingStrategy = .iso8601
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        return encoder
-    }()
-
-    private static let decoder: JSONDecoder = {
-        let decoder = JSONDecoder()
-        decoder.dateDecodingStrategy = .iso8601
-        return decoder
-    }()
 }

@@ -33,6 +33,23 @@ def blob_sha256(n):
     return h.hexdigest()
 
 
+def answer_sha256(handler):
+    """Answers a POST with the SHA-256 hex of its Content-Length body (also the kubelet stand-in's /sha256)."""
+    digest = hashlib.sha256()
+    remaining = int(handler.headers.get("Content-Length", "0"))
+    while remaining > 0:
+        data = handler.rfile.read(min(remaining, 1 << 20))
+        if not data:
+            break
+        digest.update(data)
+        remaining -= len(data)
+    body = (digest.hexdigest() + "\n").encode()
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -73,19 +90,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def do_POST(self):
-        h = hashlib.sha256()
-        remaining = int(self.headers.get("Content-Length", "0"))
-        while remaining > 0:
-            data = self.rfile.read(min(remaining, 1 << 20))
-            if not data:
-                break
-            h.update(data)
-            remaining -= len(data)
-        body = (h.hexdigest() + "\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        answer_sha256(self)
 
 
 class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):

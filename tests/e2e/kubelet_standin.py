@@ -17,6 +17,8 @@ import sys
 import threading
 import time
 
+from edge_service import answer_sha256
+
 EVENTS = None
 
 
@@ -67,19 +69,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_POST(self):
-        digest = hashlib.sha256()
-        remaining = int(self.headers.get("Content-Length", "0"))
-        while remaining > 0:
-            data = self.rfile.read(min(remaining, 1 << 20))
-            if not data:
-                break
-            digest.update(data)
-            remaining -= len(data)
-        body = (digest.hexdigest() + "\n").encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        answer_sha256(self)
 
     def echo_frames(self):
         read = self.rfile.read
