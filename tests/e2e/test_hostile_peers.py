@@ -415,23 +415,30 @@ def test_an_agent_that_never_answers_opens_cannot_hold_callers_or_memory(lab):
 def test_an_agent_answering_with_a_bogus_status_cannot_stop_the_server(lab):
     """OPEN_FAIL codes are the agent's word: -1 made NIO trap when the server turned it into an HTTP status, and
     200 would have told the caller its CONNECT was established. Both become 502; the reason is shortened."""
-    with attacker_tunnel(lab) as tls:
-        tls.sendall(hello("edge-1"))
-        assert read_frame(tls)[0] == 2
-        for code in (-1, 200, 99999):
-            raw = socket.create_connection(("127.0.0.1", lab.ports["insecure"]), timeout=10)
-            raw.sendall(b"CONNECT edge-1:10250 HTTP/1.1\r\nHost: edge-1\r\n\r\n")
-            while True:
-                frame_type, stream_id, payload = read_frame(tls)
-                if frame_type == 3:
-                    break
-            tls.sendall(frame(5, stream_id, json.dumps({"code": code, "reason": "x\n" * 50000}).encode()))
-            answer = raw.recv(65536)
-            raw.close()
-            assert answer.startswith(b"HTTP/1.1 502 Bad Gateway"), (code, answer[:100])
-            assert len(answer) < 4096, len(answer)
-    assert lab.server.alive()
-    victim_download(lab)
+    def attack(stop):
+        answered = 0
+        with attacker_tunnel(lab) as tls:
+            tls.sendall(hello("edge-1"))
+            assert read_frame(tls)[0] == 2
+            while not stop.is_set():
+                for code in (-1, 200, 99999, 0):
+                    raw = socket.create_connection(("127.0.0.1", lab.ports["insecure"]), timeout=10)
+                    raw.sendall(b"CONNECT edge-1:10250 HTTP/1.1\r\nHost: edge-1\r\n\r\n")
+                    while True:
+                        frame_type, stream_id, payload = read_frame(tls)
+                        if frame_type == 10:
+                            tls.sendall(frame(11, 0, payload))
+                        if frame_type == 3:
+                            break
+                    tls.sendall(frame(5, stream_id, json.dumps({"code": code, "reason": "x\n" * 50000}).encode()))
+                    answer = raw.recv(65536)
+                    raw.close()
+                    assert answer.startswith(b"HTTP/1.1 502 Bad Gateway"), (code, answer[:100])
+                    assert len(answer) < 4096, len(answer)
+                    answered += 1
+        return answered
+
+    assert hostile_scenario(lab, attack) >= 20
 
 
 def test_handshakes_without_a_certificate_stay_counted_until_they_join(tmp_path):
