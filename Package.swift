@@ -122,6 +122,7 @@ let package = Package(
             dependencies: [
                 "TunnelPKI", "TunnelWire", "TunnelSupport",
                 .product(name: "Yams", package: "Yams"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
             ] + networking,
             swiftSettings: swift5 + fuzzFlags
         ),

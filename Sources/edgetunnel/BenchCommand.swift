@@ -14,7 +14,7 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Load generators for the benchmark suite (scripts/bench): stream set-up and agent swarms.",
-        subcommands: [Streams.self, Swarm.self]
+        subcommands: [Streams.self, Swarm.self, Heads.self]
     )
 
     /// Opens CONNECT streams as fast as the server and agent set them up, and reports the rate and the time
@@ -188,5 +188,21 @@ final class StreamLoad: @unchecked Sendable {
         return #"{"streams":\#(count),"opened":\#(latencies.count),"failures":\#(failures),"seconds":\#(seconds),"#
             + #""streams_per_second":\#(Double(latencies.count) / seconds),"#
             + #""connect_to_200_ms":{"p50":\#(percentile(0.5)),"p99":\#(percentile(0.99))},"first_error":"\#(error)"}"#
+    }
+}
+
+extension BenchCommand {
+    /// `edgetunnel bench heads`: the request-head parser against NIOHTTP1's decoder, one JSON line.
+    struct Heads: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Time the request-head parser against NIOHTTP1's decoder on a kubelet request head.")
+
+        @Option(help: "Heads parsed by each.") var iterations: Int = 200_000
+
+        func run() throws {
+            guard iterations >= 1 else { throw ValidationError("--iterations must be at least 1") }
+            let (ours, nio) = try RequestHeadBenchmark.run(iterations: iterations)
+            print(#"{"iterations": \#(iterations), "ours_ns_per_head": \#(Int(ours)), "niohttp1_ns_per_head": \#(Int(nio))}"#)
+        }
     }
 }
