@@ -43,7 +43,7 @@ final class TunnelServerCore: @unchecked Sendable {
         var limits = TunnelLimits()
         limits.maxStreams = configuration.maxStreamsPerAgent
         limits.maxPendingOpens = configuration.maxPendingOpensPerAgent
-        limits.openTimeout = configuration.dialTimeout + .seconds(1)  // the dialer answers 504 first
+        limits.openTimeout = configuration.dialTimeout
         limits.processBudget = WindowBudget(limit: configuration.maxBufferedBytes)
         self.limits = limits
         self.callerStreams = CallerStreams(limit: configuration.maxStreamsPerCaller)

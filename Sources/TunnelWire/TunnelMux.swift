@@ -131,8 +131,10 @@ public final class TunnelMux: ChannelInboundHandler {
         var readPaused = false
         /// Where the stream is in its life; every frame from the peer is checked against it.
         var lifecycle: StreamStateMachine
-        /// Server side, while `lifecycle` is opening: who learns the agent's answer.
+        /// Server side, while `lifecycle` is opening: who learns the agent's answer, and the timer that gives
+        /// up on it (cancelled with the answer, so ten thousand open streams leave no timers behind).
         var openPromise: EventLoopPromise<OpenResult>?
+        var openTimer: Scheduled<Void>?
 
         init(id: UInt32, openedBy opener: StreamStateMachine.Opener, sendWindow: Int, receive: ReceiveWindow) {
             self.id = id
@@ -318,6 +320,8 @@ public final class TunnelMux: ChannelInboundHandler {
             try stream.send.grant(UInt32(clamping: max(0, ok.window)))
             let promise = stream.openPromise
             stream.openPromise = nil
+            stream.openTimer?.cancel()
+            stream.openTimer = nil
             pendingOpens -= 1
             promise?.succeed(.opened(streamID: stream.id))
         case .openFail:
@@ -416,13 +420,13 @@ public final class TunnelMux: ChannelInboundHandler {
             self.streams[id] = stream
             self.counters.setStreams(self.streams.count)
             // An agent that never answers must not hold the stream (and its caller) forever.
-            self.eventLoop.scheduleTask(in: self.limits.openTimeout) { [weak self] in
+            stream.openTimer = self.eventLoop.scheduleTask(in: self.limits.openTimeout) { [weak self] in
                 guard let self, let stream = self.streams[id], let pending = stream.openPromise else { return }
                 self.streams.removeValue(forKey: id)
                 self.streamRemoved(stream)
                 stream.openPromise = nil
                 self.writeStreamFrame(.rst(streamID: id, code: .cancel, allocator: self.allocator))
-                pending.succeed(.failed(OpenFail(code: 504, reason: "no answer from the agent in time")))
+                pending.succeed(.failed(OpenFail(code: 504, reason: "the agent did not reach \(target) in time")))
             }
             self.writeStreamFrame(
                 Open(target: target, window: stream.receive.size).frame(streamID: id, allocator: context.channel.allocator))
@@ -633,6 +637,7 @@ public final class TunnelMux: ChannelInboundHandler {
         stream.inbound = []
         windowBudgetUsed -= stream.receive.size
         limits.processBudget?.give(stream.receive.size)
+        stream.openTimer?.cancel()
         if stream.openPromise != nil { pendingOpens -= 1 }
         counters.setStreams(streams.count)
         notifyIfIdle()
@@ -739,7 +744,10 @@ public final class TunnelMux: ChannelInboundHandler {
         let all = streams.values
         streams = [:]
         counters.setStreams(0)
-        for stream in all { limits.processBudget?.give(stream.receive.size) }
+        for stream in all {
+            limits.processBudget?.give(stream.receive.size)
+            stream.openTimer?.cancel()
+        }
         windowBudgetUsed = 0
         pendingOpens = 0
         notifyIfIdle()
