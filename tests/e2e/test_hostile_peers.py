@@ -36,16 +36,18 @@ def lab(tmp_path):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 16384)), hard))
     c = Cluster(tmp_path)
-    c.start_server()
-    c.victim_port = c.start_edge_service()
-    c.victim = c.start_agent("edge-2", "--allow", f"127.0.0.1:{c.victim_port}")
-    run(BIN / "edgetunnel", "pki", "issue-client", "--pki-dir", c.pki, "--name", "edge-1",
-        "--org", "edge-tunnel:agents", "--out-dir", tmp_path / "attacker")
-    c.attacker_cert = tmp_path / "attacker" / "edge-1.crt"
-    c.attacker_key = tmp_path / "attacker" / "edge-1.key"
-    yield c
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    c.close()
+    try:
+        c.start_server()
+        c.victim_port = c.start_edge_service()
+        c.victim = c.start_agent("edge-2", "--allow", f"127.0.0.1:{c.victim_port}")
+        run(BIN / "edgetunnel", "pki", "issue-client", "--pki-dir", c.pki, "--name", "edge-1",
+            "--org", "edge-tunnel:agents", "--out-dir", tmp_path / "attacker")
+        c.attacker_cert = tmp_path / "attacker" / "edge-1.crt"
+        c.attacker_key = tmp_path / "attacker" / "edge-1.key"
+        yield c
+    finally:  # also when the set-up failed: no process outlives the test
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        c.close()
 
 
 def fd_count(pid):

@@ -18,12 +18,14 @@ def lab(tmp_path_factory):
     """Server, agent edge-1, an edge service (plain) and a kubelet stand-in (HTTPS) on the edge."""
     tmp = tmp_path_factory.mktemp("routing")
     c = Cluster(tmp)
-    c.start_server("--kubelet-ca-file", start_kubelet_standin(c, tmp, "edge-1"))
-    c.edge_port = c.start_edge_service()
-    c.agent = c.start_agent("edge-1", "--allow", f"127.0.0.1:{c.edge_port}", "--allow", f"127.0.0.1:{c.https_port}")
-    c.bodies = {size: os.urandom(size) for size in SIZES}
-    yield c
-    c.close()
+    try:
+        c.start_server("--kubelet-ca-file", start_kubelet_standin(c, tmp, "edge-1"))
+        c.edge_port = c.start_edge_service()
+        c.agent = c.start_agent("edge-1", "--allow", f"127.0.0.1:{c.edge_port}", "--allow", f"127.0.0.1:{c.https_port}")
+        c.bodies = {size: os.urandom(size) for size in SIZES}
+        yield c
+    finally:  # also when the set-up failed: no process outlives the test
+        c.close()
 
 
 def read_response(sock):

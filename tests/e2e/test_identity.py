@@ -13,9 +13,11 @@ from harness import Cluster, frame, free_port, http_get, read_frame, wait_until
 @pytest.fixture
 def cluster(tmp_path):
     c = Cluster(tmp_path)
-    c.start_server()
-    yield c
-    c.close()
+    try:
+        c.start_server()
+        yield c
+    finally:
+        c.close()
 
 
 def join(c, name, pki, token, ips=("127.0.0.1",)):

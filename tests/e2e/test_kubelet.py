@@ -38,10 +38,12 @@ def start_kubelet_standin(c, tmp_path, name):
 def kube(tmp_path):
     """Server (verifying kubelets against their CA), agent edge-1, and a kubelet stand-in on 127.0.0.1."""
     c = Cluster(tmp_path)
-    c.start_server("--kubelet-ca-file", start_kubelet_standin(c, tmp_path, "edge-1"))
-    c.agent = c.start_agent("edge-1", "--allow", f"127.0.0.1:{c.https_port}", "--allow", f"127.0.0.1:{c.http_port}")
-    yield c
-    c.close()
+    try:
+        c.start_server("--kubelet-ca-file", start_kubelet_standin(c, tmp_path, "edge-1"))
+        c.agent = c.start_agent("edge-1", "--allow", f"127.0.0.1:{c.https_port}", "--allow", f"127.0.0.1:{c.http_port}")
+        yield c
+    finally:
+        c.close()
 
 
 def secure_socket(c, cert=None, key=None):

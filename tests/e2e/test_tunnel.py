@@ -23,9 +23,11 @@ from harness import Cluster, frame, free_port, http_get, read_frame, rss_kib, wa
 @pytest.fixture
 def cluster(tmp_path):
     c = Cluster(tmp_path)
-    c.start_server()
-    yield c
-    c.close()
+    try:
+        c.start_server()
+        yield c
+    finally:  # also when the set-up failed: no process outlives the test
+        c.close()
 
 
 @pytest.fixture
