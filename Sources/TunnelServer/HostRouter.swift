@@ -97,7 +97,7 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
         case .done:
             return
         case .routing:
-            buffer!.writeBuffer(&incoming)  // at most the rest of the current read: reading is paused
+            buffer?.writeBuffer(&incoming)  // at most the rest of the current read: reading is paused
             return
         case .head:
             break
@@ -169,8 +169,9 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
 
     /// CONNECT requests are served by the CONNECT handler, with the bytes read after the head.
     private func handOverToConnect(_ context: ChannelHandlerContext, target: String, headLength: Int) {
-        var bytes = buffer!
+        guard var bytes = buffer else { return }
         buffer = nil
+        state = .done
         bytes.moveReaderIndex(forwardBy: headLength)
         do {
             let sync = context.pipeline.syncOperations
@@ -210,7 +211,10 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
         do {
             let sync = context.pipeline.syncOperations
             try sync.addHandler(StreamGlue(mux: mux, streamID: streamID, eventLoop: context.eventLoop), position: .after(self))
-            let bytes = buffer!
+            guard let bytes = buffer else {
+                mux.cancelStream(streamID)
+                return
+            }
             buffer = nil
             state = .done
             context.fireChannelRead(wrapInboundOut(bytes))
@@ -295,7 +299,7 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
                     try tlsChannel.pipeline.syncOperations.addHandler(kubeletGlue)
                     let sync = context.pipeline.syncOperations
                     try sync.addHandler(callerGlue, position: .after(self))
-                    tlsChannel.writeAndFlush(self.buffer!, promise: nil)
+                    if let bytes = self.buffer { tlsChannel.writeAndFlush(bytes, promise: nil) }
                     self.buffer = nil
                     self.state = .done
                     self.resumeReading(context)
