@@ -265,12 +265,14 @@ def test_the_server_pings_a_quiet_tunnel_only(cluster, edge):
 
 
 def test_a_node_ip_held_by_another_node_is_refused(cluster, edge):
-    second = cluster.start_agent("edge-2", ips=("127.0.0.1",), wait=False)
-    wait_until(lambda: "node IP 127.0.0.1 is already registered by node edge-1" in second.text(), 20,
-               "the agent to log the refusal")
-    cluster.server.expect_log("node IP 127.0.0.1 is already registered by node edge-1")
-    assert http_get(f"http://127.0.0.1:{second.meta}/readyz")[0] == 503
-    assert [a["nodeName"] for a in cluster.agents()] == ["edge-1"]
+    """Node IPs are bound to certificates at the join: a second node naming edge-1's IP does not get a
+    certificate at all (it exits with the reason), and edge-1 keeps its tunnel and its IP."""
+    second = cluster.start_agent("edge-2", ips=("127.0.0.1",), wait=False).expect_exit()
+    assert second.popen.wait(30) != 0
+    assert "join refused: node IP 127.0.0.1 belongs to node edge-1" in second.own_text(), second.own_text()
+    cluster.server.expect_log("node IP 127.0.0.1 belongs to node edge-1")
+    assert not (cluster.tmp / "agent-edge-2" / "agent.crt").exists()
+    assert [(a["nodeName"], a["nodeIPs"]) for a in cluster.agents()] == [("edge-1", ["127.0.0.1"])]
 
 
 def test_join_with_a_wrong_token_or_ca_hash_is_refused_clearly(cluster, tmp_path):
