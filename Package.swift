@@ -43,7 +43,7 @@ let fuzzing = Context.environment["EDGETUNNEL_FUZZ"] != nil
 let fuzzFlags: [SwiftSetting] = fuzzing ? [.unsafeFlags(["-sanitize=fuzzer"])] : []
 let fuzzTargets: [Target] = !fuzzing ? [] : [
     ("FuzzWire", ["TunnelWire", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio")]),
-    ("FuzzRequestHead", ["TunnelServer", "TunnelWire"]),
+    ("FuzzRequestHead", ["TunnelServer", "TunnelWire", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio"), .product(name: "NIOHTTP1", package: "swift-nio")]),
     ("FuzzConfig", ["TunnelServer", "EdgePlan"]),
     ("FuzzSecurityGroup", ["EdgePlan", "TunnelPKI"]),
     ("FuzzJoin", ["TunnelPKI", "TunnelWire", .product(name: "NIOCore", package: "swift-nio")]),

@@ -13,26 +13,28 @@ import X509
 import Glibc
 #endif
 
-/// The first handler on the secure port (TLS, after the TLS handler) and the insecure port (plain HTTP).
+/// The first handler on the secure port (TLS, after the TLS handler) and the insecure port (plain HTTP), behind
+/// NIOHTTP1's request decoder, which it adds in front of itself.
 ///
-/// It reads the first request head only. `CONNECT` goes to ``ConnectHandler``. Any other request is routed
-/// by its `Host` (a node name or a registered node IP, default port 10250 on the secure port and 10255 on
-/// the insecure one) to that node's agent, and from then on bytes are relayed unchanged both ways — so
-/// chunked responses (`kubectl logs -f`) arrive chunk by chunk and `Connection: Upgrade` exchanges (exec,
-/// attach, port-forward over SPDY or WebSocket) pass their 101 and carry bytes until either side closes. On
-/// the secure port the server opens TLS to the kubelet inside the stream with its proxy-client certificate.
-/// A connection stays bound to the node of its first request.
+/// `CONNECT` goes to ``ConnectHandler``. Any other request is routed by its `Host` (a node name or a registered
+/// node IP, default port 10250 on the secure port and 10255 on the insecure one) to that node's agent. The
+/// requests are written on to the target as the decoder parsed them, their bodies re-framed, so the target reads
+/// exactly what we checked; answers come back unchanged, so chunked responses (`kubectl logs -f`) arrive chunk by
+/// chunk. After a request that upgrades (exec, attach, port-forward over SPDY or WebSocket) the decoder is removed
+/// and bytes are relayed as they are until either side closes. On the secure port the server opens TLS to the
+/// kubelet inside the stream with its proxy-client certificate. A connection stays bound to the node of its first
+/// request.
 ///
 /// A request in absolute form (`GET http://edge-7:9100/metrics HTTP/1.1`, what Go's HTTP client and curl send
 /// to a forward proxy for `http://` URLs) is forwarded as a proxy does: plain HTTP to the URL's host and port,
-/// the head rewritten to origin form with the hop-by-hop headers removed and `Connection: close` (the target
-/// closes after its answer, so the next request on the caller's connection, perhaps for another node, comes
+/// the head rewritten to origin form with the hop-by-hop headers removed and `Connection: close`; the caller is
+/// not read after it (the target closes after its answer, so the next request, perhaps for another node, comes
 /// on a new connection).
 ///
-/// While the stream is being opened the caller is not read (backpressure, as in ``ConnectHandler``): bytes
-/// that arrived with the head, a request body among them, are kept and go first.
+/// While the stream is being opened the caller is not read (backpressure, as in ``ConnectHandler``): what was
+/// decoded from the last read, a request body among it, is kept and goes first.
 final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
-    typealias InboundIn = ByteBuffer
+    typealias InboundIn = HTTPServerRequestPart
     typealias InboundOut = ByteBuffer
     typealias OutboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -45,21 +47,33 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     private enum State {
-        /// Reading the request head.
+        /// Waiting for the first request head.
         case head
-        /// The head is in; the stream is being opened. The caller is not read meanwhile.
+        /// A `CONNECT` head is in; its end hands the connection to ``ConnectHandler``.
+        case connect(target: String)
+        /// The stream is being opened. The caller is not read meanwhile; requests are encoded into `pending`.
         case routing
-        /// Relaying, or answered with an error.
+        /// Requests are encoded and passed on to the relay.
+        case relaying
+        /// A forward-proxy request has ended: nothing more is read from the caller.
+        case finished
+        /// Answered with an error, or handed over.
         case done
     }
 
     private let server: TunnelServerCore
     private let mode: Mode
-    /// The bytes read so far: the head, and whatever followed it in the same reads.
-    private var buffer: ByteBuffer?
-    /// How many bytes of `buffer` were searched for the end of the head (each byte is searched once).
-    private var scanned = 0
+    private let decoder = RequestRoute.makeDecoder()
+    private var encoder = RequestEncoder()
     private var state = State.head
+    /// Encoded request bytes waiting for the stream.
+    private var pending: ByteBuffer?
+    /// The route is a forward-proxy request: one request only.
+    private var forwarding = false
+    /// The current request stops the decoder (an upgrade): after its end, bytes are relayed raw.
+    private var upgrading = false
+    /// The current request has ended.
+    private var requestEnded = false
     private var readPending = false
     private var headTimeout: Scheduled<Void>?
 
@@ -69,6 +83,12 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
+        do {
+            try context.pipeline.syncOperations.addHandler(decoder, position: .before(self))
+        } catch {
+            context.close(promise: nil)
+            return
+        }
         headTimeout = context.eventLoop.scheduleTask(in: server.configuration.handshakeTimeout) { [weak self] in
             guard let self, case .head = self.state else { return }
             self.reject(context, 408, "request head not received in time")
@@ -76,7 +96,11 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func read(context: ChannelHandlerContext) {
-        if case .routing = state { readPending = true } else { context.read() }
+        switch state {
+        case .connect, .routing: readPending = true
+        case .finished: return
+        case .head, .relaying, .done: context.read()
+        }
     }
 
     func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -92,37 +116,68 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        var incoming = unwrapInboundIn(data)
-        switch state {
-        case .done:
+        let part = unwrapInboundIn(data)
+        switch (state, part) {
+        case (.head, .head(let head)):
+            routeFirst(head, context: context)
+        case (.head, _):
+            reject(context, 400, "malformed request head")  // the decoder emits a head first; never reached
+        case (.connect(let target), .end):
+            handOverToConnect(context, target: target)
+        case (.connect, _), (.finished, _), (.done, _):
             return
-        case .routing:
-            buffer?.writeBuffer(&incoming)  // at most the rest of the current read: reading is paused
-            return
-        case .head:
-            break
+        case (.routing, _), (.relaying, _):
+            encode(part, context: context)
         }
-        if buffer == nil { buffer = incoming } else { buffer!.writeBuffer(&incoming) }
-        let view = buffer!.readableBytesView
-        // Search only the new bytes (and the three before them, for a blank line split across reads).
-        let from = max(0, scanned - 3)
-        guard let end = RequestHead.end(in: view.dropFirst(from)).map({ $0 + from }) else {
-            scanned = view.count
-            if view.count > RequestHead.maxSize {
-                reject(context, 431, "request header block is larger than \(RequestHead.maxSize / 1024) KiB")
+    }
+
+    /// Encodes a request part for the target: into `pending` while routing, to the relay afterwards.
+    private func encode(_ part: HTTPServerRequestPart, context: ChannelHandlerContext) {
+        if requestEnded, forwarding { return }  // one request per forward-proxy connection
+        var bytes: ByteBuffer
+        switch part {
+        case .head(let head):
+            requestEnded = false
+            upgrading = RequestEncoder.endsHTTP(head)
+            bytes = context.channel.allocator.buffer(capacity: 512)
+            encoder.write(head, into: &bytes)
+        case .body(let body):
+            bytes = encoder.frame(body, allocator: context.channel.allocator)
+        case .end(let trailers):
+            requestEnded = true
+            bytes = context.channel.allocator.buffer(capacity: 0)
+            encoder.end(trailers, into: &bytes)
+        }
+        if case .routing = state {
+            if pending == nil { pending = bytes } else { pending!.writeBuffer(&bytes) }
+            return
+        }
+        if bytes.readableBytes > 0 { context.fireChannelRead(wrapInboundOut(bytes)) }
+        if requestEnded { afterRequest(context) }
+    }
+
+    /// At the end of a request: a forward-proxy connection reads no more, an upgraded one relays raw bytes.
+    private func afterRequest(_ context: ChannelHandlerContext) {
+        if forwarding {
+            state = .finished
+            readPending = false
+        } else if upgrading {
+            state = .done
+            let sync = context.pipeline.syncOperations
+            sync.removeHandler(decoder, promise: nil)  // its unparsed bytes go to the relay, once we are gone
+            if readPending {
+                readPending = false
+                context.read()
             }
-            return
+            sync.removeHandler(context: context, promise: nil)
         }
-        guard end <= RequestHead.maxSize else {
-            reject(context, 431, "request header block is larger than \(RequestHead.maxSize / 1024) KiB")
-            return
-        }
+    }
+
+    private func routeFirst(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
         headTimeout?.cancel()
-        state = .routing
         PendingConnectionHandler.authenticated(context.pipeline.syncOperations)
-        // RequestHead throws only rejections (status and reason); the head and its Host are checked in one go.
         do {
-            let head = try RequestHead(parsing: view.prefix(end))
+            let decided = try RequestRoute(head, defaultPort: mode == .tls ? 10250 : 10255)
             var caller = context.channel.remoteAddress?.ipAddress.map { "address \($0)" } ?? "the Unix socket"
             if mode == .tls, let peer = try? context.pipeline.syncOperations.nioSSL_peerCertificate(),
                 let certificate = try? peer.x509()
@@ -138,22 +193,20 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
                 reject(context, 429, "caller \(caller) has \(server.callerStreams.limit) streams open, its limit")
                 return
             }
-            if head.method == "CONNECT" {
-                handOverToConnect(context, target: head.target, headLength: end)
-                return
+            switch decided {
+            case .connect(let target):
+                state = .connect(target: target)
+            case .forward(let destination, let rewritten):
+                forwarding = true
+                state = .routing
+                encode(.head(rewritten), context: context)
+                route(to: destination, plain: true, context: context)
+            case .node(let destination):
+                state = .routing
+                encode(.head(head), context: context)
+                route(to: destination, plain: mode == .plain, context: context)
             }
-            if let forward = try head.forwardProxyRequest() {
-                // Absolute form: a forward-proxy request, plain HTTP to the URL's target, in origin form.
-                buffer!.moveReaderIndex(forwardBy: end)
-                var rewritten = context.channel.allocator.buffer(capacity: forward.head.utf8.count + buffer!.readableBytes)
-                rewritten.writeString(forward.head)
-                rewritten.writeBuffer(&buffer!)
-                buffer = rewritten
-                route(to: forward.destination, plain: true, context: context)
-                return
-            }
-            route(to: try head.destination(defaultPort: mode == .tls ? 10250 : 10255), plain: mode == .plain, context: context)
-        } catch let rejection as RequestHead.Rejection {
+        } catch let rejection as RequestRoute.Rejection {
             reject(context, rejection.status, rejection.reason)
         } catch {
             reject(context, 400, "malformed request head: \(error)")
@@ -163,21 +216,17 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
     private func reject(_ context: ChannelHandlerContext, _ status: Int, _ message: String) {
         state = .done
         readPending = false
-        buffer = nil
+        pending = nil
         HTTPErrorResponse.send(context, status, message, logger: server.logger)
     }
 
-    /// CONNECT requests are served by the CONNECT handler, with the bytes read after the head.
-    private func handOverToConnect(_ context: ChannelHandlerContext, target: String, headLength: Int) {
-        guard var bytes = buffer else { return }
-        buffer = nil
+    /// CONNECT requests are served by the CONNECT handler; the decoder, removed, hands it the bytes after the head.
+    private func handOverToConnect(_ context: ChannelHandlerContext, target: String) {
         state = .done
-        bytes.moveReaderIndex(forwardBy: headLength)
         do {
             let sync = context.pipeline.syncOperations
-            try sync.addHandler(
-                ConnectHandler(server: server, target: target, early: bytes.readableBytes > 0 ? bytes : nil),
-                position: .after(self))
+            try sync.addHandler(ConnectHandler(server: server, target: target, early: nil), position: .after(self))
+            sync.removeHandler(decoder, promise: nil)
             sync.removeHandler(context: context, promise: nil)
         } catch {
             context.close(promise: nil)
@@ -211,15 +260,7 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
         do {
             let sync = context.pipeline.syncOperations
             try sync.addHandler(StreamGlue(mux: mux, streamID: streamID, eventLoop: context.eventLoop), position: .after(self))
-            guard let bytes = buffer else {
-                mux.cancelStream(streamID)
-                return
-            }
-            buffer = nil
-            state = .done
-            context.fireChannelRead(wrapInboundOut(bytes))
-            resumeReading(context)
-            sync.removeHandler(context: context, promise: nil)
+            established(context)
         } catch {
             mux.cancelStream(streamID)
             context.close(promise: nil)
@@ -299,11 +340,7 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
                     try tlsChannel.pipeline.syncOperations.addHandler(kubeletGlue)
                     let sync = context.pipeline.syncOperations
                     try sync.addHandler(callerGlue, position: .after(self))
-                    if let bytes = self.buffer { tlsChannel.writeAndFlush(bytes, promise: nil) }
-                    self.buffer = nil
-                    self.state = .done
-                    self.resumeReading(context)
-                    sync.removeHandler(context: context, promise: nil)
+                    self.established(context)
                 } catch {
                     tlsChannel.close(promise: nil)
                     context.close(promise: nil)
@@ -312,14 +349,29 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    /// A read held while the stream was opened is issued now, towards the glue that took over.
-    private func resumeReading(_ context: ChannelHandlerContext) {
-        guard readPending else { return }
-        readPending = false
-        context.read()
+    /// The relay after this handler is in place: what was encoded while routing goes first, then reading resumes
+    /// (unless the request ended a forward-proxy connection or upgraded, see ``afterRequest(_:)``).
+    private func established(_ context: ChannelHandlerContext) {
+        state = .relaying
+        if let bytes = pending, bytes.readableBytes > 0 {
+            pending = nil
+            context.fireChannelRead(wrapInboundOut(bytes))
+            context.fireChannelReadComplete()
+        }
+        if requestEnded { afterRequest(context) }
+        if case .relaying = state, readPending {
+            readPending = false
+            context.read()
+        }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
+        // A head the decoder refused gets its one-line answer; anything later (a bad second request, TLS) closes.
+        if case .head = state, error is HTTPParserError {
+            let rejection = RequestRoute.rejection(for: error)
+            reject(context, rejection.status, rejection.reason)
+            return
+        }
         context.close(promise: nil)
     }
 }

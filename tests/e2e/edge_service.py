@@ -33,10 +33,27 @@ def blob_sha256(n):
     return h.hexdigest()
 
 
+def read_chunked(handler, digest):
+    """Reads a chunked body (RFC 9112 §7.1) into digest; its trailers are read and dropped."""
+    while True:
+        size = int(handler.rfile.readline(1024).split(b";")[0].strip(), 16)
+        if size == 0:
+            break
+        digest.update(handler.rfile.read(size))
+        assert handler.rfile.read(2) == b"\r\n", "chunk not followed by CRLF"
+    while handler.rfile.readline(1024) not in (b"\r\n", b""):
+        pass
+
+
 def answer_sha256(handler):
-    """Answers a POST with the SHA-256 hex of its Content-Length body (also the kubelet stand-in's /sha256)."""
+    """Answers a POST with the SHA-256 hex of its body, framed by Content-Length or chunked (also the kubelet
+    stand-in's /sha256)."""
     digest = hashlib.sha256()
-    remaining = int(handler.headers.get("Content-Length", "0"))
+    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        read_chunked(handler, digest)
+        remaining = 0
+    else:
+        remaining = int(handler.headers.get("Content-Length", "0"))
     while remaining > 0:
         data = handler.rfile.read(min(remaining, 1 << 20))
         if not data:

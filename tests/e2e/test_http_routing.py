@@ -45,6 +45,17 @@ def read_response(sock):
     return lines[0], body
 
 
+def read_buffered_response(stream):
+    """One response framed by Content-Length from a buffered reader: pipelined answers may share a read."""
+    status = stream.readline().decode().rstrip("\r\n")
+    length = 0
+    while (line := stream.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return status, stream.read(length)
+
+
 def post(sock, host, body, one_write):
     head = (f"POST /sha256 HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n").encode()
@@ -78,6 +89,41 @@ def test_bodies_arrive_byte_exact_at_the_kubelet_over_the_secure_port(lab, size,
             status, body = post(tls, f"edge-1:{lab.https_port}", lab.bodies[size], one_write)
     assert status == "HTTP/1.1 200 OK", status
     assert body.decode().strip() == hashlib.sha256(lab.bodies[size]).hexdigest()
+
+
+def test_keep_alive_requests_reach_the_target_as_parsed_with_chunked_bodies_rechunked(lab):
+    """Three requests on one Host-routed connection, one of them chunked with a would-be smuggled request inside a
+    chunk: the target answers exactly three, in order, each body byte-exact (the server decodes every request
+    with NIOHTTP1 and writes it on as it parsed it)."""
+    hidden = b"0\r\n\r\nGET /headers HTTP/1.1\r\nHost: x\r\n\r\n"
+    pieces = [os.urandom(1000), hidden, os.urandom(70000)]
+    chunked = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\nX-Trailer: t\r\n\r\n"
+    host = f"edge-1:{lab.edge_port}"
+    plain = os.urandom(5000)
+    requests = (f"POST /sha256 HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + chunked
+                + f"GET /headers HTTP/1.1\r\nHost: {host}\r\nX-Second: 2\r\n\r\n".encode()
+                + f"POST /sha256 HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(plain)}\r\n\r\n".encode() + plain)
+    for write in ("one", "bytewise-head"):
+        with socket.create_connection(("127.0.0.1", lab.ports["insecure"]), timeout=30) as sock:
+            if write == "one":
+                sock.sendall(requests)
+            else:
+                for i in range(0, 300):
+                    sock.sendall(requests[i:i + 1])
+                sock.sendall(requests[300:])
+            answers = sock.makefile("rb")
+            first, second, third = (read_buffered_response(answers) for _ in range(3))
+            sock.settimeout(2)
+            try:
+                extra = answers.read1(65536)
+            except socket.timeout:
+                extra = b""
+        assert first == ("HTTP/1.1 200 OK", (hashlib.sha256(b"".join(pieces)).hexdigest() + "\n").encode())
+        assert second[0] == "HTTP/1.1 200 OK"
+        seen = json.loads(second[1])
+        assert seen["requestline"] == "GET /headers HTTP/1.1" and ["X-Second", "2"] in seen["headers"]
+        assert third == ("HTTP/1.1 200 OK", (hashlib.sha256(plain).hexdigest() + "\n").encode())
+        assert extra == b"", f"the target answered a request nobody sent: {extra[:200]!r}"
 
 
 def test_absolute_form_requests_are_forwarded_as_plain_http_on_both_ports(lab):
