@@ -42,34 +42,6 @@ public struct TunnelLimits: Sendable {
     public init() {}
 }
 
-/// Bytes of receive window granted across every tunnel connection of a process: what all peers together can make
-/// the process hold for streams whose readers are slow. A stream whose minimum window (64 KiB) does not fit is
-/// refused (503), and windows grow only while the budget allows. Thread-safe.
-public final class WindowBudget: @unchecked Sendable {
-    public let limit: Int
-    private let lock = NIOLock()
-    private var used = 0
-
-    public init(limit: Int) { self.limit = limit }
-
-    /// Bytes granted now.
-    public var inUse: Int { lock.withLock { used } }
-
-    /// Takes up to `wanted` bytes and at least `minimum`; nil (nothing taken) when not even `minimum` is left.
-    func take(_ wanted: Int, minimum: Int) -> Int? {
-        lock.withLock {
-            let granted = min(wanted, limit - used)
-            guard granted >= minimum else { return nil }
-            used += granted
-            return granted
-        }
-    }
-
-    func give(_ count: Int) {
-        lock.withLock { used -= count }
-    }
-}
-
 /// Outcome of opening a stream from this side.
 public enum OpenResult: Sendable {
     case opened(streamID: UInt32)
@@ -598,11 +570,11 @@ public final class TunnelMux: ChannelInboundHandler {
         // Growth is at most the current size: reserved from the process budget first, the unused part returned.
         var reserved = 0
         if mayGrow, let budget = limits.processBudget {
-            reserved = budget.take(stream.receive.size, minimum: stream.receive.size) ?? 0
+            reserved = budget.takeGrowth(stream.receive.size) ? stream.receive.size : 0
             mayGrow = reserved > 0
         }
         let update = stream.receive.consumed(count, mayGrow: mayGrow)
-        if reserved > 0 { limits.processBudget?.give(reserved - (update?.growth ?? 0)) }
+        if reserved > 0 { limits.processBudget?.giveGrowth(reserved - (update?.growth ?? 0)) }
         guard let update else { return }
         windowBudgetUsed += update.growth
         writeStreamFrame(.window(streamID: streamID, increment: update.increment, allocator: allocator))
@@ -626,7 +598,7 @@ public final class TunnelMux: ChannelInboundHandler {
         let remaining = limits.connectionWindowBudget - windowBudgetUsed
         var initial = max(limits.minimumWindow, min(limits.initialWindow, remaining))
         if let budget = limits.processBudget {
-            guard let granted = budget.take(initial, minimum: limits.minimumWindow) else { return nil }
+            guard let granted = budget.takeWindow(initial, minimum: limits.minimumWindow) else { return nil }
             initial = granted
         }
         windowBudgetUsed += initial
@@ -636,7 +608,7 @@ public final class TunnelMux: ChannelInboundHandler {
     private func streamRemoved(_ stream: Stream) {
         stream.inbound = []
         windowBudgetUsed -= stream.receive.size
-        limits.processBudget?.give(stream.receive.size)
+        limits.processBudget?.release(window: stream.receive.size, minimum: limits.minimumWindow)
         stream.openTimer?.cancel()
         if stream.openPromise != nil { pendingOpens -= 1 }
         counters.setStreams(streams.count)
@@ -745,7 +717,7 @@ public final class TunnelMux: ChannelInboundHandler {
         streams = [:]
         counters.setStreams(0)
         for stream in all {
-            limits.processBudget?.give(stream.receive.size)
+            limits.processBudget?.release(window: stream.receive.size, minimum: limits.minimumWindow)
             stream.openTimer?.cancel()
         }
         windowBudgetUsed = 0
