@@ -30,6 +30,8 @@ final class ConnectHandler: ChannelDuplexHandler, RemovableChannelHandler {
     /// Caller bytes after the request head, for the stream.
     private var early: ByteBuffer?
     private var readPending = false
+    /// The caller half-closed while the stream was opened: told to the glue after the early bytes.
+    private var inputClosed = false
 
     /// ``HostRouter``, the only way in, has parsed the `CONNECT` head under its own deadline and refused callers
     /// presenting an agent certificate; `early` holds whatever followed the head.
@@ -51,6 +53,14 @@ final class ConnectHandler: ChannelDuplexHandler, RemovableChannelHandler {
         guard case .opening = state else { return }
         var incoming = unwrapInboundIn(data)
         if early == nil { early = incoming } else { early!.writeBuffer(&incoming) }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event, case .opening = state {
+            inputClosed = true
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 
     func read(context: ChannelHandlerContext) {
@@ -85,7 +95,9 @@ final class ConnectHandler: ChannelDuplexHandler, RemovableChannelHandler {
             if let early, early.readableBytes > 0 {
                 self.early = nil
                 context.fireChannelRead(wrapInboundOut(early))
+                context.fireChannelReadComplete()
             }
+            if inputClosed { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
             if readPending {
                 readPending = false
                 context.read()

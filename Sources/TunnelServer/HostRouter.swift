@@ -75,6 +75,7 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
     /// The current request has ended.
     private var requestEnded = false
     private var readPending = false
+    private var inputClosedWhileRouting = false
     private var headTimeout: Scheduled<Void>?
 
     init(server: TunnelServerCore, mode: Mode) {
@@ -99,7 +100,8 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
         switch state {
         case .connect, .routing: readPending = true
         case .finished: return
-        case .head, .relaying, .done: context.read()
+        case .head, .relaying: context.read()
+        case .done: return  // answered or handed over: a caller that goes on sending is not read
         }
     }
 
@@ -107,6 +109,11 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
         // The secure port requires a client certificate: a finished handshake is an authenticated caller.
         if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls {
             PendingConnectionHandler.authenticated(context.pipeline.syncOperations)
+        }
+        // A caller that half-closes while its stream is opened: the relay learns it after the bytes before it.
+        if case ChannelEvent.inputClosed = event, case .routing = state {
+            inputClosedWhileRouting = true
+            return
         }
         context.fireUserInboundEventTriggered(event)
     }
@@ -137,6 +144,16 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
         var bytes: ByteBuffer
         switch part {
         case .head(let head):
+            // Every request on the connection passes the checks the first one passed; a later one that fails
+            // cannot be answered in order with the target's answers, so the connection closes.
+            do {
+                try RequestRoute.check(head)
+            } catch {
+                server.logger.info("closing a caller connection: a later request was refused: \(error)")
+                state = .done
+                context.close(promise: nil)
+                return
+            }
             requestEnded = false
             upgrading = RequestEncoder.endsHTTP(head)
             bytes = context.channel.allocator.buffer(capacity: 512)
@@ -144,6 +161,11 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
         case .body(let body):
             bytes = encoder.frame(body, allocator: context.channel.allocator)
         case .end(let trailers):
+            if let trailers, (try? RequestRoute.check(trailers: trailers)) == nil {
+                state = .done
+                context.close(promise: nil)
+                return
+            }
             requestEnded = true
             bytes = context.channel.allocator.buffer(capacity: 0)
             encoder.end(trailers, into: &bytes)
@@ -163,13 +185,34 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
             readPending = false
         } else if upgrading {
             state = .done
-            let sync = context.pipeline.syncOperations
-            sync.removeHandler(decoder, promise: nil)  // its unparsed bytes go to the relay, once we are gone
+            handOverRaw(context)
             if readPending {
                 readPending = false
                 context.read()
             }
-            sync.removeHandler(context: context, promise: nil)
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        }
+    }
+
+    /// After `CONNECT` or an upgrade: the decoder goes, and the bytes it holds unparsed pass on to the handler
+    /// after us — once its removal runs, on the next loop tick. A half-close that comes meanwhile would make it
+    /// drop them (it forwards leftovers only without EOF), so a ``HalfCloseHolder`` in front of it keeps the
+    /// event until the bytes are through; then a read-complete makes the relay flush them.
+    private func handOverRaw(_ context: ChannelHandlerContext) {
+        let sync = context.pipeline.syncOperations
+        let holder = HalfCloseHolder()
+        let removed = context.eventLoop.makePromise(of: Void.self)
+        let pipeline = context.pipeline
+        do {
+            try sync.addHandler(holder, position: .before(decoder))
+        } catch {
+            context.close(promise: nil)
+            return
+        }
+        sync.removeHandler(decoder, promise: removed)
+        removed.futureResult.whenComplete { _ in
+            pipeline.fireChannelReadComplete()
+            holder.release()
         }
     }
 
@@ -226,7 +269,7 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
         do {
             let sync = context.pipeline.syncOperations
             try sync.addHandler(ConnectHandler(server: server, target: target, early: nil), position: .after(self))
-            sync.removeHandler(decoder, promise: nil)
+            handOverRaw(context)
             sync.removeHandler(context: context, promise: nil)
         } catch {
             context.close(promise: nil)
@@ -358,6 +401,10 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
             context.fireChannelRead(wrapInboundOut(bytes))
             context.fireChannelReadComplete()
         }
+        if inputClosedWhileRouting {
+            inputClosedWhileRouting = false
+            context.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        }
         if requestEnded { afterRequest(context) }
         if case .relaying = state, readPending {
             readPending = false
@@ -373,6 +420,32 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
             return
         }
         context.close(promise: nil)
+    }
+}
+
+/// Holds back a caller's half-close while the request decoder is being removed (see `HostRouter.handOverRaw`),
+/// then passes it on and leaves.
+final class HalfCloseHolder: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = NIOAny
+    private var context: ChannelHandlerContext?
+    private var held = false
+    private var released = false
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event, !released {
+            held = true
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func release() {
+        guard let context, !released else { return }
+        released = true
+        if held { context.fireUserInboundEventTriggered(ChannelEvent.inputClosed) }
+        context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
     }
 }
 

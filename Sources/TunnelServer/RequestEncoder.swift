@@ -47,11 +47,12 @@ struct RequestEncoder {
         buffer.writeString("\r\n")
     }
 
-    /// Whether llhttp stops parsing after this request: `CONNECT`, or a head asking for an upgrade. Generous on
-    /// purpose: relaying raw bytes after a request that did not upgrade is harmless; parsing a protocol that did
-    /// is not.
+    /// Whether llhttp stops parsing after this request: `CONNECT`, or an `Upgrade` header together with the token
+    /// `upgrade` in `Connection` — exactly llhttp's rule (`llhttp__before_headers_complete`). Were we to think
+    /// a request upgrades when llhttp does not, the decoder would go on parsing into a handler that takes bytes.
     static func endsHTTP(_ head: HTTPRequestHead) -> Bool {
-        head.method == .CONNECT || head.headers.contains(name: "upgrade")
-            || head.headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" }
+        head.method == .CONNECT
+            || head.headers.contains(name: "upgrade")
+                && head.headers[canonicalForm: "connection"].contains { $0.lowercased() == "upgrade" }
     }
 }

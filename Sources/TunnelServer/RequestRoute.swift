@@ -43,17 +43,35 @@ enum RequestRoute: Equatable {
     }
 
     init(_ head: HTTPRequestHead, defaultPort: Int) throws {
-        if head.headers["host"].count > 1 { throw Rejection(status: 400, reason: "more than one Host header") }
-        // The decoder replaces bytes that are not UTF-8 with U+FFFD; forwarding that would change the request.
-        if Self.hasReplacement(head.uri) || head.headers.contains(where: { Self.hasReplacement($0.name) || Self.hasReplacement($0.value) }) {
-            throw Rejection(status: 400, reason: "request head is not valid UTF-8")
-        }
+        try Self.check(head)
         if head.method == .CONNECT {
             self = .connect(target: head.uri)
         } else if let forward = try Self.forwardRequest(head) {
             self = .forward(forward.0, forward.1)
         } else {
             self = .node(try Self.destination(head, defaultPort: defaultPort))
+        }
+    }
+
+    /// What every request on a connection must pass, the first and the ones after it: what the grammar allows
+    /// but a target could read differently from us.
+    static func check(_ head: HTTPRequestHead) throws {
+        if head.headers["host"].count > 1 { throw Rejection(status: 400, reason: "more than one Host header") }
+        // The decoder replaces bytes that are not UTF-8 with U+FFFD; forwarding that would change the request.
+        if hasReplacement(head.uri) || head.headers.contains(where: { hasReplacement($0.name) || hasReplacement($0.value) }) {
+            throw Rejection(status: 400, reason: "request head is not valid UTF-8")
+        }
+        // HTTP/1.0 has no chunked coding: llhttp de-chunks such a body, Go's server (the kubelet) ignores the
+        // header and would read the chunks as the next request (RFC 9112 §6.1 says to treat it as an error).
+        if head.version.major == 1, head.version.minor == 0, head.headers.contains(name: "transfer-encoding") {
+            throw Rejection(status: 400, reason: "Transfer-Encoding in an HTTP/1.0 request")
+        }
+    }
+
+    /// Whether trailers are what we can forward unchanged.
+    static func check(trailers: HTTPHeaders) throws {
+        if trailers.contains(where: { hasReplacement($0.name) || hasReplacement($0.value) }) {
+            throw Rejection(status: 400, reason: "request trailers are not valid UTF-8")
         }
     }
 
@@ -109,6 +127,10 @@ enum RequestRoute: Equatable {
         var path = String(rest[pathStart...])
         if !path.hasPrefix("/") { path = "/" + path }
         let named = Set(head.headers[canonicalForm: "connection"].map { $0.lowercased() })
+        // Headers that frame the body or name the target cannot be hop-by-hop: dropping them would unframe it.
+        if let framing = named.first(where: { ["content-length", "transfer-encoding", "host"].contains($0) }) {
+            throw Rejection(status: 400, reason: "Connection names \(framing), which cannot be removed when forwarding")
+        }
         var headers = HTTPHeaders()
         headers.add(name: "Host", value: authority)
         for (name, value) in head.headers {
@@ -127,7 +149,8 @@ enum RequestRoute: Equatable {
         }
         switch error {
         case .headerOverflow:
-            return Rejection(status: 431, reason: "request header block is larger than \(maxHeadSize / 1024) KiB")
+            return Rejection(
+                status: 431, reason: "request header block is larger than \(maxHeadSize / 1024) KiB or has more than 1,024 headers")
         case .unexpectedContentLength:
             return Rejection(
                 status: 400,

@@ -182,9 +182,30 @@ import TunnelSupport
         #expect(try refusal("GET / HTTP/1.1\r\n\r\n")?.reason.contains("no Host header") == true)
     }
 
-    @Test func upgradesAndConnectEndTheHTTPPart() throws {
+    @Test func upgradesAndConnectEndTheHTTPPartExactlyWhenLlhttpStops() throws {
         #expect(RequestEncoder.endsHTTP(try head("GET /exec HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")))
+        #expect(RequestEncoder.endsHTTP(try head("GET /exec HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, upgrade\r\nUpgrade: x\r\n\r\n")))
         #expect(RequestEncoder.endsHTTP(try head("CONNECT a:1 HTTP/1.1\r\n\r\n")))
         #expect(!RequestEncoder.endsHTTP(try head("GET /pods HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")))
+        // One of the two alone is no upgrade for llhttp, which goes on parsing: neither must it be for us (a
+        // decoder removed while llhttp parses on would hand request parts to a handler that takes bytes).
+        #expect(!RequestEncoder.endsHTTP(try head("GET / HTTP/1.1\r\nHost: a\r\nUpgrade: x\r\n\r\n")))
+        #expect(!RequestEncoder.endsHTTP(try head("GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n\r\n")))
+        guard case .parts(let parts) = try decode(Array(
+            "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n".utf8))
+        else {
+            Issue.record("refused")
+            return
+        }
+        #expect(parts.filter { if case .head = $0 { true } else { false } }.count == 2)
+    }
+
+    @Test func whatATargetCouldReadDifferentlyIsRefused() throws {
+        #expect(try refusal("POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")?.reason
+            == "Transfer-Encoding in an HTTP/1.0 request")
+        for name in ["Content-Length", "Transfer-Encoding", "Host"] {
+            let text = "POST http://edge-7/ HTTP/1.1\r\nConnection: \(name)\r\nContent-Length: 3\r\n\r\nabc"
+            #expect(try refusal(text)?.reason.contains("cannot be removed when forwarding") == true, "\(name)")
+        }
     }
 }

@@ -126,6 +126,33 @@ def test_keep_alive_requests_reach_the_target_as_parsed_with_chunked_bodies_rech
         assert extra == b"", f"the target answered a request nobody sent: {extra[:200]!r}"
 
 
+def test_a_request_that_only_looks_like_an_upgrade_keeps_the_connection_parsed(lab):
+    """`Upgrade` without `Connection: upgrade` is no upgrade for llhttp: the next pipelined request is decoded and
+    forwarded like the first (a hostile review found the server trapping on exactly this)."""
+    host = f"edge-1:{lab.edge_port}"
+    with socket.create_connection(("127.0.0.1", lab.ports["insecure"]), timeout=10) as sock:
+        sock.sendall(f"GET /hello HTTP/1.1\r\nHost: {host}\r\nUpgrade: x\r\n\r\n"
+                     f"GET /headers HTTP/1.1\r\nHost: {host}\r\nConnection: upgrade\r\n\r\n"
+                     f"GET /hello HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        answers = sock.makefile("rb")
+        statuses = [read_buffered_response(answers)[0] for _ in range(3)]
+    assert statuses == ["HTTP/1.1 200 OK"] * 3, statuses
+    assert lab.server.alive()
+
+
+def test_bytes_sent_with_a_connect_and_a_half_close_arrive(lab):
+    """CONNECT, a payload and the caller's FIN in one go (`printf ... | nc -N`): the payload reaches the target
+    before the FIN, which the target sees as the end of the request."""
+    payload = f"GET /hello HTTP/1.0\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", lab.ports["insecure"]), timeout=10) as sock:
+        sock.sendall(f"CONNECT 127.0.0.1:{lab.edge_port} HTTP/1.1\r\nHost: edge-1\r\n\r\n{payload}".encode())
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"hello from the edge\n"), data[-200:]
+
+
 def test_absolute_form_requests_are_forwarded_as_plain_http_on_both_ports(lab):
     """curl without -p sends `GET http://edge-1:PORT/... HTTP/1.1` to its proxy, as Go's client (Prometheus) does:
     the target gets plain HTTP in origin form, hop-by-hop headers removed, with Connection: close."""
