@@ -35,7 +35,8 @@ public enum Manifests {
         let ns = o.namespace
         let serverLabels: Node = map([("k8s-app", s("edge-tunnel-server"))])
         let agentLabels: Node = map([("k8s-app", s("edge-tunnel-agent"))])
-        var serverConfig = "pkiDir: /var/lib/edge-tunnel-server/pki\n"
+        // Every agent keeps a tunnel to each replica; the count is reloadable (edit the ConfigMap when scaling).
+        var serverConfig = "pkiDir: /var/lib/edge-tunnel-server/pki\nserverCount: \(o.replicas)\n"
         if !o.certIPs.isEmpty { serverConfig += "certIPs: [\(o.certIPs.joined(separator: ", "))]\n" }
         if !o.certDNSNames.isEmpty { serverConfig += "certDNSNames: [\(o.certDNSNames.joined(separator: ", "))]\n" }
         let addresses = o.serverAddresses.isEmpty
@@ -97,7 +98,10 @@ public enum Manifests {
                 map([("name", s("https")), ("containerPort", n(10263)), ("protocol", s("TCP"))]),
                 map([("name", s("meta")), ("containerPort", n(10265)), ("protocol", s("TCP"))]),
             ])),
-            ("readinessProbe", map([("httpGet", map([("path", s("/readyz")), ("port", n(10265))])), ("periodSeconds", n(5))])),
+            // The document's Service carries the agents too, and agents must reach a replica before it holds their
+            // tunnels: its readiness is the listeners'. (`/readyz` also waits for every joined node; a callers-only
+            // Service selecting on it needs the server to label its own pod, which the Kubernetes client will do.)
+            ("readinessProbe", map([("httpGet", map([("path", s("/readyz/listeners")), ("port", n(10265))])), ("periodSeconds", n(5))])),
             ("livenessProbe", map([("httpGet", map([("path", s("/healthz")), ("port", n(10265))])), ("periodSeconds", n(10)), ("failureThreshold", n(3))])),
             ("resources", map([
                 ("requests", map([("cpu", s("100m")), ("memory", s("64Mi"))])),

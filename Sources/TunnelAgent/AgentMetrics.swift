@@ -6,6 +6,8 @@ import TunnelSupport
 final class AgentMetrics: @unchecked Sendable {
     let registry = PrometheusCollectorRegistry()
     let connected: Gauge
+    /// Tunnels registered, one per server replica reached.
+    let serverTunnels: Gauge
     let streams: Gauge
     let refused: Counter
     let reconnects: Counter
@@ -19,6 +21,9 @@ final class AgentMetrics: @unchecked Sendable {
     init(serverAddresses: [String]) {
         connected = registry.makeGauge(
             descriptor: .named("edge_tunnel_agent_connected", help: "1 while the tunnel is registered."))
+        serverTunnels = registry.makeGauge(
+            descriptor: .named(
+                "edge_tunnel_agent_server_tunnels", help: "Registered tunnels, one per server replica reached."))
         streams = registry.makeGauge(
             descriptor: .named("edge_tunnel_agent_streams", help: "Streams open through this agent."))
         refused = registry.makeCounter(

@@ -33,6 +33,8 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     private var addresses: [String]
     /// Tunnels replaced by a newer one, finishing their streams.
     private var lingering: [AgentTunnel] = []
+    /// The tunnels to the other server replicas.
+    private(set) lazy var replicas = ReplicaTunnels(agent: self)
 
     public init(configuration: AgentConfiguration, logger: Logger, group: EventLoopGroup? = nil) throws {
         self.configuration = configuration
@@ -121,6 +123,9 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
 
     public var metaPort: Int { lock.withLock { metaChannel?.localAddress?.port ?? 0 } }
 
+    /// The registered primary tunnel, if any (the one the failover loop manages).
+    var primary: AgentTunnel? { lock.withLock { current?.registered == true ? current : nil } }
+
     /// The server address of the registered tunnel, if any.
     public var connectedAddress: String? { lock.withLock { current?.registered == true ? activeAddress : nil } }
 
@@ -150,6 +155,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     /// Keeps a tunnel up until ``stop()``: the first address that works, the next one when it dies, and back
     /// to a more preferred address once it has been healthy for two checks in a row (10 s apart).
     public func run() async {
+        replicas.start(on: group.next())
         var attempt = 0
         var first = true
         var startAfter: String?
@@ -163,8 +169,13 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
                 order = Array(list[(index + 1)...]) + Array(list[...index])
             }
             startAfter = nil
+            // A healthy tunnel to another replica on the preferred address takes over without a dial.
             var tunnel: AgentTunnel?
-            for text in order where !isStopping {
+            for text in order where tunnel == nil {  // not a lazy map: promote(for:) takes the tunnel out
+                tunnel = replicas.promote(for: text)
+            }
+            if let promoted = tunnel { makePrimary(promoted) }
+            for text in order where !isStopping && tunnel == nil {
                 do {
                     tunnel = try await connect(to: try ServerAddress(parsing: text))
                     break
@@ -267,7 +278,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
 
     /// A replaced tunnel: no new streams come on it (the server drains it); close it once its streams end,
     /// however long they run (its keepalive still closes it if the path dies).
-    private func retireTunnel(_ tunnel: AgentTunnel) {
+    func retireTunnel(_ tunnel: AgentTunnel) {
         lock.withLock { lingering.append(tunnel) }
         tunnel.mux.whenIdle().whenComplete { [weak self] _ in
             tunnel.channel?.close(promise: nil)
@@ -307,7 +318,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         continuation?.resume()
     }
 
-    private var isStopping: Bool { lock.withLock { stopping } }
+    var isStopping: Bool { lock.withLock { stopping } }
 
     /// Drains: tells the server to send no new streams, lets open streams finish for up to the drain timeout,
     /// then closes the tunnel and the meta port.
@@ -318,8 +329,9 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         }
         for replaced in old { replaced.channel?.close(promise: nil) }
         wake()
-        if let tunnel {
-            tunnel.mux.drain(reason: "agent shutting down")
+        let all = (tunnel.map { [$0] } ?? []) + replicas.takeAll()
+        for tunnel in all { tunnel.mux.drain(reason: "agent shutting down") }
+        for tunnel in all {
             await tunnel.mux.whenIdle().orTimeout(configuration.drainTimeout)
             try? await tunnel.channel?.close()
         }
@@ -346,7 +358,9 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         }
     }
 
-    private func connect(to address: ServerAddress) async throws -> AgentTunnel {
+    /// Dials `address` and registers. `primary`: the tunnel becomes the agent's current one (its renewal runs on
+    /// it); otherwise it is a tunnel to another replica, refused at once by a replica named in `haveServers`.
+    func connect(to address: ServerAddress, haveServers: [String] = [], primary: Bool = true) async throws -> AgentTunnel {
         guard let credentials = lock.withLock({ credentials }) else {
             throw JoinError(description: "no credentials")
         }
@@ -373,7 +387,8 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
             .connect(host: address.host, port: address.port).get()
         tunnel.channel = channel
         tunnel.mux.sendControl(
-            Hello(nodeName: configuration.nodeName, nodeIPs: configuration.nodeIPs.map(\.description)))
+            Hello(nodeName: configuration.nodeName, nodeIPs: configuration.nodeIPs.map(\.description),
+                  haveServers: haveServers.isEmpty ? nil : haveServers))
         let timeout = loop.scheduleTask(in: configuration.connectTimeout * 2) {
             tunnel.registration.fail(JoinError(description: "server \(address) did not answer HELLO in time"))
             channel.close(promise: nil)
@@ -386,16 +401,23 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
             channel.close(promise: nil)
             throw error
         }
+        tunnel.startKeepalive()
+        guard primary else { return tunnel }
+        makePrimary(tunnel)
+        logger.info("tunnel registered", metadata: ["server": "\(address)", "serverID": "\(tunnel.serverID ?? "?")"])
+        return tunnel
+    }
+
+    /// `tunnel` (new, or a replica's promoted) becomes the one the failover loop serves on.
+    private func makePrimary(_ tunnel: AgentTunnel) {
         lock.withLock {
             current = tunnel
-            activeAddress = address.text
+            activeAddress = tunnel.address.text
         }
         metrics.connected.set(Int64(1))
-        metrics.setActive(address.text)
-        tunnel.startKeepalive()
+        metrics.setActive(tunnel.address.text)
         scheduleRenewal(tunnel)
-        logger.info("tunnel registered", metadata: ["server": "\(address)"])
-        return tunnel
+        replicas.check()
     }
 
     /// Asks for a new certificate over the tunnel once two thirds of the current one's life have passed;
@@ -557,12 +579,18 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
             return .text(.ok, "ok")
         case "/readyz":
             if let address = connectedAddress {
-                return .text(.ok, "ok: tunnel up via \(address)")
+                let count = replicas.count
+                guard count > 1 else { return .text(.ok, "ok: tunnel up via \(address)") }
+                return .text(.ok, "ok: tunnel up via \(address) (\(1 + replicas.extras.count) of \(count) server replicas)")
             }
             return .text(.serviceUnavailable, "tunnel down")
         case "/metrics":
             let (tunnel, retired) = lock.withLock { (current, retiredBytes) }
-            let counters = tunnel?.mux.counters.snapshot ?? (bytesIn: 0, bytesOut: 0, streams: 0)
+            var counters = tunnel?.mux.counters.snapshot ?? (bytesIn: 0, bytesOut: 0, streams: 0)
+            for extra in replicas.extras {
+                let more = extra.mux.counters.snapshot
+                counters = (counters.bytesIn + more.bytesIn, counters.bytesOut + more.bytesOut, counters.streams + more.streams)
+            }
             return MetaResponse(
                 status: .ok, contentType: "text/plain; version=0.0.4; charset=utf-8",
                 body: metrics.render(
@@ -585,6 +613,8 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
     /// address was removed.
     private let unusable: EventLoopPromise<Void>
     var registered = false
+    /// The replica this tunnel reached (from HELLO_OK).
+    private(set) var serverID: String?
     /// Guarded by the agent's lock: byte counts were moved to the agent's totals.
     var retired = false
     /// Keepalive found the server silent.
@@ -599,10 +629,19 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
         self.registration = eventLoop.makePromise()
         self.unusable = eventLoop.makePromise()
         mux.delegate = self
+        unusable.futureResult.whenComplete { [unusableFlag] _ in unusableFlag.withLockedValue { $0 = true } }
     }
 
     func markUnusable() {
         unusable.succeed(())
+    }
+
+    /// Whether no new streams can come on this tunnel any more.
+    var isUnusable: Bool { unusableFlag.withLockedValue { $0 } }
+    private let unusableFlag = NIOLockedValueBox(false)
+
+    func whenUnusable(_ body: @escaping @Sendable () -> Void) {
+        unusable.futureResult.whenComplete { _ in body() }
     }
 
     /// Whether the tunnel became unusable within `timeout`.
@@ -644,11 +683,21 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
     func mux(_ mux: TunnelMux, didReceiveControl frame: Frame) {
         switch frame.type {
         case .helloOK:
+            let ok = try? HelloOK(frame: frame)
+            serverID = ok.map { PeerText.bounded($0.serverID, limit: 253) } ?? "?"
             registered = true
             mux.peerRegistered()
             registration.succeed(())
+            agent.replicas.learned(count: ok?.serverCount ?? 1)
+        case .serverCount:
+            if let announced = try? ServerCount(frame: frame) { agent.replicas.learned(count: announced.count) }
         case .refused:
-            let reason = (try? Refused(frame: frame).reason).map { PeerText.bounded($0) } ?? "no reason given"
+            let refused = try? Refused(frame: frame)
+            let reason = refused.map { PeerText.bounded($0.reason) } ?? "no reason given"
+            if refused?.duplicate == true, !registered {
+                registration.fail(DuplicateServer(reason: reason))
+                return
+            }
             agent.logger.error("server \(address) refused the tunnel: \(reason)")
             registration.fail(JoinError(description: "server refused the registration: \(reason)"))
         case .goaway:

@@ -157,6 +157,14 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             refuse("certificate is for node \(nodeName) but the registration claims node \(PeerText.bounded(hello.nodeName))")
             return
         }
+        if let have = hello.haveServers, have.contains(server.configuration.serverID) {
+            // The agent holds a tunnel to this replica already (the Service picked it again): refused before
+            // anything is registered, so the live tunnel stays.
+            server.metrics.duplicateTunnels.increment()
+            mux.sendControl(Refused(reason: "already connected to server \(server.configuration.serverID)", duplicate: true))
+            channel.eventLoop.scheduleTask(in: .milliseconds(200)) { self.channel.close(promise: nil) }
+            return
+        }
         var ips: [String] = []
         for ip in hello.nodeIPs {
             guard let address = IPAddress(ip) else {
@@ -185,7 +193,8 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         logger.info("agent registered", metadata: ["ips": "\(ips.joined(separator: ","))"])
         mux.sendControl(
             HelloOK(serverID: server.configuration.serverID,
-                    pingIntervalSeconds: Double(server.configuration.keepaliveInterval.nanoseconds) / 1e9))
+                    pingIntervalSeconds: Double(server.configuration.keepaliveInterval.nanoseconds) / 1e9,
+                    serverCount: server.serverCount))
     }
 
     /// The node lost its right to a tunnel (revoked, or reset by an operator): told why, then closed.

@@ -29,6 +29,11 @@ final class NodeIdentities: @unchecked Sendable {
         lock.withLock { records[node] }?.accepts(certificateValidFrom: notValidBefore) ?? true
     }
 
+    /// The nodes that have joined and are not revoked: the ones a replica expects a tunnel from.
+    var expectedNodes: Set<String> {
+        lock.withLock { Set(records.values.filter { $0.joined != nil && $0.revoked == nil }.map(\.name)) }
+    }
+
     /// The moment a new certificate of `node` must be issued at (its validity start), so that it counts after a
     /// reset in the same second: now, or the reset's rounded-up second if that is later.
     func issuingTime(for node: String) -> Date {

@@ -14,6 +14,8 @@ public struct ServerConfigFile: Codable, Sendable {
     public var certDNSNames: [String]?
     public var clientCAFile: String?
     public var serverID: String?
+    public var serverCount: Int?
+    public var replicaWarmup: String?
     public var logLevel: String?
     public var agentCertificateValidity: String?
     public var servingCertificateValidity: String?
@@ -35,7 +37,7 @@ public struct ServerConfigFile: Codable, Sendable {
 
     public static let keys: Set<String> = [
         "pkiDir", "bindAddress", "tunnelPort", "securePort", "metaPort", "certIPs", "certDNSNames", "clientCAFile",
-        "serverID", "logLevel", "agentCertificateValidity", "servingCertificateValidity", "insecurePort",
+        "serverID", "serverCount", "replicaWarmup", "logLevel", "agentCertificateValidity", "servingCertificateValidity", "insecurePort",
         "insecureBindAddress", "udsPath", "kubeletClientCert", "kubeletClientKey", "kubeletCAFile",
         "eventLoopThreads", "handshakeTimeout", "maxPendingConnections", "maxPendingConnectionsPerSource",
         "allowInsecureBind", "maxStreamsPerAgent", "maxPendingOpensPerAgent", "maxStreamsPerCaller", "maxBufferedMiB",

@@ -28,6 +28,12 @@ public struct ServerConfiguration: Sendable {
     public var clientCAFile: String?
     /// Identifies this replica to agents and in `/v1/agents`.
     public var serverID = ProcessInfo.processInfo.hostName
+    /// Server replicas behind the agents' server address (`--server-count`): each agent keeps one tunnel to
+    /// every replica, so that any replica reaches any node.
+    public var serverCount = 1
+    /// With several replicas, a replica reports ready (`/readyz`) once every joined node holds a tunnel to it, or
+    /// at the latest this long after its start (nodes that are offline must not keep it unready forever).
+    public var replicaWarmup: TimeAmount = .seconds(60)
     /// How long the server waits for an agent to answer an OPEN before answering 504.
     public var dialTimeout: TimeAmount = .seconds(15)
     public var keepaliveInterval: TimeAmount = .seconds(5)

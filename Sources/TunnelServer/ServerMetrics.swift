@@ -18,8 +18,18 @@ final class ServerMetrics: @unchecked Sendable {
     /// Streams refused by a limit (`streams_per_agent`, `pending_opens`, `streams_per_caller`, `buffer_budget`).
     let limitHits: LabeledCounters
     let bufferedBytes: Gauge
+    /// HELLOs refused because the agent already holds a tunnel to this replica (it dials the Service again).
+    let duplicateTunnels: Counter
+    /// Server replicas the agents are told about.
+    let replicas: Gauge
 
     init() {
+        duplicateTunnels = registry.makeCounter(
+            descriptor: .named(
+                "edge_tunnel_server_duplicate_tunnels_total",
+                help: "Registrations refused because the agent already has a tunnel to this replica."))
+        replicas = registry.makeGauge(
+            descriptor: .named("edge_tunnel_server_replicas", help: "Server replicas every agent keeps a tunnel to."))
         agents = registry.makeGauge(
             descriptor: .named("edge_tunnel_server_agents", help: "Agents connected to this server."))
         streams = registry.makeGauge(

@@ -35,10 +35,29 @@ final class TunnelServerCore: @unchecked Sendable {
     private var _sans: ServerSANs
     /// TLS client context for the kubelets behind Host-routed HTTPS requests.
     let kubeletClientContext: NIOSSLContext
+    private var _serverCount: Int
+
+    /// How many server replicas there are (``ServerConfiguration/serverCount``, or the Leases): every agent keeps
+    /// a tunnel to each.
+    var serverCount: Int { lock.withLock { _serverCount } }
+
+    /// A new replica count: told to every registered agent, which dials more tunnels or stops dialing.
+    func setServerCount(_ count: Int) {
+        let changed = lock.withLock { () -> Bool in
+            guard count != _serverCount else { return false }
+            _serverCount = count
+            return true
+        }
+        guard changed else { return }
+        metrics.replicas.set(Int64(count))
+        logger.info("server replicas: \(count)")
+        for session in registry.sessions { session.mux.sendControl(ServerCount(count: count)) }
+    }
 
     init(configuration: ServerConfiguration, logger: Logger) throws {
         self.configuration = configuration
         self.logger = logger
+        self._serverCount = configuration.serverCount
         self.joins = JoinGuard(store: TokenStore(paths: configuration.paths))
         var limits = TunnelLimits()
         limits.maxStreams = configuration.maxStreamsPerAgent
@@ -60,6 +79,7 @@ final class TunnelServerCore: @unchecked Sendable {
         _sans = sans
         (_tunnelContext, _callerContext) = try Self.contexts(serving, authority: authority, clientCA: clientCA)
         metrics.certificateExpiry.set(serving.certificate.notValidAfter.timeIntervalSince1970)
+        metrics.replicas.set(Int64(configuration.serverCount))
         kubeletClientContext = try Self.kubeletContext(configuration: configuration, authority: authority, logger: logger)
     }
 
@@ -187,6 +207,7 @@ public final class TunnelServer: @unchecked Sendable {
     /// Device and inode of the Unix socket file this server created (--uds-path).
     private var udsIdentity: (device: UInt, inode: UInt)?
     private var ready = false
+    private let started = NIODeadline.now()
     private var renewalTask: Scheduled<Void>?
     private var identityWatch: RepeatedTask?
     /// One per listener: connections not yet authenticated (see ``ConnectionGate``).
@@ -213,6 +234,11 @@ public final class TunnelServer: @unchecked Sendable {
     public func updateAddresses(certIPs: [String], certDNSNames: [String]) throws {
         let sans = try ServerSANs(ips: certIPs, dnsNames: certDNSNames)
         try core.refreshServingCertificate(sans: sans)
+    }
+
+    /// A new number of server replicas (a reloaded `--server-count`, or the Leases): every agent is told.
+    public func setServerCount(_ count: Int) {
+        core.setServerCount(count)
     }
 
     /// Re-reads `nodes.json` every two seconds: a node revoked (or reset) by `edgetunnel node` loses its live
@@ -441,13 +467,30 @@ public final class TunnelServer: @unchecked Sendable {
         if ownsGroup { try? await group.shutdownGracefully() }
     }
 
+    /// With several replicas a caller routed here must find its node here: until every joined node holds a
+    /// tunnel to this replica (or ``ServerConfiguration/replicaWarmup`` has passed) it is not ready, so the
+    /// callers' Service does not send it requests it would answer with 502. The agents' Service must include
+    /// unready replicas (`publishNotReadyAddresses`), or they could never attach.
+    private func replicaWarmingUp() -> String? {
+        guard core.serverCount > 1, NIODeadline.now() - started < configuration.replicaWarmup else { return nil }
+        let expected = core.identities.expectedNodes
+        guard !expected.isEmpty else { return nil }
+        let missing = expected.subtracting(core.registry.sessions.map(\.nodeName))
+        guard let example = missing.min() else { return nil }
+        return "warming up: \(expected.count - missing.count) of \(expected.count) joined nodes hold a tunnel to this "
+            + "replica (missing: \(example)\(missing.count > 1 ? " and \(missing.count - 1) more" : ""))"
+    }
+
     private func route(_ method: HTTPMethod, _ path: String) -> MetaResponse {
         switch path {
         case "/healthz", "/livez":
             return .text(.ok, "ok")
-        case "/readyz":
+        case "/readyz", "/readyz/listeners":
             let isReady = lock.withLock { ready }
-            return isReady ? .text(.ok, "ok") : .text(.serviceUnavailable, "listeners are not up")
+            guard isReady else { return .text(.serviceUnavailable, "listeners are not up") }
+            // `/readyz/listeners` is for a Service that agents use too: agents must reach an unready replica.
+            if path == "/readyz", let missing = replicaWarmingUp() { return .text(.serviceUnavailable, missing) }
+            return .text(.ok, "ok")
         case "/metrics":
             return MetaResponse(
                 status: .ok, contentType: "text/plain; version=0.0.4; charset=utf-8",

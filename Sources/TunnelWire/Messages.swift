@@ -41,11 +41,18 @@ public struct Hello: ControlMessage, Equatable {
     public var nodeName: String
     public var nodeIPs: [String]
     public var capabilities: [String]
-    public init(version: Int = tunnelProtocolVersion, nodeName: String, nodeIPs: [String], capabilities: [String] = []) {
+    /// The server replicas this agent already holds a tunnel to: a replica named here refuses at once
+    /// (``Refused/duplicate``) instead of registering a second tunnel of the node. Nil when there are none.
+    public var haveServers: [String]?
+    public init(
+        version: Int = tunnelProtocolVersion, nodeName: String, nodeIPs: [String], capabilities: [String] = [],
+        haveServers: [String]? = nil
+    ) {
         self.version = version
         self.nodeName = nodeName
         self.nodeIPs = nodeIPs
         self.capabilities = capabilities
+        self.haveServers = haveServers
     }
 }
 
@@ -55,11 +62,22 @@ public struct HelloOK: ControlMessage, Equatable {
     public var serverID: String
     public var maxFramePayload: Int
     public var pingIntervalSeconds: Double
-    public init(serverID: String, maxFramePayload: Int = Frame.maxPayload, pingIntervalSeconds: Double) {
+    /// How many server replicas there are: the agent keeps one tunnel to each. Nil (older servers): one.
+    public var serverCount: Int?
+    public init(serverID: String, maxFramePayload: Int = Frame.maxPayload, pingIntervalSeconds: Double, serverCount: Int? = nil) {
         self.serverID = serverID
         self.maxFramePayload = maxFramePayload
         self.pingIntervalSeconds = pingIntervalSeconds
+        self.serverCount = serverCount
     }
+}
+
+/// Server → agent, whenever the number of server replicas changes (``HelloOK/serverCount`` says it at
+/// registration): the agent dials more tunnels when it grew, and stops dialing when it shrank.
+public struct ServerCount: ControlMessage, Equatable {
+    public static let frameType = FrameType.serverCount
+    public var count: Int
+    public init(count: Int) { self.count = count }
 }
 
 /// The longest reason (in characters) a REFUSED, OPEN_FAIL or GOAWAY we build carries: reasons quote peer
@@ -71,7 +89,13 @@ public let maxReasonLength = 1024
 public struct Refused: ControlMessage, Equatable {
     public static let frameType = FrameType.refused
     public var reason: String
-    public init(reason: String) { self.reason = PeerText.bounded(reason, limit: maxReasonLength) }
+    /// The agent already holds a tunnel to this replica (it named it in ``Hello/haveServers``): not an error,
+    /// the agent dials again for another replica.
+    public var duplicate: Bool?
+    public init(reason: String, duplicate: Bool? = nil) {
+        self.reason = PeerText.bounded(reason, limit: maxReasonLength)
+        self.duplicate = duplicate
+    }
 }
 
 /// Server → agent: open stream `streamID` to `target` (`host:port`). `window` is the server's initial receive

@@ -51,6 +51,14 @@ struct ServerCommand: AsyncParsableCommand {
     @Option(name: .customLong("client-ca-file"), help: "CA for callers on the secure port (default: the tunnel CA).")
     var clientCAFile: String?
     @Option(name: .customLong("server-id"), help: "Name of this replica (default: the host name).") var serverID: String?
+    @Option(
+        name: .customLong("server-count"),
+        help: "Server replicas behind the agents' server address; every agent keeps a tunnel to each (default 1). Reloadable.")
+    var serverCount: Int?
+    @Option(
+        name: .customLong("replica-warmup"),
+        help: "With several replicas: unready until every joined node holds a tunnel here, at most this long (default 60s).")
+    var replicaWarmup: String?
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String?
     @Option(name: .customLong("log-format"), help: "text or json (one object a line).")
@@ -141,6 +149,19 @@ struct ServerCommand: AsyncParsableCommand {
         configuration.certDNSNames = names.isEmpty ? (file.certDNSNames ?? []) : names
         configuration.clientCAFile = clientCAFile ?? file.clientCAFile
         configuration.serverID = serverID ?? file.serverID ?? configuration.serverID
+        if let count = serverCount ?? file.serverCount {
+            guard (1...1000).contains(count) else {
+                throw PKIError(.invalidArgument, "invalid --server-count \(count): must be 1-1000")
+            }
+            configuration.serverCount = count
+        }
+        if let warmup = replicaWarmup ?? file.replicaWarmup {
+            let seconds = try Durations.parse(warmup, what: "--replica-warmup")
+            guard (0...3600).contains(seconds) else {
+                throw PKIError(.invalidDuration, "--replica-warmup must be between 0s and 1h")
+            }
+            configuration.replicaWarmup = .milliseconds(Int64(seconds * 1000))
+        }
         if let threads = eventLoopThreads ?? file.eventLoopThreads {
             guard (1...256).contains(threads) else {
                 throw PKIError(.invalidArgument, "invalid --event-loop-threads \(threads): must be 1-256")
@@ -262,6 +283,7 @@ final class ConfigReloader: @unchecked Sendable {
                 logger.warning("\(reason): ports, bind address, PKI folder and client CA change only with a restart; applying the addresses")
             }
             try server.updateAddresses(certIPs: next.certIPs, certDNSNames: next.certDNSNames)
+            server.setServerCount(next.serverCount)
             applied = next
             logger.info("\(reason): configuration applied", metadata: [
                 "certIPs": "\(next.certIPs.joined(separator: ","))", "certDNSNames": "\(next.certDNSNames.joined(separator: ","))",

@@ -110,3 +110,81 @@ class Topology:
 
     def restore_private_line(self):
         sh("ip", "-n", self.edge, "link", "set", self.private_link, "up")
+
+
+class ClusterNetwork:
+    """Server "pods" behind a ClusterIP made as kube-proxy makes one in iptables mode, and an edge.
+
+    router: one veth to each pod (10.250.N.1/30 ↔ 10.250.N.2/30) and one to the edge (10.250.99.1/30 ↔
+            10.250.99.2/30); it forwards, and DNATs CLUSTER_IP:port to the port's endpoints with
+            `-m statistic --mode random --probability 1/(n-i)`, one chain per port, as kube-proxy's KUBE-SVC-*
+            chains. Changing the endpoints rewrites the chain (existing connections keep their conntrack entry).
+    podN:   a server replica at 10.250.N.2.
+    edge:   the agents and the callers, at 10.250.99.2.
+    """
+
+    CLUSTER_IP = "10.96.0.10"
+    EDGE_IP = "10.250.99.2"
+
+    def __init__(self, pods):
+        tag = uuid.uuid4().hex[:5]
+        self.tag = tag
+        self.router, self.edge = f"rt{tag}", f"ed{tag}"
+        self.pods = [f"p{i}{tag}" for i in range(1, pods + 1)]
+        self.endpoints = {}
+
+    def pod_ip(self, index):
+        return f"10.250.{index + 1}.2"
+
+    def __enter__(self):
+        require_netns()
+        t = self.tag
+        try:
+            for ns in (self.router, self.edge, *self.pods):
+                sh("ip", "netns", "add", ns)
+                sh("ip", "-n", ns, "link", "set", "lo", "up")
+            links = [(ns, f"10.250.{i + 1}") for i, ns in enumerate(self.pods)] + [(self.edge, "10.250.99")]
+            for ns, net in links:
+                outside, inside = f"r{net.split('.')[-1]}{t}", f"i{net.split('.')[-1]}{t}"
+                sh("ip", "link", "add", outside, "netns", self.router, "type", "veth", "peer", "name", inside, "netns", ns)
+                sh("ip", "-n", self.router, "addr", "add", f"{net}.1/30", "dev", outside)
+                sh("ip", "-n", ns, "addr", "add", f"{net}.2/30", "dev", inside)
+                sh("ip", "-n", self.router, "link", "set", outside, "up")
+                sh("ip", "-n", ns, "link", "set", inside, "up")
+                sh("ip", "-n", ns, "route", "add", "default", "via", f"{net}.1")
+            sh("ip", "netns", "exec", self.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        except Exception:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for ns in (self.router, self.edge, *self.pods):
+            sh("ip", "netns", "del", ns, check=False)
+
+    def iptables(self, *args):
+        sh("ip", "netns", "exec", self.router, "iptables", "-t", "nat", *args)
+
+    def set_endpoints(self, port, pod_indexes):
+        """Points CLUSTER_IP:port at these pods, each equally likely, as kube-proxy does: in one iptables-restore
+        transaction, so no packet ever meets an empty chain."""
+        chain = f"SVC-{port}"
+        if port not in self.endpoints:
+            self.iptables("-N", chain)
+            self.iptables("-A", "PREROUTING", "-d", self.CLUSTER_IP, "-p", "tcp", "--dport", str(port), "-j", chain)
+        rules = ["*nat", f"-F {chain}"]
+        n = len(pod_indexes)
+        for i, index in enumerate(pod_indexes):
+            target = f"-j DNAT --to-destination {self.pod_ip(index)}:{port}"
+            if i < n - 1:
+                rules.append(f"-A {chain} -p tcp -m statistic --mode random --probability {1 / (n - i):.10f} {target}")
+            else:
+                rules.append(f"-A {chain} -p tcp {target}")
+        rules.append("COMMIT")
+        subprocess.run(["ip", "netns", "exec", self.router, "iptables-restore", "--noflush"], input="\n".join(rules) + "\n",
+                       capture_output=True, text=True, check=True, timeout=60)
+        self.endpoints[port] = list(pod_indexes)
+
+    def run(self, ns, *args, check=True, timeout=60):
+        return subprocess.run(["ip", "netns", "exec", ns, *[str(a) for a in args]], capture_output=True, text=True,
+                              check=check, timeout=timeout)

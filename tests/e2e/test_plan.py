@@ -111,7 +111,10 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
         deployment = next(d for d in docs if d["kind"] == "Deployment")
         assert deployment["spec"]["replicas"] == 3
         probe = deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
-        assert probe["httpGet"] == {"path": "/readyz", "port": 10265}
+        # The document's Service carries the agents too: readiness must not wait for them (see test_replicas.py).
+        assert probe["httpGet"] == {"path": "/readyz/listeners", "port": 10265}
+        config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["server.yaml"]
+        assert "serverCount: 3" in config.splitlines(), config
         ds = next(d for d in docs if d["kind"] == "DaemonSet")
         assert ds["spec"]["template"]["spec"]["nodeSelector"] == {"alibabacloud.com/is-edge-worker": "true"}
         # The agent's stream buffers are bounded at 96 MiB plus ~25 MiB idle: its limit must hold both (it

@@ -1,0 +1,146 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// The agent's tunnels to the other server replicas (konnectivity's model): the server address is a Service
+/// that balances over the replicas, and each replica can reach only the nodes that hold a tunnel to it, so the
+/// agent keeps dialing that address until it holds one tunnel per distinct server ID. The first tunnel (the
+/// agent's *primary*, which the failover loop in ``EdgeTunnelAgent/run()`` manages) says how many replicas
+/// there are (``HelloOK/serverCount``, later ``ServerCount``); these are the others, on the primary's address.
+///
+/// A dial names the replicas already held (``Hello/haveServers``): a replica that is one of them refuses at once,
+/// before registering anything, and the next dial waits a jittered, growing moment (the Service picks replicas
+/// at random, so with k of n held a dial finds a new one with probability (n-k)/n). When the primary dies while
+/// another tunnel is healthy, that one becomes the primary and no dial is needed (``promote(for:)``).
+final class ReplicaTunnels: @unchecked Sendable {
+    unowned let agent: EdgeTunnelAgent
+    private let lock = NIOLock()
+    private var tunnels: [AgentTunnel] = []
+    private var serverCount = 1
+    private var dialing = false
+    private var notBefore = NIODeadline.uptimeNanoseconds(0)
+    private var duplicates = 0
+    private var failures = 0
+    private var ticker: RepeatedTask?
+
+    init(agent: EdgeTunnelAgent) {
+        self.agent = agent
+    }
+
+    /// Checks every second (and at once on every change) whether a replica is missing.
+    func start(on loop: EventLoop) {
+        let task = loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [weak self] _ in
+            self?.check()
+        }
+        lock.withLock { ticker = task }
+    }
+
+    /// The tunnels to other replicas (registered, not yet known to be unusable).
+    var extras: [AgentTunnel] { lock.withLock { tunnels } }
+
+    /// How many replicas the servers last said there are.
+    var count: Int { lock.withLock { serverCount } }
+
+    /// A server said how many replicas there are.
+    func learned(count: Int) {
+        let changed = lock.withLock { () -> Bool in
+            let count = max(1, min(count, 1000))
+            guard count != serverCount else { return false }
+            serverCount = count
+            notBefore = .uptimeNanoseconds(0)
+            return true
+        }
+        if changed {
+            agent.logger.info("server replicas: \(count)")
+            check()
+        }
+    }
+
+    /// A healthy tunnel on `address` to make the primary, taken out of this set; nil if there is none.
+    func promote(for address: String) -> AgentTunnel? {
+        let fresh = agent.configuration.keepaliveInterval * 2
+        return lock.withLock { () -> AgentTunnel? in
+            guard let index = tunnels.firstIndex(where: {
+                $0.address.text == address && $0.channel?.isActive == true && !$0.declaredDead && !$0.isUnusable
+                    && NIODeadline.now() - $0.mux.lastFrameReceived < fresh
+            }) else { return nil }
+            return tunnels.remove(at: index)
+        }
+    }
+
+    /// Dials one more replica when fewer than the count are held, unless a dial is under way or backing off.
+    func check() {
+        guard !agent.isStopping, let primary = agent.primary, let primaryID = primary.serverID else { return }
+        // Tunnels on another address (the primary moved) or unusable (died, GOAWAY) leave the set and drain.
+        let (stale, held, wanted) = lock.withLock { () -> ([AgentTunnel], [String], Bool) in
+            let stale = tunnels.filter { $0.address.text != primary.address.text || $0.isUnusable }
+            tunnels.removeAll { t in stale.contains { $0 === t } }
+            let held = [primaryID] + tunnels.compactMap(\.serverID)
+            guard held.count < serverCount, !dialing, NIODeadline.now() >= notBefore else { return (stale, held, false) }
+            dialing = true
+            return (stale, held, true)
+        }
+        for tunnel in stale { agent.retireTunnel(tunnel) }
+        agent.metrics.serverTunnels.set(Int64(held.count))
+        guard wanted else { return }
+        let address = primary.address
+        Task {
+            do {
+                let tunnel = try await agent.connect(to: address, haveServers: held, primary: false)
+                let now = agent.primary
+                let keep = lock.withLock { () -> Bool in
+                    dialing = false
+                    duplicates = 0
+                    failures = 0
+                    // The primary may have moved meanwhile, or the same replica been reached twice.
+                    guard address.text == now?.address.text, let id = tunnel.serverID, id != now?.serverID,
+                        !tunnels.contains(where: { $0.serverID == id })
+                    else { return false }
+                    tunnels.append(tunnel)
+                    return true
+                }
+                if keep {
+                    agent.logger.info("tunnel to server replica \(tunnel.serverID ?? "?") registered", metadata: ["server": "\(address)"])
+                    tunnel.whenUnusable { [weak self] in self?.check() }
+                } else {
+                    agent.retireTunnel(tunnel)
+                }
+            } catch let duplicate as DuplicateServer {
+                agent.logger.debug("dialed a replica already held: \(duplicate.reason)")
+                lock.withLock {
+                    dialing = false
+                    duplicates += 1
+                    // Full jitter up to 100 ms × 2^n, at most 5 s: a replica restart does not make every agent
+                    // redial in lockstep, and a lucky agent is not slowed by an unlucky streak.
+                    let ceiling = min(Int64(5_000_000_000), Int64(100_000_000) << Int64(min(duplicates, 6)))
+                    notBefore = .now() + .nanoseconds(Int64.random(in: 0...ceiling))
+                }
+            } catch {
+                let wait = lock.withLock { () -> TimeAmount in
+                    dialing = false
+                    failures += 1
+                    let wait = agent.backoff(attempt: failures)
+                    notBefore = .now() + wait
+                    return wait
+                }
+                agent.logger.warning("cannot reach another server replica via \(address): \(error); again in \(wait.nanoseconds / 1_000_000) ms")
+            }
+            agent.metrics.serverTunnels.set(Int64(1 + extras.count))
+        }
+    }
+
+    /// Every tunnel, for shutdown.
+    func takeAll() -> [AgentTunnel] {
+        lock.withLock {
+            ticker?.cancel()
+            defer { tunnels = [] }
+            return tunnels
+        }
+    }
+}
+
+/// A replica refused the tunnel because the agent already holds one to it.
+struct DuplicateServer: Error, CustomStringConvertible {
+    let reason: String
+    var description: String { "duplicate: \(reason)" }
+}

@@ -1,0 +1,150 @@
+"""A caller for the replica tests, run inside a network namespace (`ip netns exec NS python3 replica_client.py ...`).
+
+requests: CONNECT through PROXY to a random node's edge service, GET /hello, check the answer; repeated COUNT
+          times (or until STOP_FILE exists) by THREADS threads. Prints one JSON line: ok, failures, first errors.
+hold:     STREAMS CONNECT streams through PROXY reading /infinite for SECONDS; prints the bytes each stream read
+          in each second, and whether it ended early.
+"""
+import argparse
+import json
+import os
+import random
+import socket
+import ssl
+import threading
+import time
+
+
+def tls_context(args):
+    context = ssl.create_default_context(cafile=args.ca)
+    context.check_hostname = False  # pod IPs are not in the serving certificate; the chain is still verified
+    context.load_cert_chain(args.cert, args.key)
+    return context
+
+
+def connect(args, context, node):
+    host, port = args.proxy.rsplit(":", 1)
+    raw = socket.create_connection((host, int(port)), timeout=10)
+    tls = context.wrap_socket(raw)
+    tls.sendall(f"CONNECT {node}:{args.port} HTTP/1.1\r\nHost: {node}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = tls.recv(1)
+        if not chunk:
+            break
+        head += chunk
+    status = head.split(b"\r\n", 1)[0].decode(errors="replace")
+    if not status.startswith("HTTP/1.1 200"):
+        rest = b""
+        try:
+            rest = tls.recv(4096)
+        except OSError:
+            pass
+        tls.close()
+        raise RuntimeError(f"{node}: {status} {rest.decode(errors='replace').strip()}")
+    return tls
+
+
+def one_request(args, context, node):
+    tls = connect(args, context, node)
+    try:
+        tls.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            chunk = tls.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        if not data.endswith(b"hello from the edge\n"):
+            raise RuntimeError(f"{node}: unexpected answer {data[-80:]!r}")
+    finally:
+        tls.close()
+
+
+def requests(args):
+    context = tls_context(args)
+    nodes = args.nodes.split(",")
+    lock = threading.Lock()
+    done = {"ok": 0, "failures": 0, "errors": [], "started": 0}
+
+    def worker():
+        while True:
+            with lock:
+                if args.count and done["started"] >= args.count:
+                    return
+                done["started"] += 1
+            if args.stop_file and os.path.exists(args.stop_file):
+                return
+            node = random.choice(nodes)
+            try:
+                one_request(args, context, node)
+                with lock:
+                    done["ok"] += 1
+            except Exception as error:  # reported, not raised: the test counts them
+                with lock:
+                    done["failures"] += 1
+                    if len(done["errors"]) < 10:
+                        done["errors"].append(f"{time.strftime('%H:%M:%S')} {error}")
+
+    threads = [threading.Thread(target=worker) for _ in range(args.threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({k: done[k] for k in ("ok", "failures", "errors")}), flush=True)
+
+
+def hold(args):
+    context = tls_context(args)
+    nodes = args.nodes.split(",")
+    results = [None] * args.streams
+
+    def reader(index):
+        node = nodes[index % len(nodes)]
+        per_second = [0] * args.seconds
+        ended = None
+        try:
+            tls = connect(args, context, node)
+            tls.sendall(b"GET /infinite HTTP/1.1\r\nHost: x\r\n\r\n")
+            tls.settimeout(5)
+            start = time.monotonic()
+            while (elapsed := time.monotonic() - start) < args.seconds:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    ended = f"closed after {elapsed:.1f}s"
+                    break
+                per_second[int(elapsed)] += len(chunk)
+                time.sleep(0.002)  # a slow reader: the stream stays open, bytes keep coming
+            tls.close()
+        except Exception as error:
+            ended = f"{error}"
+        results[index] = {"node": node, "per_second": per_second, "ended": ended}
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(args.streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps(results), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["requests", "hold"])
+    parser.add_argument("--proxy", required=True)
+    parser.add_argument("--ca", required=True)
+    parser.add_argument("--cert", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--nodes", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--count", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--stop-file")
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--seconds", type=int, default=10)
+    args = parser.parse_args()
+    {"requests": requests, "hold": hold}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()

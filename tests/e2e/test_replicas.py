@@ -1,0 +1,176 @@
+"""Three server replicas as one tunnel, tested like production: each replica in its own network namespace (a
+"pod"), a ClusterIP made as kube-proxy makes one in iptables mode (random DNAT per endpoint, rules rewritten
+when endpoints change), 20 agents in an edge namespace dialing it, callers using it.
+
+As Kubernetes would run it, the agents' port (10262) lists every live replica (`publishNotReadyAddresses`), and
+the callers' port (10263) only replicas whose /readyz says ok: a replica is ready once every joined node holds
+a tunnel to it. The test drives the endpoints the way the endpoints controller and kube-proxy would.
+"""
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import BIN, run
+from harness import PYTHON_HELPER_EXITS, Proc, stop_and_check, wait_until
+from netns import ClusterNetwork
+
+HERE = pathlib.Path(__file__).resolve().parent
+EDGE_PORT = 18080
+AGENTS = 20
+REPLICAS = 3
+# Every agent holds a tunnel to every replica within this long of the last one starting (the agents' dials of
+# the Service land on a random replica; one already held refuses at once and the next dial waits a jittered,
+# growing moment of at most 5 s).
+ALL_ATTACHED_S = 90
+
+
+class Replicas:
+    def __init__(self, net, tmp):
+        self.net, self.tmp = net, pathlib.Path(tmp)
+        self.pki = self.tmp / "pki"
+        self.procs, self.servers = [], {}
+        run(BIN / "edgetunnel", "pki", "init", "--pki-dir", self.pki)
+        run(BIN / "edgetunnel", "pki", "issue-client", "--pki-dir", self.pki, "--name", "operator")
+        self.token = run(BIN / "edgetunnel", "token", "create", "--pki-dir", self.pki).stdout.strip()
+        self.ca_hash = run(BIN / "edgetunnel", "pki", "ca-hash", "--pki-dir", self.pki).stdout.strip()
+        self.nodes = [f"edge-{i}" for i in range(1, AGENTS + 1)]
+        self.restarts = 0
+
+    def spawn(self, ns, args, name, clean_exits=(0,)):
+        proc = Proc(["ip", "netns", "exec", ns, *args], self.tmp / f"{name}.log", clean_exits=clean_exits)
+        self.procs.append(proc)
+        return proc
+
+    def start_server(self, index):
+        """Replica `index` in its pod; the shared PKI folder holds the CA, tokens and nodes.json."""
+        self.restarts += 1
+        self.servers[index] = self.spawn(self.net.pods[index], [
+            BIN / "edge-tunnel-server", "--pki-dir", self.pki, "--server-id", f"replica-{index}",
+            "--server-count", REPLICAS, "--cert-ips", ClusterNetwork.CLUSTER_IP], f"server-{index}-{self.restarts}")
+        wait_until(lambda: self.meta(index, "/healthz") == "ok\n", 20, f"replica {index} listening")
+
+    def meta(self, index, path):
+        return self.net.run(self.net.pods[index], "curl", "-s", "--max-time", "3", f"http://127.0.0.1:10265{path}",
+                            check=False).stdout
+
+    def ready(self, index):
+        return self.meta(index, "/readyz") == "ok\n"
+
+    def attached(self, index):
+        agents = json.loads(self.meta(index, "/v1/agents") or "{}").get("agents", [])
+        return sorted(a["nodeName"] for a in agents)
+
+    def all_attached(self, indexes):
+        return all(self.attached(i) == sorted(self.nodes) for i in indexes)
+
+    def start_edge(self):
+        self.spawn(self.net.edge, [sys.executable, HERE / "edge_service.py", "127.0.0.1", EDGE_PORT], "edge-service",
+                   clean_exits=PYTHON_HELPER_EXITS)
+        for i, node in enumerate(self.nodes):
+            self.spawn(self.net.edge, [
+                BIN / "edge-tunnel-agent", "--node-name", node, "--server-address", f"{ClusterNetwork.CLUSTER_IP}:10262",
+                "--pki-dir", self.tmp / f"agent-{node}", "--meta-port", 20000 + i, "--bootstrap-token", self.token,
+                "--ca-cert-hash", self.ca_hash, "--allow", f"127.0.0.1:{EDGE_PORT}", "--log-level", "debug"], f"agent-{node}")
+
+    def client(self, mode, *extra, proxy=None, timeout=300):
+        return [*("ip", "netns", "exec", self.net.edge, sys.executable, HERE / "replica_client.py", mode),
+                "--proxy", proxy or f"{ClusterNetwork.CLUSTER_IP}:10263", "--ca", self.pki / "ca.crt",
+                "--cert", self.pki / "operator.crt", "--key", self.pki / "operator.key",
+                "--nodes", ",".join(self.nodes), "--port", EDGE_PORT, *extra]
+
+    def requests(self, count, threads=4):
+        out = subprocess.run([str(a) for a in self.client("requests", "--count", count, "--threads", threads)],
+                             capture_output=True, text=True, timeout=300, check=True)
+        return json.loads(out.stdout)
+
+    def close(self):
+        stop_and_check(self.procs)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with ClusterNetwork(REPLICAS) as net:
+        r = Replicas(net, tmp_path)
+        try:
+            for index in range(REPLICAS):
+                r.start_server(index)
+            net.set_endpoints(10262, range(REPLICAS))
+            started = time.monotonic()
+            r.start_edge()
+            wait_until(lambda: r.all_attached(range(REPLICAS)), ALL_ATTACHED_S, "every agent on every replica")
+            r.attach_seconds = time.monotonic() - started
+            wait_until(lambda: all(r.ready(i) for i in range(REPLICAS)), 10, "every replica ready")
+            net.set_endpoints(10263, range(REPLICAS))
+            yield r
+        finally:
+            r.close()
+
+
+def test_every_agent_reaches_every_replica_and_no_request_lands_where_its_node_is_not(cluster):
+    """20 agents, 3 replicas behind random DNAT: every node is registered on every replica (each agent held
+    three tunnels within ALL_ATTACHED_S), and 1,000 requests through the ClusterIP get zero 502s. Before, each
+    agent held one tunnel and about half of the requests landed on a replica without their node."""
+    print(f"all {AGENTS} agents on all {REPLICAS} replicas after {cluster.attach_seconds:.1f} s")
+    result = cluster.requests(1000)
+    assert result["failures"] == 0 and result["ok"] == 1000, result
+    for index in range(REPLICAS):
+        metrics = cluster.meta(index, "/metrics")
+        assert f"edge_tunnel_server_replicas {REPLICAS}" in metrics.replace(".0\n", "\n")
+
+
+def test_a_killed_replica_fails_no_other_stream_and_its_return_is_attached(cluster):
+    """kill -9 one replica mid-traffic: streams held through the other two go on, new requests succeed once
+    its endpoint is removed, and when it returns every agent attaches to it again."""
+    net = cluster.net
+    holders = [subprocess.Popen([str(a) for a in cluster.client(
+        "hold", "--streams", 4, "--seconds", 12, proxy=f"{net.pod_ip(i)}:10263")], stdout=subprocess.PIPE, text=True)
+        for i in (0, 2)]
+    time.sleep(4)
+    cluster.servers[1].send_signal(signal.SIGKILL)
+    net.set_endpoints(10262, [0, 2])
+    net.set_endpoints(10263, [0, 2])
+    after_kill = cluster.requests(200)
+    held = [json.loads(p.communicate(timeout=60)[0]) for p in holders]
+    for streams in held:
+        for stream in streams:
+            assert stream["ended"] is None, stream
+            assert all(count > 0 for count in stream["per_second"][5:]), stream["per_second"]
+    assert after_kill["failures"] == 0, after_kill
+    cluster.start_server(1)
+    net.set_endpoints(10262, [0, 1, 2])
+    started = time.monotonic()
+    wait_until(lambda: cluster.ready(1), ALL_ATTACHED_S, "the returned replica ready (every agent attached)")
+    print(f"every agent attached to the returned replica after {time.monotonic() - started:.1f} s")
+    assert cluster.attached(1) == sorted(cluster.nodes)
+    net.set_endpoints(10263, [0, 1, 2])
+    assert cluster.requests(300)["failures"] == 0
+
+
+def test_a_rolling_restart_fails_no_request(cluster, tmp_path):
+    """Each replica in turn: out of the callers' endpoints, SIGTERM (it drains), a new process, back in the
+    agents' endpoints, and in the callers' once ready. Requests keep flowing the whole time: none fails."""
+    net = cluster.net
+    stop_file = tmp_path / "stop"
+    callers = subprocess.Popen([str(a) for a in cluster.client("requests", "--threads", 3, "--stop-file", stop_file)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        for index in range(REPLICAS):
+            others = [i for i in range(REPLICAS) if i != index]
+            net.set_endpoints(10263, others)
+            net.set_endpoints(10262, others)
+            time.sleep(1)
+            cluster.servers[index].stop()
+            cluster.start_server(index)
+            net.set_endpoints(10262, range(REPLICAS))
+            wait_until(lambda: cluster.ready(index), ALL_ATTACHED_S, f"replica {index} ready after its restart")
+            net.set_endpoints(10263, range(REPLICAS))
+            time.sleep(2)
+    finally:
+        stop_file.write_text("stop")
+        result = json.loads(callers.communicate(timeout=60)[0])
+    assert result["ok"] > 100 and result["failures"] == 0, result
