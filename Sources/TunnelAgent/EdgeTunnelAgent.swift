@@ -336,6 +336,12 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
             try? await tunnel.channel?.close()
         }
         try? await meta?.close()
+    }
+
+    /// After ``stop()`` and once ``run()`` has returned: waits for a dial still under way, then shuts down the
+    /// event loops the agent made itself (a loop shut down under a connection attempt would leak its promises).
+    public func shutdown() async {
+        await replicas.finishDials()
         if ownsGroup { try? await group.shutdownGracefully() }
     }
 
@@ -371,20 +377,51 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         // A name is checked against the certificate's DNS SANs; an IP cannot be SNI, and NIOSSL then checks
         // the certificate's IP SANs against the address it connected to.
         let hostname = address.isIP ? nil : address.host
-        let channel = try await ClientBootstrap(group: loop)
-            .connectTimeout(configuration.connectTimeout)
-            .streamConnection(halfClosure: false)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    let sync = channel.pipeline.syncOperations
-                    try sync.addHandler(NIOSSLClientHandler(context: context, serverHostname: hostname))
-                    try sync.addHandler(FrameDecoder(maxPayload: Frame.maxUnregisteredPayload))
-                    try sync.addHandler(FrameEncoder())
-                    try sync.addHandler(tunnel.mux)
-                    try sync.addHandler(AgentTunnelErrorHandler(tunnel: tunnel))
+        let addTunnelHandlers: @Sendable (Channel) throws -> Void = { channel in
+            let sync = channel.pipeline.syncOperations
+            try sync.addHandler(NIOSSLClientHandler(context: context, serverHostname: hostname))
+            try sync.addHandler(FrameDecoder(maxPayload: Frame.maxUnregisteredPayload))
+            try sync.addHandler(FrameEncoder())
+            try sync.addHandler(tunnel.mux)
+            try sync.addHandler(AgentTunnelErrorHandler(tunnel: tunnel))
+        }
+        // A dial for another replica asks first which replica the Service picked (ReplicaProbe): one already held
+        // costs a TCP connection and a line, not a TLS handshake.
+        let probe = primary ? nil : loop.makePromise(of: String.self)
+        let channel: Channel
+        do {
+            channel = try await ClientBootstrap(group: loop)
+                .connectTimeout(configuration.connectTimeout)
+                .streamConnection(halfClosure: false)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        if let probe {
+                            try channel.pipeline.syncOperations.addHandler(ReplicaProbeAsker(answered: probe))
+                        } else {
+                            try addTunnelHandlers(channel)
+                        }
+                    }
                 }
+                .connect(host: address.host, port: address.port).get()
+        } catch {
+            probe?.fail(error)  // a promise must be completed, also when the connection never came up
+            throw error
+        }
+        if let probe {
+            let timer = loop.scheduleTask(in: configuration.connectTimeout) {
+                probe.fail(ReplicaProbeError(description: "no answer to the replica question in time"))
             }
-            .connect(host: address.host, port: address.port).get()
+            do {
+                let id = try await probe.futureResult.get()
+                timer.cancel()
+                guard !haveServers.contains(id) else { throw DuplicateServer(reason: "the Service picked replica \(id) again") }
+                try await channel.eventLoop.submit { try addTunnelHandlers(channel) }.get()
+            } catch {
+                timer.cancel()
+                channel.close(promise: nil)
+                throw error
+            }
+        }
         tunnel.channel = channel
         tunnel.mux.sendControl(
             Hello(nodeName: configuration.nodeName, nodeIPs: configuration.nodeIPs.map(\.description),

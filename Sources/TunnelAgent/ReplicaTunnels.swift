@@ -9,7 +9,7 @@ import NIOCore
 /// there are (``HelloOK/serverCount``, later ``ServerCount``); these are the others, on the primary's address.
 ///
 /// A dial names the replicas already held (``Hello/haveServers``): a replica that is one of them refuses at once,
-/// before registering anything, and the next dial waits a jittered, growing moment (the Service picks replicas
+/// before TLS (``ReplicaProbe``) or before registering anything, and the next dial waits a jittered, growing moment (the Service picks replicas
 /// at random, so with k of n held a dial finds a new one with probability (n-k)/n). When the primary dies while
 /// another tunnel is healthy, that one becomes the primary and no dial is needed (``promote(for:)``).
 final class ReplicaTunnels: @unchecked Sendable {
@@ -22,6 +22,7 @@ final class ReplicaTunnels: @unchecked Sendable {
     private var duplicates = 0
     private var failures = 0
     private var ticker: RepeatedTask?
+    private var dial: Task<Void, Never>?
 
     init(agent: EdgeTunnelAgent) {
         self.agent = agent
@@ -84,7 +85,7 @@ final class ReplicaTunnels: @unchecked Sendable {
         agent.metrics.serverTunnels.set(Int64(held.count))
         guard wanted else { return }
         let address = primary.address
-        Task {
+        let task = Task {
             do {
                 let tunnel = try await agent.connect(to: address, haveServers: held, primary: false)
                 let now = agent.primary
@@ -110,9 +111,9 @@ final class ReplicaTunnels: @unchecked Sendable {
                 lock.withLock {
                     dialing = false
                     duplicates += 1
-                    // Full jitter up to 100 ms × 2^n, at most 5 s: a replica restart does not make every agent
-                    // redial in lockstep, and a lucky agent is not slowed by an unlucky streak.
-                    let ceiling = min(Int64(5_000_000_000), Int64(100_000_000) << Int64(min(duplicates, 6)))
+                    // Full jitter up to 50 ms × 2^n, at most 2 s: a duplicate costs the server an accept and a line
+                    // (ReplicaProbe), and a replica restart does not make every agent redial in lockstep.
+                    let ceiling = min(Int64(2_000_000_000), Int64(50_000_000) << Int64(min(duplicates, 6)))
                     notBefore = .now() + .nanoseconds(Int64.random(in: 0...ceiling))
                 }
             } catch {
@@ -127,12 +128,19 @@ final class ReplicaTunnels: @unchecked Sendable {
             }
             agent.metrics.serverTunnels.set(Int64(1 + extras.count))
         }
+        lock.withLock { dial = task }
+    }
+
+    /// Waits for a dial under way (at shutdown, before the event loops go).
+    func finishDials() async {
+        await lock.withLock { dial }?.value
     }
 
     /// Every tunnel, for shutdown.
     func takeAll() -> [AgentTunnel] {
         lock.withLock {
             ticker?.cancel()
+            notBefore = .now() + .hours(1)  // no new dial once stopping
             defer { tunnels = [] }
             return tunnels
         }

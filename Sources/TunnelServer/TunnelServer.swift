@@ -324,6 +324,7 @@ public final class TunnelServer: @unchecked Sendable {
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(tunnelGate.handler())
+                    try sync.addHandler(ReplicaProbeResponder(serverID: core.configuration.serverID))
                     try sync.addHandler(NIOSSLServerHandler(context: core.tunnelContext))
                     try sync.addHandler(FrameDecoder(maxPayload: Frame.maxUnregisteredPayload))
                     try sync.addHandler(FrameEncoder())

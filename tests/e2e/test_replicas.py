@@ -25,8 +25,8 @@ AGENTS = 20
 REPLICAS = 3
 # Every agent holds a tunnel to every replica within this long of the last one starting (the agents' dials of
 # the Service land on a random replica; one already held refuses at once and the next dial waits a jittered,
-# growing moment of at most 5 s).
-ALL_ATTACHED_S = 90
+# growing moment of at most 2 s).
+ALL_ATTACHED_S = 60
 
 
 class Replicas:
