@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import ServiceLifecycle
 import TunnelAgent
 import TunnelPKI
 import TunnelSupport
@@ -65,31 +66,15 @@ struct AgentCommand: AsyncParsableCommand {
         } catch {
             fail("\(error)")
         }
-        let runner = Task { await agent.run() }
-        let watcher = serverAddressesFile.map { path in
-            Task { await watchAddresses(path: path, agent: agent, logger: logger) }
+        var services: [any Service] = [AgentService(agent: agent, logger: logger)]
+        if let path = serverAddressesFile {
+            services.append(AddressesFileService(path: path, agent: agent, logger: logger))
         }
-        let signal = await ProcessSupport.waitForSignal()
-        logger.info("signal \(signal): draining")
-        watcher?.cancel()
-        await agent.stop()
-        await runner.value
-    }
-
-    /// Re-reads the addresses file every 2 s (a ConfigMap update swaps a symlink; polling catches it).
-    private func watchAddresses(path: String, agent: EdgeTunnelAgent, logger: Logger) async {
-        var last = (try? readAddresses(path)) ?? []
-        while !Task.isCancelled {
-            try? await Task.sleep(for: .seconds(2))
-            do {
-                let current = try readAddresses(path)
-                guard current != last else { continue }
-                try agent.setServerAddresses(current)
-                last = current
-            } catch {
-                logger.error("\(path): keeping the current server addresses: \(error)")
-                if let current = try? readAddresses(path) { last = current }
-            }
+        let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        do {
+            try await group.run()
+        } catch {
+            fail("\(error)")
         }
     }
 

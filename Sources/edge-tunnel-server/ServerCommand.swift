@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import Logging
+import ServiceLifecycle
 import TunnelPKI
 import TunnelServer
 import TunnelSupport
@@ -107,22 +108,15 @@ struct ServerCommand: AsyncParsableCommand {
         } catch {
             fail("\(error)")
         }
-        var watcher: Task<Void, Never>?
-        var hangup: DispatchSourceSignal?
-        if let config {
-            let reloader = ConfigReloader(command: self, path: config, server: server, logger: logger)
-            hangup = ProcessSupport.onSignal(SIGHUP) { reloader.reload(reason: "SIGHUP") }
-            watcher = Task { await reloader.watch() }
-        } else {
-            hangup = ProcessSupport.onSignal(SIGHUP) {
-                logger.info("SIGHUP: no --config file to reload")
-            }
+        let reloader = config.map { ConfigReloader(command: self, path: $0, server: server, logger: logger) }
+        let group = ServiceGroup(
+            services: [TunnelServerService(server: server, logger: logger), ConfigReloadService(reloader: reloader, logger: logger)],
+            gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        do {
+            try await group.run()
+        } catch {
+            fail("\(error)")
         }
-        let signal = await ProcessSupport.waitForSignal()
-        logger.info("signal \(signal): draining")
-        watcher?.cancel()
-        hangup?.cancel()
-        await server.shutdown()
     }
 
     /// The configuration from the flags and `file` (flags win).

@@ -77,6 +77,7 @@ import TunnelPKI
             #expect(delays.min()! < ceiling / 4 && delays.max()! > ceiling * 3 / 4)
         }
         await agent.stop()
+        await agent.shutdown()
     }
 }
 
