@@ -123,11 +123,21 @@ public enum Manifests {
                     ("spec", map([
                         ("serviceAccountName", s("edge-tunnel-server")),
                         ("terminationGracePeriodSeconds", n(30)),
-                        ("affinity", map([("nodeAffinity", map([("requiredDuringSchedulingIgnoredDuringExecution", map([
-                            ("nodeSelectorTerms", seq([map([("matchExpressions", seq([map([
-                                ("key", s(o.edgeNodeSelector.key)), ("operator", s("NotIn")), ("values", seq([s(o.edgeNodeSelector.value)])),
-                            ])]))])])),
-                        ]))]))])),
+                        ("affinity", map([
+                            ("nodeAffinity", map([("requiredDuringSchedulingIgnoredDuringExecution", map([
+                                ("nodeSelectorTerms", seq([map([("matchExpressions", seq([map([
+                                    ("key", s(o.edgeNodeSelector.key)), ("operator", s("NotIn")), ("values", seq([s(o.edgeNodeSelector.value)])),
+                                ])]))])])),
+                            ]))])),
+                            // Replicas on different nodes where possible: one node's loss takes one replica.
+                            ("podAntiAffinity", map([("preferredDuringSchedulingIgnoredDuringExecution", seq([map([
+                                ("weight", n(100)),
+                                ("podAffinityTerm", map([
+                                    ("labelSelector", map([("matchLabels", serverLabels)])),
+                                    ("topologyKey", s("kubernetes.io/hostname")),
+                                ])),
+                            ])]))])),
+                        ])),
                         ("containers", seq([serverContainer])),
                         ("volumes", seq([
                             pkiVolume,
@@ -136,6 +146,10 @@ public enum Manifests {
                     ])),
                 ])),
             ])),
+        ])
+        // A voluntary disruption (a node drain, a cluster upgrade) takes at most one replica at a time.
+        let disruptionBudget = object("policy/v1", "PodDisruptionBudget", "edge-tunnel-server", ns, labels: serverLabels, extra: [
+            ("spec", map([("maxUnavailable", n(1)), ("selector", map([("matchLabels", serverLabels)]))])),
         ])
         var agentArgs: [Node] = [
             s("--server-address=$(SERVER_ADDRESSES)"),
@@ -189,7 +203,7 @@ public enum Manifests {
                 ])),
             ])),
         ])
-        return [serviceAccountServer, serviceAccountAgent, role, binding, configMap, service, headless, deployment, daemonSet]
+        return [serviceAccountServer, serviceAccountAgent, role, binding, configMap, service, headless, deployment, disruptionBudget, daemonSet]
     }
 
     // MARK: Node builders

@@ -48,7 +48,8 @@ final class ReplicaTunnels: @unchecked Sendable {
             let count = max(1, min(count, 1000))
             guard count != serverCount else { return false }
             serverCount = count
-            notBefore = .uptimeNanoseconds(0)
+            notBefore = .uptimeNanoseconds(0)  // a new count: dial now, with the backoff started afresh
+            duplicates = 0
             return true
         }
         if changed {

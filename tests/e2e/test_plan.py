@@ -96,7 +96,7 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
         docs = [d for d in yaml.safe_load_all(out.read_text()) if d]
         kinds = sorted(d["kind"] for d in docs)
         assert kinds == sorted(["ServiceAccount", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service",
-                                "Service", "Deployment", "DaemonSet"])
+                                "Service", "Deployment", "PodDisruptionBudget", "DaemonSet"])
         svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "x-tunnel-server-svc")
         assert svc["metadata"]["namespace"] == "kube-system"
         assert svc["metadata"]["labels"] == {"name": "edge-tunnel-server"}
@@ -113,6 +113,11 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
         probe = deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
         # The document's Service carries the agents too: readiness must not wait for them (see test_replicas.py).
         assert probe["httpGet"] == {"path": "/readyz/listeners", "port": 10265}
+        pdb = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
+        assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": {"k8s-app": "edge-tunnel-server"}}}
+        spread = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+        term = spread["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
         config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["server.yaml"]
         assert "serverCount: 3" in config.splitlines(), config
         ds = next(d for d in docs if d["kind"] == "DaemonSet")

@@ -46,13 +46,31 @@ class Replicas:
         self.procs.append(proc)
         return proc
 
-    def start_server(self, index):
-        """Replica `index` in its pod; the shared PKI folder holds the CA, tokens and nodes.json."""
+    def config(self, index):
+        return self.tmp / f"server-{index}.yaml"
+
+    def start_server(self, index, count=REPLICAS):
+        """Replica `index` in its pod; the shared PKI folder holds the CA, tokens and nodes.json. The replica
+        count is in its config file (reloadable), as the manifests' ConfigMap has it."""
         self.restarts += 1
+        if not self.config(index).exists():
+            self.config(index).write_text(f"serverCount: {count}\n")
         self.servers[index] = self.spawn(self.net.pods[index], [
             BIN / "edge-tunnel-server", "--pki-dir", self.pki, "--server-id", f"replica-{index}",
-            "--server-count", REPLICAS, "--cert-ips", ClusterNetwork.CLUSTER_IP], f"server-{index}-{self.restarts}")
+            "--config", self.config(index), "--cert-ips", ClusterNetwork.CLUSTER_IP], f"server-{index}-{self.restarts}")
         wait_until(lambda: self.meta(index, "/healthz") == "ok\n", 20, f"replica {index} listening")
+
+    def set_count(self, count):
+        """A new replica count in every config file, applied with SIGHUP (the reloader also polls the file)."""
+        for index, server in self.servers.items():
+            self.config(index).write_text(f"serverCount: {count}\n")
+            if server.alive():
+                server.send_signal(signal.SIGHUP)
+
+    def agent_views(self):
+        """Each agent's /readyz: which replicas it says it holds."""
+        return [self.net.run(self.net.edge, "curl", "-s", "--max-time", "3", f"http://127.0.0.1:{20000 + i}/readyz",
+                             check=False).stdout for i in range(AGENTS)]
 
     def meta(self, index, path):
         return self.net.run(self.net.pods[index], "curl", "-s", "--max-time", "3", f"http://127.0.0.1:10265{path}",
@@ -94,7 +112,7 @@ class Replicas:
 
 @pytest.fixture
 def cluster(tmp_path):
-    with ClusterNetwork(REPLICAS) as net:
+    with ClusterNetwork(REPLICAS + 1) as net:  # the last pod stays empty until a test scales up
         r = Replicas(net, tmp_path)
         try:
             for index in range(REPLICAS):
@@ -174,3 +192,29 @@ def test_a_rolling_restart_fails_no_request(cluster, tmp_path):
         stop_file.write_text("stop")
         result = json.loads(callers.communicate(timeout=60)[0])
     assert result["ok"] > 100 and result["failures"] == 0, result
+
+
+def test_scaling_three_to_four_to_two_converges_without_a_restart(cluster):
+    """The count changes in the replicas' config (as a ConfigMap edit would): 3 -> 4 with a new replica in the
+    fourth pod, then 4 -> 2 with two replicas stopped. The servers announce each count (SERVER_COUNT); the agents
+    dial the new replica, then stop dialing: every agent says it holds 2 of 2, and requests keep succeeding."""
+    net = cluster.net
+    cluster.start_server(3, count=4)
+    net.set_endpoints(10262, range(4))
+    cluster.set_count(4)
+    started = time.monotonic()
+    wait_until(lambda: cluster.ready(3), ALL_ATTACHED_S, "every agent attached to the fourth replica")
+    print(f"3 -> 4: every agent on the new replica after {time.monotonic() - started:.1f} s")
+    assert all("(4 of 4 server replicas)" in view for view in cluster.agent_views()), cluster.agent_views()
+    net.set_endpoints(10263, range(4))
+    assert cluster.requests(200)["failures"] == 0
+
+    net.set_endpoints(10263, [0, 1])
+    net.set_endpoints(10262, [0, 1])
+    for index in (2, 3):
+        cluster.servers[index].stop()
+    cluster.set_count(2)
+    wait_until(lambda: all("(2 of 2 server replicas)" in view for view in cluster.agent_views()), 30,
+               "every agent holding exactly the two replicas left")
+    assert cluster.attached(0) == cluster.attached(1) == sorted(cluster.nodes)
+    assert cluster.requests(200)["failures"] == 0
