@@ -119,9 +119,14 @@ let package = Package(
             swiftSettings: swift5 + fuzzFlags
         ),
         .target(
+            name: "KubeAPI",
+            dependencies: ["TunnelSupport"] + networking,
+            swiftSettings: swift5
+        ),
+        .target(
             name: "TunnelServer",
             dependencies: [
-                "TunnelPKI", "TunnelWire", "TunnelSupport",
+                "KubeAPI", "TunnelPKI", "TunnelWire", "TunnelSupport",
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
             ] + networking,
@@ -150,7 +155,8 @@ let package = Package(
         .executableTarget(
             name: "edge-tunnel-server",
             dependencies: [
-                "TunnelServer", "TunnelSupport", "TunnelPKI",
+                "TunnelServer", "TunnelSupport", "TunnelPKI", "KubeAPI",
+                .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Yams", package: "Yams"),
@@ -186,6 +192,11 @@ let package = Package(
         .testTarget(
             name: "TunnelAgentTests",
             dependencies: ["TunnelAgent", "TunnelPKI", .product(name: "Logging", package: "swift-log")],
+            swiftSettings: swift5
+        ),
+        .testTarget(
+            name: "KubeAPITests",
+            dependencies: ["KubeAPI"],
             swiftSettings: swift5
         ),
         .testTarget(

@@ -35,8 +35,8 @@ public enum Manifests {
         let ns = o.namespace
         let serverLabels: Node = map([("k8s-app", s("edge-tunnel-server"))])
         let agentLabels: Node = map([("k8s-app", s("edge-tunnel-agent"))])
-        // Every agent keeps a tunnel to each replica; the count is reloadable (edit the ConfigMap when scaling).
-        var serverConfig = "pkiDir: /var/lib/edge-tunnel-server/pki\nserverCount: \(o.replicas)\n"
+        // The replicas count each other by their Leases; serverCount is the count until the first list.
+        var serverConfig = "pkiDir: /var/lib/edge-tunnel-server/pki\nserverCount: \(o.replicas)\nleaseNamespace: \(ns)\n"
         if !o.certIPs.isEmpty { serverConfig += "certIPs: [\(o.certIPs.joined(separator: ", "))]\n" }
         if !o.certDNSNames.isEmpty { serverConfig += "certDNSNames: [\(o.certDNSNames.joined(separator: ", "))]\n" }
         let addresses = o.serverAddresses.isEmpty
@@ -52,8 +52,9 @@ public enum Manifests {
         let serviceAccountAgent = object("v1", "ServiceAccount", "edge-tunnel-agent", ns, labels: agentLabels)
         let role = object("rbac.authorization.k8s.io/v1", "Role", "edge-tunnel-server", ns, labels: serverLabels, extra: [
             ("rules", .sequence([
-                map([("apiGroups", seq([s("")])), ("resources", seq([s("services"), s("endpoints"), s("configmaps")])),
-                     ("verbs", seq([s("get"), s("list"), s("watch")]))]),
+                // Exactly what the server's Kubernetes client uses: each replica's Lease, and the count of all.
+                map([("apiGroups", seq([s("coordination.k8s.io")])), ("resources", seq([s("leases")])),
+                     ("verbs", seq([s("get"), s("list"), s("watch"), s("create"), s("update"), s("delete")]))]),
             ])),
         ])
         let binding = object("rbac.authorization.k8s.io/v1", "RoleBinding", "edge-tunnel-server", ns, labels: serverLabels, extra: [

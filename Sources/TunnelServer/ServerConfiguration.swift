@@ -34,6 +34,13 @@ public struct ServerConfiguration: Sendable {
     /// With several replicas, a replica reports ready (`/readyz`) once every joined node holds a tunnel to it, or
     /// at the latest this long after its start (nodes that are offline must not keep it unready forever).
     public var replicaWarmup: TimeAmount = .seconds(60)
+    /// Count the replicas by their `coordination.k8s.io/v1` Leases in this namespace (each replica holds one):
+    /// the count then follows scaling with no flag changed. Nil: `serverCount`.
+    public var leaseNamespace: String?
+    /// The label the replicas' Leases carry (`key=value`).
+    public var leaseLabel = "k8s-app=edge-tunnel-server"
+    /// A kubeconfig for the Kubernetes API; nil: the pod's service account (in cluster).
+    public var kubeconfig: String?
     /// How long the server waits for an agent to answer an OPEN before answering 504.
     public var dialTimeout: TimeAmount = .seconds(15)
     public var keepaliveInterval: TimeAmount = .seconds(5)

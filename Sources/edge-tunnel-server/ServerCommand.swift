@@ -60,6 +60,14 @@ struct ServerCommand: AsyncParsableCommand {
         name: .customLong("replica-warmup"),
         help: "With several replicas: unready until every joined node holds a tunnel here, at most this long (default 60s).")
     var replicaWarmup: String?
+    @Option(
+        name: .customLong("lease-namespace"),
+        help: "Count the replicas by their coordination.k8s.io Leases in this namespace (each replica holds one); overrides --server-count.")
+    var leaseNamespace: String?
+    @Option(name: .customLong("lease-label"), help: "The label of the replicas' Leases (default k8s-app=edge-tunnel-server).")
+    var leaseLabel: String?
+    @Option(name: .customLong("kubeconfig"), help: "A kubeconfig for the Kubernetes API (default: the pod's service account).")
+    var kubeconfig: String?
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String?
     @Option(name: .customLong("log-format"), help: "text or json (one object a line).")
@@ -109,9 +117,16 @@ struct ServerCommand: AsyncParsableCommand {
             fail("\(error)")
         }
         let reloader = config.map { ConfigReloader(command: self, path: $0, server: server, logger: logger) }
-        let group = ServiceGroup(
-            services: [TunnelServerService(server: server, logger: logger), ConfigReloadService(reloader: reloader, logger: logger)],
-            gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
+        var services: [any Service] = [TunnelServerService(server: server, logger: logger)]
+        if let namespace = configuration.leaseNamespace {
+            do {
+                services.append(try ReplicaLeaseService(configuration: configuration, namespace: namespace, server: server, logger: logger))
+            } catch {
+                fail("\(error)")
+            }
+        }
+        services.append(ConfigReloadService(reloader: reloader, logger: logger))
+        let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         do {
             try await group.run()
         } catch {
@@ -148,6 +163,15 @@ struct ServerCommand: AsyncParsableCommand {
                 throw PKIError(.invalidArgument, "invalid --server-count \(count): must be 1-1000")
             }
             configuration.serverCount = count
+        }
+        configuration.leaseNamespace = leaseNamespace ?? file.leaseNamespace
+        configuration.kubeconfig = kubeconfig ?? file.kubeconfig
+        if let label = leaseLabel ?? file.leaseLabel {
+            let parts = label.split(separator: "=", omittingEmptySubsequences: false)
+            guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty,
+                label.allSatisfy({ $0.isLetter || $0.isNumber || "-_./=".contains($0) })
+            else { throw PKIError(.invalidArgument, "invalid --lease-label \"\(label)\": must be key=value") }
+            configuration.leaseLabel = label
         }
         if let warmup = replicaWarmup ?? file.replicaWarmup {
             let seconds = try Durations.parse(warmup, what: "--replica-warmup")

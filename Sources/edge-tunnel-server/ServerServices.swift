@@ -1,4 +1,6 @@
+import KubeAPI
 import Logging
+import NIOPosix
 import ServiceLifecycle
 import TunnelServer
 import UnixSignals
@@ -42,5 +44,28 @@ struct ConfigReloadService: Service {
                 }
             }
         }
+    }
+}
+
+/// This replica's Lease, renewed, and the count of all current ones given to the server (which tells every
+/// agent). On graceful shutdown the Lease is deleted, so the other replicas count one fewer at once.
+struct ReplicaLeaseService: Service {
+    let leases: ReplicaLeases
+
+    init(configuration: ServerConfiguration, namespace: String, server: TunnelServer, logger: Logger) throws {
+        let kube = try configuration.kubeconfig.map { try KubeConfig.kubeconfig(path: $0) } ?? KubeConfig.inCluster()
+        let client = try KubeClient(config: kube, group: MultiThreadedEventLoopGroup.singleton)
+        let parts = configuration.leaseLabel.split(separator: "=")
+        leases = ReplicaLeases(
+            client: client, namespace: namespace, serverID: configuration.serverID,
+            label: (String(parts[0]), String(parts[1])), logger: logger
+        ) { count in
+            server.setServerCount(count)
+        }
+    }
+
+    func run() async throws {
+        let leases = leases
+        try await cancelWhenGracefulShutdown { await leases.run() }
     }
 }

@@ -119,7 +119,10 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
         term = spread["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
         assert term["topologyKey"] == "kubernetes.io/hostname"
         config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["server.yaml"]
-        assert "serverCount: 3" in config.splitlines(), config
+        assert "serverCount: 3" in config.splitlines() and "leaseNamespace: kube-system" in config.splitlines(), config
+        role = next(d for d in docs if d["kind"] == "Role")
+        assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                                  "verbs": ["get", "list", "watch", "create", "update", "delete"]}]
         ds = next(d for d in docs if d["kind"] == "DaemonSet")
         assert ds["spec"]["template"]["spec"]["nodeSelector"] == {"alibabacloud.com/is-edge-worker": "true"}
         # The agent's stream buffers are bounded at 96 MiB plus ~25 MiB idle: its limit must hold both (it

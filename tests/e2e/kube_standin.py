@@ -1,0 +1,233 @@
+"""A stand-in for the Kubernetes API server, serving exactly what EdgeTunnel's client uses (there is no
+kube-apiserver on these machines): `coordination.k8s.io/v1` Leases in one namespace — list (with a label
+selector), watch from a resourceVersion (chunked JSON lines, ERROR/410 for a compacted version, BOOKMARKs),
+get, create, update, delete — with the JSON shapes of the Kubernetes API reference.
+
+Run: python3 kube_standin.py DIR PORT
+  DIR/ca.crt              the CA of its serving certificate (written at start), for the kubeconfig
+  DIR/token               the bearer token it accepts, re-read per request: rewrite it to rotate
+  DIR/deny                if present, every request gets 403 Forbidden (RBAC says no), as a Status object
+  DIR/compact             if present, it is deleted and every resourceVersion so far is compacted away
+  DIR/requests.log        one line per request: method, path, status
+"""
+import datetime
+import http.server
+import json
+import os
+import pathlib
+import socketserver
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+DIR = pathlib.Path(sys.argv[1])
+PORT = int(sys.argv[2])
+LEASES = "/apis/coordination.k8s.io/v1/namespaces/"
+
+lock = threading.Condition()
+state = {"rv": 100, "compacted": 0, "leases": {}, "events": [], "epoch": 0}
+
+
+def serving_certificate():
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-standin")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    import ipaddress
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    (DIR / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (DIR / "serving.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                        serialization.NoEncryption()))
+    return DIR / "ca.crt", DIR / "serving.key"
+
+
+def status(code, reason, message):
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}
+
+
+def matches(lease, selector):
+    if not selector:
+        return True
+    key, _, value = selector.partition("=")
+    return lease["metadata"].get("labels", {}).get(key) == value
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        with open(DIR / "requests.log", "a") as log:
+            log.write(f"{self.command} {self.path} {code}\n")
+
+    def check(self):
+        """Authentication and RBAC as the API server does them: 401 without the current token, 403 if denied."""
+        if (DIR / "compact").exists():
+            (DIR / "compact").unlink()
+            with lock:  # every version so far is gone; open watches end with 410, as after an etcd compaction
+                state["compacted"] = state["rv"]
+                state["events"] = []
+                state["epoch"] += 1
+                lock.notify_all()
+        token = (DIR / "token").read_text().strip()
+        if self.headers.get("Authorization") != f"Bearer {token}":
+            self.reply(401, status(401, "Unauthorized", "Unauthorized"))
+            return False
+        if (DIR / "deny").exists():
+            self.reply(403, status(403, "Forbidden", 'leases.coordination.k8s.io is forbidden: User '
+                                   '"system:serviceaccount:kube-system:edge-tunnel-server" cannot list resource '
+                                   '"leases" in API group "coordination.k8s.io" in the namespace "kube-system"'))
+            return False
+        return True
+
+    def route(self):
+        url = urllib.parse.urlparse(self.path)
+        if not url.path.startswith(LEASES):
+            return None, None, None
+        rest = url.path[len(LEASES):].split("/")
+        if len(rest) < 2 or rest[1] != "leases":
+            return None, None, None
+        return rest[0], (rest[2] if len(rest) > 2 else None), urllib.parse.parse_qs(url.query)
+
+    def body(self):
+        return json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+
+    def record(self, kind, lease):
+        state["rv"] += 1
+        lease["metadata"]["resourceVersion"] = str(state["rv"])
+        state["events"].append((state["rv"], kind, json.loads(json.dumps(lease))))
+        lock.notify_all()
+
+    def do_GET(self):
+        if not self.check():
+            return
+        namespace, name, query = self.route()
+        if namespace is None:
+            return self.reply(404, status(404, "NotFound", "the server could not find the requested resource"))
+        selector = query.get("labelSelector", [""])[0]
+        if name:
+            with lock:
+                lease = state["leases"].get((namespace, name))
+            if lease is None:
+                return self.reply(404, status(404, "NotFound", f'leases.coordination.k8s.io "{name}" not found'))
+            return self.reply(200, lease)
+        if query.get("watch", ["0"])[0] in ("1", "true"):
+            return self.watch(namespace, selector, int(query.get("resourceVersion", ["0"])[0] or 0),
+                              int(query.get("timeoutSeconds", ["30"])[0]))
+        with lock:
+            items = [l for (ns, _), l in state["leases"].items() if ns == namespace and matches(l, selector)]
+            rv = state["rv"]
+        self.reply(200, {"kind": "LeaseList", "apiVersion": "coordination.k8s.io/v1",
+                         "metadata": {"resourceVersion": str(rv)}, "items": items})
+
+    def watch(self, namespace, selector, since, timeout):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        with open(DIR / "requests.log", "a") as log:
+            log.write(f"WATCH {self.path} 200\n")
+
+        def send(event):
+            data = (json.dumps(event) + "\n").encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+        deadline = time.monotonic() + timeout
+        try:
+            with lock:
+                epoch = state["epoch"]
+                if since < state["compacted"]:
+                    send({"type": "ERROR", "object": status(410, "Expired", f"too old resource version: {since}")})
+                    self.wfile.write(b"0\r\n\r\n")
+                    return
+            while time.monotonic() < deadline:
+                with lock:
+                    pending = [e for e in state["events"] if e[0] > since]
+                    if not pending:
+                        lock.wait(0.5)
+                        if since < state["compacted"] or state["epoch"] != epoch:
+                            send({"type": "ERROR", "object": status(410, "Expired", "too old resource version")})
+                            break
+                        continue
+                for rv, kind, lease in pending:
+                    since = rv
+                    if lease["metadata"]["namespace"] == namespace and matches(lease, selector):
+                        send({"type": kind, "object": lease})
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def do_POST(self):
+        if not self.check():
+            return
+        namespace, name, _ = self.route()
+        lease = self.body()
+        key = (namespace, lease["metadata"]["name"])
+        with lock:
+            if key in state["leases"]:
+                return self.reply(409, status(409, "AlreadyExists", "already exists"))
+            lease["metadata"]["namespace"] = namespace
+            state["leases"][key] = lease
+            self.record("ADDED", lease)
+        self.reply(201, lease)
+
+    def do_PUT(self):
+        if not self.check():
+            return
+        namespace, name, _ = self.route()
+        lease = self.body()
+        with lock:
+            current = state["leases"].get((namespace, name))
+            if current is None:
+                return self.reply(404, status(404, "NotFound", "not found"))
+            if lease["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
+                return self.reply(409, status(409, "Conflict", "the object has been modified"))
+            state["leases"][(namespace, name)] = lease
+            self.record("MODIFIED", lease)
+        self.reply(200, lease)
+
+    def do_DELETE(self):
+        if not self.check():
+            return
+        namespace, name, _ = self.route()
+        with lock:
+            lease = state["leases"].pop((namespace, name), None)
+            if lease is not None:
+                self.record("DELETED", lease)
+        self.reply(200 if lease else 404, status(200, "", "deleted") if lease else status(404, "NotFound", "not found"))
+
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+if __name__ == "__main__":
+    cert, key = serving_certificate()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    server = Server(("127.0.0.1", PORT), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.serve_forever()

@@ -1,0 +1,118 @@
+"""Replicas counted by coordination.k8s.io Leases, against a stand-in for the Kubernetes API server
+(kube_standin.py: there is no kube-apiserver on these machines; it serves the Lease endpoints the client uses,
+with the API reference's JSON shapes, 410 Gone for compacted versions, 401 for a stale token and 403 from RBAC).
+"""
+import pathlib
+import signal
+import sys
+import time
+
+import pytest
+
+from conftest import BIN, run
+from harness import PYTHON_HELPER_EXITS, Proc, free_port, http_get, stop_and_check, wait_until
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+class Lab:
+    def __init__(self, tmp):
+        self.tmp = pathlib.Path(tmp)
+        self.pki = self.tmp / "pki"
+        self.kube = self.tmp / "kube"
+        self.kube.mkdir()
+        self.procs, self.servers = [], {}
+        run(BIN / "edgetunnel", "pki", "init", "--pki-dir", self.pki)
+        (self.kube / "token").write_text("token-one\n")
+        port = free_port()
+        self.standin = self.spawn([sys.executable, HERE / "kube_standin.py", self.kube, port], "kube-standin",
+                                  clean_exits=PYTHON_HELPER_EXITS)
+        wait_until(lambda: (self.kube / "ca.crt").exists(), 10, "the stand-in's CA")
+        self.kubeconfig = self.tmp / "kubeconfig"
+        self.kubeconfig.write_text(f"""apiVersion: v1
+kind: Config
+current-context: test
+clusters:
+- name: standin
+  cluster:
+    server: https://127.0.0.1:{port}
+    certificate-authority: {self.kube / "ca.crt"}
+users:
+- name: edge-tunnel-server
+  user:
+    tokenFile: {self.kube / "token"}
+contexts:
+- name: test
+  context: {{cluster: standin, user: edge-tunnel-server, namespace: kube-system}}
+""")
+
+    def spawn(self, args, name, clean_exits=(0,)):
+        proc = Proc(args, self.tmp / f"{name}.log", clean_exits=clean_exits)
+        self.procs.append(proc)
+        return proc
+
+    def start_server(self, index):
+        ports = {name: free_port() for name in ("tunnel", "secure", "meta", "insecure")}
+        proc = self.spawn([
+            BIN / "edge-tunnel-server", "--pki-dir", self.pki, "--bind-address", "127.0.0.1", "--server-id", f"r{index}",
+            "--tunnel-port", ports["tunnel"], "--secure-port", ports["secure"], "--meta-port", ports["meta"],
+            "--insecure-port", ports["insecure"], "--lease-namespace", "kube-system", "--kubeconfig", self.kubeconfig],
+            f"server-{index}")
+        proc.meta = f"http://127.0.0.1:{ports['meta']}"
+        self.servers[index] = proc
+        wait_until(lambda: http_get(proc.meta + "/healthz")[0] == 200, 20, f"server r{index}")
+        return proc
+
+    def replicas(self, index):
+        for line in http_get(self.servers[index].meta + "/metrics")[1].splitlines():
+            if line.startswith("edge_tunnel_server_replicas "):
+                return int(float(line.split()[1]))
+        return None
+
+    def requests(self):
+        path = self.kube / "requests.log"
+        return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.fixture
+def lab(tmp_path):
+    lab = Lab(tmp_path)
+    try:
+        yield lab
+    finally:
+        stop_and_check(lab.procs)
+
+
+def test_the_replica_count_follows_the_leases(lab):
+    """Three replicas each hold a Lease: each counts 3. One stopped deletes its Lease: 2 at once. One killed
+    stops renewing: 1 once its Lease expires (15 s). No flag changes."""
+    for index in range(3):
+        lab.start_server(index)
+    wait_until(lambda: all(lab.replicas(i) == 3 for i in range(3)), 20, "every replica counting 3")
+    lab.servers[2].stop()
+    started = time.monotonic()
+    wait_until(lambda: lab.replicas(0) == 2 and lab.replicas(1) == 2, 10, "a stopped replica's Lease gone")
+    assert time.monotonic() - started < 5
+    lab.servers[1].send_signal(signal.SIGKILL)
+    wait_until(lambda: lab.replicas(0) == 1, 25, "a killed replica's Lease expired")
+    assert any(line.startswith("DELETE ") and "edge-tunnel-server-r2" in line for line in lab.requests())
+
+
+def test_a_rotated_token_a_compacted_watch_and_rbac_refusals_are_handled(lab):
+    """The token file is re-read for each request (projected tokens rotate); a watch whose version was
+    compacted gets 410 and the client lists again; a 403 is logged with the API's own message."""
+    server = lab.start_server(0)
+    wait_until(lambda: any(line.startswith("WATCH ") for line in lab.requests()), 15, "a watch")
+    (lab.kube / "token").write_text("token-two\n")
+    rotated = len(lab.requests())
+    wait_until(lambda: any(line.startswith("PUT ") and line.endswith(" 200") for line in lab.requests()[rotated:]),
+               15, "a renewal with the rotated token")
+    assert not any(line.endswith(" 401") for line in lab.requests()[rotated:])
+    lists_before = sum(1 for line in lab.requests() if line.startswith("GET ") and "labelSelector" in line)
+    (lab.kube / "compact").write_text("")
+    wait_until(lambda: sum(1 for line in lab.requests() if line.startswith("GET ") and "labelSelector" in line)
+               > lists_before, 20, "a list again after 410 Gone")
+    (lab.kube / "deny").write_text("")
+    server.expect_log('HTTP 403: leases.coordination.k8s.io is forbidden', timeout=15)
+    (lab.kube / "deny").unlink()
+    assert server.alive()
