@@ -36,7 +36,9 @@ public enum Manifests {
         let serverLabels: Node = map([("k8s-app", s("edge-tunnel-server"))])
         let agentLabels: Node = map([("k8s-app", s("edge-tunnel-agent"))])
         // The replicas count each other by their Leases; serverCount is the count until the first list.
+        // and the serving certificate names the Service's addresses as they change (LoadBalancer -> ClusterIP).
         var serverConfig = "pkiDir: /var/lib/edge-tunnel-server/pki\nserverCount: \(o.replicas)\nleaseNamespace: \(ns)\n"
+            + "addressService: \(ns)/x-tunnel-server-svc\n"
         if !o.certIPs.isEmpty { serverConfig += "certIPs: [\(o.certIPs.joined(separator: ", "))]\n" }
         if !o.certDNSNames.isEmpty { serverConfig += "certDNSNames: [\(o.certDNSNames.joined(separator: ", "))]\n" }
         let addresses = o.serverAddresses.isEmpty
@@ -52,9 +54,11 @@ public enum Manifests {
         let serviceAccountAgent = object("v1", "ServiceAccount", "edge-tunnel-agent", ns, labels: agentLabels)
         let role = object("rbac.authorization.k8s.io/v1", "Role", "edge-tunnel-server", ns, labels: serverLabels, extra: [
             ("rules", .sequence([
-                // Exactly what the server's Kubernetes client uses: each replica's Lease, and the count of all.
+                // Exactly what the server's Kubernetes client uses: each replica's Lease and the count of all, and
+                // the Service whose addresses the serving certificate names.
                 map([("apiGroups", seq([s("coordination.k8s.io")])), ("resources", seq([s("leases")])),
                      ("verbs", seq([s("get"), s("list"), s("watch"), s("create"), s("update"), s("delete")]))]),
+                map([("apiGroups", seq([s("")])), ("resources", seq([s("services")])), ("verbs", seq([s("list"), s("watch")]))]),
             ])),
         ])
         let binding = object("rbac.authorization.k8s.io/v1", "RoleBinding", "edge-tunnel-server", ns, labels: serverLabels, extra: [

@@ -6,10 +6,8 @@ import NIOHTTP1
 
 /// `coordination.k8s.io/v1` Leases as the count of server replicas (as konnectivity counts its servers): each
 /// replica holds a Lease named after it, labelled `LABEL`, renewed every ``renewInterval``; the number of Leases
-/// with that label whose renewal has not expired is the count. The Leases are listed, then watched from the
-/// list's resourceVersion; a watch that ends is resumed from the last version seen, a 410 Gone (the version
-/// was compacted away) relists, and errors back off (1 s doubling to 30 s, jittered). Expiry is no event, so
-/// the count is recomputed every second.
+/// with that label whose renewal has not expired is the count, followed by a ``KubeWatch``. Expiry is no
+/// event, so the count is recomputed every second.
 public final class ReplicaLeases: @unchecked Sendable {
     public let client: KubeClient
     public let namespace: String
@@ -86,7 +84,7 @@ public final class ReplicaLeases: @unchecked Sendable {
                 "spec": ["holderIdentity": serverID, "acquireTime": now],
             ]
         default:
-            throw Self.failure(existing, "GET \(path)")
+            throw KubeWatch.failure(existing, "GET \(path)")
         }
         var spec = lease["spec"] as? [String: Any] ?? [:]
         spec["holderIdentity"] = serverID
@@ -99,82 +97,28 @@ public final class ReplicaLeases: @unchecked Sendable {
             : try await client.request(.PUT, path, body: body)
         // 409: another writer (or our previous renewal) changed it meanwhile; the next round reads it anew.
         guard (200...201).contains(answer.status) || answer.status == 409 else {
-            throw Self.failure(answer, "\(existing.status == 404 ? "POST" : "PUT") \(path)")
+            throw KubeWatch.failure(answer, "\(existing.status == 404 ? "POST" : "PUT") \(path)")
         }
     }
 
     // MARK: Following
 
     private func followLoop() async {
-        var failures = 0
-        while !Task.isCancelled {
-            do {
-                var version = try await list()
-                failures = 0
-                // Watch from the list's version until the version is gone (410), then list again.
-                while !Task.isCancelled {
-                    guard let next = try await watch(from: version) else {
-                        logger.info("the Lease watch's version is gone (410): listing again")
-                        try? await Task.sleep(nanoseconds: UInt64.random(in: 100_000_000...1_000_000_000))
-                        break
-                    }
-                    version = next
-                }
-            } catch {
-                if Task.isCancelled { return }
-                failures += 1
-                let ceiling = min(30_000, 1_000 << min(failures - 1, 5))
-                logger.warning("following the replica Leases: \(error); again within \(ceiling / 1000) s")
-                try? await Task.sleep(nanoseconds: UInt64(Int.random(in: ceiling / 2...ceiling)) * 1_000_000)
-            }
-        }
-    }
-
-    /// Lists the Leases; returns the list's resourceVersion.
-    func list() async throws -> String {
-        let answer = try await client.request(.GET, "\(collection)?\(selector)")
-        guard answer.status == 200 else { throw Self.failure(answer, "list Leases in \(namespace)") }
-        guard let object = try JSONSerialization.jsonObject(with: Data(answer.body)) as? [String: Any],
-            let items = object["items"] as? [[String: Any]]
-        else { throw KubeClient.Failure(description: "the Lease list is not a list") }
-        var fresh: [String: (renew: Date, duration: Int)] = [:]
-        for item in items {
-            if let (name, entry) = Self.entry(item) { fresh[name] = entry }
-        }
-        lock.withLock { leases = fresh }
-        recount()
-        return (object["metadata"] as? [String: Any])?["resourceVersion"] as? String ?? ""
-    }
-
-    /// Watches from `version`; returns the last version seen when the server ended the watch, nil after 410.
-    func watch(from version: String) async throws -> String? {
-        let last = NIOLockedValueBox(version)
-        let gone = NIOLockedValueBox(false)
-        let status = try await client.watch(
-            "\(collection)?\(selector)&watch=1&allowWatchBookmarks=true&resourceVersion=\(version)&timeoutSeconds=60",
-            timeout: .seconds(75)
-        ) { [weak self] line in
-            guard let self, let event = try? JSONSerialization.jsonObject(with: Data(line)) as? [String: Any],
-                let type = event["type"] as? String, let object = event["object"] as? [String: Any]
-            else { return }
-            if type == "ERROR" {
-                if object["code"] as? Int == 410 { gone.withLockedValue { $0 = true } }
-                return
-            }
-            if let rv = (object["metadata"] as? [String: Any])?["resourceVersion"] as? String {
-                last.withLockedValue { $0 = rv }
-            }
-            guard type != "BOOKMARK", let (name, entry) = Self.entry(object) else { return }
+        let watch = KubeWatch(client: client, path: collection, query: selector, what: "the replica Leases", logger: logger)
+        await watch.run { [weak self] change in
+            guard let self else { return }
             self.lock.withLock {
-                if type == "DELETED" { self.leases[name] = nil } else { self.leases[name] = entry }
+                switch change {
+                case .listed(let items):
+                    self.leases = Dictionary(items.compactMap(Self.entry), uniquingKeysWith: { $1 })
+                case .added(let lease), .modified(let lease):
+                    if let (name, entry) = Self.entry(lease) { self.leases[name] = entry }
+                case .deleted(let lease):
+                    if let (name, _) = Self.entry(lease) { self.leases[name] = nil }
+                }
             }
             self.recount()
         }
-        if status == 410 || gone.withLockedValue({ $0 }) { return nil }
-        guard status == 200 else {
-            throw KubeClient.Failure(description: "watching Leases in \(namespace): HTTP \(status)")
-        }
-        return last.withLockedValue { $0 }
     }
 
     // MARK: Counting
@@ -203,7 +147,7 @@ public final class ReplicaLeases: @unchecked Sendable {
 
     // MARK: JSON
 
-    static func entry(_ lease: [String: Any]) -> (String, (renew: Date, duration: Int))? {
+    static func entry(_ lease: [String: any Sendable]) -> (String, (renew: Date, duration: Int))? {
         guard let name = (lease["metadata"] as? [String: Any])?["name"] as? String,
             let spec = lease["spec"] as? [String: Any], let renewText = spec["renewTime"] as? String,
             let renew = parseMicroTime(renewText)
@@ -229,11 +173,5 @@ public final class ReplicaLeases: @unchecked Sendable {
         }
         formatter.formatOptions = [.withInternetDateTime]
         return formatter.date(from: text)
-    }
-
-    static func failure(_ response: KubeClient.Response, _ what: String) -> KubeClient.Failure {
-        // The API's Status object says why (403: which permission RBAC lacks).
-        let message = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["message"] as? String
-        return KubeClient.Failure(description: "\(what): HTTP \(response.status)\(message.map { ": \($0)" } ?? "")")
     }
 }

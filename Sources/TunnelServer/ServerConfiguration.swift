@@ -39,6 +39,9 @@ public struct ServerConfiguration: Sendable {
     public var leaseNamespace: String?
     /// The label the replicas' Leases carry (`key=value`).
     public var leaseLabel = "k8s-app=edge-tunnel-server"
+    /// `namespace/name` of the Service the server is reached through: its addresses (ClusterIP, LoadBalancer
+    /// ingress, externalIPs) are added to the serving certificate's SANs live. Nil: only `certIPs`/`certDNSNames`.
+    public var addressService: String?
     /// A kubeconfig for the Kubernetes API; nil: the pod's service account (in cluster).
     public var kubeconfig: String?
     /// How long the server waits for an agent to answer an OPEN before answering 504.

@@ -212,11 +212,15 @@ public final class TunnelServer: @unchecked Sendable {
     private var identityWatch: RepeatedTask?
     /// One per listener: connections not yet authenticated (see ``ConnectionGate``).
     private var gates: [ConnectionGate] = []
+    /// The certificate's addresses from the configuration, and from the Service (``setServiceAddresses``).
+    private var configuredAddresses: (ips: [String], dnsNames: [String])
+    private var serviceAddresses: (ips: [String], dnsNames: [String]) = ([], [])
 
     /// Loads the CA and prepares the serving certificate; throws a one-line error naming what is wrong.
     public init(configuration: ServerConfiguration, logger: Logger, group: EventLoopGroup? = nil) throws {
         self.configuration = configuration
         self.core = try TunnelServerCore(configuration: configuration, logger: logger)
+        self.configuredAddresses = (configuration.certIPs, configuration.certDNSNames)
         if let group {
             self.group = group
             self.ownsGroup = false
@@ -232,7 +236,25 @@ public final class TunnelServer: @unchecked Sendable {
     /// its SANs differ, without restarting and without touching open tunnels. Invalid addresses are refused
     /// with an error naming them, and the current certificate stays.
     public func updateAddresses(certIPs: [String], certDNSNames: [String]) throws {
-        let sans = try ServerSANs(ips: certIPs, dnsNames: certDNSNames)
+        _ = try ServerSANs(ips: certIPs, dnsNames: certDNSNames)  // refuse a bad set before it is merged
+        lock.withLock { configuredAddresses = (certIPs, certDNSNames) }
+        try applyAddresses()
+    }
+
+    /// The addresses of the Service the server is reached through (``ServerConfiguration/addressService``),
+    /// named by the certificate besides the configured ones; re-issued when they change, without a restart.
+    public func setServiceAddresses(ips: [String], dnsNames: [String]) throws {
+        lock.withLock { serviceAddresses = (ips, dnsNames) }
+        try applyAddresses()
+    }
+
+    private func applyAddresses() throws {
+        let (configured, service) = lock.withLock { (configuredAddresses, serviceAddresses) }
+        func union(_ a: [String], _ b: [String]) -> [String] {
+            var seen = Set<String>()
+            return (a + b).filter { seen.insert($0).inserted }
+        }
+        let sans = try ServerSANs(ips: union(configured.ips, service.ips), dnsNames: union(configured.dnsNames, service.dnsNames))
         try core.refreshServingCertificate(sans: sans)
     }
 

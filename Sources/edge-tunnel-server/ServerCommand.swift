@@ -66,6 +66,10 @@ struct ServerCommand: AsyncParsableCommand {
     var leaseNamespace: String?
     @Option(name: .customLong("lease-label"), help: "The label of the replicas' Leases (default k8s-app=edge-tunnel-server).")
     var leaseLabel: String?
+    @Option(
+        name: .customLong("address-service"),
+        help: "NAMESPACE/NAME of the Service the server is reached through: its addresses join the certificate's SANs, live.")
+    var addressService: String?
     @Option(name: .customLong("kubeconfig"), help: "A kubeconfig for the Kubernetes API (default: the pod's service account).")
     var kubeconfig: String?
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
@@ -118,12 +122,15 @@ struct ServerCommand: AsyncParsableCommand {
         }
         let reloader = config.map { ConfigReloader(command: self, path: $0, server: server, logger: logger) }
         var services: [any Service] = [TunnelServerService(server: server, logger: logger)]
-        if let namespace = configuration.leaseNamespace {
-            do {
+        do {
+            if let namespace = configuration.leaseNamespace {
                 services.append(try ReplicaLeaseService(configuration: configuration, namespace: namespace, server: server, logger: logger))
-            } catch {
-                fail("\(error)")
             }
+            if let service = configuration.addressService {
+                services.append(try ServiceAddressService(configuration: configuration, service: service, server: server, logger: logger))
+            }
+        } catch {
+            fail("\(error)")
         }
         services.append(ConfigReloadService(reloader: reloader, logger: logger))
         let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
@@ -166,6 +173,12 @@ struct ServerCommand: AsyncParsableCommand {
         }
         configuration.leaseNamespace = leaseNamespace ?? file.leaseNamespace
         configuration.kubeconfig = kubeconfig ?? file.kubeconfig
+        if let service = addressService ?? file.addressService {
+            let parts = service.split(separator: "/", omittingEmptySubsequences: false)
+            guard parts.count == 2, parts.allSatisfy({ !$0.isEmpty && $0.allSatisfy { $0.isLowercase || $0.isNumber || $0 == "-" || $0 == "." } })
+            else { throw PKIError(.invalidArgument, "invalid --address-service \"\(service)\": must be namespace/name") }
+            configuration.addressService = service
+        }
         if let label = leaseLabel ?? file.leaseLabel {
             let parts = label.split(separator: "=", omittingEmptySubsequences: false)
             guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty,

@@ -53,8 +53,7 @@ struct ReplicaLeaseService: Service {
     let leases: ReplicaLeases
 
     init(configuration: ServerConfiguration, namespace: String, server: TunnelServer, logger: Logger) throws {
-        let kube = try configuration.kubeconfig.map { try KubeConfig.kubeconfig(path: $0) } ?? KubeConfig.inCluster()
-        let client = try KubeClient(config: kube, group: MultiThreadedEventLoopGroup.singleton)
+        let client = try KubeClient.forServer(configuration)
         let parts = configuration.leaseLabel.split(separator: "=")
         leases = ReplicaLeases(
             client: client, namespace: namespace, serverID: configuration.serverID,
@@ -67,5 +66,42 @@ struct ReplicaLeaseService: Service {
     func run() async throws {
         let leases = leases
         try await cancelWhenGracefulShutdown { await leases.run() }
+    }
+}
+
+/// The Service's addresses, followed live into the serving certificate's SANs (with the configured ones).
+struct ServiceAddressService: Service {
+    let addresses: ServiceAddresses
+    let server: TunnelServer
+    let logger: Logger
+
+    init(configuration: ServerConfiguration, service: String, server: TunnelServer, logger: Logger) throws {
+        let parts = service.split(separator: "/")
+        addresses = ServiceAddresses(
+            client: try KubeClient.forServer(configuration), namespace: String(parts[0]), name: String(parts[1]), logger: logger)
+        self.server = server
+        self.logger = logger
+    }
+
+    func run() async throws {
+        let (addresses, server, logger) = (addresses, server, logger)
+        try await cancelWhenGracefulShutdown {
+            await addresses.run { ips, names in
+                do {
+                    try server.setServiceAddresses(ips: ips, dnsNames: names)
+                    logger.info("the Service's addresses: \((ips + names).joined(separator: ", "))")
+                } catch {
+                    logger.error("the Service's addresses cannot go into the certificate: \(error)")
+                }
+            }
+        }
+    }
+}
+
+extension KubeClient {
+    /// The Kubernetes API as the server's configuration says: its kubeconfig, or the pod's service account.
+    static func forServer(_ configuration: ServerConfiguration) throws -> KubeClient {
+        let kube = try configuration.kubeconfig.map { try KubeConfig.kubeconfig(path: $0) } ?? KubeConfig.inCluster()
+        return try KubeClient(config: kube, group: MultiThreadedEventLoopGroup.singleton)
     }
 }

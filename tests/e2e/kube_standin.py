@@ -1,7 +1,7 @@
 """A stand-in for the Kubernetes API server, serving exactly what EdgeTunnel's client uses (there is no
-kube-apiserver on these machines): `coordination.k8s.io/v1` Leases in one namespace — list (with a label
-selector), watch from a resourceVersion (chunked JSON lines, ERROR/410 for a compacted version, BOOKMARKs),
-get, create, update, delete — with the JSON shapes of the Kubernetes API reference.
+kube-apiserver on these machines): `coordination.k8s.io/v1` Leases and `v1` Services — list (label selector
+`k=v`, field selector `metadata.name=N`), watch from a resourceVersion (chunked JSON lines, ERROR/410 for a
+compacted version), get, create, update, merge-patch, delete — with the JSON shapes of the API reference.
 
 Run: python3 kube_standin.py DIR PORT
   DIR/ca.crt              the CA of its serving certificate (written at start), for the kubeconfig
@@ -29,10 +29,10 @@ from cryptography.x509.oid import NameOID
 
 DIR = pathlib.Path(sys.argv[1])
 PORT = int(sys.argv[2])
-LEASES = "/apis/coordination.k8s.io/v1/namespaces/"
+PREFIXES = {"leases": "/apis/coordination.k8s.io/v1/namespaces/", "services": "/api/v1/namespaces/"}
 
 lock = threading.Condition()
-state = {"rv": 100, "compacted": 0, "leases": {}, "events": [], "epoch": 0}
+state = {"rv": 100, "compacted": 0, "objects": {}, "events": [], "epoch": 0}
 
 
 def serving_certificate():
@@ -58,11 +58,27 @@ def status(code, reason, message):
             "reason": reason, "code": code}
 
 
-def matches(lease, selector):
-    if not selector:
-        return True
-    key, _, value = selector.partition("=")
-    return lease["metadata"].get("labels", {}).get(key) == value
+def matches(obj, labels, fields):
+    if labels:
+        key, _, value = labels.partition("=")
+        if obj["metadata"].get("labels", {}).get(key) != value:
+            return False
+    if fields:
+        key, _, value = fields.partition("=")
+        if key != "metadata.name" or obj["metadata"]["name"] != value:
+            return False
+    return True
+
+
+def merge(target, patch):
+    """RFC 7386 JSON merge patch."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge(target[key], value)
+        else:
+            target[key] = value
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -102,46 +118,47 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return True
 
     def route(self):
+        """(resource, namespace, name or None, query) for the endpoints served; resource None otherwise."""
         url = urllib.parse.urlparse(self.path)
-        if not url.path.startswith(LEASES):
-            return None, None, None
-        rest = url.path[len(LEASES):].split("/")
-        if len(rest) < 2 or rest[1] != "leases":
-            return None, None, None
-        return rest[0], (rest[2] if len(rest) > 2 else None), urllib.parse.parse_qs(url.query)
+        for resource, prefix in PREFIXES.items():
+            if url.path.startswith(prefix):
+                rest = url.path[len(prefix):].split("/")
+                if len(rest) >= 2 and rest[1] == resource:
+                    return resource, rest[0], (rest[2] if len(rest) > 2 else None), urllib.parse.parse_qs(url.query)
+        return None, None, None, None
 
     def body(self):
         return json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
 
-    def record(self, kind, lease):
+    def record(self, resource, kind, obj):
         state["rv"] += 1
-        lease["metadata"]["resourceVersion"] = str(state["rv"])
-        state["events"].append((state["rv"], kind, json.loads(json.dumps(lease))))
+        obj["metadata"]["resourceVersion"] = str(state["rv"])
+        state["events"].append((state["rv"], resource, kind, json.loads(json.dumps(obj))))
         lock.notify_all()
 
     def do_GET(self):
         if not self.check():
             return
-        namespace, name, query = self.route()
-        if namespace is None:
+        resource, namespace, name, query = self.route()
+        if resource is None:
             return self.reply(404, status(404, "NotFound", "the server could not find the requested resource"))
-        selector = query.get("labelSelector", [""])[0]
+        labels, fields = query.get("labelSelector", [""])[0], query.get("fieldSelector", [""])[0]
         if name:
             with lock:
-                lease = state["leases"].get((namespace, name))
-            if lease is None:
-                return self.reply(404, status(404, "NotFound", f'leases.coordination.k8s.io "{name}" not found'))
-            return self.reply(200, lease)
+                obj = state["objects"].get((resource, namespace, name))
+            if obj is None:
+                return self.reply(404, status(404, "NotFound", f'{resource} "{name}" not found'))
+            return self.reply(200, obj)
         if query.get("watch", ["0"])[0] in ("1", "true"):
-            return self.watch(namespace, selector, int(query.get("resourceVersion", ["0"])[0] or 0),
+            return self.watch(resource, namespace, labels, fields, int(query.get("resourceVersion", ["0"])[0] or 0),
                               int(query.get("timeoutSeconds", ["30"])[0]))
         with lock:
-            items = [l for (ns, _), l in state["leases"].items() if ns == namespace and matches(l, selector)]
+            items = [o for (r, ns, _), o in state["objects"].items()
+                     if r == resource and ns == namespace and matches(o, labels, fields)]
             rv = state["rv"]
-        self.reply(200, {"kind": "LeaseList", "apiVersion": "coordination.k8s.io/v1",
-                         "metadata": {"resourceVersion": str(rv)}, "items": items})
+        self.reply(200, {"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": str(rv)}, "items": items})
 
-    def watch(self, namespace, selector, since, timeout):
+    def watch(self, resource, namespace, labels, fields, since, timeout):
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
@@ -171,10 +188,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                             send({"type": "ERROR", "object": status(410, "Expired", "too old resource version")})
                             break
                         continue
-                for rv, kind, lease in pending:
+                for rv, r, kind, obj in pending:
                     since = rv
-                    if lease["metadata"]["namespace"] == namespace and matches(lease, selector):
-                        send({"type": kind, "object": lease})
+                    if r == resource and obj["metadata"]["namespace"] == namespace and matches(obj, labels, fields):
+                        send({"type": kind, "object": obj})
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass
@@ -182,41 +199,54 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         if not self.check():
             return
-        namespace, name, _ = self.route()
-        lease = self.body()
-        key = (namespace, lease["metadata"]["name"])
+        resource, namespace, _, _ = self.route()
+        obj = self.body()
+        key = (resource, namespace, obj["metadata"]["name"])
         with lock:
-            if key in state["leases"]:
+            if key in state["objects"]:
                 return self.reply(409, status(409, "AlreadyExists", "already exists"))
-            lease["metadata"]["namespace"] = namespace
-            state["leases"][key] = lease
-            self.record("ADDED", lease)
-        self.reply(201, lease)
+            obj["metadata"]["namespace"] = namespace
+            state["objects"][key] = obj
+            self.record(resource, "ADDED", obj)
+        self.reply(201, obj)
 
     def do_PUT(self):
         if not self.check():
             return
-        namespace, name, _ = self.route()
-        lease = self.body()
+        resource, namespace, name, _ = self.route()
+        obj = self.body()
         with lock:
-            current = state["leases"].get((namespace, name))
+            current = state["objects"].get((resource, namespace, name))
             if current is None:
                 return self.reply(404, status(404, "NotFound", "not found"))
-            if lease["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
+            if obj["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
                 return self.reply(409, status(409, "Conflict", "the object has been modified"))
-            state["leases"][(namespace, name)] = lease
-            self.record("MODIFIED", lease)
-        self.reply(200, lease)
+            state["objects"][(resource, namespace, name)] = obj
+            self.record(resource, "MODIFIED", obj)
+        self.reply(200, obj)
+
+    def do_PATCH(self):
+        if not self.check():
+            return
+        resource, namespace, name, _ = self.route()
+        patch = self.body()
+        with lock:
+            current = state["objects"].get((resource, namespace, name))
+            if current is None:
+                return self.reply(404, status(404, "NotFound", "not found"))
+            merge(current, patch)
+            self.record(resource, "MODIFIED", current)
+        self.reply(200, current)
 
     def do_DELETE(self):
         if not self.check():
             return
-        namespace, name, _ = self.route()
+        resource, namespace, name, _ = self.route()
         with lock:
-            lease = state["leases"].pop((namespace, name), None)
-            if lease is not None:
-                self.record("DELETED", lease)
-        self.reply(200 if lease else 404, status(200, "", "deleted") if lease else status(404, "NotFound", "not found"))
+            obj = state["objects"].pop((resource, namespace, name), None)
+            if obj is not None:
+                self.record(resource, "DELETED", obj)
+        self.reply(200 if obj else 404, status(200, "", "deleted") if obj else status(404, "NotFound", "not found"))
 
 
 class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):

@@ -122,7 +122,9 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
         assert "serverCount: 3" in config.splitlines() and "leaseNamespace: kube-system" in config.splitlines(), config
         role = next(d for d in docs if d["kind"] == "Role")
         assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-                                  "verbs": ["get", "list", "watch", "create", "update", "delete"]}]
+                                  "verbs": ["get", "list", "watch", "create", "update", "delete"]},
+                                 {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch"]}]
+        assert "addressService: kube-system/x-tunnel-server-svc" in config.splitlines(), config
         ds = next(d for d in docs if d["kind"] == "DaemonSet")
         assert ds["spec"]["template"]["spec"]["nodeSelector"] == {"alibabacloud.com/is-edge-worker": "true"}
         # The agent's stream buffers are bounded at 96 MiB plus ~25 MiB idle: its limit must hold both (it

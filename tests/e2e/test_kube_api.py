@@ -2,10 +2,13 @@
 (kube_standin.py: there is no kube-apiserver on these machines; it serves the Lease endpoints the client uses,
 with the API reference's JSON shapes, 410 Gone for compacted versions, 401 for a stale token and 403 from RBAC).
 """
+import json
 import pathlib
 import signal
+import ssl
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -28,6 +31,7 @@ class Lab:
         self.standin = self.spawn([sys.executable, HERE / "kube_standin.py", self.kube, port], "kube-standin",
                                   clean_exits=PYTHON_HELPER_EXITS)
         wait_until(lambda: (self.kube / "ca.crt").exists(), 10, "the stand-in's CA")
+        self.api_url = f"https://127.0.0.1:{port}"
         self.kubeconfig = self.tmp / "kubeconfig"
         self.kubeconfig.write_text(f"""apiVersion: v1
 kind: Config
@@ -51,14 +55,15 @@ contexts:
         self.procs.append(proc)
         return proc
 
-    def start_server(self, index):
+    def start_server(self, index, *extra, bind="127.0.0.1"):
         ports = {name: free_port() for name in ("tunnel", "secure", "meta", "insecure")}
         proc = self.spawn([
-            BIN / "edge-tunnel-server", "--pki-dir", self.pki, "--bind-address", "127.0.0.1", "--server-id", f"r{index}",
+            BIN / "edge-tunnel-server", "--pki-dir", self.pki, "--bind-address", bind, "--server-id", f"r{index}",
             "--tunnel-port", ports["tunnel"], "--secure-port", ports["secure"], "--meta-port", ports["meta"],
-            "--insecure-port", ports["insecure"], "--lease-namespace", "kube-system", "--kubeconfig", self.kubeconfig],
-            f"server-{index}")
+            "--insecure-port", ports["insecure"], "--kubeconfig", self.kubeconfig,
+            *(extra or ("--lease-namespace", "kube-system"))], f"server-{index}")
         proc.meta = f"http://127.0.0.1:{ports['meta']}"
+        proc.ports = ports
         self.servers[index] = proc
         wait_until(lambda: http_get(proc.meta + "/healthz")[0] == 200, 20, f"server r{index}")
         return proc
@@ -68,6 +73,15 @@ contexts:
             if line.startswith("edge_tunnel_server_replicas "):
                 return int(float(line.split()[1]))
         return None
+
+    def api(self, method, path, body):
+        """A request to the stand-in as kubectl would send it (the token, the CA)."""
+        context = ssl.create_default_context(cafile=str(self.kube / "ca.crt"))
+        request = urllib.request.Request(f"{self.api_url}{path}", data=json.dumps(body).encode(), method=method, headers={
+            "Authorization": f"Bearer {(self.kube / 'token').read_text().strip()}",
+            "Content-Type": "application/merge-patch+json" if method == "PATCH" else "application/json"})
+        with urllib.request.urlopen(request, context=context, timeout=10) as response:
+            return json.loads(response.read())
 
     def requests(self):
         path = self.kube / "requests.log"
@@ -116,3 +130,39 @@ def test_a_rotated_token_a_compacted_watch_and_rbac_refusals_are_handled(lab):
     server.expect_log('HTTP 403: leases.coordination.k8s.io is forbidden', timeout=15)
     (lab.kube / "deny").unlink()
     assert server.alive()
+
+
+def test_the_certificate_follows_the_service_from_loadbalancer_to_clusterip(lab):
+    """The source document's private-line step, as one patch of the Service: its addresses go into the serving
+    certificate live (same process), and an agent dialing the new ClusterIP connects."""
+    lab.api("POST", "/api/v1/namespaces/kube-system/services", {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "x-tunnel-server-svc", "namespace": "kube-system", "labels": {"name": "edge-tunnel-server"}},
+        "spec": {"type": "LoadBalancer", "clusterIP": "127.0.0.6", "clusterIPs": ["127.0.0.6"]},
+        "status": {"loadBalancer": {"ingress": [{"ip": "127.0.0.5"}]}}})
+    server = lab.start_server(0, "--address-service", "kube-system/x-tunnel-server-svc", bind="0.0.0.0")
+
+    def certificate_ips():
+        return set(json.loads(http_get(server.meta + "/v1/server")[1])["certificateIPs"])
+
+    wait_until(lambda: {"127.0.0.5", "127.0.0.6"} <= certificate_ips(), 15, "the LoadBalancer's addresses in the certificate")
+    token = run(BIN / "edgetunnel", "token", "create", "--pki-dir", lab.pki).stdout.strip()
+    ca_hash = run(BIN / "edgetunnel", "pki", "ca-hash", "--pki-dir", lab.pki).stdout.strip()
+
+    def agent(name, address):
+        meta = free_port()
+        proc = lab.spawn([BIN / "edge-tunnel-agent", "--node-name", name, "--server-address", f"{address}:{server.ports['tunnel']}",
+                          "--pki-dir", lab.tmp / f"agent-{name}", "--meta-port", meta, "--bootstrap-token", token,
+                          "--ca-cert-hash", ca_hash], f"agent-{name}")
+        wait_until(lambda: http_get(f"http://127.0.0.1:{meta}/readyz")[0] == 200, 20, f"agent {name} via {address}")
+        return proc
+
+    agent("edge-1", "127.0.0.5")
+    pid = server.popen.pid
+    lab.api("PATCH", "/api/v1/namespaces/kube-system/services/x-tunnel-server-svc", {
+        "spec": {"type": "ClusterIP", "clusterIP": "127.0.0.7", "clusterIPs": ["127.0.0.7"]},
+        "status": {"loadBalancer": {"ingress": None}}})
+    wait_until(lambda: "127.0.0.7" in certificate_ips() and "127.0.0.5" not in certificate_ips(), 15,
+               "the certificate to follow the patched Service")
+    agent("edge-2", "127.0.0.7")
+    assert server.popen.pid == pid and server.alive()

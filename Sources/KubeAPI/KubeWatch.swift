@@ -1,0 +1,112 @@
+import Foundation
+import Logging
+
+/// Keeps a local view of some Kubernetes objects, as client-go's informers do: list, then watch from the list's
+/// resourceVersion; a watch that ends is resumed from the last version seen, a 410 Gone (the version was
+/// compacted away) lists again, and errors back off (1 s doubling to 30 s, jittered). Runs until its task is
+/// cancelled.
+public struct KubeWatch: Sendable {
+    public let client: KubeClient
+    /// The collection (`/api/v1/namespaces/NS/services`).
+    public let path: String
+    /// Selectors, already URL-encoded (`labelSelector=k8s-app%3Dx`, `fieldSelector=metadata.name%3Dy`).
+    public let query: String
+    public let what: String
+    let logger: Logger
+
+    public init(client: KubeClient, path: String, query: String, what: String, logger: Logger) {
+        self.client = client
+        self.path = path
+        self.query = query
+        self.what = what
+        self.logger = logger
+    }
+
+    public enum Change: Sendable {
+        /// Every object as listed: the view is replaced.
+        case listed([[String: any Sendable]])
+        case added([String: any Sendable])
+        case modified([String: any Sendable])
+        case deleted([String: any Sendable])
+    }
+
+    public func run(_ onChange: @escaping @Sendable (Change) -> Void) async {
+        var failures = 0
+        while !Task.isCancelled {
+            do {
+                var version = try await list(onChange)
+                failures = 0
+                while !Task.isCancelled {
+                    guard let next = try await watch(from: version, onChange) else {
+                        logger.info("the watch of \(what) lost its version (410 Gone): listing again")
+                        try? await Task.sleep(nanoseconds: UInt64.random(in: 100_000_000...1_000_000_000))
+                        break
+                    }
+                    version = next
+                }
+            } catch {
+                if Task.isCancelled { return }
+                failures += 1
+                let ceiling = min(30_000, 1_000 << min(failures - 1, 5))
+                logger.warning("following \(what): \(error); again within \(ceiling / 1000) s")
+                try? await Task.sleep(nanoseconds: UInt64(Int.random(in: ceiling / 2...ceiling)) * 1_000_000)
+            }
+        }
+    }
+
+    /// Lists; returns the list's resourceVersion.
+    func list(_ onChange: @Sendable (Change) -> Void) async throws -> String {
+        let answer = try await client.request(.GET, "\(path)?\(query)")
+        guard answer.status == 200 else { throw KubeWatch.failure(answer, "list \(what)") }
+        guard let object = try JSONSerialization.jsonObject(with: Data(answer.body)) as? [String: any Sendable],
+            let items = object["items"] as? [[String: any Sendable]]
+        else { throw KubeClient.Failure(description: "the list of \(what) is not a list") }
+        onChange(.listed(items))
+        return (object["metadata"] as? [String: any Sendable])?["resourceVersion"] as? String ?? ""
+    }
+
+    /// Watches from `version`; returns the last version seen when the server ended the watch, nil after 410.
+    func watch(from version: String, _ onChange: @escaping @Sendable (Change) -> Void) async throws -> String? {
+        let state = WatchState(version: version)
+        let status = try await client.watch(
+            "\(path)?\(query)&watch=1&allowWatchBookmarks=true&resourceVersion=\(version)&timeoutSeconds=60",
+            timeout: .seconds(75)
+        ) { line in
+            guard let event = try? JSONSerialization.jsonObject(with: Data(line)) as? [String: any Sendable],
+                let type = event["type"] as? String, let object = event["object"] as? [String: any Sendable]
+            else { return }
+            if type == "ERROR" {
+                if object["code"] as? Int == 410 { state.gone() }
+                return
+            }
+            if let rv = (object["metadata"] as? [String: any Sendable])?["resourceVersion"] as? String { state.saw(rv) }
+            switch type {
+            case "ADDED": onChange(.added(object))
+            case "MODIFIED": onChange(.modified(object))
+            case "DELETED": onChange(.deleted(object))
+            default: break  // BOOKMARK: only its version counts
+            }
+        }
+        if status == 410 || state.isGone { return nil }
+        guard status == 200 else { throw KubeClient.Failure(description: "watching \(what): HTTP \(status)") }
+        return state.version
+    }
+
+    /// The API's Status object says why a request failed (403: which permission RBAC lacks).
+    public static func failure(_ response: KubeClient.Response, _ what: String) -> KubeClient.Failure {
+        let message = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["message"] as? String
+        return KubeClient.Failure(description: "\(what): HTTP \(response.status)\(message.map { ": \($0)" } ?? "")")
+    }
+}
+
+/// The last version a watch saw, and whether it ended with 410; written from the event loop, read after.
+private final class WatchState: @unchecked Sendable {
+    private let lock = NSLock()
+    private var _version: String
+    private var _gone = false
+    init(version: String) { _version = version }
+    func saw(_ version: String) { lock.withLock { _version = version } }
+    func gone() { lock.withLock { _gone = true } }
+    var version: String { lock.withLock { _version } }
+    var isGone: Bool { lock.withLock { _gone } }
+}
