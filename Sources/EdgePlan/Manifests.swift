@@ -38,7 +38,7 @@ public enum Manifests {
         // The replicas count each other by their Leases; serverCount is the count until the first list.
         // and the serving certificate names the Service's addresses as they change (LoadBalancer -> ClusterIP).
         var serverConfig = "pkiDir: /var/lib/edge-tunnel-server/pki\nserverCount: \(o.replicas)\nleaseNamespace: \(ns)\n"
-            + "addressService: \(ns)/x-tunnel-server-svc\n"
+            + "addressService: \(ns)/x-tunnel-server-svc\ncheckNodeObjects: true\n"
         if !o.certIPs.isEmpty { serverConfig += "certIPs: [\(o.certIPs.joined(separator: ", "))]\n" }
         if !o.certDNSNames.isEmpty { serverConfig += "certDNSNames: [\(o.certDNSNames.joined(separator: ", "))]\n" }
         let addresses = o.serverAddresses.isEmpty
@@ -63,6 +63,16 @@ public enum Manifests {
         ])
         let binding = object("rbac.authorization.k8s.io/v1", "RoleBinding", "edge-tunnel-server", ns, labels: serverLabels, extra: [
             ("roleRef", map([("apiGroup", s("rbac.authorization.k8s.io")), ("kind", s("Role")), ("name", s("edge-tunnel-server"))])),
+            ("subjects", seq([map([("kind", s("ServiceAccount")), ("name", s("edge-tunnel-server")), ("namespace", s(ns))])])),
+        ])
+        // Nodes are cluster-scoped: agents register only as existing Nodes with their Nodes' addresses.
+        let clusterRole = clusterObject("rbac.authorization.k8s.io/v1", "ClusterRole", "edge-tunnel-server", labels: serverLabels, extra: [
+            ("rules", .sequence([
+                map([("apiGroups", seq([s("")])), ("resources", seq([s("nodes")])), ("verbs", seq([s("list"), s("watch")]))]),
+            ])),
+        ])
+        let clusterBinding = clusterObject("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", "edge-tunnel-server", labels: serverLabels, extra: [
+            ("roleRef", map([("apiGroup", s("rbac.authorization.k8s.io")), ("kind", s("ClusterRole")), ("name", s("edge-tunnel-server"))])),
             ("subjects", seq([map([("kind", s("ServiceAccount")), ("name", s("edge-tunnel-server")), ("namespace", s(ns))])])),
         ])
         let configMap = object("v1", "ConfigMap", "edge-tunnel-config", ns, labels: serverLabels, extra: [
@@ -208,7 +218,8 @@ public enum Manifests {
                 ])),
             ])),
         ])
-        return [serviceAccountServer, serviceAccountAgent, role, binding, configMap, service, headless, deployment, disruptionBudget, daemonSet]
+        return [serviceAccountServer, serviceAccountAgent, role, binding, clusterRole, clusterBinding, configMap, service, headless,
+                deployment, disruptionBudget, daemonSet]
     }
 
     // MARK: Node builders
@@ -217,6 +228,10 @@ public enum Manifests {
                        extra: [(String, Node)] = []) -> Node {
         map([("apiVersion", s(apiVersion)), ("kind", s(kind)),
              ("metadata", map([("name", s(name)), ("namespace", s(namespace)), ("labels", labels)]))] + extra)
+    }
+
+    static func clusterObject(_ apiVersion: String, _ kind: String, _ name: String, labels: Node, extra: [(String, Node)]) -> Node {
+        map([("apiVersion", s(apiVersion)), ("kind", s(kind)), ("metadata", map([("name", s(name)), ("labels", labels)]))] + extra)
     }
 
     static func map(_ pairs: [(String, Node)]) -> Node {

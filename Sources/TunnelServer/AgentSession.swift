@@ -165,6 +165,19 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             channel.eventLoop.scheduleTask(in: .milliseconds(200)) { self.channel.close(promise: nil) }
             return
         }
+        // With Node objects: only an existing Node registers, claiming only addresses its Node reports.
+        var nodeAddresses: [String]?
+        if let directory = server.nodeDirectory {
+            guard directory.isLoaded else {
+                refuse("the server has not yet loaded the cluster's Node objects: try again in a moment")
+                return
+            }
+            guard let reported = directory.addresses(of: nodeName) else {
+                refuse("there is no Node object named \(nodeName) in the cluster")
+                return
+            }
+            nodeAddresses = reported
+        }
         var ips: [String] = []
         for ip in hello.nodeIPs {
             guard let address = IPAddress(ip) else {
@@ -175,6 +188,10 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
                 let issued = certificateIPs.isEmpty ? "none" : certificateIPs.map(\.description).joined(separator: ", ")
                 refuse("node IP \(address) is not in the certificate of node \(nodeName) (its IPs: \(issued)); "
                     + "a node's IPs are fixed when it joins")
+                return
+            }
+            if let nodeAddresses, !nodeAddresses.contains(where: { IPAddress($0) == address }) {
+                refuse("node IP \(address) is not among the addresses of Node \(nodeName) (\(nodeAddresses.isEmpty ? "none" : nodeAddresses.joined(separator: ", ")))")
                 return
             }
             ips.append(address.description)

@@ -42,6 +42,9 @@ public struct ServerConfiguration: Sendable {
     /// `namespace/name` of the Service the server is reached through: its addresses (ClusterIP, LoadBalancer
     /// ingress, externalIPs) are added to the serving certificate's SANs live. Nil: only `certIPs`/`certDNSNames`.
     public var addressService: String?
+    /// Agents register only as existing Node objects and claim only addresses their Node reports; a deleted
+    /// Node's tunnel closes (`--node-objects`).
+    public var checkNodeObjects = false
     /// A kubeconfig for the Kubernetes API; nil: the pod's service account (in cluster).
     public var kubeconfig: String?
     /// How long the server waits for an agent to answer an OPEN before answering 504.

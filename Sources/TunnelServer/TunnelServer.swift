@@ -2,6 +2,7 @@ import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
+import KubeAPI
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
@@ -36,6 +37,11 @@ final class TunnelServerCore: @unchecked Sendable {
     /// TLS client context for the kubelets behind Host-routed HTTPS requests.
     let kubeletClientContext: NIOSSLContext
     private var _serverCount: Int
+    private var _nodeDirectory: NodeDirectory?
+
+    /// The cluster's Node objects when the server checks agents against them (``TunnelServer/useNodeObjects``).
+    var nodeDirectory: NodeDirectory? { lock.withLock { _nodeDirectory } }
+    func setNodeDirectory(_ directory: NodeDirectory) { lock.withLock { _nodeDirectory = directory } }
 
     /// How many server replicas there are (``ServerConfiguration/serverCount``, or the Leases): every agent keeps
     /// a tunnel to each.
@@ -256,6 +262,19 @@ public final class TunnelServer: @unchecked Sendable {
         }
         let sans = try ServerSANs(ips: union(configured.ips, service.ips), dnsNames: union(configured.dnsNames, service.dnsNames))
         try core.refreshServingCertificate(sans: sans)
+    }
+
+    /// From now on an agent registers only as a Node of `directory` that exists, claiming only addresses its Node
+    /// reports; the tunnels of Nodes that go away are closed (call ``nodeDeleted(_:)`` from the directory).
+    public func useNodeObjects(_ directory: NodeDirectory) {
+        core.setNodeDirectory(directory)
+    }
+
+    /// Node `name` was deleted: its tunnel closes.
+    public func nodeDeleted(_ name: String) {
+        for session in core.registry.liveSessions where session.nodeName == name {
+            session.cutOff(reason: "the Node object of \(name) was deleted")
+        }
     }
 
     /// A new number of server replicas (a reloaded `--server-count`, or the Leases): every agent is told.

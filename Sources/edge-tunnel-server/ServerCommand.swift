@@ -70,6 +70,10 @@ struct ServerCommand: AsyncParsableCommand {
         name: .customLong("address-service"),
         help: "NAMESPACE/NAME of the Service the server is reached through: its addresses join the certificate's SANs, live.")
     var addressService: String?
+    @Flag(
+        name: .customLong("node-objects"),
+        help: "Agents register only as existing Node objects, claiming only their Node's addresses; a deleted Node's tunnel closes.")
+    var checkNodeObjects = false
     @Option(name: .customLong("kubeconfig"), help: "A kubeconfig for the Kubernetes API (default: the pod's service account).")
     var kubeconfig: String?
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
@@ -126,6 +130,9 @@ struct ServerCommand: AsyncParsableCommand {
             if let namespace = configuration.leaseNamespace {
                 services.append(try ReplicaLeaseService(configuration: configuration, namespace: namespace, server: server, logger: logger))
             }
+            if configuration.checkNodeObjects {
+                services.append(try NodeObjectsService(configuration: configuration, server: server, logger: logger))
+            }
             if let service = configuration.addressService {
                 services.append(try ServiceAddressService(configuration: configuration, service: service, server: server, logger: logger))
             }
@@ -173,6 +180,7 @@ struct ServerCommand: AsyncParsableCommand {
         }
         configuration.leaseNamespace = leaseNamespace ?? file.leaseNamespace
         configuration.kubeconfig = kubeconfig ?? file.kubeconfig
+        configuration.checkNodeObjects = checkNodeObjects || (file.checkNodeObjects ?? false)
         if let service = addressService ?? file.addressService {
             let parts = service.split(separator: "/", omittingEmptySubsequences: false)
             guard parts.count == 2, parts.allSatisfy({ !$0.isEmpty && $0.allSatisfy { $0.isLowercase || $0.isNumber || $0 == "-" || $0 == "." } })

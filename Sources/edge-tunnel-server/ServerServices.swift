@@ -98,6 +98,25 @@ struct ServiceAddressService: Service {
     }
 }
 
+/// The cluster's Node objects: the server checks registrations against them and closes deleted Nodes' tunnels.
+struct NodeObjectsService: Service {
+    let directory: NodeDirectory
+    let server: TunnelServer
+
+    init(configuration: ServerConfiguration, server: TunnelServer, logger: Logger) throws {
+        directory = NodeDirectory(client: try KubeClient.forServer(configuration), logger: logger)
+        self.server = server
+        server.useNodeObjects(directory)
+    }
+
+    func run() async throws {
+        let (directory, server) = (directory, server)
+        try await cancelWhenGracefulShutdown {
+            await directory.run { name in server.nodeDeleted(name) }
+        }
+    }
+}
+
 extension KubeClient {
     /// The Kubernetes API as the server's configuration says: its kubeconfig, or the pod's service account.
     static func forServer(_ configuration: ServerConfiguration) throws -> KubeClient {

@@ -1,5 +1,5 @@
 """A stand-in for the Kubernetes API server, serving exactly what EdgeTunnel's client uses (there is no
-kube-apiserver on these machines): `coordination.k8s.io/v1` Leases and `v1` Services — list (label selector
+kube-apiserver on these machines): `coordination.k8s.io/v1` Leases, `v1` Services and (cluster-scoped) Nodes — list (label selector
 `k=v`, field selector `metadata.name=N`), watch from a resourceVersion (chunked JSON lines, ERROR/410 for a
 compacted version), get, create, update, merge-patch, delete — with the JSON shapes of the API reference.
 
@@ -120,6 +120,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def route(self):
         """(resource, namespace, name or None, query) for the endpoints served; resource None otherwise."""
         url = urllib.parse.urlparse(self.path)
+        if url.path == "/api/v1/nodes" or url.path.startswith("/api/v1/nodes/"):  # cluster-scoped
+            rest = url.path[len("/api/v1/nodes"):].strip("/")
+            return "nodes", "", (rest or None), urllib.parse.parse_qs(url.query)
         for resource, prefix in PREFIXES.items():
             if url.path.startswith(prefix):
                 rest = url.path[len(prefix):].split("/")
@@ -190,7 +193,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         continue
                 for rv, r, kind, obj in pending:
                     since = rv
-                    if r == resource and obj["metadata"]["namespace"] == namespace and matches(obj, labels, fields):
+                    if r == resource and obj["metadata"].get("namespace", "") == namespace and matches(obj, labels, fields):
                         send({"type": kind, "object": obj})
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
@@ -205,7 +208,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         with lock:
             if key in state["objects"]:
                 return self.reply(409, status(409, "AlreadyExists", "already exists"))
-            obj["metadata"]["namespace"] = namespace
+            if namespace:
+                obj["metadata"]["namespace"] = namespace
             state["objects"][key] = obj
             self.record(resource, "ADDED", obj)
         self.reply(201, obj)

@@ -166,3 +166,41 @@ def test_the_certificate_follows_the_service_from_loadbalancer_to_clusterip(lab)
                "the certificate to follow the patched Service")
     agent("edge-2", "127.0.0.7")
     assert server.popen.pid == pid and server.alive()
+
+
+def node(name, *addresses):
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+            "status": {"addresses": [{"type": "InternalIP", "address": a} for a in addresses]}}
+
+
+def test_agents_register_only_as_existing_nodes_with_their_nodes_addresses(lab):
+    """--node-objects: edge-1's Node reports 127.0.0.11 and it registers with it; edge-2 has no Node until one is
+    created, then registers; edge-3's Node reports another address than the one its agent claims: refused.
+    Deleting edge-1's Node closes its tunnel."""
+    lab.api("POST", "/api/v1/nodes", node("edge-1", "127.0.0.11"))
+    lab.api("POST", "/api/v1/nodes", node("edge-3", "10.0.0.3"))
+    server = lab.start_server(0, "--node-objects")
+    token = run(BIN / "edgetunnel", "token", "create", "--pki-dir", lab.pki, "--node-cidr", "127.0.0.0/8").stdout.strip()
+    ca_hash = run(BIN / "edgetunnel", "pki", "ca-hash", "--pki-dir", lab.pki).stdout.strip()
+    metas = {}
+
+    def agent(name):
+        metas[name] = free_port()
+        return lab.spawn([BIN / "edge-tunnel-agent", "--node-name", name, "--node-ip", f"127.0.0.1{name[-1]}",
+                          "--server-address", f"127.0.0.1:{server.ports['tunnel']}", "--pki-dir", lab.tmp / f"agent-{name}",
+                          "--meta-port", metas[name], "--bootstrap-token", token, "--ca-cert-hash", ca_hash], f"agent-{name}")
+
+    def up(name):
+        return http_get(f"http://127.0.0.1:{metas[name]}/readyz")[0] == 200
+
+    for name in ("edge-1", "edge-2", "edge-3"):
+        agent(name)
+    wait_until(lambda: up("edge-1"), 20, "edge-1 registered")
+    server.expect_log("there is no Node object named edge-2 in the cluster", timeout=10)
+    server.expect_log("node IP 127.0.0.13 is not among the addresses of Node edge-3 (10.0.0.3)", timeout=10)
+    assert not up("edge-2") and not up("edge-3")
+    lab.api("POST", "/api/v1/nodes", node("edge-2", "127.0.0.12"))
+    wait_until(lambda: up("edge-2"), 40, "edge-2 registered once its Node exists")
+    lab.api("DELETE", "/api/v1/nodes/edge-1", {})
+    wait_until(lambda: not up("edge-1"), 10, "edge-1's tunnel closed with its Node")
+    server.expect_log("the Node object of edge-1 was deleted")

@@ -96,7 +96,8 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
         docs = [d for d in yaml.safe_load_all(out.read_text()) if d]
         kinds = sorted(d["kind"] for d in docs)
         assert kinds == sorted(["ServiceAccount", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service",
-                                "Service", "Deployment", "PodDisruptionBudget", "DaemonSet"])
+                                "Service", "Deployment", "PodDisruptionBudget", "DaemonSet", "ClusterRole",
+                                "ClusterRoleBinding"])
         svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "x-tunnel-server-svc")
         assert svc["metadata"]["namespace"] == "kube-system"
         assert svc["metadata"]["labels"] == {"name": "edge-tunnel-server"}
@@ -125,6 +126,9 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
                                   "verbs": ["get", "list", "watch", "create", "update", "delete"]},
                                  {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch"]}]
         assert "addressService: kube-system/x-tunnel-server-svc" in config.splitlines(), config
+        assert "checkNodeObjects: true" in config.splitlines(), config
+        cluster_role = next(d for d in docs if d["kind"] == "ClusterRole")
+        assert cluster_role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]
         ds = next(d for d in docs if d["kind"] == "DaemonSet")
         assert ds["spec"]["template"]["spec"]["nodeSelector"] == {"alibabacloud.com/is-edge-worker": "true"}
         # The agent's stream buffers are bounded at 96 MiB plus ~25 MiB idle: its limit must hold both (it
