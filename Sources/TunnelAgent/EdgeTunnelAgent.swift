@@ -365,19 +365,21 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     }
 
     /// Dials `address` and registers. `primary`: the tunnel becomes the agent's current one (its renewal runs on
-    /// it); otherwise it is a tunnel to another replica, refused at once by a replica named in `haveServers`.
-    func connect(to address: ServerAddress, haveServers: [String] = [], primary: Bool = true) async throws -> AgentTunnel {
+    /// it); otherwise it is a tunnel to another replica: `probes` connections at once ask which replica the
+    /// Service picked (``ReplicaProbe``), the first to reach one not in `haveServers` goes on with TLS, and a
+    /// replica named in `haveServers` also refuses the registration itself.
+    func connect(to address: ServerAddress, haveServers: [String] = [], primary: Bool = true, probes: Int = 1)
+        async throws -> AgentTunnel
+    {
         guard let credentials = lock.withLock({ credentials }) else {
             throw JoinError(description: "no credentials")
         }
         let context = try TLSContexts.agentClient(
             certificate: credentials.certificate, key: credentials.privateKey, ca: credentials.ca)
-        let loop = group.next()
-        let tunnel = AgentTunnel(agent: self, address: address, eventLoop: loop)
         // A name is checked against the certificate's DNS SANs; an IP cannot be SNI, and NIOSSL then checks
         // the certificate's IP SANs against the address it connected to.
         let hostname = address.isIP ? nil : address.host
-        let addTunnelHandlers: @Sendable (Channel) throws -> Void = { channel in
+        let addTunnelHandlers: @Sendable (Channel, AgentTunnel) throws -> Void = { channel, tunnel in
             let sync = channel.pipeline.syncOperations
             try sync.addHandler(NIOSSLClientHandler(context: context, serverHostname: hostname))
             try sync.addHandler(FrameDecoder(maxPayload: Frame.maxUnregisteredPayload))
@@ -385,43 +387,36 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
             try sync.addHandler(tunnel.mux)
             try sync.addHandler(AgentTunnelErrorHandler(tunnel: tunnel))
         }
-        // A dial for another replica asks first which replica the Service picked (ReplicaProbe): one already held
-        // costs a TCP connection and a line, not a TLS handshake.
-        let probe = primary ? nil : loop.makePromise(of: String.self)
         let channel: Channel
-        do {
-            channel = try await ClientBootstrap(group: loop)
-                .connectTimeout(configuration.connectTimeout)
-                .streamConnection(halfClosure: false)
-                .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        if let probe {
-                            try channel.pipeline.syncOperations.addHandler(ReplicaProbeAsker(answered: probe))
-                        } else {
-                            try addTunnelHandlers(channel)
-                        }
-                    }
-                }
-                .connect(host: address.host, port: address.port).get()
-        } catch {
-            probe?.fail(error)  // a promise must be completed, also when the connection never came up
-            throw error
-        }
-        if let probe {
-            let timer = loop.scheduleTask(in: configuration.connectTimeout) {
-                probe.fail(ReplicaProbeError(description: "no answer to the replica question in time"))
-            }
+        let tunnel: AgentTunnel
+        if primary {
+            let loop = group.next()
+            let fresh = AgentTunnel(agent: self, address: address, eventLoop: loop)
             do {
-                let id = try await probe.futureResult.get()
-                timer.cancel()
-                guard !haveServers.contains(id) else { throw DuplicateServer(reason: "the Service picked replica \(id) again") }
-                try await channel.eventLoop.submit { try addTunnelHandlers(channel) }.get()
+                channel = try await ClientBootstrap(group: loop)
+                    .connectTimeout(configuration.connectTimeout)
+                    .streamConnection(halfClosure: false)
+                    .channelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture { try addTunnelHandlers(channel, fresh) }
+                    }
+                    .connect(host: address.host, port: address.port).get()
             } catch {
-                timer.cancel()
+                fresh.abandon(error)  // no connection: its promises end here, and the tunnel-mux cycle with them
+                throw error
+            }
+            tunnel = fresh
+        } else {
+            channel = try await probeReplicas(address, haveServers: haveServers, count: probes)
+            let fresh = AgentTunnel(agent: self, address: address, eventLoop: channel.eventLoop)
+            do {
+                try await channel.eventLoop.submit { try addTunnelHandlers(channel, fresh) }.get()
+            } catch {
                 channel.close(promise: nil)
                 throw error
             }
+            tunnel = fresh
         }
+        let loop = channel.eventLoop
         tunnel.channel = channel
         tunnel.mux.sendControl(
             Hello(nodeName: configuration.nodeName, nodeIPs: configuration.nodeIPs.map(\.description),
@@ -443,6 +438,62 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         makePrimary(tunnel)
         logger.info("tunnel registered", metadata: ["server": "\(address)", "serverID": "\(tunnel.serverID ?? "?")"])
         return tunnel
+    }
+
+    /// `count` connections to `address` at once, each asking which replica it reached; the first that reached one
+    /// not in `haveServers` is returned (TLS not yet started), the others are closed. Throws ``DuplicateServer``
+    /// when every one reached a held replica.
+    func probeReplicas(_ address: ServerAddress, haveServers: [String], count: Int) async throws -> Channel {
+        try await withThrowingTaskGroup(of: Channel?.self) { group in
+            for _ in 0..<max(1, count) {
+                group.addTask { try? await self.probeReplica(address, haveServers: haveServers) }
+            }
+            var winner: Channel?
+            for try await result in group {
+                guard let channel = result else { continue }
+                if winner == nil { winner = channel } else { channel.close(promise: nil) }
+            }
+            guard let winner else {
+                throw DuplicateServer(reason: "\(count) dial(s) of \(address) reached replicas already held, or failed")
+            }
+            return winner
+        }
+    }
+
+    /// One connection asking which replica it reached: the raw channel if not one of `haveServers`, nil if so.
+    private func probeReplica(_ address: ServerAddress, haveServers: [String]) async throws -> Channel? {
+        let loop = group.next()
+        let answered = loop.makePromise(of: String.self)
+        let channel: Channel
+        do {
+            channel = try await ClientBootstrap(group: loop)
+                .connectTimeout(configuration.connectTimeout)
+                .streamConnection(halfClosure: false)
+                .channelInitializer { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHandler(ReplicaProbeAsker(answered: answered))
+                    }
+                }
+                .connect(host: address.host, port: address.port).get()
+        } catch {
+            answered.fail(error)  // a promise must be completed, also when the connection never came up
+            throw error
+        }
+        let timer = loop.scheduleTask(in: configuration.connectTimeout) {
+            answered.fail(ReplicaProbeError(description: "no answer to the replica question in time"))
+        }
+        defer { timer.cancel() }
+        do {
+            let id = try await answered.futureResult.get()
+            guard !haveServers.contains(id) else {
+                channel.close(promise: nil)
+                return nil
+            }
+            return channel
+        } catch {
+            channel.close(promise: nil)
+            throw error
+        }
     }
 
     /// `tunnel` (new, or a replica's promoted) becomes the one the failover loop serves on.
@@ -670,6 +721,13 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
     }
 
     func markUnusable() {
+        unusable.succeed(())
+    }
+
+    /// The connection never came up: the promises are completed and the mux lets go of this tunnel.
+    func abandon(_ error: Error) {
+        mux.delegate = nil
+        registration.fail(error)
         unusable.succeed(())
     }
 

@@ -82,13 +82,17 @@ final class ReplicaTunnels: @unchecked Sendable {
             dialing = true
             return (stale, held, true)
         }
+        let wantedCount = count
         for tunnel in stale { agent.retireTunnel(tunnel) }
         agent.metrics.serverTunnels.set(Int64(held.count))
         guard wanted else { return }
         let address = primary.address
         let task = Task {
             do {
-                let tunnel = try await agent.connect(to: address, haveServers: held, primary: false)
+                // Several probes at once when replicas are missing: the Service picks at random, so each finds a
+                // missing one with probability (n - k) / n; a probe costs the server an accept and a line.
+                let probes = min(4, 2 * (wantedCount - held.count) + 1)
+                let tunnel = try await agent.connect(to: address, haveServers: held, primary: false, probes: probes)
                 let now = agent.primary
                 let keep = lock.withLock { () -> Bool in
                     dialing = false

@@ -23,9 +23,10 @@ HERE = pathlib.Path(__file__).resolve().parent
 EDGE_PORT = 18080
 AGENTS = 20
 REPLICAS = 3
-# Every agent holds a tunnel to every replica within this long of the last one starting (the agents' dials of
-# the Service land on a random replica; one already held refuses at once and the next dial waits a jittered,
-# growing moment of at most 2 s).
+# Every agent holds a tunnel to every replica within this long of the last one starting. The agents' dials of
+# the Service land on random replicas; an agent missing k replicas asks with up to 2k+1 connections at once which
+# replica each reached (a line before TLS), and goes on with one it lacks. Measured here: 3-6 s; the bound
+# leaves room for a loaded CI machine.
 ALL_ATTACHED_S = 60
 
 
