@@ -3,7 +3,8 @@ kube-apiserver on these machines): `coordination.k8s.io/v1` Leases, `v1` Service
 `k=v`, field selector `metadata.name=N`), watch from a resourceVersion (chunked JSON lines, ERROR/410 for a
 compacted version), get, create, update, merge-patch, delete — with the JSON shapes of the API reference.
 
-Run: python3 kube_standin.py DIR PORT
+Run: python3 kube_standin.py DIR PORT [BIND [EXTRA_IP,...]]   (BIND default 127.0.0.1; the certificate names
+     127.0.0.1 and the EXTRA_IPs)
   DIR/ca.crt              the CA of its serving certificate (written at start), for the kubeconfig
   DIR/token               the bearer token it accepts, re-read per request: rewrite it to rotate
   DIR/deny                if present, every request gets 403 Forbidden (RBAC says no), as a Status object
@@ -29,6 +30,8 @@ from cryptography.x509.oid import NameOID
 
 DIR = pathlib.Path(sys.argv[1])
 PORT = int(sys.argv[2])
+BIND = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
+EXTRA_IPS = [ip for ip in (sys.argv[4] if len(sys.argv) > 4 else "").split(",") if ip]
 PREFIXES = {"leases": "/apis/coordination.k8s.io/v1/namespaces/", "services": "/api/v1/namespaces/"}
 
 lock = threading.Condition()
@@ -44,8 +47,8 @@ def serving_certificate():
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
             .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ["127.0.0.1", *EXTRA_IPS]]), critical=False)
             .sign(key, hashes.SHA256()))
     (DIR / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (DIR / "serving.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -262,6 +265,6 @@ if __name__ == "__main__":
     cert, key = serving_certificate()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(str(cert), str(key))
-    server = Server(("127.0.0.1", PORT), Handler)
+    server = Server((BIND, PORT), Handler)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     server.serve_forever()

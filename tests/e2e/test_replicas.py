@@ -41,6 +41,18 @@ class Replicas:
         self.ca_hash = run(BIN / "edgetunnel", "pki", "ca-hash", "--pki-dir", self.pki).stdout.strip()
         self.nodes = [f"edge-{i}" for i in range(1, AGENTS + 1)]
         self.restarts = 0
+        self.kube = None
+
+    def start_kube_standin(self):
+        """The stand-in API server (no kube-apiserver runs here) in the router, reachable from every pod."""
+        self.kube = self.tmp / "kube"
+        self.kube.mkdir()
+        (self.kube / "token").write_text("token\n")
+        self.kube_port = 16443
+        gateways = ",".join(f"10.250.{i + 1}.1" for i in range(len(self.net.pods)))
+        self.spawn(self.net.router, [sys.executable, HERE / "kube_standin.py", self.kube, self.kube_port, "0.0.0.0",
+                                     gateways], "kube-standin", clean_exits=PYTHON_HELPER_EXITS)
+        wait_until(lambda: (self.kube / "ca.crt").exists(), 10, "the stand-in API server")
 
     def spawn(self, ns, args, name, clean_exits=(0,)):
         proc = Proc(["ip", "netns", "exec", ns, *args], self.tmp / f"{name}.log", clean_exits=clean_exits)
@@ -52,9 +64,18 @@ class Replicas:
 
     def start_server(self, index, count=REPLICAS):
         """Replica `index` in its pod; the shared PKI folder holds the CA, tokens and nodes.json. The replica
-        count is in its config file (reloadable), as the manifests' ConfigMap has it."""
+        count is in its config file (reloadable), as the manifests' ConfigMap has it — or, with `self.kube` set,
+        it comes from the replicas' Leases in the stand-in API server."""
         self.restarts += 1
-        if not self.config(index).exists():
+        if self.kube:
+            kubeconfig = self.tmp / f"kubeconfig-{index}"
+            kubeconfig.write_text(
+                f"clusters: [{{name: c, cluster: {{server: 'https://10.250.{index + 1}.1:{self.kube_port}', "
+                f"certificate-authority: '{self.kube / 'ca.crt'}'}}}}]\n"
+                f"users: [{{name: u, user: {{tokenFile: '{self.kube / 'token'}'}}}}]\n"
+                "contexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n")
+            self.config(index).write_text(f"leaseNamespace: kube-system\nkubeconfig: {kubeconfig}\n")
+        elif not self.config(index).exists():
             self.config(index).write_text(f"serverCount: {count}\n")
         self.servers[index] = self.spawn(self.net.pods[index], [
             BIN / "edge-tunnel-server", "--pki-dir", self.pki, "--server-id", f"replica-{index}",
@@ -219,3 +240,32 @@ def test_scaling_three_to_four_to_two_converges_without_a_restart(cluster):
                "every agent holding exactly the two replicas left")
     assert cluster.attached(0) == cluster.attached(1) == sorted(cluster.nodes)
     assert cluster.requests(200)["failures"] == 0
+
+
+def test_scaling_through_leases_converges_with_no_flag_changed(tmp_path):
+    """The replicas count each other by their Leases in a stand-in API server (in the router namespace): 3
+    replicas, then a fourth started (its Lease appears), then two stopped (their Leases deleted). No count is
+    configured anywhere; every agent ends up holding exactly the replicas that run."""
+    with ClusterNetwork(4) as net:
+        r = Replicas(net, tmp_path)
+        try:
+            r.start_kube_standin()
+            for index in range(3):
+                r.start_server(index)
+            net.set_endpoints(10262, range(3))
+            r.start_edge()
+            wait_until(lambda: r.all_attached(range(3)), ALL_ATTACHED_S, "every agent on the three replicas")
+            wait_until(lambda: all("(3 of 3 server replicas)" in v for v in r.agent_views()), 20, "agents counting 3")
+            r.start_server(3)
+            net.set_endpoints(10262, range(4))
+            wait_until(lambda: r.all_attached(range(4)), ALL_ATTACHED_S, "every agent on the fourth replica")
+            assert all("(4 of 4 server replicas)" in v for v in r.agent_views()), r.agent_views()
+            net.set_endpoints(10262, [0, 1])
+            for index in (2, 3):
+                r.servers[index].stop()
+            wait_until(lambda: all("(2 of 2 server replicas)" in v for v in r.agent_views()), 30,
+                       "every agent holding exactly the two replicas left")
+            net.set_endpoints(10263, [0, 1])
+            assert r.requests(200)["failures"] == 0
+        finally:
+            r.close()
