@@ -11,7 +11,8 @@ import TunnelSupport
 struct AgentCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "edge-tunnel-agent",
-        abstract: "Dial out to the tunnel server and serve the cloud's streams to allowed edge endpoints."
+        abstract: "Dial out to the tunnel server and serve the cloud's streams to allowed edge endpoints.",
+        version: EdgeTunnelVersion.current
     )
 
     @Option(name: .customLong("node-name"), help: "This node's name (default: $NODE_NAME, then the host name).")

@@ -21,7 +21,8 @@ struct ServerCommand: AsyncParsableCommand {
             Every flag can also be set in a YAML file given with --config, with the flag's name in camelCase \
             (pkiDir, bindAddress, tunnelPort, securePort, metaPort, certIPs, certDNSNames, clientCAFile, \
             serverID, logLevel, agentCertificateValidity). A flag on the command line wins over the file.
-            """
+            """,
+        version: EdgeTunnelVersion.current
     )
 
     @Option(help: "YAML configuration file.") var config: String?

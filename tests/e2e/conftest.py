@@ -9,9 +9,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 BIN = pathlib.Path(os.environ.get("EDGETUNNEL_BIN_DIR", ROOT / ".build" / "debug"))
 
 
-def run(*args, check=True, **kwargs):
+def run(*args, check=True, timeout=120, **kwargs):
     """Runs a command, returning the CompletedProcess with text output."""
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120, **kwargs)
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

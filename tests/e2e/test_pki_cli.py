@@ -247,3 +247,9 @@ def test_a_ca_made_by_openssl_is_usable(tmp_path, edgetunnel):
         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     edgetunnel("pki", "issue-server", "--pki-dir", pki, "--ip", "10.9.9.9")
     assert run("openssl", "verify", "-CAfile", pki / "ca.crt", pki / "server.crt").returncode == 0
+
+
+def test_every_binary_prints_the_same_version():
+    """`--version` on the server, the agent and the CLI: one release number, for bug reports and images."""
+    versions = {run(BIN / name, "--version").stdout.strip() for name in ("edge-tunnel-server", "edge-tunnel-agent", "edgetunnel")}
+    assert len(versions) == 1 and all(part.isdigit() for part in versions.pop().split(".")), versions
