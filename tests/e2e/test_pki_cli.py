@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import assert_one_line_error, run, snapshot
+from conftest import BIN, assert_one_line_error, run, snapshot
 
 SERVICE_NAMES = [
     "x-tunnel-server-svc",
