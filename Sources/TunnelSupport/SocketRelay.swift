@@ -113,7 +113,7 @@ extension ServerBootstrap {
     public func streamListener(halfClosure: Bool = true) -> ServerBootstrap {
         let bootstrap = self.serverChannelOption(.backlog, value: 1024)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
         return halfClosure ? bootstrap.childChannelOption(.allowRemoteHalfClosure, value: true) : bootstrap
     }
@@ -123,7 +123,7 @@ extension ClientBootstrap {
     /// The options of a TCP connection that carries stream bytes (the agent's tunnel and its dials to targets):
     /// no Nagle delay, adaptive reads of up to 256 KiB, and half-close passed on if `halfClosure`.
     public func streamConnection(halfClosure: Bool) -> ClientBootstrap {
-        let bootstrap = self.channelOption(.socketOption(.tcp_nodelay), value: 1)
+        let bootstrap = self.channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
         return halfClosure ? bootstrap.channelOption(.allowRemoteHalfClosure, value: true) : bootstrap
     }

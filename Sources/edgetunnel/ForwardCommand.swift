@@ -114,7 +114,7 @@ final class Forwarder: @unchecked Sendable {
         case .tls(let server, let tls):
             let hostname = IPAddress(server.host) == nil ? server.host : nil
             connected = bootstrap
-                .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                .channelOption(.tcpOption(.tcp_nodelay), value: 1)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: tls, serverHostname: hostname))
