@@ -139,10 +139,13 @@ def test_callers_sending_what_a_parser_must_refuse_for_thirty_seconds(lab):
                 assert head.startswith(f"HTTP/1.1 {status} ".encode()), (request[:80], data[:200])
                 assert body.count(b"\n") == 1 and len(body) < 1024, (request[:80], body[:300])
                 answered += 1
-            # A head dribbled one byte at a time is still routed, and still refused when it smuggles.
+            # A head dribbled one byte at a time is still routed, and still refused when it smuggles. Only the
+            # head is dribbled: the server answers and closes at its end, and a body byte sent after that close
+            # would meet a reset (EPIPE here, and the 400 possibly discarded with it).
+            smuggling_head = HOSTILE_HEADS[0][0].partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
             with socket.create_connection(("127.0.0.1", lab.ports["insecure"]), timeout=10,
                                           source_address=(ATTACKER_SOURCE, 0)) as sock:
-                for byte in HOSTILE_HEADS[0][0]:
+                for byte in smuggling_head:
                     sock.sendall(bytes([byte]))
                 assert answer(sock).startswith(b"HTTP/1.1 400 ")
         return answered
