@@ -1,9 +1,12 @@
+import TunnelSupport
 import Yams
 
 /// What `edgetunnel manifests` renders from.
 public struct ManifestOptions: Sendable {
     public var mode: Connectivity
-    public var image = "edgetunnel/edgetunnel:latest"
+    /// What `scripts/build-image` builds by default.
+    public static let defaultImage = "localhost/edgetunnel:\(EdgeTunnelVersion.current)"
+    public var image = Self.defaultImage
     public var namespace = "kube-system"
     public var replicas = 2
     /// Agents' server addresses, in order (e.g. the private-line address first, the public one second).

@@ -88,7 +88,7 @@ struct ManifestsCommand: ParsableCommand {
     )
 
     @Option(help: "internet (LoadBalancer Service) or express-connect (ClusterIP).") var mode: String
-    @Option(help: "Container image.") var image = "edgetunnel/edgetunnel:latest"
+    @Option(help: "Container image (scripts/build-image builds the default).") var image = ManifestOptions.defaultImage
     @Option(help: "Namespace.") var namespace = "kube-system"
     @Option(help: "Server replicas.") var replicas = 2
     @Option(name: .customLong("server-address"), help: "Agents' server address HOST:PORT, in order (repeatable).")
