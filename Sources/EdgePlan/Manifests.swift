@@ -13,8 +13,16 @@ public struct ManifestOptions: Sendable {
     public var serverAddresses: [String] = []
     /// Node label that marks edge nodes (`key=value`).
     public var edgeNodeSelector = (key: "alibabacloud.com/is-edge-worker", value: "true")
-    /// The server's PKI: a Secret of that name, or (empty) a hostPath at /var/lib/edge-tunnel-server/pki.
-    public var pkiSecret: String?
+    /// The Secret holding the tunnel CA (`ca.crt`, `ca.key`), mounted read-only into every replica; each replica
+    /// issues its own serving certificate from it into an emptyDir.
+    public var caSecret = "edge-tunnel-ca"
+    /// The CA's files, to render that Secret too (`--pki-dir`); nil: the operator creates it (README).
+    public var caFiles: (certificatePEM: String, keyPEM: String)?
+    /// The PersistentVolumeClaim every replica mounts for the join state (`tokens.json`, `nodes.json`):
+    /// ReadWriteMany when there are several replicas, so that a join, a reset or a revocation is seen by all.
+    public var joinStateClaim = "edge-tunnel-join-state"
+    /// The claim's storage class; nil: the cluster's default.
+    public var joinStateStorageClass: String?
     /// Addresses for the server certificate (certIPs / certDNSNames in its config).
     public var certIPs: [String] = []
     public var certDNSNames: [String] = []
@@ -40,7 +48,8 @@ public enum Manifests {
         let agentLabels: Node = map([("k8s-app", s("edge-tunnel-agent"))])
         // The replicas count each other by their Leases; serverCount is the count until the first list.
         // and the serving certificate names the Service's addresses as they change (LoadBalancer -> ClusterIP).
-        var serverConfig = "pkiDir: /var/lib/edge-tunnel-server/pki\nserverCount: \(o.replicas)\nleaseNamespace: \(ns)\n"
+        var serverConfig = "pkiDir: /var/lib/edge-tunnel-server/pki\ncaDir: /etc/edge-tunnel/ca\n"
+            + "stateDir: /var/lib/edge-tunnel-server/state\nserverCount: \(o.replicas)\nleaseNamespace: \(ns)\n"
             + "addressService: \(ns)/x-tunnel-server-svc\ncheckNodeObjects: true\n"
         if !o.certIPs.isEmpty { serverConfig += "certIPs: [\(o.certIPs.joined(separator: ", "))]\n" }
         if !o.certDNSNames.isEmpty { serverConfig += "certDNSNames: [\(o.certDNSNames.joined(separator: ", "))]\n" }
@@ -102,14 +111,27 @@ public enum Manifests {
                 ])),
             ])),
         ])
-        let pkiVolume: Node = o.pkiSecret.map { secret in
-            map([("name", s("pki")), ("secret", map([("secretName", s(secret)), ("defaultMode", n(0o600))]))])
-        } ?? map([("name", s("pki")), ("hostPath", map([("path", s("/var/lib/edge-tunnel-server/pki")), ("type", s("DirectoryOrCreate"))]))])
+        // The CA from a Secret (read-only, readable by the pod's group), this replica's own certificates in an
+        // emptyDir, and the join state on a claim all replicas share.
+        let serverVolumes: [Node] = [
+            map([("name", s("ca")), ("secret", map([("secretName", s(o.caSecret)), ("defaultMode", n(0o440))]))]),
+            map([("name", s("state")), ("emptyDir", map([("medium", s("Memory")), ("sizeLimit", s("1Mi"))]))]),
+            map([("name", s("join-state")), ("persistentVolumeClaim", map([("claimName", s(o.joinStateClaim))]))]),
+            map([("name", s("config")), ("configMap", map([("name", s("edge-tunnel-config"))]))]),
+        ]
+        var claimSpec: [(String, Node)] = [
+            ("accessModes", seq([s(o.replicas > 1 ? "ReadWriteMany" : "ReadWriteOnce")])),
+            ("resources", map([("requests", map([("storage", s("16Mi"))]))])),
+        ]
+        if let storageClass = o.joinStateStorageClass { claimSpec.append(("storageClassName", s(storageClass))) }
+        let joinStateClaim = object("v1", "PersistentVolumeClaim", o.joinStateClaim, ns, labels: serverLabels, extra: [
+            ("spec", map(claimSpec)),
+        ])
         let serverContainer = map([
             ("name", s("edge-tunnel-server")),
             ("image", s(o.image)),
             ("command", seq([s("edge-tunnel-server")])),
-            ("args", seq([s("--config=/etc/edge-tunnel/server.yaml"), s("--server-id=$(POD_NAME)")])),
+            ("args", seq([s("--config=/etc/edge-tunnel/config/server.yaml"), s("--server-id=$(POD_NAME)")])),
             ("env", seq([map([("name", s("POD_NAME")), ("valueFrom", map([("fieldRef", map([("fieldPath", s("metadata.name"))]))]))])])),
             ("ports", seq([
                 map([("name", s("tunnel")), ("containerPort", n(10262)), ("protocol", s("TCP"))]),
@@ -125,10 +147,15 @@ public enum Manifests {
                 ("requests", map([("cpu", s("100m")), ("memory", s("64Mi"))])),
                 ("limits", map([("memory", s("1Gi"))])),
             ])),
-            ("securityContext", map([("allowPrivilegeEscalation", b(false)), ("readOnlyRootFilesystem", b(true))])),
+            ("securityContext", map([
+                ("allowPrivilegeEscalation", b(false)), ("readOnlyRootFilesystem", b(true)),
+                ("capabilities", map([("drop", seq([s("ALL")]))])),
+            ])),
             ("volumeMounts", seq([
-                map([("name", s("pki")), ("mountPath", s("/var/lib/edge-tunnel-server/pki"))]),
-                map([("name", s("config")), ("mountPath", s("/etc/edge-tunnel")), ("readOnly", b(true))]),
+                map([("name", s("ca")), ("mountPath", s("/etc/edge-tunnel/ca")), ("readOnly", b(true))]),
+                map([("name", s("state")), ("mountPath", s("/var/lib/edge-tunnel-server/state"))]),
+                map([("name", s("join-state")), ("mountPath", s("/var/lib/edge-tunnel-server/pki"))]),
+                map([("name", s("config")), ("mountPath", s("/etc/edge-tunnel/config")), ("readOnly", b(true))]),
             ])),
         ])
         let deployment = object("apps/v1", "Deployment", "edge-tunnel-server", ns, labels: serverLabels, extra: [
@@ -141,6 +168,10 @@ public enum Manifests {
                     ("spec", map([
                         ("serviceAccountName", s("edge-tunnel-server")),
                         ("terminationGracePeriodSeconds", n(30)),
+                        // The image's own user; the volumes are its group's.
+                        ("securityContext", map([
+                            ("runAsNonRoot", b(true)), ("runAsUser", n(65532)), ("runAsGroup", n(65532)), ("fsGroup", n(65532)),
+                        ])),
                         ("affinity", map([
                             ("nodeAffinity", map([("requiredDuringSchedulingIgnoredDuringExecution", map([
                                 ("nodeSelectorTerms", seq([map([("matchExpressions", seq([map([
@@ -157,10 +188,7 @@ public enum Manifests {
                             ])]))])),
                         ])),
                         ("containers", seq([serverContainer])),
-                        ("volumes", seq([
-                            pkiVolume,
-                            map([("name", s("config")), ("configMap", map([("name", s("edge-tunnel-config"))]))]),
-                        ])),
+                        ("volumes", seq(serverVolumes)),
                     ])),
                 ])),
             ])),
@@ -196,7 +224,12 @@ public enum Manifests {
                 // The agent's stream buffers are bounded at 96 MiB (AgentConfiguration.bufferBudget); idle ~25.
                 ("limits", map([("memory", s("160Mi"))])),
             ])),
-            ("securityContext", map([("allowPrivilegeEscalation", b(false)), ("readOnlyRootFilesystem", b(true))])),
+            // Root, to write its identity into the node's hostPath (created root-owned by the kubelet), and no
+            // capability beyond a file owner's.
+            ("securityContext", map([
+                ("allowPrivilegeEscalation", b(false)), ("readOnlyRootFilesystem", b(true)), ("runAsUser", n(0)),
+                ("capabilities", map([("drop", seq([s("ALL")]))])),
+            ])),
             ("volumeMounts", seq([map([("name", s("pki")), ("mountPath", s("/var/lib/edge-tunnel-agent/pki"))])])),
         ])
         let daemonSet = object("apps/v1", "DaemonSet", "edge-tunnel-agent", ns, labels: agentLabels, extra: [
@@ -221,8 +254,15 @@ public enum Manifests {
                 ])),
             ])),
         ])
-        return [serviceAccountServer, serviceAccountAgent, role, binding, clusterRole, clusterBinding, configMap, service, headless,
-                deployment, disruptionBudget, daemonSet]
+        var objects = [serviceAccountServer, serviceAccountAgent, role, binding, clusterRole, clusterBinding, configMap, service,
+                       headless, joinStateClaim, deployment, disruptionBudget, daemonSet]
+        if let ca = o.caFiles {
+            objects.insert(object("v1", "Secret", o.caSecret, ns, labels: serverLabels, extra: [
+                ("type", s("Opaque")),
+                ("stringData", map([("ca.crt", s(ca.certificatePEM)), ("ca.key", s(ca.keyPEM))])),
+            ]), at: 0)
+        }
+        return objects
     }
 
     // MARK: Node builders

@@ -6,6 +6,8 @@ import Yams
 /// The YAML configuration file: the flags in camelCase, as Kubernetes component configs write them.
 public struct ServerConfigFile: Codable, Sendable {
     public var pkiDir: String?
+    public var caDir: String?
+    public var stateDir: String?
     public var bindAddress: String?
     public var tunnelPort: Int?
     public var securePort: Int?
@@ -41,7 +43,7 @@ public struct ServerConfigFile: Codable, Sendable {
     public var maxBufferedMiB: Int?
 
     public static let keys: Set<String> = [
-        "pkiDir", "bindAddress", "tunnelPort", "securePort", "metaPort", "certIPs", "certDNSNames", "clientCAFile",
+        "pkiDir", "caDir", "stateDir", "bindAddress", "tunnelPort", "securePort", "metaPort", "certIPs", "certDNSNames", "clientCAFile",
         "serverID", "serverCount", "replicaWarmup", "leaseNamespace", "leaseLabel", "kubeconfig", "addressService", "checkNodeObjects", "logLevel", "agentCertificateValidity", "servingCertificateValidity", "insecurePort",
         "insecureBindAddress", "udsPath", "kubeletClientCert", "kubeletClientKey", "kubeletCAFile",
         "eventLoopThreads", "handshakeTimeout", "maxPendingConnections", "maxPendingConnectionsPerSource",

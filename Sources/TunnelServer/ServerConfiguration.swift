@@ -4,7 +4,16 @@ import TunnelPKI
 
 /// Everything a tunnel server needs to start. Flags and the YAML config file fill it in.
 public struct ServerConfiguration: Sendable {
+    /// The PKI folder: the CA (unless ``caDirectory`` names another), `tokens.json` and `nodes.json`. Replicas
+    /// share it.
     public var pkiDirectory = PKIPaths.defaultServerDirectory
+    /// Where `ca.crt` and `ca.key` are read from, when not from the PKI folder: a Secret mounted read-only into
+    /// every replica (`--ca-dir`). Nil: the PKI folder.
+    public var caDirectory: String?
+    /// Where this replica writes its own serving certificate and kubelet client certificate (`--state-dir`): a
+    /// folder of its own (an emptyDir), so that replicas sharing a CA never overwrite each other's. Nil: the PKI
+    /// folder.
+    public var stateDirectory: String?
     public var bindAddress = "0.0.0.0"
     public var tunnelPort = 10262
     public var securePort = 10263
@@ -83,4 +92,8 @@ public struct ServerConfiguration: Sendable {
     public init() {}
 
     public var paths: PKIPaths { PKIPaths(directory: pkiDirectory) }
+    /// Where the CA is read from.
+    public var caPaths: PKIPaths { PKIPaths(directory: caDirectory ?? pkiDirectory) }
+    /// Where this replica keeps its serving and kubelet client certificates.
+    public var statePaths: PKIPaths { PKIPaths(directory: stateDirectory ?? pkiDirectory) }
 }

@@ -73,10 +73,13 @@ final class TunnelServerCore: @unchecked Sendable {
         self.limits = limits
         self.callerStreams = CallerStreams(limit: configuration.maxStreamsPerCaller)
         self.identities = try NodeIdentities(paths: configuration.paths)
-        let authority = try CertificateAuthority.load(from: configuration.paths)
+        let authority = try CertificateAuthority.load(from: configuration.caPaths)
+        if configuration.stateDirectory != nil {
+            try AtomicFile.makeDirectory(configuration.statePaths.directory, mode: 0o700)
+        }
         let sans = try ServerSANs(ips: configuration.certIPs, dnsNames: configuration.certDNSNames)
         let serving = try ServingCertificate.ensure(
-            paths: configuration.paths, sans: sans, authority: authority,
+            paths: configuration.statePaths, sans: sans, authority: authority,
             validity: configuration.servingCertificateValidity, logger: logger)
         clientCA = try configuration.clientCAFile.map { try TLSContexts.trustRoots(file: $0) }
             ?? .certificates([try TLSContexts.nioCertificate(authority.certificate)])
@@ -92,7 +95,7 @@ final class TunnelServerCore: @unchecked Sendable {
     private static func kubeletContext(configuration: ServerConfiguration, authority: CertificateAuthority, logger: Logger)
         throws -> NIOSSLContext
     {
-        let paths = configuration.paths
+        let paths = configuration.statePaths
         let certificate: Certificate
         let key: Certificate.PrivateKey
         if let certPath = configuration.kubeletClientCert {
@@ -154,7 +157,7 @@ final class TunnelServerCore: @unchecked Sendable {
         }
         let issued = try authority.issueServerCertificate(sans: sans, validity: configuration.servingCertificateValidity)
         let (tunnel, caller) = try Self.contexts(issued, authority: authority, clientCA: clientCA)
-        try issued.write(certificatePath: configuration.paths.serverCertificate, keyPath: configuration.paths.serverKey)
+        try issued.write(certificatePath: configuration.statePaths.serverCertificate, keyPath: configuration.statePaths.serverKey)
         lock.withLock {
             _serving = issued.certificate
             _sans = sans

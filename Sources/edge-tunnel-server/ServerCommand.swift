@@ -28,6 +28,10 @@ struct ServerCommand: AsyncParsableCommand {
     @Option(help: "YAML configuration file.") var config: String?
     @Option(name: .customLong("pki-dir"), help: "PKI folder with the tunnel CA (default /var/lib/edge-tunnel-server/pki).")
     var pkiDir: String?
+    @Option(name: .customLong("ca-dir"), help: "Folder with ca.crt and ca.key when not the PKI folder, e.g. a Secret mounted read-only.")
+    var caDir: String?
+    @Option(name: .customLong("state-dir"), help: "Folder of this replica's own serving and kubelet client certificates (default: the PKI folder).")
+    var stateDir: String?
     @Option(name: .customLong("bind-address"), help: "Address to listen on (default 0.0.0.0).") var bindAddress: String?
     @Option(name: .customLong("tunnel-port"), help: "Port for agents' tunnels (default 10262).") var tunnelPort: Int?
     @Option(name: .customLong("secure-port"), help: "Port for cloud callers' CONNECT over TLS (default 10263).")
@@ -157,6 +161,8 @@ struct ServerCommand: AsyncParsableCommand {
     private func resolve(_ file: ServerConfigFile) throws -> (ServerConfiguration, Logger.Level) {
         var configuration = ServerConfiguration()
         configuration.pkiDirectory = pkiDir ?? file.pkiDir ?? configuration.pkiDirectory
+        configuration.caDirectory = caDir ?? file.caDir
+        configuration.stateDirectory = stateDir ?? file.stateDir
         configuration.bindAddress = bindAddress ?? file.bindAddress ?? configuration.bindAddress
         configuration.tunnelPort = try port(tunnelPort ?? file.tunnelPort ?? configuration.tunnelPort, "tunnel-port")
         configuration.securePort = try port(securePort ?? file.securePort ?? configuration.securePort, "secure-port")
@@ -319,8 +325,9 @@ final class ConfigReloader: @unchecked Sendable {
             if next.tunnelPort != applied.tunnelPort || next.securePort != applied.securePort
                 || next.metaPort != applied.metaPort || next.bindAddress != applied.bindAddress
                 || next.pkiDirectory != applied.pkiDirectory || next.clientCAFile != applied.clientCAFile
+                || next.caDirectory != applied.caDirectory || next.stateDirectory != applied.stateDirectory
             {
-                logger.warning("\(reason): ports, bind address, PKI folder and client CA change only with a restart; applying the addresses")
+                logger.warning("\(reason): ports, bind address, PKI, CA and state folders and client CA change only with a restart; applying the addresses")
             }
             try server.updateAddresses(certIPs: next.certIPs, certDNSNames: next.certDNSNames)
             server.setServerCount(next.serverCount)

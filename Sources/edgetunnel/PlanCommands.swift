@@ -95,7 +95,14 @@ struct ManifestsCommand: ParsableCommand {
     var serverAddresses: [String] = []
     @Option(name: .customLong("edge-node-selector"), help: "Label of edge nodes, key=value.")
     var edgeNodeSelector = "alibabacloud.com/is-edge-worker=true"
-    @Option(name: .customLong("pki-secret"), help: "Secret holding the server PKI (default: a hostPath).") var pkiSecret: String?
+    @Option(name: .customLong("ca-secret"), help: "Secret with the tunnel CA (ca.crt, ca.key) mounted into every replica.")
+    var caSecret = "edge-tunnel-ca"
+    @Option(name: .customLong("pki-dir"), help: "PKI folder whose CA to render as that Secret (default: not rendered; see README).")
+    var pkiDir: String?
+    @Option(name: .customLong("join-state-claim"), help: "PersistentVolumeClaim for tokens.json and nodes.json, shared by the replicas.")
+    var joinStateClaim = "edge-tunnel-join-state"
+    @Option(name: .customLong("join-state-storage-class"), help: "Storage class of that claim (default: the cluster's).")
+    var joinStateStorageClass: String?
     @Option(name: .customLong("cert-ip"), help: "Address for the server certificate (repeatable).") var certIPs: [String] = []
     @Option(name: .customLong("cert-dns-name"), help: "DNS name for the server certificate (repeatable).") var certDNSNames: [String] = []
     @Option(name: .customLong("ca-cert-hash"), help: "CA pin for joining agents (edgetunnel pki ca-hash).") var caCertHash: String?
@@ -119,7 +126,19 @@ struct ManifestsCommand: ParsableCommand {
                 throw PlanError("invalid --edge-node-selector \"\(edgeNodeSelector)\": expected key=value")
             }
             options.edgeNodeSelector = (String(selector[0]), String(selector[1]))
-            options.pkiSecret = pkiSecret
+            for (flag, name) in [("--ca-secret", caSecret), ("--join-state-claim", joinStateClaim)] where !DNSName.isValid(name) {
+                throw PlanError("invalid \(flag) \"\(name)\": expected a Kubernetes object name")
+            }
+            options.caSecret = caSecret
+            options.joinStateClaim = joinStateClaim
+            options.joinStateStorageClass = joinStateStorageClass
+            if let pkiDir {
+                let paths = PKIPaths(directory: pkiDir)
+                // Checked as the server will load it: a CA certificate with its key.
+                _ = try CertificateAuthority.load(from: paths)
+                options.caFiles = (String(decoding: try AtomicFile.read(paths.caCertificate), as: UTF8.self),
+                                   String(decoding: try AtomicFile.read(paths.caKey), as: UTF8.self))
+            }
             _ = try ServerSANs(ips: certIPs, dnsNames: certDNSNames)
             options.certIPs = certIPs
             options.certDNSNames = certDNSNames

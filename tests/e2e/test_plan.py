@@ -97,7 +97,7 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
         kinds = sorted(d["kind"] for d in docs)
         assert kinds == sorted(["ServiceAccount", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service",
                                 "Service", "Deployment", "PodDisruptionBudget", "DaemonSet", "ClusterRole",
-                                "ClusterRoleBinding"])
+                                "ClusterRoleBinding", "PersistentVolumeClaim"])
         svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "x-tunnel-server-svc")
         assert svc["metadata"]["namespace"] == "kube-system"
         assert svc["metadata"]["labels"] == {"name": "edge-tunnel-server"}
@@ -140,13 +140,55 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
         config = next(d for d in docs if d["kind"] == "ConfigMap")
         assert config["data"]["server-addresses"] == "172.21.3.4:10262,tunnel.example.com:10262"
         assert "certIPs: [172.21.3.4]" in config["data"]["server.yaml"]
+        # Shared PKI: the CA from a Secret (read-only), each replica's own certificates in its own emptyDir, the
+        # join state on one ReadWriteMany claim; the server runs as the image's user, its volumes its group's.
+        pod = deployment["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["ca"]["secret"]["secretName"] == "edge-tunnel-ca"
+        assert "emptyDir" in volumes["state"]
+        assert volumes["join-state"]["persistentVolumeClaim"]["claimName"] == "edge-tunnel-join-state"
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        server_yaml = yaml.safe_load(config["data"]["server.yaml"])
+        assert mounts["ca"]["mountPath"] == server_yaml["caDir"] and mounts["ca"]["readOnly"] is True
+        assert mounts["state"]["mountPath"] == server_yaml["stateDir"]
+        assert mounts["join-state"]["mountPath"] == server_yaml["pkiDir"]
+        assert pod["containers"][0]["args"][0] == "--config=" + mounts["config"]["mountPath"] + "/server.yaml"
+        assert pod["securityContext"]["runAsUser"] == 65532 and pod["securityContext"]["fsGroup"] == 65532
+        claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+        assert claim["metadata"]["name"] == "edge-tunnel-join-state" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+        assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "localhost/edgetunnel:0.1.0"
+
+
+def test_manifests_render_the_ca_secret_from_a_pki_folder(tmp_path):
+    """`--pki-dir` adds the CA Secret the replicas mount; the server accepts what it renders as its --ca-dir."""
+    pki = tmp_path / "pki"
+    run(BIN / "edgetunnel", "pki", "init", "--pki-dir", pki)
+    out = tmp_path / "m.yaml"
+    out.write_text(run(BIN / "edgetunnel", "manifests", "--mode", "express-connect", "--replicas", "1", "--pki-dir", pki,
+                       "--ca-secret", "my-ca", "--join-state-claim", "my-state",
+                       "--join-state-storage-class", "nfs").stdout)
+    validation = run("kubernetes-validate", "--strict", "-k", "1.30.0", out, check=False)
+    assert validation.returncode == 0, validation.stdout + validation.stderr
+    docs = [d for d in yaml.safe_load_all(out.read_text()) if d]
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    assert secret["metadata"]["name"] == "my-ca"
+    assert secret["stringData"] == {"ca.crt": (pki / "ca.crt").read_text(), "ca.key": (pki / "ca.key").read_text()}
+    claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+    assert claim["metadata"]["name"] == "my-state"
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["storageClassName"] == "nfs"
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["ca"]["secret"]["secretName"] == "my-ca"
+    assert volumes["join-state"]["persistentVolumeClaim"]["claimName"] == "my-state"
 
 
 def test_manifests_bad_input():
     for args, needle in [(["--mode", "satellite"], "satellite"), (["--mode", "internet", "--replicas", "0"], "--replicas"),
                          (["--mode", "internet", "--edge-node-selector", "novalue"], "novalue"),
                          (["--mode", "internet", "--server-address", "nope"], "nope"),
-                         (["--mode", "internet", "--ca-cert-hash", "md5:1"], "md5:1")]:
+                         (["--mode", "internet", "--ca-cert-hash", "md5:1"], "md5:1"),
+                         (["--mode", "internet", "--ca-secret", "Bad_Name"], "Bad_Name"),
+                         (["--mode", "internet", "--pki-dir", "/nonexistent-pki"], "/nonexistent-pki")]:
         result = run(BIN / "edgetunnel", "manifests", *args, check=False)
         assert result.returncode == 2, args
         assert_one_line_error(result, needle)
