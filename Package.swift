@@ -120,7 +120,7 @@ let package = Package(
         ),
         .target(
             name: "KubeAPI",
-            dependencies: ["TunnelSupport"] + networking,
+            dependencies: ["TunnelSupport", "TunnelPKI", .product(name: "Crypto", package: "swift-crypto")] + networking,
             swiftSettings: swift5
         ),
         .target(
@@ -142,7 +142,7 @@ let package = Package(
         .executableTarget(
             name: "edgetunnel",
             dependencies: [
-                "TunnelPKI", "TunnelSupport", "TunnelServer", "TunnelAgent", "EdgePlan",
+                "TunnelPKI", "TunnelSupport", "TunnelServer", "TunnelAgent", "EdgePlan", "KubeAPI",
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -18,9 +18,12 @@ public struct ManifestOptions: Sendable {
     public var caSecret = "edge-tunnel-ca"
     /// The CA's files, to render that Secret too (`--pki-dir`); nil: the operator creates it (README).
     public var caFiles: (certificatePEM: String, keyPEM: String)?
-    /// The PersistentVolumeClaim every replica mounts for the join state (`tokens.json`, `nodes.json`):
-    /// ReadWriteMany when there are several replicas, so that a join, a reset or a revocation is seen by all.
-    public var joinStateClaim = "edge-tunnel-join-state"
+    /// The namespace whose ConfigMaps hold the join state (tokens' hashes, node records), which every replica
+    /// watches; its own namespace, so that the server may write ConfigMaps there and nowhere else.
+    public var joinStateNamespace = "edge-tunnel"
+    /// Instead: a PersistentVolumeClaim every replica mounts for `tokens.json` and `nodes.json` (ReadWriteMany
+    /// with several replicas).
+    public var joinStateClaim: String?
     /// The claim's storage class; nil: the cluster's default.
     public var joinStateStorageClass: String?
     /// Addresses for the server certificate (certIPs / certDNSNames in its config).
@@ -48,9 +51,11 @@ public enum Manifests {
         let agentLabels: Node = map([("k8s-app", s("edge-tunnel-agent"))])
         // The replicas count each other by their Leases; serverCount is the count until the first list.
         // and the serving certificate names the Service's addresses as they change (LoadBalancer -> ClusterIP).
-        var serverConfig = "pkiDir: /var/lib/edge-tunnel-server/pki\ncaDir: /etc/edge-tunnel/ca\n"
-            + "stateDir: /var/lib/edge-tunnel-server/state\nserverCount: \(o.replicas)\nleaseNamespace: \(ns)\n"
+        var serverConfig = "pkiDir: /var/lib/edge-tunnel-server/\(o.joinStateClaim == nil ? "state" : "pki")\n"
+            + "caDir: /etc/edge-tunnel/ca\nstateDir: /var/lib/edge-tunnel-server/state\n"
+            + "serverCount: \(o.replicas)\nleaseNamespace: \(ns)\n"
             + "addressService: \(ns)/x-tunnel-server-svc\ncheckNodeObjects: true\n"
+        if o.joinStateClaim == nil { serverConfig += "joinStateNamespace: \(o.joinStateNamespace)\n" }
         if !o.certIPs.isEmpty { serverConfig += "certIPs: [\(o.certIPs.joined(separator: ", "))]\n" }
         if !o.certDNSNames.isEmpty { serverConfig += "certDNSNames: [\(o.certDNSNames.joined(separator: ", "))]\n" }
         let addresses = o.serverAddresses.isEmpty
@@ -77,6 +82,21 @@ public enum Manifests {
             ("roleRef", map([("apiGroup", s("rbac.authorization.k8s.io")), ("kind", s("Role")), ("name", s("edge-tunnel-server"))])),
             ("subjects", seq([map([("kind", s("ServiceAccount")), ("name", s("edge-tunnel-server")), ("namespace", s(ns))])])),
         ])
+        // The join state: ConfigMaps in a namespace of their own (every verb the server and `edgetunnel token|node`
+        // inside its pod use), so that the server can change no other ConfigMap.
+        let joinStateObjects: [Node] = o.joinStateClaim != nil ? [] : [
+            clusterObject("v1", "Namespace", o.joinStateNamespace, labels: serverLabels, extra: []),
+            object("rbac.authorization.k8s.io/v1", "Role", "edge-tunnel-join-state", o.joinStateNamespace, labels: serverLabels, extra: [
+                ("rules", .sequence([
+                    map([("apiGroups", seq([s("")])), ("resources", seq([s("configmaps")])),
+                         ("verbs", seq([s("get"), s("list"), s("watch"), s("create"), s("update"), s("delete")]))]),
+                ])),
+            ]),
+            object("rbac.authorization.k8s.io/v1", "RoleBinding", "edge-tunnel-join-state", o.joinStateNamespace, labels: serverLabels, extra: [
+                ("roleRef", map([("apiGroup", s("rbac.authorization.k8s.io")), ("kind", s("Role")), ("name", s("edge-tunnel-join-state"))])),
+                ("subjects", seq([map([("kind", s("ServiceAccount")), ("name", s("edge-tunnel-server")), ("namespace", s(ns))])])),
+            ]),
+        ]
         // Nodes are cluster-scoped: agents register only as existing Nodes with their Nodes' addresses.
         let clusterRole = clusterObject("rbac.authorization.k8s.io/v1", "ClusterRole", "edge-tunnel-server", labels: serverLabels, extra: [
             ("rules", .sequence([
@@ -113,20 +133,27 @@ public enum Manifests {
         ])
         // The CA from a Secret (read-only, readable by the pod's group), this replica's own certificates in an
         // emptyDir, and the join state on a claim all replicas share.
-        let serverVolumes: [Node] = [
+        var serverVolumes: [Node] = [
             map([("name", s("ca")), ("secret", map([("secretName", s(o.caSecret)), ("defaultMode", n(0o440))]))]),
             map([("name", s("state")), ("emptyDir", map([("medium", s("Memory")), ("sizeLimit", s("1Mi"))]))]),
-            map([("name", s("join-state")), ("persistentVolumeClaim", map([("claimName", s(o.joinStateClaim))]))]),
             map([("name", s("config")), ("configMap", map([("name", s("edge-tunnel-config"))]))]),
         ]
-        var claimSpec: [(String, Node)] = [
-            ("accessModes", seq([s(o.replicas > 1 ? "ReadWriteMany" : "ReadWriteOnce")])),
-            ("resources", map([("requests", map([("storage", s("16Mi"))]))])),
+        var serverMounts: [Node] = [
+            map([("name", s("ca")), ("mountPath", s("/etc/edge-tunnel/ca")), ("readOnly", b(true))]),
+            map([("name", s("state")), ("mountPath", s("/var/lib/edge-tunnel-server/state"))]),
+            map([("name", s("config")), ("mountPath", s("/etc/edge-tunnel/config")), ("readOnly", b(true))]),
         ]
-        if let storageClass = o.joinStateStorageClass { claimSpec.append(("storageClassName", s(storageClass))) }
-        let joinStateClaim = object("v1", "PersistentVolumeClaim", o.joinStateClaim, ns, labels: serverLabels, extra: [
-            ("spec", map(claimSpec)),
-        ])
+        var joinStateClaim: [Node] = []
+        if let claim = o.joinStateClaim {
+            serverVolumes.append(map([("name", s("join-state")), ("persistentVolumeClaim", map([("claimName", s(claim))]))]))
+            serverMounts.append(map([("name", s("join-state")), ("mountPath", s("/var/lib/edge-tunnel-server/pki"))]))
+            var claimSpec: [(String, Node)] = [
+                ("accessModes", seq([s(o.replicas > 1 ? "ReadWriteMany" : "ReadWriteOnce")])),
+                ("resources", map([("requests", map([("storage", s("16Mi"))]))])),
+            ]
+            if let storageClass = o.joinStateStorageClass { claimSpec.append(("storageClassName", s(storageClass))) }
+            joinStateClaim.append(object("v1", "PersistentVolumeClaim", claim, ns, labels: serverLabels, extra: [("spec", map(claimSpec))]))
+        }
         let serverContainer = map([
             ("name", s("edge-tunnel-server")),
             ("image", s(o.image)),
@@ -151,12 +178,7 @@ public enum Manifests {
                 ("allowPrivilegeEscalation", b(false)), ("readOnlyRootFilesystem", b(true)),
                 ("capabilities", map([("drop", seq([s("ALL")]))])),
             ])),
-            ("volumeMounts", seq([
-                map([("name", s("ca")), ("mountPath", s("/etc/edge-tunnel/ca")), ("readOnly", b(true))]),
-                map([("name", s("state")), ("mountPath", s("/var/lib/edge-tunnel-server/state"))]),
-                map([("name", s("join-state")), ("mountPath", s("/var/lib/edge-tunnel-server/pki"))]),
-                map([("name", s("config")), ("mountPath", s("/etc/edge-tunnel/config")), ("readOnly", b(true))]),
-            ])),
+            ("volumeMounts", seq(serverMounts)),
         ])
         let deployment = object("apps/v1", "Deployment", "edge-tunnel-server", ns, labels: serverLabels, extra: [
             ("spec", map([
@@ -254,8 +276,8 @@ public enum Manifests {
                 ])),
             ])),
         ])
-        var objects = [serviceAccountServer, serviceAccountAgent, role, binding, clusterRole, clusterBinding, configMap, service,
-                       headless, joinStateClaim, deployment, disruptionBudget, daemonSet]
+        var objects = joinStateObjects + [serviceAccountServer, serviceAccountAgent, role, binding, clusterRole, clusterBinding,
+                                          configMap, service, headless] + joinStateClaim + [deployment, disruptionBudget, daemonSet]
         if let ca = o.caFiles {
             objects.insert(object("v1", "Secret", o.caSecret, ns, labels: serverLabels, extra: [
                 ("type", s("Opaque")),

@@ -122,13 +122,25 @@ public struct TokenStore: Sendable {
     public func create(
         ttl: Double, description: String? = nil, nodes: [String]? = nil, nodeCIDRs: [String]? = nil, now: Date = Date()
     ) throws -> (BootstrapToken, StoredToken) {
+        var tokens = try list()
+        let (token, stored) = try Self.make(
+            ttl: ttl, description: description, nodes: nodes, nodeCIDRs: nodeCIDRs, taken: Set(tokens.map(\.id)), now: now)
+        tokens.append(stored)
+        try save(tokens)
+        return (token, stored)
+    }
+
+    /// A new token and what is stored of it (its hash), with an id not in `taken`; checks the patterns and
+    /// networks. Every store of tokens (this file, the Kubernetes objects) makes them here.
+    public static func make(
+        ttl: Double, description: String?, nodes: [String]?, nodeCIDRs: [String]?, taken: Set<String>, now: Date
+    ) throws -> (BootstrapToken, StoredToken) {
         let nodes = try nodes.map { try $0.map(StoredToken.validateNodePattern) }
         let nodeCIDRs = try nodeCIDRs.map { try $0.map { try CIDR(parsing: $0).description } }
-        // Whole seconds: what is returned is exactly what the file holds.
+        // Whole seconds: what is returned is exactly what the store holds.
         let now = Date(timeIntervalSince1970: now.timeIntervalSince1970.rounded(.down))
-        var tokens = try list()
         var token = BootstrapToken.generate()
-        while tokens.contains(where: { $0.id == token.id }) { token = .generate() }
+        while taken.contains(token.id) { token = .generate() }
         let stored = StoredToken(
             id: token.id,
             secretHash: token.hash,
@@ -138,8 +150,6 @@ public struct TokenStore: Sendable {
             nodes: nodes,
             nodeCIDRs: nodeCIDRs
         )
-        tokens.append(stored)
-        try save(tokens)
         return (token, stored)
     }
 

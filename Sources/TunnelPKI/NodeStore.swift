@@ -25,6 +25,61 @@ public struct NodeRecord: Codable, Hashable, Sendable {
     }
 }
 
+/// The decisions every store of node records (`nodes.json`, the Kubernetes objects) makes alike.
+extension NodeRecord {
+    /// The record after a join of `name` with `ips`, whose certificate counts from `certificateValidFrom`.
+    /// Refuses a name that has joined and was not reset, or is revoked; node IPs that another joined node
+    /// (among `others`) holds; and a join that a reset overtook (its certificate would already be void).
+    public static func joining(
+        _ existing: NodeRecord?, name: String, ips: [String], certificateValidFrom: Date, others: [NodeRecord], now: Date
+    ) throws -> NodeRecord {
+        for other in others where other.name != name && other.joined != nil && other.revoked == nil {
+            if let shared = ips.first(where: other.ips.contains) {
+                throw PKIError(.alreadyExists, "node IP \(shared) belongs to node \(other.name)")
+            }
+        }
+        guard var record = existing else { return NodeRecord(name: name, joined: now, ips: ips) }
+        if record.revoked != nil {
+            throw PKIError(.alreadyExists, "node \(name) is revoked: run edgetunnel node reset \(name) before it joins again")
+        }
+        if record.joined != nil {
+            throw PKIError(.alreadyExists,
+                "node \(name) has already joined: if it was re-installed, run edgetunnel node reset \(name) first")
+        }
+        guard record.accepts(certificateValidFrom: certificateValidFrom) else {
+            throw PKIError(.alreadyExists, "node \(name) was reset while it joined: join again")
+        }
+        record.joined = now
+        record.ips = ips
+        return record
+    }
+
+    /// The record after a reset: the name may join again, every certificate issued so far is void.
+    public static func reset(_ existing: NodeRecord?, name: String, now: Date) -> NodeRecord {
+        var record = voidingCertificates(existing, name: name, now: now)
+        record.joined = nil
+        record.revoked = nil
+        record.ips = []
+        return record
+    }
+
+    /// The record after a revocation.
+    public static func revoked(_ existing: NodeRecord?, name: String, now: Date) -> NodeRecord {
+        var record = voidingCertificates(existing, name: name, now: now)
+        record.revoked = now
+        return record
+    }
+
+    private static func voidingCertificates(_ existing: NodeRecord?, name: String, now: Date) -> NodeRecord {
+        // A node that joined before its store existed (or is unknown): its record starts here.
+        var record = existing ?? NodeRecord(name: name, joined: nil, ips: [])
+        // Whole seconds, as certificates carry them, rounded up: every certificate issued so far, even in this
+        // second, is void. Certificates issued later start no earlier than this (``NodeIdentities``).
+        record.certificatesValidFrom = Date(timeIntervalSince1970: now.timeIntervalSince1970.rounded(.up))
+        return record
+    }
+}
+
 /// The node identities of a PKI folder, in `nodes.json` (mode 0600), rewritten atomically.
 ///
 /// A bootstrap token is shared by every agent of a DaemonSet, so whoever holds it could otherwise join under
@@ -55,67 +110,35 @@ public struct NodeStore: Sendable {
     public func recordJoin(_ name: String, ips: [String], certificateValidFrom: Date, now: Date = Date()) throws {
         try withFileLock {
             var nodes = try list()
-            for other in nodes where other.name != name && other.joined != nil && other.revoked == nil {
-                if let shared = ips.first(where: other.ips.contains) {
-                    throw PKIError(.alreadyExists, "node IP \(shared) belongs to node \(other.name)")
-                }
-            }
-            if let index = nodes.firstIndex(where: { $0.name == name }) {
-                let record = nodes[index]
-                if record.revoked != nil {
-                    throw PKIError(.alreadyExists, "node \(name) is revoked: run edgetunnel node reset \(name) before it joins again")
-                }
-                if record.joined != nil {
-                    throw PKIError(.alreadyExists,
-                        "node \(name) has already joined: if it was re-installed, run edgetunnel node reset \(name) first")
-                }
-                guard record.accepts(certificateValidFrom: certificateValidFrom) else {
-                    throw PKIError(.alreadyExists, "node \(name) was reset while it joined: join again")
-                }
-                nodes[index].joined = now
-                nodes[index].ips = ips
-            } else {
-                nodes.append(NodeRecord(name: name, joined: now, ips: ips))
-            }
+            let record = try NodeRecord.joining(
+                nodes.first { $0.name == name }, name: name, ips: ips, certificateValidFrom: certificateValidFrom,
+                others: nodes, now: now)
+            nodes.removeAll { $0.name == name }
+            nodes.append(record)
             try save(nodes)
         }
     }
 
     /// Lets `name` join again and voids every certificate issued to it so far (and lifts a revocation).
     public func reset(_ name: String, now: Date = Date()) throws {
-        try update(name, now: now) { record in
-            record.joined = nil
-            record.revoked = nil
-            record.ips = []
-        }
+        try update(name) { NodeRecord.reset($0, name: name, now: now) }
     }
 
     /// Cuts `name` off: its certificates are refused at the handshake and at renewal, its live tunnel is closed,
     /// and it may not join until it is reset.
     public func revoke(_ name: String, now: Date = Date()) throws {
-        try update(name, now: now) { $0.revoked = now }
+        try update(name) { NodeRecord.revoked($0, name: name, now: now) }
     }
 
-    private func update(_ name: String, now: Date, _ change: (inout NodeRecord) -> Void) throws {
+    private func update(_ name: String, _ change: (NodeRecord?) -> NodeRecord) throws {
         _ = try DNSName.validateNodeName(name)
-        try withFileLock { try updateLocked(name, now: now, change) }
-    }
-
-    private func updateLocked(_ name: String, now: Date, _ change: (inout NodeRecord) -> Void) throws {
-        var nodes = try list()
-        let index: Int
-        if let existing = nodes.firstIndex(where: { $0.name == name }) {
-            index = existing
-        } else {
-            // A node that joined before this store existed (or is unknown): its record starts here.
-            nodes.append(NodeRecord(name: name, joined: nil, ips: []))
-            index = nodes.count - 1
+        try withFileLock {
+            var nodes = try list()
+            let record = change(nodes.first { $0.name == name })
+            nodes.removeAll { $0.name == name }
+            nodes.append(record)
+            try save(nodes)
         }
-        // Whole seconds, as certificates carry them, rounded up: every certificate issued so far, even in this
-        // second, is void. Certificates issued later start no earlier than this (``NodeIdentities``).
-        nodes[index].certificatesValidFrom = Date(timeIntervalSince1970: now.timeIntervalSince1970.rounded(.up))
-        change(&nodes[index])
-        try save(nodes)
     }
 
     /// Read, change and write under an exclusive lock on `nodes.json.lock`, so that the server's joins and the

@@ -149,6 +149,10 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         }
         // A revocation between this connection's handshake and its HELLO counts.
         try? server.identities.reloadIfChanged()
+        guard server.identities.isLoaded else {
+            refuse("the server has not loaded its node records yet: try again")
+            return
+        }
         guard server.identities.accepts(node: nodeName, certificateValidFrom: certificateValidFrom) else {
             refuse("node \(nodeName) is revoked or was reset after this certificate was issued")
             return

@@ -51,8 +51,18 @@ final class JoinGuard: @unchecked Sendable {
         return IPAddress(bytes: address.bytes.prefix(8) + [UInt8](repeating: 0, count: 8))!.description + "/64"
     }
 
+    private var external: (@Sendable () -> [StoredToken])?
+
+    /// Takes the tokens from `source` (the Kubernetes objects a watch keeps) instead of `tokens.json`.
+    func useTokens(_ source: @escaping @Sendable () -> [StoredToken]) {
+        lock.withLock { external = source }
+    }
+
     /// Verifies a presented token against the stored ones, re-reading `tokens.json` only when it changed.
     func verify(_ presented: String) throws -> StoredToken {
+        if let external = lock.withLock({ external }) {
+            return try TokenStore.verify(presented, among: external())
+        }
         let current = AtomicFile.stamp(store.path)
         let known: [StoredToken] = try lock.withLock {
             if stamp != current {

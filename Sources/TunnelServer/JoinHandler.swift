@@ -32,6 +32,10 @@ final class JoinHandler: ChannelInboundHandler {
                    remote: remote)
             return
         }
+        guard server.identities.isLoaded else {
+            refuse(context, "join refused: the server has not loaded its tokens and node records yet: try again", remote: remote)
+            return
+        }
         do {
             let request = try JoinRequest(frame: frame)
             let token: StoredToken
@@ -57,16 +61,39 @@ final class JoinHandler: ChannelInboundHandler {
             let certificate = try authority.signNodeCSR(
                 request.csrPEM, nodeName: request.nodeName, ips: ips, validity: server.configuration.agentCertificateValidity,
                 now: server.identities.issuingTime(for: request.nodeName))
-            // Recorded last: a name is taken only by a join that gets its certificate.
-            try server.identities.recordJoin(request.nodeName, ips: ips, certificateValidFrom: certificate.notValidBefore)
             let reply = JoinOK(
                 certificatePEM: try PEMFiles.pem(certificate), caPEM: try PEMFiles.pem(authority.certificate))
-            server.logger.info("node joined", metadata: ["node": "\(request.nodeName)", "remote": "\(remote)"])
-            context.writeAndFlush(wrapOutboundOut(reply.frame(allocator: context.channel.allocator)))
-                .whenComplete { _ in context.close(promise: nil) }
+            // Recorded last: a name is taken only by a join that gets its certificate.
+            guard let joinState = server.joinState else {
+                try server.identities.recordJoin(request.nodeName, ips: ips, certificateValidFrom: certificate.notValidBefore)
+                accept(context, reply, node: request.nodeName, remote: remote)
+                return
+            }
+            // In Kubernetes objects: written by the API server, answered when it has (or has refused).
+            let (name, ipTexts, validFrom) = (request.nodeName, ips.map(\.description), certificate.notValidBefore)
+            let recorded = context.eventLoop.makePromise(of: Void.self)
+            recorded.completeWithTask {
+                try await joinState.recordJoin(name, ips: ipTexts, certificateValidFrom: validFrom)
+            }
+            let server = server
+            recorded.futureResult.whenComplete { result in
+                switch result {
+                case .success:
+                    server.identities.replace(joinState.knownRecords, synced: joinState.isSynced)
+                    self.accept(context, reply, node: name, remote: remote)
+                case .failure(let error):
+                    self.refuse(context, "join refused: \(error)", remote: remote)
+                }
+            }
         } catch {
             refuse(context, "join refused: \(error)", remote: remote)
         }
+    }
+
+    private func accept(_ context: ChannelHandlerContext, _ reply: JoinOK, node: String, remote: String) {
+        server.logger.info("node joined", metadata: ["node": "\(node)", "remote": "\(remote)"])
+        context.writeAndFlush(wrapOutboundOut(reply.frame(allocator: context.channel.allocator)))
+            .whenComplete { _ in context.close(promise: nil) }
     }
 
     private func refuse(_ context: ChannelHandlerContext, _ reason: String, remote: String) {

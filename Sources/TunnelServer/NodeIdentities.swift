@@ -23,10 +23,39 @@ final class NodeIdentities: @unchecked Sendable {
         _ = try reloadIfChanged()
     }
 
+    /// Records kept elsewhere (Kubernetes objects): the file is no longer read, ``replace(_:synced:)`` sets them.
+    private var external = false
+    /// With external records: whether they have been listed yet.
+    private var synced = true
+
     /// Whether a certificate of `node`, valid from `notValidBefore`, may be used (not revoked, not voided by a
-    /// reset). Names without a record (nodes that joined before the store existed) are accepted.
+    /// reset). Names without a record (nodes that joined before the store existed) are accepted, but none before
+    /// external records are first listed.
     func accepts(node: String, certificateValidFrom notValidBefore: Date) -> Bool {
-        lock.withLock { records[node] }?.accepts(certificateValidFrom: notValidBefore) ?? true
+        let (record, isSynced): (NodeRecord?, Bool) = lock.withLock { (records[node], synced) }
+        guard isSynced else { return false }
+        return record?.accepts(certificateValidFrom: notValidBefore) ?? true
+    }
+
+    /// False while external records have not been listed yet: no node is accepted until they are.
+    var isLoaded: Bool { lock.withLock { synced } }
+
+    /// The records as the Kubernetes objects hold them now; `synced` once they have been listed.
+    func replace(_ nodes: [NodeRecord], synced: Bool) {
+        lock.withLock {
+            external = true
+            self.synced = synced
+            records = Dictionary(nodes.map { ($0.name, $0) }, uniquingKeysWith: { $1 })
+            _generation += 1
+        }
+    }
+
+    /// One record written by this replica (a join), before the watch reports it.
+    func recorded(_ record: NodeRecord) {
+        lock.withLock {
+            records[record.name] = record
+            _generation += 1
+        }
     }
 
     /// The nodes that have joined and are not revoked: the ones a replica expects a tunnel from.
@@ -43,6 +72,7 @@ final class NodeIdentities: @unchecked Sendable {
     /// Re-reads the file if it changed; returns whether it did. A file that cannot be read keeps the last state.
     @discardableResult
     func reloadIfChanged() throws -> Bool {
+        guard !lock.withLock({ external }) else { return false }
         let current = AtomicFile.stamp(store.path)
         guard current != lock.withLock({ stamp }) else { return false }
         let nodes = try store.list()

@@ -54,6 +54,9 @@ public struct ServerConfiguration: Sendable {
     /// Agents register only as existing Node objects and claim only addresses their Node reports; a deleted
     /// Node's tunnel closes (`--node-objects`).
     public var checkNodeObjects = false
+    /// Keep bootstrap tokens and node records as ConfigMaps in this namespace (``KubeJoinState``), which every
+    /// replica watches, instead of `tokens.json` and `nodes.json` in the PKI folder. Nil: the folder.
+    public var joinStateNamespace: String?
     /// A kubeconfig for the Kubernetes API; nil: the pod's service account (in cluster).
     public var kubeconfig: String?
     /// How long the server waits for an agent to answer an OPEN before answering 504.

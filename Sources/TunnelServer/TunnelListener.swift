@@ -40,7 +40,10 @@ final class TunnelConnectionClassifier: ChannelInboundHandler, RemovableChannelH
                     context.close(promise: nil)
                     return
                 }
-                guard server.identities.accepts(node: node, certificateValidFrom: certificate.notValidBefore) else {
+                // Before the node records are loaded the HELLO is refused with that reason (AgentSession).
+                guard !server.identities.isLoaded
+                    || server.identities.accepts(node: node, certificateValidFrom: certificate.notValidBefore)
+                else {
                     server.logger.warning(
                         "tunnel connection refused: node \(node) is revoked or was reset after this certificate was issued",
                         metadata: ["remote": "\(remote)"])

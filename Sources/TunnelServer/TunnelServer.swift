@@ -39,6 +39,15 @@ final class TunnelServerCore: @unchecked Sendable {
     private var _serverCount: Int
     private var _nodeDirectory: NodeDirectory?
 
+    private var _joinState: KubeJoinState?
+    /// Tokens and node records in Kubernetes objects (``TunnelServer/useJoinState``); nil: the PKI folder.
+    var joinState: KubeJoinState? { lock.withLock { _joinState } }
+    func setJoinState(_ state: KubeJoinState) {
+        lock.withLock { _joinState = state }
+        joins.useTokens { state.knownTokens }
+        identities.replace(state.knownRecords, synced: state.isSynced)
+    }
+
     /// The cluster's Node objects when the server checks agents against them (``TunnelServer/useNodeObjects``).
     var nodeDirectory: NodeDirectory? { lock.withLock { _nodeDirectory } }
     func setNodeDirectory(_ directory: NodeDirectory) { lock.withLock { _nodeDirectory = directory } }
@@ -271,6 +280,18 @@ public final class TunnelServer: @unchecked Sendable {
     /// reports; the tunnels of Nodes that go away are closed (call ``nodeDeleted(_:)`` from the directory).
     public func useNodeObjects(_ directory: NodeDirectory) {
         core.setNodeDirectory(directory)
+    }
+
+    /// Keeps tokens and node records in Kubernetes objects instead of the PKI folder; until they are first
+    /// listed, no node is accepted (a revocation must not be missed) and no join (no token is known).
+    public func useJoinState(_ state: KubeJoinState) {
+        core.setJoinState(state)
+    }
+
+    /// The tokens or node records changed (the watch): revoked and reset nodes' tunnels close as with the file.
+    public func joinStateChanged() {
+        guard let state = core.joinState else { return }
+        core.identities.replace(state.knownRecords, synced: state.isSynced)
     }
 
     /// Node `name` was deleted: its tunnel closes.

@@ -79,6 +79,10 @@ struct ServerCommand: AsyncParsableCommand {
         name: .customLong("node-objects"),
         help: "Agents register only as existing Node objects, claiming only their Node's addresses; a deleted Node's tunnel closes.")
     var checkNodeObjects = false
+    @Option(
+        name: .customLong("join-state-namespace"),
+        help: "Keep bootstrap tokens and node records as ConfigMaps in this namespace, seen by every replica (default: the PKI folder).")
+    var joinStateNamespace: String?
     @Option(name: .customLong("kubeconfig"), help: "A kubeconfig for the Kubernetes API (default: the pod's service account).")
     var kubeconfig: String?
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
@@ -135,6 +139,9 @@ struct ServerCommand: AsyncParsableCommand {
             if let namespace = configuration.leaseNamespace {
                 services.append(try ReplicaLeaseService(configuration: configuration, namespace: namespace, server: server, logger: logger))
             }
+            if let namespace = configuration.joinStateNamespace {
+                services.append(try JoinStateService(configuration: configuration, namespace: namespace, server: server, logger: logger))
+            }
             if configuration.checkNodeObjects {
                 services.append(try NodeObjectsService(configuration: configuration, server: server, logger: logger))
             }
@@ -188,6 +195,12 @@ struct ServerCommand: AsyncParsableCommand {
         configuration.leaseNamespace = leaseNamespace ?? file.leaseNamespace
         configuration.kubeconfig = kubeconfig ?? file.kubeconfig
         configuration.checkNodeObjects = checkNodeObjects || (file.checkNodeObjects ?? false)
+        if let namespace = joinStateNamespace ?? file.joinStateNamespace {
+            guard DNSName.isValid(namespace), !namespace.contains(".") else {
+                throw PKIError(.invalidArgument, "invalid --join-state-namespace \"\(namespace)\": must be a namespace name")
+            }
+            configuration.joinStateNamespace = namespace
+        }
         if let service = addressService ?? file.addressService {
             let parts = service.split(separator: "/", omittingEmptySubsequences: false)
             guard parts.count == 2, parts.allSatisfy({ !$0.isEmpty && $0.allSatisfy { $0.isLowercase || $0.isNumber || $0 == "-" || $0 == "." } })

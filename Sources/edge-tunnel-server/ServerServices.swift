@@ -117,6 +117,26 @@ struct NodeObjectsService: Service {
     }
 }
 
+/// Bootstrap tokens and node records as ConfigMaps every replica watches: a join through one replica, and an
+/// operator's reset or revocation, reach all of them.
+struct JoinStateService: Service {
+    let state: KubeJoinState
+    let server: TunnelServer
+
+    init(configuration: ServerConfiguration, namespace: String, server: TunnelServer, logger: Logger) throws {
+        state = KubeJoinState(client: try KubeClient.forServer(configuration), namespace: namespace, logger: logger)
+        self.server = server
+        server.useJoinState(state)
+    }
+
+    func run() async throws {
+        let (state, server) = (state, server)
+        try await cancelWhenGracefulShutdown {
+            await state.follow { server.joinStateChanged() }
+        }
+    }
+}
+
 extension KubeClient {
     /// The Kubernetes API as the server's configuration says: its kubeconfig, or the pod's service account.
     static func forServer(_ configuration: ServerConfiguration) throws -> KubeClient {

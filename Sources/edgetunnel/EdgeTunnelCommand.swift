@@ -36,6 +36,17 @@ func reportingErrors<T>(_ body: () throws -> T) throws -> T {
     }
 }
 
+func reportingErrors<T>(_ body: () async throws -> T) async throws -> T {
+    do {
+        return try await body()
+    } catch let error as ExitCode {
+        throw error
+    } catch {
+        printError("\(error)")
+        throw ExitCode.failure
+    }
+}
+
 func printError(_ message: String) {
     let line = "edgetunnel: error: \(message)\n"
     var bytes = Array(line.utf8)

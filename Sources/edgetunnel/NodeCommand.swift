@@ -12,17 +12,17 @@ struct NodeCommand: ParsableCommand {
 }
 
 extension NodeCommand {
-    struct List: ParsableCommand {
+    struct List: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List the nodes that joined, were reset or revoked.")
 
-        @OptionGroup var pki: PKIDirectoryOption
+        @OptionGroup var state: JoinStateOption
 
         @Option(help: "text or json.")
         var output: OutputFormat = .text
 
-        func run() throws {
-            try reportingErrors {
-                let nodes = try NodeStore(paths: pki.paths).list()
+        func run() async throws {
+            try await reportingErrors {
+                let nodes = try await state.store().nodes()
                 switch output {
                 case .json:
                     let encoder = JSONEncoder()
@@ -41,36 +41,36 @@ extension NodeCommand {
         }
     }
 
-    struct Reset: ParsableCommand {
+    struct Reset: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Let NAME join again with a bootstrap token; every certificate issued to it so far stops working.")
 
-        @OptionGroup var pki: PKIDirectoryOption
+        @OptionGroup var state: JoinStateOption
 
         @Argument(help: "The node name.")
         var name: String
 
-        func run() throws {
-            try reportingErrors {
-                try NodeStore(paths: pki.paths).reset(name)
+        func run() async throws {
+            try await reportingErrors {
+                try await state.store().reset(name)
                 print("node \(name) may join again; its earlier certificates are void")
             }
         }
     }
 
-    struct Revoke: ParsableCommand {
+    struct Revoke: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Cut NAME off: its tunnel closes within seconds, its certificate is refused, it cannot renew or join.")
 
-        @OptionGroup var pki: PKIDirectoryOption
+        @OptionGroup var state: JoinStateOption
 
         @Argument(help: "The node name.")
         var name: String
 
-        func run() throws {
-            try reportingErrors {
-                try NodeStore(paths: pki.paths).revoke(name)
-                print("node \(name) is revoked: servers using \(pki.directory) close its tunnel within seconds")
+        func run() async throws {
+            try await reportingErrors {
+                try await state.store().revoke(name)
+                print("node \(name) is revoked: servers using \(try state.store().location) close its tunnel within seconds")
             }
         }
     }

@@ -99,8 +99,10 @@ struct ManifestsCommand: ParsableCommand {
     var caSecret = "edge-tunnel-ca"
     @Option(name: .customLong("pki-dir"), help: "PKI folder whose CA to render as that Secret (default: not rendered; see README).")
     var pkiDir: String?
-    @Option(name: .customLong("join-state-claim"), help: "PersistentVolumeClaim for tokens.json and nodes.json, shared by the replicas.")
-    var joinStateClaim = "edge-tunnel-join-state"
+    @Option(name: .customLong("join-state-namespace"), help: "Namespace of the ConfigMaps holding tokens and node records.")
+    var joinStateNamespace = "edge-tunnel"
+    @Option(name: .customLong("join-state-claim"), help: "Instead: a PersistentVolumeClaim for tokens.json and nodes.json, shared by the replicas.")
+    var joinStateClaim: String?
     @Option(name: .customLong("join-state-storage-class"), help: "Storage class of that claim (default: the cluster's).")
     var joinStateStorageClass: String?
     @Option(name: .customLong("cert-ip"), help: "Address for the server certificate (repeatable).") var certIPs: [String] = []
@@ -126,10 +128,12 @@ struct ManifestsCommand: ParsableCommand {
                 throw PlanError("invalid --edge-node-selector \"\(edgeNodeSelector)\": expected key=value")
             }
             options.edgeNodeSelector = (String(selector[0]), String(selector[1]))
-            for (flag, name) in [("--ca-secret", caSecret), ("--join-state-claim", joinStateClaim)] where !DNSName.isValid(name) {
+            for (flag, name) in [("--ca-secret", caSecret), ("--join-state-claim", joinStateClaim ?? "x"),
+                                 ("--join-state-namespace", joinStateNamespace)] where !DNSName.isValid(name) || name.contains(".") && flag == "--join-state-namespace" {
                 throw PlanError("invalid \(flag) \"\(name)\": expected a Kubernetes object name")
             }
             options.caSecret = caSecret
+            options.joinStateNamespace = joinStateNamespace
             options.joinStateClaim = joinStateClaim
             options.joinStateStorageClass = joinStateStorageClass
             if let pkiDir {

@@ -11,10 +11,10 @@ struct TokenCommand: ParsableCommand {
 }
 
 extension TokenCommand {
-    struct Create: ParsableCommand {
+    struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create a token and print it (once).")
 
-        @OptionGroup var pki: PKIDirectoryOption
+        @OptionGroup var state: JoinStateOption
 
         @Option(help: "How long the token is valid, e.g. 24h, 30m, 7d; 0 for never.")
         var ttl: String = "24h"
@@ -28,10 +28,10 @@ extension TokenCommand {
         @Option(name: .customLong("node-cidr"), help: "A network whose addresses joining nodes may claim as node IPs; repeatable. Default: none.")
         var nodeCIDRs: [String] = []
 
-        func run() throws {
-            try reportingErrors {
+        func run() async throws {
+            try await reportingErrors {
                 let ttl = try Durations.parse(self.ttl, what: "--ttl")
-                let (token, _) = try TokenStore(paths: pki.paths).create(
+                let (token, _) = try await state.store().createToken(
                     ttl: ttl, description: description, nodes: nodes.isEmpty ? nil : nodes,
                     nodeCIDRs: nodeCIDRs.isEmpty ? nil : nodeCIDRs)
                 print(token)
@@ -39,17 +39,17 @@ extension TokenCommand {
         }
     }
 
-    struct List: ParsableCommand {
+    struct List: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "List tokens: id, expiry, description.")
 
-        @OptionGroup var pki: PKIDirectoryOption
+        @OptionGroup var state: JoinStateOption
 
         @Option(help: "text or json.")
         var output: OutputFormat = .text
 
-        func run() throws {
-            try reportingErrors {
-                let tokens = try TokenStore(paths: pki.paths).list()
+        func run() async throws {
+            try await reportingErrors {
+                let tokens = try await state.store().tokens()
                 let now = Date()
                 switch output {
                 case .json:
@@ -90,18 +90,18 @@ extension TokenCommand {
         }
     }
 
-    struct Delete: ParsableCommand {
+    struct Delete: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Delete a token by its id (or the whole token).")
 
-        @OptionGroup var pki: PKIDirectoryOption
+        @OptionGroup var state: JoinStateOption
 
         @Argument(help: "The token id (the 6 characters before the dot) or the whole token.")
         var token: String
 
-        func run() throws {
-            try reportingErrors {
+        func run() async throws {
+            try await reportingErrors {
                 let id = String(token.split(separator: ".", maxSplits: 1).first ?? "")
-                try TokenStore(paths: pki.paths).delete(id: id)
+                try await state.store().deleteToken(id: id)
                 print("deleted bootstrap token \(id)")
             }
         }

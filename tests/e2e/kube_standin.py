@@ -1,7 +1,8 @@
 """A stand-in for the Kubernetes API server, serving exactly what EdgeTunnel's client uses (there is no
-kube-apiserver on these machines): `coordination.k8s.io/v1` Leases, `v1` Services and (cluster-scoped) Nodes — list (label selector
+kube-apiserver on these machines): `coordination.k8s.io/v1` Leases, `v1` Services, ConfigMaps and (cluster-scoped) Nodes — list (label selector
 `k=v`, field selector `metadata.name=N`), watch from a resourceVersion (chunked JSON lines, ERROR/410 for a
-compacted version), get, create, update, merge-patch, delete — with the JSON shapes of the API reference.
+compacted version), get, create, update, merge-patch, delete — with the JSON shapes of the API reference. A create of an existing name gets 409 AlreadyExists, an update with a
+stale resourceVersion 409 Conflict, as the API server's optimistic concurrency does.
 
 Run: python3 kube_standin.py DIR PORT [BIND [EXTRA_IP,...]]   (BIND default 127.0.0.1; the certificate names
      127.0.0.1 and the EXTRA_IPs)
@@ -32,7 +33,8 @@ DIR = pathlib.Path(sys.argv[1])
 PORT = int(sys.argv[2])
 BIND = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
 EXTRA_IPS = [ip for ip in (sys.argv[4] if len(sys.argv) > 4 else "").split(",") if ip]
-PREFIXES = {"leases": "/apis/coordination.k8s.io/v1/namespaces/", "services": "/api/v1/namespaces/"}
+PREFIXES = {"leases": "/apis/coordination.k8s.io/v1/namespaces/", "services": "/api/v1/namespaces/",
+            "configmaps": "/api/v1/namespaces/"}
 
 lock = threading.Condition()
 state = {"rv": 100, "compacted": 0, "objects": {}, "events": [], "epoch": 0}

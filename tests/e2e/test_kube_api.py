@@ -2,9 +2,11 @@
 (kube_standin.py: there is no kube-apiserver on these machines; it serves the Lease endpoints the client uses,
 with the API reference's JSON shapes, 410 Gone for compacted versions, 401 for a stale token and 403 from RBAC).
 """
+import concurrent.futures
 import json
 import pathlib
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -13,7 +15,7 @@ import urllib.request
 import pytest
 
 from conftest import BIN, run
-from harness import PYTHON_HELPER_EXITS, Proc, free_port, http_get, stop_and_check, wait_until
+from harness import PYTHON_HELPER_EXITS, Proc, frame, free_port, http_get, read_frame, stop_and_check, wait_until
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -204,3 +206,77 @@ def test_agents_register_only_as_existing_nodes_with_their_nodes_addresses(lab):
     lab.api("DELETE", "/api/v1/nodes/edge-1", {})
     wait_until(lambda: not up("edge-1"), 10, "edge-1's tunnel closed with its Node")
     server.expect_log("the Node object of edge-1 was deleted")
+
+
+def join_frame(lab, token, name, ip="127.0.0.1"):
+    from test_hostile_scenarios import csr_for
+    return frame(13, 0, json.dumps({"token": token, "nodeName": name, "nodeIPs": [ip],
+                                    "csrPEM": csr_for(lab.tmp, name)}).encode())
+
+
+def join_answer(lab, server, payload):
+    """Sends a JOIN to `server`'s tunnel port without a client certificate: (frame type, reason or None)."""
+    context = ssl.create_default_context(cafile=str(lab.pki / "ca.crt"))
+    context.check_hostname = False
+    with socket.create_connection(("127.0.0.1", server.ports["tunnel"]), timeout=20) as raw:
+        with context.wrap_socket(raw) as tls:
+            tls.sendall(payload)
+            frame_type, _, body = read_frame(tls)
+    return frame_type, (json.loads(body).get("reason") if frame_type == 15 else None)
+
+
+def test_the_join_state_in_configmaps_is_shared_by_every_replica(lab):
+    """Tokens and node records as ConfigMaps (--join-state-namespace), two replicas with no shared folder for them:
+    a token made with the CLI holds only its hash; a node that joined through r1 is known to r2 (it connects there,
+    and a second join of its name there is refused); two joins of one new name at once through r1 and r2 give one
+    certificate (the API server's conflict decides); the CLI's revoke closes the node's tunnels on both replicas,
+    and its reset lets the node join again."""
+    namespace = ["--join-state-namespace", "edge-tunnel"]
+    cli = ["--kubeconfig", lab.kubeconfig, *namespace]
+    servers = [lab.start_server(i, *namespace, "--state-dir", lab.tmp / f"state-{i}") for i in (1, 2)]
+    for server in servers:
+        wait_until(lambda: http_get(server.meta + "/readyz")[0] == 200, 20, "replica ready")
+    token = run(BIN / "edgetunnel", "token", "create", "--node-cidr", "127.0.0.0/8", *cli).stdout.strip()
+    objects = lab.api("GET", "/api/v1/namespaces/edge-tunnel/configmaps?labelSelector=edgetunnel.io%2Fjoin-state%3Dtoken", None)
+    assert [o["metadata"]["name"] for o in objects["items"]] == [f"edge-tunnel-token-{token.split('.')[0]}"]
+    assert token.split(".")[1] not in json.dumps(objects) and "sha256:" in json.dumps(objects)
+    assert not (lab.pki / "tokens.json").exists()
+
+    # edge-1 joins through r1; r2 sees the join (it lets edge-1 in, and refuses a second join of the name).
+    edge = lab.spawn([sys.executable, HERE / "edge_service.py", "127.0.0.1", edge_port := free_port()], "edge",
+                     clean_exits=PYTHON_HELPER_EXITS)
+    agent_dir = lab.tmp / "agent-edge-1"
+
+    def agent(server, name, join):
+        meta = free_port()
+        args = [BIN / "edge-tunnel-agent", "--node-name", "edge-1", "--server-address",
+                f"127.0.0.1:{server.ports['tunnel']}", "--pki-dir", agent_dir, "--meta-port", meta,
+                "--node-ip", "127.0.0.1", "--allow", f"127.0.0.1:{edge_port}"]
+        if join:
+            ca_hash = run(BIN / "edgetunnel", "pki", "ca-hash", "--pki-dir", lab.pki).stdout.strip()
+            args += ["--bootstrap-token", token, "--ca-cert-hash", ca_hash]
+        proc = lab.spawn(args, name)
+        wait_until(lambda: http_get(f"http://127.0.0.1:{meta}/readyz")[0] == 200, 20, f"{name} ready")
+        return proc
+
+    agent(servers[0], "agent-on-r1", join=True)
+    agent(servers[1], "agent-on-r2", join=False)
+    frame_type, reason = join_answer(lab, servers[1], join_frame(lab, token, "edge-1"))
+    assert frame_type == 15 and "edge-1 has already joined" in reason, reason
+    listed = json.loads(run(BIN / "edgetunnel", "node", "list", "--output", "json", *cli).stdout)
+    assert [(n["name"], n["ips"]) for n in listed if n.get("joined")] == [("edge-1", ["127.0.0.1"])]
+
+    # Two joins of one new name at the same moment, one through each replica: one certificate, one refusal.
+    payloads = [join_frame(lab, token, "edge-9", ip="127.0.0.9") for _ in servers]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda pair: join_answer(lab, *pair), zip(servers, payloads)))
+    assert sorted(t for t, _ in answers) == [14, 15], answers
+
+    # Revoked with the CLI: both replicas close edge-1's tunnel; reset: it may join again, through either.
+    run(BIN / "edgetunnel", "node", "revoke", "edge-1", *cli)
+    for server in servers:
+        wait_until(lambda: "edge-1" not in http_get(server.meta + "/v1/agents")[1], 15, "edge-1 cut off")
+    run(BIN / "edgetunnel", "node", "reset", "edge-1", *cli)
+    frame_type, reason = join_answer(lab, servers[1], join_frame(lab, token, "edge-1"))
+    assert frame_type == 14, reason
+    edge.stop()

@@ -97,7 +97,7 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
         kinds = sorted(d["kind"] for d in docs)
         assert kinds == sorted(["ServiceAccount", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service",
                                 "Service", "Deployment", "PodDisruptionBudget", "DaemonSet", "ClusterRole",
-                                "ClusterRoleBinding", "PersistentVolumeClaim"])
+                                "ClusterRoleBinding", "Namespace", "Role", "RoleBinding"])
         svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "x-tunnel-server-svc")
         assert svc["metadata"]["namespace"] == "kube-system"
         assert svc["metadata"]["labels"] == {"name": "edge-tunnel-server"}
@@ -121,7 +121,7 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
         assert term["topologyKey"] == "kubernetes.io/hostname"
         config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["server.yaml"]
         assert "serverCount: 3" in config.splitlines() and "leaseNamespace: kube-system" in config.splitlines(), config
-        role = next(d for d in docs if d["kind"] == "Role")
+        role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == "kube-system")
         assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
                                   "verbs": ["get", "list", "watch", "create", "update", "delete"]},
                                  {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch"]}]
@@ -141,26 +141,31 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
         assert config["data"]["server-addresses"] == "172.21.3.4:10262,tunnel.example.com:10262"
         assert "certIPs: [172.21.3.4]" in config["data"]["server.yaml"]
         # Shared PKI: the CA from a Secret (read-only), each replica's own certificates in its own emptyDir, the
-        # join state on one ReadWriteMany claim; the server runs as the image's user, its volumes its group's.
+        # join state as ConfigMaps in a namespace of its own, where alone the server may write ConfigMaps; the
+        # server runs as the image's user, its volumes its group's.
         pod = deployment["spec"]["template"]["spec"]
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["ca"]["secret"]["secretName"] == "edge-tunnel-ca"
-        assert "emptyDir" in volumes["state"]
-        assert volumes["join-state"]["persistentVolumeClaim"]["claimName"] == "edge-tunnel-join-state"
+        assert "emptyDir" in volumes["state"] and "join-state" not in volumes
         mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
         server_yaml = yaml.safe_load(config["data"]["server.yaml"])
         assert mounts["ca"]["mountPath"] == server_yaml["caDir"] and mounts["ca"]["readOnly"] is True
-        assert mounts["state"]["mountPath"] == server_yaml["stateDir"]
-        assert mounts["join-state"]["mountPath"] == server_yaml["pkiDir"]
+        assert mounts["state"]["mountPath"] == server_yaml["stateDir"] == server_yaml["pkiDir"]
+        assert server_yaml["joinStateNamespace"] == "edge-tunnel"
+        assert next(d for d in docs if d["kind"] == "Namespace")["metadata"]["name"] == "edge-tunnel"
+        join_role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == "edge-tunnel")
+        assert join_role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                                       "verbs": ["get", "list", "watch", "create", "update", "delete"]}]
+        join_binding = next(d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["namespace"] == "edge-tunnel")
+        assert join_binding["subjects"] == [{"kind": "ServiceAccount", "name": "edge-tunnel-server", "namespace": "kube-system"}]
         assert pod["containers"][0]["args"][0] == "--config=" + mounts["config"]["mountPath"] + "/server.yaml"
         assert pod["securityContext"]["runAsUser"] == 65532 and pod["securityContext"]["fsGroup"] == 65532
-        claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
-        assert claim["metadata"]["name"] == "edge-tunnel-join-state" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
         assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == "localhost/edgetunnel:0.1.0"
 
 
-def test_manifests_render_the_ca_secret_from_a_pki_folder(tmp_path):
-    """`--pki-dir` adds the CA Secret the replicas mount; the server accepts what it renders as its --ca-dir."""
+def test_manifests_render_the_ca_secret_and_a_join_state_claim(tmp_path):
+    """`--pki-dir` adds the CA Secret the replicas mount; `--join-state-claim` keeps the join state on a shared
+    volume instead of ConfigMaps."""
     pki = tmp_path / "pki"
     run(BIN / "edgetunnel", "pki", "init", "--pki-dir", pki)
     out = tmp_path / "m.yaml"
@@ -173,6 +178,7 @@ def test_manifests_render_the_ca_secret_from_a_pki_folder(tmp_path):
     secret = next(d for d in docs if d["kind"] == "Secret")
     assert secret["metadata"]["name"] == "my-ca"
     assert secret["stringData"] == {"ca.crt": (pki / "ca.crt").read_text(), "ca.key": (pki / "ca.key").read_text()}
+    assert "Namespace" not in [d["kind"] for d in docs]
     claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
     assert claim["metadata"]["name"] == "my-state"
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["storageClassName"] == "nfs"
@@ -180,6 +186,8 @@ def test_manifests_render_the_ca_secret_from_a_pki_folder(tmp_path):
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert volumes["ca"]["secret"]["secretName"] == "my-ca"
     assert volumes["join-state"]["persistentVolumeClaim"]["claimName"] == "my-state"
+    server_yaml = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["server.yaml"])
+    assert "joinStateNamespace" not in server_yaml and server_yaml["pkiDir"] == "/var/lib/edge-tunnel-server/pki"
 
 
 def test_manifests_bad_input():
@@ -188,6 +196,7 @@ def test_manifests_bad_input():
                          (["--mode", "internet", "--server-address", "nope"], "nope"),
                          (["--mode", "internet", "--ca-cert-hash", "md5:1"], "md5:1"),
                          (["--mode", "internet", "--ca-secret", "Bad_Name"], "Bad_Name"),
+                         (["--mode", "internet", "--join-state-namespace", "a.b"], "a.b"),
                          (["--mode", "internet", "--pki-dir", "/nonexistent-pki"], "/nonexistent-pki")]:
         result = run(BIN / "edgetunnel", "manifests", *args, check=False)
         assert result.returncode == 2, args
