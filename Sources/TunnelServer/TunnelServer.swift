@@ -554,6 +554,11 @@ public final class TunnelServer: @unchecked Sendable {
         case "/readyz", "/readyz/listeners":
             let isReady = lock.withLock { ready }
             guard isReady else { return .text(.serviceUnavailable, "listeners are not up") }
+            // A replica that cannot list the join state (RBAC, the API down) accepts no agent: a rollout with
+            // broken access stops at its first pod.
+            guard core.identities.isLoaded else {
+                return .text(.serviceUnavailable, "the join state (tokens, node records) has not been listed yet")
+            }
             // `/readyz/listeners` is for a Service that agents use too: agents must reach an unready replica.
             if path == "/readyz", let missing = replicaWarmingUp() { return .text(.serviceUnavailable, missing) }
             return .text(.ok, "ok")

@@ -280,3 +280,19 @@ def test_the_join_state_in_configmaps_is_shared_by_every_replica(lab):
     frame_type, reason = join_answer(lab, servers[1], join_frame(lab, token, "edge-1"))
     assert frame_type == 14, reason
     edge.stop()
+
+
+def test_before_the_join_state_is_listed_no_join_is_accepted(lab):
+    """While the API refuses (RBAC), a replica with --join-state-namespace cannot know the tokens or a revocation:
+    a join is refused with that reason, not as a bad token; once the API answers, the same join succeeds."""
+    cli = ["--kubeconfig", lab.kubeconfig, "--join-state-namespace", "edge-tunnel"]
+    token = run(BIN / "edgetunnel", "token", "create", "--node-cidr", "127.0.0.0/8", *cli).stdout.strip()
+    (lab.kube / "deny").touch()
+    server = lab.start_server(1, "--join-state-namespace", "edge-tunnel")
+    frame_type, reason = join_answer(lab, server, join_frame(lab, token, "edge-1"))
+    assert frame_type == 15 and "not loaded its tokens and node records yet" in reason, reason
+    # Not ready on either path: a rollout whose RBAC is broken stops at its first pod.
+    assert [http_get(server.meta + path)[0] for path in ("/readyz", "/readyz/listeners")] == [503, 503]
+    (lab.kube / "deny").unlink()
+    wait_until(lambda: join_answer(lab, server, join_frame(lab, token, "edge-1"))[0] == 14, 40, "the join accepted")
+    assert http_get(server.meta + "/readyz/listeners")[0] == 200
