@@ -193,6 +193,7 @@ public enum Manifests {
                         // The image's own user; the volumes are its group's.
                         ("securityContext", map([
                             ("runAsNonRoot", b(true)), ("runAsUser", n(65532)), ("runAsGroup", n(65532)), ("fsGroup", n(65532)),
+                            ("seccompProfile", map([("type", s("RuntimeDefault"))])),
                         ])),
                         ("affinity", map([
                             ("nodeAffinity", map([("requiredDuringSchedulingIgnoredDuringExecution", map([
@@ -250,7 +251,7 @@ public enum Manifests {
             // capability beyond a file owner's.
             ("securityContext", map([
                 ("allowPrivilegeEscalation", b(false)), ("readOnlyRootFilesystem", b(true)), ("runAsUser", n(0)),
-                ("capabilities", map([("drop", seq([s("ALL")]))])),
+                ("capabilities", map([("drop", seq([s("ALL")]))])), ("seccompProfile", map([("type", s("RuntimeDefault"))])),
             ])),
             ("volumeMounts", seq([map([("name", s("pki")), ("mountPath", s("/var/lib/edge-tunnel-agent/pki"))])])),
         ])

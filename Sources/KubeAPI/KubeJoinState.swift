@@ -20,8 +20,9 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
     public let namespace: String
     private let logger: Logger
     private let lock = NIOLock()
+    /// By object name, with the resourceVersion the entry was seen at.
     private var cachedTokens: [String: StoredToken] = [:]
-    private var cachedRecords: [String: NodeRecord] = [:]
+    private var cachedRecords: [String: (record: NodeRecord, version: String)] = [:]
     private var listed: Set<String> = []
 
     public static let label = "edgetunnel.io/join-state"
@@ -45,7 +46,7 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
     /// Both kinds have been listed once: before that, the server knows no revocation and must accept no node.
     public var isSynced: Bool { lock.withLock { listed.count == 2 } }
     public var knownTokens: [StoredToken] { lock.withLock { Array(cachedTokens.values) } }
-    public var knownRecords: [NodeRecord] { lock.withLock { Array(cachedRecords.values) } }
+    public var knownRecords: [NodeRecord] { lock.withLock { cachedRecords.values.map(\.record) } }
 
     /// Follows the tokens and the node records until the task is cancelled; `onChange` after every change.
     public func follow(onChange: @escaping @Sendable () -> Void) async {
@@ -64,21 +65,32 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
         }
     }
 
+    /// Applies a watch change. An object whose content does not parse keeps what was last seen of it (a
+    /// hand-edited revoked record must not un-revoke its node), and a record counts only under its own name's
+    /// object (no object can speak for another node).
     private func apply(_ change: KubeWatch.Change, kind: String) {
         lock.withLock {
             switch change {
             case .listed(let items):
                 if kind == "token" {
-                    cachedTokens = Dictionary(items.compactMap { o in Self.name(o).flatMap { n in token(o).map { (n, $0) } } },
-                                              uniquingKeysWith: { $1 })
+                    var next: [String: StoredToken] = [:]
+                    for object in items { if let name = Self.name(object) { next[name] = token(object) ?? cachedTokens[name] } }
+                    cachedTokens = next
                 } else {
-                    cachedRecords = Dictionary(items.compactMap { o in Self.name(o).flatMap { n in record(o).map { (n, $0) } } },
-                                               uniquingKeysWith: { $1 })
+                    var next: [String: (record: NodeRecord, version: String)] = [:]
+                    for object in items {
+                        if let name = Self.name(object) { next[name] = recordEntry(object) ?? cachedRecords[name] }
+                    }
+                    cachedRecords = next
                 }
                 listed.insert(kind)
             case .added(let object), .modified(let object):
                 guard let name = Self.name(object) else { return }
-                if kind == "token" { cachedTokens[name] = token(object) } else { cachedRecords[name] = record(object) }
+                if kind == "token" {
+                    if let token = token(object) { cachedTokens[name] = token }
+                } else if let entry = recordEntry(object) {
+                    cachedRecords[name] = entry
+                }
             case .deleted(let object):
                 guard let name = Self.name(object) else { return }
                 if kind == "token" { cachedTokens[name] = nil } else { cachedRecords[name] = nil }
@@ -86,10 +98,23 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
         }
     }
 
+    private func recordEntry(_ object: [String: any Sendable]) -> (record: NodeRecord, version: String)? {
+        guard let record = record(object) else { return nil }
+        guard Self.name(object) == Self.nodeObjectName(record.name) else {
+            logger.warning("ConfigMap \(namespace)/\(Self.name(object) ?? "?") holds the record of node \(record.name), whose object it is not: ignored")
+            return nil
+        }
+        return (record, Self.version(object) ?? "")
+    }
+
+    private static func version(_ object: [String: Any]) -> String? {
+        (object["metadata"] as? [String: Any])?["resourceVersion"] as? String
+    }
+
     // MARK: JoinStateStore
 
-    public func tokens() async throws -> [StoredToken] { try await list("token").compactMap(token) }
-    public func nodes() async throws -> [NodeRecord] { try await list("node").compactMap(record) }
+    public func tokens() async throws -> [StoredToken] { try await list("token").compactMap(token).sorted { $0.created < $1.created } }
+    public func nodes() async throws -> [NodeRecord] { try await list("node").compactMap(record).sorted { $0.name < $1.name } }
 
     public func createToken(ttl: Double, description: String?, nodes: [String]?, nodeCIDRs: [String]?) async throws
         -> (BootstrapToken, StoredToken)
@@ -118,13 +143,38 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
     }
 
     public func recordJoin(_ name: String, ips: [String], certificateValidFrom: Date) async throws {
+        _ = try await joinRecord(name, ips: ips, certificateValidFrom: certificateValidFrom)
+    }
+
+    /// Records a join; returns the record as written (for ``undoJoin(_:)``).
+    public func joinRecord(_ name: String, ips: [String], certificateValidFrom: Date) async throws -> NodeRecord {
         let others = isSynced ? knownRecords : try await nodes()
-        let record = try await update(name) { existing in
+        // Whole seconds, as the object stores them: what is returned compares equal to what is read back.
+        let now = Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down))
+        let (written, version) = try await update(name) { existing in
             try NodeRecord.joining(existing, name: name, ips: ips, certificateValidFrom: certificateValidFrom,
-                                   others: others, now: Date())
+                                   others: others, now: now)
         }
-        // Seen at once by this replica (the node's HELLO may follow before the watch event).
-        lock.withLock { cachedRecords[Self.nodeObjectName(name)] = record }
+        guard let record = written else { throw PKIError(.writeFailed, "the join of \(name) was not recorded") }
+        // Seen at once by this replica (the node's HELLO may follow before the watch event), unless the watch has
+        // already brought something newer (a revocation right after the join).
+        lock.withLock {
+            let key = Self.nodeObjectName(name)
+            if let seen = cachedRecords[key], let a = Int(seen.version), let b = Int(version ?? ""), a >= b { return }
+            cachedRecords[key] = (record, version ?? "")
+        }
+        return record
+    }
+
+    /// Takes back a join whose certificate never reached the node: if the record is still exactly that join (not
+    /// revoked or changed since), the name may join again and the undelivered certificate is void.
+    public func undoJoin(_ joined: NodeRecord) async throws {
+        _ = try await update(joined.name) { existing in
+            guard let existing, existing == joined else { return nil }
+            var undone = NodeRecord.reset(existing, name: joined.name, now: Date())
+            undone.revoked = existing.revoked
+            return undone
+        }
     }
 
     public func reset(_ name: String) async throws {
@@ -138,33 +188,49 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
     }
 
     /// Reads the node's record, changes it and writes it back only if nobody wrote it meanwhile (create, or update
-    /// with the read's resourceVersion); on a conflict, reads again.
-    private func update(_ node: String, _ change: (NodeRecord?) throws -> NodeRecord) async throws -> NodeRecord {
+    /// with the read's resourceVersion); on a conflict, reads again. `change` returning nil writes nothing. An
+    /// object whose record does not parse is an error, never taken as no record. Returns what was written and
+    /// the resourceVersion the API server gave it.
+    @discardableResult
+    private func update(_ node: String, _ change: (NodeRecord?) throws -> NodeRecord?) async throws -> (NodeRecord?, String?) {
         let objectName = Self.nodeObjectName(node)
         let path = "\(collection)/\(objectName)"
         for _ in 0..<8 {
             let current = try await client.request(.GET, path)
             let answer: KubeClient.Response
-            let record: NodeRecord
+            let written: NodeRecord
             switch current.status {
             case 404:
-                record = try change(nil)
+                guard let record = try change(nil) else { return (nil, nil) }
+                written = record
                 answer = try await client.request(.POST, collection, body: try configMap(objectName, kind: "node", key: "record", value: record))
             case 200:
                 guard var object = try JSONSerialization.jsonObject(with: Data(current.body)) as? [String: Any] else {
                     throw PKIError(.invalidArgument, "ConfigMap \(namespace)/\(objectName) is not a JSON object")
                 }
-                record = try change(self.record(object as [String: any Sendable]))
+                guard let existing = self.record(object as [String: any Sendable]), existing.name == node else {
+                    throw PKIError(.invalidArgument,
+                        "ConfigMap \(namespace)/\(objectName) does not hold a valid record of node \(node): fix or delete it")
+                }
+                guard let record = try change(existing) else { return (existing, nil) }
+                written = record
                 var data = object["data"] as? [String: Any] ?? [:]
                 data["record"] = try Self.json(record)
                 object["data"] = data
+                // The label is what the replicas watch: a record that lost it would go unseen.
+                var metadata = object["metadata"] as? [String: Any] ?? [:]
+                var labels = metadata["labels"] as? [String: Any] ?? [:]
+                labels[Self.label] = "node"
+                metadata["labels"] = labels
+                object["metadata"] = metadata
                 answer = try await client.request(.PUT, path, body: Array(try JSONSerialization.data(withJSONObject: object)))
             default:
                 throw KubeWatch.failure(current, "reading the record of node \(node)")
             }
             if answer.status == 409 { continue }
             guard (200...201).contains(answer.status) else { throw KubeWatch.failure(answer, "writing the record of node \(node)") }
-            return record
+            let version = (try? JSONSerialization.jsonObject(with: Data(answer.body)) as? [String: Any]).flatMap { Self.version($0) }
+            return (written, version)
         }
         throw PKIError(.writeFailed, "the record of node \(node) in \(location) keeps changing: try again")
     }

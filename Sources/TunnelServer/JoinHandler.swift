@@ -66,21 +66,30 @@ final class JoinHandler: ChannelInboundHandler {
             // Recorded last: a name is taken only by a join that gets its certificate.
             guard let joinState = server.joinState else {
                 try server.identities.recordJoin(request.nodeName, ips: ips, certificateValidFrom: certificate.notValidBefore)
-                accept(context, reply, node: request.nodeName, remote: remote)
+                accept(context, reply, node: request.nodeName, remote: remote) { _ in }
                 return
             }
             // In Kubernetes objects: written by the API server, answered when it has (or has refused).
             let (name, ipTexts, validFrom) = (request.nodeName, ips.map(\.description), certificate.notValidBefore)
-            let recorded = context.eventLoop.makePromise(of: Void.self)
+            let recorded = context.eventLoop.makePromise(of: NodeRecord.self)
             recorded.completeWithTask {
-                try await joinState.recordJoin(name, ips: ipTexts, certificateValidFrom: validFrom)
+                try await joinState.joinRecord(name, ips: ipTexts, certificateValidFrom: validFrom)
             }
             let server = server
             recorded.futureResult.whenComplete { result in
                 switch result {
-                case .success:
+                case .success(let record):
                     server.identities.replace(joinState.knownRecords, synced: joinState.isSynced)
-                    self.accept(context, reply, node: name, remote: remote)
+                    self.accept(context, reply, node: name, remote: remote) { delivered in
+                        guard !delivered else { return }
+                        // Recorded, but the certificate never reached the node (the connection closed while the API
+                        // server wrote): undo this join, so the name is not locked out until an operator resets it.
+                        server.logger.warning("join of \(name) recorded but its certificate was not delivered: undoing it")
+                        let logger = server.logger
+                        Task {
+                            do { try await joinState.undoJoin(record) } catch { logger.warning("cannot undo the join of \(name): \(error)") }
+                        }
+                    }
                 case .failure(let error):
                     self.refuse(context, "join refused: \(error)", remote: remote)
                 }
@@ -90,10 +99,20 @@ final class JoinHandler: ChannelInboundHandler {
         }
     }
 
-    private func accept(_ context: ChannelHandlerContext, _ reply: JoinOK, node: String, remote: String) {
-        server.logger.info("node joined", metadata: ["node": "\(node)", "remote": "\(remote)"])
+    /// Sends the certificate; `delivered` says whether the write reached the socket.
+    private func accept(
+        _ context: ChannelHandlerContext, _ reply: JoinOK, node: String, remote: String, delivered: @escaping (Bool) -> Void
+    ) {
+        guard context.channel.isActive else { return delivered(false) }
+        let logger = server.logger
         context.writeAndFlush(wrapOutboundOut(reply.frame(allocator: context.channel.allocator)))
-            .whenComplete { _ in context.close(promise: nil) }
+            .whenComplete { result in
+                if case .success = result {
+                    logger.info("node joined", metadata: ["node": "\(node)", "remote": "\(remote)"])
+                }
+                delivered((try? result.get()) != nil)
+                context.close(promise: nil)
+            }
     }
 
     private func refuse(_ context: ChannelHandlerContext, _ reason: String, remote: String) {

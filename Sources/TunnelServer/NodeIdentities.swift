@@ -50,13 +50,6 @@ final class NodeIdentities: @unchecked Sendable {
         }
     }
 
-    /// One record written by this replica (a join), before the watch reports it.
-    func recorded(_ record: NodeRecord) {
-        lock.withLock {
-            records[record.name] = record
-            _generation += 1
-        }
-    }
 
     /// The nodes that have joined and are not revoked: the ones a replica expects a tunnel from.
     var expectedNodes: Set<String> {

@@ -82,6 +82,15 @@ final class TunnelServerCore: @unchecked Sendable {
         self.limits = limits
         self.callerStreams = CallerStreams(limit: configuration.maxStreamsPerCaller)
         self.identities = try NodeIdentities(paths: configuration.paths)
+        if configuration.joinStateNamespace != nil {
+            // From the first accepted connection: no node and no join until the ConfigMaps are listed
+            // (``setJoinState``), and never the folder's tokens or records.
+            if !identities.expectedNodes.isEmpty || AtomicFile.exists(configuration.paths.tokens) {
+                logger.warning("\(configuration.paths.directory): tokens.json and nodes.json are ignored with --join-state-namespace")
+            }
+            identities.replace([], synced: false)
+            joins.useTokens { [] }
+        }
         let authority = try CertificateAuthority.load(from: configuration.caPaths)
         if configuration.stateDirectory != nil {
             try AtomicFile.makeDirectory(configuration.statePaths.directory, mode: 0o700)

@@ -339,8 +339,9 @@ final class ConfigReloader: @unchecked Sendable {
                 || next.metaPort != applied.metaPort || next.bindAddress != applied.bindAddress
                 || next.pkiDirectory != applied.pkiDirectory || next.clientCAFile != applied.clientCAFile
                 || next.caDirectory != applied.caDirectory || next.stateDirectory != applied.stateDirectory
+                || next.joinStateNamespace != applied.joinStateNamespace
             {
-                logger.warning("\(reason): ports, bind address, PKI, CA and state folders and client CA change only with a restart; applying the addresses")
+                logger.warning("\(reason): ports, bind address, PKI, CA and state folders, join state and client CA change only with a restart; applying the addresses")
             }
             try server.updateAddresses(certIPs: next.certIPs, certDNSNames: next.certDNSNames)
             server.setServerCount(next.serverCount)

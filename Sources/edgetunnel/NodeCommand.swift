@@ -69,8 +69,9 @@ extension NodeCommand {
 
         func run() async throws {
             try await reportingErrors {
-                try await state.store().revoke(name)
-                print("node \(name) is revoked: servers using \(try state.store().location) close its tunnel within seconds")
+                let store = try state.store()
+                try await store.revoke(name)
+                print("node \(name) is revoked: servers using \(store.location) close its tunnel within seconds")
             }
         }
     }

@@ -132,6 +132,13 @@ struct ManifestsCommand: ParsableCommand {
                                  ("--join-state-namespace", joinStateNamespace)] where !DNSName.isValid(name) || name.contains(".") && flag == "--join-state-namespace" {
                 throw PlanError("invalid \(flag) \"\(name)\": expected a Kubernetes object name")
             }
+            // The server may change every ConfigMap there, and the manifests own that namespace.
+            if joinStateClaim == nil,
+                joinStateNamespace == namespace || joinStateNamespace == "default" || joinStateNamespace.hasPrefix("kube-")
+            {
+                throw PlanError("invalid --join-state-namespace \"\(joinStateNamespace)\": it must be a namespace of its own, "
+                    + "not default, kube-* or the server's --namespace")
+            }
             options.caSecret = caSecret
             options.joinStateNamespace = joinStateNamespace
             options.joinStateClaim = joinStateClaim

@@ -271,11 +271,28 @@ def test_the_join_state_in_configmaps_is_shared_by_every_replica(lab):
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         answers = list(pool.map(lambda pair: join_answer(lab, *pair), zip(servers, payloads)))
     assert sorted(t for t, _ in answers) == [14, 15], answers
+    assert "edge-9 has already joined" in next(r for t, r in answers if t == 15), answers
+    listed = json.loads(run(BIN / "edgetunnel", "node", "list", "--output", "json", *cli).stdout)
+    assert [n["name"] for n in listed if n.get("joined")] == ["edge-1", "edge-9"], listed
 
-    # Revoked with the CLI: both replicas close edge-1's tunnel; reset: it may join again, through either.
+    # Revoked with the CLI: both replicas close edge-1's tunnel and keep refusing its agents' reconnects.
     run(BIN / "edgetunnel", "node", "revoke", "edge-1", *cli)
     for server in servers:
         wait_until(lambda: "edge-1" not in http_get(server.meta + "/v1/agents")[1], 15, "edge-1 cut off")
+    time.sleep(3)
+    assert all("edge-1" not in http_get(server.meta + "/v1/agents")[1] for server in servers)
+
+    # A hand-edited record that no longer parses fails closed: the revocation stands, and a join of the name
+    # is refused with the object to fix. Put back, the reset lets the node join again, through either replica.
+    path = "/api/v1/namespaces/edge-tunnel/configmaps?labelSelector=edgetunnel.io%2Fjoin-state%3Dnode"
+    saved = next(o for o in lab.api("GET", path, None)["items"] if '"edge-1"' in o["data"]["record"])
+    item = f"/api/v1/namespaces/edge-tunnel/configmaps/{saved['metadata']['name']}"
+    broken = lab.api("PUT", item, {**saved, "data": {"record": "{not json"}})
+    time.sleep(3)
+    assert all("edge-1" not in http_get(server.meta + "/v1/agents")[1] for server in servers)
+    frame_type, reason = join_answer(lab, servers[1], join_frame(lab, token, "edge-1"))
+    assert frame_type == 15 and "does not hold a valid record of node edge-1" in reason, reason
+    lab.api("PUT", item, {**saved, "metadata": {**saved["metadata"], "resourceVersion": broken["metadata"]["resourceVersion"]}})
     run(BIN / "edgetunnel", "node", "reset", "edge-1", *cli)
     frame_type, reason = join_answer(lab, servers[1], join_frame(lab, token, "edge-1"))
     assert frame_type == 14, reason

@@ -197,6 +197,7 @@ def test_manifests_bad_input():
                          (["--mode", "internet", "--ca-cert-hash", "md5:1"], "md5:1"),
                          (["--mode", "internet", "--ca-secret", "Bad_Name"], "Bad_Name"),
                          (["--mode", "internet", "--join-state-namespace", "a.b"], "a.b"),
+                         (["--mode", "internet", "--join-state-namespace", "kube-system"], "kube-system"),
                          (["--mode", "internet", "--pki-dir", "/nonexistent-pki"], "/nonexistent-pki")]:
         result = run(BIN / "edgetunnel", "manifests", *args, check=False)
         assert result.returncode == 2, args
