@@ -116,9 +116,12 @@ final class ReplicaTunnels: @unchecked Sendable {
                 lock.withLock {
                     dialing = false
                     duplicates += 1
-                    // Full jitter up to 50 ms × 2^n, at most 2 s: a duplicate costs the server an accept and a line
-                    // (ReplicaProbe), and a replica restart does not make every agent redial in lockstep.
-                    let ceiling = min(Int64(2_000_000_000), Int64(50_000_000) << Int64(min(duplicates, 6)))
+                    // Full jitter up to 100 ms × 2^n, at most 10 s: a duplicate costs the server an accept and a
+                    // line (ReplicaProbe), and while a restarting replica is out of the Service every probe finds a
+                    // held one. With a 2 s ceiling, 10,000 agents kept about 30,000 probes a second going until it
+                    // came back (docs/benchmarks.md); at 10 s they settle near 6,000 (a tenth of a core), and an
+                    // agent still finds a returned replica within about two rounds (three probes each).
+                    let ceiling = min(Int64(10_000_000_000), Int64(100_000_000) << Int64(min(duplicates, 7)))
                     notBefore = .now() + .nanoseconds(Int64.random(in: 0...ceiling))
                 }
             } catch {
