@@ -33,8 +33,9 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     private var addresses: [String]
     /// Tunnels replaced by a newer one, finishing their streams.
     private var lingering: [AgentTunnel] = []
-    /// The tunnels to the other server replicas.
-    private(set) lazy var replicas = ReplicaTunnels(agent: self)
+    /// The tunnels to the other server replicas; set at the end of `init` (a `lazy var` first touched from two
+    /// threads at once would be built twice, and one freed while in use).
+    private(set) var replicas: ReplicaTunnels!
 
     public init(configuration: AgentConfiguration, logger: Logger, group: EventLoopGroup? = nil) throws {
         self.configuration = configuration
@@ -58,6 +59,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
             throw PKIError(.invalidArgument, "no --server-address given")
         }
         for address in configuration.serverAddresses { _ = try ServerAddress(parsing: address) }
+        replicas = ReplicaTunnels(agent: self)
     }
 
     /// Loads the node's credentials, or joins with the bootstrap token when there are none.
@@ -412,6 +414,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
                 try await channel.eventLoop.submit { try addTunnelHandlers(channel, fresh) }.get()
             } catch {
                 channel.close(promise: nil)
+                fresh.abandon(error)  // its promises end here, and the tunnel-mux cycle with them
                 throw error
             }
             tunnel = fresh
@@ -726,9 +729,11 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
 
     /// The connection never came up: the promises are completed and the mux lets go of this tunnel.
     func abandon(_ error: Error) {
-        mux.delegate = nil
         registration.fail(error)
         unusable.succeed(())
+        // On the mux's loop: a failed connect also removes the mux from its pipeline there, which drops the
+        // delegate too; two unordered stores of nil released this tunnel twice (a crash in a 10,000-agent swarm).
+        mux.detachDelegate()
     }
 
     /// Whether no new streams can come on this tunnel any more.
@@ -751,6 +756,11 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
     }
 
     func startKeepalive() {
+        guard mux.eventLoop.inEventLoop else {
+            // `keepalive` is read on the loop (muxDidClose): written there too.
+            mux.eventLoop.execute { self.startKeepalive() }
+            return
+        }
         let interval = agent.configuration.keepaliveInterval
         let deadAfter = agent.configuration.keepaliveTimeout
         var lastPing = NIODeadline.now()
@@ -822,7 +832,9 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
 /// Logs and closes on tunnel errors (handshake failures: wrong certificate, refused).
 final class AgentTunnelErrorHandler: ChannelInboundHandler {
     typealias InboundIn = Any
-    unowned let tunnel: AgentTunnel
+    /// Strong: once the mux lets go of the tunnel, this handler may still see an error (the pipeline goes with the
+    /// channel, so there is no lasting cycle).
+    let tunnel: AgentTunnel
 
     init(tunnel: AgentTunnel) { self.tunnel = tunnel }
 

@@ -21,6 +21,13 @@ final class ReplicaTunnels: @unchecked Sendable {
     private var notBefore = NIODeadline.uptimeNanoseconds(0)
     private var duplicates = 0
     private var failures = 0
+    /// Replicas held at the last check: fewer now means one was lost.
+    private var lastHeld = 0
+
+    /// After a held replica is lost (it restarts, or the set shrinks), the first redial waits a random moment up to
+    /// this: every agent of the fleet notices the loss in the same second, and 10,000 agents probing at once
+    /// flooded a 2-core test machine until established tunnels missed their keepalives (docs/benchmarks.md).
+    static let lostReplicaSpread: TimeAmount = .seconds(5)
     private var ticker: RepeatedTask?
     private var dial: Task<Void, Never>?
 
@@ -78,6 +85,11 @@ final class ReplicaTunnels: @unchecked Sendable {
             let stale = tunnels.filter { $0.address.text != primary.address.text || $0.isUnusable }
             tunnels.removeAll { t in stale.contains { $0 === t } }
             let held = [primaryID] + tunnels.compactMap(\.serverID)
+            if held.count < lastHeld {
+                let spread = NIODeadline.now() + .nanoseconds(Int64.random(in: 0...Self.lostReplicaSpread.nanoseconds))
+                notBefore = max(notBefore, spread)
+            }
+            lastHeld = held.count
             guard held.count < serverCount, !dialing, NIODeadline.now() >= notBefore else { return (stale, held, false) }
             dialing = true
             return (stale, held, true)
@@ -91,7 +103,9 @@ final class ReplicaTunnels: @unchecked Sendable {
             do {
                 // Several probes at once when replicas are missing: the Service picks at random, so each finds a
                 // missing one with probability (n - k) / n; a probe costs the server an accept and a line.
-                let probes = min(4, 2 * (wantedCount - held.count) + 1)
+                // After a round that found only held replicas, one probe a round: while a replica is away (a
+                // restart) every probe of every agent lands on a held one.
+                let probes = lock.withLock { duplicates } == 0 ? min(4, 2 * (wantedCount - held.count) + 1) : 1
                 let tunnel = try await agent.connect(to: address, haveServers: held, primary: false, probes: probes)
                 let now = agent.primary
                 let keep = lock.withLock { () -> Bool in
@@ -116,12 +130,12 @@ final class ReplicaTunnels: @unchecked Sendable {
                 lock.withLock {
                     dialing = false
                     duplicates += 1
-                    // Full jitter up to 100 ms × 2^n, at most 10 s: a duplicate costs the server an accept and a
+                    // Full jitter up to 250 ms × 2^n, at most 10 s: a duplicate costs the server an accept and a
                     // line (ReplicaProbe), and while a restarting replica is out of the Service every probe finds a
-                    // held one. With a 2 s ceiling, 10,000 agents kept about 30,000 probes a second going until it
-                    // came back (docs/benchmarks.md); at 10 s they settle near 6,000 (a tenth of a core), and an
-                    // agent still finds a returned replica within about two rounds (three probes each).
-                    let ceiling = min(Int64(10_000_000_000), Int64(100_000_000) << Int64(min(duplicates, 7)))
+                    // held one. With 2 s and three probes a round, 10,000 agents kept about 30,000 probes a second
+                    // going until it came back (docs/benchmarks.md); now they settle near 2,000, and an agent still
+                    // finds a returned replica within a few rounds.
+                    let ceiling = min(Int64(10_000_000_000), Int64(250_000_000) << Int64(min(duplicates, 6)))
                     notBefore = .now() + .nanoseconds(Int64.random(in: 0...ceiling))
                 }
             } catch {

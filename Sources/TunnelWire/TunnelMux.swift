@@ -120,8 +120,18 @@ public final class TunnelMux: ChannelInboundHandler {
     public let limits: TunnelLimits
     public let counters = TunnelCounters()
     /// Held strongly until the connection closes: the delegate is typically the session object that nothing
-    /// else owns.
+    /// else owns. Set it before the mux is in a pipeline; from then on only the event loop touches it (a strong
+    /// reference stored from two threads can be released twice), so let go of it with ``detachDelegate()``.
     public var delegate: TunnelMuxDelegate?
+
+    /// Drops the delegate on the event loop, from any thread.
+    public func detachDelegate() {
+        if eventLoop.inEventLoop {
+            delegate = nil
+        } else {
+            eventLoop.execute { self.delegate = nil }
+        }
+    }
     /// The tunnel channel's event loop.
     public let eventLoop: EventLoop
 
