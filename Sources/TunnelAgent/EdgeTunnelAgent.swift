@@ -447,26 +447,45 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     /// not in `haveServers` is returned (TLS not yet started), the others are closed. Throws ``DuplicateServer``
     /// when every one reached a held replica.
     func probeReplicas(_ address: ServerAddress, haveServers: [String], count: Int) async throws -> Channel {
-        try await withThrowingTaskGroup(of: Channel?.self) { group in
+        try await withThrowingTaskGroup(of: ReplicaProbeResult.self) { group in
             for _ in 0..<max(1, count) {
-                group.addTask { try? await self.probeReplica(address, haveServers: haveServers) }
+                group.addTask {
+                    do { return try await self.probeReplica(address, haveServers: haveServers) } catch { return .failed }
+                }
             }
             var winner: Channel?
+            var pace: Int64?
             for try await result in group {
-                guard let channel = result else { continue }
-                if winner == nil { winner = channel } else { channel.close(promise: nil) }
+                switch result {
+                case .reached(let channel):
+                    if winner == nil { winner = channel } else { channel.close(promise: nil) }
+                case .held(let paceMilliseconds):
+                    if let paceMilliseconds { pace = max(pace ?? 0, paceMilliseconds) }
+                case .failed:
+                    break
+                }
             }
             guard let winner else {
-                throw DuplicateServer(reason: "\(count) dial(s) of \(address) reached replicas already held, or failed")
+                throw DuplicateServer(
+                    reason: "\(count) dial(s) of \(address) reached replicas already held, or failed",
+                    paceMilliseconds: pace)
             }
             return winner
         }
     }
 
-    /// One connection asking which replica it reached: the raw channel if not one of `haveServers`, nil if so.
-    private func probeReplica(_ address: ServerAddress, haveServers: [String]) async throws -> Channel? {
+    private enum ReplicaProbeResult: Sendable {
+        /// A replica not held: the raw connection, TLS not yet started.
+        case reached(Channel)
+        /// A replica already held, with the pace it asked for.
+        case held(paceMilliseconds: Int64?)
+        case failed
+    }
+
+    /// One connection asking which replica it reached: the raw channel if not one of `haveServers`.
+    private func probeReplica(_ address: ServerAddress, haveServers: [String]) async throws -> ReplicaProbeResult {
         let loop = group.next()
-        let answered = loop.makePromise(of: String.self)
+        let answered = loop.makePromise(of: ReplicaProbe.Answer.self)
         let channel: Channel
         do {
             channel = try await ClientBootstrap(group: loop)
@@ -487,12 +506,12 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         }
         defer { timer.cancel() }
         do {
-            let id = try await answered.futureResult.get()
-            guard !haveServers.contains(id) else {
+            let answer = try await answered.futureResult.get()
+            guard !haveServers.contains(answer.serverID) else {
                 channel.close(promise: nil)
-                return nil
+                return .held(paceMilliseconds: answer.paceMilliseconds)
             }
-            return channel
+            return .reached(channel)
         } catch {
             channel.close(promise: nil)
             throw error

@@ -9,8 +9,9 @@ import NIOCore
 /// there are (``HelloOK/serverCount``, later ``ServerCount``); these are the others, on the primary's address.
 ///
 /// A dial names the replicas already held (``Hello/haveServers``): a replica that is one of them refuses at once,
-/// before TLS (``ReplicaProbe``) or before registering anything, and the next dial waits a jittered, growing moment (the Service picks replicas
-/// at random, so with k of n held a dial finds a new one with probability (n-k)/n). When the primary dies while
+/// before TLS (``ReplicaProbe``) or before registering anything, and the next dial waits the pace that replica asked
+/// for, jittered (the Service picks replicas at random, so with k of n held a dial finds a new one with probability
+/// (n-k)/n). When the primary dies while
 /// another tunnel is healthy, that one becomes the primary and no dial is needed (``promote(for:)``).
 final class ReplicaTunnels: @unchecked Sendable {
     unowned let agent: EdgeTunnelAgent
@@ -130,13 +131,7 @@ final class ReplicaTunnels: @unchecked Sendable {
                 lock.withLock {
                     dialing = false
                     duplicates += 1
-                    // Full jitter up to 250 ms × 2^n, at most 10 s: a duplicate costs the server an accept and a
-                    // line (ReplicaProbe), and while a restarting replica is out of the Service every probe finds a
-                    // held one. With 2 s and three probes a round, 10,000 agents kept about 30,000 probes a second
-                    // going until it came back (docs/benchmarks.md); now they settle near 2,000, and an agent still
-                    // finds a returned replica within a few rounds.
-                    let ceiling = min(Int64(10_000_000_000), Int64(250_000_000) << Int64(min(duplicates, 6)))
-                    notBefore = .now() + .nanoseconds(Int64.random(in: 0...ceiling))
+                    notBefore = .now() + Self.wait(afterDuplicates: duplicates, pace: duplicate.paceMilliseconds)
                 }
             } catch {
                 let wait = lock.withLock { () -> TimeAmount in
@@ -151,6 +146,20 @@ final class ReplicaTunnels: @unchecked Sendable {
             agent.metrics.serverTunnels.set(Int64(1 + extras.count))
         }
         lock.withLock { dial = task }
+    }
+
+    /// The wait before the next probe after `duplicates` rounds in a row reached only held replicas.
+    ///
+    /// A duplicate costs the server an accept and a line (``ReplicaProbe``), and while a restarting replica is away
+    /// every probe finds a held one. The server says at what pace it wants them (its agents over the probe rate it
+    /// aims at): the wait is that pace, jittered by ±50% so that agents do not fall into step. A server that says
+    /// nothing: full jitter up to 250 ms × 2^n, at most 10 s.
+    static func wait(afterDuplicates duplicates: Int, pace: Int64?) -> TimeAmount {
+        if let pace {
+            return .milliseconds(Int64.random(in: pace / 2...pace + pace / 2))
+        }
+        let ceiling = min(Int64(10_000_000_000), Int64(250_000_000) << Int64(min(max(duplicates, 0), 6)))
+        return .nanoseconds(Int64.random(in: 0...ceiling))
     }
 
     /// Waits for a dial under way (at shutdown, before the event loops go).
@@ -172,5 +181,7 @@ final class ReplicaTunnels: @unchecked Sendable {
 /// A replica refused the tunnel because the agent already holds one to it.
 struct DuplicateServer: Error, CustomStringConvertible {
     let reason: String
+    /// The longest pace the replicas reached asked for (``ReplicaProbe/Answer/paceMilliseconds``).
+    var paceMilliseconds: Int64?
     var description: String { "duplicate: \(reason)" }
 }

@@ -43,6 +43,11 @@ public struct ServerConfiguration: Sendable {
     /// With several replicas, a replica reports ready (`/readyz`) once every joined node holds a tunnel to it, or
     /// at the latest this long after its start (nodes that are offline must not keep it unready forever).
     public var replicaWarmup: TimeAmount = .seconds(60)
+    /// Replica probes a second this replica aims to answer at most (``ReplicaProbe``): it asks agents that reached
+    /// it while already holding it to wait (agents held here) / this before probing again. A probe costs an
+    /// accept and a line; 1,000 a second has 10,000 agents look for a returned replica every 10 s, and 20 agents
+    /// every second.
+    public var replicaProbeRate = 1000
     /// Count the replicas by their `coordination.k8s.io/v1` Leases in this namespace (each replica holds one):
     /// the count then follows scaling with no flag changed. Nil: `serverCount`.
     public var leaseNamespace: String?

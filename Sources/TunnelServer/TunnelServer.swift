@@ -56,6 +56,14 @@ final class TunnelServerCore: @unchecked Sendable {
     /// a tunnel to each.
     var serverCount: Int { lock.withLock { _serverCount } }
 
+    /// How long an agent that probed this replica but already holds it waits before its next probe
+    /// (``ReplicaProbe``): the agents held here, spread over ``ServerConfiguration/replicaProbeRate``, at least 1 s.
+    /// Every agent missing a replica probes at about this pace, so each replica answers about that rate.
+    var replicaProbePace: TimeAmount {
+        let seconds = Double(registry.count) / Double(max(1, configuration.replicaProbeRate))
+        return .milliseconds(Int64(min(max(seconds, 1), 300) * 1000))
+    }
+
     /// A new replica count: told to every registered agent, which dials more tunnels or stops dialing.
     func setServerCount(_ count: Int) {
         let changed = lock.withLock { () -> Bool in
@@ -398,7 +406,7 @@ public final class TunnelServer: @unchecked Sendable {
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(tunnelGate.handler())
-                    try sync.addHandler(ReplicaProbeResponder(serverID: core.configuration.serverID))
+                    try sync.addHandler(ReplicaProbeResponder(serverID: core.configuration.serverID, pace: core.replicaProbePace))
                     try sync.addHandler(NIOSSLServerHandler(context: core.tunnelContext))
                     try sync.addHandler(FrameDecoder(maxPayload: Frame.maxUnregisteredPayload))
                     try sync.addHandler(FrameEncoder())

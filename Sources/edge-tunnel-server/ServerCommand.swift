@@ -186,6 +186,12 @@ struct ServerCommand: AsyncParsableCommand {
         configuration.certDNSNames = names.isEmpty ? (file.certDNSNames ?? []) : names
         configuration.clientCAFile = clientCAFile ?? file.clientCAFile
         configuration.serverID = serverID ?? file.serverID ?? configuration.serverID
+        // Agents read it in a line before TLS (ReplicaProbe) and it names the replica's Lease: a pod name.
+        guard (1...253).contains(configuration.serverID.utf8.count),
+            configuration.serverID.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-._".contains($0)) })
+        else {
+            throw PKIError(.invalidArgument, "invalid --server-id \"\(configuration.serverID)\": must be 1-253 letters, digits, '-', '.' or '_'")
+        }
         if let count = serverCount ?? file.serverCount {
             guard (1...1000).contains(count) else {
                 throw PKIError(.invalidArgument, "invalid --server-count \(count): must be 1-1000")
