@@ -38,7 +38,7 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
 
     static func tokenObjectName(_ id: String) -> String { "edge-tunnel-token-\(id)" }
     static func nodeObjectName(_ node: String) -> String {
-        "edge-tunnel-node-" + SHA256.hash(data: Array(node.utf8)).map { String(format: "%02x", $0) }.joined().prefix(20)
+        "edge-tunnel-node-" + Array(SHA256.hash(data: Array(node.utf8))).hexString.prefix(20)
     }
 
     // MARK: Following (the server)
@@ -238,12 +238,7 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
     // MARK: Objects
 
     private func list(_ kind: String) async throws -> [[String: any Sendable]] {
-        let answer = try await client.request(.GET, "\(collection)?labelSelector=\(Self.label)%3D\(kind)")
-        guard answer.status == 200 else { throw KubeWatch.failure(answer, "listing the \(kind)s in \(location)") }
-        guard let object = try JSONSerialization.jsonObject(with: Data(answer.body)) as? [String: any Sendable],
-            let items = object["items"] as? [[String: any Sendable]]
-        else { throw KubeClient.Failure(description: "the list of \(kind)s in \(location) is not a list") }
-        return items
+        try await client.list("\(collection)?labelSelector=\(Self.label)%3D\(kind)", what: "the \(kind)s in \(location)").items
     }
 
     private func configMap<T: Encodable>(_ name: String, kind: String, key: String, value: T) throws -> [UInt8] {

@@ -56,13 +56,9 @@ public struct KubeWatch: Sendable {
 
     /// Lists; returns the list's resourceVersion.
     func list(_ onChange: @Sendable (Change) -> Void) async throws -> String {
-        let answer = try await client.request(.GET, "\(path)?\(query)")
-        guard answer.status == 200 else { throw KubeWatch.failure(answer, "list \(what)") }
-        guard let object = try JSONSerialization.jsonObject(with: Data(answer.body)) as? [String: any Sendable],
-            let items = object["items"] as? [[String: any Sendable]]
-        else { throw KubeClient.Failure(description: "the list of \(what) is not a list") }
-        onChange(.listed(items))
-        return (object["metadata"] as? [String: any Sendable])?["resourceVersion"] as? String ?? ""
+        let list = try await client.list("\(path)?\(query)", what: what)
+        onChange(.listed(list.items))
+        return list.version
     }
 
     /// Watches from `version`; returns the last version seen when the server ended the watch, nil after 410.
@@ -109,4 +105,17 @@ private final class WatchState: @unchecked Sendable {
     func gone() { lock.withLock { _gone = true } }
     var version: String { lock.withLock { _version } }
     var isGone: Bool { lock.withLock { _gone } }
+}
+
+extension KubeClient {
+    /// GETs a collection: its items and the list's resourceVersion (a watch starts from it). A status other
+    /// than 200 throws the API's own reason (``KubeWatch/failure(_:_:)``); `what` names the collection in errors.
+    func list(_ pathAndQuery: String, what: String) async throws -> (items: [[String: any Sendable]], version: String) {
+        let answer = try await request(.GET, pathAndQuery)
+        guard answer.status == 200 else { throw KubeWatch.failure(answer, "listing \(what)") }
+        guard let object = try JSONSerialization.jsonObject(with: Data(answer.body)) as? [String: any Sendable],
+            let items = object["items"] as? [[String: any Sendable]]
+        else { throw KubeClient.Failure(description: "the list of \(what) is not a list") }
+        return (items, (object["metadata"] as? [String: any Sendable])?["resourceVersion"] as? String ?? "")
+    }
 }

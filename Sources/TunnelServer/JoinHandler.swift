@@ -79,7 +79,7 @@ final class JoinHandler: ChannelInboundHandler {
             recorded.futureResult.whenComplete { result in
                 switch result {
                 case .success(let record):
-                    server.identities.replace(joinState.knownRecords, synced: joinState.isSynced)
+                    server.refreshIdentities()
                     self.accept(context, reply, node: name, remote: remote) { delivered in
                         guard !delivered else { return }
                         // Recorded, but the certificate never reached the node (the connection closed while the API

@@ -45,6 +45,12 @@ final class TunnelServerCore: @unchecked Sendable {
     func setJoinState(_ state: KubeJoinState) {
         lock.withLock { _joinState = state }
         joins.useTokens { state.knownTokens }
+        refreshIdentities()
+    }
+
+    /// Takes the node records the join state holds now (after the watch or this replica's own join changed them).
+    func refreshIdentities() {
+        guard let state = joinState else { return }
         identities.replace(state.knownRecords, synced: state.isSynced)
     }
 
@@ -307,8 +313,7 @@ public final class TunnelServer: @unchecked Sendable {
 
     /// The tokens or node records changed (the watch): revoked and reset nodes' tunnels close as with the file.
     public func joinStateChanged() {
-        guard let state = core.joinState else { return }
-        core.identities.replace(state.knownRecords, synced: state.isSynced)
+        core.refreshIdentities()
     }
 
     /// Node `name` was deleted: its tunnel closes.

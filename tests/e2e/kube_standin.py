@@ -10,6 +10,8 @@ Run: python3 kube_standin.py DIR PORT [BIND [EXTRA_IP,...]]   (BIND default 127.
   DIR/token               the bearer token it accepts, re-read per request: rewrite it to rotate
   DIR/deny                if present, every request gets 403 Forbidden (RBAC says no), as a Status object
   DIR/compact             if present, it is deleted and every resourceVersion so far is compacted away
+  DIR/slow-writes         if present, a create or update is stored at once but answered that many seconds later
+                          (an API server slow to acknowledge a write that has already happened)
   DIR/requests.log        one line per request: method, path, status
 """
 import datetime
@@ -101,6 +103,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
         with open(DIR / "requests.log", "a") as log:
             log.write(f"{self.command} {self.path} {code}\n")
+
+    def slow_write(self):
+        delay = DIR / "slow-writes"
+        if delay.exists():
+            time.sleep(float(delay.read_text() or "0"))
 
     def check(self):
         """Authentication and RBAC as the API server does them: 401 without the current token, 403 if denied."""
@@ -217,6 +224,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 obj["metadata"]["namespace"] = namespace
             state["objects"][key] = obj
             self.record(resource, "ADDED", obj)
+        self.slow_write()
         self.reply(201, obj)
 
     def do_PUT(self):
@@ -232,6 +240,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self.reply(409, status(409, "Conflict", "the object has been modified"))
             state["objects"][(resource, namespace, name)] = obj
             self.record(resource, "MODIFIED", obj)
+        self.slow_write()
         self.reply(200, obj)
 
     def do_PATCH(self):

@@ -299,6 +299,34 @@ def test_the_join_state_in_configmaps_is_shared_by_every_replica(lab):
     edge.stop()
 
 
+def test_a_join_whose_certificate_never_reached_the_node_is_undone(lab):
+    """The API server stored the node's record but answered slowly, and the joining node hung up meanwhile: the
+    certificate was never delivered, so the replica undoes the record. The name is not locked out until an
+    operator resets it: the node's next join succeeds."""
+    cli = ["--kubeconfig", lab.kubeconfig, "--join-state-namespace", "edge-tunnel"]
+    server = lab.start_server(1, "--join-state-namespace", "edge-tunnel")
+    wait_until(lambda: http_get(server.meta + "/readyz")[0] == 200, 20, "replica ready")
+    token = run(BIN / "edgetunnel", "token", "create", "--node-cidr", "127.0.0.0/8", *cli).stdout.strip()
+    (lab.kube / "slow-writes").write_text("2")
+    context = ssl.create_default_context(cafile=str(lab.pki / "ca.crt"))
+    context.check_hostname = False
+    with socket.create_connection(("127.0.0.1", server.ports["tunnel"]), timeout=20) as raw:
+        with context.wrap_socket(raw) as tls:
+            tls.sendall(join_frame(lab, token, "edge-3"))
+            time.sleep(0.5)  # the record is being written (its answer takes 2 s): hang up now
+    server.expect_log("join of edge-3 recorded but its certificate was not delivered: undoing it", timeout=15)
+    (lab.kube / "slow-writes").unlink()
+    assert any(line.startswith("POST ") and "configmaps" in line for line in lab.requests())
+
+    def joined():
+        listed = json.loads(run(BIN / "edgetunnel", "node", "list", "--output", "json", *cli).stdout)
+        return [n["name"] for n in listed if n.get("joined")]
+    wait_until(lambda: joined() == [], 15, "the join undone")
+    frame_type, reason = join_answer(lab, server, join_frame(lab, token, "edge-3"))
+    assert frame_type == 14, reason
+    assert joined() == ["edge-3"]
+
+
 def test_before_the_join_state_is_listed_no_join_is_accepted(lab):
     """While the API refuses (RBAC), a replica with --join-state-namespace cannot know the tokens or a revocation:
     a join is refused with that reason, not as a bad token; once the API answers, the same join succeeds."""
