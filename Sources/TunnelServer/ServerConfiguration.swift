@@ -44,9 +44,9 @@ public struct ServerConfiguration: Sendable {
     /// at the latest this long after its start (nodes that are offline must not keep it unready forever).
     public var replicaWarmup: TimeAmount = .seconds(60)
     /// Replica probes a second this replica aims to answer at most (``ReplicaProbe``): it asks agents that reached
-    /// it while already holding it to wait (agents held here) / this before probing again. A probe costs an
-    /// accept and a line; 1,000 a second has 10,000 agents look for a returned replica every 10 s, and 20 agents
-    /// every second.
+    /// it while already holding it to wait (agents held here) / (this × replicas) before probing again. A probe
+    /// costs an accept and a line. With 3 replicas, 10,000 agents look for a returned replica every 3.3 s, and
+    /// 2,000 or fewer every second.
     public var replicaProbeRate = 1000
     /// Count the replicas by their `coordination.k8s.io/v1` Leases in this namespace (each replica holds one):
     /// the count then follows scaling with no flag changed. Nil: `serverCount`.

@@ -63,10 +63,11 @@ final class TunnelServerCore: @unchecked Sendable {
     var serverCount: Int { lock.withLock { _serverCount } }
 
     /// How long an agent that probed this replica but already holds it waits before its next probe
-    /// (``ReplicaProbe``): the agents held here, spread over ``ServerConfiguration/replicaProbeRate``, at least 1 s.
-    /// Every agent missing a replica probes at about this pace, so each replica answers about that rate.
+    /// (``ReplicaProbe``), at least 1 s. Every agent missing a replica probes at about this pace, and the Service
+    /// spreads the probes over the replicas: the agents held here over (``ServerConfiguration/replicaProbeRate``
+    /// × replicas) keeps each replica near that rate.
     var replicaProbePace: TimeAmount {
-        let seconds = Double(registry.count) / Double(max(1, configuration.replicaProbeRate))
+        let seconds = Double(registry.count) / Double(max(1, configuration.replicaProbeRate) * max(1, serverCount))
         return .milliseconds(Int64(min(max(seconds, 1), 300) * 1000))
     }
 
