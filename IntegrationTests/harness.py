@@ -13,7 +13,7 @@ import urllib.request
 
 from conftest import BIN, run
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "scripts"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
 from freeport import free_port  # noqa: E402  (shared with scripts/bench)
 
 HERE = pathlib.Path(__file__).resolve().parent
