@@ -1,0 +1,157 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import TunnelPKI
+import TunnelWire
+import X509
+
+/// One tunnel connection of the agent.
+final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
+    unowned let agent: EdgeTunnelAgent
+    let address: ServerAddress
+    let mux: TunnelMux
+    var channel: Channel?
+    let registration: EventLoopPromise<Void>
+    /// Completes when no new streams can come on this tunnel: it closed, the server said GOAWAY, or its
+    /// address was removed.
+    private let unusable: EventLoopPromise<Void>
+    var registered = false
+    /// The replica this tunnel reached (from HELLO_OK).
+    private(set) var serverID: String?
+    /// Guarded by the agent's lock: byte counts were moved to the agent's totals.
+    var retired = false
+    /// Keepalive found the server silent.
+    var declaredDead = false
+    var pendingRenewalKey: Certificate.PrivateKey?
+    private var keepalive: RepeatedTask?
+
+    init(agent: EdgeTunnelAgent, address: ServerAddress, eventLoop: EventLoop) {
+        self.agent = agent
+        self.address = address
+        self.mux = TunnelMux(role: .agent, eventLoop: eventLoop, limits: agent.tunnelLimits)
+        self.registration = eventLoop.makePromise()
+        self.unusable = eventLoop.makePromise()
+        mux.delegate = self
+        unusable.futureResult.whenComplete { [unusableFlag] _ in unusableFlag.withLockedValue { $0 = true } }
+    }
+
+    func markUnusable() {
+        unusable.succeed(())
+    }
+
+    /// The connection never came up: the promises are completed and the mux lets go of this tunnel.
+    func abandon(_ error: Error) {
+        registration.fail(error)
+        unusable.succeed(())
+        // On the mux's loop: a failed connect also removes the mux from its pipeline there, which drops the
+        // delegate too; two unordered stores of nil released this tunnel twice (a crash in a 10,000-agent swarm).
+        mux.detachDelegate()
+    }
+
+    /// Whether no new streams can come on this tunnel any more.
+    var isUnusable: Bool { unusableFlag.withLockedValue { $0 } }
+    private let unusableFlag = NIOLockedValueBox(false)
+
+    func whenUnusable(_ body: @escaping @Sendable () -> Void) {
+        unusable.futureResult.whenComplete { _ in body() }
+    }
+
+    /// Whether the tunnel became unusable within `timeout`.
+    func waitUnusable(timeout: TimeAmount) async -> Bool {
+        let result = mux.eventLoop.makePromise(of: Bool.self)
+        let timer = mux.eventLoop.scheduleTask(in: timeout) { result.succeed(false) }
+        unusable.futureResult.whenComplete { _ in
+            timer.cancel()
+            result.succeed(true)
+        }
+        return (try? await result.futureResult.get()) ?? true
+    }
+
+    func startKeepalive() {
+        guard mux.eventLoop.inEventLoop else {
+            // `keepalive` is read on the loop (muxDidClose): written there too.
+            mux.eventLoop.execute { self.startKeepalive() }
+            return
+        }
+        let interval = agent.configuration.keepaliveInterval
+        let deadAfter = agent.configuration.keepaliveTimeout
+        var lastPing = NIODeadline.now()
+        keepalive = mux.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [weak self] _ in
+            guard let self else { return }
+            let now = NIODeadline.now()
+            if now - self.mux.lastFrameReceived > deadAfter {
+                self.agent.logger.warning("no answer from server \(self.address) for \(deadAfter.nanoseconds / 1_000_000_000)s: tunnel is dead")
+                self.keepalive?.cancel()
+                // Move on at once: closing a dead TLS connection waits for a close_notify that never comes.
+                self.declaredDead = true
+                self.markUnusable()
+                self.channel?.close(promise: nil)
+            } else if now - lastPing >= interval {
+                lastPing = now
+                self.mux.ping()
+            }
+        }
+    }
+
+    func mux(_ mux: TunnelMux, didReceiveOpen open: Open, streamID: UInt32) {
+        agent.open(open, streamID: streamID, mux: mux)
+    }
+
+    func mux(_ mux: TunnelMux, didReceiveControl frame: Frame) {
+        switch frame.type {
+        case .helloOK:
+            let ok = try? HelloOK(frame: frame)
+            serverID = ok.map { PeerText.bounded($0.serverID, limit: 253) } ?? "?"
+            registered = true
+            mux.peerRegistered()
+            registration.succeed(())
+            agent.replicas.learned(count: ok?.serverCount ?? 1)
+        case .serverCount:
+            if let announced = try? ServerCount(frame: frame) { agent.replicas.learned(count: announced.count) }
+        case .refused:
+            let refused = try? Refused(frame: frame)
+            let reason = refused.map { PeerText.bounded($0.reason) } ?? "no reason given"
+            if refused?.duplicate == true, !registered {
+                registration.fail(DuplicateServer(reason: reason))
+                return
+            }
+            agent.logger.error("server \(address) refused the tunnel: \(reason)")
+            registration.fail(JoinError(description: "server refused the registration: \(reason)"))
+        case .goaway:
+            let reason = (try? GoAway(frame: frame).reason).map { PeerText.bounded($0) } ?? ""
+            agent.logger.info("server \(address) is draining (\(reason)); open streams finish on it, new ones go to a new tunnel")
+            mux.markDraining()
+            // Reconnect at once so new streams reach this node (another replica, the restarted server, or the
+            // new path); this connection closes when its streams are done.
+            unusable.succeed(())
+        case .renewOK:
+            if let key = pendingRenewalKey, let ok = try? RenewOK(frame: frame) {
+                pendingRenewalKey = nil
+                agent.renewed(ok, key: key)
+            }
+        default:
+            break
+        }
+    }
+
+    func muxDidClose(_ mux: TunnelMux) {
+        keepalive?.cancel()
+        registration.fail(JoinError(description: "server \(address) closed the connection"))
+        unusable.succeed(())
+    }
+}
+
+/// Logs and closes on tunnel errors (handshake failures: wrong certificate, refused).
+final class AgentTunnelErrorHandler: ChannelInboundHandler {
+    typealias InboundIn = Any
+    /// Strong: once the mux lets go of the tunnel, this handler may still see an error (the pipeline goes with the
+    /// channel, so there is no lasting cycle).
+    let tunnel: AgentTunnel
+
+    init(tunnel: AgentTunnel) { self.tunnel = tunnel }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        tunnel.agent.logger.warning("tunnel to \(tunnel.address) failed: \(error)")
+        tunnel.registration.fail(error)
+        context.close(promise: nil)
+    }
+}

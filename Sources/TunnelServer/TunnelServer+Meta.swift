@@ -1,0 +1,110 @@
+import Foundation
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import TunnelPKI
+import TunnelSupport
+
+/// The meta port: health, readiness, metrics and the agent list.
+extension TunnelServer {
+    /// With several replicas a caller routed here must find its node here: until every joined node holds a
+    /// tunnel to this replica (or ``ServerConfiguration/replicaWarmup`` has passed) it is not ready, so the
+    /// callers' Service does not send it requests it would answer with 502. The agents' Service must include
+    /// unready replicas (`publishNotReadyAddresses`), or they could never attach.
+    private func replicaWarmingUp() -> String? {
+        guard core.serverCount > 1, NIODeadline.now() - started < configuration.replicaWarmup else { return nil }
+        let expected = core.identities.expectedNodes
+        guard !expected.isEmpty else { return nil }
+        let missing = expected.subtracting(core.registry.sessions.map(\.nodeName))
+        guard let example = missing.min() else { return nil }
+        return "warming up: \(expected.count - missing.count) of \(expected.count) joined nodes hold a tunnel to this "
+            + "replica (missing: \(example)\(missing.count > 1 ? " and \(missing.count - 1) more" : ""))"
+    }
+
+    func route(_ method: HTTPMethod, _ path: String) -> MetaResponse {
+        switch path {
+        case "/healthz", "/livez":
+            return .text(.ok, "ok")
+        case "/readyz", "/readyz/listeners":
+            let isReady = lock.withLock { ready }
+            guard isReady else { return .text(.serviceUnavailable, "listeners are not up") }
+            // A replica that cannot list the join state (RBAC, the API down) accepts no agent: a rollout with
+            // broken access stops at its first pod.
+            guard core.identities.isLoaded else {
+                return .text(.serviceUnavailable, "the join state (tokens, node records) has not been listed yet")
+            }
+            // `/readyz/listeners` is for a Service that agents use too: agents must reach an unready replica.
+            if path == "/readyz", let missing = replicaWarmingUp() { return .text(.serviceUnavailable, missing) }
+            return .text(.ok, "ok")
+        case "/metrics":
+            return MetaResponse(
+                status: .ok, contentType: "text/plain; version=0.0.4; charset=utf-8",
+                body: core.metrics.render(
+                    registry: core.registry, gates: lock.withLock { gates }, budget: core.limits.processBudget))
+        case "/v1/agents":
+            return MetaResponse(status: .ok, contentType: "application/json", body: agentsJSON())
+        case "/v1/server":
+            return MetaResponse(status: .ok, contentType: "application/json", body: serverJSON())
+        default:
+            return .text(.notFound, "no such endpoint: \(path)")
+        }
+    }
+
+    /// What `/v1/agents` serves.
+    public struct AgentInfo: Codable, Sendable {
+        public var nodeName: String
+        public var nodeIPs: [String]
+        public var connectedSince: Date
+        public var remoteAddress: String
+        public var streams: Int
+        public var bytesFromAgent: Int
+        public var bytesToAgent: Int
+    }
+
+    public var agents: [AgentInfo] {
+        core.registry.sessions.map { session in
+            let counters = session.mux.counters.snapshot
+            return AgentInfo(
+                nodeName: session.nodeName, nodeIPs: session.nodeIPs, connectedSince: session.connectedSince,
+                remoteAddress: session.remoteAddress, streams: counters.streams, bytesFromAgent: counters.bytesIn,
+                bytesToAgent: counters.bytesOut)
+        }.sorted { $0.nodeName < $1.nodeName }
+    }
+
+    /// What `/v1/server` serves: the certificate in force and the addresses it names.
+    public struct ServerInfo: Codable, Sendable {
+        public var serverID: String
+        public var certificateIPs: [String]
+        public var certificateDNSNames: [String]
+        public var certificateSerial: String
+        public var certificateNotAfter: Date
+        public var agents: Int
+    }
+
+    public var serverInfo: ServerInfo {
+        let certificate = core.servingCertificate
+        let summary = try? CertificateSummary(certificate)
+        return ServerInfo(
+            serverID: configuration.serverID, certificateIPs: summary?.ipAddresses ?? [],
+            certificateDNSNames: summary?.dnsNames ?? [], certificateSerial: summary?.serialNumber ?? "",
+            certificateNotAfter: certificate.notValidAfter, agents: core.registry.count)
+    }
+
+    private func serverJSON() -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .iso8601
+        encoder.outputFormatting = [.sortedKeys]
+        return Array((try? encoder.encode(serverInfo)) ?? Data())
+    }
+
+    private func agentsJSON() -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .iso8601
+        encoder.outputFormatting = [.sortedKeys]
+        struct Body: Encodable {
+            var serverID: String
+            var agents: [AgentInfo]
+        }
+        return Array((try? encoder.encode(Body(serverID: configuration.serverID, agents: agents))) ?? Data())
+    }
+}
