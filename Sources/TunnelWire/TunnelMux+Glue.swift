@@ -1,0 +1,93 @@
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// What a ``StreamGlue`` calls, from any thread: each hops to the tunnel's event loop.
+extension TunnelMux {
+    func attach(_ glue: StreamGlue, to streamID: UInt32) {
+        execute {
+            guard let stream = self.streams[streamID] else {
+                glue.resetFromTunnel()
+                return
+            }
+            stream.glue = glue
+            self.deliver(stream)
+            if stream.earlyFin { glue.finishOutputFromTunnel() }
+            self.updateReadState(stream)
+        }
+    }
+
+    func dataFromSocket(_ streamID: UInt32, _ buffer: ByteBuffer) {
+        // Called for every socket read: on the tunnel's own loop no closure is made (`execute` would allocate one).
+        guard eventLoop.inEventLoop else {
+            eventLoop.execute { self.dataFromSocket(streamID, buffer) }
+            return
+        }
+        guard let stream = streams[streamID], stream.lifecycle.canSend || stream.lifecycle.state == .opening,
+            !stream.finAfterPending
+        else { return }
+        if stream.pending != nil {
+            stream.pending!.writeImmutableBuffer(buffer)
+        } else {
+            stream.pending = buffer
+        }
+        flushPending(stream)
+    }
+
+    func socketInputClosed(_ streamID: UInt32) {
+        execute {
+            guard let stream = self.streams[streamID], stream.lifecycle.canSend || stream.lifecycle.state == .opening
+            else { return }
+            if stream.pending != nil || !stream.lifecycle.canSend {
+                stream.finAfterPending = true
+            } else {
+                self.sendFin(stream)
+            }
+        }
+    }
+
+    /// The socket closed. `eof`: it ended cleanly after its output was finished (NIO reports that as a close,
+    /// not as an input EOF, once both halves are shut): the stream ends with FIN after its last bytes, as a
+    /// half-close would. Otherwise the stream is reset.
+    func socketClosed(_ streamID: UInt32, eof: Bool = false) {
+        execute {
+            if eof, let stream = self.streams[streamID], stream.lifecycle.canSend {
+                stream.glue = nil  // the socket is gone; what it sent still goes out
+                if stream.pending != nil {
+                    stream.finAfterPending = true
+                } else {
+                    self.sendFin(stream)
+                }
+                return
+            }
+            guard let stream = self.streams.removeValue(forKey: streamID) else { return }
+            if !stream.lifecycle.isClosed {
+                stream.lifecycle.reset()
+                self.writeStreamFrame(.rst(streamID: streamID, code: .cancel, allocator: self.allocator))
+            }
+            self.streamRemoved(stream)
+        }
+    }
+
+    /// `count` bytes of the stream left for its socket's kernel buffer. `promptly`: the socket took them in the
+    /// write that delivered them — its reader keeps up, so a starved sender may be given a larger window.
+    func consumedBySocket(_ streamID: UInt32, count: Int, promptly: Bool) {
+        guard eventLoop.inEventLoop else {  // as in dataFromSocket: no closure on the tunnel's loop
+            eventLoop.execute { self.consumedBySocket(streamID, count: count, promptly: promptly) }
+            return
+        }
+        guard let stream = streams[streamID] else { return }
+        var mayGrow = promptly && windowBudgetUsed + stream.receive.size <= limits.connectionWindowBudget
+            && stream.receive.size < stream.receive.maximum
+        // Growth is at most the current size: reserved from the process budget first, the unused part returned.
+        var reserved = 0
+        if mayGrow, let budget = limits.processBudget {
+            reserved = budget.takeGrowth(stream.receive.size) ? stream.receive.size : 0
+            mayGrow = reserved > 0
+        }
+        let update = stream.receive.consumed(count, mayGrow: mayGrow)
+        if reserved > 0 { limits.processBudget?.giveGrowth(reserved - (update?.growth ?? 0)) }
+        guard let update else { return }
+        windowBudgetUsed += update.growth
+        writeStreamFrame(.window(streamID: streamID, increment: update.increment, allocator: allocator))
+    }
+}

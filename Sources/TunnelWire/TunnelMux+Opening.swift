@@ -1,0 +1,147 @@
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// Opening streams (server side), accepting or rejecting them (agent side), draining and idleness.
+extension TunnelMux {
+    /// Opens a stream to `target` (server side). The future completes once the peer answered OPEN_OK or
+    /// OPEN_FAIL; after `.opened`, attach a ``StreamGlue`` for the stream id.
+    public func openStream(target: String) -> EventLoopFuture<OpenResult> {
+        let promise = eventLoop.makePromise(of: OpenResult.self)
+        execute {
+            guard let context = self.context, !self.closed else {
+                promise.succeed(.failed(OpenFail(code: 502, reason: "tunnel connection is closed")))
+                return
+            }
+            guard !self.draining else {
+                promise.succeed(.failed(OpenFail(code: 503, reason: "tunnel connection is draining")))
+                return
+            }
+            guard self.nextStreamID <= self.limits.lastStreamID, self.nextStreamID <= UInt32.max - 2 else {
+                // Every id is used: the agent reconnects on GOAWAY, and its new connection takes the next streams.
+                self.draining = true
+                self.writeFrame(GoAway(reason: "stream ids exhausted: reconnect").frame(allocator: self.allocator), flush: true)
+                promise.succeed(.failed(OpenFail(code: 503, reason: "stream ids of the tunnel exhausted: the agent is reconnecting")))
+                return
+            }
+            guard self.streams.count < self.limits.maxStreams else {
+                promise.succeed(.failed(OpenFail(
+                    code: 503, reason: "the agent has \(self.streams.count) streams open, its limit", limit: "streams_per_agent")))
+                return
+            }
+            guard self.pendingOpens < self.limits.maxPendingOpens else {
+                promise.succeed(.failed(OpenFail(
+                    code: 503, reason: "\(self.pendingOpens) streams to the agent are still opening, its limit",
+                    limit: "pending_opens")))
+                return
+            }
+            guard let window = self.newReceiveWindow() else {
+                promise.succeed(.failed(OpenFail(
+                    code: 503, reason: "the server's stream buffer budget is exhausted", limit: "buffer_budget")))
+                return
+            }
+            let id = self.nextStreamID
+            self.nextStreamID += 2
+            let stream = Stream(id: id, openedBy: .local, sendWindow: 0, receive: window)
+            stream.openPromise = promise
+            self.pendingOpens += 1
+            self.streams[id] = stream
+            self.counters.setStreams(self.streams.count)
+            // An agent that never answers must not hold the stream (and its caller) forever.
+            stream.openTimer = self.eventLoop.scheduleTask(in: self.limits.openTimeout) { [weak self] in
+                guard let self, let stream = self.streams[id], let pending = stream.openPromise else { return }
+                self.streams.removeValue(forKey: id)
+                self.streamRemoved(stream)
+                stream.openPromise = nil
+                self.writeStreamFrame(.rst(streamID: id, code: .cancel, allocator: self.allocator))
+                pending.succeed(.failed(OpenFail(code: 504, reason: "the agent did not reach \(target) in time")))
+            }
+            self.writeStreamFrame(
+                Open(target: target, window: stream.receive.size).frame(streamID: id, allocator: context.channel.allocator))
+        }
+        return promise.futureResult
+    }
+
+    /// Cancels a stream that is still opening or open (the caller went away).
+    public func cancelStream(_ streamID: UInt32) {
+        execute {
+            guard let stream = self.streams.removeValue(forKey: streamID) else { return }
+            stream.lifecycle.reset()
+            self.streamRemoved(stream)
+            self.writeStreamFrame(.rst(streamID: streamID, code: .cancel, allocator: self.allocator))
+            stream.glue?.resetFromTunnel()
+        }
+    }
+
+    /// Agent side: the target is dialled and `glue` attached; tell the server.
+    public func acceptStream(_ streamID: UInt32) {
+        execute {
+            guard let stream = self.streams[streamID], let context = self.context, stream.lifecycle.sendOpenOK() else {
+                return
+            }
+            self.writeStreamFrame(
+                OpenOK(window: stream.receive.size).frame(streamID: streamID, allocator: context.channel.allocator))
+            self.flushPending(stream)  // what the target sent before the answer went out
+        }
+    }
+
+    /// Agent side: the stream cannot be opened.
+    public func rejectStream(_ streamID: UInt32, code: Int, reason: String) {
+        execute {
+            guard let stream = self.streams.removeValue(forKey: streamID), let context = self.context else { return }
+            self.streamRemoved(stream)
+            self.writeStreamFrame(
+                OpenFail(code: code, reason: reason).frame(streamID: streamID, allocator: context.channel.allocator))
+        }
+    }
+
+    /// Sends a control message on stream 0.
+    public func sendControl<M: ControlMessage>(_ message: M) {
+        execute {
+            self.writeFrame(message.frame(allocator: self.allocator), flush: true)
+        }
+    }
+
+    /// Sends a PING.
+    public func ping() {
+        execute {
+            self.writeFrame(.ping(.ping, opaque: UInt64(NIODeadline.now().uptimeNanoseconds), allocator: self.allocator), flush: true)
+        }
+    }
+
+    /// No new streams; open ones finish. Sends GOAWAY to the peer.
+    public func drain(reason: String) {
+        execute {
+            self.draining = true
+            self.writeFrame(GoAway(reason: reason).frame(allocator: self.allocator), flush: true)
+        }
+    }
+
+    /// Marks this side as draining without telling the peer (it told us).
+    public func markDraining() {
+        execute { self.draining = true }
+    }
+
+    /// Number of open streams (on the loop).
+    public var streamCount: Int { streams.count }
+
+    /// Completes when no stream is open on this connection — at once if none is — or the connection closed:
+    /// a drain waits for this event instead of polling the stream count.
+    public func whenIdle() -> EventLoopFuture<Void> {
+        let promise = eventLoop.makePromise(of: Void.self)
+        execute {
+            if self.streams.isEmpty || self.closed {
+                promise.succeed(())
+            } else {
+                self.idleWaiters.append(promise)
+            }
+        }
+        return promise.futureResult
+    }
+
+    func notifyIfIdle() {
+        guard streams.isEmpty, !idleWaiters.isEmpty else { return }
+        let waiters = idleWaiters
+        idleWaiters = []
+        for waiter in waiters { waiter.succeed(()) }
+    }
+}

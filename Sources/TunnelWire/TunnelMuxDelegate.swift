@@ -1,0 +1,12 @@
+import NIOCore
+
+/// Receives what a ``TunnelMux`` cannot handle itself. Called on the tunnel channel's event loop.
+public protocol TunnelMuxDelegate: AnyObject {
+    /// The peer asks for a new stream (agents receive these). Answer with ``TunnelMux/acceptStream(_:)`` once
+    /// a glue is attached, or ``TunnelMux/rejectStream(_:code:reason:)``.
+    func mux(_ mux: TunnelMux, didReceiveOpen open: Open, streamID: UInt32)
+    /// A control frame on stream 0 other than PING/PONG/WINDOW (HELLO, REFUSED, GOAWAY, JOIN, RENEW, ...).
+    func mux(_ mux: TunnelMux, didReceiveControl frame: Frame)
+    /// The tunnel connection is gone; every stream has been reset.
+    func muxDidClose(_ mux: TunnelMux)
+}
