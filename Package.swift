@@ -131,6 +131,7 @@ let package = Package(
                 "KubeAPI", "TunnelPKI", "TunnelWire", "TunnelSupport",
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "X509", package: "swift-certificates"),
             ] + networking,
             swiftSettings: swift5 + fuzzFlags
         ),
@@ -138,15 +139,18 @@ let package = Package(
             name: "TunnelAgent",
             dependencies: [
                 "TunnelPKI", "TunnelWire", "TunnelSupport",
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
             ] + networking,
             swiftSettings: swift5 + fuzzFlags
         ),
         .executableTarget(
             name: "edgetunnel",
             dependencies: [
-                "TunnelPKI", "TunnelSupport", "TunnelServer", "TunnelAgent", "EdgePlan", "KubeAPI",
+                "TunnelPKI", "TunnelSupport", "TunnelServer", "TunnelAgent", "EdgePlan", "KubeAPI", "TunnelWire",
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -183,17 +187,21 @@ let package = Package(
         .testTarget(
             name: "TunnelServerTests",
             dependencies: [
-                "TunnelServer", "TunnelSupport", "TunnelPKI", "TunnelWire",
+                "TunnelServer", "TunnelSupport", "TunnelPKI",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
             ],
             swiftSettings: swift5
         ),
         .testTarget(name: "EdgePlanTests", dependencies: ["EdgePlan", "TunnelPKI"], swiftSettings: swift5),
         .testTarget(
             name: "TunnelAgentTests",
-            dependencies: ["TunnelAgent", "TunnelPKI", .product(name: "Logging", package: "swift-log")],
+            dependencies: [
+                "TunnelAgent", "TunnelPKI", .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+            ],
             swiftSettings: swift5
         ),
         .testTarget(

@@ -148,7 +148,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             return
         }
         // A revocation between this connection's handshake and its HELLO counts.
-        try? server.identities.reloadIfChanged()
+        _ = try? server.identities.reloadIfChanged()
         guard server.identities.isLoaded else {
             refuse("the server has not loaded its node records yet: try again")
             return

@@ -1,4 +1,3 @@
-import NIOConcurrencyHelpers
 import NIOCore
 
 /// What a ``StreamGlue`` calls, from any thread: each hops to the tunnel's event loop.

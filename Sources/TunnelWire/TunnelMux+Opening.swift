@@ -1,4 +1,3 @@
-import NIOConcurrencyHelpers
 import NIOCore
 
 /// Opening streams (server side), accepting or rejecting them (agent side), draining and idleness.

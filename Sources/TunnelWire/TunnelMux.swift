@@ -1,4 +1,3 @@
-import NIOConcurrencyHelpers
 import NIOCore
 
 /// Many streams over one tunnel connection, each with its own flow-control window.
