@@ -9,18 +9,41 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
     unowned let agent: EdgeTunnelAgent
     let address: ServerAddress
     let mux: TunnelMux
-    var channel: Channel?
     let registration: EventLoopPromise<Void>
     /// Completes when no new streams can come on this tunnel: it closed, the server said GOAWAY, or its
     /// address was removed.
     private let unusable: EventLoopPromise<Void>
-    var registered = false
-    /// The replica this tunnel reached (from HELLO_OK).
-    private(set) var serverID: String?
     /// Guarded by the agent's lock: byte counts were moved to the agent's totals.
     var retired = false
+
+    /// What is written on the tunnel's loop (or by the dialing task) and read from anywhere: the failover
+    /// loop, ``ReplicaTunnels`` and the meta port run on other threads.
+    private struct Shared {
+        var channel: Channel?
+        var registered = false
+        var serverID: String?
+        var declaredDead = false
+    }
+    private let shared = NIOLockedValueBox(Shared())
+
+    var channel: Channel? {
+        get { shared.withLockedValue { $0.channel } }
+        set { shared.withLockedValue { $0.channel = newValue } }
+    }
+    var registered: Bool {
+        get { shared.withLockedValue { $0.registered } }
+        set { shared.withLockedValue { $0.registered = newValue } }
+    }
+    /// The replica this tunnel reached (from HELLO_OK).
+    private(set) var serverID: String? {
+        get { shared.withLockedValue { $0.serverID } }
+        set { shared.withLockedValue { $0.serverID = newValue } }
+    }
     /// Keepalive found the server silent.
-    var declaredDead = false
+    var declaredDead: Bool {
+        get { shared.withLockedValue { $0.declaredDead } }
+        set { shared.withLockedValue { $0.declaredDead = newValue } }
+    }
     var pendingRenewalKey: Certificate.PrivateKey?
     private var keepalive: RepeatedTask?
 

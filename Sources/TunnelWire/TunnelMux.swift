@@ -1,3 +1,4 @@
+import Atomics
 import NIOCore
 
 /// Many streams over one tunnel connection, each with its own flow-control window.
@@ -58,8 +59,10 @@ public final class TunnelMux: ChannelInboundHandler {
     /// that many streams' bytes leave in one TLS write instead of one system call each.
     var flushScheduled = false
     var inTunnelRead = false
-    /// When the last frame arrived, for keepalive.
-    public private(set) var lastFrameReceived = NIODeadline.now()
+    /// When the last frame arrived, for keepalive; readable from any thread (an agent picks a fresh tunnel to
+    /// promote from outside its loop). Written per frame: a relaxed atomic store, no lock.
+    public var lastFrameReceived: NIODeadline { .uptimeNanoseconds(lastFrameNanoseconds.load(ordering: .relaxed)) }
+    private let lastFrameNanoseconds = ManagedAtomic<UInt64>(NIODeadline.now().uptimeNanoseconds)
     /// Replies written since the tunnel last was writable (see ``TunnelLimits/maxUnreadReplies``).
     var unreadReplies = 0
     /// The highest stream id the peer has opened (agent side): ids are never reused.
@@ -119,7 +122,7 @@ public final class TunnelMux: ChannelInboundHandler {
     /// One frame from the peer: from `channelRead`, or straight from the ``FrameDecoder`` before this mux.
     func receive(_ frame: Frame) {
         guard let context, !failed, !closed else { return }
-        lastFrameReceived = .now()
+        lastFrameNanoseconds.store(NIODeadline.now().uptimeNanoseconds, ordering: .relaxed)
         inTunnelRead = true
         do {
             try handle(frame, context: context)

@@ -97,7 +97,7 @@ final class RecordingDelegate: TunnelMuxDelegate {
         try channel.writeInbound(Open(target: "127.0.0.1:10250", window: 1024).frame(streamID: 1))
         #expect(delegate.opens.count == 1 && delegate.opens[0].1 == 1)
         // Reusing stream 1 is a protocol violation: REFUSED with a reason, then the connection closes.
-        try? channel.writeInbound(Open(target: "127.0.0.1:10250", window: 1024).frame(streamID: 1))
+        _ = try? channel.writeInbound(Open(target: "127.0.0.1:10250", window: 1024).frame(streamID: 1))
         let frames = try outbound(channel)
         #expect(frames.last?.type == .refused)
         #expect(try Refused(frame: frames.last!).reason.contains("reused"))
@@ -112,7 +112,7 @@ final class RecordingDelegate: TunnelMuxDelegate {
         try channel.writeInbound(Open(target: "127.0.0.1:10250", window: 1024).frame(streamID: 1))
         var payload = ByteBuffer()
         payload.writeBytes([UInt8](repeating: 7, count: 64 * 1024 + 1))
-        try? channel.writeInbound(Frame(type: .data, streamID: 1, payload: payload))
+        _ = try? channel.writeInbound(Frame(type: .data, streamID: 1, payload: payload))
         let frames = try outbound(channel)
         #expect(frames.last?.type == .refused)
         #expect(!channel.isActive)
