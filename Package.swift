@@ -197,6 +197,11 @@ let package = Package(
         ),
         .testTarget(name: "EdgePlanTests", dependencies: ["EdgePlan", "TunnelPKI"], swiftSettings: swift5),
         .testTarget(
+            name: "TunnelSupportTests",
+            dependencies: ["TunnelSupport"],
+            swiftSettings: swift5
+        ),
+        .testTarget(
             name: "TunnelAgentTests",
             dependencies: [
                 "TunnelAgent", "TunnelPKI", .product(name: "Logging", package: "swift-log"),

@@ -90,15 +90,7 @@ public enum Doctor {
     public static func hostPort(_ text: String) -> (host: String, port: Int)? { splitHostPort(text) }
 
     static func splitHostPort(_ text: String) -> (host: String, port: Int)? {
-        if text.hasPrefix("["), let close = text.firstIndex(of: "]"), text[text.index(after: close)...].hasPrefix(":"),
-            let port = Int(text[text.index(close, offsetBy: 2)...]), (1...65535).contains(port)
-        {
-            return (String(text[text.index(after: text.startIndex)..<close]), port)
-        }
-        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
-            (1...65535).contains(port), colon != text.startIndex
-        else { return nil }
-        return (String(text[..<colon]), port)
+        HostPort(authority: text).map { ($0.host, $0.port) }
     }
 
     static func fetchLeaf(host: String, port: Int, timeout: TimeAmount) async throws -> Certificate {

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import Foundation
 import TunnelPKI
+import TunnelSupport
 
 /// `edgetunnel probe udp`: checks that UDP (the VXLAN port 8472 by default) really passes between two hosts
 /// before the overlay runs. A responder echoes probe datagrams; the prober sends nonce-stamped datagrams and
@@ -27,18 +28,10 @@ public enum UDPProbe {
 
     /// Parses `ADDR:PORT` (IPv6 in brackets) into a socket address.
     static func socketAddress(_ text: String) throws -> (storage: sockaddr_storage, length: socklen_t, family: Int32) {
-        let host: String
-        let portText: Substring
-        if text.hasPrefix("["), let close = text.firstIndex(of: "]"), text[text.index(after: close)...].hasPrefix(":") {
-            host = String(text[text.index(after: text.startIndex)..<close])
-            portText = text[text.index(close, offsetBy: 2)...]
-        } else if let colon = text.lastIndex(of: ":") {
-            host = String(text[..<colon])
-            portText = text[text.index(after: colon)...]
-        } else {
+        guard let (host, portText) = HostPort.split(text) else {
             throw PlanError("invalid address \"\(text)\": expected ADDR:PORT")
         }
-        guard let ip = IPAddress(host), let port = UInt16(portText), port > 0 else {
+        guard let ip = IPAddress(String(host)), let port = UInt16(portText), port > 0 else {
             throw PlanError("invalid address \"\(text)\": expected an IP address and a port 1-65535")
         }
         var storage = sockaddr_storage()

@@ -1,5 +1,6 @@
 import NIOCore
 import TunnelPKI
+import TunnelSupport
 
 /// Everything an agent needs to start.
 public struct AgentConfiguration: Sendable {
@@ -53,19 +54,7 @@ struct ServerAddress: Sendable, CustomStringConvertible {
         func invalid() -> PKIError {
             PKIError(.invalidArgument, "invalid server address \"\(text)\": expected HOST:PORT")
         }
-        let hostPart: Substring
-        let portPart: Substring
-        if text.hasPrefix("[") {
-            guard let close = text.firstIndex(of: "]"), text[text.index(after: close)...].hasPrefix(":") else {
-                throw invalid()
-            }
-            hostPart = text[text.index(after: text.startIndex)..<close]
-            portPart = text[text.index(close, offsetBy: 2)...]
-        } else {
-            guard let colon = text.lastIndex(of: ":") else { throw invalid() }
-            hostPart = text[..<colon]
-            portPart = text[text.index(after: colon)...]
-        }
+        guard let (hostPart, portPart) = HostPort.split(text) else { throw invalid() }
         guard !hostPart.isEmpty, let port = Int(portPart), (1...65535).contains(port) else { throw invalid() }
         guard IPAddress(String(hostPart)) != nil || DNSName.isValid(hostPart.lowercased()) else { throw invalid() }
         self.host = String(hostPart)

@@ -48,11 +48,8 @@ public struct AgentCredentials: Sendable {
             .write(certificatePath: paths.agentCertificate, keyPath: paths.agentKey)
     }
 
-    /// When to ask for a new certificate: two thirds into its life.
-    var renewalTime: Date {
-        let life = certificate.notValidAfter.timeIntervalSince(certificate.notValidBefore)
-        return certificate.notValidBefore.addingTimeInterval(life * 2 / 3)
-    }
+    /// When to ask for a new certificate (``X509/Certificate/renewalTime``).
+    var renewalTime: Date { certificate.renewalTime }
 
     /// A CSR for this node with a fresh key.
     static func makeCSR(nodeName: String) throws -> (csrPEM: String, key: Certificate.PrivateKey) {

@@ -1,4 +1,5 @@
 import TunnelPKI
+import TunnelSupport
 
 /// The destinations an agent will dial for the cloud. Anything else is refused at the edge, so the tunnel is
 /// no open door into the edge network.
@@ -31,18 +32,8 @@ public struct AllowList: Sendable, CustomStringConvertible {
             func invalid(_ why: String) -> PKIError {
                 PKIError(.invalidArgument, "invalid allow rule \"\(text)\": \(why)")
             }
-            let hostPart: Substring
-            let portPart: Substring
-            if text.hasPrefix("[") {
-                guard let close = text.firstIndex(of: "]"), text[text.index(after: close)...].hasPrefix(":") else {
-                    throw invalid("expected [IPv6 or CIDR]:port")
-                }
-                hostPart = text[text.index(after: text.startIndex)..<close]
-                portPart = text[text.index(close, offsetBy: 2)...]
-            } else {
-                guard let colon = text.lastIndex(of: ":") else { throw invalid("expected host:port") }
-                hostPart = text[..<colon]
-                portPart = text[text.index(after: colon)...]
+            guard let (hostPart, portPart) = HostPort.split(text) else {
+                throw invalid(text.hasPrefix("[") ? "expected [IPv6 or CIDR]:port" : "expected host:port")
             }
             let bounds = portPart.split(separator: "-", omittingEmptySubsequences: false)
             guard (1...2).contains(bounds.count), let low = Int(bounds[0]), let high = Int(bounds.last!),

@@ -14,7 +14,7 @@ enum ServingCertificate {
             let (certificate, key) = try? PEMFiles.keyPair(certificate: paths.serverCertificate, key: paths.serverKey),
             authority.certificate.publicKey.isValidSignature(certificate.signature, for: certificate),
             (try? CertificateSummary.sans(of: certificate)) == wanted,
-            Date() < renewalTime(of: certificate)
+            Date() < certificate.renewalTime
         {
             logger.info("reusing serving certificate \(paths.serverCertificate)")
             return IssuedCredential(certificate: certificate, privateKey: key)
@@ -25,11 +25,5 @@ enum ServingCertificate {
             "sans": "\((wanted.ipAddresses.map(\.description) + wanted.dnsNames).joined(separator: ","))",
         ])
         return issued
-    }
-
-    /// Two thirds into the certificate's life.
-    static func renewalTime(of certificate: Certificate) -> Date {
-        let life = certificate.notValidAfter.timeIntervalSince(certificate.notValidBefore)
-        return certificate.notValidBefore.addingTimeInterval(life * 2 / 3)
     }
 }

@@ -132,7 +132,7 @@ public final class TunnelServer: @unchecked Sendable {
 
     /// Re-issues the serving certificate two thirds into its life, checked at least hourly.
     private func scheduleRenewal() {
-        let renewal = ServingCertificate.renewalTime(of: core.servingCertificate)
+        let renewal = core.servingCertificate.renewalTime
         let delay = min(max(renewal.timeIntervalSinceNow, 1), 3600)
         let task = group.next().scheduleTask(in: .milliseconds(Int64(delay * 1000))) { [weak self] in
             guard let self, self.lock.withLock({ self.ready }) else { return }

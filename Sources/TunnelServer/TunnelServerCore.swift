@@ -138,7 +138,7 @@ final class TunnelServerCore: @unchecked Sendable {
             (certificate, key) = try PEMFiles.keyPair(certificate: certPath, key: keyPath)
         } else if let existing = try? PEMFiles.keyPair(
             certificate: paths.file("kubelet-client.crt"), key: paths.file("kubelet-client.key")),
-            Date() < ServingCertificate.renewalTime(of: existing.0)
+            Date() < existing.0.renewalTime
         {
             (certificate, key) = existing
         } else {
@@ -184,7 +184,7 @@ final class TunnelServerCore: @unchecked Sendable {
     func refreshServingCertificate(sans: ServerSANs) throws -> Bool {
         let (current, authority) = lock.withLock { (_serving, _authority) }
         let currentSANs = try? CertificateSummary.sans(of: current)
-        if currentSANs == sans && Date() < ServingCertificate.renewalTime(of: current) {
+        if currentSANs == sans && Date() < current.renewalTime {
             lock.withLock { _sans = sans }
             return false
         }

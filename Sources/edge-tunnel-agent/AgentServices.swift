@@ -31,7 +31,7 @@ struct AddressesFileService: Service {
 
     func run() async throws {
         let (path, agent, logger) = (path, agent, logger)
-        try await cancelWhenGracefulShutdown {
+        await cancelWhenGracefulShutdown {
             var last = (try? readAddresses(path)) ?? []
             while !Task.isCancelled {
                 try? await Task.sleep(for: .seconds(2))

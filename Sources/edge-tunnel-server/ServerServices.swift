@@ -30,7 +30,7 @@ struct ConfigReloadService: Service {
         let hangups = await UnixSignalsSequence(trapping: .sighup)
         let reloader = reloader
         let logger = logger
-        try await cancelWhenGracefulShutdown {
+        await cancelWhenGracefulShutdown {
             await withTaskGroup(of: Void.self) { group in
                 if let reloader { group.addTask { await reloader.watch() } }
                 group.addTask {
@@ -65,7 +65,7 @@ struct ReplicaLeaseService: Service {
 
     func run() async throws {
         let leases = leases
-        try await cancelWhenGracefulShutdown { await leases.run() }
+        await cancelWhenGracefulShutdown { await leases.run() }
     }
 }
 
@@ -85,7 +85,7 @@ struct ServiceAddressService: Service {
 
     func run() async throws {
         let (addresses, server, logger) = (addresses, server, logger)
-        try await cancelWhenGracefulShutdown {
+        await cancelWhenGracefulShutdown {
             await addresses.run { ips, names in
                 do {
                     try server.setServiceAddresses(ips: ips, dnsNames: names)
@@ -111,7 +111,7 @@ struct NodeObjectsService: Service {
 
     func run() async throws {
         let (directory, server) = (directory, server)
-        try await cancelWhenGracefulShutdown {
+        await cancelWhenGracefulShutdown {
             await directory.run { name in server.nodeDeleted(name) }
         }
     }
@@ -131,7 +131,7 @@ struct JoinStateService: Service {
 
     func run() async throws {
         let (state, server) = (state, server)
-        try await cancelWhenGracefulShutdown {
+        await cancelWhenGracefulShutdown {
             await state.follow { server.joinStateChanged() }
         }
     }
