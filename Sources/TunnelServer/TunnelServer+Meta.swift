@@ -50,16 +50,6 @@ extension TunnelServer {
         }
     }
 
-    /// What `/v1/agents` serves.
-    public struct AgentInfo: Codable, Sendable {
-        public var nodeName: String
-        public var nodeIPs: [String]
-        public var connectedSince: Date
-        public var remoteAddress: String
-        public var streams: Int
-        public var bytesFromAgent: Int
-        public var bytesToAgent: Int
-    }
 
     public var agents: [AgentInfo] {
         core.registry.sessions.map { session in
@@ -71,15 +61,6 @@ extension TunnelServer {
         }.sorted { $0.nodeName < $1.nodeName }
     }
 
-    /// What `/v1/server` serves: the certificate in force and the addresses it names.
-    public struct ServerInfo: Codable, Sendable {
-        public var serverID: String
-        public var certificateIPs: [String]
-        public var certificateDNSNames: [String]
-        public var certificateSerial: String
-        public var certificateNotAfter: Date
-        public var agents: Int
-    }
 
     public var serverInfo: ServerInfo {
         let certificate = core.servingCertificate

@@ -5,7 +5,6 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 import TunnelPKI
-import TunnelServer
 import TunnelSupport
 import TunnelWire
 

@@ -1,7 +1,7 @@
 import ArgumentParser
 import Foundation
 import TunnelPKI
-import TunnelServer
+import TunnelSupport
 
 #if canImport(FoundationNetworking)
 import FoundationNetworking
@@ -21,7 +21,7 @@ struct RoutesCommand: AsyncParsableCommand {
         @Option(name: .customLong("tunnel-address"), help: "The address callers should reach the tunnel server at.")
         var tunnelAddress: String
 
-        func agents() async throws -> [TunnelServer.AgentInfo] {
+        func agents() async throws -> [AgentInfo] {
             guard IPAddress(tunnelAddress) != nil else {
                 throw PKIError(.invalidArgument, "invalid --tunnel-address \"\(tunnelAddress)\": expected an IP address")
             }
@@ -87,7 +87,7 @@ struct RoutesCommand: AsyncParsableCommand {
 enum AgentList {
     struct Body: Decodable {
         var serverID: String
-        var agents: [TunnelServer.AgentInfo]
+        var agents: [AgentInfo]
     }
 
     static func fetch(server: String) async throws -> Body {

@@ -1,7 +1,6 @@
 import ArgumentParser
 import Foundation
 import TunnelPKI
-import TunnelServer
 
 #if canImport(FoundationNetworking)
 import FoundationNetworking
