@@ -133,7 +133,7 @@ struct ServerCommand: AsyncParsableCommand {
         } catch {
             fail("\(error)")
         }
-        let reloader = config.map { ConfigReloader(command: self, path: $0, server: server, logger: logger) }
+        let reloader = config.map { ConfigReloader(path: $0, server: server, logger: logger, resolve: { [command = self] in try command.resolved($0) }) }
         var services: [any Service] = [TunnelServerService(server: server, logger: logger)]
         do {
             if let namespace = configuration.leaseNamespace {
@@ -303,60 +303,3 @@ struct ServerCommand: AsyncParsableCommand {
 func splitList(_ values: [String]) -> [String] { ProcessSupport.splitList(values) }
 
 func fail(_ message: String) -> Never { ProcessSupport.fail("edge-tunnel-server", message) }
-
-/// Re-reads the config file when its contents change (polled every 2 s, which also catches a Kubernetes
-/// ConfigMap's symlink swap) or on SIGHUP, and applies the new address set live. A file that does not parse
-/// is rejected with a logged error; the server keeps the last good configuration.
-final class ConfigReloader: @unchecked Sendable {
-    let command: ServerCommand
-    let path: String
-    let server: TunnelServer
-    let logger: Logger
-    private let lock = NSLock()
-    private var lastContents: [UInt8]?
-    private var applied: ServerConfiguration
-
-    init(command: ServerCommand, path: String, server: TunnelServer, logger: Logger) {
-        self.command = command
-        self.path = path
-        self.server = server
-        self.logger = logger
-        self.applied = server.configuration
-        self.lastContents = try? AtomicFile.read(path)
-    }
-
-    func watch() async {
-        while !Task.isCancelled {
-            try? await Task.sleep(for: .seconds(2))
-            guard let contents = try? AtomicFile.read(path) else { continue }
-            let changed = lock.withLock { contents != lastContents }
-            if changed { reload(reason: "\(path) changed") }
-        }
-    }
-
-    func reload(reason: String) {
-        lock.lock()
-        defer { lock.unlock() }
-        do {
-            let contents = try AtomicFile.read(path)
-            lastContents = contents
-            let next = try command.resolved(try ServerConfigFile.load(path: path))
-            if next.tunnelPort != applied.tunnelPort || next.securePort != applied.securePort
-                || next.metaPort != applied.metaPort || next.bindAddress != applied.bindAddress
-                || next.pkiDirectory != applied.pkiDirectory || next.clientCAFile != applied.clientCAFile
-                || next.caDirectory != applied.caDirectory || next.stateDirectory != applied.stateDirectory
-                || next.joinStateNamespace != applied.joinStateNamespace
-            {
-                logger.warning("\(reason): ports, bind address, PKI, CA and state folders, join state and client CA change only with a restart; applying the addresses")
-            }
-            try server.updateAddresses(certIPs: next.certIPs, certDNSNames: next.certDNSNames)
-            server.setServerCount(next.serverCount)
-            applied = next
-            logger.info("\(reason): configuration applied", metadata: [
-                "certIPs": "\(next.certIPs.joined(separator: ","))", "certDNSNames": "\(next.certDNSNames.joined(separator: ","))",
-            ])
-        } catch {
-            logger.error("\(reason): configuration rejected, keeping the last good one: \(error)")
-        }
-    }
-}
