@@ -204,7 +204,7 @@ let package = Package(
         .testTarget(
             name: "TunnelAgentTests",
             dependencies: [
-                "TunnelAgent", "TunnelPKI", .product(name: "Logging", package: "swift-log"),
+                "TunnelAgent", "TunnelPKI", "TunnelSupport", .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
             ],
             swiftSettings: swift5

@@ -206,10 +206,10 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
                 answer = try await client.request(.POST, collection, body: try configMap(objectName, kind: "node", key: "record", value: record))
             case 200:
                 guard var object = try JSONSerialization.jsonObject(with: Data(current.body)) as? [String: Any] else {
-                    throw PKIError(.invalidArgument, "ConfigMap \(namespace)/\(objectName) is not a JSON object")
+                    throw KubeClient.Failure(description: "ConfigMap \(namespace)/\(objectName) is not a JSON object")
                 }
                 guard let existing = self.record(object as [String: any Sendable]), existing.name == node else {
-                    throw PKIError(.invalidArgument,
+                    throw KubeClient.Failure(description:
                         "ConfigMap \(namespace)/\(objectName) does not hold a valid record of node \(node): fix or delete it")
                 }
                 guard let record = try change(existing) else { return (existing, nil) }

@@ -51,8 +51,8 @@ struct ServerAddress: Sendable, CustomStringConvertible {
     let text: String
 
     init(parsing text: String) throws {
-        func invalid() -> PKIError {
-            PKIError(.invalidArgument, "invalid server address \"\(text)\": expected HOST:PORT")
+        func invalid() -> ConfigurationError {
+            ConfigurationError("invalid server address \"\(text)\": expected HOST:PORT")
         }
         guard let (hostPart, portPart) = HostPort.split(text) else { throw invalid() }
         guard !hostPart.isEmpty, let port = Int(portPart), (1...65535).contains(port) else { throw invalid() }

@@ -35,7 +35,7 @@ public struct AgentCredentials: Sendable {
                 "\(paths.agentCertificate): certificate is for node \(certificate.subject.commonName ?? "?"), not \(nodeName)")
         }
         guard ca.publicKey.isValidSignature(certificate.signature, for: certificate) else {
-            throw PKIError(.invalidArgument, "\(paths.agentCertificate): not signed by the CA in \(paths.caCertificate)")
+            throw ConfigurationError("\(paths.agentCertificate): not signed by the CA in \(paths.caCertificate)")
         }
         return AgentCredentials(certificate: certificate, privateKey: key, ca: ca)
     }

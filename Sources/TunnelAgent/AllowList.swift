@@ -29,8 +29,8 @@ public struct AllowList: Sendable, CustomStringConvertible {
 
         /// Parses one rule, or throws an error that names it.
         public init(parsing text: String) throws {
-            func invalid(_ why: String) -> PKIError {
-                PKIError(.invalidArgument, "invalid allow rule \"\(text)\": \(why)")
+            func invalid(_ why: String) -> ConfigurationError {
+                ConfigurationError("invalid allow rule \"\(text)\": \(why)")
             }
             guard let (hostPart, portPart) = HostPort.split(text) else {
                 throw invalid(text.hasPrefix("[") ? "expected [IPv6 or CIDR]:port" : "expected host:port")

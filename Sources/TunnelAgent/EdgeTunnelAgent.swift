@@ -56,7 +56,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         }
         _ = try DNSName.validateNodeName(configuration.nodeName)
         guard !configuration.serverAddresses.isEmpty else {
-            throw PKIError(.invalidArgument, "no --server-address given")
+            throw ConfigurationError("no --server-address given")
         }
         for address in configuration.serverAddresses { _ = try ServerAddress(parsing: address) }
         replicas = ReplicaTunnels(agent: self)
@@ -137,7 +137,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     /// Replaces the address list (from the addresses file). A tunnel on an address that is no longer listed
     /// is drained and the agent reconnects; a newly preferred address is taken up by the fail-back check.
     public func setServerAddresses(_ new: [String]) throws {
-        guard !new.isEmpty else { throw PKIError(.invalidArgument, "the server address list is empty") }
+        guard !new.isEmpty else { throw ConfigurationError("the server address list is empty") }
         for address in new { _ = try ServerAddress(parsing: address) }
         let (changed, tunnel) = lock.withLock { () -> (Bool, AgentTunnel?) in
             let changed = addresses != new

@@ -64,22 +64,22 @@ public struct ServerConfigFile: Codable, Sendable {
         do {
             node = try SafeYAML.load(text)
         } catch {
-            throw PKIError(.invalidArgument, "\(path): not valid YAML (\(error))")
+            throw ConfigurationError("\(path): not valid YAML (\(error))")
         }
         guard let node else { return ServerConfigFile() }
         guard let map = node as? [String: Any] else {
-            throw PKIError(.invalidArgument, "\(path): expected a mapping of settings")
+            throw ConfigurationError("\(path): expected a mapping of settings")
         }
         if let unknown = map.keys.sorted().first(where: { !keys.contains($0) }) {
-            throw PKIError(.invalidArgument, "\(path): unknown setting \"\(unknown)\"")
+            throw ConfigurationError("\(path): unknown setting \"\(unknown)\"")
         }
         do {
             return try YAMLDecoder().decode(ServerConfigFile.self, from: text)
         } catch let DecodingError.typeMismatch(_, context), let DecodingError.dataCorrupted(context) {
             let key = context.codingPath.map(\.stringValue).joined(separator: ".")
-            throw PKIError(.invalidArgument, "\(path): setting \"\(key)\" has the wrong type")
+            throw ConfigurationError("\(path): setting \"\(key)\" has the wrong type")
         } catch {
-            throw PKIError(.invalidArgument, "\(path): \(PeerText.bounded("\(error)"))")
+            throw ConfigurationError("\(path): \(PeerText.bounded("\(error)"))")
         }
     }
 }

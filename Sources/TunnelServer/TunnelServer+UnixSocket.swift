@@ -18,7 +18,7 @@ extension TunnelServer {
         var info = stat()
         if lstat(path, &info) == 0 {
             guard (info.st_mode & S_IFMT) == S_IFSOCK else {
-                throw PKIError(.invalidArgument, "--uds-path \(path) exists and is not a socket")
+                throw ConfigurationError("--uds-path \(path) exists and is not a socket")
             }
             unlink(path)
         }
@@ -26,14 +26,14 @@ extension TunnelServer {
         address.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
         guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
-            throw PKIError(.invalidArgument, "--uds-path \(path) is longer than a Unix socket path may be")
+            throw ConfigurationError("--uds-path \(path) is longer than a Unix socket path may be")
         }
         withUnsafeMutableBytes(of: &address.sun_path) { raw in
             raw.copyBytes(from: bytes)
             raw[bytes.count] = 0
         }
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw PKIError(.invalidArgument, "--uds-path \(path): cannot create a socket (errno \(errno))") }
+        guard fd >= 0 else { throw ConfigurationError("--uds-path \(path): cannot create a socket (errno \(errno))") }
         // Created under a restrictive umask so that it is never reachable by others.
         let previous = umask(0o177)
         let bound = withUnsafePointer(to: &address) {
@@ -43,7 +43,7 @@ extension TunnelServer {
         umask(previous)
         guard bound == 0, listen(fd, 1024) == 0 else {
             close(fd)
-            throw PKIError(.invalidArgument, "--uds-path \(path): cannot listen (\(String(cString: strerror(bindError))))")
+            throw ConfigurationError("--uds-path \(path): cannot listen (\(String(cString: strerror(bindError))))")
         }
         chmod(path, 0o600)
         var created = stat()

@@ -133,7 +133,7 @@ final class TunnelServerCore: @unchecked Sendable {
         let key: Certificate.PrivateKey
         if let certPath = configuration.kubeletClientCert {
             guard let keyPath = configuration.kubeletClientKey else {
-                throw PKIError(.invalidArgument, "--kubelet-client-cert needs --kubelet-client-key")
+                throw ConfigurationError("--kubelet-client-cert needs --kubelet-client-key")
             }
             (certificate, key) = try PEMFiles.keyPair(certificate: certPath, key: keyPath)
         } else if let existing = try? PEMFiles.keyPair(

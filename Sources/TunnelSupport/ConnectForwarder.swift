@@ -18,15 +18,15 @@ public final class Forwarder: @unchecked Sendable {
         public init(server: String, caFile: String?, cert: String?, key: String?) throws {
             if server.hasPrefix("unix:") {
                 let path = String(server.dropFirst("unix:".count))
-                guard !path.isEmpty else { throw PKIError(.invalidArgument, "invalid --server \"\(server)\": expected unix:PATH") }
+                guard !path.isEmpty else { throw ConfigurationError("invalid --server \"\(server)\": expected unix:PATH") }
                 self = .unix(path)
                 return
             }
             guard let serverAddress = HostPort(authority: server) else {
-                throw PKIError(.invalidArgument, "invalid --server \"\(server)\": expected HOST:PORT or unix:PATH")
+                throw ConfigurationError("invalid --server \"\(server)\": expected HOST:PORT or unix:PATH")
             }
             guard let caFile, let cert, let key else {
-                throw PKIError(.invalidArgument, "--ca-file, --cert and --key are required for a TLS --server")
+                throw ConfigurationError("--ca-file, --cert and --key are required for a TLS --server")
             }
             var tls = TLSConfiguration.makeClientConfiguration()
             tls.trustRoots = try TLSContexts.trustRoots(file: caFile)

@@ -88,12 +88,12 @@ struct AgentCommand: AsyncParsableCommand {
         var addresses = splitList(serverAddresses)
         if let file = serverAddressesFile {
             guard addresses.isEmpty else {
-                throw PKIError(.invalidArgument, "give either --server-address or --server-addresses-file, not both")
+                throw ConfigurationError("give either --server-address or --server-addresses-file, not both")
             }
             addresses = try readAddresses(file)
         }
         guard !addresses.isEmpty else {
-            throw PKIError(.invalidArgument, "at least one --server-address (or --server-addresses-file) is required")
+            throw ConfigurationError("at least one --server-address (or --server-addresses-file) is required")
         }
         let rules = try allow.map { try AllowList.Rule(parsing: $0) }
         var configuration = AgentConfiguration(
@@ -103,11 +103,11 @@ struct AgentCommand: AsyncParsableCommand {
         configuration.bootstrapToken = bootstrapToken ?? environment["BOOTSTRAP_TOKEN"]
         configuration.caCertHash = try caCertHash.map { try CAHash.validate($0) }
         if let token = configuration.bootstrapToken { _ = try BootstrapToken(parsing: token) }
-        guard (0...65535).contains(metaPort) else { throw PKIError(.invalidArgument, "invalid --meta-port \(metaPort)") }
+        guard (0...65535).contains(metaPort) else { throw ConfigurationError("invalid --meta-port \(metaPort)") }
         configuration.metaPort = metaPort
         configuration.metaBindAddress = metaBindAddress
         guard let level = Logger.Level(flag: logLevel) else {
-            throw PKIError(.invalidArgument, "invalid --log-level \"\(logLevel)\"")
+            throw ConfigurationError("invalid --log-level \"\(logLevel)\"")
         }
         return (configuration, level)
     }
@@ -120,7 +120,7 @@ func readAddresses(_ path: String) throws -> [String] {
         String(line.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first ?? "")
     }
     let addresses = splitList(lines)
-    guard !addresses.isEmpty else { throw PKIError(.invalidArgument, "\(path): no server address in the file") }
+    guard !addresses.isEmpty else { throw ConfigurationError("\(path): no server address in the file") }
     return addresses
 }
 

@@ -190,11 +190,11 @@ struct ServerCommand: AsyncParsableCommand {
         guard (1...253).contains(configuration.serverID.utf8.count),
             configuration.serverID.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-._".contains($0)) })
         else {
-            throw PKIError(.invalidArgument, "invalid --server-id \"\(configuration.serverID)\": must be 1-253 letters, digits, '-', '.' or '_'")
+            throw ConfigurationError("invalid --server-id \"\(configuration.serverID)\": must be 1-253 letters, digits, '-', '.' or '_'")
         }
         if let count = serverCount ?? file.serverCount {
             guard (1...1000).contains(count) else {
-                throw PKIError(.invalidArgument, "invalid --server-count \(count): must be 1-1000")
+                throw ConfigurationError("invalid --server-count \(count): must be 1-1000")
             }
             configuration.serverCount = count
         }
@@ -203,57 +203,57 @@ struct ServerCommand: AsyncParsableCommand {
         configuration.checkNodeObjects = checkNodeObjects || (file.checkNodeObjects ?? false)
         if let namespace = joinStateNamespace ?? file.joinStateNamespace {
             guard DNSName.isValid(namespace), !namespace.contains(".") else {
-                throw PKIError(.invalidArgument, "invalid --join-state-namespace \"\(namespace)\": must be a namespace name")
+                throw ConfigurationError("invalid --join-state-namespace \"\(namespace)\": must be a namespace name")
             }
             configuration.joinStateNamespace = namespace
         }
         if let service = addressService ?? file.addressService {
             let parts = service.split(separator: "/", omittingEmptySubsequences: false)
             guard parts.count == 2, parts.allSatisfy({ !$0.isEmpty && $0.allSatisfy { $0.isLowercase || $0.isNumber || $0 == "-" || $0 == "." } })
-            else { throw PKIError(.invalidArgument, "invalid --address-service \"\(service)\": must be namespace/name") }
+            else { throw ConfigurationError("invalid --address-service \"\(service)\": must be namespace/name") }
             configuration.addressService = service
         }
         if let label = leaseLabel ?? file.leaseLabel {
             let parts = label.split(separator: "=", omittingEmptySubsequences: false)
             guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty,
                 label.allSatisfy({ $0.isLetter || $0.isNumber || "-_./=".contains($0) })
-            else { throw PKIError(.invalidArgument, "invalid --lease-label \"\(label)\": must be key=value") }
+            else { throw ConfigurationError("invalid --lease-label \"\(label)\": must be key=value") }
             configuration.leaseLabel = label
         }
         if let warmup = replicaWarmup ?? file.replicaWarmup {
             let seconds = try Durations.parse(warmup, what: "--replica-warmup")
             guard (0...3600).contains(seconds) else {
-                throw PKIError(.invalidDuration, "--replica-warmup must be between 0s and 1h")
+                throw ConfigurationError("--replica-warmup must be between 0s and 1h")
             }
             configuration.replicaWarmup = .milliseconds(Int64(seconds * 1000))
         }
         if let threads = eventLoopThreads ?? file.eventLoopThreads {
             guard (1...256).contains(threads) else {
-                throw PKIError(.invalidArgument, "invalid --event-loop-threads \(threads): must be 1-256")
+                throw ConfigurationError("invalid --event-loop-threads \(threads): must be 1-256")
             }
             configuration.eventLoopThreads = threads
         }
         if let timeout = handshakeTimeout ?? file.handshakeTimeout {
             let seconds = try Durations.parse(timeout, what: "--handshake-timeout")
             guard (1...300).contains(seconds) else {
-                throw PKIError(.invalidDuration, "--handshake-timeout must be between 1s and 300s")
+                throw ConfigurationError("--handshake-timeout must be between 1s and 300s")
             }
             configuration.handshakeTimeout = .milliseconds(Int64(seconds * 1000))
         }
         if let total = maxPendingConnections ?? file.maxPendingConnections {
-            guard total >= 1 else { throw PKIError(.invalidArgument, "invalid --max-pending-connections \(total): must be at least 1") }
+            guard total >= 1 else { throw ConfigurationError("invalid --max-pending-connections \(total): must be at least 1") }
             configuration.maxPendingConnections = total
         }
         if let perSource = maxPendingConnectionsPerSource ?? file.maxPendingConnectionsPerSource {
             guard perSource >= 1 else {
-                throw PKIError(.invalidArgument, "invalid --max-pending-connections-per-source \(perSource): must be at least 1")
+                throw ConfigurationError("invalid --max-pending-connections-per-source \(perSource): must be at least 1")
             }
             configuration.maxPendingConnectionsPerSource = perSource
         }
         configuration.allowInsecureBind = allowInsecureBind || (file.allowInsecureBind ?? false)
         func positive(_ value: Int?, _ flag: String) throws -> Int? {
             guard let value else { return nil }
-            guard value >= 1 else { throw PKIError(.invalidArgument, "invalid --\(flag) \(value): must be at least 1") }
+            guard value >= 1 else { throw ConfigurationError("invalid --\(flag) \(value): must be at least 1") }
             return value
         }
         if let value = try positive(maxStreamsPerAgent ?? file.maxStreamsPerAgent, "max-streams-per-agent") {
@@ -266,26 +266,26 @@ struct ServerCommand: AsyncParsableCommand {
             configuration.maxStreamsPerCaller = value
         }
         if let value = try positive(maxBufferedMiB ?? file.maxBufferedMiB, "max-buffered-mib") {
-            guard value <= 1 << 20 else { throw PKIError(.invalidArgument, "invalid --max-buffered-mib \(value): too large") }
+            guard value <= 1 << 20 else { throw ConfigurationError("invalid --max-buffered-mib \(value): too large") }
             configuration.maxBufferedBytes = value << 20
         }
         if let validity = agentCertificateValidity ?? file.agentCertificateValidity {
             let seconds = try Durations.parse(validity, what: "--agent-certificate-validity")
             guard seconds >= 10 else {
-                throw PKIError(.invalidDuration, "--agent-certificate-validity must be at least 10s")
+                throw ConfigurationError("--agent-certificate-validity must be at least 10s")
             }
             configuration.agentCertificateValidity = seconds
         }
         if let validity = servingCertificateValidity ?? file.servingCertificateValidity {
             let seconds = try Durations.parse(validity, what: "--serving-certificate-validity")
             guard seconds >= 10 else {
-                throw PKIError(.invalidDuration, "--serving-certificate-validity must be at least 10s")
+                throw ConfigurationError("--serving-certificate-validity must be at least 10s")
             }
             configuration.servingCertificateValidity = seconds
         }
         let levelText = logLevel ?? file.logLevel ?? "info"
         guard let level = Logger.Level(flag: levelText) else {
-            throw PKIError(.invalidArgument, "invalid --log-level \"\(levelText)\"")
+            throw ConfigurationError("invalid --log-level \"\(levelText)\"")
         }
         // Check addresses now, so a typo is reported as such rather than as a certificate problem.
         _ = try ServerSANs(ips: configuration.certIPs, dnsNames: configuration.certDNSNames)
@@ -294,7 +294,7 @@ struct ServerCommand: AsyncParsableCommand {
 
     private func port(_ value: Int, _ name: String) throws -> Int {
         guard (0...65535).contains(value) else {
-            throw PKIError(.invalidArgument, "invalid --\(name) \(value): must be 0-65535")
+            throw ConfigurationError("invalid --\(name) \(value): must be 0-65535")
         }
         return value
     }

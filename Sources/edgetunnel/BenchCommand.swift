@@ -37,13 +37,13 @@ struct BenchCommand: ParsableCommand {
             ProcessSupport.raiseFileLimit()
             let forwarder: Forwarder
             do {
-                guard count > 0 else { throw PKIError(.invalidArgument, "invalid --count \(count): must be at least 1") }
+                guard count > 0 else { throw ConfigurationError("invalid --count \(count): must be at least 1") }
                 guard concurrency > 0 else {
-                    throw PKIError(.invalidArgument, "invalid --concurrency \(concurrency): must be at least 1")
+                    throw ConfigurationError("invalid --concurrency \(concurrency): must be at least 1")
                 }
                 let endpoint = try Forwarder.Endpoint(server: server, caFile: caFile, cert: cert, key: key)
                 guard let target = HostPort(authority: to) else {
-                    throw PKIError(.invalidArgument, "invalid --to \"\(to)\": expected NODE:PORT")
+                    throw ConfigurationError("invalid --to \"\(to)\": expected NODE:PORT")
                 }
                 forwarder = Forwarder(endpoint: endpoint, target: target, logger: Logger(label: "edgetunnel-bench"))
             } catch {
@@ -83,9 +83,9 @@ struct BenchCommand: ParsableCommand {
             let swarm: [EdgeTunnelAgent]
             let group: MultiThreadedEventLoopGroup
             do {
-                guard agents > 0 else { throw PKIError(.invalidArgument, "invalid --agents \(agents): must be at least 1") }
-                guard threads > 0 else { throw PKIError(.invalidArgument, "invalid --threads \(threads): must be at least 1") }
-                guard interval > 0 else { throw PKIError(.invalidArgument, "invalid --interval \(interval): must be above 0") }
+                guard agents > 0 else { throw ConfigurationError("invalid --agents \(agents): must be at least 1") }
+                guard threads > 0 else { throw ConfigurationError("invalid --threads \(threads): must be at least 1") }
+                guard interval > 0 else { throw ConfigurationError("invalid --interval \(interval): must be above 0") }
                 group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
                 let ca = try CertificateAuthority.load(from: PKIPaths(directory: pkiDir))
                 swarm = try (0..<agents).map { index in

@@ -80,7 +80,7 @@ struct DemoCommand: AsyncParsableCommand {
         let runner = Task { await agent.run() }
         let deadline = Date().addingTimeInterval(10)
         while agent.connectedAddress == nil || server.registry.lookup(host: "demo-edge") == nil {
-            guard Date() < deadline else { throw PKIError(.invalidArgument, "the demo agent did not connect in 10s") }
+            guard Date() < deadline else { throw ConfigurationError("the demo agent did not connect in 10s") }
             try await Task.sleep(for: .milliseconds(50))
         }
 

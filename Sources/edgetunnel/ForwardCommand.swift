@@ -30,10 +30,10 @@ struct ForwardCommand: AsyncParsableCommand {
         do {
             let endpoint = try Forwarder.Endpoint(server: server, caFile: caFile, cert: cert, key: key)
             guard let target = HostPort(authority: to) else {
-                throw PKIError(.invalidArgument, "invalid --to \"\(to)\": expected NODE:PORT")
+                throw ConfigurationError("invalid --to \"\(to)\": expected NODE:PORT")
             }
             guard let local = HostPort(authority: listen) ?? (listen.hasSuffix(":0") ? HostPort(host: String(listen.dropLast(2)), port: 0) : nil) else {
-                throw PKIError(.invalidArgument, "invalid --listen \"\(listen)\": expected HOST:PORT")
+                throw ConfigurationError("invalid --listen \"\(listen)\": expected HOST:PORT")
             }
             let forwarder = Forwarder(endpoint: endpoint, target: target, logger: logger)
             listener = try await ServerBootstrap(group: group)

@@ -3,6 +3,7 @@ import KubeAPI
 import Logging
 import NIOPosix
 import TunnelPKI
+import TunnelSupport
 
 /// Where `edgetunnel token` and `edgetunnel node` find the join state: the PKI folder, or (as the server's
 /// `--join-state-namespace`) ConfigMaps in a namespace, through a kubeconfig or the pod's service account
@@ -20,7 +21,7 @@ struct JoinStateOption: ParsableArguments {
     func store() throws -> any JoinStateStore {
         guard let namespace else { return FileJoinState(paths: PKIPaths(directory: directory)) }
         guard DNSName.isValid(namespace), !namespace.contains(".") else {
-            throw PKIError(.invalidArgument, "invalid --join-state-namespace \"\(namespace)\": must be a namespace name")
+            throw ConfigurationError("invalid --join-state-namespace \"\(namespace)\": must be a namespace name")
         }
         let config = try kubeconfig.map { try KubeConfig.kubeconfig(path: $0) } ?? KubeConfig.inCluster()
         let client = try KubeClient(config: config, group: MultiThreadedEventLoopGroup.singleton)

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import TunnelPKI
+import TunnelSupport
 
 struct PKICommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -39,7 +40,7 @@ extension PKICommand {
                 let paths = pki.paths
                 let validity = try Durations.parse(self.validity, what: "--validity")
                 guard validity > 0 else {
-                    throw PKIError(.invalidDuration, "--validity must be positive")
+                    throw ConfigurationError("--validity must be positive")
                 }
                 if !force && (AtomicFile.exists(paths.caCertificate) || AtomicFile.exists(paths.caKey)) {
                     throw PKIError(
@@ -80,7 +81,7 @@ extension PKICommand {
         func run() throws {
             try reportingErrors {
                 let sans = try ServerSANs(ips: ips, dnsNames: dnsNames)
-                guard days > 0 else { throw PKIError(.invalidDuration, "--days must be positive, got \(days)") }
+                guard days > 0 else { throw ConfigurationError("--days must be positive, got \(days)") }
                 let paths = pki.paths
                 let ca = try CertificateAuthority.load(from: paths)
                 let issued = try ca.issueServerCertificate(sans: sans, validity: Double(days) * 86400)
@@ -115,9 +116,9 @@ extension PKICommand {
         func run() throws {
             try reportingErrors {
                 guard !name.isEmpty, !name.contains("/"), !name.hasPrefix("."), name != ".." else {
-                    throw PKIError(.invalidArgument, "invalid client name \"\(name)\": it names the output files")
+                    throw ConfigurationError("invalid client name \"\(name)\": it names the output files")
                 }
-                guard days > 0 else { throw PKIError(.invalidDuration, "--days must be positive, got \(days)") }
+                guard days > 0 else { throw ConfigurationError("--days must be positive, got \(days)") }
                 let paths = pki.paths
                 let ca = try CertificateAuthority.load(from: paths)
                 let issued = try ca.issueClientCertificate(

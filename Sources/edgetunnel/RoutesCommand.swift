@@ -23,7 +23,7 @@ struct RoutesCommand: AsyncParsableCommand {
 
         func agents() async throws -> [AgentInfo] {
             guard IPAddress(tunnelAddress) != nil else {
-                throw PKIError(.invalidArgument, "invalid --tunnel-address \"\(tunnelAddress)\": expected an IP address")
+                throw ConfigurationError("invalid --tunnel-address \"\(tunnelAddress)\": expected an IP address")
             }
             return try await AgentList.fetch(server: server).agents
         }
@@ -61,7 +61,7 @@ struct RoutesCommand: AsyncParsableCommand {
         func run() async throws {
             do {
                 guard chain.range(of: #"^[A-Za-z0-9_-]{1,28}$"#, options: .regularExpression) != nil else {
-                    throw PKIError(.invalidArgument, "invalid --chain \"\(chain)\": 1-28 letters, digits, '-' or '_'")
+                    throw ConfigurationError("invalid --chain \"\(chain)\": 1-28 letters, digits, '-' or '_'")
                 }
                 let agents = try await source.agents()
                 let target = source.tunnelAddress
@@ -94,26 +94,26 @@ enum AgentList {
         guard let url = URL(string: server.hasSuffix("/") ? server + "v1/agents" : server + "/v1/agents"),
             url.scheme == "http" || url.scheme == "https"
         else {
-            throw PKIError(.invalidArgument, "invalid --server \"\(server)\": expected http://HOST:PORT")
+            throw ConfigurationError("invalid --server \"\(server)\": expected http://HOST:PORT")
         }
         let data: Data
         do {
             let (body, response) = try await URLSession.shared.data(from: url)
             guard let http = response as? HTTPURLResponse, http.statusCode == 200 else {
-                throw PKIError(.invalidArgument, "\(url) answered \((response as? HTTPURLResponse)?.statusCode ?? 0)")
+                throw ConfigurationError("\(url) answered \((response as? HTTPURLResponse)?.statusCode ?? 0)")
             }
             data = body
         } catch let error as PKIError {
             throw error
         } catch {
-            throw PKIError(.invalidArgument, "cannot reach \(url): \(error.localizedDescription)")
+            throw ConfigurationError("cannot reach \(url): \(error.localizedDescription)")
         }
         let decoder = JSONDecoder()
         decoder.dateDecodingStrategy = .iso8601
         do {
             return try decoder.decode(Body.self, from: data)
         } catch {
-            throw PKIError(.invalidArgument, "\(url) did not return an agent list")
+            throw ConfigurationError("\(url) did not return an agent list")
         }
     }
 }

@@ -1,6 +1,7 @@
 import Logging
 import Testing
 import TunnelPKI
+import TunnelSupport
 
 @testable import TunnelAgent
 
@@ -42,8 +43,8 @@ import TunnelPKI
     @Test(arguments: ["10.0.0.1", "10.0.0.1:", "10.0.0.1:0", "10.0.0.1:70000", "10.0.0.0/33:80", "10.0.0.1:90-80",
                       "[fd00::1:80", "bad_host:80", "10.0.0.1:http"])
     func malformedRulesAreNamed(_ text: String) {
-        let error = #expect(throws: PKIError.self) { try AllowList.Rule(parsing: text) }
-        #expect(error?.message.contains("\"\(text)\"") == true)
+        let error = #expect(throws: ConfigurationError.self) { try AllowList.Rule(parsing: text) }
+        #expect(error?.description.contains("\"\(text)\"") == true)
     }
 
     @Test func rulesPrintAsTheyParse() throws {
@@ -58,7 +59,7 @@ import TunnelPKI
         #expect(try ServerAddress(parsing: "[fd00::1]:10262").host == "fd00::1")
         #expect(try ServerAddress(parsing: "10.0.0.5:10262").isIP)
         for bad in ["tunnel", "tunnel:", ":10262", "tunnel:99999", "bad host:1"] {
-            #expect(throws: PKIError.self) { try ServerAddress(parsing: bad) }
+            #expect(throws: ConfigurationError.self) { try ServerAddress(parsing: bad) }
         }
     }
 }
