@@ -42,3 +42,14 @@ def test_the_cli_refuses_a_bad_join_state_namespace_before_any_request(edgetunne
     for command in (["token", "create"], ["token", "list"], ["node", "list"], ["node", "revoke", "edge-1"]):
         result = edgetunnel(*command, "--join-state-namespace", "Bad_NS", check=False)
         assert_one_line_error(result, "--join-state-namespace", "Bad_NS")
+
+
+@pytest.mark.parametrize("command,needles", [
+    (["routes", "dns", "--tunnel-address", "nope"], ["--tunnel-address", "nope"]),
+    (["routes", "iptables", "--tunnel-address", "10.0.0.300"], ["--tunnel-address", "10.0.0.300"]),
+    (["status", "--server", "nope"], ["--server", "nope"]),
+    (["forward", "--server", "127.0.0.1", "--to", "edge-1:10250"], ["--server", "127.0.0.1"]),
+    (["forward", "--server", "unix:/tmp/x.sock", "--to", "edge-1"], ["--to", "edge-1"]),
+])
+def test_the_clients_refuse_a_bad_address_in_one_line(edgetunnel, command, needles):
+    assert_one_line_error(edgetunnel(*command, check=False), "edgetunnel: error:", *needles)

@@ -2,6 +2,7 @@ import ArgumentParser
 import EdgePlan
 import Foundation
 import TunnelPKI
+import TunnelSupport
 import Yams
 
 /// Bad input to the plan tools: one line on stderr and exit code 2.
@@ -48,6 +49,8 @@ struct PlanCommand: ParsableCommand {
             throw failUsage(error.description)
         } catch let error as PKIError {
             throw failUsage(error.message)
+        } catch let error as ConfigurationError {
+            throw failUsage(error.description)
         }
         switch output {
         case .json: try printJSON(plan)
@@ -159,6 +162,8 @@ struct ManifestsCommand: ParsableCommand {
             throw failUsage(error.description)
         } catch let error as PKIError {
             throw failUsage(error.message)
+        } catch let error as ConfigurationError {
+            throw failUsage(error.description)
         }
     }
 }
@@ -208,6 +213,8 @@ struct DoctorCommand: AsyncParsableCommand {
             throw failUsage(error.description)
         } catch let error as PKIError {
             throw failUsage(error.message)
+        } catch let error as ConfigurationError {
+            throw failUsage(error.description)
         }
         switch output {
         case .json:
@@ -267,6 +274,8 @@ struct ProbeCommand: ParsableCommand {
                 throw failUsage(error.description)
             } catch let error as PKIError {
                 throw failUsage(error.message)
+            } catch let error as ConfigurationError {
+                throw failUsage(error.description)
             }
         }
     }

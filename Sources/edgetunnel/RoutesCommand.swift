@@ -44,6 +44,9 @@ struct RoutesCommand: AsyncParsableCommand {
             } catch let error as PKIError {
                 printError(error.message)
                 throw ExitCode.failure
+            } catch let error as ConfigurationError {
+                printError(error.description)
+                throw ExitCode.failure
             }
         }
     }
@@ -78,6 +81,9 @@ struct RoutesCommand: AsyncParsableCommand {
             } catch let error as PKIError {
                 printError(error.message)
                 throw ExitCode.failure
+            } catch let error as ConfigurationError {
+                printError(error.description)
+                throw ExitCode.failure
             }
         }
     }
@@ -104,6 +110,8 @@ enum AgentList {
             }
             data = body
         } catch let error as PKIError {
+            throw error
+        } catch let error as ConfigurationError {
             throw error
         } catch {
             throw ConfigurationError("cannot reach \(url): \(error.localizedDescription)")

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import TunnelPKI
+import TunnelSupport
 
 #if canImport(FoundationNetworking)
 import FoundationNetworking
@@ -38,6 +39,9 @@ struct StatusCommand: AsyncParsableCommand {
             print(TextTable.render(table))
         } catch let error as PKIError {
             printError(error.message)
+            throw ExitCode.failure
+        } catch let error as ConfigurationError {
+            printError(error.description)
             throw ExitCode.failure
         }
     }
