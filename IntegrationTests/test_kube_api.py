@@ -142,12 +142,19 @@ def test_the_certificate_follows_the_service_from_loadbalancer_to_clusterip(lab)
         "metadata": {"name": "x-tunnel-server-svc", "namespace": "kube-system", "labels": {"name": "edge-tunnel-server"}},
         "spec": {"type": "LoadBalancer", "clusterIP": "127.0.0.6", "clusterIPs": ["127.0.0.6"]},
         "status": {"loadBalancer": {"ingress": [{"ip": "127.0.0.5"}]}}})
-    server = lab.start_server(0, "--address-service", "kube-system/x-tunnel-server-svc", bind="0.0.0.0")
+    # The callers' Service (only replicas that hold every node): its address is named too.
+    lab.api("POST", "/api/v1/namespaces/kube-system/services", {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "x-tunnel-server-internal-svc", "namespace": "kube-system"},
+        "spec": {"type": "ClusterIP", "clusterIP": "127.0.0.8", "clusterIPs": ["127.0.0.8"]}})
+    server = lab.start_server(0, "--address-service", "kube-system/x-tunnel-server-svc,kube-system/x-tunnel-server-internal-svc",
+                              bind="0.0.0.0")
 
     def certificate_ips():
         return set(json.loads(http_get(server.meta + "/v1/server")[1])["certificateIPs"])
 
-    wait_until(lambda: {"127.0.0.5", "127.0.0.6"} <= certificate_ips(), 15, "the LoadBalancer's addresses in the certificate")
+    wait_until(lambda: {"127.0.0.5", "127.0.0.6", "127.0.0.8"} <= certificate_ips(), 15,
+               "the addresses of both Services in the certificate")
     token = run(BIN / "edgetunnel", "token", "create", "--pki-dir", lab.pki).stdout.strip()
     ca_hash = run(BIN / "edgetunnel", "pki", "ca-hash", "--pki-dir", lab.pki).stdout.strip()
 
@@ -166,7 +173,9 @@ def test_the_certificate_follows_the_service_from_loadbalancer_to_clusterip(lab)
         "status": {"loadBalancer": {"ingress": None}}})
     wait_until(lambda: "127.0.0.7" in certificate_ips() and "127.0.0.5" not in certificate_ips(), 15,
                "the certificate to follow the patched Service")
+    assert "127.0.0.8" in certificate_ips()  # the other Service's address stays
     agent("edge-2", "127.0.0.7")
+    agent("edge-3", "127.0.0.8")
     assert server.popen.pid == pid and server.alive()
 
 

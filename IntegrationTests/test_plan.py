@@ -96,7 +96,7 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
         docs = [d for d in yaml.safe_load_all(out.read_text()) if d]
         kinds = sorted(d["kind"] for d in docs)
         assert kinds == sorted(["ServiceAccount", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service",
-                                "Service", "Deployment", "PodDisruptionBudget", "DaemonSet", "ClusterRole",
+                                "Service", "Service", "Deployment", "PodDisruptionBudget", "DaemonSet", "ClusterRole",
                                 "ClusterRoleBinding", "Namespace", "Role", "RoleBinding"])
         svc = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "x-tunnel-server-svc")
         assert svc["metadata"]["namespace"] == "kube-system"
@@ -104,16 +104,23 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
         assert svc["spec"]["type"] == service_type
         assert svc["spec"]["selector"] == {"k8s-app": "edge-tunnel-server"}
         assert svc["spec"]["sessionAffinity"] == "None"
+        # Agents reach a replica before it is ready (it is ready once they all hold tunnels to it) ...
+        assert svc["spec"]["publishNotReadyAddresses"] is True
         assert svc["spec"]["ports"] == [
             {"name": "https", "port": 10263, "protocol": "TCP", "targetPort": 10263},
             {"name": "tcp", "port": 10262, "protocol": "TCP", "targetPort": 10262}]
-        headless = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] != "x-tunnel-server-svc")
+        headless = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "x-tunnel-server-headless")
         assert headless["spec"]["clusterIP"] == "None"
+        # ... and callers use a Service of ready replicas only: none answers 502 for a node not attached to it yet.
+        callers = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "x-tunnel-server-internal-svc")
+        assert callers["spec"]["type"] == "ClusterIP" and "publishNotReadyAddresses" not in callers["spec"]
+        assert callers["spec"]["selector"] == {"k8s-app": "edge-tunnel-server"}
+        assert callers["spec"]["ports"] == [{"name": "https", "port": 10263, "protocol": "TCP", "targetPort": 10263}]
         deployment = next(d for d in docs if d["kind"] == "Deployment")
         assert deployment["spec"]["replicas"] == 3
         probe = deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
-        # The document's Service carries the agents too: readiness must not wait for them (see test_replicas.py).
-        assert probe["httpGet"] == {"path": "/readyz/listeners", "port": 10265}
+        # Ready once every joined node holds a tunnel to the replica (see test_replicas.py).
+        assert probe["httpGet"] == {"path": "/readyz", "port": 10265}
         pdb = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
         assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": {"k8s-app": "edge-tunnel-server"}}}
         spread = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
@@ -125,7 +132,8 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
         assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
                                   "verbs": ["get", "list", "watch", "create", "update", "delete"]},
                                  {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch"]}]
-        assert "addressService: kube-system/x-tunnel-server-svc" in config.splitlines(), config
+        assert ("addressService: kube-system/x-tunnel-server-svc,kube-system/x-tunnel-server-internal-svc"
+                in config.splitlines()), config
         assert "checkNodeObjects: true" in config.splitlines(), config
         cluster_role = next(d for d in docs if d["kind"] == "ClusterRole")
         assert cluster_role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]

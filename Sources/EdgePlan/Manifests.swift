@@ -54,7 +54,7 @@ public enum Manifests {
         var serverConfig = "pkiDir: /var/lib/edge-tunnel-server/\(o.joinStateClaim == nil ? "state" : "pki")\n"
             + "caDir: /etc/edge-tunnel/ca\nstateDir: /var/lib/edge-tunnel-server/state\n"
             + "serverCount: \(o.replicas)\nleaseNamespace: \(ns)\n"
-            + "addressService: \(ns)/x-tunnel-server-svc\ncheckNodeObjects: true\n"
+            + "addressService: \(ns)/x-tunnel-server-svc,\(ns)/x-tunnel-server-internal-svc\ncheckNodeObjects: true\n"
         if o.joinStateClaim == nil { serverConfig += "joinStateNamespace: \(o.joinStateNamespace)\n" }
         if !o.certIPs.isEmpty { serverConfig += "certIPs: [\(o.certIPs.joined(separator: ", "))]\n" }
         if !o.certDNSNames.isEmpty { serverConfig += "certDNSNames: [\(o.certDNSNames.joined(separator: ", "))]\n" }
@@ -119,6 +119,19 @@ public enum Manifests {
                     map([("name", s("tcp")), ("port", n(10262)), ("protocol", s("TCP")), ("targetPort", n(10262))]),
                 ])),
                 ("sessionAffinity", s("None")),
+                // Agents must reach a replica before it is ready: it becomes ready once they hold tunnels to it.
+                ("publishNotReadyAddresses", b(true)),
+            ])),
+        ])
+        // The callers' Service: only ready replicas, i.e. those that hold a tunnel from every joined node, so a
+        // rolling update or a restarted replica never answers a caller 502 for a node that has not attached yet.
+        let callers = object("v1", "Service", "x-tunnel-server-internal-svc", ns, labels: serverLabels, extra: [
+            ("spec", map([
+                ("type", s("ClusterIP")),
+                ("selector", serverLabels),
+                ("ports", seq([
+                    map([("name", s("https")), ("port", n(10263)), ("protocol", s("TCP")), ("targetPort", n(10263))]),
+                ])),
             ])),
         ])
         let headless = object("v1", "Service", "x-tunnel-server-headless", ns, labels: serverLabels, extra: [
@@ -165,10 +178,9 @@ public enum Manifests {
                 map([("name", s("https")), ("containerPort", n(10263)), ("protocol", s("TCP"))]),
                 map([("name", s("meta")), ("containerPort", n(10265)), ("protocol", s("TCP"))]),
             ])),
-            // The document's Service carries the agents too, and agents must reach a replica before it holds their
-            // tunnels: its readiness is the listeners'. (`/readyz` also waits for every joined node; a callers-only
-            // Service selecting on it needs the server to label its own pod, which the Kubernetes client will do.)
-            ("readinessProbe", map([("httpGet", map([("path", s("/readyz/listeners")), ("port", n(10265))])), ("periodSeconds", n(5))])),
+            // Ready once every joined node holds a tunnel to this replica (at most replicaWarmup): the callers'
+            // Service then sends it requests; the agents' Service publishes it before that.
+            ("readinessProbe", map([("httpGet", map([("path", s("/readyz")), ("port", n(10265))])), ("periodSeconds", n(5))])),
             ("livenessProbe", map([("httpGet", map([("path", s("/healthz")), ("port", n(10265))])), ("periodSeconds", n(10)), ("failureThreshold", n(3))])),
             ("resources", map([
                 ("requests", map([("cpu", s("100m")), ("memory", s("64Mi"))])),
@@ -278,7 +290,7 @@ public enum Manifests {
             ])),
         ])
         var objects = joinStateObjects + [serviceAccountServer, serviceAccountAgent, role, binding, clusterRole, clusterBinding,
-                                          configMap, service, headless] + joinStateClaim + [deployment, disruptionBudget, daemonSet]
+                                          configMap, service, callers, headless] + joinStateClaim + [deployment, disruptionBudget, daemonSet]
         if let ca = o.caFiles {
             objects.insert(object("v1", "Secret", o.caSecret, ns, labels: serverLabels, extra: [
                 ("type", s("Opaque")),

@@ -55,7 +55,7 @@ public struct ServerConfiguration: Sendable {
     public var leaseLabel = "k8s-app=edge-tunnel-server"
     /// `namespace/name` of the Service the server is reached through: its addresses (ClusterIP, LoadBalancer
     /// ingress, externalIPs) are added to the serving certificate's SANs live. Nil: only `certIPs`/`certDNSNames`.
-    public var addressService: String?
+    public var addressServices: [String] = []
     /// Agents register only as existing Node objects and claim only addresses their Node reports; a deleted
     /// Node's tunnel closes (`--node-objects`).
     public var checkNodeObjects = false

@@ -33,7 +33,7 @@ public final class TunnelServer: @unchecked Sendable {
     var gates: [ConnectionGate] = []
     /// The certificate's addresses from the configuration, and from the Service (``setServiceAddresses``).
     private var configuredAddresses: (ips: [String], dnsNames: [String])
-    private var serviceAddresses: (ips: [String], dnsNames: [String]) = ([], [])
+    private var serviceAddresses: [String: (ips: [String], dnsNames: [String])] = [:]
 
     /// Loads the CA and prepares the serving certificate; throws a one-line error naming what is wrong.
     public init(configuration: ServerConfiguration, logger: Logger, group: EventLoopGroup? = nil) throws {
@@ -60,20 +60,23 @@ public final class TunnelServer: @unchecked Sendable {
         try applyAddresses()
     }
 
-    /// The addresses of the Service the server is reached through (``ServerConfiguration/addressService``),
-    /// named by the certificate besides the configured ones; re-issued when they change, without a restart.
-    public func setServiceAddresses(ips: [String], dnsNames: [String]) throws {
-        lock.withLock { serviceAddresses = (ips, dnsNames) }
+    /// The addresses of `service`, one of the Services the server is reached through
+    /// (``ServerConfiguration/addressServices``), named by the certificate besides the configured ones and those
+    /// of the other Services; re-issued when they change, without a restart.
+    public func setServiceAddresses(_ service: String, ips: [String], dnsNames: [String]) throws {
+        lock.withLock { serviceAddresses[service] = (ips, dnsNames) }
         try applyAddresses()
     }
 
     private func applyAddresses() throws {
-        let (configured, service) = lock.withLock { (configuredAddresses, serviceAddresses) }
+        let (configured, services) = lock.withLock { (configuredAddresses, serviceAddresses) }
+        let named = services.keys.sorted().compactMap { services[$0] }
         func union(_ a: [String], _ b: [String]) -> [String] {
             var seen = Set<String>()
             return (a + b).filter { seen.insert($0).inserted }
         }
-        let sans = try ServerSANs(ips: union(configured.ips, service.ips), dnsNames: union(configured.dnsNames, service.dnsNames))
+        let sans = try ServerSANs(
+            ips: union(configured.ips, named.flatMap(\.ips)), dnsNames: union(configured.dnsNames, named.flatMap(\.dnsNames)))
         try core.refreshServingCertificate(sans: sans)
     }
 

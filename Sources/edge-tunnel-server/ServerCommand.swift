@@ -73,8 +73,8 @@ struct ServerCommand: AsyncParsableCommand {
     var leaseLabel: String?
     @Option(
         name: .customLong("address-service"),
-        help: "NAMESPACE/NAME of the Service the server is reached through: its addresses join the certificate's SANs, live.")
-    var addressService: String?
+        help: "NAMESPACE/NAME of a Service the server is reached through (repeatable, or comma-separated): its addresses join the certificate's SANs, live.")
+    var addressService: [String] = []
     @Flag(
         name: .customLong("node-objects"),
         help: "Agents register only as existing Node objects, claiming only their Node's addresses; a deleted Node's tunnel closes.")
@@ -145,7 +145,7 @@ struct ServerCommand: AsyncParsableCommand {
             if configuration.checkNodeObjects {
                 services.append(try NodeObjectsService(configuration: configuration, server: server, logger: logger))
             }
-            if let service = configuration.addressService {
+            for service in configuration.addressServices {
                 services.append(try ServiceAddressService(configuration: configuration, service: service, server: server, logger: logger))
             }
         } catch {
@@ -207,11 +207,12 @@ struct ServerCommand: AsyncParsableCommand {
             }
             configuration.joinStateNamespace = namespace
         }
-        if let service = addressService ?? file.addressService {
+        let services = splitList(addressService)
+        for service in services.isEmpty ? splitList(file.addressService.map { [$0] } ?? []) : services {
             let parts = service.split(separator: "/", omittingEmptySubsequences: false)
             guard parts.count == 2, parts.allSatisfy({ !$0.isEmpty && $0.allSatisfy { $0.isLowercase || $0.isNumber || $0 == "-" || $0 == "." } })
             else { throw ConfigurationError("invalid --address-service \"\(service)\": must be namespace/name") }
-            configuration.addressService = service
+            if !configuration.addressServices.contains(service) { configuration.addressServices.append(service) }
         }
         if let label = leaseLabel ?? file.leaseLabel {
             let parts = label.split(separator: "=", omittingEmptySubsequences: false)

@@ -72,10 +72,12 @@ struct ReplicaLeaseService: Service {
 /// The Service's addresses, followed live into the serving certificate's SANs (with the configured ones).
 struct ServiceAddressService: Service {
     let addresses: ServiceAddresses
+    let service: String
     let server: TunnelServer
     let logger: Logger
 
     init(configuration: ServerConfiguration, service: String, server: TunnelServer, logger: Logger) throws {
+        self.service = service
         let parts = service.split(separator: "/")
         addresses = ServiceAddresses(
             client: try KubeClient.forServer(configuration), namespace: String(parts[0]), name: String(parts[1]), logger: logger)
@@ -84,14 +86,14 @@ struct ServiceAddressService: Service {
     }
 
     func run() async throws {
-        let (addresses, server, logger) = (addresses, server, logger)
+        let (addresses, service, server, logger) = (addresses, service, server, logger)
         await cancelWhenGracefulShutdown {
             await addresses.run { ips, names in
                 do {
-                    try server.setServiceAddresses(ips: ips, dnsNames: names)
-                    logger.info("the Service's addresses: \((ips + names).joined(separator: ", "))")
+                    try server.setServiceAddresses(service, ips: ips, dnsNames: names)
+                    logger.info("the addresses of Service \(service): \((ips + names).joined(separator: ", "))")
                 } catch {
-                    logger.error("the Service's addresses cannot go into the certificate: \(error)")
+                    logger.error("the addresses of Service \(service) cannot go into the certificate: \(error)")
                 }
             }
         }
