@@ -130,6 +130,36 @@ def hello(node, ips=()):
     return frame(1, 0, json.dumps({"version": 2, "nodeName": node, "nodeIPs": list(ips), "capabilities": []}).encode())
 
 
+def test_a_tunnel_that_never_registers_or_goes_silent_is_closed(lab):
+    """Keepalive as the server applies it, played by a peer with a real agent certificate: a tunnel that never
+    says HELLO is closed after one keepalive interval (5 s); a registered tunnel that goes quiet is PINGed, and
+    one that stays silent for the keepalive timeout (20 s) is closed and its node unregistered."""
+    started = time.monotonic()
+    with attacker_tunnel(lab) as tls:
+        tls.settimeout(15)
+        assert tls.recv(1) == b""  # closed by the server, no frame
+    assert 3 <= time.monotonic() - started <= 12, time.monotonic() - started
+    lab.server.expect_log("did not register within 5s", timeout=5)
+
+    with attacker_tunnel(lab) as tls:
+        tls.sendall(hello("edge-1"))
+        tls.settimeout(10)
+        assert read_frame(tls)[0] == 2  # HELLO_OK
+        quiet_since = time.monotonic()
+        assert read_frame(tls)[0] == 10  # the server PINGs a quiet tunnel ...
+        assert time.monotonic() - quiet_since <= 11
+        wait_until(lambda: "edge-1" in http_get(f"http://127.0.0.1:{lab.ports['meta']}/v1/agents")[1], 5, "edge-1 registered")
+        tls.settimeout(30)  # ... and, never answered, closes it after 20 s of silence
+        try:
+            while read_frame(tls)[0] == 10:
+                pass
+        except (ConnectionError, OSError):
+            pass
+        assert 18 <= time.monotonic() - quiet_since <= 30, time.monotonic() - quiet_since
+    lab.server.expect_log("agent silent for 20s, closing its tunnel", timeout=5)
+    wait_until(lambda: "edge-1" not in http_get(f"http://127.0.0.1:{lab.ports['meta']}/v1/agents")[1], 5, "edge-1 gone")
+
+
 def test_an_echoed_oversize_node_name_does_not_stop_the_server(lab):
     """HELLO and JOIN with node names of 15,000 slashes (JSON escaping doubles them) and of 140,000: the server
     answers with a bounded reason or closes that connection, and keeps serving everyone."""

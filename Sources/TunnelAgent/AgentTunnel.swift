@@ -95,22 +95,22 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
             mux.eventLoop.execute { self.startKeepalive() }
             return
         }
-        let interval = agent.configuration.keepaliveInterval
         let deadAfter = agent.configuration.keepaliveTimeout
-        var lastPing = NIODeadline.now()
+        var rule = Keepalive(interval: agent.configuration.keepaliveInterval, deadAfter: deadAfter, pingOnlyWhenQuiet: false)
         keepalive = mux.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [weak self] _ in
             guard let self else { return }
-            let now = NIODeadline.now()
-            if now - self.mux.lastFrameReceived > deadAfter {
+            switch rule.check(now: .now(), lastFrame: self.mux.lastFrameReceived) {
+            case .dead:
                 self.agent.logger.warning("no answer from server \(self.address) for \(deadAfter.nanoseconds / 1_000_000_000)s: tunnel is dead")
                 self.keepalive?.cancel()
                 // Move on at once: closing a dead TLS connection waits for a close_notify that never comes.
                 self.declaredDead = true
                 self.markUnusable()
                 self.channel?.close(promise: nil)
-            } else if now - lastPing >= interval {
-                lastPing = now
+            case .ping:
                 self.mux.ping()
+            case .nothing:
+                break
             }
         }
     }

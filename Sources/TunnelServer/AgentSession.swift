@@ -64,19 +64,18 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         server.registry.track(self)
         let interval = server.configuration.keepaliveInterval
         let deadAfter = server.configuration.keepaliveTimeout
-        // A connection that never says HELLO, or goes silent, is closed. Only a quiet tunnel is pinged: an
-        // agent PINGs more often than this on its own, and answering it already proves the path both ways
-        // (with 10,000 agents, a PING of ours on top would be 2,000 more TLS records a second each way).
+        // A connection that never says HELLO, or goes silent, is closed; only a quiet tunnel is pinged.
+        var rule = Keepalive(interval: interval, deadAfter: deadAfter, pingOnlyWhenQuiet: true)
         keepalive = channel.eventLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { [weak self] _ in
             guard let self else { return }
-            let quiet = NIODeadline.now() - self.mux.lastFrameReceived
-            if quiet > deadAfter {
+            let action = rule.check(now: .now(), lastFrame: self.mux.lastFrameReceived)
+            if action == .dead {
                 self.logger.warning("agent silent for \(deadAfter.seconds)s, closing its tunnel")
                 self.channel.close(promise: nil)
             } else if case .awaitingHello = self.state {
                 self.logger.warning("agent did not register within \(interval.seconds)s, closing")
                 self.channel.close(promise: nil)
-            } else if quiet >= interval {
+            } else if action == .ping {
                 self.mux.ping()
             }
         }
