@@ -114,6 +114,32 @@ def test_the_replica_count_follows_the_leases(lab):
     assert any(line.startswith("DELETE ") and "edge-tunnel-server-r2" in line for line in lab.requests())
 
 
+def test_a_config_reload_does_not_override_the_lease_count(lab):
+    """With Leases, the config file's serverCount only stands in until the first list: a reload (SIGHUP, or an
+    edited ConfigMap) keeps the count the Leases say."""
+    config = lab.tmp / "server.yaml"
+    config.write_text("serverCount: 5\n")
+    server = lab.start_server(0, "--lease-namespace", "kube-system", "--config", config)
+    wait_until(lambda: lab.replicas(0) == 1, 20, "the count from the one Lease")
+    config.write_text("serverCount: 5\ncertDNSNames: [reloaded.example]\n")
+    server.send_signal(signal.SIGHUP)
+    server.expect_log("configuration applied", timeout=10)
+    time.sleep(1)
+    assert lab.replicas(0) == 1
+
+
+def test_readiness_waits_for_the_address_services(lab):
+    """Until the addresses of every --address-service are listed, the certificate may lack the one a caller
+    dials: the replica is not ready (both paths) and says which Service it waits for."""
+    (lab.kube / "deny").touch()
+    server = lab.start_server(0, "--address-service", "kube-system/x-tunnel-server-internal-svc")
+    for path in ("/readyz", "/readyz/listeners"):
+        status, body = http_get(server.meta + path)
+        assert status == 503 and "Service kube-system/x-tunnel-server-internal-svc" in body, (status, body)
+    (lab.kube / "deny").unlink()
+    wait_until(lambda: http_get(server.meta + "/readyz")[0] == 200, 40, "ready once the Service is listed")
+
+
 def test_a_rotated_token_a_compacted_watch_and_rbac_refusals_are_handled(lab):
     """The token file is re-read for each request (projected tokens rotate); a watch whose version was
     compacted gets 410 and the client lists again; a 403 is logged with the API's own message."""

@@ -50,7 +50,8 @@ public final class ConfigReloader: @unchecked Sendable {
                 logger.warning("\(reason): ports, bind address, PKI, CA and state folders, join state and client CA change only with a restart; applying the addresses")
             }
             try server.updateAddresses(certIPs: next.certIPs, certDNSNames: next.certDNSNames)
-            server.setServerCount(next.serverCount)
+            // With Leases the count is theirs: the file's serverCount only stands in until the first list.
+            if next.leaseNamespace == nil { server.setServerCount(next.serverCount) }
             applied = next
             logger.info("\(reason): configuration applied", metadata: [
                 "certIPs": "\(next.certIPs.joined(separator: ","))", "certDNSNames": "\(next.certDNSNames.joined(separator: ","))",

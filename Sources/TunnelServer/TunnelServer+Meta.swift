@@ -33,6 +33,9 @@ extension TunnelServer {
             guard core.identities.isLoaded else {
                 return .text(.serviceUnavailable, "the join state (tokens, node records) has not been listed yet")
             }
+            if let service = unlistedAddressService {
+                return .text(.serviceUnavailable, "the addresses of Service \(service) have not been listed yet")
+            }
             // `/readyz/listeners` is for a Service that agents use too: agents must reach an unready replica.
             if path == "/readyz", let missing = replicaWarmingUp() { return .text(.serviceUnavailable, missing) }
             return .text(.ok, "ok")

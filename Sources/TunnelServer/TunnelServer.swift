@@ -68,6 +68,12 @@ public final class TunnelServer: @unchecked Sendable {
         try applyAddresses()
     }
 
+    /// A Service of ``ServerConfiguration/addressServices`` whose addresses are not known yet: until they are,
+    /// the certificate may not name the address a caller dials.
+    var unlistedAddressService: String? {
+        lock.withLock { configuration.addressServices.first { serviceAddresses[$0] == nil } }
+    }
+
     private func applyAddresses() throws {
         let (configured, services) = lock.withLock { (configuredAddresses, serviceAddresses) }
         let named = services.keys.sorted().compactMap { services[$0] }
