@@ -1,6 +1,7 @@
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
+import TunnelWire
 
 /// The agent's tunnels to the other server replicas (konnectivity's model): the server address is a Service
 /// that balances over the replicas, and each replica can reach only the nodes that hold a tunnel to it, so the
@@ -56,7 +57,9 @@ final class ReplicaTunnels: @unchecked Sendable {
             let count = max(1, min(count, 1000))
             guard count != serverCount else { return false }
             serverCount = count
-            notBefore = .uptimeNanoseconds(0)  // a new count: dial now, with the backoff started afresh
+            // A new count: the backoff starts afresh, after a random moment up to the spread (a replica's Lease
+            // reaches every agent of the fleet in the same second; they must not all probe in it).
+            notBefore = NIODeadline.now() + .nanoseconds(Int64.random(in: 0...Self.lostReplicaSpread.nanoseconds))
             duplicates = 0
             return true
         }
@@ -156,6 +159,7 @@ final class ReplicaTunnels: @unchecked Sendable {
     /// nothing: full jitter up to 250 ms × 2^n, at most 10 s.
     static func wait(afterDuplicates duplicates: Int, pace: Int64?) -> TimeAmount {
         if let pace {
+            let pace = min(max(pace, ReplicaProbe.paceRange.lowerBound), ReplicaProbe.paceRange.upperBound)
             return .milliseconds(Int64.random(in: pace / 2...pace + pace / 2))
         }
         let ceiling = min(Int64(10_000_000_000), Int64(250_000_000) << Int64(min(max(duplicates, 0), 6)))

@@ -67,7 +67,7 @@ final class TunnelServerCore: @unchecked Sendable {
     /// spreads the probes over the replicas: the agents held here over (``ServerConfiguration/replicaProbeRate``
     /// × replicas) keeps each replica near that rate.
     var replicaProbePace: TimeAmount {
-        let seconds = Double(registry.count) / Double(max(1, configuration.replicaProbeRate) * max(1, serverCount))
+        let seconds = Double(registry.count) / (Double(max(1, configuration.replicaProbeRate)) * Double(max(1, serverCount)))
         return .milliseconds(Int64(min(max(seconds, 1), 300) * 1000))
     }
 

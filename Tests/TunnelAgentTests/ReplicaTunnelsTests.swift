@@ -23,4 +23,12 @@ import Testing
         #expect(later.allSatisfy { (0...10_000_000_000).contains($0) })
         #expect(later.max()! > 5_000_000_000)
     }
+
+    @Test func aPaceOutsideTheBoundsIsClampedHereToo() {
+        // The parser clamps already; the wait must not trap (Int64.random on an empty range) if it ever gets one.
+        for pace: Int64 in [-5, 0, 1, .max / 2, .max] {
+            let wait = ReplicaTunnels.wait(afterDuplicates: 1, pace: pace).nanoseconds / 1_000_000
+            #expect(wait >= 125 && wait <= 450_000, "\(pace)")
+        }
+    }
 }
