@@ -44,7 +44,7 @@ public enum Doctor {
         } catch {
             return CheckResult(name, .fail, "\(error)", fix: "give the tunnel CA with --ca-file")
         }
-        guard let target = splitHostPort(address) else {
+        guard let target = HostPort(authority: address) else {
             return CheckResult(name, .fail, "\"\(address)\" is not HOST:PORT", fix: "give --server-address as HOST:PORT")
         }
         let leaf: Certificate
@@ -84,13 +84,6 @@ public enum Doctor {
                 fix: "add \(target.host) to the server's \(key) in its config file: EdgeTunnel issues its certificate for the new address set itself, no files to delete")
         }
         return CheckResult(name, .pass, "certificate chains to the CA, is valid until \(Timestamps.iso8601(leaf.notValidAfter)) and covers \(target.host)")
-    }
-
-    /// `HOST:PORT` split, IPv6 in brackets; `nil` when malformed.
-    public static func hostPort(_ text: String) -> (host: String, port: Int)? { splitHostPort(text) }
-
-    static func splitHostPort(_ text: String) -> (host: String, port: Int)? {
-        HostPort(authority: text).map { ($0.host, $0.port) }
     }
 
     static func fetchLeaf(host: String, port: Int, timeout: TimeAmount) async throws -> Certificate {

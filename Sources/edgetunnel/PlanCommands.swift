@@ -122,7 +122,7 @@ struct ManifestsCommand: ParsableCommand {
             options.namespace = namespace
             guard (1...100).contains(replicas) else { throw PlanError("--replicas must be 1-100, got \(replicas)") }
             options.replicas = replicas
-            for address in serverAddresses where Doctor.hostPort(address) == nil {
+            for address in serverAddresses where HostPort(authority: address) == nil {
                 throw PlanError("invalid --server-address \"\(address)\": expected HOST:PORT")
             }
             options.serverAddresses = serverAddresses
