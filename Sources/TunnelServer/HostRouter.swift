@@ -1,17 +1,10 @@
 import Logging
 import NIOCore
 import NIOHTTP1
-import NIOPosix
-import NIOSSL
 import NIOTLS
 import TunnelPKI
 import TunnelSupport
 import TunnelWire
-import X509
-
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// The first handler on the secure port (TLS, after the TLS handler) and the insecure port (plain HTTP), behind
 /// NIOHTTP1's request decoder, which it adds in front of itself.
@@ -310,57 +303,14 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
         }
     }
 
-    /// HTTPS: TLS to the kubelet runs inside the stream. One end of a socket pair is glued to the stream,
-    /// the other carries the TLS client; once its handshake succeeded, the caller's decrypted bytes are
-    /// relayed into it. A failed handshake is answered with 502 before anything was forwarded.
+    /// HTTPS: TLS to the kubelet runs inside the stream (``KubeletTLSBridge``); once its handshake succeeded,
+    /// the caller's decrypted bytes are relayed into it. A failed handshake is answered with 502 before anything
+    /// was forwarded.
     private func relayTLS(
         _ context: ChannelHandlerContext, mux: TunnelMux, streamID: UInt32, node: String, destination: HostPort
     ) {
-        var fds: [Int32] = [-1, -1]
-        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0 else {
-            mux.cancelStream(streamID)
-            reject(context, 502, "cannot create a socket pair: \(String(cString: strerror(errno)))")
-            return
-        }
-        let loop = context.eventLoop
-        let kubeletTLS = server.kubeletClientContext
-        let handshake = loop.makePromise(of: Void.self)
-        let waiter = HandshakeWaiter(promise: handshake)
-        let streamSide = NIOPipeBootstrap(group: loop)
-            .channelOption(.allowRemoteHalfClosure, value: true)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(StreamGlue(mux: mux, streamID: streamID, eventLoop: channel.eventLoop))
-                }
-            }
-            .takingOwnershipOfDescriptor(inputOutput: fds[0])
-        let tlsSide = NIOPipeBootstrap(group: loop)
-            .channelOption(.allowRemoteHalfClosure, value: true)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
-                    let sni = IPAddress(destination.host) == nil ? destination.host : nil
-                    try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: kubeletTLS, serverHostname: sni))
-                    try channel.pipeline.syncOperations.addHandler(waiter)
-                }
-            }
-            .takingOwnershipOfDescriptor(inputOutput: fds[1])
-        let timer = loop.scheduleTask(in: server.configuration.dialTimeout) {
-            handshake.fail(HTTPErrorResponse.Failure(description: "TLS handshake timed out"))
-        }
-        let checkName = server.configuration.kubeletCAFile != nil
-        streamSide.and(tlsSide).flatMap { (streamChannel, tlsChannel) in
-            handshake.futureResult.flatMapThrowing { () throws -> (any Channel, any Channel) in
-                if checkName {
-                    try KubeletName.check(try tlsChannel.pipeline.syncOperations.nioSSL_peerCertificate(), for: destination)
-                }
-                return (streamChannel, tlsChannel)
-            }.flatMapErrorThrowing { error in
-                streamChannel.close(promise: nil)
-                tlsChannel.close(promise: nil)
-                throw error
-            }
-        }.whenComplete { result in
-            timer.cancel()
+        KubeletTLSBridge.open(mux: mux, streamID: streamID, destination: destination, server: server, on: context.eventLoop)
+        .whenComplete { result in
             switch result {
             case .failure(let error):
                 mux.cancelStream(streamID)
@@ -379,7 +329,6 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
                 }
                 do {
                     let (callerGlue, kubeletGlue) = RelayGlue.pair()
-                    tlsChannel.pipeline.syncOperations.removeHandler(waiter, promise: nil)
                     try tlsChannel.pipeline.syncOperations.addHandler(kubeletGlue)
                     let sync = context.pipeline.syncOperations
                     try sync.addHandler(callerGlue, position: .after(self))
