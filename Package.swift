@@ -198,7 +198,13 @@ let package = Package(
         .testTarget(name: "EdgePlanTests", dependencies: ["EdgePlan", "TunnelPKI"], swiftSettings: swift5),
         .testTarget(
             name: "TunnelSupportTests",
-            dependencies: ["TunnelSupport"],
+            dependencies: [
+                "TunnelSupport", "TunnelPKI",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ],
             swiftSettings: swift5
         ),
         .testTarget(

@@ -90,61 +90,15 @@ public enum Doctor {
         var configuration = TLSConfiguration.makeClientConfiguration()
         configuration.certificateVerification = .none
         let context = try NIOSSLContext(configuration: configuration)
-        let group = MultiThreadedEventLoopGroup.singleton
-        let capture = LeafCapture(promise: group.any().makePromise())
-        let sni = IPAddress(host) == nil ? host : nil
-        let channel: Channel
-        do {
-            channel = try await ClientBootstrap(group: group)
-                .connectTimeout(timeout)
-                .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: context, serverHostname: sni))
-                        try channel.pipeline.syncOperations.addHandler(capture)
-                    }
-                }
-                .connect(host: host, port: port).get()
-        } catch {
-            capture.promise.fail(error)
-            throw error
-        }
-        let timer = channel.eventLoop.scheduleTask(in: timeout) {
-            capture.promise.fail(PlanError("TLS handshake timed out"))
-        }
-        defer {
-            timer.cancel()
-            channel.close(promise: nil)
-        }
-        return try await capture.promise.futureResult.get()
-    }
-
-    final class LeafCapture: ChannelInboundHandler, @unchecked Sendable {
-        typealias InboundIn = ByteBuffer
-        let promise: EventLoopPromise<Certificate>
-        init(promise: EventLoopPromise<Certificate>) { self.promise = promise }
-
-        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-            if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls {
-                do {
-                    guard let peer = try context.pipeline.syncOperations.nioSSL_peerCertificate() else {
-                        throw PlanError("server presented no certificate")
-                    }
-                    promise.succeed(try Certificate(derEncoded: try peer.toDERBytes()))
-                } catch {
-                    promise.fail(error)
-                }
-            }
-            context.fireUserInboundEventTriggered(event)
-        }
-
-        func errorCaught(context: ChannelHandlerContext, error: Error) {
-            promise.fail(error)
-            context.close(promise: nil)
-        }
-
-        func channelInactive(context: ChannelHandlerContext) {
-            promise.fail(PlanError("connection closed during the TLS handshake"))
-        }
+        let channel = try await TLSClient.connect(
+            host: host, port: port, on: MultiThreadedEventLoopGroup.singleton.any(), context: context,
+            serverHostname: TLSClient.serverName(for: host), within: timeout)
+        defer { channel.close(promise: nil) }
+        let der = try await channel.eventLoop.submit {
+            try channel.pipeline.syncOperations.nioSSL_peerCertificate()?.toDERBytes()
+        }.get()
+        guard let der else { throw PlanError("server presented no certificate") }
+        return try Certificate(derEncoded: der)
     }
 
     // MARK: Service

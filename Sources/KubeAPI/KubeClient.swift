@@ -69,20 +69,21 @@ public final class KubeClient: @unchecked Sendable {
         let done = loop.makePromise(of: Int.self)
         let collector = ResponseCollector(done: done, onBody: onBody)
         let tls = self.tls
-        let hostname = (try? SocketAddress(ipAddress: config.host, port: 0)) == nil ? config.host : nil
         let channel: Channel
         do {
-            channel = try await ClientBootstrap(group: loop)
-                .connectTimeout(.seconds(5))
-                .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        let sync = channel.pipeline.syncOperations
-                        try sync.addHandler(NIOSSLClientHandler(context: tls, serverHostname: hostname))
-                        try sync.addHTTPClientHandlers()
-                        try sync.addHandler(collector)
-                    }
-                }
-                .connect(host: config.host, port: config.port).get()
+            channel = try await TLSClient.connect(
+                host: config.host, port: config.port, on: loop, context: tls,
+                serverHostname: TLSClient.serverName(for: config.host), within: .seconds(5))
+            do {
+                try await loop.submit {
+                    let sync = channel.pipeline.syncOperations
+                    try sync.addHTTPClientHandlers()
+                    try sync.addHandler(collector)
+                }.get()
+            } catch {
+                channel.close(promise: nil)
+                throw error
+            }
         } catch {
             done.fail(error)
             throw Failure(description: "cannot reach the Kubernetes API at \(config.host):\(config.port): \(error)")

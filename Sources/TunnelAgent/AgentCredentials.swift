@@ -86,20 +86,23 @@ enum JoinClient {
         let context = try TLSContexts.joinClient()
         let handler = JoinClientHandler(
             request: JoinRequest(token: token, nodeName: nodeName, nodeIPs: nodeIPs.map(\.description), csrPEM: csrPEM))
+        // The connect and the handshake within `timeout`, then the answer within `timeout`.
         let channel: Channel
         do {
-            channel = try await ClientBootstrap(group: group)
-            .connectTimeout(timeout)
-            .channelInitializer { channel in
-                channel.eventLoop.makeCompletedFuture {
+            channel = try await TLSClient.connect(
+                host: address.host, port: address.port, on: group.next(), context: context, serverHostname: nil,
+                within: timeout)
+            do {
+                try await channel.eventLoop.submit {
                     let sync = channel.pipeline.syncOperations
-                    try sync.addHandler(NIOSSLClientHandler(context: context, serverHostname: nil))
                     try sync.addHandler(FrameDecoder(maxPayload: Frame.maxUnregisteredPayload))
                     try sync.addHandler(FrameEncoder())
                     try sync.addHandler(handler)
-                }
+                }.get()
+            } catch {
+                channel.close(promise: nil)
+                throw error
             }
-            .connect(host: address.host, port: address.port).get()
         } catch {
             handler.promise.complete(.failure(error))
             throw error
@@ -178,12 +181,10 @@ final class JoinClientHandler: ChannelInboundHandler, @unchecked Sendable {
         }
     }
 
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if let tlsEvent = event as? TLSUserEvent, case .handshakeCompleted = tlsEvent {
-            serverCertificate = try? context.pipeline.syncOperations.nioSSL_peerCertificate()?.x509()
-            context.writeAndFlush(wrapOutboundOut(request.frame(allocator: context.channel.allocator)), promise: nil)
-        }
-        context.fireUserInboundEventTriggered(event)
+    /// Added once the TLS handshake completed (``TLSClient``): the server's certificate is known, the request goes.
+    func handlerAdded(context: ChannelHandlerContext) {
+        serverCertificate = try? context.pipeline.syncOperations.nioSSL_peerCertificate()?.x509()
+        context.writeAndFlush(wrapOutboundOut(request.frame(allocator: context.channel.allocator)), promise: nil)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {

@@ -252,28 +252,13 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
             let context = try? TLSContexts.agentClient(
                 certificate: credentials.certificate, key: credentials.privateKey, ca: credentials.ca)
         else { return false }
-        let loop = group.next()
-        let done = loop.makePromise(of: Void.self)
-        let hostname = address.isIP ? nil : address.host
         do {
-            let channel = try await ClientBootstrap(group: loop)
-                .connectTimeout(configuration.connectTimeout)
-                .channelInitializer { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: context, serverHostname: hostname))
-                        try channel.pipeline.syncOperations.addHandler(HandshakeWaiter(promise: done))
-                    }
-                }
-                .connect(host: address.host, port: address.port).get()
-            let timer = loop.scheduleTask(in: configuration.connectTimeout) {
-                done.fail(JoinError(description: "handshake timed out"))
-            }
-            let ok = (try? await done.futureResult.get()) != nil
-            timer.cancel()
+            let channel = try await TLSClient.connect(
+                host: address.host, port: address.port, on: group.next(), context: context,
+                serverHostname: address.isIP ? nil : address.host, within: configuration.connectTimeout)
             channel.close(promise: nil)
-            return ok
+            return true
         } catch {
-            done.fail(error)
             return false
         }
     }
