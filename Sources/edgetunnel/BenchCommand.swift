@@ -80,35 +80,27 @@ struct BenchCommand: ParsableCommand {
             ProcessSupport.bootstrapLogging(level: .critical)
             ProcessSupport.raiseFileLimit()
             let logger = Logger(label: "edgetunnel-swarm")
-            let swarm: [EdgeTunnelAgent]
+            let swarm: AgentSwarm
             let group: MultiThreadedEventLoopGroup
             do {
                 guard agents > 0 else { throw ConfigurationError("invalid --agents \(agents): must be at least 1") }
                 guard threads > 0 else { throw ConfigurationError("invalid --threads \(threads): must be at least 1") }
                 guard interval > 0 else { throw ConfigurationError("invalid --interval \(interval): must be above 0") }
                 group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
-                let ca = try CertificateAuthority.load(from: PKIPaths(directory: pkiDir))
-                swarm = try (0..<agents).map { index in
-                    let name = "\(prefix)\(index)"
-                    let issued = try ca.issueNodeCertificate(nodeName: name)
-                    let configuration = AgentConfiguration(
-                        nodeName: name, serverAddresses: [server], allowList: AllowList(rules: []))
-                    let agent = try EdgeTunnelAgent(configuration: configuration, logger: logger, group: group)
-                    agent.useCredentials(
-                        AgentCredentials(certificate: issued.certificate, privateKey: issued.privateKey, ca: ca.certificate))
-                    return agent
-                }
+                swarm = try AgentSwarm(
+                    server: server, ca: try CertificateAuthority.load(from: PKIPaths(directory: pkiDir)),
+                    agents: agents, prefix: prefix, group: group, logger: logger)
             } catch {
                 printError("\(error)")
                 throw ExitCode.failure
             }
             let start = NIODeadline.now()
-            for agent in swarm { Task { await agent.run() } }
+            swarm.start()
             let reporter = Task {
                 while !Task.isCancelled {
-                    let connected = swarm.reduce(0) { $0 + ($1.connectedAddress == nil ? 0 : 1) }
+                    let connected = swarm.connectedCount
                     let elapsed = Double((NIODeadline.now() - start).nanoseconds) / 1e9
-                    print(#"{"elapsed_s":\#(elapsed),"agents":\#(swarm.count),"connected":\#(connected)}"#)
+                    print(#"{"elapsed_s":\#(elapsed),"agents":\#(swarm.agents.count),"connected":\#(connected)}"#)
                     fflush(stdout)
                     try? await Task.sleep(for: .milliseconds(Int(interval * 1000)))
                 }
@@ -118,76 +110,6 @@ struct BenchCommand: ParsableCommand {
             // Nothing flows through a swarm: no drain, the process exit closes every tunnel at once.
             Foundation.exit(0)
         }
-    }
-}
-
-/// Opens `count` CONNECT streams, `concurrency` at a time, on one event loop.
-final class StreamLoad: @unchecked Sendable {
-    let loop: EventLoop
-    let forwarder: Forwarder
-    let count: Int
-    let concurrency: Int
-    let hold: Bool
-    // State below lives on `loop`.
-    private var started = 0
-    private var finished = 0
-    private var failures = 0
-    private var firstError: String?
-    private var latencies: [Double] = []
-    private var held: [Channel] = []
-    private var begin = NIODeadline.now()
-
-    init(loop: EventLoop, forwarder: Forwarder, count: Int, concurrency: Int, hold: Bool) {
-        self.loop = loop
-        self.forwarder = forwarder
-        self.count = count
-        self.concurrency = concurrency
-        self.hold = hold
-        latencies.reserveCapacity(count)
-    }
-
-    /// Runs the load and returns the JSON report and the number of streams that failed.
-    func run() async throws -> (String, Int) {
-        let done = loop.makePromise(of: Void.self)
-        loop.execute {
-            self.begin = .now()
-            for _ in 0..<min(self.concurrency, self.count) { self.launch(done) }
-        }
-        try await done.futureResult.get()
-        return try await loop.submit { (self.report(), self.failures) }.get()
-    }
-
-    private func launch(_ done: EventLoopPromise<Void>) {
-        started += 1
-        let t0 = NIODeadline.now()
-        forwarder.openStream(on: loop).whenComplete { result in
-            switch result {
-            case .success(let channel):
-                self.latencies.append(Double((NIODeadline.now() - t0).nanoseconds) / 1e6)
-                if self.hold { self.held.append(channel) } else { channel.close(promise: nil) }
-            case .failure(let error):
-                self.failures += 1
-                if self.firstError == nil { self.firstError = "\(error)" }
-            }
-            self.finished += 1
-            if self.started < self.count {
-                self.launch(done)
-            } else if self.finished == self.count {
-                done.succeed(())
-            }
-        }
-    }
-
-    private func report() -> String {
-        let seconds = Double((NIODeadline.now() - begin).nanoseconds) / 1e9
-        let sorted = latencies.sorted()
-        func percentile(_ p: Double) -> Double {
-            sorted.isEmpty ? 0 : sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
-        }
-        let error = (firstError ?? "").replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "'")
-        return #"{"streams":\#(count),"opened":\#(latencies.count),"failures":\#(failures),"seconds":\#(seconds),"#
-            + #""streams_per_second":\#(Double(latencies.count) / seconds),"#
-            + #""connect_to_200_ms":{"p50":\#(percentile(0.5)),"p99":\#(percentile(0.99))},"first_error":"\#(error)"}"#
     }
 }
 
