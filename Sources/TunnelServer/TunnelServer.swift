@@ -218,7 +218,9 @@ public final class TunnelServer: @unchecked Sendable {
                 }
             }
             .bind(host: host, port: configuration.securePort).get()
-        let meta = try await MetaHTTPServer.bind(host: host, port: configuration.metaPort, group: group) {
+        let meta = try await MetaHTTPServer.bind(
+            host: host, port: configuration.metaPort, group: group, gate: makeGate("meta", tls: false)
+        ) {
             [weak self] method, path in
             self?.route(method, path) ?? .text(.serviceUnavailable, "shutting down")
         }

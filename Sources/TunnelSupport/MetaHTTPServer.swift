@@ -19,23 +19,50 @@ public struct MetaResponse: Sendable {
     }
 }
 
-/// The small HTTP/1.1 server behind `/healthz`, `/readyz`, `/metrics` and `/v1/...` of server and agent.
+/// The small HTTP/1.1 server behind `/healthz`, `/readyz` and `/metrics` and `/v1/...` of server and agent.
 /// Every request is answered by `route` (called on an event loop; it must not block).
+///
+/// Its port is reachable by anyone who can reach the pod (probes and Prometheus come from other hosts), so it is
+/// bounded like every listener: a connection waits in `gate` until its first request head, and a connection that
+/// sends nothing for `idleTimeout` (between keep-alive requests too) is closed.
 public enum MetaHTTPServer {
+    /// The gate of a meta port when none is given: 256 connections without a request from one address, 1,024 in
+    /// all, 10 s to send the first head.
+    public static func defaultGate() -> ConnectionGate {
+        ConnectionGate(port: "meta", total: 1024, perSource: 256, deadline: .seconds(10)) { _, _ in }
+    }
+
     public static func bind(
-        host: String, port: Int, group: EventLoopGroup,
+        host: String, port: Int, group: EventLoopGroup, gate: ConnectionGate = defaultGate(),
+        idleTimeout: TimeAmount = .seconds(60),
         route: @escaping @Sendable (HTTPMethod, String) -> MetaResponse
     ) async throws -> Channel {
         try await ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 256)
+            .serverChannelOption(.backlog, value: 1024)  // as the other listeners: a flood does not hold probes back
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
-                    try channel.pipeline.syncOperations.addHandler(MetaHandler(route: route))
+                    let sync = channel.pipeline.syncOperations
+                    try sync.addHandler(gate.handler())
+                    try sync.addHandler(IdleStateHandler(readTimeout: idleTimeout))
+                    try sync.addHandler(IdleCloser())
+                    try sync.configureHTTPServerPipeline(withErrorHandling: true)
+                    try sync.addHandler(MetaHandler(route: route))
                 }
             }
             .bind(host: host, port: port).get()
+    }
+}
+
+/// Closes its connection when the ``IdleStateHandler`` before it says nothing was read for its timeout.
+final class IdleCloser: ChannelInboundHandler {
+    typealias InboundIn = Any
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent {
+            context.close(promise: nil)
+            return
+        }
+        context.fireUserInboundEventTriggered(event)
     }
 }
 
@@ -53,6 +80,7 @@ final class MetaHandler: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(let head):
+            PendingConnectionHandler.authenticated(context.pipeline.syncOperations)
             request = head
         case .body:
             break

@@ -1,0 +1,82 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import Testing
+
+@testable import TunnelSupport
+
+/// The meta port over real sockets: answers, and the bounds a peer that connects and says nothing meets.
+@Suite struct MetaHTTPServerTests {
+    static let group = MultiThreadedEventLoopGroup.singleton
+
+    static func serve(gate: ConnectionGate, idle: TimeAmount) async throws -> Channel {
+        try await MetaHTTPServer.bind(host: "127.0.0.1", port: 0, group: group, gate: gate, idleTimeout: idle) { _, path in
+            .text(.ok, "ok \(path)")
+        }
+    }
+
+    /// A client connection that collects what it receives; `closed` completes when the server closes it.
+    final class Client: ChannelInboundHandler, @unchecked Sendable {
+        typealias InboundIn = ByteBuffer
+        let received = NIOLockedValueBox("")
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            let text = String(buffer: unwrapInboundIn(data))
+            received.withLockedValue { $0 += text }
+        }
+    }
+
+    static func connect(_ server: Channel) async throws -> (Channel, Client) {
+        let client = Client()
+        let channel = try await ClientBootstrap(group: group)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture { try channel.pipeline.syncOperations.addHandler(client) }
+            }
+            .connect(host: "127.0.0.1", port: server.localAddress?.port ?? 0).get()
+        return (channel, client)
+    }
+
+    static func closed(_ channel: Channel, within limit: Duration) async -> Bool {
+        let clock = ContinuousClock()
+        let end = clock.now + limit
+        while channel.isActive, clock.now < end { try? await Task.sleep(for: .milliseconds(20)) }
+        return !channel.isActive
+    }
+
+    @Test func silentConnectionsBeyondTheGateAreClosedAtOnceTheOthersAtTheDeadline() async throws {
+        let rejected = NIOLockedValueBox<[ConnectionGate.Rejection]>([])
+        let gate = ConnectionGate(port: "meta", total: 10, perSource: 2, deadline: .milliseconds(500)) { _, why in
+            rejected.withLockedValue { $0.append(why) }
+        }
+        let server = try await Self.serve(gate: gate, idle: .seconds(30))
+        defer { server.close(promise: nil) }
+        let (first, _) = try await Self.connect(server)
+        let (second, _) = try await Self.connect(server)
+        let (third, _) = try await Self.connect(server)
+        #expect(await Self.closed(third, within: .seconds(2)), "a third silent connection from one address stayed open")
+        #expect(first.isActive && second.isActive)
+        let firstClosed = await Self.closed(first, within: .seconds(3))
+        let secondClosed = await Self.closed(second, within: .seconds(3))
+        #expect(firstClosed && secondClosed)
+        #expect(rejected.withLockedValue { $0 } == [.sourceLimit, .deadline, .deadline])
+        #expect(gate.pendingCount == 0)
+    }
+
+    @Test func aRequestLeavesTheGateAndAnIdleKeepAliveConnectionIsClosedLater() async throws {
+        let gate = ConnectionGate(port: "meta", total: 10, perSource: 1, deadline: .milliseconds(300)) { _, _ in }
+        let server = try await Self.serve(gate: gate, idle: .milliseconds(900))
+        defer { server.close(promise: nil) }
+        let (channel, client) = try await Self.connect(server)
+        try await channel.writeAndFlush(ByteBuffer(string: "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")).get()
+        for _ in 0..<100 where !client.received.withLockedValue({ $0.hasSuffix("ok /healthz\n") }) {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        #expect(client.received.withLockedValue { $0 }.hasPrefix("HTTP/1.1 200 OK\r\n"))
+        // Past the gate's deadline, the answered connection stays; another from the same address is admitted.
+        try await Task.sleep(for: .milliseconds(500))
+        #expect(channel.isActive && gate.pendingCount == 0)
+        let (other, _) = try await Self.connect(server)
+        defer { other.close(promise: nil) }
+        // Nothing more is sent: the idle timeout closes it.
+        #expect(await Self.closed(channel, within: .seconds(3)))
+    }
+}
