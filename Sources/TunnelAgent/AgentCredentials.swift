@@ -30,8 +30,7 @@ public struct AgentCredentials: Sendable {
         let (certificate, key) = try PEMFiles.keyPair(certificate: paths.agentCertificate, key: paths.agentKey)
         try PEMFiles.checkValidity(certificate, path: paths.agentCertificate, now: now)
         guard certificate.subject.commonName == nodeName else {
-            throw PKIError(
-                .invalidArgument,
+            throw ConfigurationError(
                 "\(paths.agentCertificate): certificate is for node \(certificate.subject.commonName ?? "?"), not \(nodeName)")
         }
         guard ca.publicKey.isValidSignature(certificate.signature, for: certificate) else {

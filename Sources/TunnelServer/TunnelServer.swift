@@ -178,7 +178,7 @@ public final class TunnelServer: @unchecked Sendable {
         let core = self.core
         if configuration.insecurePort != 0 && !Self.isLoopback(configuration.insecureBindAddress) {
             guard configuration.allowInsecureBind else {
-                throw PKIError(.invalidArgument,
+                throw ConfigurationError(
                     "--insecure-bind-address \(configuration.insecureBindAddress) is not a loopback address: the insecure "
                     + "port proxies without authentication; pass --allow-insecure-bind to expose it, or --insecure-port 0")
             }
