@@ -19,7 +19,8 @@ import X509
 public final class TunnelServer: @unchecked Sendable {
     public let configuration: ServerConfiguration
     let core: TunnelServerCore
-    let group: EventLoopGroup
+    /// The event loops of every listener, tunnel and Kubernetes API connection of this server.
+    public let group: EventLoopGroup
     private let ownsGroup: Bool
     let lock = NIOLock()
     private var channels: [Channel] = []

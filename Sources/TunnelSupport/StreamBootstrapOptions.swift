@@ -1,0 +1,26 @@
+import NIOCore
+import NIOPosix
+import TunnelWire
+
+extension ServerBootstrap {
+    /// The options of a TCP listener whose connections carry stream bytes (the server's ports and
+    /// `edgetunnel forward`): a deep backlog, address reuse, no Nagle delay, adaptive reads of up to 256 KiB,
+    /// and half-close passed on unless `halfClosure` is false.
+    public func streamListener(halfClosure: Bool = true) -> ServerBootstrap {
+        let bootstrap = self.serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
+            .childChannelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
+        return halfClosure ? bootstrap.childChannelOption(.allowRemoteHalfClosure, value: true) : bootstrap
+    }
+}
+
+extension ClientBootstrap {
+    /// The options of a TCP connection that carries stream bytes (the agent's tunnel and its dials to targets):
+    /// no Nagle delay, adaptive reads of up to 256 KiB, and half-close passed on if `halfClosure`.
+    public func streamConnection(halfClosure: Bool) -> ClientBootstrap {
+        let bootstrap = self.channelOption(.tcpOption(.tcp_nodelay), value: 1)
+            .channelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
+        return halfClosure ? bootstrap.channelOption(.allowRemoteHalfClosure, value: true) : bootstrap
+    }
+}
