@@ -83,26 +83,21 @@ enum JoinClient {
         _ = try BootstrapToken(parsing: token)
         let (csrPEM, key) = try AgentCredentials.makeCSR(nodeName: nodeName)
         let context = try TLSContexts.joinClient()
-        let handler = JoinClientHandler(
-            request: JoinRequest(token: token, nodeName: nodeName, nodeIPs: nodeIPs.map(\.description), csrPEM: csrPEM))
+        let request = JoinRequest(token: token, nodeName: nodeName, nodeIPs: nodeIPs.map(\.description), csrPEM: csrPEM)
         // The connect and the handshake within `timeout`, then the answer within `timeout`.
-        let channel: Channel
+        let channel = try await TLSClient.connect(
+            host: address.host, port: address.port, on: group.next(), context: context, serverHostname: nil,
+            within: timeout)
+        let handler = JoinClientHandler(request: request, eventLoop: channel.eventLoop)
         do {
-            channel = try await TLSClient.connect(
-                host: address.host, port: address.port, on: group.next(), context: context, serverHostname: nil,
-                within: timeout)
-            do {
-                try await channel.eventLoop.submit {
-                    let sync = channel.pipeline.syncOperations
-                    try sync.addHandler(FrameDecoder(maxPayload: Frame.maxUnregisteredPayload))
-                    try sync.addHandler(FrameEncoder())
-                    try sync.addHandler(handler)
-                }.get()
-            } catch {
-                channel.close(promise: nil)
-                throw error
-            }
+            try await channel.eventLoop.submit {
+                let sync = channel.pipeline.syncOperations
+                try sync.addHandler(FrameDecoder(maxPayload: Frame.maxUnregisteredPayload))
+                try sync.addHandler(FrameEncoder())
+                try sync.addHandler(handler)
+            }.get()
         } catch {
+            channel.close(promise: nil)
             handler.promise.complete(.failure(error))
             throw error
         }
@@ -168,9 +163,9 @@ final class JoinClientHandler: ChannelInboundHandler, @unchecked Sendable {
 
     private var serverCertificate: Certificate?
 
-    init(request: JoinRequest) {
+    init(request: JoinRequest, eventLoop: EventLoop) {
         self.request = request
-        self.promise = NIOLockedPromise(MultiThreadedEventLoopGroup.singleton.any().makePromise())
+        self.promise = NIOLockedPromise(eventLoop.makePromise())
     }
 
     func fail(channel: Channel, _ error: Error) {

@@ -53,7 +53,7 @@ struct ReplicaLeaseService: Service {
     let leases: ReplicaLeases
 
     init(configuration: ServerConfiguration, namespace: String, server: TunnelServer, logger: Logger) throws {
-        let client = try KubeClient.forServer(configuration)
+        let client = try KubeClient.forServer(server)
         let parts = configuration.leaseLabel.split(separator: "=")
         leases = ReplicaLeases(
             client: client, namespace: namespace, serverID: configuration.serverID,
@@ -80,7 +80,7 @@ struct ServiceAddressService: Service {
         self.service = service
         let parts = service.split(separator: "/")
         addresses = ServiceAddresses(
-            client: try KubeClient.forServer(configuration), namespace: String(parts[0]), name: String(parts[1]), logger: logger)
+            client: try KubeClient.forServer(server), namespace: String(parts[0]), name: String(parts[1]), logger: logger)
         self.server = server
         self.logger = logger
     }
@@ -106,7 +106,7 @@ struct NodeObjectsService: Service {
     let server: TunnelServer
 
     init(configuration: ServerConfiguration, server: TunnelServer, logger: Logger) throws {
-        directory = NodeDirectory(client: try KubeClient.forServer(configuration), logger: logger)
+        directory = NodeDirectory(client: try KubeClient.forServer(server), logger: logger)
         self.server = server
         server.useNodeObjects(directory)
     }
@@ -126,7 +126,7 @@ struct JoinStateService: Service {
     let server: TunnelServer
 
     init(configuration: ServerConfiguration, namespace: String, server: TunnelServer, logger: Logger) throws {
-        state = KubeJoinState(client: try KubeClient.forServer(configuration), namespace: namespace, logger: logger)
+        state = KubeJoinState(client: try KubeClient.forServer(server), namespace: namespace, logger: logger)
         self.server = server
         server.useJoinState(state)
     }
@@ -140,9 +140,10 @@ struct JoinStateService: Service {
 }
 
 extension KubeClient {
-    /// The Kubernetes API as the server's configuration says: its kubeconfig, or the pod's service account.
-    static func forServer(_ configuration: ServerConfiguration) throws -> KubeClient {
-        let kube = try configuration.kubeconfig.map { try KubeConfig.kubeconfig(path: $0) } ?? KubeConfig.inCluster()
-        return try KubeClient(config: kube, group: MultiThreadedEventLoopGroup.singleton)
+    /// The Kubernetes API as the server's configuration says (its kubeconfig, or the pod's service account), on
+    /// the server's own event loops: no second thread pool beside the one `--event-loop-threads` sized.
+    static func forServer(_ server: TunnelServer) throws -> KubeClient {
+        let kube = try server.configuration.kubeconfig.map { try KubeConfig.kubeconfig(path: $0) } ?? KubeConfig.inCluster()
+        return try KubeClient(config: kube, group: server.group)
     }
 }
