@@ -26,6 +26,28 @@ public struct TunnelLimits: Sendable {
     /// the connection is closed, so a peer that sends PINGs and never reads cannot grow our write buffer
     /// (HTTP/2 stacks bound their outbound control frames the same way).
     public var maxUnreadReplies = 1024
+    /// Below this rate (bytes/s) a busy tunnel is *paced*: its link, not its peer or the CPU, is the bottleneck, and
+    /// bytes would queue ahead of every other stream's frames. 12.5 MB/s is 100 Mbit/s: at that rate the kernel's
+    /// own send buffer (about 850 KiB measured) alone is 70 ms of waiting. A paced tunnel keeps its queue short
+    /// (``SocketTuning/pacedNotSentLowat``, small frames and flushes) and lets a small reply go first; a fast one
+    /// (loopback, a LAN) sends in large frames and batches, where they cost least per byte.
+    public var pacedBelowBytesPerSecond = 12_500_000
+    /// A paced tunnel that moves more than this (bytes/s) is fast again (hysteresis, 200 Mbit/s).
+    public var fastAboveBytesPerSecond = 25_000_000
+    /// How often a busy tunnel's rate is judged.
+    public var rateInterval: TimeAmount = .milliseconds(500)
+    /// The largest DATA payload a paced tunnel sends: a small reply of another stream waits behind at most one
+    /// such frame (32 KiB is 7 ms at 40 Mbit/s, where a 256 KiB frame would be 55 ms).
+    public var pacedFrameSize = 16 * 1024
+    /// The largest DATA payload of a paced tunnel while other streams wait for their turn.
+    public var pacedSharedFrameSize = 8 * 1024
+    /// DATA a paced tunnel writes between two flushes (a fast one writes up to 256 KiB).
+    public var pacedFlushBatch = 8 * 1024
+    /// Socket bytes read and not yet sent, over all streams of the connection, past which no stream's socket is
+    /// read while the tunnel is not writable. Below it a stream with nothing waiting keeps reading (one read at
+    /// most: its socket pauses while its bytes wait), so a small reply is in line at once rather than after the
+    /// tunnel drained.
+    public var queuedDataLimit = 1 << 20
 
     public init() {}
 }

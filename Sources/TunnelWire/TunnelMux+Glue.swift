@@ -29,7 +29,12 @@ extension TunnelMux {
         } else {
             stream.pending = buffer
         }
+        let wasFull = tunnelFull
+        queuedData += buffer.readableBytes
         flushPending(stream)
+        if !wasFull && tunnelFull {
+            for other in streams.values { updateReadState(other) }  // the queue is full: every socket waits
+        }
     }
 
     func socketInputClosed(_ streamID: UInt32) {

@@ -8,8 +8,11 @@ extension TunnelMux {
         var glue: StreamGlue?
         var send: SendWindow
         var receive: ReceiveWindow
-        /// Socket bytes beyond the send window, waiting for credit (at most one read's worth).
+        /// Socket bytes not sent yet: waiting for credit, or for their turn on the tunnel (at most one read's
+        /// worth: the socket is not read while they wait).
         var pending: ByteBuffer?
+        /// In the mux's `sendQueue`: it has pending bytes and credit, and waits for the tunnel to take them.
+        var queuedToSend = false
         var finAfterPending = false
         /// DATA received and not yet handed to the glue: gathered during one read of the tunnel and handed over
         /// in one go at its end (one hop, one flush), or held until the glue is attached.

@@ -55,6 +55,19 @@ public final class TunnelMux: ChannelInboundHandler {
     var draining = false
     /// Streams with DATA to hand to their glue when the current read of the tunnel completes.
     var toDeliver: [Stream] = []
+    /// Streams with bytes and credit, waiting for the tunnel to take DATA: served in turn, one frame each
+    /// (``sendQueued()``), so a small reply is not queued behind a bulk transfer's whole read.
+    var sendQueue = CircularBuffer<Stream>()
+    /// DATA bytes written since the last flush.
+    var unflushedData = 0
+    /// The tunnel's link is the bottleneck and slow (``TunnelLimits/pacedBelowBytesPerSecond``): short queues, small
+    /// frames. Judged from what a busy tunnel moves (``judgeRate()``).
+    var paced = false
+    /// Since when DATA bytes are counted for the next judgement, how many, and whether the tunnel was found not
+    /// writable meanwhile (only then is the link the bottleneck).
+    var rateWindow = (start: NIODeadline.uptimeNanoseconds(0), bytes: 0, blocked: false)
+    /// Socket bytes read and not yet sent, over all streams (``TunnelLimits/queuedDataLimit``).
+    var queuedData = 0
     /// Frames written outside a tunnel read wait for one flush at the end of the event loop's current tick, so
     /// that many streams' bytes leave in one TLS write instead of one system call each.
     var flushScheduled = false
@@ -106,7 +119,11 @@ public final class TunnelMux: ChannelInboundHandler {
     }
 
     public func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if context.channel.isWritable { unreadReplies = 0 }
+        if !context.channel.isWritable { rateWindow.blocked = true }
+        if context.channel.isWritable {
+            unreadReplies = 0
+            sendQueued()
+        }
         for stream in streams.values { updateReadState(stream) }
         context.fireChannelWritabilityChanged()
     }
@@ -137,7 +154,7 @@ public final class TunnelMux: ChannelInboundHandler {
     public func channelReadComplete(context: ChannelHandlerContext) {
         inTunnelRead = false
         deliverQueued()
-        context.flush()
+        flushTunnel()
         context.fireChannelReadComplete()
     }
 
@@ -184,6 +201,10 @@ public final class TunnelMux: ChannelInboundHandler {
 
     func streamRemoved(_ stream: Stream) {
         stream.inbound = []
+        if let pending = stream.pending {
+            queuedData -= pending.readableBytes
+            stream.pending = nil
+        }
         windowBudgetUsed -= stream.receive.size
         limits.processBudget?.release(window: stream.receive.size, minimum: limits.minimumWindow)
         stream.openTimer?.cancel()
@@ -194,7 +215,7 @@ public final class TunnelMux: ChannelInboundHandler {
 
     func writeFrame(_ frame: Frame, flush: Bool) {
         send(frame)
-        if flush { context?.flush() }
+        if flush { flushTunnel() }
     }
 
     /// Writes a frame the peer's frame asks for. A peer that keeps asking while it does not read what we
@@ -220,29 +241,101 @@ public final class TunnelMux: ChannelInboundHandler {
         context?.write(wrapOutboundOut(frame), promise: nil)
     }
 
-    /// Sends as much of the pending socket data as the window allows, in frames of at most `Frame.maxPayload`,
-    /// and the FIN that waited behind it. Nothing while the stream cannot send yet (the agent has not answered
-    /// OPEN_OK): the socket's bytes wait, and its reading is paused.
+    /// Puts a stream with pending socket bytes and credit in line for the tunnel, and sends the FIN that waited
+    /// behind bytes already sent. Nothing while the stream cannot send yet (the agent has not answered OPEN_OK):
+    /// the socket's bytes wait, and its reading is paused.
     func flushPending(_ stream: Stream) {
         defer { updateReadState(stream) }
         guard context != nil, stream.lifecycle.canSend else { return }
-        var wrote = false
-        if var pending = stream.pending {
-            while pending.readableBytes > 0 && stream.send.available > 0 {
-                let count = min(pending.readableBytes, stream.send.available, Frame.maxPayload)
-                let slice = pending.readSlice(length: count)!
-                stream.send.consume(count)
-                counters.add(out: count)
-                send(Frame(type: .data, streamID: stream.id, payload: slice))
-                wrote = true
+        if let pending = stream.pending {
+            guard stream.send.available > 0, !stream.queuedToSend else { return }
+            stream.queuedToSend = true
+            // A small piece (a keystroke's echo, a short answer) goes ahead of the streams in line: it fits in one
+            // frame, and its socket is not read again until it is sent, so it cannot keep a bulk stream waiting.
+            if pending.readableBytes <= limits.pacedSharedFrameSize {
+                sendQueue.prepend(stream)
+            } else {
+                sendQueue.append(stream)
             }
-            stream.pending = pending.readableBytes > 0 ? pending : nil
-        }
-        if stream.pending == nil && stream.finAfterPending {
+            sendQueued()
+        } else if stream.finAfterPending {
             sendFin(stream)
-        } else if wrote {
-            scheduleFlush()
         }
+    }
+
+    /// Writes DATA while the tunnel takes more (writable, and less than a flush batch since the last flush): one
+    /// frame from the first stream in line, which goes to the back of the line if it has more. A paced tunnel
+    /// writes frames of at most ``TunnelLimits/pacedFrameSize`` (``TunnelLimits/pacedSharedFrameSize`` while others
+    /// wait) and flushes every ``TunnelLimits/pacedFlushBatch``; a fast one frames of up to ``Frame/maxPayload``
+    /// and batches of 256 KiB. Control frames never wait here: they are written at once, behind at most what
+    /// this lets queue.
+    func sendQueued() {
+        guard let context else { return }
+        var wrote = false
+        let flushBatch = paced ? limits.pacedFlushBatch : 256 * 1024
+        while unflushedData < flushBatch, context.channel.isWritable, let stream = sendQueue.popFirst() {
+            stream.queuedToSend = false
+            guard streams[stream.id] === stream, stream.lifecycle.canSend, var pending = stream.pending,
+                stream.send.available > 0
+            else { continue }
+            let frameSize = !paced ? Frame.maxPayload : sendQueue.isEmpty ? limits.pacedFrameSize : limits.pacedSharedFrameSize
+            let count = min(pending.readableBytes, stream.send.available, frameSize)
+            let slice = pending.readSlice(length: count)!
+            stream.send.consume(count)
+            counters.add(out: count)
+            unflushedData += count
+            rateWindow.bytes += count
+            queuedData -= count
+            send(Frame(type: .data, streamID: stream.id, payload: slice))
+            wrote = true
+            if pending.readableBytes > 0 {
+                stream.pending = pending
+                if stream.send.available > 0 {
+                    stream.queuedToSend = true
+                    sendQueue.append(stream)
+                }
+            } else {
+                stream.pending = nil
+                if stream.finAfterPending { sendFin(stream) }
+                updateReadState(stream)
+            }
+        }
+        if wrote { scheduleFlush() }
+    }
+
+    /// Flushes the tunnel, then lets the streams in line write again.
+    func flushTunnel() {
+        unflushedData = 0
+        context?.flush()
+        judgeRate()
+        if !sendQueue.isEmpty { sendQueued() }
+    }
+
+    /// Every ``TunnelLimits/rateInterval`` of traffic: a tunnel that was not writable at some point (its link is the
+    /// bottleneck) and moved less than ``TunnelLimits/pacedBelowBytesPerSecond`` becomes paced; a paced one that
+    /// moved more than ``TunnelLimits/fastAboveBytesPerSecond`` becomes fast. An idle tunnel keeps its mode.
+    func judgeRate() {
+        let now = eventLoop.now
+        let elapsed = now - rateWindow.start
+        guard elapsed >= limits.rateInterval else { return }
+        let perSecond = Double(rateWindow.bytes) * 1e9 / Double(elapsed.nanoseconds)
+        if !paced, rateWindow.blocked, perSecond < Double(limits.pacedBelowBytesPerSecond) {
+            setPaced(true)
+        } else if paced, perSecond > Double(limits.fastAboveBytesPerSecond) {
+            setPaced(false)
+        }
+        rateWindow = (now, 0, false)
+    }
+
+    /// Switches the socket's unsent-bytes limit and the channel's watermarks with the mode.
+    func setPaced(_ on: Bool) {
+        paced = on
+        guard let channel = context?.channel else { return }
+        let lowat = on ? SocketTuning.pacedNotSentLowat : SocketTuning.unlimitedNotSentLowat
+        let marks = on ? SocketTuning.pacedWriteBuffer : SocketTuning.fastWriteBuffer
+        // Not every channel is a socket (tests run on EmbeddedChannel): the watermarks alone then.
+        _ = try? channel.syncOptions?.setOption(SocketTuning.notSentLowatOption, value: lowat)
+        _ = try? channel.syncOptions?.setOption(.writeBufferWaterMark, value: marks)
     }
 
     /// A frame of one stream (OPEN, OPEN_OK, OPEN_FAIL, WINDOW, FIN, RST): it leaves with the tick's flush, so
@@ -260,7 +353,7 @@ public final class TunnelMux: ChannelInboundHandler {
         flushScheduled = true
         eventLoop.execute {
             self.flushScheduled = false
-            self.context?.flush()
+            self.flushTunnel()
         }
     }
 
@@ -268,11 +361,17 @@ public final class TunnelMux: ChannelInboundHandler {
     /// resumes it when none of that holds (GlueHandler-style backpressure).
     func updateReadState(_ stream: Stream) {
         guard let glue = stream.glue else { return }
-        let writable = context?.channel.isWritable ?? false
-        let pause = stream.pending != nil || stream.send.available <= 0 || !writable
+        let pause = stream.pending != nil || stream.send.available <= 0 || tunnelFull
         guard pause != stream.readPaused else { return }
         stream.readPaused = pause
         glue.setPausedFromTunnel(pause)
+    }
+
+    /// No socket is read: the tunnel is closed, or it is not writable and ``TunnelLimits/queuedDataLimit`` bytes
+    /// already wait for it.
+    var tunnelFull: Bool {
+        guard let context else { return true }
+        return !context.channel.isWritable && queuedData >= limits.queuedDataLimit
     }
 
     func sendFin(_ stream: Stream) {
@@ -292,6 +391,8 @@ public final class TunnelMux: ChannelInboundHandler {
         closed = true
         let all = streams.values
         streams = [:]
+        sendQueue.removeAll()
+        queuedData = 0
         counters.setStreams(0)
         for stream in all {
             limits.processBudget?.release(window: stream.receive.size, minimum: limits.minimumWindow)

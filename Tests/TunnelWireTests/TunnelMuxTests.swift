@@ -387,3 +387,128 @@ final class FlushCounter: ChannelOutboundHandler {
         #expect(throws: FrameError.self) { try channel.writeInbound(header) }
     }
 }
+
+/// Which stream's bytes go next when the tunnel is the bottleneck (interactive traffic under bulk).
+@Suite struct StreamSchedulingTests {
+    let helper = StreamBackpressureTests()
+
+    /// A server mux with streams 1 and 3 open (1 MiB windows), each glued to a socket channel.
+    func twoStreams() throws -> (loop: EmbeddedEventLoop, tunnel: EmbeddedChannel, mux: TunnelMux, sockets: [EmbeddedChannel]) {
+        let loop = EmbeddedEventLoop()
+        let tunnel = EmbeddedChannel(loop: loop)
+        let mux = TunnelMux(role: .server, eventLoop: loop)
+        try tunnel.pipeline.syncOperations.addHandler(mux)
+        try tunnel.connect(to: .init(ipAddress: "127.0.0.1", port: 1)).wait()
+        var sockets: [EmbeddedChannel] = []
+        for id in [UInt32(1), 3] {
+            let opened = mux.openStream(target: "edge-1:10250")
+            try tunnel.writeInbound(OpenOK(window: 1 << 20).frame(streamID: id))
+            guard case .opened = try opened.wait() else { throw FrameError("not opened") }
+            let socket = EmbeddedChannel(loop: loop)
+            try socket.pipeline.syncOperations.addHandler(StreamGlue(mux: mux, streamID: id, eventLoop: loop))
+            try socket.connect(to: .init(ipAddress: "127.0.0.1", port: 2)).wait()
+            sockets.append(socket)
+        }
+        loop.run()
+        while try tunnel.readOutbound(as: Frame.self) != nil {}
+        mux.paced = true  // the link is the bottleneck (judged from its rate: see the tests below)
+        return (loop, tunnel, mux, sockets)
+    }
+
+    func sent(_ tunnel: EmbeddedChannel) throws -> [Frame] {
+        tunnel.embeddedEventLoop.run()
+        var frames: [Frame] = []
+        while let frame = try tunnel.readOutbound(as: Frame.self) { frames.append(frame) }
+        return frames
+    }
+
+    @Test func aSmallReplyWaitsBehindOneTurnOfABulkStreamNotItsWholeRead() throws {
+        let (_, tunnel, mux, sockets) = try twoStreams()
+        let frame = mux.limits.pacedFrameSize
+        try sockets[0].writeInbound(helper.bytes(256 * 1024))  // one read of a bulk transfer
+        try sockets[1].writeInbound(ByteBuffer(string: "pong"))  // a keystroke's answer, just after
+        let data = try sent(tunnel).filter { $0.type == .data }
+        #expect(data.allSatisfy { $0.payload.readableBytes <= frame })
+        let reply = try #require(data.firstIndex { $0.streamID == 3 })
+        let bulkBefore = data[..<reply].reduce(0) { $0 + $1.payload.readableBytes }
+        // What was written before the reply came (one flush's worth), and one turn of the bulk stream.
+        #expect(bulkBefore <= mux.limits.pacedFlushBatch + frame, "\(bulkBefore) bulk bytes went first")
+        #expect(String(buffer: data[reply].payload) == "pong")
+        #expect(data.filter { $0.streamID == 1 }.reduce(0) { $0 + $1.payload.readableBytes } == 256 * 1024)
+    }
+
+    @Test func whileTheTunnelIsNotWritableAStreamWithNothingWaitingIsStillReadUntilTheQueueIsFull() throws {
+        let (_, tunnel, mux, sockets) = try twoStreams()
+        let glues = try sockets.map { try $0.pipeline.syncOperations.handler(type: StreamGlue.self) }
+        tunnel.isWritable = false
+        tunnel.pipeline.fireChannelWritabilityChanged()
+        try sockets[0].writeInbound(helper.bytes(256 * 1024))  // a bulk read waits for the tunnel
+        _ = try sent(tunnel)
+        #expect(glues[0].paused, "a stream whose bytes wait is not read")
+        #expect(!glues[1].paused, "a quiet stream was paused: its next reply would wait for the tunnel to drain")
+        try sockets[1].writeInbound(helper.bytes(mux.limits.queuedDataLimit))  // now the queue is full
+        _ = try sent(tunnel)
+        #expect(glues[0].paused && glues[1].paused)
+        #expect(mux.queuedData == 256 * 1024 + mux.limits.queuedDataLimit)
+    }
+
+    @Test func nothingIsWrittenWhileTheTunnelIsNotWritableAndTheStreamsResumeInTurn() throws {
+        let (_, tunnel, mux, sockets) = try twoStreams()
+        tunnel.isWritable = false
+        tunnel.pipeline.fireChannelWritabilityChanged()
+        try sockets[0].writeInbound(helper.bytes(100 * 1024))
+        try sockets[1].writeInbound(helper.bytes(100 * 1024))
+        #expect(try sent(tunnel).filter { $0.type == .data }.isEmpty)
+        // Control frames do not wait for DATA: a new stream's OPEN leaves at once.
+        _ = mux.openStream(target: "edge-1:10255")
+        #expect(try sent(tunnel).map(\.type) == [.open])
+        tunnel.isWritable = true
+        tunnel.pipeline.fireChannelWritabilityChanged()
+        let data = try sent(tunnel).filter { $0.type == .data }
+        let order = data.map(\.streamID)
+        // Taking turns, in smaller frames while the other waits: neither sends two in a row until one is done.
+        #expect(Array(order.prefix(12)) == [1, 3, 1, 3, 1, 3, 1, 3, 1, 3, 1, 3], "\(order)")
+        #expect(data.prefix(12).allSatisfy { $0.payload.readableBytes <= mux.limits.pacedSharedFrameSize })
+        for id in [UInt32(1), 3] {
+            #expect(data.filter { $0.streamID == id }.reduce(0) { $0 + $1.payload.readableBytes } == 100 * 1024)
+        }
+        #expect(mux.queuedData == 0)
+    }
+
+    @Test func aBusyTunnelWhoseLinkIsSlowBecomesPacedAndAFastOneDoesNot() throws {
+        let (loop, tunnel, mux, sockets) = try twoStreams()
+        mux.paced = false
+        // A fast tunnel sends a read in frames of up to 256 KiB.
+        try sockets[0].writeInbound(helper.bytes(200 * 1024))
+        #expect(try sent(tunnel).filter { $0.type == .data }.map(\.payload.readableBytes) == [200 * 1024])
+        // Half a second in which the tunnel was not writable and moved 200 KiB: 0.4 MB/s, a slow link.
+        tunnel.isWritable = false
+        tunnel.pipeline.fireChannelWritabilityChanged()
+        tunnel.isWritable = true
+        tunnel.pipeline.fireChannelWritabilityChanged()
+        loop.advanceTime(by: .milliseconds(500))
+        try tunnel.writeInbound(Frame.window(streamID: 1, increment: 200 * 1024, allocator: .init()))  // a flush
+        #expect(mux.paced)
+        try sockets[0].writeInbound(helper.bytes(64 * 1024))
+        #expect(try sent(tunnel).filter { $0.type == .data }.allSatisfy { $0.payload.readableBytes <= mux.limits.pacedFrameSize })
+        // Fast again once it moves more than 25 MB/s: 16 MiB in half a second.
+        for _ in 0..<64 {
+            try tunnel.writeInbound(Frame.window(streamID: 1, increment: 256 * 1024, allocator: .init()))
+            try sockets[0].writeInbound(helper.bytes(256 * 1024))
+            _ = try sent(tunnel)
+        }
+        loop.advanceTime(by: .milliseconds(500))
+        try tunnel.writeInbound(Frame.window(streamID: 1, increment: 1, allocator: .init()))
+        #expect(!mux.paced)
+    }
+
+    @Test func aTunnelThatWasNeverBlockedStaysFastHoweverLittleItMoves() throws {
+        let (loop, tunnel, mux, sockets) = try twoStreams()
+        mux.paced = false
+        try sockets[0].writeInbound(helper.bytes(1000))
+        _ = try sent(tunnel)
+        loop.advanceTime(by: .milliseconds(500))
+        try tunnel.writeInbound(Frame.window(streamID: 1, increment: 1000, allocator: .init()))
+        #expect(!mux.paced, "an idle or lightly used tunnel is not a slow link")
+    }
+}
