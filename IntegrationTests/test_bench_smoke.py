@@ -81,3 +81,22 @@ def test_bench_commands_reject_bad_input_in_one_line(tmp_path):
         (["--server", "127.0.0.1:10262", "--pki-dir", pki, "--interval", "0"], ["--interval", "0"]),
     ]:
         assert_one_line_error(run(*swarm, *args, check=False), *needles)
+
+
+def test_the_shaped_link_scenario_measures_every_path(tmp_path):
+    """`scripts/bench --shaped` in its shortest form: two namespaces joined by a tbf-shaped veth pair, EdgeTunnel and
+    ssh -R under the same shaping, idle and under one bulk download. Every path carried its bulk download and timed
+    its small requests; how fast is not judged here (docs/benchmarks.md reports the long runs)."""
+    from netns import require_netns
+    require_netns()
+    result = subprocess.run([sys.executable, ROOT / "scripts" / "bench", "--shaped", "--runs", "1", "--samples", "5",
+                             "--bin-dir", BIN, "--output", tmp_path / "out", "--work-dir", tmp_path / "work"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((tmp_path / "out" / "shaped.json").read_text())
+    assert len(data) == 5 and any(row.startswith("EdgeTunnel") for row in data) and any("ssh -R" in r for r in data)
+    for row, modes in data.items():
+        assert modes["idle"][0]["samples"] == 5 and modes["bulk"][0]["samples"] == 5, row
+        # The link is 40 Mbit/s: a bulk download that moved far less did not share it with the requests.
+        assert 20 < modes["bulk"][0]["bulk_mbit_s"] < 45, (row, modes["bulk"][0])
+    assert "| EdgeTunnel, one keep-alive CONNECT stream |" in result.stdout
