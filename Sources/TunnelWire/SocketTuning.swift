@@ -19,8 +19,8 @@ extension SocketTuning {
     /// measured on a 40 Mbit/s link) and every frame, a keystroke's among them, waits behind all of it. With it the
     /// bytes wait in the mux's queue, where the streams take turns (``TunnelMux/sendQueued()``).
     public static let pacedNotSentLowat = 8 * 1024
-    /// The kernel's default: no limit (a fast tunnel).
-    public static let unlimitedNotSentLowat = Int(Int32.max)
+    /// A fast tunnel's: 0 gives the socket back the host's `net.ipv4.tcp_notsent_lowat` (no limit by default).
+    public static let unlimitedNotSentLowat = 0
 
     /// A paced tunnel channel's write-buffer watermarks: the mux stops writing DATA above `high` and starts again
     /// below `low`.

@@ -11,10 +11,10 @@ extension TunnelMux {
         if let pending = stream.pending {
             guard stream.send.available > 0, !stream.queuedToSend else { return }
             stream.queuedToSend = true
-            // A small piece (a keystroke's echo, a short answer) goes ahead of the streams in line: it fits in one
-            // frame, and its socket is not read again until it is sent, so it cannot keep a bulk stream waiting.
+            // A small piece (a keystroke's echo, a short answer) goes ahead of the streams in line, in the order the
+            // pieces came; a bulk stream still gets every fifth turn (``nextToSend()``), however many pieces come.
             if pending.readableBytes <= limits.pacedSharedFrameSize {
-                sendQueue.prepend(stream)
+                urgentQueue.append(stream)
             } else {
                 sendQueue.append(stream)
             }
@@ -34,12 +34,14 @@ extension TunnelMux {
         guard let context else { return }
         var wrote = false
         let flushBatch = paced ? limits.pacedFlushBatch : 256 * 1024
-        while unflushedData < flushBatch, context.channel.isWritable, let stream = sendQueue.popFirst() {
+        while unflushedData < flushBatch, context.channel.isWritable, let stream = nextToSend() {
             stream.queuedToSend = false
             guard streams[stream.id] === stream, stream.lifecycle.canSend, var pending = stream.pending,
                 stream.send.available > 0
             else { continue }
-            let frameSize = !paced ? Frame.maxPayload : sendQueue.isEmpty ? limits.pacedFrameSize : limits.pacedSharedFrameSize
+            let othersWait = !sendQueue.isEmpty || !urgentQueue.isEmpty
+            let frameSize = !paced ? Frame.maxPayload : othersWait ? limits.pacedSharedFrameSize : limits.pacedFrameSize
+            if rateWindow.bytes == 0 { rateWindow = (eventLoop.now, 0, false) }  // the window starts with traffic
             let count = min(pending.readableBytes, stream.send.available, frameSize)
             let slice = pending.readSlice(length: count)!
             stream.send.consume(count)
@@ -64,18 +66,32 @@ extension TunnelMux {
         if wrote { scheduleFlush() }
     }
 
-    /// Flushes the tunnel, then lets the streams in line write again.
+    /// The next stream to send a frame: small pieces first, in their order, but after four of them in a row a
+    /// stream of the main line gets its turn, so a stream of small pieces cannot starve a bulk one.
+    func nextToSend() -> Stream? {
+        if !urgentQueue.isEmpty, sendQueue.isEmpty || urgentInARow < 4 {
+            urgentInARow += 1
+            return urgentQueue.popFirst()
+        }
+        urgentInARow = 0
+        return sendQueue.popFirst()
+    }
+
+    /// Flushes the tunnel, then lets the streams in line write again. A tunnel still not writable after a flush has
+    /// more to send than its socket takes: its link (or its peer) is the bottleneck.
     func flushTunnel() {
         unflushedData = 0
         context?.flush()
+        if let context, !context.channel.isWritable { rateWindow.blocked = true }
         judgeRate()
-        if !sendQueue.isEmpty { sendQueued() }
+        if !sendQueue.isEmpty || !urgentQueue.isEmpty { sendQueued() }
     }
 
-    /// Every ``TunnelLimits/rateInterval`` of traffic: a tunnel that was not writable at some point (its link is the
-    /// bottleneck) and moved less than ``TunnelLimits/pacedBelowBytesPerSecond`` becomes paced; a paced one that
-    /// moved more than ``TunnelLimits/fastAboveBytesPerSecond`` becomes fast. An idle tunnel keeps its mode.
+    /// Every ``TunnelLimits/rateInterval`` from its first DATA: a tunnel that stayed not writable after a flush (its
+    /// link is the bottleneck) and moved less than ``TunnelLimits/pacedBelowBytesPerSecond`` becomes paced; a paced
+    /// one that moved more than ``TunnelLimits/fastAboveBytesPerSecond`` becomes fast. An idle tunnel keeps its mode.
     func judgeRate() {
+        guard rateWindow.bytes > 0 else { return }
         let now = eventLoop.now
         let elapsed = now - rateWindow.start
         guard elapsed >= limits.rateInterval else { return }

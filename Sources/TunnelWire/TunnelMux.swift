@@ -58,6 +58,10 @@ public final class TunnelMux: ChannelInboundHandler {
     /// Streams with bytes and credit, waiting for the tunnel to take DATA: served in turn, one frame each
     /// (``sendQueued()``), so a small reply is not queued behind a bulk transfer's whole read.
     var sendQueue = CircularBuffer<Stream>()
+    /// Streams whose waiting bytes fit in one small frame: they go first (``nextToSend()``).
+    var urgentQueue = CircularBuffer<Stream>()
+    /// Turns the urgent line took in a row while the main line waited.
+    var urgentInARow = 0
     /// DATA bytes written since the last flush.
     var unflushedData = 0
     /// The tunnel's link is the bottleneck and slow (``TunnelLimits/pacedBelowBytesPerSecond``): short queues, small
@@ -119,7 +123,6 @@ public final class TunnelMux: ChannelInboundHandler {
     }
 
     public func channelWritabilityChanged(context: ChannelHandlerContext) {
-        if !context.channel.isWritable { rateWindow.blocked = true }
         if context.channel.isWritable {
             unreadReplies = 0
             sendQueued()
@@ -295,6 +298,7 @@ public final class TunnelMux: ChannelInboundHandler {
         let all = streams.values
         streams = [:]
         sendQueue.removeAll()
+        urgentQueue.removeAll()
         queuedData = 0
         counters.setStreams(0)
         for stream in all {

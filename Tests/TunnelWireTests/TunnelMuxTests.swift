@@ -298,6 +298,18 @@ final class RecordingDelegate: TunnelMuxDelegate {
     }
 }
 
+/// Makes its EmbeddedChannel not writable after every flush: a socket that takes one batch at a time.
+final class FullAfterFlush: ChannelOutboundHandler {
+    typealias OutboundIn = Any
+    func flush(context: ChannelHandlerContext) {
+        context.flush()
+        if let channel = context.channel as? EmbeddedChannel, channel.isWritable {
+            channel.isWritable = false
+            context.pipeline.fireChannelWritabilityChanged()
+        }
+    }
+}
+
 final class FlushCounter: ChannelOutboundHandler {
     typealias OutboundIn = Frame
     var count = 0
@@ -481,9 +493,11 @@ final class FlushCounter: ChannelOutboundHandler {
         // A fast tunnel sends a read in frames of up to 256 KiB.
         try sockets[0].writeInbound(helper.bytes(200 * 1024))
         #expect(try sent(tunnel).filter { $0.type == .data }.map(\.payload.readableBytes) == [200 * 1024])
-        // Half a second in which the tunnel was not writable and moved 200 KiB: 0.4 MB/s, a slow link.
+        // Half a second in which the tunnel stayed not writable after a flush and moved 200 KiB: 0.4 MB/s.
         tunnel.isWritable = false
         tunnel.pipeline.fireChannelWritabilityChanged()
+        try tunnel.writeInbound(Frame.window(streamID: 3, increment: 1, allocator: .init()))  // a flush
+        #expect(!mux.paced, "judged before half a second of traffic")
         tunnel.isWritable = true
         tunnel.pipeline.fireChannelWritabilityChanged()
         loop.advanceTime(by: .milliseconds(500))
@@ -510,5 +524,45 @@ final class FlushCounter: ChannelOutboundHandler {
         loop.advanceTime(by: .milliseconds(500))
         try tunnel.writeInbound(Frame.window(streamID: 1, increment: 1000, allocator: .init()))
         #expect(!mux.paced, "an idle or lightly used tunnel is not a slow link")
+    }
+
+    @Test func aStreamOfSmallPiecesCannotStarveABulkStream() throws {
+        let (_, tunnel, mux, sockets) = try twoStreams()
+        // A slow link: each flush fills the socket, which takes one batch per round below.
+        try tunnel.pipeline.syncOperations.addHandler(FullAfterFlush(), position: .first)
+        let piece = mux.limits.pacedSharedFrameSize  // small enough to go first, and a whole flush batch
+        try sockets[0].writeInbound(helper.bytes(200 * 1024))  // the bulk stream waits in line
+        var frames = try sent(tunnel).filter { $0.type == .data }
+        for _ in 0..<20 {
+            try sockets[1].writeInbound(helper.bytes(piece))  // a new small piece in every round
+            tunnel.isWritable = true  // the socket drained one batch
+            tunnel.pipeline.fireChannelWritabilityChanged()
+            frames += try sent(tunnel).filter { $0.type == .data }
+        }
+        let bulkTurns = frames.dropFirst().filter { $0.streamID == 1 }.count
+        #expect(frames.contains { $0.streamID == 3 }, "no small piece went out")
+        #expect(bulkTurns >= 3, "the bulk stream got \(bulkTurns) turns in 20 rounds of small pieces")
+    }
+
+    @Test func anIdleGapIsNotCountedAsASlowLink() throws {
+        let (loop, tunnel, mux, sockets) = try twoStreams()
+        mux.paced = false
+        loop.advanceTime(by: .seconds(10))  // idle
+        tunnel.isWritable = false  // a burst the socket did not take at once
+        tunnel.pipeline.fireChannelWritabilityChanged()
+        try sockets[0].writeInbound(helper.bytes(256 * 1024))
+        try tunnel.writeInbound(Frame.window(streamID: 3, increment: 1, allocator: .init()))  // a flush
+        tunnel.isWritable = true
+        tunnel.pipeline.fireChannelWritabilityChanged()
+        _ = try sent(tunnel)
+        loop.advanceTime(by: .milliseconds(1))
+        for _ in 0..<200 {  // 51 MiB in the next half second: a fast link
+            try tunnel.writeInbound(Frame.window(streamID: 1, increment: 256 * 1024, allocator: .init()))
+            try sockets[0].writeInbound(helper.bytes(256 * 1024))
+            _ = try sent(tunnel)
+        }
+        loop.advanceTime(by: .milliseconds(500))
+        try tunnel.writeInbound(Frame.window(streamID: 3, increment: 1, allocator: .init()))
+        #expect(!mux.paced, "ten idle seconds were counted in the rate")
     }
 }
