@@ -33,6 +33,9 @@ public struct AgentConfiguration: Sendable {
     /// those with windows from 4 KiB up, so that ten thousand idle streams fit. The manifests give the agent
     /// 160 MiB of memory: this, ~25 MiB idle, and TLS buffers.
     public var bufferBudget = 96 << 20
+    /// The local address tunnel connections leave from; nil lets the kernel choose. Only the benchmark swarm sets
+    /// it (each of its agents from its own loopback address, as each edge node has its own), not a flag.
+    public var sourceAddress: IPAddress?
 
     public init(nodeName: String, nodeIPs: [IPAddress] = [], serverAddresses: [String] = [], allowList: AllowList? = nil) {
         self.nodeName = nodeName

@@ -36,9 +36,7 @@ extension EdgeTunnelAgent {
             let loop = group.next()
             let fresh = AgentTunnel(agent: self, address: address, eventLoop: loop)
             do {
-                channel = try await ClientBootstrap(group: loop)
-                    .connectTimeout(configuration.connectTimeout)
-                    .streamConnection(halfClosure: false)
+                channel = try await tunnelBootstrap(on: loop)
                     .channelInitializer { channel in
                         channel.eventLoop.makeCompletedFuture { try addTunnelHandlers(channel, fresh) }
                     }
@@ -129,9 +127,7 @@ extension EdgeTunnelAgent {
         let answered = loop.makePromise(of: ReplicaProbe.Answer.self)
         let channel: Channel
         do {
-            channel = try await ClientBootstrap(group: loop)
-                .connectTimeout(configuration.connectTimeout)
-                .streamConnection(halfClosure: false)
+            channel = try await tunnelBootstrap(on: loop)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(ReplicaProbeAsker(answered: answered))
@@ -157,6 +153,15 @@ extension EdgeTunnelAgent {
             channel.close(promise: nil)
             throw error
         }
+    }
+
+    /// A connection towards a server: the connect timeout, and the source address if one is configured.
+    private func tunnelBootstrap(on loop: EventLoop) throws -> ClientBootstrap {
+        let bootstrap = ClientBootstrap(group: loop)
+            .connectTimeout(configuration.connectTimeout)
+            .streamConnection(halfClosure: false)
+        guard let source = configuration.sourceAddress else { return bootstrap }
+        return bootstrap.bind(to: try SocketAddress(ipAddress: source.description, port: 0))
     }
 
     /// `tunnel` (new, or a replica's promoted) becomes the one the failover loop serves on.

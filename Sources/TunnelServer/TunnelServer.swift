@@ -192,6 +192,7 @@ public final class TunnelServer: @unchecked Sendable {
         // On the tunnel port a handshake without a certificate is a join: it stays counted (and under the
         // deadline) until it ends; an agent's certificate releases it (TunnelConnectionClassifier).
         let tunnelGate = makeGate("tunnel")
+        let probePace: @Sendable () -> TimeAmount = { core.replicaProbePace() }
         let secureGate = makeGate("secure")
         let tunnel = try await ServerBootstrap(group: group)
             .streamListener(halfClosure: false)
@@ -199,7 +200,7 @@ public final class TunnelServer: @unchecked Sendable {
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
                     try sync.addHandler(tunnelGate.handler())
-                    try sync.addHandler(ReplicaProbeResponder(serverID: core.configuration.serverID, pace: core.replicaProbePace))
+                    try sync.addHandler(ReplicaProbeResponder(serverID: core.configuration.serverID, pace: probePace))
                     try sync.addHandler(NIOSSLServerHandler(context: core.tunnelContext))
                     try sync.addHandler(FrameDecoder(maxPayload: Frame.maxUnregisteredPayload))
                     try sync.addHandler(FrameEncoder())

@@ -22,6 +22,7 @@ final class TunnelServerCore: @unchecked Sendable {
     let configuration: ServerConfiguration
     let logger: Logger
     let registry = AgentRegistry()
+    let probePacer: ReplicaProbePacer
     let metrics = ServerMetrics()
     let limits: TunnelLimits
     let callerStreams: CallerStreams
@@ -63,12 +64,14 @@ final class TunnelServerCore: @unchecked Sendable {
     var serverCount: Int { lock.withLock { _serverCount } }
 
     /// How long an agent that probed this replica but already holds it waits before its next probe
-    /// (``ReplicaProbe``), at least 1 s. Every agent missing a replica probes at about this pace, and the Service
-    /// spreads the probes over the replicas: the agents held here over (``ServerConfiguration/replicaProbeRate``
-    /// × replicas) keeps each replica near that rate.
-    var replicaProbePace: TimeAmount {
-        let seconds = Double(registry.count) / (Double(max(1, configuration.replicaProbeRate)) * Double(max(1, serverCount)))
-        return .milliseconds(Int64(min(max(seconds, 1), 300) * 1000))
+    /// (``ReplicaProbe``): the pacer follows the probes received (``ReplicaProbePacer``), under a ceiling that
+    /// holds even if every agent held here were looking. Every agent missing a replica probes at about this pace,
+    /// and the Service spreads the probes over the replicas: the agents held here over
+    /// (``ServerConfiguration/replicaProbeRate`` × replicas) keeps each replica near that rate.
+    func replicaProbePace() -> TimeAmount {
+        let seconds = Double(registry.count) / (probePacer.target * Double(max(1, serverCount)))
+        let ceiling = TimeAmount.milliseconds(Int64(min(seconds, 300) * 1000))
+        return probePacer.pace(ceiling: ceiling)
     }
 
     /// A new replica count: told to every registered agent, which dials more tunnels or stops dialing.
@@ -87,6 +90,7 @@ final class TunnelServerCore: @unchecked Sendable {
     init(configuration: ServerConfiguration, logger: Logger) throws {
         self.configuration = configuration
         self.logger = logger
+        self.probePacer = ReplicaProbePacer(target: configuration.replicaProbeRate)
         self._serverCount = configuration.serverCount
         self.joins = JoinGuard(store: TokenStore(paths: configuration.paths))
         var limits = TunnelLimits()

@@ -58,13 +58,19 @@ public final class ReplicaProbeResponder: ChannelInboundHandler, RemovableChanne
     public typealias InboundIn = ByteBuffer
     public typealias InboundOut = ByteBuffer
     private let serverID: String
-    private let pace: TimeAmount
+    private let pace: @Sendable () -> TimeAmount
     private var buffered: ByteBuffer?
 
-    /// `pace`: how long an agent that already holds this replica should wait before probing again.
-    public init(serverID: String, pace: TimeAmount) {
+    /// `pace`: asked once per question, how long an agent that already holds this replica should wait before
+    /// probing again (``ReplicaProbePacer``).
+    public init(serverID: String, pace: @escaping @Sendable () -> TimeAmount) {
         self.serverID = serverID
         self.pace = pace
+    }
+
+    /// Always the same `pace`.
+    public convenience init(serverID: String, pace: TimeAmount) {
+        self.init(serverID: serverID, pace: { pace })
     }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -79,7 +85,7 @@ public final class ReplicaProbeResponder: ChannelInboundHandler, RemovableChanne
         }
         guard compared == question.count else { return }  // the question, not complete yet
         buffered!.moveReaderIndex(forwardBy: question.count)
-        context.writeAndFlush(NIOAny(context.channel.allocator.buffer(string: ReplicaProbe.answer(serverID: serverID, pace: pace))), promise: nil)
+        context.writeAndFlush(NIOAny(context.channel.allocator.buffer(string: ReplicaProbe.answer(serverID: serverID, pace: pace()))), promise: nil)
         leave(context)
     }
 

@@ -75,6 +75,10 @@ struct BenchCommand: ParsableCommand {
         @Option(help: "Node names are PREFIX0, PREFIX1, ...") var prefix = "swarm-"
         @Option(help: "Event loop threads shared by all agents.") var threads = 2
         @Option(help: "Print a report this often (seconds).") var interval: Double = 1
+        @Option(
+            name: .customLong("source-network"),
+            help: "Each agent leaves from its own address A.B.x.y in this IPv4 /16 (A.B.0.0, on loopback), as edge nodes do.")
+        var sourceNetwork: String?
 
         func run() async throws {
             ProcessSupport.bootstrapLogging(level: .critical)
@@ -86,10 +90,14 @@ struct BenchCommand: ParsableCommand {
                 guard agents > 0 else { throw ConfigurationError("invalid --agents \(agents): must be at least 1") }
                 guard threads > 0 else { throw ConfigurationError("invalid --threads \(threads): must be at least 1") }
                 guard interval > 0 else { throw ConfigurationError("invalid --interval \(interval): must be above 0") }
+                let network = try sourceNetwork.map { text in
+                    guard let address = IPAddress(text) else { throw ConfigurationError("invalid --source-network \(text): not an IP address") }
+                    return address
+                }
                 group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
                 swarm = try AgentSwarm(
                     server: server, ca: try CertificateAuthority.load(from: PKIPaths(directory: pkiDir)),
-                    agents: agents, prefix: prefix, group: group, logger: logger)
+                    agents: agents, prefix: prefix, group: group, logger: logger, sourceNetwork: network)
             } catch {
                 printError("\(error)")
                 throw ExitCode.failure

@@ -1,0 +1,72 @@
+import NIOConcurrencyHelpers
+import NIOCore
+
+/// The pace a replica asks of agents that probed it but already hold it (``ReplicaProbe``), sized to the agents
+/// that are still looking, not to all the agents it holds.
+///
+/// While a replica is away, every agent is missing it and each probes once a pace; the Service spreads the probes
+/// over the replicas that remain. A pace sized to all agents (the `ceiling`: agents held over the target rate ×
+/// replicas) keeps that storm near the target, but it stays as long when only a few agents are still looking:
+/// each probe finds the returned replica with a fixed chance, so the number still looking falls by a fixed
+/// fraction per pace, and the last of 10,000 agents arrived some 100 s after the first (docs/benchmarks.md).
+///
+/// So the pace follows the probes this replica actually receives: each window it is scaled by the rate seen over
+/// the target rate. The probes a replica receives are (agents looking) / (pace × replicas in the Service); keeping
+/// them at the target makes the pace shrink with the agents still looking, and the fleet's probe load stays near
+/// `target` per replica throughout. The pace moves by at most a factor of two per window, never above the
+/// ceiling and never below ``floor``. After a quiet spell it starts again from the ceiling, so a new storm meets
+/// the cautious pace first.
+public final class ReplicaProbePacer: Sendable {
+    /// Probes per second per replica the pace aims at.
+    public let target: Double
+    /// The shortest pace asked for.
+    public static let floor: TimeAmount = .milliseconds(500)
+    /// How often the pace is reconsidered.
+    static let window: TimeAmount = .seconds(1)
+    /// Without a probe for this long, the next one starts again from the ceiling.
+    static let quiet: TimeAmount = .seconds(10)
+    /// After a quiet spell, the pace is not shortened for this long.
+    static let rampUp: TimeAmount = .seconds(6)
+
+    private struct State {
+        var windowStart: NIODeadline?
+        /// The first probe after a quiet spell: the storm's start.
+        var stormStart: NIODeadline?
+        var probes = 0
+        /// The pace answered in the current window; nil before the first window and after a quiet spell.
+        var pace: TimeAmount?
+    }
+    private let state = NIOLockedValueBox(State())
+
+    /// `target`: probes per second per replica (``ServerConfiguration/replicaProbeRate``).
+    public init(target: Int) {
+        self.target = Double(max(1, target))
+    }
+
+    /// Counts one probe received at `now` and returns the pace to answer it with, at most `ceiling`.
+    public func pace(now: NIODeadline = .now(), ceiling: TimeAmount) -> TimeAmount {
+        let ceiling = max(ceiling, Self.floor)
+        return state.withLockedValue { state in
+            guard let start = state.windowStart, now - start < Self.quiet else {
+                state = State(windowStart: now, stormStart: now, probes: 1, pace: nil)
+                return ceiling
+            }
+            state.probes += 1
+            let given = min(state.pace ?? ceiling, ceiling)
+            let elapsed = now - start
+            if elapsed >= Self.window {
+                let rate = Double(state.probes) / (Double(elapsed.nanoseconds) / 1e9)
+                let wanted = Double(given.nanoseconds) * rate / target
+                // Agents spread their first probes over a few seconds (``ReplicaTunnels``): until then the rate
+                // undercounts those looking, and only a longer pace is taken.
+                let ramping = now - (state.stormStart ?? now) < Self.rampUp
+                let lowest = ramping ? Double(given.nanoseconds) : Double(given.nanoseconds) * 0.75
+                let bounded = min(max(wanted, lowest), Double(given.nanoseconds) * 2)
+                state.pace = min(max(.nanoseconds(Int64(bounded)), Self.floor), ceiling)
+                state.windowStart = now
+                state.probes = 0
+            }
+            return state.pace ?? given
+        }
+    }
+}
