@@ -156,8 +156,9 @@ def test_revocation_closes_the_live_tunnel_and_refuses_handshakes_and_renewal(cl
     assert "node edge-1 is revoked" in error, error
 
 
-def test_renewal_is_limited_to_one_per_ten_seconds_per_connection(cluster, tmp_path):
-    """RENEW makes the server sign a certificate: a connection asking again within 10 s gets no second one."""
+def test_renewal_is_limited_to_one_per_ten_seconds_per_connection_and_per_node(cluster, tmp_path):
+    """RENEW makes the server sign a certificate: a connection asking again within 10 s gets no second one, and
+    neither does the same node on fresh connections."""
     cluster.start_agent("edge-1").stop()
     agent_pki = cluster.tmp / "agent-edge-1"
     context = cluster.tls_context(agent_pki / "agent.crt", agent_pki / "agent.key")
@@ -182,6 +183,21 @@ def test_renewal_is_limited_to_one_per_ten_seconds_per_connection(cluster, tmp_p
                 pass
     assert renewed == 1, renewed
     cluster.server.expect_log("certificate renewal refused: asked again within 10s")
+    # A new connection per RENEW gets no more: one signature per node per 10 s, whichever connection asks.
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", cluster.ports["tunnel"]), timeout=10) as raw:
+            with context.wrap_socket(raw) as tls:
+                tls.sendall(frame(1, 0, json.dumps({"version": 2, "nodeName": "edge-1", "nodeIPs": [],
+                                                    "capabilities": []}).encode()))
+                assert read_frame(tls)[0] == 2
+                tls.sendall(frame(16, 0, json.dumps({"csrPEM": csr}).encode()))
+                tls.settimeout(2)
+                try:
+                    while True:
+                        assert read_frame(tls)[0] != 17, "a second connection got a certificate within 10 s"
+                except (socket.timeout, ConnectionError, OSError):
+                    pass
+    cluster.server.expect_log("certificate renewal refused: node edge-1 was renewed within 10s (on another connection)")
     hits = [line for line in http_get(cluster.meta_url("/metrics"))[1].splitlines()
             if line.startswith('edge_tunnel_server_limit_hits_total{limit="renew_rate"}')]
-    assert len(hits) == 1 and float(hits[0].split()[-1]) == 4, hits
+    assert len(hits) == 1 and float(hits[0].split()[-1]) == 6, hits

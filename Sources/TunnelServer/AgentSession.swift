@@ -232,6 +232,11 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             return
         }
         lastRenewal = now
+        if let refusal = server.renewals.admit(node: nodeName, source: channel.remoteAddress?.ipAddress ?? "local", now: now) {
+            server.metrics.limitHits.increment("renew_rate")
+            logger.warning("certificate renewal refused: \(refusal)")
+            return
+        }
         do {
             try server.identities.reloadIfChanged()  // a stat: a revocation a moment ago counts
             guard server.identities.accepts(node: nodeName, certificateValidFrom: certificateValidFrom) else {

@@ -23,6 +23,7 @@ final class TunnelServerCore: @unchecked Sendable {
     let logger: Logger
     let registry = AgentRegistry()
     let probePacer: ReplicaProbePacer
+    let renewals = RenewalGuard()
     let metrics = ServerMetrics()
     let limits: TunnelLimits
     let callerStreams: CallerStreams

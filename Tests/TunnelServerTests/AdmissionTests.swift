@@ -71,6 +71,19 @@ import TunnelPKI
         #expect(try guardian.verify(second.description).id == second.id)
         try store.delete(id: first.id)
         #expect(throws: PKIError.self) { try guardian.verify(first.description) }
+
+        // Unchanged on disk as far as a stat can tell (same inode, size and time), but unreadable: a guard that
+        // read the file on every attempt would now fail; this one answers from memory.
+        var before = stat()
+        #expect(stat(store.path, &before) == 0)
+        let size = Int(before.st_size)
+        let handle = try #require(FileHandle(forWritingAtPath: store.path))
+        try handle.write(contentsOf: Data(repeating: UInt8(ascii: "x"), count: size))
+        try handle.close()
+        var times = [before.st_atim, before.st_mtim]
+        #expect(utimensat(AT_FDCWD, store.path, &times, 0) == 0)
+        #expect(throws: (any Error).self) { try store.list() }
+        #expect(try guardian.verify(second.description).id == second.id)
     }
 
     @Test func aResetVoidsEarlierCertificatesAndARevocationAllOfThem() throws {
@@ -114,5 +127,24 @@ import TunnelPKI
         for index in 0..<JoinGuard.maxSources { _ = guardian.admit("10.\(index >> 16).\((index >> 8) & 255).\(index & 255)", now: now) }
         #expect(!guardian.admit("192.168.7.7", now: now + .seconds(1)))  // full, nothing expired yet
         #expect(guardian.admit("192.168.7.7", now: now + .seconds(11)))  // expired sources forgotten
+    }
+}
+
+@Suite struct RenewalGuardTests {
+    @Test func aNodeGetsOneRenewalPerIntervalWhicheverConnectionAsksAndASourceAFew() {
+        let renewals = RenewalGuard()
+        let now = NIODeadline.now()
+        #expect(renewals.admit(node: "edge-1", source: "10.0.0.1", now: now) == nil)
+        // The same node on a new connection, from anywhere: refused until the interval has passed.
+        #expect(renewals.admit(node: "edge-1", source: "10.0.0.2", now: now + .seconds(1))?.contains("edge-1") == true)
+        #expect(renewals.admit(node: "edge-1", source: "10.0.0.1", now: now + .seconds(11)) == nil)
+        // Many nodes behind one address: at most RenewalGuard.perSource in one interval.
+        let later = now + .seconds(30)
+        for index in 0..<RenewalGuard.perSource {
+            #expect(renewals.admit(node: "stolen-\(index)", source: "192.0.2.9", now: later) == nil)
+        }
+        #expect(renewals.admit(node: "stolen-x", source: "192.0.2.9", now: later)?.contains("192.0.2.9") == true)
+        #expect(renewals.admit(node: "other", source: "192.0.2.10", now: later) == nil)
+        #expect(renewals.admit(node: "stolen-y", source: "192.0.2.9", now: later + .seconds(10)) == nil)
     }
 }

@@ -1,0 +1,70 @@
+import NIOConcurrencyHelpers
+import NIOCore
+import TunnelPKI
+
+/// At most `perKey` events per key in a fixed window (joins per source address, certificate renewals per node
+/// and per source). The table of keys is bounded: past ``maxKeys`` (after forgetting expired ones, at most once a
+/// window) new keys are refused until the window passes, so a flood of sources cannot grow it. Thread-safe.
+final class WindowedLimit: Sendable {
+    let perKey: Int
+    let window: TimeAmount
+    /// Keys tracked at once.
+    static let maxKeys = 10_000
+
+    private struct Table {
+        var counts: [String: (count: Int, since: NIODeadline)] = [:]
+        var lastPrune = NIODeadline.uptimeNanoseconds(0)
+    }
+    private let table = NIOLockedValueBox(Table())
+
+    init(perKey: Int, window: TimeAmount) {
+        self.perKey = perKey
+        self.window = window
+    }
+
+    /// Counts one event for `key`; false when it is over the limit.
+    func admit(_ key: String, now: NIODeadline = .now()) -> Bool {
+        table.withLockedValue { table in
+            if table.counts[key] == nil && table.counts.count >= Self.maxKeys {
+                if now - table.lastPrune >= window {
+                    table.lastPrune = now
+                    table.counts = table.counts.filter { now - $0.value.since < window }
+                }
+                guard table.counts.count < Self.maxKeys else { return false }
+            }
+            var entry = table.counts[key] ?? (0, now)
+            if now - entry.since >= window { entry = (0, now) }
+            entry.count += 1
+            table.counts[key] = entry
+            return entry.count <= perKey
+        }
+    }
+
+    /// A source address as a key: an IPv6 source by its /64 (one host owns many addresses).
+    static func sourceKey(_ source: String) -> String {
+        guard let address = IPAddress(source), !address.isIPv4 else { return source }
+        return IPAddress(bytes: address.bytes.prefix(8) + [UInt8](repeating: 0, count: 8))!.description + "/64"
+    }
+}
+
+/// What stands before a certificate renewal besides the per-connection interval (``AgentSession``): a renewal
+/// signs a certificate, so a node holder opening connection after connection gets at most one per
+/// ``AgentSession/renewalInterval``, and one source address at most ``perSource`` in that time (many stolen
+/// certificates behind one address).
+struct RenewalGuard: Sendable {
+    static let perSource = 20
+    private let perNode = WindowedLimit(perKey: 1, window: AgentSession.renewalInterval)
+    private let sources = WindowedLimit(perKey: RenewalGuard.perSource, window: AgentSession.renewalInterval)
+
+    /// Nil when `node`, asking from `source`, may have a certificate signed now; otherwise why not.
+    func admit(node: String, source: String, now: NIODeadline = .now()) -> String? {
+        let interval = AgentSession.renewalInterval.nanoseconds / 1_000_000_000
+        guard perNode.admit(node, now: now) else {
+            return "node \(node) was renewed within \(interval)s (on another connection)"
+        }
+        guard sources.admit(WindowedLimit.sourceKey(source), now: now) else {
+            return "more than \(Self.perSource) renewals from \(source) within \(interval)s"
+        }
+        return nil
+    }
+}
