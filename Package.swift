@@ -199,7 +199,7 @@ let package = Package(
         .testTarget(
             name: "TunnelSupportTests",
             dependencies: [
-                "TunnelSupport", "TunnelPKI",
+                "TunnelSupport", "TunnelPKI", .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),

@@ -98,36 +98,45 @@ extension Logger.Level {
 
 /// Text log lines that a peer cannot split or forge: the message and every metadata value have their control
 /// characters escaped and are shortened (``PeerText``), whatever a call site forgot to quote.
-public struct EscapingLogHandler: LogHandler {
-    /// The longest message or metadata value written, in characters.
-    public static let messageLimit = 4096
-    private var inner: StreamLogHandler
+public struct EscapingLogHandler<Inner: LogHandler>: LogHandler {
+    private var inner: Inner
 
-    public init(_ inner: StreamLogHandler) { self.inner = inner }
+    public init(_ inner: Inner) { self.inner = inner }
 
     public var logLevel: Logger.Level {
         get { inner.logLevel }
         set { inner.logLevel = newValue }
     }
 
+    /// The logger's own metadata (`logger[metadataKey:]`) is escaped as it is set: it is printed on every line.
     public var metadata: Logger.Metadata {
         get { inner.metadata }
-        set { inner.metadata = newValue }
+        set { inner.metadata = newValue.mapValues(LogText.escaped) }
     }
 
     public subscript(metadataKey key: String) -> Logger.Metadata.Value? {
         get { inner[metadataKey: key] }
-        set { inner[metadataKey: key] = newValue }
+        set { inner[metadataKey: key] = newValue.map(LogText.escaped) }
     }
 
     public func log(event: LogEvent) {
         var event = event
-        event.message = "\(PeerText.bounded(event.message.description, limit: Self.messageLimit))"
-        if let metadata = event.metadata {
-            event.metadata = metadata.mapValues { .string(PeerText.bounded("\($0)", limit: Self.messageLimit)) }
-        }
+        event.message = "\(LogText.bounded(event.message.description))"
+        event.metadata = event.metadata?.mapValues(LogText.escaped)
         inner.log(event: event)
     }
+}
+
+/// What log handlers do to text that may come from a peer.
+public enum LogText {
+    /// The longest message or metadata value written, in characters.
+    public static let limit = 4096
+
+    /// `text` with control characters escaped, at most ``limit`` characters (``PeerText``).
+    public static func bounded(_ text: String) -> String { PeerText.bounded(text, limit: limit) }
+
+    /// A metadata value as one bounded, escaped string.
+    static func escaped(_ value: Logger.Metadata.Value) -> Logger.Metadata.Value { .string(bounded("\(value)")) }
 }
 
 /// One JSON object a line on stderr: `time`, `level`, `logger`, `message`, and the metadata as string fields.
@@ -145,21 +154,27 @@ public struct JSONLogHandler: LogHandler {
     }
 
     public func log(event: LogEvent) {
+        guard let data = Self.line(for: event, label: label, metadata: metadata) else { return }
+        Self.lock.lock()
+        defer { Self.lock.unlock() }
+        FileHandle.standardError.write(data)
+    }
+
+    /// The line written for `event`, newline included: every value bounded and escaped (``LogText``).
+    static func line(for event: LogEvent, label: String, metadata: Logger.Metadata) -> Data? {
         var fields: [String: String] = [:]
         for (key, value) in metadata.merging(event.metadata ?? [:], uniquingKeysWith: { $1 }) {
-            fields[key] = "\(value)"
+            fields[LogText.bounded(key)] = LogText.bounded("\(value)")
         }
         fields["time"] = Date().formatted(.iso8601)
         fields["level"] = event.level.rawValue
         fields["logger"] = label
-        fields["message"] = PeerText.bounded(event.message.description, limit: EscapingLogHandler.messageLimit)
-        if let error = event.error { fields["error"] = PeerText.bounded("\(error)", limit: EscapingLogHandler.messageLimit) }
+        fields["message"] = LogText.bounded(event.message.description)
+        if let error = event.error { fields["error"] = LogText.bounded("\(error)") }
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        guard var data = try? encoder.encode(fields) else { return }
+        guard var data = try? encoder.encode(fields) else { return nil }
         data.append(UInt8(ascii: "\n"))
-        Self.lock.lock()
-        defer { Self.lock.unlock() }
-        FileHandle.standardError.write(data)
+        return data
     }
 }
