@@ -165,11 +165,11 @@ def test_every_agent_reaches_every_replica_and_no_request_lands_where_its_node_i
         metrics = cluster.meta(index, "/metrics")
         assert f"edge_tunnel_server_replicas {REPLICAS}" in metrics.replace(".0\n", "\n")
     # The line before TLS names the replica and the pace it asks of agents that already hold it: its 20 agents
-    # over 1,000 probes a second is under the 1-s floor.
+    # over 1,000 probes a second is under the 500-ms floor.
     probe = ("import socket,sys; s=socket.create_connection((sys.argv[1], 10262), 3); s.sendall(b'ETREPLICA?\\n');"
              "print(s.makefile('rb').readline().decode(), end='')")
     answer = cluster.net.run(cluster.net.edge, sys.executable, "-c", probe, cluster.net.pod_ip(1)).stdout
-    assert answer == "ETREPLICA replica-1 pace=1000\n"
+    assert answer == "ETREPLICA replica-1 pace=500\n"
 
 
 def test_a_killed_replica_fails_no_other_stream_and_its_return_is_attached(cluster):
