@@ -44,7 +44,9 @@ import Testing
 
     @Test func silentConnectionsBeyondTheGateAreClosedAtOnceTheOthersAtTheDeadline() async throws {
         let rejected = NIOLockedValueBox<[ConnectionGate.Rejection]>([])
-        let gate = ConnectionGate(port: "meta", total: 10, perSource: 2, deadline: .milliseconds(500)) { _, why in
+        // A deadline long enough that all three connect well before it, also on a busy machine (with 500 ms,
+        // the first two had been closed by it before the third arrived once, in a parallel test run).
+        let gate = ConnectionGate(port: "meta", total: 10, perSource: 2, deadline: .seconds(2)) { _, why in
             rejected.withLockedValue { $0.append(why) }
         }
         let server = try await Self.serve(gate: gate, idle: .seconds(30))
@@ -52,18 +54,20 @@ import Testing
         let (first, _) = try await Self.connect(server)
         let (second, _) = try await Self.connect(server)
         let (third, _) = try await Self.connect(server)
-        #expect(await Self.closed(third, within: .seconds(2)), "a third silent connection from one address stayed open")
+        #expect(await Self.closed(third, within: .seconds(1)), "a third silent connection from one address stayed open")
         #expect(first.isActive && second.isActive)
-        let firstClosed = await Self.closed(first, within: .seconds(3))
-        let secondClosed = await Self.closed(second, within: .seconds(3))
+        let firstClosed = await Self.closed(first, within: .seconds(4))
+        let secondClosed = await Self.closed(second, within: .seconds(4))
         #expect(firstClosed && secondClosed)
         #expect(rejected.withLockedValue { $0 } == [.sourceLimit, .deadline, .deadline])
         #expect(gate.pendingCount == 0)
     }
 
     @Test func aRequestLeavesTheGateAndAnIdleKeepAliveConnectionIsClosedLater() async throws {
-        let gate = ConnectionGate(port: "meta", total: 10, perSource: 1, deadline: .milliseconds(300)) { _, _ in }
-        let server = try await Self.serve(gate: gate, idle: .milliseconds(900))
+        // Deadlines of seconds, not milliseconds: on a busy machine a 300-ms gate closed the connection before
+        // its request was written.
+        let gate = ConnectionGate(port: "meta", total: 10, perSource: 1, deadline: .seconds(1)) { _, _ in }
+        let server = try await Self.serve(gate: gate, idle: .seconds(3))
         defer { server.close(promise: nil) }
         let (channel, client) = try await Self.connect(server)
         try await channel.writeAndFlush(ByteBuffer(string: "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")).get()
@@ -72,11 +76,11 @@ import Testing
         }
         #expect(client.received.withLockedValue { $0 }.hasPrefix("HTTP/1.1 200 OK\r\n"))
         // Past the gate's deadline, the answered connection stays; another from the same address is admitted.
-        try await Task.sleep(for: .milliseconds(500))
+        try await Task.sleep(for: .milliseconds(1500))
         #expect(channel.isActive && gate.pendingCount == 0)
         let (other, _) = try await Self.connect(server)
         defer { other.close(promise: nil) }
         // Nothing more is sent: the idle timeout closes it.
-        #expect(await Self.closed(channel, within: .seconds(3)))
+        #expect(await Self.closed(channel, within: .seconds(4)))
     }
 }
