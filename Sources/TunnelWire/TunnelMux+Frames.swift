@@ -28,9 +28,7 @@ extension TunnelMux {
             if let glue = stream.glue {
                 deliver(stream)  // bytes before the FIN go first
                 glue.finishOutputFromTunnel()
-            } else {
-                stream.earlyFin = true
-            }
+            }  // else passed on when the glue is attached: the lifecycle remembers the FIN
             removeIfDone(stream)
         case .rst:
             guard let stream = try stream(for: frame) else { return }
@@ -75,7 +73,7 @@ extension TunnelMux {
                 throw FrameError("OPEN on invalid or reused stream \(frame.streamID)")
             }
             lastPeerStreamID = frame.streamID
-            guard !draining, streams.count < limits.maxStreams else {
+            guard connection.opensStreams, streams.count < limits.maxStreams else {
                 try reply(
                     OpenFail(code: 503, reason: "agent is draining or at its stream limit")
                         .frame(streamID: frame.streamID, allocator: context.channel.allocator))

@@ -10,7 +10,7 @@ extension TunnelMux {
             }
             stream.glue = glue
             self.deliver(stream)
-            if stream.earlyFin { glue.finishOutputFromTunnel() }
+            if stream.lifecycle.state == .halfClosedRemote { glue.finishOutputFromTunnel() }  // the FIN came first
             self.updateReadState(stream)
         }
     }

@@ -7,17 +7,17 @@ extension TunnelMux {
     public func openStream(target: String) -> EventLoopFuture<OpenResult> {
         let promise = eventLoop.makePromise(of: OpenResult.self)
         execute {
-            guard let context = self.context, !self.closed else {
+            guard let context = self.context, !self.connection.isEnding else {
                 promise.succeed(.failed(OpenFail(code: 502, reason: "tunnel connection is closed")))
                 return
             }
-            guard !self.draining else {
+            guard self.connection.opensStreams else {
                 promise.succeed(.failed(OpenFail(code: 503, reason: "tunnel connection is draining")))
                 return
             }
             guard self.nextStreamID <= self.limits.lastStreamID, self.nextStreamID <= UInt32.max - 2 else {
                 // Every id is used: the agent reconnects on GOAWAY, and its new connection takes the next streams.
-                self.draining = true
+                self.connection.drain()
                 self.writeFrame(GoAway(reason: "stream ids exhausted: reconnect").frame(allocator: self.allocator), flush: true)
                 promise.succeed(.failed(OpenFail(code: 503, reason: "stream ids of the tunnel exhausted: the agent is reconnecting")))
                 return
@@ -110,14 +110,14 @@ extension TunnelMux {
     /// No new streams; open ones finish. Sends GOAWAY to the peer.
     public func drain(reason: String) {
         execute {
-            self.draining = true
+            self.connection.drain()
             self.writeFrame(GoAway(reason: reason).frame(allocator: self.allocator), flush: true)
         }
     }
 
     /// Marks this side as draining without telling the peer (it told us).
     public func markDraining() {
-        execute { self.draining = true }
+        execute { self.connection.drain() }
     }
 
     /// Number of open streams (on the loop).
@@ -128,7 +128,7 @@ extension TunnelMux {
     public func whenIdle() -> EventLoopFuture<Void> {
         let promise = eventLoop.makePromise(of: Void.self)
         execute {
-            if self.streams.isEmpty || self.closed {
+            if self.streams.isEmpty || self.connection.isClosed {
                 promise.succeed(())
             } else {
                 self.idleWaiters.append(promise)

@@ -13,14 +13,13 @@ extension TunnelMux {
         var pending: ByteBuffer?
         /// In the mux's `sendQueue`: it has pending bytes and credit, and waits for the tunnel to take them.
         var queuedToSend = false
+        /// The socket's input ended while bytes were still pending: FIN follows the last of them.
         var finAfterPending = false
         /// DATA received and not yet handed to the glue: gathered during one read of the tunnel and handed over
         /// in one go at its end (one hop, one flush), or held until the glue is attached.
         var inbound: [ByteBuffer] = []
         /// Listed in `toDeliver` for the end of the current read.
         var deliveryQueued = false
-        /// The peer's FIN came before the glue was attached: passed on when it is.
-        var earlyFin = false
         /// What the glue was last told: reading from its socket is paused.
         var readPaused = false
         /// Where the stream is in its life; every frame from the peer is checked against it.

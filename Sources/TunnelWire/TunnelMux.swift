@@ -51,8 +51,8 @@ public final class TunnelMux: ChannelInboundHandler {
     var pendingOpens = 0
     /// Waiting for the last stream to end (``whenIdle()``).
     var idleWaiters: [EventLoopPromise<Void>] = []
-    var closed = false
-    var draining = false
+    /// Open, draining, failed or closed (``ConnectionStateMachine``).
+    var connection = ConnectionStateMachine()
     /// Streams with DATA to hand to their glue when the current read of the tunnel completes.
     var toDeliver: [Stream] = []
     /// Streams with bytes and credit, waiting for the tunnel to take DATA: served in turn, one frame each
@@ -84,8 +84,6 @@ public final class TunnelMux: ChannelInboundHandler {
     var unreadReplies = 0
     /// The highest stream id the peer has opened (agent side): ids are never reused.
     var lastPeerStreamID: UInt32 = 0
-    /// The peer broke the protocol: its further frames are ignored while the connection closes.
-    var failed = false
 
     public init(role: Role, eventLoop: EventLoop, limits: TunnelLimits = TunnelLimits()) {
         self.role = role
@@ -141,14 +139,14 @@ public final class TunnelMux: ChannelInboundHandler {
 
     /// One frame from the peer: from `channelRead`, or straight from the ``FrameDecoder`` before this mux.
     func receive(_ frame: Frame) {
-        guard let context, !failed, !closed else { return }
+        guard let context, connection.receivesFrames else { return }
         lastFrameNanoseconds.store(NIODeadline.now().uptimeNanoseconds, ordering: .relaxed)
         inTunnelRead = true
         do {
             try handle(frame, context: context)
         } catch {
             // A malformed or illegal frame: the peer is broken; say why and close.
-            failed = true
+            connection.fail()
             sendRefusedAndClose(reason: "\(error)")
             context.fireErrorCaught(error)
         }
@@ -293,8 +291,7 @@ public final class TunnelMux: ChannelInboundHandler {
     }
 
     func shutdownStreams() {
-        guard !closed else { return }
-        closed = true
+        guard connection.close() else { return }
         let all = streams.values
         streams = [:]
         sendQueue.removeAll()
