@@ -193,6 +193,7 @@ def test_an_echoed_oversize_node_name_does_not_stop_the_server(lab):
     assert hostile_scenario(lab, attack) >= 10
     assert joins[False] >= 1 and joins[True] >= 1, joins
     lab.server.expect_log("registration refused")
+    assert limit_hits(lab, "frame_size") >= 1  # the 140,000-slash HELLOs, over the 16 KiB before registration
     refusals = [line for line in lab.server.text().splitlines() if "registration refused" in line]
     assert refusals and all(len(line) < 2000 for line in refusals), max(map(len, refusals))
 
@@ -228,6 +229,7 @@ def test_an_agent_that_pings_and_never_reads_is_cut_off(lab):
 
     assert hostile_scenario(lab, attack) >= 1
     lab.server.expect_log("peer does not read")
+    assert limit_hits(lab, "unread_replies") >= 1  # an operator sees the cut-offs
 
 
 def test_connections_that_never_handshake_are_closed_and_capped(lab):

@@ -55,7 +55,7 @@ final class ServerMetrics: @unchecked Sendable {
             help: "Connections closed before they authenticated: listener full, source full, or handshake too slow.")
         limitHits = LabeledCounters(
             registry: registry, name: "edge_tunnel_server_limit_hits_total", label: "limit",
-            help: "Streams refused because a limit was reached, by limit.")
+            help: "Streams, renewals or connections refused because a limit was reached, by limit.")
         bufferedBytes = registry.makeGauge(
             descriptor: .named(
                 "edge_tunnel_server_window_budget_bytes", help: "Receive window granted over all tunnels (--max-buffered-bytes bounds it)."))

@@ -205,7 +205,7 @@ public final class TunnelServer: @unchecked Sendable {
                     try sync.addHandler(FrameDecoder(maxPayload: Frame.maxUnregisteredPayload))
                     try sync.addHandler(FrameEncoder())
                     try sync.addHandler(TunnelConnectionClassifier(server: core))
-                    try sync.addHandler(CloseOnErrorHandler(logger: core.logger, what: "tunnel"))
+                    try sync.addHandler(CloseOnErrorHandler(logger: core.logger, what: "tunnel", limitHits: core.metrics.limitHits))
                 }
             }
             .bind(host: host, port: configuration.tunnelPort).get()

@@ -60,10 +60,16 @@ public struct Frame: Sendable {
 /// Why a connection's byte stream is not a valid frame sequence; the connection is closed with this reason.
 public struct FrameError: Error, Hashable, Sendable, CustomStringConvertible {
     public let description: String
-    public init(_ description: String) { self.description = description }
+    /// The limit the peer hit, when that is why (a metric label: `frame_size`, `unread_replies`); nil for a
+    /// plain protocol error.
+    public let limit: String?
+    public init(_ description: String, limit: String? = nil) {
+        self.description = description
+        self.limit = limit
+    }
 
     public static func oversize(_ length: UInt32, limit: Int = Frame.maxPayload) -> FrameError {
-        FrameError("frame payload of \(length) bytes exceeds the limit of \(limit)")
+        FrameError("frame payload of \(length) bytes exceeds the limit of \(limit)", limit: "frame_size")
     }
 }
 

@@ -225,7 +225,7 @@ public final class TunnelMux: ChannelInboundHandler {
         if let channel = context?.channel, !channel.isWritable {
             unreadReplies += 1
             guard unreadReplies <= limits.maxUnreadReplies else {
-                throw FrameError("peer does not read: \(unreadReplies) replies unsent")
+                throw FrameError("peer does not read: \(unreadReplies) replies unsent", limit: "unread_replies")
             }
         }
         send(frame)
