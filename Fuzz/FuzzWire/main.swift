@@ -13,7 +13,7 @@ final class Delegate: TunnelMuxDelegate {
         if accept { mux.acceptStream(streamID) } else { mux.rejectStream(streamID, code: 403, reason: open.target) }
     }
     func mux(_ mux: TunnelMux, didReceiveControl frame: Frame) {
-        if frame.type == .hello { mux.peerRegistered() }
+        if frame.type == .hello || frame.type == .helloOK { mux.peerRegistered() }  // either side registers
     }
     func muxDidClose(_ mux: TunnelMux) {}
 }
