@@ -12,8 +12,11 @@ Run: python3 kube_standin.py DIR PORT [BIND [EXTRA_IP,...]]   (BIND default 127.
   DIR/compact             if present, it is deleted and every resourceVersion so far is compacted away
   DIR/slow-writes         if present, a create or update is stored at once but answered that many seconds later
                           (an API server slow to acknowledge a write that has already happened)
+  DIR/max-page            if present, a list gives at most that many items a page (with `continue`)
+  DIR/expire-continue     if present, it is deleted and the next page asked for with a continue token gets 410
   DIR/requests.log        one line per request: method, path, status
 """
+import base64
 import datetime
 import http.server
 import json
@@ -168,11 +171,35 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if query.get("watch", ["0"])[0] in ("1", "true"):
             return self.watch(resource, namespace, labels, fields, int(query.get("resourceVersion", ["0"])[0] or 0),
                               int(query.get("timeoutSeconds", ["30"])[0]))
+        # Pages as the API server gives them: `limit` items at most (fewer when DIR/max-page says so, as a
+        # server may), in name order, with a `continue` token naming the snapshot and the last name given.
+        limit = int(query.get("limit", ["0"])[0] or 0)
+        cap = DIR / "max-page"
+        if cap.exists():
+            limit = min(limit, int(cap.read_text())) if limit else int(cap.read_text())
+        after, snapshot = "", None
+        if "continue" in query:
+            try:
+                token = json.loads(base64.b64decode(query["continue"][0]))
+                after, snapshot = token["after"], token["rv"]
+            except (ValueError, KeyError, TypeError):
+                return self.reply(400, status(400, "BadRequest", "invalid continue token"))
+        expire = DIR / "expire-continue"
+        if snapshot is not None and expire.exists():
+            expire.unlink()
+            return self.reply(410, status(410, "Expired", "The provided continue parameter is too old to display a "
+                                          "consistent list result. You can start a new list without the continue parameter."))
         with lock:
-            items = [o for (r, ns, _), o in state["objects"].items()
-                     if r == resource and ns == namespace and matches(o, labels, fields)]
-            rv = state["rv"]
-        self.reply(200, {"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": str(rv)}, "items": items})
+            items = sorted((o for (r, ns, _), o in state["objects"].items()
+                            if r == resource and ns == namespace and matches(o, labels, fields)),
+                           key=lambda o: o["metadata"]["name"])
+            rv = state["rv"] if snapshot is None else snapshot
+        items = [o for o in items if o["metadata"]["name"] > after]
+        metadata = {"resourceVersion": str(rv)}
+        if limit and len(items) > limit:
+            items = items[:limit]
+            metadata["continue"] = base64.b64encode(json.dumps({"rv": rv, "after": items[-1]["metadata"]["name"]}).encode()).decode()
+        self.reply(200, {"kind": "List", "apiVersion": "v1", "metadata": metadata, "items": items})
 
     def watch(self, resource, namespace, labels, fields, since, timeout):
         self.send_response(200)

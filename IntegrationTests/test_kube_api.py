@@ -101,10 +101,17 @@ def lab(tmp_path):
 
 def test_the_replica_count_follows_the_leases(lab):
     """Three replicas each hold a Lease: each counts 3. One stopped deletes its Lease: 2 at once. One killed
-    stops renewing: 1 once its Lease expires (15 s). No flag changes."""
+    stops renewing: 1 once its Lease expires (15 s). No flag changes. The stand-in gives one item a page, as an
+    API server may: the Leases are read page by page, and a continue token that expired starts the list again."""
+    (lab.kube / "max-page").write_text("1")
     for index in range(3):
+        if index == 2:  # two Leases exist: the third replica's list has a second page, whose token expired
+            (lab.kube / "expire-continue").write_text("")
         lab.start_server(index)
     wait_until(lambda: all(lab.replicas(i) == 3 for i in range(3)), 20, "every replica counting 3")
+    lists = [line for line in lab.requests() if line.startswith("GET ") and "leases?" in line]
+    assert any("continue=" in line and line.endswith(" 200") for line in lists), lists
+    assert any("continue=" in line and line.endswith(" 410") for line in lists), lists
     lab.servers[2].stop()
     started = time.monotonic()
     wait_until(lambda: lab.replicas(0) == 2 and lab.replicas(1) == 2, 10, "a stopped replica's Lease gone")

@@ -108,14 +108,58 @@ private final class WatchState: @unchecked Sendable {
 }
 
 extension KubeClient {
-    /// GETs a collection: its items and the list's resourceVersion (a watch starts from it). A status other
-    /// than 200 throws the API's own reason (``KubeWatch/failure(_:_:)``); `what` names the collection in errors.
+    /// Items asked for per page of a list: each answer stays far below ``maxBody`` (16 MiB), however many
+    /// objects the collection holds (a ConfigMap per joined node; Nodes of a large cluster).
+    static let pageSize = 500
+    /// A list whose continue token expired (410) is started again this many times at most.
+    static let listRestarts = 3
+    /// Pages of one list at most (5 million objects at the page size).
+    static let maxPages = 10_000
+
+    /// GETs a collection page by page (`limit` and `continue`, one snapshot of the API server): its items and
+    /// the list's resourceVersion (a watch starts from it). A continue token that expired (410) starts the list
+    /// again. A status other than 200 throws the API's own reason (``KubeWatch/failure(_:_:)``); `what` names the
+    /// collection in errors.
     func list(_ pathAndQuery: String, what: String) async throws -> (items: [[String: any Sendable]], version: String) {
-        let answer = try await request(.GET, pathAndQuery)
-        guard answer.status == 200 else { throw KubeWatch.failure(answer, "listing \(what)") }
-        guard let object = try JSONSerialization.jsonObject(with: Data(answer.body)) as? [String: any Sendable],
-            let items = object["items"] as? [[String: any Sendable]]
-        else { throw KubeClient.Failure(description: "the list of \(what) is not a list") }
-        return (items, (object["metadata"] as? [String: any Sendable])?["resourceVersion"] as? String ?? "")
+        let separator = pathAndQuery.contains("?") ? "&" : "?"
+        var restarts = 0
+        var items: [[String: any Sendable]] = []
+        var version = ""
+        var next: String?
+        var pages = 0
+        while true {
+            var query = "\(pathAndQuery)\(separator)limit=\(Self.pageSize)"
+            if let next { query += "&continue=\(Self.queryValue(next))" }
+            let answer = try await request(.GET, query)
+            if answer.status == 410, next != nil, restarts < Self.listRestarts {
+                restarts += 1  // the snapshot behind the token was compacted: a fresh list
+                items = []
+                next = nil
+                pages = 0
+                continue
+            }
+            guard answer.status == 200 else { throw KubeWatch.failure(answer, "listing \(what)") }
+            guard let object = try JSONSerialization.jsonObject(with: Data(answer.body)) as? [String: any Sendable],
+                let page = object["items"] as? [[String: any Sendable]]
+            else { throw KubeClient.Failure(description: "the list of \(what) is not a list") }
+            items += page
+            let metadata = object["metadata"] as? [String: any Sendable]
+            version = metadata?["resourceVersion"] as? String ?? version
+            next = (metadata?["continue"] as? String).flatMap { $0.isEmpty ? nil : $0 }
+            // A page may hold fewer items than asked, even none (a label selector filters after paging); a
+            // list that never ends is a broken server.
+            pages += 1
+            guard next == nil || pages < Self.maxPages else {
+                throw KubeClient.Failure(description: "the list of \(what) did not end within \(Self.maxPages) pages")
+            }
+            if next == nil { return (items, version) }
+        }
+    }
+
+    /// `text` percent-encoded for a query value (a continue token is base64: `+`, `/` and `=` must be escaped).
+    static func queryValue(_ text: String) -> String {
+        var allowed = CharacterSet.alphanumerics
+        allowed.insert(charactersIn: "-._~")
+        return text.addingPercentEncoding(withAllowedCharacters: allowed) ?? text
     }
 }
