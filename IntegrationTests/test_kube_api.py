@@ -271,8 +271,8 @@ def test_the_join_state_in_configmaps_is_shared_by_every_replica(lab):
     """Tokens and node records as ConfigMaps (--join-state-namespace), two replicas with no shared folder for them:
     a token made with the CLI holds only its hash; a node that joined through r1 is known to r2 (it connects there,
     and a second join of its name there is refused); two joins of one new name at once through r1 and r2 give one
-    certificate (the API server's conflict decides); the CLI's revoke closes the node's tunnels on both replicas,
-    and its reset lets the node join again."""
+    certificate (the API server's conflict decides), and so do two names naming one IP; the CLI's revoke closes the
+    node's tunnels on both replicas, and its reset lets the node join again."""
     namespace = ["--join-state-namespace", "edge-tunnel"]
     cli = ["--kubeconfig", lab.kubeconfig, *namespace]
     servers = [lab.start_server(i, *namespace, "--state-dir", lab.tmp / f"state-{i}") for i in (1, 2)]
@@ -316,6 +316,17 @@ def test_the_join_state_in_configmaps_is_shared_by_every_replica(lab):
     assert "edge-9 has already joined" in next(r for t, r in answers if t == 15), answers
     listed = json.loads(run(BIN / "edgetunnel", "node", "list", "--output", "json", *cli).stdout)
     assert [n["name"] for n in listed if n.get("joined")] == ["edge-1", "edge-9"], listed
+
+    # Two new names naming one IP at the same moment, one through each replica: the IP's claim object lets one
+    # have it (neither replica had seen the other's join).
+    payloads = [join_frame(lab, token, name, ip="127.0.0.7") for name in ("edge-7", "edge-8")]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda pair: join_answer(lab, *pair), zip(servers, payloads)))
+    assert sorted(t for t, _ in answers) == [14, 15], answers
+    assert "node IP 127.0.0.7" in next(r for t, r in answers if t == 15), answers
+    listed = json.loads(run(BIN / "edgetunnel", "node", "list", "--output", "json", *cli).stdout)
+    holders = [n["name"] for n in listed if n.get("joined") and "127.0.0.7" in n["ips"]]
+    assert len(holders) == 1, listed
 
     # Revoked with the CLI: both replicas close edge-1's tunnel and keep refusing its agents' reconnects.
     run(BIN / "edgetunnel", "node", "revoke", "edge-1", *cli)

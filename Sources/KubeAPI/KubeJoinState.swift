@@ -13,8 +13,8 @@ import TunnelPKI
 ///
 /// A change is a read, then a create or an update with the read's resourceVersion: of two replicas recording a
 /// join of one name at once, the API server lets one win (409 for the other, which reads again and is refused).
-/// Node IPs are checked against the records this replica has seen, so two joins claiming one IP at the same
-/// moment on two replicas can both pass (the IPs are still bound to each node's certificate).
+/// Node IPs are claimed with an object each (``claim(_:for:now:)``): of two joins naming one IP through two
+/// replicas at the same moment, one gets it.
 public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
     public let client: KubeClient
     public let namespace: String
@@ -151,9 +151,19 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
         let others = isSynced ? knownRecords : try await nodes()
         // Whole seconds, as the object stores them: what is returned compares equal to what is read back.
         let now = Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down))
-        let (written, version) = try await update(name) { existing in
-            try NodeRecord.joining(existing, name: name, ips: ips, certificateValidFrom: certificateValidFrom,
-                                   others: others, now: now)
+        // What this replica has seen refuses most conflicts at no cost; the claims settle those between replicas.
+        _ = try NodeRecord.joining(nil, name: name, ips: ips, certificateValidFrom: certificateValidFrom, others: others, now: now)
+        let claimed = try await claim(ips, for: name, now: now)
+        let written: NodeRecord?
+        let version: String?
+        do {
+            (written, version) = try await update(name) { existing in
+                try NodeRecord.joining(existing, name: name, ips: ips, certificateValidFrom: certificateValidFrom,
+                                       others: others, now: now)
+            }
+        } catch {
+            await release(claimed, of: name)
+            throw error
         }
         guard let record = written else { throw PKIError(.writeFailed, "the join of \(name) was not recorded") }
         // Seen at once by this replica (the node's HELLO may follow before the watch event), unless the watch has
@@ -169,12 +179,13 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
     /// Takes back a join whose certificate never reached the node: if the record is still exactly that join (not
     /// revoked or changed since), the name may join again and the undelivered certificate is void.
     public func undoJoin(_ joined: NodeRecord) async throws {
-        _ = try await update(joined.name) { existing in
+        let (undone, version) = try await update(joined.name) { existing in
             guard let existing, existing == joined else { return nil }
             var undone = NodeRecord.reset(existing, name: joined.name, now: Date())
             undone.revoked = existing.revoked
             return undone
         }
+        if version != nil, undone?.ips.isEmpty == true { await release(joined.ips, of: joined.name) }
     }
 
     public func reset(_ name: String) async throws {
@@ -241,7 +252,7 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
         try await client.list("\(collection)?labelSelector=\(Self.label)%3D\(kind)", what: "the \(kind)s in \(location)").items
     }
 
-    private func configMap<T: Encodable>(_ name: String, kind: String, key: String, value: T) throws -> [UInt8] {
+    func configMap<T: Encodable>(_ name: String, kind: String, key: String, value: T) throws -> [UInt8] {
         let object: [String: Any] = [
             "apiVersion": "v1", "kind": "ConfigMap",
             "metadata": ["name": name, "namespace": namespace, "labels": [Self.label: kind]],
@@ -257,9 +268,9 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
     /// The token an object holds; nil (logged) when it holds none that parses: a hand-edited object must not
     /// stop the others from counting.
     private func token(_ object: [String: any Sendable]) -> StoredToken? { decode(object, key: "token") }
-    private func record(_ object: [String: any Sendable]) -> NodeRecord? { decode(object, key: "record") }
+    func record(_ object: [String: any Sendable]) -> NodeRecord? { decode(object, key: "record") }
 
-    private func decode<T: Decodable>(_ object: [String: any Sendable], key: String) -> T? {
+    func decode<T: Decodable>(_ object: [String: any Sendable], key: String) -> T? {
         guard let text = (object["data"] as? [String: any Sendable])?[key] as? String,
             let value = try? Self.decoder.decode(T.self, from: Data(text.utf8))
         else {
@@ -269,7 +280,7 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
         return value
     }
 
-    private static func json<T: Encodable>(_ value: T) throws -> String {
+    static func json<T: Encodable>(_ value: T) throws -> String {
         String(decoding: try encoder.encode(value), as: UTF8.self)
     }
 
