@@ -240,6 +240,7 @@ def test_callers_and_an_agent_together_cannot_grow_the_server_past_its_limits(tm
 def test_a_hostile_server_cannot_make_the_agent_dial_out_of_bounds_for_thirty_seconds(tmp_path):
     """A fake server with the real serving certificate asks a real agent, for 30 s, for the metadata address
     (plain and IPv4-mapped), a port outside its allow list, a target of 200,000 characters and a malformed one,
+    an allowed name that resolves to loopback,
     while a legitimate stream to the allowed edge service downloads byte-exact each round. The agent refuses
     each with a bounded OPEN_FAIL, its RSS stays bounded and its descriptors return; a reused stream id ends
     the tunnel (a protocol error) and the agent dials again."""
@@ -256,8 +257,12 @@ def test_a_hostile_server_cannot_make_the_agent_dial_out_of_bounds_for_thirty_se
         context.verify_mode = ssl.CERT_REQUIRED
         listener = socket.create_server(("127.0.0.1", c.ports["tunnel"]))
         listener.settimeout(30)
-        agent = c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}", join=False, wait=False,
-                              pki=tmp_path / "agent-edge-1")
+        # `127.1` is a name to the allow list (not an address in inet_pton's form) that the resolver turns into
+        # 127.0.0.1: the DNS-rebinding case, a name rule whose name leads to loopback, through the real dial path
+        # (to a second service that listens, and that no address rule allows).
+        renamed = c.start_edge_service()
+        agent = c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}", "--allow", f"127.1:{renamed}", join=False,
+                              wait=False, pki=tmp_path / "agent-edge-1")
 
         def accept():
             conn, _ = listener.accept()
@@ -297,7 +302,7 @@ def test_a_hostile_server_cannot_make_the_agent_dial_out_of_bounds_for_thirty_se
 
         hostile = [("169.254.169.254:80", b"not on the allow list"), ("[::ffff:169.254.169.254]:80", b"not on the allow list"),
                    ("127.0.0.1:1", b"not on the allow list"), ("/" * 200000, b"is not host:port"),
-                   ("edge-1", b"is not host:port")]
+                   ("edge-1", b"is not host:port"), (f"127.1:{renamed}", b"127.1 resolved to 127.0.0.1")]
         tls = accept()
         pid = agent.popen.pid
         stream_id = 1
