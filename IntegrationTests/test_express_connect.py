@@ -63,6 +63,11 @@ class Setup:
         return self.topo.run(self.topo.cloud, "curl", "-s", "--max-time", "3", f"http://127.0.0.1:10265{path}",
                              check=False).stdout
 
+    def meta_of(self, meta_port, path="/healthz"):
+        """A replica's meta answer on its own port (several replicas in the cloud)."""
+        return self.topo.run(self.topo.cloud, "curl", "-s", "--max-time", "3", f"http://127.0.0.1:{meta_port}{path}",
+                             check=False).stdout
+
     def agent_meta(self, path):
         return self.topo.run(self.topo.edge, "curl", "-s", "--max-time", "3", f"http://127.0.0.1:10266{path}",
                              check=False).stdout
@@ -270,3 +275,61 @@ def test_a_server_name_follows_its_dns_record(topo, tmp_path):
             s.close()
         finally:
             shutil.rmtree(netns_etc, ignore_errors=True)
+
+
+def test_failover_with_two_replicas_moves_every_tunnel_and_back(topo, tmp_path):
+    """Two server replicas in the cloud behind both of its addresses, each connection sent to one of them at
+    random as a Service does (DNAT in the cloud's PREROUTING). The agent holds a tunnel to each over the private
+    line. With the line cut, both tunnels move to the internet path and callers on either replica reach the node;
+    restored, both come back to the private line."""
+    s = Setup(topo, tmp_path)
+    replicas = {1: 20000, 2: 30000}
+    try:
+        for address in (PRIVATE, PUBLIC):
+            for index, base in replicas.items():
+                rule = ["-m", "statistic", "--mode", "random", "--probability", "0.5"] if index == 1 else []
+                topo.run(topo.cloud, "iptables", "-t", "nat", "-A", "PREROUTING", "-d", address, "-p", "tcp",
+                         "--dport", "10262", *rule, "-j", "DNAT", "--to-destination", f"{address}:{base + 262}")
+        for index, base in replicas.items():
+            config = s.tmp / f"server-{index}.yaml"
+            config.write_text(f"certIPs: [{PUBLIC}, {PRIVATE}]\n")
+            s.spawn(topo.cloud, [BIN / "edge-tunnel-server", "--config", config, "--pki-dir", s.pki, "--ca-dir", s.pki,
+                                 "--state-dir", s.tmp / f"state-{index}", "--server-id", f"r{index}", "--server-count", "2",
+                                 "--tunnel-port", base + 262, "--secure-port", base + 263, "--insecure-port", base + 264,
+                                 "--meta-port", base + 265], f"server-{index}")
+
+        def remotes():
+            """{replica: the remote address edge-1's tunnel comes from, or None}."""
+            found = {}
+            for index, base in replicas.items():
+                text = topo.run(topo.cloud, "curl", "-s", "--max-time", "3", f"http://127.0.0.1:{base + 265}/v1/agents",
+                                check=False).stdout
+                agents = json.loads(text or "{}").get("agents", [])
+                found[index] = next((a["remoteAddress"].split(":")[0] for a in agents if a["nodeName"] == "edge-1"), None)
+            return found
+
+        def reach_through_each():
+            for base in replicas.values():
+                args = [a if a != "https://127.0.0.1:10263" else f"https://127.0.0.1:{base + 263}" for a in s.curl_args("/hello")]
+                result = topo.run(topo.cloud, *args, check=False)
+                assert result.stdout == "hello from the edge\n", (base, result.stderr)
+
+        wait_until(lambda: all(s.meta_of(base + 265) for base in replicas.values()), 20, "both replicas up")
+        s.start_agent([f"{PRIVATE}:10262", f"{PUBLIC}:10262"])
+        wait_until(lambda: remotes() == {1: "10.240.1.2", 2: "10.240.1.2"}, 60, "a tunnel to each replica on the private line")
+        reach_through_each()
+
+        topo.cut_private_line()
+        cut = time.monotonic()
+        wait_until(lambda: remotes() == {1: "10.240.3.2", 2: "10.240.3.2"}, 60, "both tunnels on the internet path")
+        moved = time.monotonic() - cut
+        reach_through_each()
+
+        topo.restore_private_line()
+        restored = time.monotonic()
+        wait_until(lambda: remotes() == {1: "10.240.1.2", 2: "10.240.1.2"}, 60, "both tunnels back on the private line")
+        print(f"both tunnels on the internet {moved:.1f} s after the cut, back {time.monotonic() - restored:.1f} s "
+              "after the line returned")
+        reach_through_each()
+    finally:
+        s.close()
