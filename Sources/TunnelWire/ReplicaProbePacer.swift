@@ -13,9 +13,11 @@ import NIOCore
 /// So the pace follows the probes this replica actually receives: each window it is scaled by the rate seen over
 /// the target rate. The probes a replica receives are (agents looking) / (pace × replicas in the Service); keeping
 /// them at the target makes the pace shrink with the agents still looking, and the fleet's probe load stays near
-/// `target` per replica throughout. The pace moves by at most a factor of two per window, never above the
-/// ceiling and never below ``floor``. After a quiet spell it starts again from the ceiling, so a new storm meets
-/// the cautious pace first.
+/// `target` per replica throughout. The pace grows in one step when probes come faster than the target (checked as
+/// soon as a window's worth has arrived) and shrinks by at most a quarter a window, never above the ceiling and
+/// never below ``floor``; after a quiet spell, or when a storm begins, it is not shortened for a while. So a trickle
+/// of probes (anyone can send one, before TLS) that brought the pace to the floor costs a new storm at most one
+/// target's worth of extra probes.
 public final class ReplicaProbePacer: Sendable {
     /// Probes per second per replica the pace aims at.
     public let target: Double
@@ -54,15 +56,20 @@ public final class ReplicaProbePacer: Sendable {
             state.probes += 1
             let given = min(state.pace ?? ceiling, ceiling)
             let elapsed = now - start
-            if elapsed >= Self.window {
-                let rate = Double(state.probes) / (Double(elapsed.nanoseconds) / 1e9)
+            // Reconsidered each window, and at once when a window's worth of probes has come early: a storm that
+            // meets a short pace (a trickle of probes, anyone's, brought it down) is answered within a target's
+            // worth of probes, not a window later.
+            if elapsed >= Self.window || Double(state.probes) > target * Double(Self.window.nanoseconds) / 1e9 {
+                let rate = Double(state.probes) / max(Double(elapsed.nanoseconds) / 1e9, 0.001)
                 let wanted = Double(given.nanoseconds) * rate / target
-                // Agents spread their first probes over a few seconds (``ReplicaTunnels``): until then the rate
-                // undercounts those looking, and only a longer pace is taken.
+                // A storm begins: agents spread their first probes over a few seconds (``ReplicaTunnels``), and
+                // until then the rate undercounts those looking, so only a longer pace is taken for a while.
+                if rate > 2 * target { state.stormStart = now }
                 let ramping = now - (state.stormStart ?? now) < Self.rampUp
                 let lowest = ramping ? Double(given.nanoseconds) : Double(given.nanoseconds) * 0.75
-                let bounded = min(max(wanted, lowest), Double(given.nanoseconds) * 2)
-                state.pace = min(max(.nanoseconds(Int64(bounded)), Self.floor), ceiling)
+                // Longer in one step (up to the ceiling), shorter by a quarter a window at most.
+                let bounded = min(max(wanted, lowest), Double(ceiling.nanoseconds))
+                state.pace = max(.nanoseconds(Int64(bounded)), Self.floor)
                 state.windowStart = now
                 state.probes = 0
             }

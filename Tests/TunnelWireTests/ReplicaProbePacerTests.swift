@@ -19,11 +19,13 @@ import Testing
         #expect(pacer.pace(now: at(7), ceiling: ceiling) == .seconds(6))
         #expect(pacer.pace(now: at(8), ceiling: ceiling) == .milliseconds(4500))
         #expect(pacer.pace(now: at(9), ceiling: ceiling) == .milliseconds(3375))
-        // Four times the target: the pace doubles at most a window, and never passes the ceiling.
-        for i in 1..<400 { _ = pacer.pace(now: at(9 + Double(i) / 400), ceiling: ceiling) }
-        #expect(pacer.pace(now: at(10), ceiling: ceiling) == .milliseconds(6750))
-        for i in 1..<400 { _ = pacer.pace(now: at(10 + Double(i) / 400), ceiling: ceiling) }
-        #expect(pacer.pace(now: at(11), ceiling: ceiling) == ceiling)
+        // A storm at four times the target after the trickle brought the pace down: as soon as a window's worth
+        // of probes (100) has come, the pace goes up in one step, to the ceiling at most.
+        for i in 1...100 { #expect(pacer.pace(now: at(9 + Double(i) / 400), ceiling: ceiling) == .milliseconds(3375)) }
+        #expect(pacer.pace(now: at(9 + 101.0 / 400), ceiling: ceiling) == ceiling)
+        // A storm began: for its ramp-up, a quiet window does not shorten the pace.
+        #expect(pacer.pace(now: at(12), ceiling: ceiling) == ceiling)
+        #expect(pacer.pace(now: at(16), ceiling: ceiling) == .seconds(6))
     }
 
     @Test func aTrickleOfProbesGetsTheFloorAndAQuietSpellStartsAgainAtTheCeiling() {
