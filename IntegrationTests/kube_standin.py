@@ -288,7 +288,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not self.check():
             return
         resource, namespace, name, _ = self.route()
+        # DeleteOptions' preconditions, as the API server checks them: 409 when the object changed since.
+        wanted = (self.body() if int(self.headers.get("Content-Length", "0")) else {}).get("preconditions", {})
         with lock:
+            current = state["objects"].get((resource, namespace, name))
+            if current is not None and "resourceVersion" in wanted \
+                    and current["metadata"]["resourceVersion"] != wanted["resourceVersion"]:
+                return self.reply(409, status(409, "Conflict", "Precondition failed: ResourceVersion in precondition: "
+                                              f"{wanted['resourceVersion']}, ResourceVersion in object meta: "
+                                              f"{current['metadata']['resourceVersion']}"))
             obj = state["objects"].pop((resource, namespace, name), None)
             if obj is not None:
                 self.record(resource, "DELETED", obj)

@@ -58,38 +58,43 @@ extension KubeJoinState {
                 throw KubeClient.Failure(description:
                     "ConfigMap \(namespace)/\(objectName) does not hold a valid claim of node IP \(ip): fix or delete it")
             }
-            if held.node == node { return false }
-            if now.timeIntervalSince(held.claimed) < Self.claimGrace {
+            if held.node != node, now.timeIntervalSince(held.claimed) < Self.claimGrace {
                 throw PKIError(.alreadyExists, "node IP \(ip) is being claimed by node \(held.node): try again in a minute")
             }
-            if let holder = try await currentRecord(of: held.node), holder.joined != nil, holder.revoked == nil,
-                holder.ips.contains(ip)
+            if held.node != node, let holder = try await currentRecord(of: held.node), holder.joined != nil,
+                holder.revoked == nil, holder.ips.contains(ip)
             {
                 throw PKIError(.alreadyExists, "node IP \(ip) belongs to node \(held.node)")
             }
-            // The holder was reset or revoked, or never finished its join: the claim is taken over, unless another
-            // replica changed it meanwhile (409: read again).
+            // Our own claim is renewed (its grace starts again: a node re-joining after a reset is between claim
+            // and record as much as a new one); another's, whose holder was reset or revoked or never finished its
+            // join, is taken over. Either only if no other replica changed it meanwhile (409: read again).
             var data = object["data"] as? [String: Any] ?? [:]
             data["claim"] = try Self.json(claim)
             object["data"] = data
             let taken = try await client.request(.PUT, path, body: Array(try JSONSerialization.data(withJSONObject: object)))
             if taken.status == 409 { continue }
             guard taken.status == 200 else { throw KubeWatch.failure(taken, "taking over the claim of node IP \(ip)") }
-            return true
+            return held.node != node
         }
         throw PKIError(.writeFailed, "the claim of node IP \(ip) in \(location) keeps changing: try again")
     }
 
-    /// Deletes `node`'s claims of `ips` (a join that failed or was undone). Best effort: a claim left behind is
+    /// Deletes `node`'s claims of `ips` (a join that failed or was undone), each only as it was read (a
+    /// precondition on its resourceVersion: one taken over meanwhile stays). Best effort: a claim left behind is
     /// taken over once its grace has passed.
     func release(_ ips: [String], of node: String) async {
         for ip in ips {
             let path = "\(collection)/\(Self.ipObjectName(ip))"
             guard let current = try? await client.request(.GET, path), current.status == 200,
                 let object = try? JSONSerialization.jsonObject(with: Data(current.body)) as? [String: any Sendable],
-                let held: IPClaim = decode(object, key: "claim"), held.node == node
+                let held: IPClaim = decode(object, key: "claim"), held.node == node,
+                let version = (object["metadata"] as? [String: any Sendable])?["resourceVersion"] as? String,
+                let options = try? JSONSerialization.data(withJSONObject: [
+                    "kind": "DeleteOptions", "apiVersion": "v1", "preconditions": ["resourceVersion": version],
+                ])
             else { continue }
-            _ = try? await client.request(.DELETE, path)
+            _ = try? await client.request(.DELETE, path, body: Array(options))
         }
     }
 
