@@ -68,6 +68,9 @@ def test_tokens_bound_to_names_and_networks(cluster, tmp_path):
     assert "is not for node edge-b1" in error, error
     error = join(cluster, "edge-a1", tmp_path / "a1", token, ips=("127.0.1.1",))
     assert "node IP 127.0.1.1 is outside the networks of bootstrap token" in error, error
+    # A node has a few addresses: a join naming 17 (each a SAN, and with replicas a claim to write) is refused.
+    error = join(cluster, "edge-a3", tmp_path / "a3", token, ips=[f"127.0.0.{i}" for i in range(10, 27)])
+    assert "17 node IPs named: at most 16" in error, error
     unbound = run(BIN / "edgetunnel", "token", "create", "--pki-dir", cluster.pki).stdout.strip()
     error = join(cluster, "edge-a2", tmp_path / "a2", unbound)
     assert "allows no node IPs" in error and "--node-cidr" in error, error

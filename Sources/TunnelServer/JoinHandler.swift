@@ -51,6 +51,11 @@ final class JoinHandler: ChannelInboundHandler {
                 throw JoinRefusal.nodeNotAllowed(token: token.id, node: PeerText.bounded(request.nodeName))
             }
             var ips: [IPAddress] = []
+            // A node has a few addresses; each one named costs a certificate SAN and, with replicas, a claim
+            // written to the API server.
+            guard (request.nodeIPs ?? []).count <= JoinRefusal.maxNodeIPs else {
+                throw JoinRefusal.tooManyIPs(request.nodeIPs?.count ?? 0)
+            }
             for text in request.nodeIPs ?? [] {
                 guard let ip = IPAddress(text) else { throw JoinRefusal.badIP(PeerText.bounded(text)) }
                 if !ips.contains(ip) { ips.append(ip) }
@@ -132,6 +137,10 @@ enum JoinRefusal: Error, CustomStringConvertible {
     case invalidToken
     case nodeNotAllowed(token: String, node: String)
     case badIP(String)
+    case tooManyIPs(Int)
+
+    /// Node IPs one join may name.
+    static let maxNodeIPs = 16
 
     var description: String {
         switch self {
@@ -141,6 +150,8 @@ enum JoinRefusal: Error, CustomStringConvertible {
             "bootstrap token \(token) is not for node \(node) (see its --node patterns)"
         case .badIP(let text):
             "node IP \"\(text)\" is not an IP address"
+        case .tooManyIPs(let count):
+            "\(count) node IPs named: at most \(JoinRefusal.maxNodeIPs)"
         }
     }
 }
