@@ -113,8 +113,9 @@ extension KubeClient {
     static let pageSize = 500
     /// A list whose continue token expired (410) is started again this many times at most.
     static let listRestarts = 3
-    /// Pages of one list at most (5 million objects at the page size).
+    /// Pages of one list at most, and objects (what is held in memory at once).
     static let maxPages = 10_000
+    static let maxListItems = 1_000_000
 
     /// GETs a collection page by page (`limit` and `continue`, one snapshot of the API server): its items and
     /// the list's resourceVersion (a watch starts from it). A continue token that expired (410) starts the list
@@ -143,6 +144,9 @@ extension KubeClient {
                 let page = object["items"] as? [[String: any Sendable]]
             else { throw KubeClient.Failure(description: "the list of \(what) is not a list") }
             items += page
+            guard items.count <= Self.maxListItems else {
+                throw KubeClient.Failure(description: "the list of \(what) holds more than \(Self.maxListItems) objects")
+            }
             let metadata = object["metadata"] as? [String: any Sendable]
             version = metadata?["resourceVersion"] as? String ?? version
             next = (metadata?["continue"] as? String).flatMap { $0.isEmpty ? nil : $0 }
@@ -158,8 +162,7 @@ extension KubeClient {
 
     /// `text` percent-encoded for a query value (a continue token is base64: `+`, `/` and `=` must be escaped).
     static func queryValue(_ text: String) -> String {
-        var allowed = CharacterSet.alphanumerics
-        allowed.insert(charactersIn: "-._~")
+        let allowed = CharacterSet(charactersIn: "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
         return text.addingPercentEncoding(withAllowedCharacters: allowed) ?? text
     }
 }

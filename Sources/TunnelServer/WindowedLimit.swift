@@ -40,9 +40,11 @@ final class WindowedLimit: Sendable {
         }
     }
 
-    /// A source address as a key: an IPv6 source by its /64 (one host owns many addresses).
+    /// A source address as a key: an IPv6 source by its /64 (one host owns many addresses), an IPv4-mapped one
+    /// (a dual-stack listener) as its IPv4 address.
     static func sourceKey(_ source: String) -> String {
-        guard let address = IPAddress(source), !address.isIPv4 else { return source }
+        guard let address = IPAddress(source)?.unmapped else { return source }
+        guard !address.isIPv4 else { return address.description }
         return IPAddress(bytes: address.bytes.prefix(8) + [UInt8](repeating: 0, count: 8))!.description + "/64"
     }
 }
@@ -59,11 +61,11 @@ struct RenewalGuard: Sendable {
     /// Nil when `node`, asking from `source`, may have a certificate signed now; otherwise why not.
     func admit(node: String, source: String, now: NIODeadline = .now()) -> String? {
         let interval = AgentSession.renewalInterval.nanoseconds / 1_000_000_000
-        guard perNode.admit(node, now: now) else {
-            return "node \(node) was renewed within \(interval)s (on another connection)"
-        }
         guard sources.admit(WindowedLimit.sourceKey(source), now: now) else {
             return "more than \(Self.perSource) renewals from \(source) within \(interval)s"
+        }
+        guard perNode.admit(node, now: now) else {
+            return "node \(node) was renewed within \(interval)s (on another connection)"
         }
         return nil
     }

@@ -146,5 +146,9 @@ import TunnelPKI
         #expect(renewals.admit(node: "stolen-x", source: "192.0.2.9", now: later)?.contains("192.0.2.9") == true)
         #expect(renewals.admit(node: "other", source: "192.0.2.10", now: later) == nil)
         #expect(renewals.admit(node: "stolen-y", source: "192.0.2.9", now: later + .seconds(10)) == nil)
+        // A dual-stack listener sees IPv4 callers as ::ffff:a.b.c.d: each keeps its own key, not one /64 for all.
+        #expect(WindowedLimit.sourceKey("::ffff:192.0.2.9") == "192.0.2.9")
+        #expect(WindowedLimit.sourceKey("::ffff:192.0.2.10") != WindowedLimit.sourceKey("::ffff:192.0.2.9"))
+        #expect(WindowedLimit.sourceKey("fd00::1") == WindowedLimit.sourceKey("fd00::2"))
     }
 }
