@@ -3,6 +3,7 @@ import hashlib
 import json
 import os
 import socket
+import types
 import urllib.parse
 
 import pytest
@@ -19,7 +20,8 @@ def lab(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("routing")
     c = Cluster(tmp)
     try:
-        c.start_server("--kubelet-ca-file", start_kubelet_standin(c, tmp, "edge-1"))
+        c.uds = tmp / "connect.sock"
+        c.start_server("--kubelet-ca-file", start_kubelet_standin(c, tmp, "edge-1"), "--uds-path", c.uds)
         c.edge_port = c.start_edge_service()
         c.agent = c.start_agent("edge-1", "--allow", f"127.0.0.1:{c.edge_port}", "--allow", f"127.0.0.1:{c.https_port}")
         c.bodies = {size: os.urandom(size) for size in SIZES}
@@ -153,7 +155,7 @@ def test_bytes_sent_with_a_connect_and_a_half_close_arrive(lab):
     assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"hello from the edge\n"), data[-200:]
 
 
-def test_absolute_form_requests_are_forwarded_as_plain_http_on_both_ports(lab):
+def test_absolute_form_requests_are_forwarded_as_plain_http_on_every_entry(lab):
     """curl without -p sends `GET http://edge-1:PORT/... HTTP/1.1` to its proxy, as Go's client (Prometheus) does:
     the target gets plain HTTP in origin form, hop-by-hop headers removed, with Connection: close."""
     url = f"http://edge-1:{lab.edge_port}/headers?x=1"
@@ -162,7 +164,16 @@ def test_absolute_form_requests_are_forwarded_as_plain_http_on_both_ports(lab):
     secure = run("curl", "-sS", "--fail-with-body", "--proxy-cacert", lab.ca, "--proxy-cert", lab.cert, "--proxy-key",
                  lab.key, "-x", f"https://127.0.0.1:{lab.ports['secure']}", *extra, url)
     insecure = run("curl", "-sS", "--fail-with-body", "-x", f"http://127.0.0.1:{lab.ports['insecure']}", *extra, url)
-    for answer in (secure, insecure):
+    # The Unix socket, as a co-located caller would use it: the same request line, in absolute form.
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(lab.uds))
+        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: edge-1:{lab.edge_port}\r\nProxy-Connection: keep-alive\r\n"
+                     "Connection: keep-alive, X-Hop\r\nX-Hop: secret\r\nX-Kept: yes\r\nKeep-Alive: timeout=5\r\n\r\n".encode())
+        status, body = read_response(sock)
+    assert status == "HTTP/1.1 200 OK", status
+    unix = types.SimpleNamespace(stdout=body.decode())
+    for answer in (secure, insecure, unix):
         seen = json.loads(answer.stdout)
         assert seen["requestline"] == "GET /headers?x=1 HTTP/1.1"
         headers = {name.lower(): value for name, value in seen["headers"]}
