@@ -106,6 +106,7 @@ def test_the_replica_count_follows_the_leases(lab):
     (lab.kube / "max-page").write_text("1")
     for index in range(3):
         if index == 2:  # two Leases exist: the third replica's list has a second page, whose token expired
+            wait_until(lambda: lab.replicas(0) == 2 and lab.replicas(1) == 2, 20, "two Leases written")
             (lab.kube / "expire-continue").write_text("")
         lab.start_server(index)
     wait_until(lambda: all(lab.replicas(i) == 3 for i in range(3)), 20, "every replica counting 3")
