@@ -35,6 +35,10 @@ public final class TunnelServer: @unchecked Sendable {
     /// The certificate's addresses from the configuration, and from the Service (``setServiceAddresses``).
     private var configuredAddresses: (ips: [String], dnsNames: [String])
     private var serviceAddresses: [String: (ips: [String], dnsNames: [String])] = [:]
+    /// Held from reading the addresses to installing the certificate made from them: each Service's watch, the
+    /// config reloader and the renewal update at the same time, and a certificate made from an older read must
+    /// not replace a newer one (it dropped a Service's addresses until its next change).
+    private let certificateUpdates = NIOLock()
 
     /// Loads the CA and prepares the serving certificate; throws a one-line error naming what is wrong.
     public init(configuration: ServerConfiguration, logger: Logger, group: EventLoopGroup? = nil) throws {
@@ -76,6 +80,10 @@ public final class TunnelServer: @unchecked Sendable {
     }
 
     private func applyAddresses() throws {
+        try certificateUpdates.withLock { try applyAddressesLocked() }
+    }
+
+    private func applyAddressesLocked() throws {
         let (configured, services) = lock.withLock { (configuredAddresses, serviceAddresses) }
         let named = services.keys.sorted().compactMap { services[$0] }
         func union(_ a: [String], _ b: [String]) -> [String] {
@@ -147,7 +155,7 @@ public final class TunnelServer: @unchecked Sendable {
         let task = group.next().scheduleTask(in: .milliseconds(Int64(delay * 1000))) { [weak self] in
             guard let self, self.lock.withLock({ self.ready }) else { return }
             do {
-                try self.core.refreshServingCertificate(sans: self.core.sans)
+                try self.certificateUpdates.withLock { _ = try self.core.refreshServingCertificate(sans: self.core.sans) }
             } catch {
                 self.core.logger.error("cannot renew the serving certificate: \(error)")
             }
