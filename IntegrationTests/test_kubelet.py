@@ -3,6 +3,7 @@ streaming logs and WebSocket exec, and the errors callers see."""
 import base64
 import os
 import pathlib
+import signal
 import socket
 import ssl
 import struct
@@ -146,6 +147,35 @@ def test_websocket_exec_passes_101_and_1000_round_trips_are_byte_exact(kube, por
         sock.sendall(ws_frame(payload))
         assert ws_read(sock) == payload, f"round trip {i} differs"
     sock.close()
+
+
+@pytest.mark.parametrize("port_kind", ["secure", "insecure"])
+def test_an_exec_session_cut_by_a_dead_tunnel_ends_with_an_error(kube, port_kind):
+    """An upgraded exec session is read until it closes: when the tunnel dies under it, the caller must see a
+    failure (a reset; on 10263 also no TLS close_notify: the kubelet's TLS runs in the stream and the server
+    relays it), never the clean end a finished session has."""
+    if port_kind == "secure":
+        raw = socket.create_connection(("127.0.0.1", kube.ports["secure"]), timeout=20)
+        sock = kube.tls_context(kube.cert, kube.key).wrap_socket(raw, suppress_ragged_eofs=False)
+        port = kube.https_port
+    else:
+        sock, port = socket.create_connection(("127.0.0.1", kube.ports["insecure"]), timeout=20), kube.http_port
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /exec/default/web/app?command=sh&stdin=true HTTP/1.1\r\nHost: edge-1:{port}\r\n"
+                  f"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n").encode())
+    assert read_head(sock).startswith("HTTP/1.1 101")
+    sock.sendall(ws_frame(b"\x00ls\n"))
+    assert ws_read(sock) == b"\x00ls\n"
+    kube.agent.send_signal(signal.SIGKILL)
+    kube.agent.popen.wait(10)
+    sock.settimeout(10)
+    try:
+        ended = "eof" if sock.recv(65536) == b"" else "data"
+    except (ConnectionResetError, ssl.SSLError):
+        ended = "error"
+    sock.close()
+    assert ended == "error"
 
 
 def raw_request(kube, request, port_kind="insecure", timeout=20):

@@ -492,6 +492,98 @@ def test_a_caller_that_goes_away_closes_the_edge_side_promptly(cluster, tmp_path
                "the stream to be gone")
 
 
+def ended_how(sock, timeout=10):
+    """Reads `sock` until it ends: "eof" for a clean end (TLS: with close_notify), "error" for a reset or a TLS end
+    without close_notify. None when it did not end within `timeout`."""
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if sock.recv(65536) == b"":
+                return "eof"
+        except (ConnectionResetError, ssl.SSLError):  # SSLEOFError: EOF in violation of the protocol
+            return "error"
+        except socket.timeout:
+            return None
+    return None
+
+
+def plain_connect(port, target):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = sock.recv(1)
+        if not data:
+            break
+        head += data
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return sock
+
+
+def test_a_stream_cut_short_ends_with_an_error_never_a_clean_end(cluster, tmp_path):
+    """A read-until-close transfer cut short must not look complete. The agent killed: callers on the TLS port
+    and the plain port see a reset (TLS: no close_notify), not EOF. The server killed: the agent resets the
+    target's connection. Meanwhile a transfer that ends in order still ends with a clean EOF."""
+    listener = socket.socket()
+    listener.settimeout(20)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    agent = cluster.start_agent("edge-c", "--allow", f"127.0.0.1:{port}", ips=("127.0.0.5",))
+
+    # In order: the target sends and closes; the caller reads it all, then a clean EOF.
+    status, caller = cluster.connect_stream(f"edge-c:{port}")
+    assert status.startswith("HTTP/1.1 200")
+    target, _ = listener.accept()
+    target.sendall(b"x" * 100000)
+    target.close()
+    received = b""
+    caller.settimeout(10)
+    while (data := caller.recv(65536)):
+        received += data
+    assert len(received) == 100000
+    caller.close()
+
+    # The agent dies mid-transfer. (Python's default hides a TLS end without close_notify: not here.)
+    raw = socket.create_connection(("127.0.0.1", cluster.ports["secure"]), timeout=20)
+    tls_caller = cluster.tls_context(cluster.cert, cluster.key).wrap_socket(raw, suppress_ragged_eofs=False)
+    tls_caller.sendall(f"CONNECT edge-c:{port} HTTP/1.1\r\nHost: edge-c:{port}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += tls_caller.recv(1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    tls_target, _ = listener.accept()
+    plain_caller = plain_connect(cluster.ports["insecure"], f"edge-c:{port}")
+    plain_target, _ = listener.accept()
+    for target, caller in ((tls_target, tls_caller), (plain_target, plain_caller)):
+        target.sendall(b"y" * 65536)
+        caller.settimeout(10)
+        got = 0
+        while got < 65536:
+            got += len(caller.recv(65536))
+    agent.send_signal(signal.SIGKILL)
+    agent.popen.wait(10)
+    assert {"tls": ended_how(tls_caller), "plain": ended_how(plain_caller)} == {"tls": "error", "plain": "error"}
+    for sock in (tls_caller, plain_caller, tls_target, plain_target):
+        sock.close()
+
+    # The server dies mid-upload: the agent resets the target's connection.
+    cluster.start_agent("edge-c", "--allow", f"127.0.0.1:{port}", ips=("127.0.0.5",), join=False,
+                        pki=tmp_path / "agent-edge-c")
+    _, caller = cluster.connect_stream(f"edge-c:{port}")
+    target, _ = listener.accept()
+    caller.sendall(b"z" * 65536)
+    target.settimeout(10)
+    got = 0
+    while got < 65536:
+        got += len(target.recv(65536))
+    cluster.server.send_signal(signal.SIGKILL)
+    assert ended_how(target) == "error"
+    caller.close()
+    target.close()
+
+
 def test_half_close_is_carried_both_ways(cluster, tmp_path):
     """Through `edgetunnel forward` (plain TCP locally): the caller shuts down its sending side, the target
     reads to EOF and answers, then closes; the caller receives the answer and EOF."""

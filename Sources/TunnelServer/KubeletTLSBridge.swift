@@ -40,7 +40,13 @@ enum KubeletTLSBridge {
             .channelOption(.allowRemoteHalfClosure, value: true)
             .takingOwnershipOfDescriptor(inputOutput: fds[1])
         let checkName = server.configuration.kubeletCAFile != nil
-        return streamSide.and(tlsSide).flatMap { (streamChannel, tlsChannel) in
+        // When one side fails to come up, the other one (if it did) is closed: each owns a descriptor.
+        let both = streamSide.and(tlsSide)
+        both.whenFailure { _ in
+            streamSide.whenSuccess { $0.close(promise: nil) }
+            tlsSide.whenSuccess { $0.close(promise: nil) }
+        }
+        return both.flatMap { (streamChannel, tlsChannel) in
             TLSClient.handshake(
                 on: tlsChannel, context: kubeletTLS, serverHostname: TLSClient.serverName(for: destination.host),
                 deadline: deadline, timeout: timeout

@@ -14,6 +14,8 @@ public final class RelayGlue: ChannelDuplexHandler {
     private var pendingRead = false
     private var inputClosed = false
     private var outputClosed = false
+    /// This side failed (reset by its peer, TLS ended without close_notify): the partner ends with an error too.
+    private var failed = false
 
     private init() {}
 
@@ -44,7 +46,7 @@ public final class RelayGlue: ChannelDuplexHandler {
     }
 
     public func channelInactive(context: ChannelHandlerContext) {
-        partner?.partnerClose()
+        partner?.partnerClose(abort: failed)
     }
 
     public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
@@ -58,6 +60,7 @@ public final class RelayGlue: ChannelDuplexHandler {
     }
 
     public func errorCaught(context: ChannelHandlerContext, error: Error) {
+        failed = true
         context.close(promise: nil)
     }
 
@@ -88,8 +91,16 @@ public final class RelayGlue: ChannelDuplexHandler {
         closeIfDone(context)
     }
 
-    private func partnerClose() {
-        context?.close(promise: nil)
+    /// The partner's channel closed; `abort` when it failed, so that a cut-short transfer never looks complete
+    /// to this side's peer (``StreamGlue/abort(_:)``).
+    private func partnerClose(abort: Bool) {
+        guard let context else { return }
+        if abort {
+            failed = true
+            StreamGlue.abort(context.channel)
+        } else {
+            context.close(promise: nil)
+        }
     }
 
     private func partnerBecameWritable() {

@@ -1,5 +1,9 @@
 import NIOCore
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Joins one socket to one tunnel stream (the GlueHandler pattern of swift-nio-ssh's examples).
 ///
 /// The socket is read only while the ``TunnelMux`` has not paused it (it pauses when the stream runs out of
@@ -163,11 +167,26 @@ public final class StreamGlue: ChannelDuplexHandler {
         }
     }
 
+    /// The stream was reset (its tunnel died, the peer gave it up): the socket ends with an error its peer can see.
     func resetFromTunnel() {
         hop {
             guard let context = self.context, self.socketState != .reset else { return }
             self.socketState = .reset
-            context.close(promise: nil)
+            Self.abort(context.channel)
+        }
+    }
+
+    /// Ends `channel` so that its peer sees a failure, never the clean end of a complete transfer: a TCP socket
+    /// sends RST (`SO_LINGER` 0), and the close starts at the head of the pipeline, under any TLS handler, so that
+    /// no close_notify is sent (TLS clients report the missing close_notify as an error). A read-until-close
+    /// download cut short would otherwise look complete. A Unix socket has no RST: its peer sees EOF (and, over
+    /// TLS, no close_notify). Call on the channel's event loop.
+    public static func abort(_ channel: Channel) {
+        _ = (channel as? SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0))
+        do {
+            try channel.pipeline.syncOperations.addHandler(AbortiveClose(), position: .first)
+        } catch {
+            channel.close(promise: nil)
         }
     }
 
@@ -183,5 +202,14 @@ public final class StreamGlue: ChannelDuplexHandler {
         } else {
             eventLoop.execute(body)
         }
+    }
+}
+
+/// Closes its channel as it is added, from the head of the pipeline (see ``StreamGlue/abort(_:)``).
+private final class AbortiveClose: ChannelOutboundHandler {
+    typealias OutboundIn = Never
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        context.close(promise: nil)
     }
 }
