@@ -245,7 +245,9 @@ def test_agents_register_only_as_existing_nodes_with_their_nodes_addresses(lab):
     server.expect_log("node IP 127.0.0.13 is not among the addresses of Node edge-3 (10.0.0.3)", timeout=10)
     assert not up("edge-2") and not up("edge-3")
     lab.api("POST", "/api/v1/nodes", node("edge-2", "127.0.0.12"))
-    wait_until(lambda: up("edge-2"), 40, "edge-2 registered once its Node exists")
+    # Refused until now, the agent backs off with full jitter up to 30 s: a sleep begun just before the Node
+    # appeared may last that long, then the handshake and the Node's watch event.
+    wait_until(lambda: up("edge-2"), 60, "edge-2 registered once its Node exists")
     lab.api("DELETE", "/api/v1/nodes/edge-1", {})
     wait_until(lambda: not up("edge-1"), 10, "edge-1's tunnel closed with its Node")
     server.expect_log("the Node object of edge-1 was deleted")
