@@ -86,7 +86,8 @@ def test_bench_commands_reject_bad_input_in_one_line(tmp_path):
 def test_the_shaped_link_scenario_measures_every_path(tmp_path):
     """`scripts/bench --shaped` in its shortest form: two namespaces joined by a tbf-shaped veth pair, EdgeTunnel and
     ssh -R under the same shaping, idle and under one bulk download. Every path carried its bulk download and timed
-    its small requests; how fast is not judged here (docs/benchmarks.md reports the long runs)."""
+    its small requests; how fast is not judged here (docs/benchmarks.md reports the long runs). Under the download
+    the agent's metrics show its tunnel paced."""
     from netns import require_netns
     require_netns()
     result = subprocess.run([sys.executable, ROOT / "scripts" / "bench", "--shaped", "--runs", "1", "--samples", "5",
@@ -99,4 +100,7 @@ def test_the_shaped_link_scenario_measures_every_path(tmp_path):
         assert modes["idle"][0]["samples"] == 5 and modes["bulk"][0]["samples"] == 5, row
         # The link is 40 Mbit/s: a bulk download that moved far less did not share it with the requests.
         assert 20 < modes["bulk"][0]["bulk_mbit_s"] < 45, (row, modes["bulk"][0])
+        if row.startswith("EdgeTunnel"):
+            # The agent judged its link slow and says so (its metric).
+            assert modes["bulk"][0]["agent_paced_tunnels"] == 1, (row, modes["bulk"][0])
     assert "| EdgeTunnel, one keep-alive CONNECT stream |" in result.stdout

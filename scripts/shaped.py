@@ -292,10 +292,32 @@ PidFile {ssh_dir}/sshd.pid
             args.append("--new-per-request")
         if bulk:
             args.append("--bulk")
-        out = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300)
-        if out.returncode != 0:
-            raise RuntimeError(f"client {path} failed: {out.stderr.strip()[-500:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        client = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        paced = None
+        if path == "edgetunnel":
+            # While the download runs (3 s before the first request): does the agent say its tunnel is paced?
+            time.sleep(2)
+            paced = self.agent_paced_tunnels()
+        try:
+            stdout, stderr = client.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            raise
+        if client.returncode != 0:
+            raise RuntimeError(f"client {path} failed: {stderr.strip()[-500:]}")
+        result = json.loads(stdout.strip().splitlines()[-1])
+        if paced is not None:
+            result["agent_paced_tunnels"] = paced
+        return result
+
+    def agent_paced_tunnels(self):
+        """The agent's `edge_tunnel_agent_paced_tunnels` now (its tunnels on a slow link), or None."""
+        out = sh("ip", "netns", "exec", self.edge, "curl", "-s", "--max-time", "5", "http://127.0.0.1:10266/metrics",
+                 check=False)
+        for line in out.stdout.splitlines():
+            if line.startswith("edge_tunnel_agent_paced_tunnels "):
+                return int(float(line.split()[1]))
+        return None
 
 
 ROWS = [

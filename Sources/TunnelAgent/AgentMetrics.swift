@@ -9,6 +9,7 @@ final class AgentMetrics: @unchecked Sendable {
     /// Tunnels registered, one per server replica reached.
     let serverTunnels: Gauge
     let streams: Gauge
+    let pacedTunnels: Gauge
     let refused: Counter
     let reconnects: Counter
     let bytesFromServer: TotalCounter
@@ -26,6 +27,10 @@ final class AgentMetrics: @unchecked Sendable {
                 "edge_tunnel_agent_server_tunnels", help: "Registered tunnels, one per server replica reached."))
         streams = registry.makeGauge(
             descriptor: .named("edge_tunnel_agent_streams", help: "Streams open through this agent."))
+        pacedTunnels = registry.makeGauge(
+            descriptor: .named(
+                "edge_tunnel_agent_paced_tunnels",
+                help: "Tunnels paced now: their link to the server is slow (below 100 Mbit/s), so replies go ahead of bulk."))
         refused = registry.makeCounter(
             descriptor: .named("edge_tunnel_agent_refused_total", help: "Stream requests refused by the allow list."))
         reconnects = registry.makeCounter(
@@ -68,8 +73,9 @@ final class AgentMetrics: @unchecked Sendable {
     }
 
     /// Adds the byte totals seen since the last scrape and renders the Prometheus text format.
-    func render(bytesIn: Int, bytesOut: Int, streamCount: Int) -> [UInt8] {
+    func render(bytesIn: Int, bytesOut: Int, streamCount: Int, pacedTunnels paced: Int) -> [UInt8] {
         streams.set(Double(streamCount))
+        pacedTunnels.set(Double(paced))
         bytesFromServer.update(to: bytesIn)
         bytesToServer.update(to: bytesOut)
         var buffer: [UInt8] = []

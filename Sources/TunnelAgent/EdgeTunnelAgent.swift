@@ -367,15 +367,17 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         case "/metrics":
             let (tunnel, retired) = lock.withLock { (current, retiredBytes) }
             var counters = tunnel?.mux.counters.snapshot ?? (bytesIn: 0, bytesOut: 0, streams: 0)
+            var paced = tunnel?.mux.counters.paced == true ? 1 : 0
             for extra in replicas.extras {
                 let more = extra.mux.counters.snapshot
                 counters = (counters.bytesIn + more.bytesIn, counters.bytesOut + more.bytesOut, counters.streams + more.streams)
+                paced += extra.mux.counters.paced ? 1 : 0
             }
             return MetaResponse(
                 status: .ok, contentType: "text/plain; version=0.0.4; charset=utf-8",
                 body: metrics.render(
                     bytesIn: retired.bytesIn + counters.bytesIn, bytesOut: retired.bytesOut + counters.bytesOut,
-                    streamCount: counters.streams))
+                    streamCount: counters.streams, pacedTunnels: paced))
         default:
             return .text(.notFound, "no such endpoint: \(path)")
         }

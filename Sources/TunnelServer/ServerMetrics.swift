@@ -7,6 +7,7 @@ final class ServerMetrics: @unchecked Sendable {
     let registry = PrometheusCollectorRegistry()
     let agents: Gauge
     let streams: Gauge
+    let pacedTunnels: Gauge
     let dialDuration: DurationHistogram
     let bytesFromAgents: TotalCounter
     let bytesToAgents: TotalCounter
@@ -34,6 +35,10 @@ final class ServerMetrics: @unchecked Sendable {
             descriptor: .named("edge_tunnel_server_agents", help: "Agents connected to this server."))
         streams = registry.makeGauge(
             descriptor: .named("edge_tunnel_server_streams", help: "Streams open through this server."))
+        pacedTunnels = registry.makeGauge(
+            descriptor: .named(
+                "edge_tunnel_server_paced_tunnels",
+                help: "Tunnels paced now: their link to the agent is slow (below 100 Mbit/s), so replies go ahead of bulk."))
         dialDuration = registry.makeDurationHistogram(
             descriptor: .named(
                 "edge_tunnel_server_dial_duration_seconds", help: "Time from a caller's request to the agent's answer."),
@@ -75,6 +80,7 @@ final class ServerMetrics: @unchecked Sendable {
         let sessions = agentRegistry.sessions
         agents.set(Double(sessions.count))
         streams.set(Double(sessions.reduce(0) { $0 + $1.streamCount }))
+        pacedTunnels.set(Double(sessions.reduce(0) { $0 + ($1.mux.counters.paced ? 1 : 0) }))
         let totals = agentRegistry.totalBytes
         bytesFromAgents.update(to: totals.fromAgents)
         bytesToAgents.update(to: totals.toAgents)

@@ -60,7 +60,7 @@ extension TunnelServer {
             return AgentInfo(
                 nodeName: session.nodeName, nodeIPs: session.nodeIPs, connectedSince: session.connectedSince,
                 remoteAddress: session.remoteAddress, streams: counters.streams, bytesFromAgent: counters.bytesIn,
-                bytesToAgent: counters.bytesOut)
+                bytesToAgent: counters.bytesOut, paced: session.mux.counters.paced)
         }.sorted { $0.nodeName < $1.nodeName }
     }
 

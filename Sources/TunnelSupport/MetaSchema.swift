@@ -12,10 +12,13 @@ public struct AgentInfo: Codable, Sendable {
     public var streams: Int
     public var bytesFromAgent: Int
     public var bytesToAgent: Int
+    /// The tunnel towards the agent is paced now: its link is slow, and the server keeps its queue short. (Absent
+    /// from servers before it.)
+    public var paced: Bool?
 
     public init(
         nodeName: String, nodeIPs: [String], connectedSince: Date, remoteAddress: String, streams: Int,
-        bytesFromAgent: Int, bytesToAgent: Int
+        bytesFromAgent: Int, bytesToAgent: Int, paced: Bool? = nil
     ) {
         self.nodeName = nodeName
         self.nodeIPs = nodeIPs
@@ -24,6 +27,7 @@ public struct AgentInfo: Codable, Sendable {
         self.streams = streams
         self.bytesFromAgent = bytesFromAgent
         self.bytesToAgent = bytesToAgent
+        self.paced = paced
     }
 }
 

@@ -7,7 +7,12 @@ public final class TunnelCounters: Sendable {
     private let bytesIn = ManagedAtomic<Int>(0)
     private let bytesOut = ManagedAtomic<Int>(0)
     private let streams = ManagedAtomic<Int>(0)
+    private let pacedNow = ManagedAtomic<Bool>(false)
     public init() {}
+    func setPaced(_ on: Bool) { pacedNow.store(on, ordering: .relaxed) }
+    /// Whether the tunnel is paced now: it sends on a link slower than ``TunnelLimits/pacedBelowBytesPerSecond``
+    /// and keeps its queues short (interactive streams ahead of bulk), at the cost of larger frames' throughput.
+    public var paced: Bool { pacedNow.load(ordering: .relaxed) }
     func add(in count: Int) { bytesIn.wrappingIncrement(by: count, ordering: .relaxed) }
     func add(out count: Int) { bytesOut.wrappingIncrement(by: count, ordering: .relaxed) }
     func setStreams(_ count: Int) { streams.store(count, ordering: .relaxed) }

@@ -41,8 +41,10 @@ public struct TunnelLimits: Sendable {
     public var pacedFrameSize = 16 * 1024
     /// The largest DATA payload of a paced tunnel while other streams wait for their turn.
     public var pacedSharedFrameSize = 8 * 1024
-    /// DATA a paced tunnel writes between two flushes (a fast one writes up to 256 KiB).
+    /// DATA a paced tunnel writes between two flushes.
     public var pacedFlushBatch = 8 * 1024
+    /// DATA a fast tunnel writes between two flushes.
+    public var fastFlushBatch = 256 * 1024
     /// Socket bytes read and not yet sent, over all streams of the connection, past which no stream's socket is
     /// read while the tunnel is not writable. Below it a stream with nothing waiting keeps reading (one read at
     /// most: its socket pauses while its bytes wait), so a small reply is in line at once rather than after the

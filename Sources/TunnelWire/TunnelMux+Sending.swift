@@ -33,7 +33,7 @@ extension TunnelMux {
     func sendQueued() {
         guard let context else { return }
         var wrote = false
-        let flushBatch = paced ? limits.pacedFlushBatch : 256 * 1024
+        let flushBatch = paced ? limits.pacedFlushBatch : limits.fastFlushBatch
         while unflushedData < flushBatch, context.channel.isWritable, let stream = nextToSend() {
             stream.queuedToSend = false
             guard streams[stream.id] === stream, stream.lifecycle.canSend, var pending = stream.pending,

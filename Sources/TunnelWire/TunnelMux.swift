@@ -66,7 +66,9 @@ public final class TunnelMux: ChannelInboundHandler {
     var unflushedData = 0
     /// The tunnel's link is the bottleneck and slow (``TunnelLimits/pacedBelowBytesPerSecond``): short queues, small
     /// frames. Judged from what a busy tunnel moves (``judgeRate()``).
-    var paced = false
+    var paced = false {
+        didSet { counters.setPaced(paced) }
+    }
     /// Since when DATA bytes are counted for the next judgement, how many, and whether the tunnel was found not
     /// writable meanwhile (only then is the link the bottleneck).
     var rateWindow = (start: NIODeadline.uptimeNanoseconds(0), bytes: 0, blocked: false)

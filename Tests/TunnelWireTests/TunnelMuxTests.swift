@@ -503,6 +503,7 @@ final class FlushCounter: ChannelOutboundHandler {
         loop.advanceTime(by: .milliseconds(500))
         try tunnel.writeInbound(Frame.window(streamID: 1, increment: 200 * 1024, allocator: .init()))  // a flush
         #expect(mux.paced)
+        #expect(mux.counters.paced, "the metrics and the agent list show the mode")
         try sockets[0].writeInbound(helper.bytes(64 * 1024))
         #expect(try sent(tunnel).filter { $0.type == .data }.allSatisfy { $0.payload.readableBytes <= mux.limits.pacedFrameSize })
         // Fast again once it moves more than 25 MB/s: 16 MiB in half a second.
@@ -514,6 +515,7 @@ final class FlushCounter: ChannelOutboundHandler {
         loop.advanceTime(by: .milliseconds(500))
         try tunnel.writeInbound(Frame.window(streamID: 1, increment: 1, allocator: .init()))
         #expect(!mux.paced)
+        #expect(!mux.counters.paced)
     }
 
     @Test func aTunnelThatWasNeverBlockedStaysFastHoweverLittleItMoves() throws {
