@@ -2,6 +2,7 @@ import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import TunnelPKI
+import TunnelSupport
 
 /// What stands before a join's token check and CSR signing: a rate limit per source address, and the tokens
 /// kept in memory (re-read only when `tokens.json` changes), so that a flood of joins costs neither a disk read
@@ -26,7 +27,7 @@ final class JoinGuard: @unchecked Sendable {
     /// Counts a join attempt from `source` (an IPv6 source by its /64: one host owns many addresses); false
     /// when it is over the limit.
     func admit(_ source: String, now: NIODeadline = .now()) -> Bool {
-        sources.admit(WindowedLimit.sourceKey(source), now: now)
+        sources.admit(SourceKey.of(source), now: now)
     }
 
     private var external: (@Sendable () -> [StoredToken])?

@@ -1,6 +1,7 @@
 import NIOConcurrencyHelpers
 import NIOCore
 import TunnelPKI
+import TunnelSupport
 
 /// At most `perKey` events per key in a fixed window (joins per source address, certificate renewals per node
 /// and per source). The table of keys is bounded: past ``maxKeys`` (after forgetting expired ones, at most once a
@@ -40,13 +41,6 @@ final class WindowedLimit: Sendable {
         }
     }
 
-    /// A source address as a key: an IPv6 source by its /64 (one host owns many addresses), an IPv4-mapped one
-    /// (a dual-stack listener) as its IPv4 address.
-    static func sourceKey(_ source: String) -> String {
-        guard let address = IPAddress(source)?.unmapped else { return source }
-        guard !address.isIPv4 else { return address.description }
-        return IPAddress(bytes: address.bytes.prefix(8) + [UInt8](repeating: 0, count: 8))!.description + "/64"
-    }
 }
 
 /// What stands before a certificate renewal besides the per-connection interval (``AgentSession``): a renewal
@@ -61,7 +55,7 @@ struct RenewalGuard: Sendable {
     /// Nil when `node`, asking from `source`, may have a certificate signed now; otherwise why not.
     func admit(node: String, source: String, now: NIODeadline = .now()) -> String? {
         let interval = AgentSession.renewalInterval.nanoseconds / 1_000_000_000
-        guard sources.admit(WindowedLimit.sourceKey(source), now: now) else {
+        guard sources.admit(SourceKey.of(source), now: now) else {
             return "more than \(Self.perSource) renewals from \(source) within \(interval)s"
         }
         guard perNode.admit(node, now: now) else {

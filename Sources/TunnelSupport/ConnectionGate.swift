@@ -2,7 +2,8 @@ import NIOConcurrencyHelpers
 import NIOCore
 
 /// Bounds the connections of one listener that have not authenticated yet (TLS handshake not done, or no
-/// request head yet on a plain port): at most `perSource` from one IP address and `total` in all. Without it,
+/// request head yet on a plain port): at most `perSource` from one source (``SourceKey``: an IPv4 address, an
+/// IPv6 /64) and `total` in all. Without it,
 /// thousands of sockets that never send a ClientHello hold descriptors until agents can no longer reconnect.
 /// Thread-safe; one gate per listener, so a flood on one port never shuts agents out of another.
 public final class ConnectionGate: @unchecked Sendable {
@@ -85,7 +86,8 @@ public final class PendingConnectionHandler: ChannelInboundHandler, RemovableCha
     init(gate: ConnectionGate) { self.gate = gate }
 
     public func handlerAdded(context: ChannelHandlerContext) {
-        let source = context.channel.remoteAddress?.ipAddress ?? "local"
+        // One IPv6 host could otherwise take the whole gate with addresses of its /64.
+        let source = SourceKey.of(context.channel.remoteAddress?.ipAddress ?? "local")
         guard gate.admit(source) == nil else {
             context.close(promise: nil)
             return

@@ -37,6 +37,19 @@ import TunnelPKI
         #expect(!channel.isActive && gate.pendingCount == 0)
     }
 
+    @Test func oneIPv6HostRotatingThroughItsSlash64IsOneSourceAtTheGate() throws {
+        let sixes = ConnectionGate(port: "tunnel", total: 10, perSource: 2, deadline: .seconds(10)) { _, _ in }
+        var admitted: [EmbeddedChannel] = []
+        for (index, address) in ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::3", "2001:db8:1:3::1"].enumerated() {
+            let peer = EmbeddedChannel()
+            try peer.connect(to: .init(ipAddress: address, port: 4000 + index)).wait()
+            try peer.pipeline.syncOperations.addHandler(sixes.handler())
+            admitted.append(peer)
+        }
+        #expect(admitted.map(\.isActive) == [true, true, false, true], "the third of one /64 is turned away, another /64 is not")
+        #expect(sixes.pendingCount == 3)
+    }
+
     @Test func callerStreamsAreCountedUntilTheCallerCloses() throws {
         let streams = CallerStreams(limit: 2)
         let first = EmbeddedChannel()
@@ -147,8 +160,8 @@ import TunnelPKI
         #expect(renewals.admit(node: "other", source: "192.0.2.10", now: later) == nil)
         #expect(renewals.admit(node: "stolen-y", source: "192.0.2.9", now: later + .seconds(10)) == nil)
         // A dual-stack listener sees IPv4 callers as ::ffff:a.b.c.d: each keeps its own key, not one /64 for all.
-        #expect(WindowedLimit.sourceKey("::ffff:192.0.2.9") == "192.0.2.9")
-        #expect(WindowedLimit.sourceKey("::ffff:192.0.2.10") != WindowedLimit.sourceKey("::ffff:192.0.2.9"))
-        #expect(WindowedLimit.sourceKey("fd00::1") == WindowedLimit.sourceKey("fd00::2"))
+        #expect(SourceKey.of("::ffff:192.0.2.9") == "192.0.2.9")
+        #expect(SourceKey.of("::ffff:192.0.2.10") != SourceKey.of("::ffff:192.0.2.9"))
+        #expect(SourceKey.of("fd00::1") == SourceKey.of("fd00::2"))
     }
 }
