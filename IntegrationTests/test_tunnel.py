@@ -17,7 +17,7 @@ import pytest
 
 from conftest import BIN, assert_one_line_error, run
 from edge_service import blob_sha256
-from harness import Cluster, frame, free_port, http_get, read_frame, rss_kib, wait_until
+from harness import Cluster, frame, free_port, http_get, read_frame, recv_exact, rss_kib, wait_until
 
 
 @pytest.fixture
@@ -508,8 +508,12 @@ def ended_how(sock, timeout=10):
     return None
 
 
-def plain_connect(port, target):
-    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+def plain_connect(port, target, receive_buffer=None):
+    sock = socket.socket()
+    sock.settimeout(20)
+    if receive_buffer:  # before connecting: the window the caller offers stays this small
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.connect(("127.0.0.1", port))
     sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
     head = b""
     while b"\r\n\r\n" not in head:
@@ -582,6 +586,56 @@ def test_a_stream_cut_short_ends_with_an_error_never_a_clean_end(cluster, tmp_pa
     assert ended_how(target) == "error"
     caller.close()
     target.close()
+
+
+def read_all(sock, timeout=30):
+    sock.settimeout(timeout)
+    data = bytearray()
+    while (chunk := sock.recv(1 << 20)):
+        data += chunk
+    return bytes(data)
+
+
+def test_a_complete_answer_reaches_a_slow_reader_whole(cluster):
+    """Through the plain port. A caller that half-closes after its request and reads its answer late gets all of
+    it, then EOF: the server still holds part of the answer when the target's FIN arrives, and finishing the
+    socket must not drop it. A caller whose answer had fully arrived when the tunnel died gets it whole too: the
+    stream had ended in order towards it."""
+    listener = socket.socket()
+    listener.settimeout(20)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    agent = cluster.start_agent("edge-s", "--allow", f"127.0.0.1:{port}", ips=("127.0.0.6",))
+    # More than the kernel takes for a caller that does not read (about 3.5 MiB on loopback), less than that plus
+    # the stream's first window (1 MiB): the rest waits in the server, and the FIN arrives behind it at once.
+    answer = os.urandom(4 * 1024 * 1024)
+
+    def answer_and_close(target):
+        target.settimeout(None)
+        target.sendall(answer)
+        target.close()
+
+    for half_close, kill_agent in ((True, False), (False, True)):
+        caller = plain_connect(cluster.ports["insecure"], f"edge-s:{port}", receive_buffer=8192)
+        target, _ = listener.accept()
+        caller.sendall(b"request")
+        if half_close:
+            caller.shutdown(socket.SHUT_WR)
+            assert read_all(target) == b"request"
+        else:
+            assert recv_exact(target, 7) == b"request"
+        sender = threading.Thread(target=answer_and_close, args=(target,))
+        sender.start()
+        sender.join(20)
+        assert not sender.is_alive(), "the answer did not fit in the stream's window and the buffers"
+        time.sleep(1.5)  # the answer waits in front of the caller, and the FIN arrived behind it
+        if kill_agent:
+            agent.send_signal(signal.SIGKILL)
+            agent.popen.wait(10)
+        received = read_all(caller)
+        assert (len(received), hashlib.sha256(received).hexdigest()) == (len(answer), hashlib.sha256(answer).hexdigest())
+        caller.close()
 
 
 def test_half_close_is_carried_both_ways(cluster, tmp_path):

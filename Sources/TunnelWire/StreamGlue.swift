@@ -51,6 +51,9 @@ public final class StreamGlue: ChannelDuplexHandler {
     private var outputOpen: Bool { socketState == .open || socketState == .inputClosed }
     /// Bytes written to the socket that NIO still holds (the channel is not writable): credited when it drains.
     private var uncredited = 0
+    /// Completes once every byte the stream brought is written and the socket's output is shut: only then may
+    /// the socket be closed whole (NIO fails the writes it still holds when a socket closes).
+    private var outputFinished: EventLoopFuture<Void>?
 
     /// Writable means "nothing unsent": not writable above one buffered byte, writable again at none.
     static let watermark = ChannelOptions.Types.WriteBufferWaterMark(low: 1, high: 1)
@@ -88,12 +91,15 @@ public final class StreamGlue: ChannelDuplexHandler {
     public func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
         if case ChannelEvent.inputClosed = event {
             switch socketState {
-            case .open: socketState = .inputClosed
-            case .outputClosed: socketState = .closed
-            default: break
+            case .open:
+                socketState = .inputClosed
+            case .outputClosed:
+                socketState = .closed
+                closeWhenOutputFinished(context)
+            default:
+                break
             }
             mux.socketInputClosed(streamID)
-            closeIfBothDone(context)
         }
         context.fireUserInboundEventTriggered(event)
     }
@@ -110,7 +116,7 @@ public final class StreamGlue: ChannelDuplexHandler {
     public func channelInactive(context: ChannelHandlerContext) {
         // After we shut its output, a socket whose peer then closes is closed whole by NIO with no inputClosed
         // event: that is still an orderly end of its input, not an abort.
-        mux.socketClosed(streamID, eof: socketState == .outputClosed)
+        mux.socketClosed(streamID, eof: socketState == .outputClosed || socketState == .closed)
         context.fireChannelInactive()
     }
 
@@ -156,23 +162,39 @@ public final class StreamGlue: ChannelDuplexHandler {
     func finishOutputFromTunnel() {
         hop {
             guard let context = self.context, self.outputOpen else { return }
-            self.socketState = self.socketState == .inputClosed ? .closed : .outputClosed
             let promise = context.eventLoop.makePromise(of: Void.self)
-            context.close(mode: .output, promise: promise)
-            promise.futureResult.whenFailure { _ in
-                // Transports that cannot half-close (or already closed): finish the whole socket.
-                context.close(promise: nil)
+            self.outputFinished = promise.futureResult
+            if self.socketState == .inputClosed {
+                // Both directions are done. NIO turns an output shutdown of a socket whose input is shut into a
+                // whole close, which fails the writes it still holds: a slow reader would get a clean, short end.
+                // An empty write completes after every earlier one; the socket closes then.
+                self.socketState = .closed
+                context.writeAndFlush(self.wrapOutboundOut(ByteBuffer()), promise: promise)
+                self.closeWhenOutputFinished(context)
+            } else {
+                self.socketState = .outputClosed
+                context.close(mode: .output, promise: promise)  // NIO shuts the output once the writes are done
+                promise.futureResult.whenFailure { _ in
+                    // Transports that cannot half-close (or already closed): finish the whole socket.
+                    context.close(promise: nil)
+                }
             }
-            self.closeIfBothDone(context)
         }
     }
 
     /// The stream was reset (its tunnel died, the peer gave it up): the socket ends with an error its peer can see.
+    /// Unless every byte towards the socket had arrived (its output finished in order): then that answer is
+    /// complete, and it goes out whole before an ordinary close.
     func resetFromTunnel() {
         hop {
             guard let context = self.context, self.socketState != .reset else { return }
+            let answered = self.socketState == .outputClosed || self.socketState == .closed
             self.socketState = .reset
-            Self.abort(context.channel)
+            if answered {
+                self.closeWhenOutputFinished(context)
+            } else {
+                Self.abort(context.channel)
+            }
         }
     }
 
@@ -190,10 +212,12 @@ public final class StreamGlue: ChannelDuplexHandler {
         }
     }
 
-    private func closeIfBothDone(_ context: ChannelHandlerContext) {
-        if socketState == .closed {
+    private func closeWhenOutputFinished(_ context: ChannelHandlerContext) {
+        guard let outputFinished else {
             context.close(promise: nil)
+            return
         }
+        outputFinished.whenComplete { _ in context.close(promise: nil) }
     }
 
     private func hop(_ body: @escaping () -> Void) {
