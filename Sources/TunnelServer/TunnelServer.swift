@@ -39,6 +39,8 @@ public final class TunnelServer: @unchecked Sendable {
     /// config reloader and the renewal update at the same time, and a certificate made from an older read must
     /// not replace a newer one (it dropped a Service's addresses until its next change).
     private let certificateUpdates = NIOLock()
+    /// Tests only: runs after the addresses were read for a new certificate, before it is made.
+    var afterAddressesRead: (@Sendable () -> Void)?
 
     /// Loads the CA and prepares the serving certificate; throws a one-line error naming what is wrong.
     public init(configuration: ServerConfiguration, logger: Logger, group: EventLoopGroup? = nil) throws {
@@ -84,7 +86,8 @@ public final class TunnelServer: @unchecked Sendable {
     }
 
     private func applyAddressesLocked() throws {
-        let (configured, services) = lock.withLock { (configuredAddresses, serviceAddresses) }
+        let (configured, services, hook) = lock.withLock { (configuredAddresses, serviceAddresses, afterAddressesRead) }
+        hook?()
         let named = services.keys.sorted().compactMap { services[$0] }
         func union(_ a: [String], _ b: [String]) -> [String] {
             var seen = Set<String>()
