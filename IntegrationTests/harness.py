@@ -255,17 +255,22 @@ class Cluster:
         raw = socket.create_connection(("127.0.0.1", self.ports["secure"]), timeout=timeout)
         tls = self.tls_context(cert or self.cert, key or self.key).wrap_socket(raw)
         tls.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            data = tls.recv(1)
-            if not data:
-                break
-            head += data
-        return head.split(b"\r\n", 1)[0].decode(), tls
+        return read_head(tls).split(b"\r\n", 1)[0].decode(), tls
 
     def close(self):
         """Stops every process, then fails if one of them ended badly (see `Proc`)."""
         stop_and_check(self.procs)
+
+
+def read_head(sock):
+    """An HTTP response head, read a byte at a time so that nothing after it is consumed (bytes; short at EOF)."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = sock.recv(1)
+        if not data:
+            break
+        head += data
+    return head
 
 
 def frame(frame_type, stream_id, payload):

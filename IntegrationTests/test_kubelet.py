@@ -14,6 +14,7 @@ import time
 import pytest
 
 from conftest import BIN, run
+import harness
 from harness import PYTHON_HELPER_EXITS, Cluster, free_port, wait_until
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -53,13 +54,16 @@ def secure_socket(c, cert=None, key=None):
 
 
 def read_head(sock):
-    head = b""
-    while b"\r\n\r\n" not in head:
-        data = sock.recv(1)
-        if not data:
-            break
-        head += data
-    return head.decode(errors="replace")
+    return harness.read_head(sock).decode(errors="replace")
+
+
+def start_exec(sock, port):
+    """Asks the kubelet on `port` of edge-1 for an exec session over WebSocket; returns the response head."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /exec/default/web/app?command=sh&stdin=true HTTP/1.1\r\nHost: edge-1:{port}\r\n"
+                  f"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n").encode())
+    return read_head(sock)
 
 
 def test_https_request_is_routed_by_host_to_the_kubelet(kube):
@@ -136,11 +140,7 @@ def test_websocket_exec_passes_101_and_1000_round_trips_are_byte_exact(kube, por
         sock, port = secure_socket(kube), kube.https_port
     else:
         sock, port = socket.create_connection(("127.0.0.1", kube.ports["insecure"]), timeout=20), kube.http_port
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /exec/default/web/app?command=sh&stdin=true HTTP/1.1\r\nHost: edge-1:{port}\r\n"
-                  f"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n").encode())
-    head = read_head(sock)
+    head = start_exec(sock, port)
     assert head.startswith("HTTP/1.1 101") and "v4.channel.k8s.io" in head
     for i in range(1000):
         payload = b"\x00" + os.urandom(1 + i % 200)  # channel 0 (stdin) and data
@@ -160,11 +160,7 @@ def test_an_exec_session_cut_by_a_dead_tunnel_ends_with_an_error(kube, port_kind
         port = kube.https_port
     else:
         sock, port = socket.create_connection(("127.0.0.1", kube.ports["insecure"]), timeout=20), kube.http_port
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /exec/default/web/app?command=sh&stdin=true HTTP/1.1\r\nHost: edge-1:{port}\r\n"
-                  f"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n").encode())
-    assert read_head(sock).startswith("HTTP/1.1 101")
+    assert start_exec(sock, port).startswith("HTTP/1.1 101")
     sock.sendall(ws_frame(b"\x00ls\n"))
     assert ws_read(sock) == b"\x00ls\n"
     kube.agent.send_signal(signal.SIGKILL)

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import BIN, assert_one_line_error, run
 from edge_service import blob_sha256
-from harness import Cluster, frame, free_port, http_get, read_frame, recv_exact, rss_kib, wait_until
+from harness import Cluster, frame, free_port, http_get, read_frame, read_head, recv_exact, rss_kib, wait_until
 
 
 @pytest.fixture
@@ -515,12 +515,7 @@ def plain_connect(port, target, receive_buffer=None):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.connect(("127.0.0.1", port))
     sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        data = sock.recv(1)
-        if not data:
-            break
-        head += data
+    head = read_head(sock)
     assert head.startswith(b"HTTP/1.1 200"), head
     return sock
 
@@ -553,9 +548,7 @@ def test_a_stream_cut_short_ends_with_an_error_never_a_clean_end(cluster, tmp_pa
     raw = socket.create_connection(("127.0.0.1", cluster.ports["secure"]), timeout=20)
     tls_caller = cluster.tls_context(cluster.cert, cluster.key).wrap_socket(raw, suppress_ragged_eofs=False)
     tls_caller.sendall(f"CONNECT edge-c:{port} HTTP/1.1\r\nHost: edge-c:{port}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += tls_caller.recv(1)
+    head = read_head(tls_caller)
     assert head.startswith(b"HTTP/1.1 200"), head
     tls_target, _ = listener.accept()
     plain_caller = plain_connect(cluster.ports["insecure"], f"edge-c:{port}")
@@ -707,13 +700,7 @@ def test_unix_socket_frontend_for_a_colocated_caller(tmp_path):
             s.settimeout(10)
             s.connect(str(sock_path))
             s.sendall(f"CONNECT edge-1:{port} HTTP/1.1\r\nHost: edge-1:{port}\r\n\r\n".encode())
-            head = b""
-            while b"\r\n\r\n" not in head:
-                data = s.recv(1)
-                if not data:
-                    break
-                head += data
-            assert head.startswith(b"HTTP/1.1 200")
+            assert read_head(s).startswith(b"HTTP/1.1 200")
             s.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             data = b""
             while True:
