@@ -128,6 +128,10 @@ struct ServerCommand: AsyncParsableCommand {
         let logger = Logger(label: "edge-tunnel-server")
         let server: TunnelServer
         do {
+            // SIGHUP is trapped once the service group runs (ConfigReloadService), after the listeners are up: one
+            // that came in between killed the process (its default action). Ignored until then; a changed file is
+            // still picked up by the reloader's watch.
+            signal(SIGHUP, SIG_IGN)
             server = try TunnelServer(configuration: configuration, logger: logger)
             try await server.start()
         } catch {
