@@ -38,6 +38,15 @@ def edge(cluster):
     return port
 
 
+def local_listener():
+    """A target the test plays itself: a listening socket on 127.0.0.1 (accepts time out after 20 s) and its port."""
+    listener = socket.socket()
+    listener.settimeout(20)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    return listener, listener.getsockname()[1]
+
+
 def test_connect_reaches_the_edge_service_by_node_name_and_node_ip(cluster, edge):
     by_name = cluster.curl(f"http://edge-1:{edge}/hello", check=True)
     assert by_name.stdout == "hello from the edge\n"
@@ -462,11 +471,7 @@ def test_agent_detects_a_dead_server_within_15_seconds(cluster, edge):
 
 def test_a_caller_that_goes_away_closes_the_edge_side_promptly(cluster, tmp_path):
     """The target sees its connection end within 2 s of the caller vanishing mid-stream."""
-    listener = socket.socket()
-    listener.settimeout(20)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    port = listener.getsockname()[1]
+    listener, port = local_listener()
     cluster.start_agent("edge-r", "--allow", f"127.0.0.1:{port}", ips=("127.0.0.3",))
     status, caller = cluster.connect_stream(f"edge-r:{port}")
     assert status.startswith("HTTP/1.1 200")
@@ -524,11 +529,7 @@ def test_a_stream_cut_short_ends_with_an_error_never_a_clean_end(cluster, tmp_pa
     """A read-until-close transfer cut short must not look complete. The agent killed: callers on the TLS port
     and the plain port see a reset (TLS: no close_notify), not EOF. The server killed: the agent resets the
     target's connection. Meanwhile a transfer that ends in order still ends with a clean EOF."""
-    listener = socket.socket()
-    listener.settimeout(20)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    port = listener.getsockname()[1]
+    listener, port = local_listener()
     agent = cluster.start_agent("edge-c", "--allow", f"127.0.0.1:{port}", ips=("127.0.0.5",))
 
     # In order: the target sends and closes; the caller reads it all, then a clean EOF.
@@ -594,11 +595,7 @@ def test_a_complete_answer_reaches_a_slow_reader_whole(cluster):
     it, then EOF: the server still holds part of the answer when the target's FIN arrives, and finishing the
     socket must not drop it. A caller whose answer had fully arrived when the tunnel died gets it whole too: the
     stream had ended in order towards it."""
-    listener = socket.socket()
-    listener.settimeout(20)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    port = listener.getsockname()[1]
+    listener, port = local_listener()
     agent = cluster.start_agent("edge-s", "--allow", f"127.0.0.1:{port}", ips=("127.0.0.6",))
     # More than the kernel takes for a caller that does not read (about 3.5 MiB on loopback), less than that plus
     # the stream's first window (1 MiB): the rest waits in the server, and the FIN arrives behind it at once.
@@ -634,11 +631,7 @@ def test_a_complete_answer_reaches_a_slow_reader_whole(cluster):
 def test_half_close_is_carried_both_ways(cluster, tmp_path):
     """Through `edgetunnel forward` (plain TCP locally): the caller shuts down its sending side, the target
     reads to EOF and answers, then closes; the caller receives the answer and EOF."""
-    listener = socket.socket()
-    listener.settimeout(20)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    port = listener.getsockname()[1]
+    listener, port = local_listener()
     cluster.start_agent("edge-h", "--allow", f"127.0.0.1:{port}", ips=("127.0.0.4",))
     local = free_port()
     forward = cluster.spawn([BIN / "edgetunnel", "forward", "--server", f"127.0.0.1:{cluster.ports['secure']}",
