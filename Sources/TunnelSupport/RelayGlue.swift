@@ -96,7 +96,6 @@ public final class RelayGlue: ChannelDuplexHandler {
     private func partnerClose(abort: Bool) {
         guard let context else { return }
         if abort {
-            failed = true
             StreamGlue.abort(context.channel)
         } else {
             context.close(promise: nil)
