@@ -7,6 +7,10 @@ public enum SourceKey {
     public static func of(_ source: String) -> String {
         guard let address = IPAddress(source)?.unmapped else { return source }
         guard !address.isIPv4 else { return address.description }
-        return IPAddress(bytes: address.bytes.prefix(8) + [UInt8](repeating: 0, count: 8))!.description + "/64"
+        // Sixteen bytes always make an address; the fallback only keeps a trap off the peer's path.
+        guard let network = IPAddress(bytes: address.bytes.prefix(8) + [UInt8](repeating: 0, count: 8)) else {
+            return address.description
+        }
+        return network.description + "/64"
     }
 }
