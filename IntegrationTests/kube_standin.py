@@ -6,7 +6,8 @@ stale resourceVersion 409 Conflict, as the API server's optimistic concurrency d
 
 Run: python3 kube_standin.py DIR PORT [BIND [EXTRA_IP,...]]   (BIND default 127.0.0.1; the certificate names
      127.0.0.1 and the EXTRA_IPs)
-  DIR/ca.crt              the CA of its serving certificate (written at start), for the kubeconfig
+  DIR/ca.crt              the CA of its serving certificate, for the kubeconfig; it appears (whole, by rename)
+                          only once the port listens, so a test that waits for it can call at once
   DIR/token               the bearer token it accepts, re-read per request: rewrite it to rotate
   DIR/deny                if present, every request gets 403 Forbidden (RBAC says no), as a Status object
   DIR/compact             if present, it is deleted and every resourceVersion so far is compacted away
@@ -46,6 +47,7 @@ state = {"rv": 100, "compacted": 0, "objects": {}, "events": [], "epoch": 0}
 
 
 def serving_certificate():
+    """The serving key and certificate; the certificate stays in memory until `publish` (after the bind)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-standin")])
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -57,10 +59,17 @@ def serving_certificate():
             .add_extension(x509.SubjectAlternativeName(
                 [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ["127.0.0.1", *EXTRA_IPS]]), critical=False)
             .sign(key, hashes.SHA256()))
-    (DIR / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (DIR / "serving.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (DIR / "serving.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                         serialization.NoEncryption()))
-    return DIR / "ca.crt", DIR / "serving.key"
+    return DIR / "serving.crt", DIR / "serving.key"
+
+
+def publish(cert):
+    """ca.crt, written then renamed: whoever sees it may connect, and never reads half a PEM."""
+    partial = DIR / "ca.crt.partial"
+    partial.write_bytes(cert.read_bytes())
+    os.replace(partial, DIR / "ca.crt")
 
 
 def status(code, reason, message):
@@ -314,4 +323,5 @@ if __name__ == "__main__":
     context.load_cert_chain(str(cert), str(key))
     server = Server((BIND, PORT), Handler)
     server.socket = context.wrap_socket(server.socket, server_side=True)
+    publish(cert)  # the socket listens (HTTPServer binds and listens in its constructor)
     server.serve_forever()
