@@ -16,6 +16,7 @@ final class ServerMetrics: @unchecked Sendable {
     /// Connections closed before they authenticated, by listener and reason (``ConnectionGate/Rejection``).
     let connectionsRejected: LabeledCounters
     let pendingConnections: LabeledGauges
+    let admissionLimits: LabeledGauges
     /// Streams refused by a limit (`streams_per_agent`, `pending_opens`, `streams_per_caller`, `buffer_budget`).
     let limitHits: LabeledCounters
     let bufferedBytes: Gauge
@@ -67,6 +68,9 @@ final class ServerMetrics: @unchecked Sendable {
         pendingConnections = LabeledGauges(
             registry: registry, name: "edge_tunnel_server_unauthenticated_connections", label: "port",
             help: "Connections still in their TLS handshake or before their request head, by listener.")
+        admissionLimits = LabeledGauges(
+            registry: registry, name: "edge_tunnel_server_unauthenticated_connection_limit", label: "port",
+            help: "How many unauthenticated connections a listener admits now (lower than --max-pending-connections under a handshake overload).")
     }
 
     func dialFailed(reason: String) {
@@ -76,7 +80,10 @@ final class ServerMetrics: @unchecked Sendable {
     /// Refreshes the values that are read from live state, then renders the Prometheus text format.
     func render(registry agentRegistry: AgentRegistry, gates: [ConnectionGate], budget: WindowBudget?) -> [UInt8] {
         bufferedBytes.set(Double(budget?.inUse ?? 0))
-        for gate in gates { pendingConnections.set(gate.port, Double(gate.pendingCount)) }
+        for gate in gates {
+            pendingConnections.set(gate.port, Double(gate.pendingCount))
+            admissionLimits.set(gate.port, Double(gate.admissionLimit))
+        }
         let sessions = agentRegistry.sessions
         agents.set(Double(sessions.count))
         streams.set(Double(sessions.reduce(0) { $0 + $1.streamCount }))

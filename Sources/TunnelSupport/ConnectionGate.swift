@@ -6,11 +6,24 @@ import NIOCore
 /// IPv6 /64) and `total` in all. Without it,
 /// thousands of sockets that never send a ClientHello hold descriptors until agents can no longer reconnect.
 /// Thread-safe; one gate per listener, so a flood on one port never shuts agents out of another.
+///
+/// **Overload.** A gate built with an `overloadTarget` (the TLS listeners) also keeps the handshakes it admits
+/// short enough to finish. Without that, a reconnect storm larger than the cores can serve within the deadline
+/// is congestion collapse: every handshake in flight slows down together, most are cut at the deadline after
+/// their work is done, and their agents redial into the same queue. Each second the gate looks at the quickest
+/// authentication of that second, from accept to done; quick ones mean queueing is not the problem. When even
+/// the quickest took longer than the target, the cores are the queue, and the gate admits only as many as it
+/// saw complete per second times the target (Little's law), never fewer than `overloadFloor`. The surplus is
+/// closed at once, which costs almost nothing and sends an agent into its backoff. Quick seconds double the
+/// limit back up to `total`. Only authentications move the limit down, and only a peer with a certificate can
+/// authenticate: connections that stall their handshake cannot lower it for others. The floor is at least
+/// twice `perSource`, so one source cannot hold the whole of a lowered limit.
 public final class ConnectionGate: @unchecked Sendable {
     /// Why a connection was turned away or cut off (the `reason` label of the rejection metric).
     public enum Rejection: String, Sendable {
         case sourceLimit = "source_limit"
         case totalLimit = "total_limit"
+        case overload = "overload"
         case deadline = "handshake_timeout"
     }
 
@@ -18,31 +31,52 @@ public final class ConnectionGate: @unchecked Sendable {
     public let total: Int
     public let perSource: Int
     public let deadline: TimeAmount
+    /// The quickest authentication of a second above which the gate lowers its limit; nil: no overload control.
+    public let overloadTarget: TimeAmount?
+    /// The lowest the overload control takes the limit.
+    public let overloadFloor: Int
+    static let overloadInterval = TimeAmount.seconds(1)
     private let lock = NIOLock()
     private var pending = 0
     private var bySource: [String: Int] = [:]
+    private var limit: Int
+    private var windowStart: NIODeadline?
+    private var windowCompleted = 0
+    private var windowQuickest: TimeAmount?
     private let onReject: @Sendable (_ port: String, _ reason: Rejection) -> Void
 
     /// - Parameters:
     ///   - port: names the listener in metrics and logs (`tunnel`, `secure`, `insecure`, `uds`, `meta`).
+    ///   - overloadTarget: see the type's "Overload"; nil on plain ports, where the time to a request head is the
+    ///     caller's and not the cores'.
     ///   - onReject: counts a rejection (called on an event loop; must not block).
     public init(
-        port: String, total: Int, perSource: Int, deadline: TimeAmount,
+        port: String, total: Int, perSource: Int, deadline: TimeAmount, overloadTarget: TimeAmount? = nil,
         onReject: @escaping @Sendable (_ port: String, _ reason: Rejection) -> Void
     ) {
         self.port = port
         self.total = total
         self.perSource = perSource
         self.deadline = deadline
+        self.overloadTarget = overloadTarget
+        self.overloadFloor = min(total, max(2 * perSource, 64))
+        self.limit = total
         self.onReject = onReject
     }
 
     /// Connections of this listener that have not authenticated yet.
     public var pendingCount: Int { lock.withLock { pending } }
 
-    func admit(_ source: String) -> Rejection? {
+    /// How many unauthenticated connections the gate admits now: `total`, or lower under overload.
+    public var admissionLimit: Int { lock.withLock { limit } }
+
+    func admit(_ source: String, at now: NIODeadline = .now()) -> Rejection? {
         let refused: Rejection? = lock.withLock {
             guard pending < total else { return .totalLimit }
+            if overloadTarget != nil {
+                rollWindow(now)
+                guard pending < limit else { return .overload }
+            }
             let count = bySource[source, default: 0]
             guard count < perSource else { return .sourceLimit }
             bySource[source] = count + 1
@@ -63,6 +97,41 @@ public final class ConnectionGate: @unchecked Sendable {
 
     func timedOut() { onReject(port, .deadline) }
 
+    /// A connection admitted `latency` ago authenticated.
+    func authenticated(after latency: TimeAmount, at now: NIODeadline = .now()) {
+        guard overloadTarget != nil else { return }
+        lock.withLock {
+            rollWindow(now)
+            windowCompleted += 1
+            windowQuickest = min(windowQuickest ?? latency, latency)
+        }
+    }
+
+    /// Closes the second that has passed, if one has, and sets the limit from it (under `lock`).
+    private func rollWindow(_ now: NIODeadline) {
+        guard let target = overloadTarget else { return }
+        guard let start = windowStart else {
+            windowStart = now
+            return
+        }
+        let elapsed = now - start
+        guard elapsed >= Self.overloadInterval else { return }
+        if let quickest = windowQuickest, windowCompleted > 0 {
+            if quickest > target {
+                let perSecond = Double(windowCompleted) * 1e9 / Double(elapsed.nanoseconds)
+                let fits = Int(perSecond * Double(target.nanoseconds) / 1e9)
+                limit = max(overloadFloor, min(limit, fits))
+            } else {
+                limit = min(total, limit * 2)
+            }
+        } else if pending == 0 {
+            limit = total  // idle: nothing to learn from, nothing queued
+        }
+        windowStart = now
+        windowCompleted = 0
+        windowQuickest = nil
+    }
+
     /// The handler that puts one connection through this gate: add it first in the child pipeline.
     public func handler() -> PendingConnectionHandler { PendingConnectionHandler(gate: self) }
 }
@@ -81,6 +150,7 @@ public final class PendingConnectionHandler: ChannelInboundHandler, RemovableCha
 
     private let gate: ConnectionGate
     private var source: String?
+    private var admittedAt: NIODeadline?
     private var timer: Scheduled<Void>?
 
     init(gate: ConnectionGate) { self.gate = gate }
@@ -88,11 +158,13 @@ public final class PendingConnectionHandler: ChannelInboundHandler, RemovableCha
     public func handlerAdded(context: ChannelHandlerContext) {
         // One IPv6 host could otherwise take the whole gate with addresses of its /64.
         let source = SourceKey.of(context.channel.remoteAddress?.ipAddress ?? "local")
-        guard gate.admit(source) == nil else {
+        let now = context.eventLoop.now
+        guard gate.admit(source, at: now) == nil else {
             context.close(promise: nil)
             return
         }
         self.source = source
+        admittedAt = now
         let gate = self.gate
         timer = context.eventLoop.scheduleTask(in: gate.deadline) {
             gate.timedOut()
@@ -117,9 +189,14 @@ public final class PendingConnectionHandler: ChannelInboundHandler, RemovableCha
         gate.release(source)
     }
 
-    /// A plain-port connection sent what authenticates it (its request head): it leaves the gate.
+    /// The connection authenticated (a client certificate accepted, or on a plain port its request head): it
+    /// leaves the gate, and the time it took tells the gate about overload.
     public static func authenticated(_ pipeline: ChannelPipeline.SynchronousOperations) {
         guard let handler = try? pipeline.handler(type: PendingConnectionHandler.self) else { return }
+        if let admittedAt = handler.admittedAt, handler.source != nil {
+            let now = pipeline.eventLoop.now
+            handler.gate.authenticated(after: now - admittedAt, at: now)
+        }
         pipeline.removeHandler(handler, promise: nil)
     }
 }

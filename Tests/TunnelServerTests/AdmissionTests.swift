@@ -37,6 +37,87 @@ import TunnelPKI
         #expect(!channel.isActive && gate.pendingCount == 0)
     }
 
+    /// A reconnect storm larger than the cores: handshakes complete 50 a second and even the quickest takes 5 s.
+    /// The gate then admits what can finish in its 2-s target (50 × 2 = 100) and closes the rest at once,
+    /// instead of letting a thousand handshakes slow down together until the deadline cuts them all. Quick
+    /// seconds give the limit back, doubling.
+    @Test func underAHandshakeOverloadTheGateAdmitsWhatCanFinishAndShedsTheRest() throws {
+        let rejections = NIOLockedValueBox<[ConnectionGate.Rejection]>([])
+        let gate = ConnectionGate(
+            port: "tunnel", total: 4096, perSource: 16, deadline: .seconds(10), overloadTarget: .seconds(2)
+        ) { _, reason in rejections.withLockedValue { $0.append(reason) } }
+        let start = NIODeadline.uptimeNanoseconds(1_000_000_000)
+        func at(_ milliseconds: Int64) -> NIODeadline { start + .milliseconds(milliseconds) }
+        func source(_ index: Int) -> String { "10.\(index / 65536).\(index / 256 % 256).\(index % 256)" }
+        for index in 0..<1000 { #expect(gate.admit(source(index), at: at(0)) == nil) }
+        for index in 0..<50 {
+            gate.authenticated(after: .seconds(5), at: at(Int64(20 * index)))
+            gate.release(source(index))
+        }
+        #expect(gate.admit(source(1000), at: at(1000)) == .overload, "950 pending of a limit of 100")
+        #expect(gate.admissionLimit == 100)
+        for index in 50..<901 { gate.release(source(index)) }  // cut at their deadline
+        #expect(gate.pendingCount == 99)
+        #expect(gate.admit(source(2000), at: at(1100)) == nil)
+        #expect(gate.admit(source(2001), at: at(1100)) == .overload)
+        // The queue is short again: the quickest handshake takes 100 ms. The limit doubles each such second.
+        var limits: [Int] = []
+        for second in 2...8 {
+            gate.authenticated(after: .milliseconds(100), at: at(Int64(second) * 1000 - 500))
+            _ = gate.admit(source(3000 + second), at: at(Int64(second) * 1000))
+            limits.append(gate.admissionLimit)
+        }
+        #expect(limits == [200, 400, 800, 1600, 3200, 4096, 4096])
+        #expect(rejections.withLockedValue { $0 } == [.overload, .overload])
+    }
+
+    /// Connections that never finish their handshake (no certificate, or a peer that stalls) teach the gate
+    /// nothing: the limit stays where it is. A certificate holder that authenticates slowly on purpose can
+    /// lower it only to the floor, twice what one source may hold, so it cannot take the gate alone.
+    @Test func stalledOrSlowHandshakesCannotCloseTheGateToOthers() throws {
+        let gate = ConnectionGate(
+            port: "tunnel", total: 4096, perSource: 256, deadline: .seconds(10), overloadTarget: .seconds(2)
+        ) { _, _ in }
+        let start = NIODeadline.uptimeNanoseconds(1_000_000_000)
+        for index in 0..<3000 { #expect(gate.admit("10.1.\(index / 256).\(index % 256)", at: start) == nil) }
+        for second in 1...30 { _ = gate.admit("10.2.0.\(second)", at: start + .seconds(Int64(second))) }
+        #expect(gate.admissionLimit == 4096, "no authentication, no lower limit")
+        for second in 31...40 {
+            gate.authenticated(after: .seconds(9), at: start + .seconds(Int64(second)) + .milliseconds(500))
+            _ = gate.admit("10.3.0.\(second)", at: start + .seconds(Int64(second + 1)))
+        }
+        #expect(gate.admissionLimit == 512 && gate.overloadFloor == 2 * gate.perSource)
+    }
+
+    /// Through the handler: the time from accept to `authenticated` is what the gate learns, on the loop's
+    /// clock; plain ports (no target) never lower their limit.
+    @Test func theHandlerReportsHowLongAConnectionTookToAuthenticate() throws {
+        let gate = ConnectionGate(
+            port: "tunnel", total: 100, perSource: 2, deadline: .seconds(10), overloadTarget: .seconds(2)
+        ) { _, _ in }
+        let loop = EmbeddedEventLoop()
+        var channels: [EmbeddedChannel] = []
+        for index in 0..<80 {
+            let channel = EmbeddedChannel(loop: loop)
+            try channel.connect(to: .init(ipAddress: "10.0.0.\(index)", port: 4242)).wait()
+            try channel.pipeline.syncOperations.addHandler(gate.handler())
+            channels.append(channel)
+        }
+        loop.advanceTime(by: .seconds(3))
+        PendingConnectionHandler.authenticated(channels[0].pipeline.syncOperations)
+        loop.advanceTime(by: .seconds(1))
+        let late = EmbeddedChannel(loop: loop)
+        try late.connect(to: .init(ipAddress: "10.0.1.1", port: 4242)).wait()
+        try late.pipeline.syncOperations.addHandler(gate.handler())
+        #expect(!late.isActive, "one 3-s handshake a second: the floor of 64, and 79 are pending")
+        #expect(gate.admissionLimit == 64 && gate.pendingCount == 79)
+        let plain = ConnectionGate(port: "meta", total: 100, perSource: 2, deadline: .seconds(10)) { _, _ in }
+        #expect(plain.admit("10.0.0.1", at: .uptimeNanoseconds(0)) == nil)
+        plain.authenticated(after: .seconds(9), at: .uptimeNanoseconds(0))
+        #expect(plain.admit("10.0.0.2", at: .uptimeNanoseconds(5_000_000_000)) == nil && plain.admissionLimit == 100)
+        for channel in channels { _ = try? channel.finish() }
+    }
+
     @Test func oneIPv6HostRotatingThroughItsSlash64IsOneSourceAtTheGate() throws {
         let sixes = ConnectionGate(port: "tunnel", total: 10, perSource: 2, deadline: .seconds(10)) { _, _ in }
         var admitted: [EmbeddedChannel] = []
