@@ -14,11 +14,7 @@ extension EdgeTunnelAgent {
     func connect(to address: ServerAddress, haveServers: [String] = [], primary: Bool = true, probes: Int = 1)
         async throws -> AgentTunnel
     {
-        guard let credentials = lock.withLock({ credentials }) else {
-            throw JoinError(description: "no credentials")
-        }
-        let context = try TLSContexts.agentClient(
-            certificate: credentials.certificate, key: credentials.privateKey, ca: credentials.ca)
+        let context = try tunnelContext()
         // A name is checked against the certificate's DNS SANs; an IP cannot be SNI, and NIOSSL then checks
         // the certificate's IP SANs against the address it connected to.
         let hostname = address.isIP ? nil : address.host

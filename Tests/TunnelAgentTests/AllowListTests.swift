@@ -106,3 +106,29 @@ import TunnelSupport
         #expect(allow.allowsResolved(IPAddress("127.0.0.1")!, port: 10250))  // an address rule allows it
     }
 }
+
+@Suite struct TunnelContextTests {
+    /// Every dial and path probe reuses one TLS context until the credentials change; a renewal's new
+    /// certificate gets a new context, so the next dial presents it.
+    @Test func oneContextPerSetOfCredentials() async throws {
+        let ca = try CertificateAuthority.create()
+        func credentials() throws -> AgentCredentials {
+            let issued = try ca.issueNodeCertificate(nodeName: "edge-1")
+            return AgentCredentials(certificate: issued.certificate, privateKey: issued.privateKey, ca: ca.certificate)
+        }
+        let agent = try EdgeTunnelAgent(
+            configuration: AgentConfiguration(nodeName: "edge-1", serverAddresses: ["127.0.0.1:1"]),
+            logger: .init(label: "test"))
+        #expect(throws: JoinError.self) { try agent.tunnelContext() }
+        agent.useCredentials(try credentials())
+        let first = try agent.tunnelContext()
+        let again = try agent.tunnelContext()
+        #expect(again === first)
+        agent.useCredentials(try credentials())
+        let renewed = try agent.tunnelContext()
+        let renewedAgain = try agent.tunnelContext()
+        #expect(renewed !== first && renewedAgain === renewed)
+        await agent.stop()
+        await agent.shutdown()
+    }
+}
