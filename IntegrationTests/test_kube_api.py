@@ -352,6 +352,18 @@ def test_the_join_state_in_configmaps_is_shared_by_every_replica(lab):
     run(BIN / "edgetunnel", "node", "reset", "edge-1", *cli)
     frame_type, reason = join_answer(lab, servers[1], join_frame(lab, token, "edge-1"))
     assert frame_type == 14, reason
+
+    # A reset or a revocation frees the node's IPs at once: another node may name them now, not only once the
+    # claim's one-minute grace has passed (edge-1's claim of 127.0.0.1 was renewed by the join just above).
+    run(BIN / "edgetunnel", "node", "reset", "edge-1", *cli)
+    frame_type, reason = join_answer(lab, servers[0], join_frame(lab, token, "edge-2"))
+    assert frame_type == 14, reason
+    run(BIN / "edgetunnel", "node", "revoke", "edge-2", *cli)
+    frame_type, reason = join_answer(lab, servers[1], join_frame(lab, token, "edge-4"))
+    assert frame_type == 14, reason
+    claims = lab.api("GET", "/api/v1/namespaces/edge-tunnel/configmaps?labelSelector=edgetunnel.io%2Fjoin-state%3Dip", None)
+    holders = [json.loads(o["data"]["claim"])["node"] for o in claims["items"] if '"127.0.0.1"' in o["data"]["claim"]]
+    assert holders == ["edge-4"], holders
     edge.stop()
 
 

@@ -9,8 +9,9 @@ import TunnelPKI
 /// still checked first (``NodeRecord/joining``); the claims close the gap between two replicas' views.
 ///
 /// A claim stands while its node holds the IP (joined, not revoked, the IP in its record), and for
-/// ``claimGrace`` after it was made, since that join may still be writing its record. After that, a claim
-/// whose node was reset, revoked or never finished its join is taken over by the next node that names the IP.
+/// ``claimGrace`` after it was made, since that join may still be writing its record. A reset or a revocation
+/// deletes the node's claims at once. A claim whose node never finished its join (or whose deletion failed) is
+/// taken over after the grace by the next node that names the IP.
 extension KubeJoinState {
     struct IPClaim: Codable, Equatable {
         var node: String
@@ -80,7 +81,7 @@ extension KubeJoinState {
         throw PKIError(.writeFailed, "the claim of node IP \(ip) in \(location) keeps changing: try again")
     }
 
-    /// Deletes `node`'s claims of `ips` (a join that failed or was undone), each only as it was read (a
+    /// Deletes `node`'s claims of `ips` (a join that failed or was undone, a reset, a revocation), each only as it was read (a
     /// precondition on its resourceVersion: one taken over meanwhile stays). Best effort: a claim left behind is
     /// taken over once its grace has passed.
     func release(_ ips: [String], of node: String) async {

@@ -188,14 +188,26 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
         if version != nil, undone?.ips.isEmpty == true { await release(joined.ips, of: joined.name) }
     }
 
+    /// The node may join again; its IPs are free at once (their claims are deleted, not left to expire).
     public func reset(_ name: String) async throws {
         _ = try DNSName.validateNodeName(name)
-        _ = try await update(name) { NodeRecord.reset($0, name: name, now: Date()) }
+        var held: [String] = []
+        _ = try await update(name) { existing in
+            held = existing?.ips ?? []
+            return NodeRecord.reset(existing, name: name, now: Date())
+        }
+        await release(held, of: name)
     }
 
+    /// The node's certificates are void; its IPs are free at once for another node.
     public func revoke(_ name: String) async throws {
         _ = try DNSName.validateNodeName(name)
-        _ = try await update(name) { NodeRecord.revoked($0, name: name, now: Date()) }
+        var held: [String] = []
+        _ = try await update(name) { existing in
+            held = existing?.ips ?? []
+            return NodeRecord.revoked(existing, name: name, now: Date())
+        }
+        await release(held, of: name)
     }
 
     /// Reads the node's record, changes it and writes it back only if nobody wrote it meanwhile (create, or update
