@@ -111,6 +111,12 @@ public final class FrameDecoder: ChannelInboundHandler {
         self.maxPayload = maxPayload
     }
 
+    /// Drops every byte still to come, unparsed: the connection has failed and is closing.
+    func discardInput() {
+        state = .failed
+        partial = nil
+    }
+
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
         do {

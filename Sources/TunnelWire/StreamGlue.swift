@@ -205,8 +205,15 @@ public final class StreamGlue: ChannelDuplexHandler {
     /// TLS, no close_notify). Call on the channel's event loop.
     public static func abort(_ channel: Channel) {
         _ = (channel as? SocketOptionProvider)?.setSoLinger(linger(l_onoff: 1, l_linger: 0))
+        closeFromHead(channel)
+    }
+
+    /// Closes `channel` from the head of its pipeline, under any TLS handler: at once, without sending a
+    /// close_notify and waiting for the peer's (which a hostile peer never sends, while it goes on writing and
+    /// every byte it writes is still read and decrypted). Call on the channel's event loop.
+    public static func closeFromHead(_ channel: Channel) {
         do {
-            try channel.pipeline.syncOperations.addHandler(AbortiveClose(), position: .first)
+            try channel.pipeline.syncOperations.addHandler(HeadClose(), position: .first)
         } catch {
             channel.close(promise: nil)
         }
@@ -229,8 +236,8 @@ public final class StreamGlue: ChannelDuplexHandler {
     }
 }
 
-/// Closes its channel as it is added, from the head of the pipeline (see ``StreamGlue/abort(_:)``).
-private final class AbortiveClose: ChannelOutboundHandler {
+/// Closes its channel as it is added, from the head of the pipeline (see ``StreamGlue/closeFromHead(_:)``).
+private final class HeadClose: ChannelOutboundHandler {
     typealias OutboundIn = Never
 
     func handlerAdded(context: ChannelHandlerContext) {

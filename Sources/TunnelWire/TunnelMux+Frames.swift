@@ -41,6 +41,7 @@ extension TunnelMux {
             guard frame.payload.readableBytes == 8 else {
                 throw FrameError("PING with \(frame.payload.readableBytes) payload bytes (8 expected)")
             }
+            try countPing()
             try reply(Frame(type: .pong, streamID: 0, payload: frame.payload))
         case .pong:
             break

@@ -84,6 +84,10 @@ public final class TunnelMux: ChannelInboundHandler {
     private let lastFrameNanoseconds = ManagedAtomic<UInt64>(NIODeadline.now().uptimeNanoseconds)
     /// Replies written since the tunnel last was writable (see ``TunnelLimits/maxUnreadReplies``).
     var unreadReplies = 0
+    /// PINGs the peer may still send now (``TunnelLimits/pingBurst``, refilled at ``TunnelLimits/pingsPerSecond``),
+    /// and when the bucket was last refilled; set at the first PING.
+    var pingTokens = 0.0
+    var pingsCountedAt: NIODeadline?
     /// The highest stream id the peer has opened (agent side): ids are never reused.
     var lastPeerStreamID: UInt32 = 0
 
@@ -221,6 +225,26 @@ public final class TunnelMux: ChannelInboundHandler {
         if flush { flushTunnel() }
     }
 
+    /// Counts one PING from the peer against its rate. A keepalive needs one every few seconds; a flood of them
+    /// made the tunnel's event loop decode and answer hundreds of thousands of frames a second (until the PONGs
+    /// filled the socket and the unread-replies limit cut it off), while every other connection on the loop
+    /// waited its turn behind those reads.
+    func countPing() throws {
+        let now = eventLoop.now
+        let burst = Double(limits.pingBurst)
+        if let last = pingsCountedAt {
+            pingTokens = min(burst, pingTokens + Double((now - last).nanoseconds) / 1e9 * limits.pingsPerSecond)
+        } else {
+            pingTokens = burst
+        }
+        pingsCountedAt = now
+        guard pingTokens >= 1 else {
+            throw FrameError(
+                "PINGs faster than \(limits.pingsPerSecond) a second (bursts of \(limits.pingBurst))", limit: "ping_rate")
+        }
+        pingTokens -= 1
+    }
+
     /// Writes a frame the peer's frame asks for. A peer that keeps asking while it does not read what we
     /// send is cut off before its replies pile up.
     func reply(_ frame: Frame) throws {
@@ -315,14 +339,24 @@ public final class TunnelMux: ChannelInboundHandler {
         delegate = nil
     }
 
+    ///
+    /// Nothing more from this peer is decoded, and the close comes from under TLS: a closing TLS handler waits
+    /// for the peer's close_notify while it keeps reading and decrypting, and a flooding peer, which never
+    /// sends one, kept the loop decoding its frames for seconds after it was refused.
     func sendRefusedAndClose(reason: String) {
         guard let context else { return }
+        decoder?.discardInput()
+        let channel = context.channel
         // A peer that does not read would hold the REFUSED, and the connection, forever.
-        guard context.channel.isWritable else {
-            context.close(promise: nil)
+        guard channel.isWritable else {
+            StreamGlue.closeFromHead(channel)
             return
         }
-        context.writeAndFlush(wrapOutboundOut(Refused(reason: reason).frame(allocator: context.channel.allocator)))
-            .whenComplete { _ in context.close(promise: nil) }
+        let fallback = channel.eventLoop.scheduleTask(in: .seconds(1)) { StreamGlue.closeFromHead(channel) }
+        context.writeAndFlush(wrapOutboundOut(Refused(reason: reason).frame(allocator: channel.allocator)))
+            .whenComplete { _ in
+                fallback.cancel()
+                StreamGlue.closeFromHead(channel)
+            }
     }
 }
