@@ -1,6 +1,5 @@
 """Starts real EdgeTunnel processes for end-to-end tests and talks to them with real clients."""
 import json
-import os
 import pathlib
 import signal
 import socket

@@ -4,7 +4,6 @@ import hashlib
 import json
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import threading

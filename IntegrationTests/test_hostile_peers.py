@@ -20,7 +20,7 @@ import pytest
 
 from conftest import BIN, run
 from edge_service import blob_sha256
-from harness import Cluster, frame, free_port, http_get, read_frame, recv_exact, rss_kib, wait_until
+from harness import Cluster, frame, http_get, read_frame, rss_kib, wait_until
 
 SCENARIO_SECONDS = 30
 # The server's RSS may grow by at most this much during an attack (a legitimate stream's window is 1 MiB;

@@ -14,7 +14,7 @@ from cryptography import x509
 
 from conftest import BIN, run
 from edge_service import blob_sha256
-from harness import Cluster, frame, http_get, read_frame, rss_kib, wait_until
+from harness import Cluster, frame, read_frame, rss_kib, wait_until
 from test_hostile_peers import (RSS_GROWTH_BOUND_MIB, SCENARIO_SECONDS, attacker_tunnel, fd_count, hello,
                                 hostile_scenario, lab, limit_hits)  # noqa: F401  (lab is a fixture)
 

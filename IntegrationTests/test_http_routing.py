@@ -145,7 +145,7 @@ def test_a_request_that_only_looks_like_an_upgrade_keeps_the_connection_parsed(l
 def test_bytes_sent_with_a_connect_and_a_half_close_arrive(lab):
     """CONNECT, a payload and the caller's FIN in one go (`printf ... | nc -N`): the payload reaches the target
     before the FIN, which the target sees as the end of the request."""
-    payload = f"GET /hello HTTP/1.0\r\nHost: x\r\n\r\n"
+    payload = "GET /hello HTTP/1.0\r\nHost: x\r\n\r\n"
     with socket.create_connection(("127.0.0.1", lab.ports["insecure"]), timeout=10) as sock:
         sock.sendall(f"CONNECT 127.0.0.1:{lab.edge_port} HTTP/1.1\r\nHost: edge-1\r\n\r\n{payload}".encode())
         sock.shutdown(socket.SHUT_WR)

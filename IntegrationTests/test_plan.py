@@ -3,7 +3,6 @@ import json
 import pathlib
 import shutil
 import signal
-import time
 
 import pytest
 import yaml
