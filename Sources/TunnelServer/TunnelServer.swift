@@ -169,8 +169,8 @@ public final class TunnelServer: @unchecked Sendable {
 
     /// The gate of the listener named `port`. On plain ports (`tls` false) the deadline is the request head's,
     /// and a little longer than it, so that the 408 goes out first. TLS listeners get overload control: the
-    /// limit falls when even the quickest handshake of a second takes a fifth of the deadline (2 s by default;
-    /// an agent waits 6 s for its tunnel), so what is admitted can still finish.
+    /// limit falls when even the quickest of a second's handshakes takes a fifth of the deadline, at least 1 s
+    /// (2 s by default; an agent waits 6 s for its tunnel), so what is admitted can still finish.
     func makeGate(_ port: String, tls: Bool = true) -> ConnectionGate {
         let metrics = core.metrics
         let logger = core.logger
@@ -178,7 +178,7 @@ public final class TunnelServer: @unchecked Sendable {
             port: port, total: configuration.maxPendingConnections,
             perSource: configuration.maxPendingConnectionsPerSource,
             deadline: configuration.handshakeTimeout + (tls ? .zero : .seconds(2)),
-            overloadTarget: tls ? .nanoseconds(configuration.handshakeTimeout.nanoseconds / 5) : nil
+            overloadTarget: tls ? .nanoseconds(max(1_000_000_000, configuration.handshakeTimeout.nanoseconds / 5)) : nil
         ) { port, reason in
             metrics.connectionsRejected.increment(port, reason.rawValue)
             logger.debug("\(port) connection closed before it authenticated: \(reason.rawValue)")

@@ -14,10 +14,15 @@ import NIOCore
 /// authentication of that second, from accept to done; quick ones mean queueing is not the problem. When even
 /// the quickest took longer than the target, the cores are the queue, and the gate admits only as many as it
 /// saw complete per second times the target (Little's law), never fewer than `overloadFloor`. The surplus is
-/// closed at once, which costs almost nothing and sends an agent into its backoff. Quick seconds double the
-/// limit back up to `total`. Only authentications move the limit down, and only a peer with a certificate can
-/// authenticate: connections that stall their handshake cannot lower it for others. The floor is at least
-/// twice `perSource`, so one source cannot hold the whole of a lowered limit.
+/// closed at once, which costs almost nothing and sends an agent into its backoff. Every other second doubles
+/// the limit back up to `total`.
+///
+/// The verdict resists a peer that games it. A client decides when its own handshake finishes, so a second
+/// counts as overloaded only with at least ``overloadSamples`` authentications in it, all slow: one slow peer
+/// (a stolen certificate, a satellite link, an agent holding a probe) is not enough while anyone is quick.
+/// Connections that stall without authenticating teach the gate nothing, and a second without enough
+/// authentications lets the limit grow, so stalled connections cannot keep it down. While the limit is lowered,
+/// one source may hold only an eighth of it.
 public final class ConnectionGate: @unchecked Sendable {
     /// Why a connection was turned away or cut off (the `reason` label of the rejection metric).
     public enum Rejection: String, Sendable {
@@ -36,6 +41,8 @@ public final class ConnectionGate: @unchecked Sendable {
     /// The lowest the overload control takes the limit.
     public let overloadFloor: Int
     static let overloadInterval = TimeAmount.seconds(1)
+    /// The fewest authentications in a second that can make it an overloaded one.
+    static let overloadSamples = 8
     private let lock = NIOLock()
     private var pending = 0
     private var bySource: [String: Int] = [:]
@@ -59,7 +66,7 @@ public final class ConnectionGate: @unchecked Sendable {
         self.perSource = perSource
         self.deadline = deadline
         self.overloadTarget = overloadTarget
-        self.overloadFloor = min(total, max(2 * perSource, 64))
+        self.overloadFloor = min(total, max(perSource > Int.max / 2 ? Int.max : 2 * perSource, 64))
         self.limit = total
         self.onReject = onReject
     }
@@ -78,7 +85,7 @@ public final class ConnectionGate: @unchecked Sendable {
                 guard pending < limit else { return .overload }
             }
             let count = bySource[source, default: 0]
-            guard count < perSource else { return .sourceLimit }
+            guard count < perSource, limit == total || count < max(1, limit / 8) else { return .sourceLimit }
             bySource[source] = count + 1
             pending += 1
             return nil
@@ -116,16 +123,15 @@ public final class ConnectionGate: @unchecked Sendable {
         }
         let elapsed = now - start
         guard elapsed >= Self.overloadInterval else { return }
-        if let quickest = windowQuickest, windowCompleted > 0 {
-            if quickest > target {
-                let perSecond = Double(windowCompleted) * 1e9 / Double(elapsed.nanoseconds)
-                let fits = Int(perSecond * Double(target.nanoseconds) / 1e9)
-                limit = max(overloadFloor, min(limit, fits))
-            } else {
-                limit = min(total, limit * 2)
-            }
-        } else if pending == 0 {
-            limit = total  // idle: nothing to learn from, nothing queued
+        // A window stretched by an idle gap says nothing about now.
+        if elapsed <= Self.overloadInterval * 3, windowCompleted >= Self.overloadSamples,
+            let quickest = windowQuickest, quickest > target
+        {
+            let perSecond = Double(windowCompleted) * 1e9 / Double(elapsed.nanoseconds)
+            let fits = Int(min(perSecond * Double(target.nanoseconds) / 1e9, Double(total)))
+            limit = max(overloadFloor, min(limit, fits))
+        } else {
+            limit = limit > total / 2 ? total : limit * 2
         }
         windowStart = now
         windowCompleted = 0
@@ -190,10 +196,11 @@ public final class PendingConnectionHandler: ChannelInboundHandler, RemovableCha
     }
 
     /// The connection authenticated (a client certificate accepted, or on a plain port its request head): it
-    /// leaves the gate, and the time it took tells the gate about overload.
-    public static func authenticated(_ pipeline: ChannelPipeline.SynchronousOperations) {
+    /// leaves the gate, and the time it took tells the gate about overload unless `timed` is false (a
+    /// certificate that will not be served: it must not weigh on the verdict).
+    public static func authenticated(_ pipeline: ChannelPipeline.SynchronousOperations, timed: Bool = true) {
         guard let handler = try? pipeline.handler(type: PendingConnectionHandler.self) else { return }
-        if let admittedAt = handler.admittedAt, handler.source != nil {
+        if timed, let admittedAt = handler.admittedAt, handler.source != nil {
             let now = pipeline.eventLoop.now
             handler.gate.authenticated(after: now - admittedAt, at: now)
         }

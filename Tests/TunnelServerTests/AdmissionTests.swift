@@ -72,21 +72,33 @@ import TunnelPKI
     }
 
     /// Connections that never finish their handshake (no certificate, or a peer that stalls) teach the gate
-    /// nothing: the limit stays where it is. A certificate holder that authenticates slowly on purpose can
-    /// lower it only to the floor, twice what one source may hold, so it cannot take the gate alone.
+    /// nothing. One slow authentication a second (a stolen certificate finishing late on purpose, or a satellite
+    /// link) is no verdict either. A certificate holder that makes eight slow ones a second lowers the limit,
+    /// to the floor at most; there one source may hold an eighth of it, and a second without a verdict (only
+    /// stalled connections, no authentications) lets the limit grow again.
     @Test func stalledOrSlowHandshakesCannotCloseTheGateToOthers() throws {
         let gate = ConnectionGate(
             port: "tunnel", total: 4096, perSource: 256, deadline: .seconds(10), overloadTarget: .seconds(2)
         ) { _, _ in }
         let start = NIODeadline.uptimeNanoseconds(1_000_000_000)
+        func at(_ milliseconds: Int64) -> NIODeadline { start + .milliseconds(milliseconds) }
         for index in 0..<3000 { #expect(gate.admit("10.1.\(index / 256).\(index % 256)", at: start) == nil) }
-        for second in 1...30 { _ = gate.admit("10.2.0.\(second)", at: start + .seconds(Int64(second))) }
+        for second in 1...30 { _ = gate.admit("10.2.0.\(second)", at: at(Int64(second) * 1000)) }
         #expect(gate.admissionLimit == 4096, "no authentication, no lower limit")
+        for index in 0..<3000 { gate.release("10.1.\(index / 256).\(index % 256)") }  // cut at their deadline
+        for second in 1...30 { gate.release("10.2.0.\(second)") }
         for second in 31...40 {
-            gate.authenticated(after: .seconds(9), at: start + .seconds(Int64(second)) + .milliseconds(500))
-            _ = gate.admit("10.3.0.\(second)", at: start + .seconds(Int64(second + 1)))
+            gate.authenticated(after: .seconds(9), at: at(Int64(second) * 1000 + 500))
+            _ = gate.admit("10.3.0.\(second)", at: at(Int64(second + 1) * 1000))
         }
+        #expect(gate.admissionLimit == 4096, "one slow peer a second is not an overload")
+        for sample in 0..<8 { gate.authenticated(after: .seconds(9), at: at(41_100 + Int64(sample))) }
+        _ = gate.admit("10.4.0.1", at: at(42_000))
         #expect(gate.admissionLimit == 512 && gate.overloadFloor == 2 * gate.perSource)
+        for index in 0..<64 { #expect(gate.admit("10.9.9.9", at: at(42_100)) == nil, "\(index)") }
+        #expect(gate.admit("10.9.9.9", at: at(42_100)) == .sourceLimit, "one source: an eighth of 512")
+        _ = gate.admit("10.4.0.2", at: at(43_200))  // a second without authentications
+        #expect(gate.admissionLimit == 1024)
     }
 
     /// Through the handler: the time from accept to `authenticated` is what the gate learns, on the loop's
@@ -103,14 +115,24 @@ import TunnelPKI
             try channel.pipeline.syncOperations.addHandler(gate.handler())
             channels.append(channel)
         }
+        func arrive(_ address: String) throws -> EmbeddedChannel {
+            let channel = EmbeddedChannel(loop: loop)
+            try channel.connect(to: .init(ipAddress: address, port: 4242)).wait()
+            try channel.pipeline.syncOperations.addHandler(gate.handler())
+            return channel
+        }
         loop.advanceTime(by: .seconds(3))
-        PendingConnectionHandler.authenticated(channels[0].pipeline.syncOperations)
+        for channel in channels[0..<7] { PendingConnectionHandler.authenticated(channel.pipeline.syncOperations) }
+        // A refused certificate's handshake (an agent's on the secure port) is not timed: seven are no verdict.
+        PendingConnectionHandler.authenticated(channels[7].pipeline.syncOperations, timed: false)
         loop.advanceTime(by: .seconds(1))
-        let late = EmbeddedChannel(loop: loop)
-        try late.connect(to: .init(ipAddress: "10.0.1.1", port: 4242)).wait()
-        try late.pipeline.syncOperations.addHandler(gate.handler())
-        #expect(!late.isActive, "one 3-s handshake a second: the floor of 64, and 79 are pending")
-        #expect(gate.admissionLimit == 64 && gate.pendingCount == 79)
+        #expect(try arrive("10.0.1.1").isActive && gate.admissionLimit == 100)
+        loop.advanceTime(by: .milliseconds(500))
+        for channel in channels[8..<16] { PendingConnectionHandler.authenticated(channel.pipeline.syncOperations) }
+        loop.advanceTime(by: .milliseconds(500))
+        let late = try arrive("10.0.1.2")
+        #expect(!late.isActive, "eight 4.5-s handshakes a second: the floor of 64, and 65 are pending")
+        #expect(gate.admissionLimit == 64 && gate.pendingCount == 65)
         let plain = ConnectionGate(port: "meta", total: 100, perSource: 2, deadline: .seconds(10)) { _, _ in }
         #expect(plain.admit("10.0.0.1", at: .uptimeNanoseconds(0)) == nil)
         plain.authenticated(after: .seconds(9), at: .uptimeNanoseconds(0))
