@@ -84,12 +84,15 @@ extension KubeJoinState {
     /// Deletes `node`'s claims of `ips` (a join that failed or was undone, a reset, a revocation), each only as it was read (a
     /// precondition on its resourceVersion: one taken over meanwhile stays). Best effort: a claim left behind is
     /// taken over once its grace has passed.
-    func release(_ ips: [String], of node: String) async {
+    /// With `claimedBefore`, only claims made up to then: a re-join of the node that claimed again after a reset
+    /// keeps its claim.
+    func release(_ ips: [String], of node: String, claimedBefore: Date? = nil) async {
         for ip in ips {
             let path = "\(collection)/\(Self.ipObjectName(ip))"
             guard let current = try? await client.request(.GET, path), current.status == 200,
                 let object = try? JSONSerialization.jsonObject(with: Data(current.body)) as? [String: any Sendable],
                 let held: IPClaim = decode(object, key: "claim"), held.node == node,
+                claimedBefore.map({ held.claimed <= $0 }) ?? true,
                 let version = (object["metadata"] as? [String: any Sendable])?["resourceVersion"] as? String,
                 let options = try? JSONSerialization.data(withJSONObject: [
                     "kind": "DeleteOptions", "apiVersion": "v1", "preconditions": ["resourceVersion": version],

@@ -192,22 +192,24 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
     public func reset(_ name: String) async throws {
         _ = try DNSName.validateNodeName(name)
         var held: [String] = []
+        let now = Date()
         _ = try await update(name) { existing in
             held = existing?.ips ?? []
-            return NodeRecord.reset(existing, name: name, now: Date())
+            return NodeRecord.reset(existing, name: name, now: now)
         }
-        await release(held, of: name)
+        await release(held, of: name, claimedBefore: now)
     }
 
     /// The node's certificates are void; its IPs are free at once for another node.
     public func revoke(_ name: String) async throws {
         _ = try DNSName.validateNodeName(name)
         var held: [String] = []
+        let now = Date()
         _ = try await update(name) { existing in
             held = existing?.ips ?? []
-            return NodeRecord.revoked(existing, name: name, now: Date())
+            return NodeRecord.revoked(existing, name: name, now: now)
         }
-        await release(held, of: name)
+        await release(held, of: name, claimedBefore: now)
     }
 
     /// Reads the node's record, changes it and writes it back only if nobody wrote it meanwhile (create, or update
