@@ -81,11 +81,10 @@ extension KubeJoinState {
         throw PKIError(.writeFailed, "the claim of node IP \(ip) in \(location) keeps changing: try again")
     }
 
-    /// Deletes `node`'s claims of `ips` (a join that failed or was undone, a reset, a revocation), each only as it was read (a
-    /// precondition on its resourceVersion: one taken over meanwhile stays). Best effort: a claim left behind is
-    /// taken over once its grace has passed.
-    /// With `claimedBefore`, only claims made up to then: a re-join of the node that claimed again after a reset
-    /// keeps its claim.
+    /// Deletes `node`'s claims of `ips` (a join that failed or was undone, a reset, a revocation), each only as
+    /// it was read (a precondition on its resourceVersion: one taken over meanwhile stays). Best effort: a claim
+    /// left behind is taken over once its grace has passed. With `claimedBefore`, only claims made up to then: a
+    /// re-join of the node that claimed again after a reset keeps its claim.
     func release(_ ips: [String], of node: String, claimedBefore: Date? = nil) async {
         for ip in ips {
             let path = "\(collection)/\(Self.ipObjectName(ip))"

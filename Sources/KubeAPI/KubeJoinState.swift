@@ -190,24 +190,23 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
 
     /// The node may join again; its IPs are free at once (their claims are deleted, not left to expire).
     public func reset(_ name: String) async throws {
-        _ = try DNSName.validateNodeName(name)
-        var held: [String] = []
-        let now = Date()
-        _ = try await update(name) { existing in
-            held = existing?.ips ?? []
-            return NodeRecord.reset(existing, name: name, now: now)
-        }
-        await release(held, of: name, claimedBefore: now)
+        try await voidFreeingIPs(name) { NodeRecord.reset($0, name: name, now: $1) }
     }
 
     /// The node's certificates are void; its IPs are free at once for another node.
     public func revoke(_ name: String) async throws {
+        try await voidFreeingIPs(name) { NodeRecord.revoked($0, name: name, now: $1) }
+    }
+
+    /// Writes the record `change` makes of the node's (a reset or a revocation, at `now`), then deletes the
+    /// claims of the IPs it held that were made before it: a re-join since keeps its claim.
+    private func voidFreeingIPs(_ name: String, _ change: (NodeRecord?, Date) -> NodeRecord) async throws {
         _ = try DNSName.validateNodeName(name)
         var held: [String] = []
         let now = Date()
         _ = try await update(name) { existing in
             held = existing?.ips ?? []
-            return NodeRecord.revoked(existing, name: name, now: now)
+            return change(existing, now)
         }
         await release(held, of: name, claimedBefore: now)
     }

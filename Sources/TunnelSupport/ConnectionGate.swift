@@ -80,10 +80,8 @@ public final class ConnectionGate: @unchecked Sendable {
     func admit(_ source: String, at now: NIODeadline = .now()) -> Rejection? {
         let refused: Rejection? = lock.withLock {
             guard pending < total else { return .totalLimit }
-            if overloadTarget != nil {
-                rollWindow(now)
-                guard pending < limit else { return .overload }
-            }
+            rollWindow(now)  // without an overload target the limit stays `total`
+            guard pending < limit else { return .overload }
             let count = bySource[source, default: 0]
             guard count < perSource, limit == total || count < max(1, limit / 8) else { return .sourceLimit }
             bySource[source] = count + 1
