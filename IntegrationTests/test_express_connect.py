@@ -52,6 +52,11 @@ class Setup:
         self.addresses.write_text("\n".join(addresses) + "\n")
         self.spawn(self.topo.edge, [sys.executable, HERE / "edge_service.py", "127.0.0.1", EDGE_PORT], "edge-service",
                    clean_exits=PYTHON_HELPER_EXITS)
+        # The service must listen before a request through the tunnel is tried: under load Python starts slower
+        # than the agent connects, and the caller then gets the agent's "connection refused" as a 502.
+        wait_until(lambda: self.topo.run(self.topo.edge, "curl", "-s", "--max-time", "2",
+                                         f"http://127.0.0.1:{EDGE_PORT}/hello", check=False).returncode == 0, 20,
+                   "the edge service to listen")
         self.agent = self.spawn(self.topo.edge, [
             BIN / "edge-tunnel-agent", "--node-name", "edge-1", "--node-ip", "10.240.1.2",
             "--server-addresses-file", self.addresses, "--pki-dir", self.tmp / "agent",
@@ -87,6 +92,11 @@ class Setup:
 
     def request(self, path="/hello"):
         return self.topo.run(self.topo.cloud, *self.curl_args(path), check=False)
+
+    def assert_hello(self):
+        """One request through the tunnel; on failure the message carries curl's own error line."""
+        answer = self.request()
+        assert answer.stdout == "hello from the edge\n", f"curl: {answer.stderr.strip()!r}"
 
     def close(self):
         """Stops every process, then fails if one of them ended badly (see harness.Proc)."""
@@ -127,7 +137,7 @@ def test_the_documents_switch_automated(topo, tmp_path):
         wait_until(lambda: s.path_in_use() == f"{PRIVATE}:10262", 45, "the agent on the private line")
         assert s.remote_of_agent().startswith("10.240.1.2:")
         assert s.server.popen.pid == server_pid and s.server.alive()
-        assert s.request().stdout == "hello from the edge\n"
+        s.assert_hello()
 
         assert slow.poll() is None, "the stream should still be running across the switch"
         out, err = slow.communicate(timeout=120)
@@ -216,7 +226,7 @@ def test_bad_paths_are_skipped_with_a_reason(topo, tmp_path):
         assert f"skipping server {PRIVATE}:10271" in log and "refused" in log.lower()
         assert f"skipping server {PRIVATE}:10270" in log
         assert f"skipping server {PRIVATE}:10272" in log
-        assert s.request().stdout == "hello from the edge\n"
+        s.assert_hello()
     finally:
         s.close()
 
@@ -259,7 +269,7 @@ def test_a_server_name_follows_its_dns_record(topo, tmp_path):
         s.start_agent([f"{name}:10262"])
         wait_until(lambda: s.path_in_use() == f"{name}:10262", 30, "the agent connected by name")
         assert s.remote_of_agent().startswith("10.240.1.2:")  # over the private line
-        assert s.request().stdout == "hello from the edge\n"
+        s.assert_hello()
 
         with open(hosts, "r+") as f:  # in place: the bind mount follows the inode
             f.truncate(0)
@@ -268,7 +278,7 @@ def test_a_server_name_follows_its_dns_record(topo, tmp_path):
         wait_until(lambda: (s.remote_of_agent() or "").startswith("10.240.3.2:"), 40,
                    "the agent on the address the name now has (masqueraded by the internet router)")
         assert s.path_in_use() == f"{name}:10262"
-        assert s.request().stdout == "hello from the edge\n"
+        s.assert_hello()
     finally:
         try:
             s.close()

@@ -114,6 +114,10 @@ class Replicas:
     def start_edge(self):
         self.spawn(self.net.edge, [sys.executable, HERE / "edge_service.py", "127.0.0.1", EDGE_PORT], "edge-service",
                    clean_exits=PYTHON_HELPER_EXITS)
+        # Listening before any agent can carry a request to it (Python starts slower than an agent connects).
+        wait_until(lambda: self.net.run(self.net.edge, "curl", "-s", "--max-time", "2",
+                                        f"http://127.0.0.1:{EDGE_PORT}/hello", check=False).returncode == 0, 20,
+                   "the edge service to listen")
         for i, node in enumerate(self.nodes):
             self.spawn(self.net.edge, [
                 BIN / "edge-tunnel-agent", "--node-name", node, "--server-address", f"{ClusterNetwork.CLUSTER_IP}:10262",
