@@ -209,3 +209,71 @@ def test_joins_renewals_revocation_stream_limits_and_bodies_together_for_thirty_
         for agent in raw_agents:
             agent.close()
         c.close()
+
+
+def frames_until_closed(tls, seconds=5):
+    """Every frame the server sends until it closes the connection (PINGs answered)."""
+    tls.settimeout(seconds)
+    seen = []
+    try:
+        while True:
+            frame_type, _, payload = read_frame(tls)
+            seen.append((frame_type, payload))
+            if frame_type == 10:
+                tls.sendall(frame(11, 0, payload))
+    except (ConnectionError, ssl.SSLError, OSError):
+        pass
+    return seen
+
+
+def test_a_peer_repeating_what_was_refused_is_logged_once_and_renews_only_once_registered(tmp_path):
+    """One write may carry a frame many times over. A HELLO as another node, repeated 100 times, is refused once
+    and logged once; RENEW before HELLO gets no certificate; 200 RENEWs on a registered tunnel get one
+    certificate, one log line and 199 counts in the metric; 50 REFUSED frames from an agent close its tunnel
+    after one log line."""
+    c = Cluster(tmp_path)
+    try:
+        c.start_server()
+        issued = tmp_path / "issued"
+        run(BIN / "edgetunnel", "pki", "issue-client", "--pki-dir", c.pki, "--name", "edge-1",
+            "--org", "edge-tunnel:agents", "--out-dir", issued)
+        csr = csr_for(tmp_path, "edge-1")
+        renew = frame(16, 0, json.dumps({"csrPEM": csr}).encode())
+
+        def connect():
+            raw = socket.create_connection(("127.0.0.1", c.ports["tunnel"]), timeout=10)
+            return c.tls_context(issued / "edge-1.crt", issued / "edge-1.key").wrap_socket(raw)
+
+        with connect() as tls:
+            tls.sendall(hello("edge-2") * 100)
+            seen = frames_until_closed(tls)
+        assert [t for t, _ in seen] == [15], seen
+        with connect() as tls:
+            tls.sendall(renew)
+            seen = frames_until_closed(tls)
+        assert [t for t, _ in seen] == [15] and b"RENEW before HELLO" in seen[0][1], seen
+        with connect() as tls:
+            tls.sendall(hello("edge-1"))
+            assert read_frame(tls)[0] == 2
+            tls.sendall(renew * 200)
+            tls.settimeout(3)
+            renewed = 0
+            try:
+                while True:
+                    frame_type, _, payload = read_frame(tls)
+                    renewed += frame_type == 17
+                    if frame_type == 10:
+                        tls.sendall(frame(11, 0, payload))
+            except (socket.timeout, ConnectionError, ssl.SSLError, OSError):
+                pass
+            assert renewed == 1
+            tls.sendall(frame(15, 0, json.dumps({"reason": "going away"}).encode()) * 50)
+            assert all(t != 17 for t, _ in frames_until_closed(tls))  # closed by the server after the first
+        time.sleep(0.5)
+        log = c.server.text()
+        assert log.count("registration refused") == 2, log  # the 100 HELLOs' one line, and RENEW before HELLO
+        assert log.count("certificate renewal refused: asked again within") == 1, log
+        assert limit_hits(c, "renew_rate") == 199
+        assert log.count("agent closed the tunnel: going away") == 1, log
+    finally:
+        c.close()

@@ -23,11 +23,14 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
     private let server: TunnelServerCore
     private var logger: Logger
     /// Where the connection is in its life. Only `awaitingHello` is closed for not registering: a draining
-    /// agent (its own GOAWAY) keeps its open streams for their drain.
+    /// agent (its own GOAWAY) keeps its open streams for their drain. A `refused` connection was told why and
+    /// is closing: nothing it sends after that is acted on or logged (a peer repeating a refused HELLO in one
+    /// write got one log line per copy).
     private enum State {
         case awaitingHello
         case registered
         case draining
+        case refused
         case closed
     }
 
@@ -35,6 +38,8 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
     private var keepalive: RepeatedTask?
     /// When this connection last asked for a renewal: at most one per ``renewalInterval`` is signed.
     private var lastRenewal: NIODeadline?
+    /// When an early renewal was last logged: the rest of that interval's early renewals are only counted.
+    private var lastEarlyRenewalLogged: NIODeadline?
     static let renewalInterval: TimeAmount = .seconds(10)
 
     init(nodeName: String, certificate: Certificate, channel: Channel, mux: TunnelMux, server: TunnelServerCore) {
@@ -99,8 +104,12 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             server.registry.unregister(self)
             state = .draining
         case .refused:
+            // The sender closes after a REFUSED (PROTOCOL.md): logged once, then the connection closes.
+            guard case .registered = state else { return }
             let reason = (try? Refused(frame: frame).reason).map { PeerText.bounded($0) } ?? "unknown"
             logger.warning("agent closed the tunnel: \(reason)")
+            state = .refused
+            channel.close(promise: nil)
         default:
             break
         }
@@ -129,6 +138,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
 
     private func refuse(_ reason: String) {
         logger.warning("registration refused: \(reason)")
+        state = .refused
         mux.sendControl(Refused(reason: reason))
         channel.eventLoop.scheduleTask(in: .milliseconds(200)) { self.channel.close(promise: nil) }
     }
@@ -164,6 +174,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             // The agent holds a tunnel to this replica already (the Service picked it again): refused before
             // anything is registered, so the live tunnel stays.
             server.metrics.duplicateTunnels.increment()
+            state = .refused
             mux.sendControl(Refused(reason: "already connected to server \(server.configuration.serverID)", duplicate: true))
             channel.eventLoop.scheduleTask(in: .milliseconds(200)) { self.channel.close(promise: nil) }
             return
@@ -220,15 +231,30 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
     /// The node lost its right to a tunnel (revoked, or reset by an operator): told why, then closed.
     func cutOff(reason: String) {
         logger.warning("\(reason): closing its tunnel")
+        state = .refused
         mux.sendControl(Refused(reason: reason))
         channel.eventLoop.scheduleTask(in: .milliseconds(200)) { self.channel.close(promise: nil) }
     }
 
     private func handleRenew(_ frame: Frame) {
+        switch state {
+        case .registered, .draining:
+            break
+        case .awaitingHello:
+            refuse("RENEW before HELLO: register first")
+            return
+        case .refused, .closed:
+            return
+        }
         let now = NIODeadline.now()
         if let last = lastRenewal, now - last < Self.renewalInterval {
             server.metrics.limitHits.increment("renew_rate")
-            logger.warning("certificate renewal refused: asked again within \(Self.renewalInterval.seconds)s")
+            // An agent asks at most every 30 s: more is a broken or hostile peer, logged once an interval.
+            if lastEarlyRenewalLogged.map({ now - $0 >= Self.renewalInterval }) ?? true {
+                lastEarlyRenewalLogged = now
+                let interval = Self.renewalInterval.seconds
+                logger.warning("certificate renewal refused: asked again within \(interval)s (more within \(interval)s are only counted)")
+            }
             return
         }
         lastRenewal = now
