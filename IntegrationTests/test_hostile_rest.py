@@ -12,9 +12,12 @@ import struct
 import threading
 import time
 
+import pytest
+
 from conftest import BIN, run
+from edge_service import blob_sha256
 from harness import Cluster, frame, http_get, read_frame, read_head
-from test_hostile_peers import hello, hostile_scenario, limit_hits
+from test_hostile_peers import fd_count, hello, hostile_scenario, limit_hits
 from test_hostile_scenarios import ATTACKER_SOURCE, csr_for, refusal
 
 STREAMS_PER_AGENT = 6
@@ -170,7 +173,8 @@ def test_joins_renewals_revocation_stream_limits_and_bodies_together_for_thirty_
                 for sock in held:
                     sock.close()
                 deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and any(a["nodeName"] == "edge-1" and a["streams"] for a in c.agents()):
+                busy = lambda: any(a["nodeName"] == "edge-1" and a["streams"] for a in c.agents())  # noqa: E731
+                while time.monotonic() < deadline and busy():
                     time.sleep(0.05)
                 tally["stream_rounds"] += 1
                 # Bodies and forward-proxy requests from the attacker's address.
@@ -275,5 +279,135 @@ def test_a_peer_repeating_what_was_refused_is_logged_once_and_renews_only_once_r
         assert log.count("certificate renewal refused: asked again within") == 1, log
         assert limit_hits(c, "renew_rate") == 199
         assert log.count("agent closed the tunnel: going away") == 1, log
+    finally:
+        c.close()
+
+
+def test_a_stolen_agent_certificate_cannot_hold_connections_without_registering_for_thirty_seconds(tmp_path):
+    """edge-1's real certificate, from another address, completes TLS handshakes as fast as it can and never sends
+    HELLO. Until its HELLO is accepted a connection stays in the listener's gate: past 256 from one source the
+    rest are closed at once (they used to leave the gate at the handshake and each lived for the 5 s
+    registration deadline, thousands at a time), and the victim agent and its callers are not shut out."""
+    c = Cluster(tmp_path)
+    try:
+        c.start_server()
+        c.victim_port = c.start_edge_service()
+        c.victim = c.start_agent("edge-2", "--allow", f"127.0.0.1:{c.victim_port}")
+        issued = tmp_path / "issued"
+        run(BIN / "edgetunnel", "pki", "issue-client", "--pki-dir", c.pki, "--name", "edge-1",
+            "--org", "edge-tunnel:agents", "--out-dir", issued)
+        context = c.tls_context(issued / "edge-1.crt", issued / "edge-1.key")
+        pid = c.server.popen.pid
+
+        def attack(stop):
+            held, peak_open, handshakes, refused = [], 0, 0, 0
+            base = fd_count(pid)
+            while not stop.is_set():
+                raw = socket.create_connection(("127.0.0.1", c.ports["tunnel"]), timeout=5,
+                                               source_address=(ATTACKER_SOURCE, 0))
+                try:
+                    held.append(context.wrap_socket(raw))
+                    handshakes += 1
+                except (ConnectionError, ssl.SSLError, OSError):
+                    refused += 1  # closed by the gate before or during the handshake
+                    raw.close()
+                if len(held) % 50 == 0:
+                    peak_open = max(peak_open, fd_count(pid) - base)
+                    held = [s for s in held if not closed(s)]
+            for s in held:
+                s.close()
+            return peak_open, handshakes, refused
+
+        peak_open, handshakes, refused = hostile_scenario(c, attack)
+        print(f"attacker: {handshakes} handshakes, {refused} closed in the gate, server held at most {peak_open} more")
+        assert handshakes + refused >= 1000, (handshakes, refused)
+        # 256 per source may wait for HELLO, a few more are in flight between the accept and the gate's close.
+        assert peak_open <= 256 + 32, peak_open
+        metrics = http_get(c.meta_url("/metrics"))[1]
+        assert 'edge_tunnel_server_connections_rejected_total{port="tunnel",reason="source_limit"}' in metrics
+        assert [a["nodeName"] for a in c.agents()] == ["edge-2"]
+    finally:
+        c.close()
+
+
+def closed(sock):
+    """Whether the server has closed `sock` (EOF or reset), without blocking."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return False
+    except (ConnectionError, ssl.SSLError, OSError):
+        return True
+    finally:
+        sock.setblocking(True)
+
+
+def test_after_a_goaway_the_agent_reconnects_and_new_streams_reach_it(tmp_path):
+    """When a tunnel's stream ids run out the server sends GOAWAY "stream ids exhausted: reconnect" (the mux's side
+    is `TunnelMuxHostilePeerTests.whenStreamIDsRunOutTheServerSaysGoAwayInsteadOf503Forever`). The node must not
+    answer 503 forever: the agent dials a new tunnel at once, a stream open across the GOAWAY finishes byte-exact
+    on the old one, which the agent then closes, and an OPEN on the new tunnel is answered. Played with a fake
+    server holding the real serving certificate."""
+    c = Cluster(tmp_path)
+    try:
+        c.start_server()
+        port = c.start_edge_service()
+        c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}").stop()
+        c.server.stop()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(c.pki / "server.crt"), str(c.pki / "server.key"))
+        context.load_verify_locations(str(c.ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+        listener = socket.create_server(("127.0.0.1", c.ports["tunnel"]))
+        listener.settimeout(15)
+        c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}", join=False, wait=False, pki=tmp_path / "agent-edge-1")
+
+        def accept():
+            conn, _ = listener.accept()
+            tls = context.wrap_socket(conn, server_side=True)
+            tls.settimeout(10)
+            assert read_frame(tls)[0] == 1  # HELLO
+            ok = {"serverID": "fake", "maxFramePayload": 262144, "pingIntervalSeconds": 5}
+            tls.sendall(frame(2, 0, json.dumps(ok).encode()))
+            return tls
+
+        def next_for(tls, stream_id):
+            while True:
+                frame_type, sid, payload = read_frame(tls)
+                if frame_type == 10:
+                    tls.sendall(frame(11, 0, payload))
+                elif sid == stream_id:
+                    return frame_type, payload
+
+        old = accept()
+        old.sendall(frame(3, 1, struct.pack(">I", 1 << 20) + f"127.0.0.1:{port}".encode()))
+        assert next_for(old, 1)[0] == 4  # OPEN_OK: a stream open across the GOAWAY
+        old.sendall(frame(12, 0, json.dumps({"reason": "stream ids exhausted: reconnect"}).encode()))
+        started = time.monotonic()
+        new = accept()
+        redialed_after = time.monotonic() - started
+        new.sendall(frame(3, 1, struct.pack(">I", 1 << 20) + f"127.0.0.1:{port}".encode()))
+        assert next_for(new, 1)[0] == 4, "an OPEN on the new tunnel was not answered"
+        # The old stream still finishes, byte-exact, and then the old tunnel is closed by the agent.
+        old.sendall(frame(6, 1, b"GET /blob/262144 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+        data = b""
+        while True:
+            frame_type, payload = next_for(old, 1)
+            if frame_type == 6:
+                data += payload
+            elif frame_type in (8, 9):
+                break
+        old.sendall(frame(8, 1, b""))
+        assert hashlib.sha256(data.split(b"\r\n\r\n", 1)[1]).hexdigest() == blob_sha256(262144)
+        old.settimeout(10)
+        with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
+            while True:
+                if read_frame(old)[0] == 10:
+                    continue  # a PING on a tunnel the agent is closing is not answered
+        assert redialed_after < 5, redialed_after
+        new.close()
+        old.close()
+        listener.close()
     finally:
         c.close()

@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import NIOCore
 import TunnelPKI
+import TunnelSupport
 import TunnelWire
 import X509
 
@@ -220,6 +221,8 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             return
         }
         state = .registered
+        // Out of the listener's gate only now: until HELLO it counts per source and in total, with its deadline.
+        PendingConnectionHandler.authenticated(channel.pipeline.syncOperations)
         mux.peerRegistered()
         logger.info("agent registered", metadata: ["ips": "\(ips.joined(separator: ","))"])
         mux.sendControl(

@@ -55,8 +55,9 @@ final class TunnelConnectionClassifier: ChannelInboundHandler, RemovableChannelH
                     nodeName: node, certificate: certificate, channel: context.channel, mux: mux, server: server)
                 mux.delegate = session
                 try pipeline.addHandler(mux, position: .after(self))
+                // Still counted in the listener's gate until its HELLO is accepted (AgentSession): a stolen
+                // agent certificate cannot hold more connections without registering than a peer without one.
                 session.start()
-                PendingConnectionHandler.authenticated(pipeline)
             } else {
                 // A join stays in the listener's gate: counted per source, closed at its deadline.
                 try pipeline.addHandler(JoinHandler(server: server), position: .after(self))

@@ -143,8 +143,8 @@ public final class ConnectionGate: @unchecked Sendable {
 /// Holds one connection in its listener's ``ConnectionGate`` until it authenticates: closed at once when the
 /// gate is full, closed when ``ConnectionGate/deadline`` passes first. The protocol handler says when the
 /// connection is authenticated (``authenticated(_:)``): the secure port once the TLS handshake with a client
-/// certificate is done, the tunnel port once an agent certificate is accepted (a join without one stays
-/// counted until it ends), plain ports once the request head is in. Then this handler leaves the pipeline, so
+/// certificate is done, the tunnel port once an agent's HELLO is accepted (a join without a certificate
+/// stays counted until it ends), plain ports once the request head is in. Then this handler leaves the pipeline, so
 /// established connections pay nothing for it.
 ///
 /// Add it first, before the TLS handler: its closes go straight to the socket. Through the TLS handler a close
