@@ -1,3 +1,4 @@
+import Dispatch
 import NIOCore
 import NIOPosix
 import NIOSSL
@@ -37,32 +38,32 @@ extension EdgeTunnelAgent {
                         StreamGlue(mux: mux, streamID: streamID, eventLoop: channel.eventLoop))
                 }
             }
-        // An IP target is dialled directly: the resolver and Happy Eyeballs machinery of connect(host:port:)
-        // cost more than the connect itself, which matters at thousands of new streams a second.
+        // An IP target is dialled directly. A name is resolved first and its address checked against the allow
+        // list before any packet goes to it (DNS rebinding: a name rule must not lead to loopback or the metadata
+        // address, and connecting first told a hostile server which of their ports were open).
+        let allowList = configuration.allowList
         let connected: EventLoopFuture<Channel>
         if let address = try? SocketAddress(ipAddress: target.host, port: target.port) {
             connected = bootstrap.connect(to: address)
         } else {
-            connected = bootstrap.connect(host: target.host, port: target.port)
+            connected = Self.resolve(target, on: loop, timeout: configuration.dialTimeout).flatMap { address in
+                guard let ip = address.ipAddress.flatMap(IPAddress.init), allowList.allowsResolved(ip, port: target.port) else {
+                    return loop.makeFailedFuture(ResolvedOutsideAllowList(address: address.ipAddress ?? "\(address)"))
+                }
+                return bootstrap.connect(to: address)
+            }
         }
-        let byName = IPAddress(target.host) == nil
-        let allowList = configuration.allowList
         connected
             .whenComplete { [weak self] result in
                 guard let self else { return }
                 switch result {
-                case .success(let channel):
-                    if byName, let ip = channel.remoteAddress?.ipAddress.flatMap(IPAddress.init),
-                        !allowList.allowsResolved(ip, port: target.port)
-                    {
-                        self.metrics.refused.increment()
-                        self.logger.warning("refused stream to \(target): the name resolved to \(ip), which no address rule allows")
-                        mux.rejectStream(streamID, code: 403, reason: "\(target.host) resolved to \(ip), which the allow list of node "
-                            + "\(self.configuration.nodeName) does not allow by address")
-                        channel.close(promise: nil)
-                        return
-                    }
+                case .success:
                     mux.acceptStream(streamID)
+                case .failure(let refused as ResolvedOutsideAllowList):
+                    self.metrics.refused.increment()
+                    self.logger.warning("refused stream to \(target): the name resolved to \(refused.address), which no address rule allows")
+                    mux.rejectStream(streamID, code: 403, reason: "\(target.host) resolved to \(refused.address), which the allow list of node "
+                        + "\(self.configuration.nodeName) does not allow by address")
                 case .failure(let error):
                     let (code, reason) = Self.classify(error, target: target)
                     self.metrics.dialFailed(reason: code == 504 ? "timeout" : "unreachable")
@@ -70,6 +71,22 @@ extension EdgeTunnelAgent {
                     mux.rejectStream(streamID, code: code, reason: reason)
                 }
             }
+    }
+
+    /// A name target's address: getaddrinfo's first (RFC 6724-preferred) answer, resolved off the event loop
+    /// (NIOPosix's own resolver, used by `connect(host:port:)`, is internal to it), or a timeout after `timeout`.
+    static func resolve(_ target: HostPort, on loop: EventLoop, timeout: TimeAmount) -> EventLoopFuture<SocketAddress> {
+        let promise = loop.makePromise(of: SocketAddress.self)
+        let deadline = loop.scheduleTask(in: timeout) { promise.fail(ChannelError.connectTimeout(timeout)) }
+        let host = target.host, port = target.port
+        DispatchQueue.global().async {
+            let result = Result { try SocketAddress.makeAddressResolvingHost(host, port: port) }
+            loop.execute {
+                deadline.cancel()
+                promise.completeWith(result)
+            }
+        }
+        return promise.futureResult
     }
 
     /// A connection failure in an operator's words.
@@ -87,6 +104,9 @@ extension EdgeTunnelAgent {
     }
 
     static func classify(_ error: Error, target: HostPort) -> (Int, String) {
+        if error is SocketAddressError.UnknownHost {
+            return (502, "\(target.host) cannot be resolved")
+        }
         if case ChannelError.connectTimeout = error {
             return (504, "\(target) did not answer in time")
         }
@@ -106,4 +126,9 @@ extension EdgeTunnelAgent {
         }
         return (502, "\(target) is unreachable: \(error)")
     }
+}
+
+/// A name target resolved to an address the allow list does not allow by address (see ``AllowList/allowsResolved(_:port:)``).
+struct ResolvedOutsideAllowList: Error {
+    let address: String
 }
