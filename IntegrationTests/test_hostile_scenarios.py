@@ -10,6 +10,7 @@ import ssl
 import struct
 import time
 
+import pytest
 from cryptography import x509
 
 from conftest import BIN, run
@@ -39,11 +40,13 @@ def csr_for(tmp, name):
 
 def test_a_node_cannot_pose_as_another_for_thirty_seconds(lab, tmp_path):
     """edge-1's real certificate, raw frames: HELLO as edge-2 (the victim), HELLO claiming an IP its certificate
-    does not name, RENEW for edge-2's name, and JOIN as edge-2 with a valid shared token. Every one is refused,
+    does not name, RENEW with a CSR for edge-2's name (refused, never signed), and JOIN as edge-2 with a valid shared token. Every one is refused,
     the victim keeps its tunnel (same connection, same IPs) and its streams."""
     token = lab.token()
     victim_before = [a for a in lab.agents() if a["nodeName"] == "edge-2"]
     edge2_csr = csr_for(tmp_path, "edge-2")
+
+    renewed = []  # the names in certificates the RENEWs for edge-2's name brought back: none may come
 
     def attack(stop):
         counts = {"name": 0, "ip": 0, "renew": 0, "join": 0}
@@ -68,11 +71,11 @@ def test_a_node_cannot_pose_as_another_for_thirty_seconds(lab, tmp_path):
                         frame_type, _, payload = read_frame(tls)
                         if frame_type == 10:
                             tls.sendall(frame(11, 0, payload))
-                        if frame_type == 17:  # a renewal names the tunnel's node, whatever the CSR asked for
+                        if frame_type == 17:  # a CSR naming another node is refused, never signed
                             pem = json.loads(payload)["certificatePEM"].encode()
                             names = x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(
                                 x509.NameOID.COMMON_NAME)
-                            assert [n.value for n in names] == ["edge-1"], names
+                            renewed.append([n.value for n in names])
                 except (ConnectionError, ssl.SSLError, OSError):
                     pass
                 counts["renew"] += 1
@@ -86,6 +89,8 @@ def test_a_node_cannot_pose_as_another_for_thirty_seconds(lab, tmp_path):
 
     counts = hostile_scenario(lab, attack)
     assert min(counts.values()) >= 5, counts
+    assert renewed == [], f"a RENEW with edge-2's name in its CSR was signed: {renewed}"
+    lab.server.expect_log("certificate signing request names node")  # the refusal, with both names
     victim_after = [a for a in lab.agents() if a["nodeName"] == "edge-2"]
     assert victim_after and victim_after[0]["connectedSince"] == victim_before[0]["connectedSince"], (victim_before, victim_after)
     assert victim_after[0]["nodeIPs"] == victim_before[0]["nodeIPs"]
@@ -240,7 +245,7 @@ def test_callers_and_an_agent_together_cannot_grow_the_server_past_its_limits(tm
 def test_a_hostile_server_cannot_make_the_agent_dial_out_of_bounds_for_thirty_seconds(tmp_path):
     """A fake server with the real serving certificate asks a real agent, for 30 s, for the metadata address
     (plain and IPv4-mapped), a port outside its allow list, a target of 200,000 characters and a malformed one,
-    an allowed name that resolves to loopback,
+    an allowed name that resolves to loopback (refused before any connect),
     while a legitimate stream to the allowed edge service downloads byte-exact each round. The agent refuses
     each with a bounded OPEN_FAIL, its RSS stays bounded and its descriptors return; a reused stream id ends
     the tunnel (a protocol error) and the agent dials again."""
@@ -258,9 +263,12 @@ def test_a_hostile_server_cannot_make_the_agent_dial_out_of_bounds_for_thirty_se
         listener = socket.create_server(("127.0.0.1", c.ports["tunnel"]))
         listener.settimeout(30)
         # `127.1` is a name to the allow list (not an address in inet_pton's form) that the resolver turns into
-        # 127.0.0.1: the DNS-rebinding case, a name rule whose name leads to loopback, through the real dial path
-        # (to a second service that listens, and that no address rule allows).
-        renamed = c.start_edge_service()
+        # 127.0.0.1: the DNS-rebinding case, a name rule whose name leads to loopback, through the real dial path.
+        # It is refused before any connect: this listener, which no address rule allows, must never see one
+        # (connecting first told a hostile server which loopback ports were open).
+        rebound = socket.create_server(("127.0.0.1", 0))
+        rebound.setblocking(False)
+        renamed = rebound.getsockname()[1]
         agent = c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}", "--allow", f"127.1:{renamed}", join=False,
                               wait=False, pki=tmp_path / "agent-edge-1")
 
@@ -322,6 +330,9 @@ def test_a_hostile_server_cannot_make_the_agent_dial_out_of_bounds_for_thirty_se
             peak = max(peak, rss_kib(pid))
             assert agent.alive()
         assert rounds >= 10, rounds
+        with pytest.raises(BlockingIOError):
+            rebound.accept()  # no connection was made to the address the name resolved to
+        rebound.close()
         assert (peak - base_rss) / 1024 < RSS_GROWTH_BOUND_MIB, f"agent RSS grew by {(peak - base_rss) / 1024:.0f} MiB"
         wait_until(lambda: fd_count(pid) <= base_fds, 30, f"agent descriptors back to {base_fds}")
         # A reused stream id is a protocol error: the agent ends this tunnel and dials again.
