@@ -12,8 +12,39 @@ final class Delegate: TunnelMuxDelegate {
         accept.toggle()
         if accept { mux.acceptStream(streamID) } else { mux.rejectStream(streamID, code: 403, reason: open.target) }
     }
+    /// Every control payload goes through the decoder its receiver uses (AgentSession, AgentTunnel, the join),
+    /// and the peer's strings come back in a REFUSED, bounded as the refusals bound them: no payload may trap or
+    /// make us build an illegal frame (issue 13's first outage was such an echo).
     func mux(_ mux: TunnelMux, didReceiveControl frame: Frame) {
-        if frame.type == .hello || frame.type == .helloOK { mux.peerRegistered() }  // either side registers
+        switch frame.type {
+        case .hello:
+            if let hello = try? Hello(frame: frame) {
+                let ips = hello.nodeIPs.prefix(4).map { PeerText.bounded($0) }.joined(separator: ", ")
+                mux.sendControl(Refused(reason: "node \(PeerText.bounded(hello.nodeName)) with IPs \(ips)"))
+            }
+            mux.peerRegistered()
+        case .helloOK:
+            _ = try? HelloOK(frame: frame)
+            mux.peerRegistered()
+        case .refused:
+            if let refused = try? Refused(frame: frame) { _ = PeerText.bounded(refused.reason) }
+        case .goaway:
+            if let goaway = try? GoAway(frame: frame) { _ = PeerText.bounded(goaway.reason) }
+        case .join:
+            if let join = try? JoinRequest(frame: frame) {
+                mux.sendControl(Refused(reason: "join for \(PeerText.bounded(join.nodeName)) refused"))
+            }
+        case .joinOK:
+            _ = try? JoinOK(frame: frame)
+        case .renew:
+            _ = try? RenewRequest(frame: frame)
+        case .renewOK:
+            _ = try? RenewOK(frame: frame)
+        case .serverCount:
+            _ = try? ServerCount(frame: frame)
+        default:
+            break
+        }
     }
     func muxDidClose(_ mux: TunnelMux) {}
 }
