@@ -216,11 +216,12 @@ def test_joins_renewals_revocation_stream_limits_and_bodies_together_for_thirty_
 
 
 def frames_until_closed(tls, seconds=5):
-    """Every frame the server sends until it closes the connection (PINGs answered)."""
-    tls.settimeout(seconds)
+    """Every frame the server sends until it closes the connection (PINGs answered), for at most `seconds`."""
+    deadline = time.monotonic() + seconds
     seen = []
     try:
-        while True:
+        while (left := deadline - time.monotonic()) > 0:
+            tls.settimeout(left)
             frame_type, _, payload = read_frame(tls)
             seen.append((frame_type, payload))
             if frame_type == 10:
@@ -234,7 +235,7 @@ def test_a_peer_repeating_what_was_refused_is_logged_once_and_renews_only_once_r
     """One write may carry a frame many times over. A HELLO as another node, repeated 100 times, is refused once
     and logged once; RENEW before HELLO gets no certificate; 200 RENEWs on a registered tunnel get one
     certificate, one log line and 199 counts in the metric; 50 REFUSED frames from an agent close its tunnel
-    after one log line."""
+    after one log line; a GOAWAY from an agent without streams closes its tunnel."""
     c = Cluster(tmp_path)
     try:
         c.start_server()
@@ -273,6 +274,15 @@ def test_a_peer_repeating_what_was_refused_is_logged_once_and_renews_only_once_r
             assert renewed == 1
             tls.sendall(frame(15, 0, json.dumps({"reason": "going away"}).encode()) * 50)
             assert all(t != 17 for t, _ in frames_until_closed(tls))  # closed by the server after the first
+        # HELLO then GOAWAY left a connection outside every registration limit for as long as it answered PINGs:
+        # a draining connection with no streams is closed at once.
+        with connect() as tls:
+            tls.sendall(hello("edge-1"))
+            assert read_frame(tls)[0] == 2
+            started = time.monotonic()
+            tls.sendall(frame(12, 0, json.dumps({"reason": "draining"}).encode()))
+            frames_until_closed(tls, seconds=15)
+            assert time.monotonic() - started < 5, "a drained connection without streams stayed open"
         time.sleep(0.5)
         log = c.server.text()
         assert log.count("registration refused") == 2, log  # the 100 HELLOs' one line, and RENEW before HELLO

@@ -104,6 +104,9 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             mux.markDraining()
             server.registry.unregister(self)
             state = .draining
+            // Closed once its streams are done: a drained connection must not outlive them (HELLO then GOAWAY
+            // would otherwise hold a connection outside every registration limit for as long as it answers PINGs).
+            mux.whenIdle().whenComplete { _ in self.channel.close(promise: nil) }
         case .refused:
             // The sender closes after a REFUSED (PROTOCOL.md): logged once, then the connection closes.
             guard case .registered = state else { return }
