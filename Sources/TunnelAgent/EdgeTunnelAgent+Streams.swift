@@ -1,4 +1,3 @@
-import Dispatch
 import NIOCore
 import NIOPosix
 import NIOSSL
@@ -46,12 +45,20 @@ extension EdgeTunnelAgent {
         if let address = try? SocketAddress(ipAddress: target.host, port: target.port) {
             connected = bootstrap.connect(to: address)
         } else {
-            connected = Self.resolve(target, on: loop, timeout: configuration.dialTimeout).flatMap { address in
-                guard let ip = address.ipAddress.flatMap(IPAddress.init), allowList.allowsResolved(ip, port: target.port) else {
-                    return loop.makeFailedFuture(ResolvedOutsideAllowList(address: address.ipAddress ?? "\(address)"))
+            // One dial timeout covers the lookup and the connect.
+            let deadline = NIODeadline.now() + configuration.dialTimeout
+            connected = lookups.resolve(host: target.host, port: target.port, on: loop, timeout: configuration.dialTimeout)
+                .flatMap { addresses in
+                    let allowed = addresses.filter { address in
+                        address.ipAddress.flatMap(IPAddress.init).map { allowList.allowsResolved($0, port: target.port) } ?? false
+                    }
+                    guard !allowed.isEmpty else {
+                        return loop.makeFailedFuture(ResolvedOutsideAllowList(address: addresses.first?.ipAddress ?? "?"))
+                    }
+                    return bootstrap.connectTimeout(max(deadline - .now(), .milliseconds(1)))
+                        .resolver(ResolvedAddresses(loop: loop, addresses: allowed))
+                        .connect(host: target.host, port: target.port)
                 }
-                return bootstrap.connect(to: address)
-            }
         }
         connected
             .whenComplete { [weak self] result in
@@ -73,22 +80,6 @@ extension EdgeTunnelAgent {
             }
     }
 
-    /// A name target's address: getaddrinfo's first (RFC 6724-preferred) answer, resolved off the event loop
-    /// (NIOPosix's own resolver, used by `connect(host:port:)`, is internal to it), or a timeout after `timeout`.
-    static func resolve(_ target: HostPort, on loop: EventLoop, timeout: TimeAmount) -> EventLoopFuture<SocketAddress> {
-        let promise = loop.makePromise(of: SocketAddress.self)
-        let deadline = loop.scheduleTask(in: timeout) { promise.fail(ChannelError.connectTimeout(timeout)) }
-        let host = target.host, port = target.port
-        DispatchQueue.global().async {
-            let result = Result { try SocketAddress.makeAddressResolvingHost(host, port: port) }
-            loop.execute {
-                deadline.cancel()
-                promise.completeWith(result)
-            }
-        }
-        return promise.futureResult
-    }
-
     /// A connection failure in an operator's words.
     static func describe(_ error: Error, address: String) -> String {
         if let ssl = error as? NIOSSLExtraError, ssl == .failedToValidateHostname {
@@ -104,8 +95,11 @@ extension EdgeTunnelAgent {
     }
 
     static func classify(_ error: Error, target: HostPort) -> (Int, String) {
-        if error is SocketAddressError.UnknownHost {
+        if error is NameNotResolved {
             return (502, "\(target.host) cannot be resolved")
+        }
+        if error is TooManyLookups {
+            return (503, "too many name lookups are waiting on the node: try again")
         }
         if case ChannelError.connectTimeout = error {
             return (504, "\(target) did not answer in time")
@@ -126,9 +120,4 @@ extension EdgeTunnelAgent {
         }
         return (502, "\(target) is unreachable: \(error)")
     }
-}
-
-/// A name target resolved to an address the allow list does not allow by address (see ``AllowList/allowsResolved(_:port:)``).
-struct ResolvedOutsideAllowList: Error {
-    let address: String
 }

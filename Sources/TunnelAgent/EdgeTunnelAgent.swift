@@ -22,6 +22,8 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     let group: EventLoopGroup
     private let ownsGroup: Bool
     let lock = NIOLock()
+    /// Lookups of name targets, checked against the allow list before any connect.
+    let lookups = NameLookups()
     private(set) var credentials: AgentCredentials?
     /// The TLS context of `credentials`, built at the first dial after they are set (see ``tunnelContext()``).
     private var credentialsContext: NIOSSLContext?
