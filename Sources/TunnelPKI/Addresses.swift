@@ -46,16 +46,18 @@ public struct IPAddress: Hashable, Sendable, Comparable, CustomStringConvertible
         return IPAddress(bytes: bytes.suffix(4))!
     }
 
-    /// Loopback, link-local (the cloud metadata address 169.254.169.254 among them), unspecified or multicast:
+    /// Loopback, link-local (the cloud metadata address 169.254.169.254 among them), unspecified, multicast, or a
+    /// cloud's own metadata address outside link-local (Alibaba Cloud's 100.100.100.200, AWS's `fd00:ec2::254`):
     /// addresses a host name in the edge network should never lead to.
     public var isSpecialPurpose: Bool {
         let address = unmapped
         if address.isLoopback { return true }
         let b = address.bytes
         if address.isIPv4 {
-            return b[0] == 0 || (b[0] == 169 && b[1] == 254) || b[0] >= 224
+            return b[0] == 0 || (b[0] == 169 && b[1] == 254) || b[0] >= 224 || b.elementsEqual([100, 100, 100, 200])
         }
         return b.allSatisfy { $0 == 0 } || (b[0] == 0xfe && b[1] & 0xc0 == 0x80) || b[0] == 0xff
+            || b.elementsEqual([0xfd, 0, 0x0e, 0xc2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0x54])
     }
 
     public var description: String {
