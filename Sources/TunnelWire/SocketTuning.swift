@@ -32,3 +32,31 @@ extension SocketTuning {
     public static let notSentLowatOption = ChannelOptions.Types.SocketOption(
         level: NIOBSDSocket.OptionLevel(rawValue: CInt(IPPROTO_TCP)), name: NIOBSDSocket.Option(rawValue: CInt(TCP_NOTSENT_LOWAT)))
 }
+
+extension SocketTuning {
+    /// The kernel's `struct tcp_info` as bytes (232 on Linux 6; fewer on older kernels, the rest stays zero).
+    /// Glibc's `tcp_info` stops before `tcpi_notsent_bytes`, so the field is read at its offset in `linux/tcp.h`.
+    struct LinuxTCPInfo: Sendable {
+        var raw: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64,
+                  UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64,
+                  UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                                             0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        /// `offsetof(struct tcp_info, tcpi_notsent_bytes)` (Linux 4.6 and later; the layout only grows).
+        static let notSentOffset = 144
+    }
+
+    /// Bytes a TCP channel's socket holds unsent, read on its event loop (`TCP_INFO`); nil for other channels.
+    public static func unsentBytes(_ channel: Channel) -> Int? {
+        #if os(Linux)
+        guard let provider = channel as? SocketOptionProvider, channel.eventLoop.inEventLoop else { return nil }
+        var unsent: Int?
+        // On its own loop the option is read at once and the future is already complete.
+        provider.unsafeGetSocketOption(level: .tcp, name: .tcp_info).whenSuccess { (info: LinuxTCPInfo) in
+            unsent = withUnsafeBytes(of: info.raw) { Int($0.load(fromByteOffset: LinuxTCPInfo.notSentOffset, as: UInt32.self)) }
+        }
+        return unsent
+        #else
+        return nil
+        #endif
+    }
+}

@@ -49,6 +49,12 @@ public struct TunnelLimits: Sendable {
     public var pacedFlushBatch = 8 * 1024
     /// DATA a fast tunnel writes between two flushes.
     public var fastFlushBatch = 256 * 1024
+    /// Unsent bytes in a paced tunnel's socket past which it writes no more DATA (at least; 3 ms of its measured
+    /// rate when that is more): `TCP_NOTSENT_LOWAT` alone lets each write append to the socket's last buffer up to
+    /// its 64 KiB segment goal, and 16–65 KiB waited unsent on the 40 Mbit/s link, 3–13 ms ahead of every reply.
+    public var pacedUnsentLimit = 12 * 1024
+    /// How soon a paced tunnel held back by ``pacedUnsentLimit`` looks again.
+    public var pacedUnsentRecheck: TimeAmount = .milliseconds(1)
     /// Socket bytes read and not yet sent, over all streams of the connection, past which no stream's socket is
     /// read while the tunnel is not writable. Below it a stream with nothing waiting keeps reading (one read at
     /// most: its socket pauses while its bytes wait), so a small reply is in line at once rather than after the

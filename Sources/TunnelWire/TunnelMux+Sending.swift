@@ -32,6 +32,7 @@ extension TunnelMux {
     /// this lets queue.
     func sendQueued() {
         guard let context else { return }
+        if paced, socketHoldsEnoughUnsent(context.channel) { return }
         var wrote = false
         let flushBatch = paced ? limits.pacedFlushBatch : limits.fastFlushBatch
         while unflushedData < flushBatch, context.channel.isWritable, let stream = nextToSend() {
@@ -77,6 +78,24 @@ extension TunnelMux {
         return sendQueue.popFirst()
     }
 
+    /// Whether a paced tunnel's socket already holds ``TunnelLimits/pacedUnsentLimit`` unsent bytes (or 3 ms of the
+    /// measured rate, if more): then the DATA waits in the mux's lines, where a reply can still go first, and the
+    /// tunnel looks again after ``TunnelLimits/pacedUnsentRecheck``. Counts as blocked for the rate judgement.
+    func socketHoldsEnoughUnsent(_ channel: Channel) -> Bool {
+        guard let unsent = unsentBytes(channel) else { return false }
+        let limit = max(limits.pacedUnsentLimit, Int(measuredRate * 0.003))
+        guard unsent >= limit else { return false }
+        rateWindow.blocked = true
+        if unsentRecheck == nil {
+            unsentRecheck = eventLoop.scheduleTask(in: limits.pacedUnsentRecheck) { [weak self] in
+                guard let self else { return }
+                self.unsentRecheck = nil
+                self.sendQueued()
+            }
+        }
+        return true
+    }
+
     /// Flushes the tunnel, then lets the streams in line write again. A tunnel still not writable after a flush has
     /// more to send than its socket takes: its link (or its peer) is the bottleneck.
     func flushTunnel() {
@@ -96,6 +115,7 @@ extension TunnelMux {
         let elapsed = now - rateWindow.start
         guard elapsed >= limits.rateInterval else { return }
         let perSecond = Double(rateWindow.bytes) * 1e9 / Double(elapsed.nanoseconds)
+        measuredRate = perSecond
         if !paced, rateWindow.blocked, perSecond < Double(limits.pacedBelowBytesPerSecond) {
             setPaced(true)
         } else if paced, perSecond > Double(limits.fastAboveBytesPerSecond) {

@@ -72,6 +72,12 @@ public final class TunnelMux: ChannelInboundHandler {
     /// Since when DATA bytes are counted for the next judgement, how many, and whether the tunnel was found not
     /// writable meanwhile (only then is the link the bottleneck).
     var rateWindow = (start: NIODeadline.uptimeNanoseconds(0), bytes: 0, blocked: false)
+    /// The rate (bytes/s) the last judgement measured.
+    var measuredRate = 0.0
+    /// Bytes the tunnel's socket holds unsent (`tcpi_notsent_bytes`), nil where there is no TCP socket. Tests set it.
+    var unsentBytes: (Channel) -> Int? = SocketTuning.unsentBytes
+    /// The look again of a paced tunnel held back by its socket's unsent bytes (``TunnelLimits/pacedUnsentLimit``).
+    var unsentRecheck: Scheduled<Void>?
     /// Socket bytes read and not yet sent, over all streams (``TunnelLimits/queuedDataLimit``).
     var queuedData = 0
     /// Frames written outside a tunnel read wait for one flush at the end of the event loop's current tick, so

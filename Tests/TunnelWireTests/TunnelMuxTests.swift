@@ -540,6 +540,35 @@ final class FlushCounter: ChannelOutboundHandler {
         #expect(mux.queuedData == 0)
     }
 
+    @Test func aPacedTunnelWritesNoDataWhileItsSocketHoldsEnoughUnsentAndLooksAgainSoon() throws {
+        let (loop, tunnel, mux, sockets) = try twoStreams()
+        var unsent = 64 * 1024  // what TCP_NOTSENT_LOWAT alone let pile up on the 40 Mbit/s link
+        mux.unsentBytes = { _ in unsent }
+        try sockets[0].writeInbound(helper.bytes(100 * 1024))
+        #expect(try sent(tunnel).filter { $0.type == .data }.isEmpty, "DATA went into a socket holding 64 KiB unsent")
+        _ = mux.openStream(target: "edge-1:10255")
+        #expect(try sent(tunnel).map(\.type) == [.open], "a control frame waited for the socket")
+        loop.advanceTime(by: mux.limits.pacedUnsentRecheck)
+        #expect(try sent(tunnel).filter { $0.type == .data }.isEmpty, "still 64 KiB unsent")
+        unsent = 0  // the link took it
+        loop.advanceTime(by: mux.limits.pacedUnsentRecheck)
+        let data = try sent(tunnel).filter { $0.type == .data }
+        #expect(data.reduce(0) { $0 + $1.payload.readableBytes } == 100 * 1024)
+        // The bound grows with the measured rate (3 ms of it): 13 KiB unsent holds back a slow tunnel, not one
+        // measured at 10 MB/s.
+        unsent = 13 * 1024
+        try sockets[1].writeInbound(helper.bytes(20 * 1024))
+        #expect(try sent(tunnel).filter { $0.type == .data }.isEmpty)
+        mux.measuredRate = 10_000_000
+        loop.advanceTime(by: mux.limits.pacedUnsentRecheck)
+        #expect(try sent(tunnel).filter { $0.type == .data }.reduce(0) { $0 + $1.payload.readableBytes } == 20 * 1024)
+        // A fast tunnel leaves its socket to the kernel.
+        mux.paced = false
+        unsent = 1 << 20
+        try sockets[0].writeInbound(helper.bytes(4096))
+        #expect(try sent(tunnel).filter { $0.type == .data }.count == 1)
+    }
+
     @Test func aBusyTunnelWhoseLinkIsSlowBecomesPacedAndAFastOneDoesNot() throws {
         let (loop, tunnel, mux, sockets) = try twoStreams()
         mux.paced = false
