@@ -297,3 +297,30 @@ def rss_kib(pid):
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+class FakeServer:
+    """A hostile or scripted server on the cluster's tunnel port, with the real serving certificate: it accepts an
+    agent's tunnel, reads its HELLO and answers HELLO_OK (the real server must be stopped first)."""
+
+    def __init__(self, c, timeout=30):
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(str(c.pki / "server.crt"), str(c.pki / "server.key"))
+        self.context.load_verify_locations(str(c.ca))
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.listener = socket.create_server(("127.0.0.1", c.ports["tunnel"]))
+        self.listener.settimeout(timeout)
+
+    def accept(self, server_id="fake"):
+        """The next agent tunnel, registered: HELLO read, HELLO_OK sent."""
+        conn, _ = self.listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tls = self.context.wrap_socket(conn, server_side=True)
+        tls.settimeout(10)
+        assert read_frame(tls)[0] == 1  # HELLO
+        ok = {"serverID": server_id, "maxFramePayload": 262144, "pingIntervalSeconds": 5}
+        tls.sendall(frame(2, 0, json.dumps(ok).encode()))
+        return tls
+
+    def close(self):
+        self.listener.close()

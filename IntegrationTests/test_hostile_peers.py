@@ -20,7 +20,7 @@ import pytest
 
 from conftest import BIN, run
 from edge_service import blob_sha256
-from harness import Cluster, frame, http_get, read_frame, rss_kib, wait_until
+from harness import Cluster, FakeServer, frame, http_get, read_frame, rss_kib, wait_until
 
 SCENARIO_SECONDS = 30
 # The server's RSS may grow by at most this much during an attack (a legitimate stream's window is 1 MiB;
@@ -309,20 +309,9 @@ def test_a_hostile_server_cannot_make_the_agent_build_an_oversize_frame(tmp_path
         agent = c.start_agent("edge-1")  # joins, so it holds a certificate and the CA
         agent.stop()
         c.server.stop()
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(str(c.pki / "server.crt"), str(c.pki / "server.key"))
-        context.load_verify_locations(str(c.ca))
-        context.verify_mode = ssl.CERT_REQUIRED
-        listener = socket.create_server(("127.0.0.1", c.ports["tunnel"]))
-        listener.settimeout(30)
+        fake = FakeServer(c)
         agent = c.start_agent("edge-1", join=False, wait=False, pki=tmp_path / "agent-edge-1")
-        conn, _ = listener.accept()
-        with context.wrap_socket(conn, server_side=True) as tls:
-            tls.settimeout(10)
-            frame_type, _, _ = read_frame(tls)
-            assert frame_type == 1  # HELLO
-            ok = {"serverID": "evil", "maxFramePayload": 262144, "pingIntervalSeconds": 5}
-            tls.sendall(frame(2, 0, json.dumps(ok).encode()))
+        with fake.accept("evil") as tls:
             tls.sendall(frame(3, 1, struct.pack(">I", 1 << 20) + b"/" * 200000))
             while True:
                 frame_type, stream_id, payload = read_frame(tls)
@@ -340,7 +329,7 @@ def test_a_hostile_server_cannot_make_the_agent_build_an_oversize_frame(tmp_path
                 if frame_type == 11:
                     assert payload == b"pingpong"
                     break
-        listener.close()
+        fake.close()
     finally:
         c.close()
 

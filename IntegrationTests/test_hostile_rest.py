@@ -16,7 +16,7 @@ import pytest
 
 from conftest import BIN, run
 from edge_service import blob_sha256
-from harness import Cluster, frame, http_get, read_frame, read_head
+from harness import Cluster, FakeServer, frame, http_get, read_frame, read_head
 from test_hostile_peers import fd_count, hello, hostile_scenario, limit_hits
 from test_hostile_scenarios import ATTACKER_SOURCE, csr_for, refusal
 
@@ -365,22 +365,8 @@ def test_after_a_goaway_the_agent_reconnects_and_new_streams_reach_it(tmp_path):
         port = c.start_edge_service()
         c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}").stop()
         c.server.stop()
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(str(c.pki / "server.crt"), str(c.pki / "server.key"))
-        context.load_verify_locations(str(c.ca))
-        context.verify_mode = ssl.CERT_REQUIRED
-        listener = socket.create_server(("127.0.0.1", c.ports["tunnel"]))
-        listener.settimeout(15)
+        fake = FakeServer(c, timeout=15)
         c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}", join=False, wait=False, pki=tmp_path / "agent-edge-1")
-
-        def accept():
-            conn, _ = listener.accept()
-            tls = context.wrap_socket(conn, server_side=True)
-            tls.settimeout(10)
-            assert read_frame(tls)[0] == 1  # HELLO
-            ok = {"serverID": "fake", "maxFramePayload": 262144, "pingIntervalSeconds": 5}
-            tls.sendall(frame(2, 0, json.dumps(ok).encode()))
-            return tls
 
         def next_for(tls, stream_id):
             while True:
@@ -390,12 +376,12 @@ def test_after_a_goaway_the_agent_reconnects_and_new_streams_reach_it(tmp_path):
                 elif sid == stream_id:
                     return frame_type, payload
 
-        old = accept()
+        old = fake.accept()
         old.sendall(frame(3, 1, struct.pack(">I", 1 << 20) + f"127.0.0.1:{port}".encode()))
         assert next_for(old, 1)[0] == 4  # OPEN_OK: a stream open across the GOAWAY
         old.sendall(frame(12, 0, json.dumps({"reason": "stream ids exhausted: reconnect"}).encode()))
         started = time.monotonic()
-        new = accept()
+        new = fake.accept()
         redialed_after = time.monotonic() - started
         new.sendall(frame(3, 1, struct.pack(">I", 1 << 20) + f"127.0.0.1:{port}".encode()))
         assert next_for(new, 1)[0] == 4, "an OPEN on the new tunnel was not answered"
@@ -418,6 +404,6 @@ def test_after_a_goaway_the_agent_reconnects_and_new_streams_reach_it(tmp_path):
         assert redialed_after < 5, redialed_after
         new.close()
         old.close()
-        listener.close()
+        fake.close()
     finally:
         c.close()

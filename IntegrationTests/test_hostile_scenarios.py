@@ -15,7 +15,7 @@ from cryptography import x509
 
 from conftest import BIN, run
 from edge_service import blob_sha256
-from harness import Cluster, frame, read_frame, rss_kib, wait_until
+from harness import Cluster, FakeServer, frame, read_frame, rss_kib, wait_until
 from test_hostile_peers import (RSS_GROWTH_BOUND_MIB, SCENARIO_SECONDS, attacker_tunnel, fd_count, hello,
                                 hostile_scenario, lab, limit_hits)  # noqa: F401  (lab is a fixture)
 
@@ -256,12 +256,7 @@ def test_a_hostile_server_cannot_make_the_agent_dial_out_of_bounds_for_thirty_se
         agent = c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}")
         agent.stop()
         c.server.stop()
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(str(c.pki / "server.crt"), str(c.pki / "server.key"))
-        context.load_verify_locations(str(c.ca))
-        context.verify_mode = ssl.CERT_REQUIRED
-        listener = socket.create_server(("127.0.0.1", c.ports["tunnel"]))
-        listener.settimeout(30)
+        fake = FakeServer(c)
         # `127.1` is a name to the allow list (not an address in inet_pton's form) that the resolver turns into
         # 127.0.0.1: the DNS-rebinding case, a name rule whose name leads to loopback, through the real dial path.
         # It is refused before any connect: this listener, which no address rule allows, must never see one
@@ -271,16 +266,6 @@ def test_a_hostile_server_cannot_make_the_agent_dial_out_of_bounds_for_thirty_se
         renamed = rebound.getsockname()[1]
         agent = c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}", "--allow", f"127.1:{renamed}", join=False,
                               wait=False, pki=tmp_path / "agent-edge-1")
-
-        def accept():
-            conn, _ = listener.accept()
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            tls = context.wrap_socket(conn, server_side=True)
-            tls.settimeout(10)
-            assert read_frame(tls)[0] == 1  # HELLO
-            ok = {"serverID": "evil", "maxFramePayload": 262144, "pingIntervalSeconds": 5}
-            tls.sendall(frame(2, 0, json.dumps(ok).encode()))
-            return tls
 
         def answer_to(tls, stream_id):
             """Frames until the one for stream_id (PINGs answered), as (type, payload)."""
@@ -311,7 +296,7 @@ def test_a_hostile_server_cannot_make_the_agent_dial_out_of_bounds_for_thirty_se
         hostile = [("169.254.169.254:80", b"not on the allow list"), ("[::ffff:169.254.169.254]:80", b"not on the allow list"),
                    ("127.0.0.1:1", b"not on the allow list"), ("/" * 200000, b"is not host:port"),
                    ("edge-1", b"is not host:port"), (f"127.1:{renamed}", b"127.1 resolved to 127.0.0.1")]
-        tls = accept()
+        tls = fake.accept("evil")
         pid = agent.popen.pid
         stream_id = 1
         download(tls, stream_id)
@@ -347,10 +332,10 @@ def test_a_hostile_server_cannot_make_the_agent_dial_out_of_bounds_for_thirty_se
             closed = True
         assert closed
         tls.close()
-        tls = accept()
+        tls = fake.accept("evil")
         download(tls, 1)
         assert agent.alive()
         tls.close()
-        listener.close()
+        fake.close()
     finally:
         c.close()
