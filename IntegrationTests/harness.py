@@ -322,5 +322,15 @@ class FakeServer:
         tls.sendall(frame(2, 0, json.dumps(ok).encode()))
         return tls
 
+    @staticmethod
+    def next_for(tls, stream_id):
+        """Frames from the agent until the one for `stream_id` (PINGs answered), as (type, payload)."""
+        while True:
+            frame_type, sid, payload = read_frame(tls)
+            if frame_type == 10:
+                tls.sendall(frame(11, 0, payload))
+            elif sid == stream_id:
+                return frame_type, payload
+
     def close(self):
         self.listener.close()

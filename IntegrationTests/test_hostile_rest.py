@@ -368,28 +368,20 @@ def test_after_a_goaway_the_agent_reconnects_and_new_streams_reach_it(tmp_path):
         fake = FakeServer(c, timeout=15)
         c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}", join=False, wait=False, pki=tmp_path / "agent-edge-1")
 
-        def next_for(tls, stream_id):
-            while True:
-                frame_type, sid, payload = read_frame(tls)
-                if frame_type == 10:
-                    tls.sendall(frame(11, 0, payload))
-                elif sid == stream_id:
-                    return frame_type, payload
-
         old = fake.accept()
         old.sendall(frame(3, 1, struct.pack(">I", 1 << 20) + f"127.0.0.1:{port}".encode()))
-        assert next_for(old, 1)[0] == 4  # OPEN_OK: a stream open across the GOAWAY
+        assert fake.next_for(old, 1)[0] == 4  # OPEN_OK: a stream open across the GOAWAY
         old.sendall(frame(12, 0, json.dumps({"reason": "stream ids exhausted: reconnect"}).encode()))
         started = time.monotonic()
         new = fake.accept()
         redialed_after = time.monotonic() - started
         new.sendall(frame(3, 1, struct.pack(">I", 1 << 20) + f"127.0.0.1:{port}".encode()))
-        assert next_for(new, 1)[0] == 4, "an OPEN on the new tunnel was not answered"
+        assert fake.next_for(new, 1)[0] == 4, "an OPEN on the new tunnel was not answered"
         # The old stream still finishes, byte-exact, and then the old tunnel is closed by the agent.
         old.sendall(frame(6, 1, b"GET /blob/262144 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
         data = b""
         while True:
-            frame_type, payload = next_for(old, 1)
+            frame_type, payload = fake.next_for(old, 1)
             if frame_type == 6:
                 data += payload
             elif frame_type in (8, 9):

@@ -267,22 +267,13 @@ def test_a_hostile_server_cannot_make_the_agent_dial_out_of_bounds_for_thirty_se
         agent = c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}", "--allow", f"127.1:{renamed}", join=False,
                               wait=False, pki=tmp_path / "agent-edge-1")
 
-        def answer_to(tls, stream_id):
-            """Frames until the one for stream_id (PINGs answered), as (type, payload)."""
-            while True:
-                frame_type, sid, payload = read_frame(tls)
-                if frame_type == 10:
-                    tls.sendall(frame(11, 0, payload))
-                elif sid == stream_id:
-                    return frame_type, payload
-
         def download(tls, stream_id):
             tls.sendall(frame(3, stream_id, struct.pack(">I", 1 << 20) + f"127.0.0.1:{port}".encode()))
-            assert answer_to(tls, stream_id)[0] == 4  # OPEN_OK
+            assert fake.next_for(tls, stream_id)[0] == 4  # OPEN_OK
             tls.sendall(frame(6, stream_id, b"GET /blob/262144 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
             data = b""
             while True:
-                frame_type, payload = answer_to(tls, stream_id)
+                frame_type, payload = fake.next_for(tls, stream_id)
                 if frame_type == 6:
                     data += payload
                 elif frame_type in (8, 9):  # FIN or RST
@@ -307,7 +298,7 @@ def test_a_hostile_server_cannot_make_the_agent_dial_out_of_bounds_for_thirty_se
             for target, words in hostile:
                 stream_id += 2
                 tls.sendall(frame(3, stream_id, struct.pack(">I", 1 << 20) + target.encode()))
-                frame_type, payload = answer_to(tls, stream_id)
+                frame_type, payload = fake.next_for(tls, stream_id)
                 assert frame_type == 5 and words in payload and len(payload) < 8 * 1024, (target[:40], payload[:200])
             stream_id += 2
             download(tls, stream_id)
