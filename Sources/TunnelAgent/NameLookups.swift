@@ -2,7 +2,6 @@ import Atomics
 import Dispatch
 import NIOCore
 import NIOPosix
-import TunnelSupport
 
 #if canImport(Glibc)
 import Glibc

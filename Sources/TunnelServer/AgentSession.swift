@@ -142,8 +142,13 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
 
     private func refuse(_ reason: String) {
         logger.warning("registration refused: \(reason)")
+        tellAndClose(Refused(reason: reason))
+    }
+
+    /// Sends `refused` and closes 200 ms later; from now on nothing the peer sends is acted on.
+    private func tellAndClose(_ refused: Refused) {
         state = .refused
-        mux.sendControl(Refused(reason: reason))
+        mux.sendControl(refused)
         channel.eventLoop.scheduleTask(in: .milliseconds(200)) { self.channel.close(promise: nil) }
     }
 
@@ -178,9 +183,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             // The agent holds a tunnel to this replica already (the Service picked it again): refused before
             // anything is registered, so the live tunnel stays.
             server.metrics.duplicateTunnels.increment()
-            state = .refused
-            mux.sendControl(Refused(reason: "already connected to server \(server.configuration.serverID)", duplicate: true))
-            channel.eventLoop.scheduleTask(in: .milliseconds(200)) { self.channel.close(promise: nil) }
+            tellAndClose(Refused(reason: "already connected to server \(server.configuration.serverID)", duplicate: true))
             return
         }
         // With Node objects: only an existing Node registers, claiming only addresses its Node reports.
@@ -237,9 +240,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
     /// The node lost its right to a tunnel (revoked, or reset by an operator): told why, then closed.
     func cutOff(reason: String) {
         logger.warning("\(reason): closing its tunnel")
-        state = .refused
-        mux.sendControl(Refused(reason: reason))
-        channel.eventLoop.scheduleTask(in: .milliseconds(200)) { self.channel.close(promise: nil) }
+        tellAndClose(Refused(reason: reason))
     }
 
     private func handleRenew(_ frame: Frame) {

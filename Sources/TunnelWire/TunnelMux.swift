@@ -345,9 +345,10 @@ public final class TunnelMux: ChannelInboundHandler {
         delegate = nil
     }
 
-    /// Tells the peer why it is cut off, then closes. Nothing more from this peer is decoded, and the close comes from under TLS: a closing TLS handler waits
-    /// for the peer's close_notify while it keeps reading and decrypting, and a flooding peer, which never
-    /// sends one, kept the loop decoding its frames for seconds after it was refused.
+    /// Tells the peer why it is cut off, then closes. Nothing more from this peer is decoded, and the close comes
+    /// from under TLS: a closing TLS handler waits for the peer's close_notify while it keeps reading and
+    /// decrypting, and a flooding peer, which never sends one, kept the loop decoding its frames for seconds after
+    /// it was refused.
     func sendRefusedAndClose(reason: String) {
         guard let context else { return }
         decoder?.discardInput()
