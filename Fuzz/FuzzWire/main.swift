@@ -4,8 +4,10 @@ import NIOEmbedded
 import TunnelWire
 
 /// libFuzzer target: arbitrary bytes as a tunnel connection's input, through the frame decoder into a mux, as
-/// the server (first byte even) or as the agent (odd). The second byte chooses the split of the input into
-/// reads. Whatever arrives, the process must not trap; errors close the connection, as they should.
+/// the server (first byte even) or as the agent (odd). With the first byte's second bit set, the connection is a
+/// resume: its mux takes over three streams of a suspended tunnel (the server's waits for the agent's RESUME, the
+/// agent's for the server's), so the input's RESUME offsets, windows and FIN claims are checked against real
+/// retained bytes. The second byte chooses the split of the input into reads. Whatever arrives, the process must not trap; errors close the connection, as they should.
 final class Delegate: TunnelMuxDelegate {
     var accept = true
     func mux(_ mux: TunnelMux, didReceiveOpen open: Open, streamID: UInt32) {
@@ -55,7 +57,8 @@ public func fuzzWire(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     guard input.count >= 2 else { return 0 }
     let role: TunnelMux.Role = input[0] % 2 == 0 ? .server : .agent
     let chunk = Int(input[1]) + 1
-    let channel = EmbeddedChannel()
+    let loop = EmbeddedEventLoop()
+    let channel = EmbeddedChannel(loop: loop)
     var limits = TunnelLimits()
     limits.maxUnreadReplies = 16
     limits.maxStreams = 8
@@ -70,7 +73,15 @@ public func fuzzWire(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     } catch {
         return 0
     }
-    if role == .server {
+    if input[0] & 2 != 0 {
+        guard let old = suspendedTunnel(role: role, limits: limits, loop: loop) else { return 0 }
+        mux.enableResume(grace: .seconds(30))
+        if role == .server {
+            _ = mux.takeOver(old)
+        } else {
+            mux.expectResume(from: old)
+        }
+    } else if role == .server {
         for _ in 0..<3 { _ = mux.openStream(target: "edge-1:10250") }
     }
     var offset = 2
@@ -85,6 +96,35 @@ public func fuzzWire(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     }
     _ = try? channel.finish()
     return 0
+}
+
+/// A resumable tunnel with three open streams (1, 3, 5), 100, 300 and 0 bytes sent on each, suspended after its
+/// connection closed, on the fuzzed connection's loop.
+func suspendedTunnel(role: TunnelMux.Role, limits: TunnelLimits, loop: EmbeddedEventLoop) -> TunnelMux? {
+    let channel = EmbeddedChannel(loop: loop)
+    let mux = TunnelMux(role: role, eventLoop: channel.eventLoop, limits: limits)
+    mux.enableResume(grace: .seconds(30))
+    guard (try? channel.pipeline.syncOperations.addHandler(mux)) != nil,
+        (try? channel.connect(to: .init(ipAddress: "127.0.0.1", port: 1)).wait()) != nil
+    else { return nil }
+    for (index, id) in [UInt32(1), 3, 5].enumerated() {
+        if role == .server {
+            _ = mux.openStream(target: "edge-1:10250")
+            _ = try? channel.writeInbound(OpenOK(window: 1000).frame(streamID: id))
+        } else {
+            _ = try? channel.writeInbound(Open(target: "127.0.0.1:10250", window: 1000).frame(streamID: id))
+            mux.acceptStream(id)
+        }
+        let socket = EmbeddedChannel(loop: loop)
+        guard (try? socket.pipeline.syncOperations.addHandler(StreamGlue(mux: mux, streamID: id, eventLoop: loop))) != nil,
+            (try? socket.connect(to: .init(ipAddress: "127.0.0.1", port: 2)).wait()) != nil
+        else { return nil }
+        loop.run()
+        _ = try? socket.writeInbound(ByteBuffer(repeating: 7, count: [100, 300, 0][index]))
+    }
+    channel.embeddedEventLoop.run()
+    _ = try? channel.close().wait()
+    return mux.isSuspended ? mux : nil
 }
 
 runFuzzer { data, size in

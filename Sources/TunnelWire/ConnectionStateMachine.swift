@@ -6,6 +6,7 @@
 ///       │                              ▲                     ▲
 ///       └────────────fail──────────────┘                     │
 ///       └──────────────────────close (from any state)────────┘
+///     open, draining ──suspend──▶ suspended ──close──▶ closed
 public struct ConnectionStateMachine: Sendable, Equatable {
     public enum State: Sendable, Equatable {
         /// Frames flow both ways; streams open.
@@ -14,7 +15,10 @@ public struct ConnectionStateMachine: Sendable, Equatable {
         case draining
         /// The peer broke the protocol: its further frames are ignored while the connection closes.
         case failed
-        /// The connection is gone and its streams ended.
+        /// The connection is gone but its streams wait for a new one to resume on (``TunnelMux/enableResume(grace:)``):
+        /// nothing is sent or received, and the streams end when the grace period does.
+        case suspended
+        /// The connection is gone and its streams ended, or were taken over by a new connection.
         case closed
     }
 
@@ -36,6 +40,13 @@ public struct ConnectionStateMachine: Sendable, Equatable {
     public mutating func fail() -> Bool {
         guard state == .open || state == .draining else { return false }
         state = .failed
+        return true
+    }
+
+    /// The connection is gone and its streams wait to resume. False unless open or draining.
+    public mutating func suspend() -> Bool {
+        guard state == .open || state == .draining else { return false }
+        state = .suspended
         return true
     }
 

@@ -20,6 +20,7 @@ public enum FrameType: UInt8, Sendable, CaseIterable {
     case renew = 16
     case renewOK = 17
     case serverCount = 18
+    case resume = 19
 }
 
 /// One frame: a 12-byte header (type u8, flags u8, reserved u16, stream id u32, length u32) and a payload.

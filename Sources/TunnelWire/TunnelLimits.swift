@@ -60,6 +60,9 @@ public struct TunnelLimits: Sendable {
     /// most: its socket pauses while its bytes wait), so a small reply is in line at once rather than after the
     /// tunnel drained.
     public var queuedDataLimit = 1 << 20
+    /// The most streams one side lists in its RESUME (about 90 bytes each in JSON, well inside one frame); the
+    /// rest of a resumed tunnel's streams are reset.
+    public var maxResumedStreams = 2048
 
     public init() {}
 }

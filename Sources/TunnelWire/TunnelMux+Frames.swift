@@ -10,6 +10,7 @@ extension TunnelMux {
             try stream.lifecycle.receive(.data)
             let count = frame.payload.readableBytes
             try stream.receive.receive(count)
+            stream.received &+= UInt64(count)
             counters.add(in: count)
             stream.inbound.append(frame.payload)
             if stream.glue != nil && !stream.deliveryQueued {
@@ -21,6 +22,11 @@ extension TunnelMux {
             guard frame.streamID != 0, let stream = try stream(for: frame) else { return }
             try stream.lifecycle.receive(.window)
             try stream.send.grant(increment)
+            if resumable, frame.flags & Frame.windowGrowth == 0 {
+                // Consumed by the peer's socket: those bytes are never needed again.
+                stream.peerCredited &+= UInt64(increment)
+                stream.trimRetained(upTo: stream.peerCredited)
+            }
             flushPending(stream)
         case .fin:
             guard let stream = try stream(for: frame) else { return }
@@ -90,6 +96,8 @@ extension TunnelMux {
             streams[stream.id] = stream
             counters.setStreams(streams.count)
             delegate?.mux(self, didReceiveOpen: open, streamID: frame.streamID)
+        case .resume:
+            try receiveResume(frame)
         default:
             delegate?.mux(self, didReceiveControl: frame)
         }
@@ -98,7 +106,12 @@ extension TunnelMux {
     /// The stream a frame from the peer is for. Nil for a stream that existed and is gone (frames that cross
     /// a reset or a close are dropped); a protocol error for an id that was never opened.
     func stream(for frame: Frame) throws -> Stream? {
-        if let stream = streams[frame.streamID] { return stream }
+        if let stream = streams[frame.streamID] {
+            guard awaitingResume.isEmpty || !awaitingResume.contains(stream.id) else {
+                throw FrameError("\(frame.type.map { "\($0)" } ?? "frame") on stream \(stream.id) before RESUME")
+            }
+            return stream
+        }
         let opened = frame.streamID % 2 == 1
             && (role == .server ? frame.streamID < nextStreamID : frame.streamID <= lastPeerStreamID)
         guard opened else {

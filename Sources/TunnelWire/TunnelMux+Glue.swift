@@ -5,7 +5,11 @@ extension TunnelMux {
     func attach(_ glue: StreamGlue, to streamID: UInt32) {
         execute {
             guard let stream = self.streams[streamID] else {
-                glue.resetFromTunnel()
+                if let successor = self.successor {
+                    successor.attach(glue, to: streamID)
+                } else {
+                    glue.resetFromTunnel()
+                }
                 return
             }
             stream.glue = glue
@@ -21,9 +25,11 @@ extension TunnelMux {
             eventLoop.execute { self.dataFromSocket(streamID, buffer) }
             return
         }
-        guard let stream = streams[streamID], stream.lifecycle.canSend || stream.lifecycle.state == .opening,
-            !stream.finAfterPending
-        else { return }
+        guard let stream = streams[streamID] else {
+            successor?.dataFromSocket(streamID, buffer)
+            return
+        }
+        guard stream.lifecycle.canSend || stream.lifecycle.state == .opening, !stream.finAfterPending else { return }
         if stream.pending != nil {
             stream.pending!.writeImmutableBuffer(buffer)
         } else {
@@ -39,9 +45,12 @@ extension TunnelMux {
 
     func socketInputClosed(_ streamID: UInt32) {
         execute {
-            guard let stream = self.streams[streamID], stream.lifecycle.canSend || stream.lifecycle.state == .opening
-            else { return }
-            if stream.pending != nil || !stream.lifecycle.canSend {
+            guard let stream = self.streams[streamID] else {
+                self.successor?.socketInputClosed(streamID)
+                return
+            }
+            guard stream.lifecycle.canSend || stream.lifecycle.state == .opening else { return }
+            if stream.pending != nil || !stream.lifecycle.canSend || self.holdsFrames(of: stream) {
                 stream.finAfterPending = true
             } else {
                 self.sendFin(stream)
@@ -54,9 +63,13 @@ extension TunnelMux {
     /// half-close would. Otherwise the stream is reset.
     func socketClosed(_ streamID: UInt32, eof: Bool = false) {
         execute {
+            guard self.streams[streamID] != nil else {
+                self.successor?.socketClosed(streamID, eof: eof)
+                return
+            }
             if eof, let stream = self.streams[streamID], stream.lifecycle.canSend {
                 stream.glue = nil  // the socket is gone; what it sent still goes out
-                if stream.pending != nil {
+                if stream.pending != nil || self.holdsFrames(of: stream) {
                     stream.finAfterPending = true
                 } else {
                     self.sendFin(stream)
@@ -66,7 +79,7 @@ extension TunnelMux {
             guard let stream = self.streams.removeValue(forKey: streamID) else { return }
             if !stream.lifecycle.isClosed {
                 stream.lifecycle.reset()
-                self.writeStreamFrame(.rst(streamID: streamID, code: .cancel, allocator: self.allocator))
+                self.sendReset(streamID)
             }
             self.streamRemoved(stream)
         }
@@ -79,7 +92,10 @@ extension TunnelMux {
             eventLoop.execute { self.consumedBySocket(streamID, count: count, promptly: promptly) }
             return
         }
-        guard let stream = streams[streamID] else { return }
+        guard let stream = streams[streamID] else {
+            successor?.consumedBySocket(streamID, count: count, promptly: promptly)
+            return
+        }
         var mayGrow = promptly && windowBudgetUsed + stream.receive.size <= limits.connectionWindowBudget
             && stream.receive.size < stream.receive.maximum
         // Growth is at most the current size: reserved from the process budget first, the unused part returned.
@@ -92,6 +108,16 @@ extension TunnelMux {
         if reserved > 0 { limits.processBudget?.giveGrowth(reserved - (update?.growth ?? 0)) }
         guard let update else { return }
         windowBudgetUsed += update.growth
-        writeStreamFrame(.window(streamID: streamID, increment: update.increment, allocator: allocator))
+        let consumed = update.increment - UInt32(update.growth)
+        stream.credited &+= UInt64(consumed)
+        guard resumable, update.growth > 0 else {
+            writeStreamFrame(.window(streamID: streamID, increment: update.increment, allocator: allocator))
+            return
+        }
+        // A resuming sender keeps its bytes until they are consumed: growth is credit, not consumption.
+        if consumed > 0 { writeStreamFrame(.window(streamID: streamID, increment: consumed, allocator: allocator)) }
+        var growth = Frame.window(streamID: streamID, increment: UInt32(update.growth), allocator: allocator)
+        growth.flags = Frame.windowGrowth
+        writeStreamFrame(growth)
     }
 }

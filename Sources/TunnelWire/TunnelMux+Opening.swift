@@ -63,10 +63,13 @@ extension TunnelMux {
     /// Cancels a stream that is still opening or open (the caller went away).
     public func cancelStream(_ streamID: UInt32) {
         execute {
-            guard let stream = self.streams.removeValue(forKey: streamID) else { return }
+            guard let stream = self.streams.removeValue(forKey: streamID) else {
+                self.successor?.cancelStream(streamID)
+                return
+            }
             stream.lifecycle.reset()
             self.streamRemoved(stream)
-            self.writeStreamFrame(.rst(streamID: streamID, code: .cancel, allocator: self.allocator))
+            self.sendReset(streamID)
             stream.glue?.resetFromTunnel()
         }
     }

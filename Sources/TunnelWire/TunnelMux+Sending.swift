@@ -7,7 +7,8 @@ extension TunnelMux {
     /// the socket's bytes wait, and its reading is paused.
     func flushPending(_ stream: Stream) {
         defer { updateReadState(stream) }
-        guard context != nil, stream.lifecycle.canSend else { return }
+        guard context != nil, stream.lifecycle.canSend, awaitingResume.isEmpty || !awaitingResume.contains(stream.id)
+        else { return }
         if let pending = stream.pending {
             guard stream.send.available > 0, !stream.queuedToSend else { return }
             stream.queuedToSend = true
@@ -45,6 +46,7 @@ extension TunnelMux {
             if rateWindow.bytes == 0 { rateWindow = (eventLoop.now, 0, false) }  // the window starts with traffic
             let count = min(pending.readableBytes, stream.send.available, frameSize)
             let slice = pending.readSlice(length: count)!
+            if resumable { stream.retain(slice) }
             stream.send.consume(count)
             counters.add(out: count)
             unflushedData += count

@@ -29,6 +29,42 @@ extension TunnelMux {
         var openPromise: EventLoopPromise<OpenResult>?
         var openTimer: Scheduled<Void>?
 
+        // Byte accounting, for resuming (``TunnelMux/enableResume(grace:)``); offsets count from OPEN.
+        /// DATA bytes received from the peer.
+        var received: UInt64 = 0
+        /// Of those, bytes this side consumed and credited back (WINDOWs without the growth flag).
+        var credited: UInt64 = 0
+        /// Resumable tunnels only: DATA sent and not yet credited by the peer as consumed, kept to be sent again
+        /// after a resume. The slices themselves, no copies; at most the peer's receive window.
+        var retained = CircularBuffer<ByteBuffer>()
+        /// The offset of the first retained byte, and how many bytes are retained.
+        var retainedFrom: UInt64 = 0
+        var retainedBytes = 0
+        /// Bytes the peer has credited as consumed.
+        var peerCredited: UInt64 = 0
+        /// DATA bytes sent (resumable tunnels).
+        var sent: UInt64 { retainedFrom + UInt64(retainedBytes) }
+
+        func retain(_ slice: ByteBuffer) {
+            retained.append(slice)
+            retainedBytes += slice.readableBytes
+        }
+
+        /// Lets go of the retained bytes below `offset`: the peer has them.
+        func trimRetained(upTo offset: UInt64) {
+            while offset > retainedFrom, var first = retained.first {
+                let drop = Int(min(UInt64(first.readableBytes), offset - retainedFrom))
+                if drop == first.readableBytes {
+                    retained.removeFirst()
+                } else {
+                    first.moveReaderIndex(forwardBy: drop)
+                    retained[retained.startIndex] = first
+                }
+                retainedFrom += UInt64(drop)
+                retainedBytes -= drop
+            }
+        }
+
         init(id: UInt32, openedBy opener: StreamStateMachine.Opener, sendWindow: Int, receive: ReceiveWindow) {
             self.id = id
             self.lifecycle = StreamStateMachine(openedBy: opener)

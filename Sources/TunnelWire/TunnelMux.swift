@@ -97,6 +97,23 @@ public final class TunnelMux: ChannelInboundHandler {
     /// The highest stream id the peer has opened (agent side): ids are never reused.
     var lastPeerStreamID: UInt32 = 0
 
+    // Resuming (TunnelMux+Resume.swift).
+    /// Streams keep what they sent until credited, and a lost connection suspends them (``enableResume(grace:)``).
+    var resumable = false
+    var resumeGrace: TimeAmount = .seconds(30)
+    /// The connection is being closed on purpose: its streams end with it (``closeWithoutResume()``).
+    var resumeRefused = false
+    /// Suspended: ends the streams when the grace period is over. Frozen: gives up on the peer's RESUME.
+    var graceTimer: Scheduled<Void>?
+    /// The mux that took this one's streams over: socket events of those streams are passed on to it.
+    var successor: TunnelMux?
+    /// Streams taken over and frozen (their sockets unread, nothing sent) until the peer's RESUME.
+    var awaitingResume: Set<UInt32> = []
+    /// Agent side: the suspended mux whose streams the server's RESUME resumes here (``expectResume(from:)``).
+    var resumeFrom: TunnelMux?
+    /// Streams reset while suspended: the RST goes out on the connection that resumes.
+    var resetWhileSuspended: [UInt32] = []
+
     public init(role: Role, eventLoop: EventLoop, limits: TunnelLimits = TunnelLimits()) {
         self.role = role
         self.eventLoop = eventLoop
@@ -120,12 +137,12 @@ public final class TunnelMux: ChannelInboundHandler {
     }
 
     public func channelInactive(context: ChannelHandlerContext) {
-        shutdownStreams()
+        connectionEnded()
         context.fireChannelInactive()
     }
 
     public func handlerRemoved(context: ChannelHandlerContext) {
-        shutdownStreams()
+        connectionEnded()
         decoder?.sink = nil
         decoder = nil
         encoder = nil
@@ -214,6 +231,8 @@ public final class TunnelMux: ChannelInboundHandler {
 
     func streamRemoved(_ stream: Stream) {
         stream.inbound = []
+        stream.retained.removeAll()
+        stream.retainedBytes = 0
         if let pending = stream.pending {
             queuedData -= pending.readableBytes
             stream.pending = nil
@@ -298,6 +317,7 @@ public final class TunnelMux: ChannelInboundHandler {
     func updateReadState(_ stream: Stream) {
         guard let glue = stream.glue else { return }
         let pause = stream.pending != nil || stream.send.available <= 0 || tunnelFull
+            || (!awaitingResume.isEmpty && awaitingResume.contains(stream.id))
         guard pause != stream.readPaused else { return }
         stream.readPaused = pause
         glue.setPausedFromTunnel(pause)
@@ -324,6 +344,10 @@ public final class TunnelMux: ChannelInboundHandler {
 
     func shutdownStreams() {
         guard connection.close() else { return }
+        graceTimer?.cancel()
+        graceTimer = nil
+        awaitingResume = []
+        resumeFrom = nil
         let all = streams.values
         streams = [:]
         sendQueue.removeAll()

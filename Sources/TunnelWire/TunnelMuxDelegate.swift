@@ -7,6 +7,14 @@ public protocol TunnelMuxDelegate: AnyObject {
     func mux(_ mux: TunnelMux, didReceiveOpen open: Open, streamID: UInt32)
     /// A control frame on stream 0 other than PING/PONG/WINDOW (HELLO, REFUSED, GOAWAY, JOIN, RENEW, ...).
     func mux(_ mux: TunnelMux, didReceiveControl frame: Frame)
-    /// The tunnel connection is gone; every stream has been reset.
+    /// The tunnel connection is gone; every stream has been reset, or handed over to the connection that resumed
+    /// them (``TunnelMux/takeOver(_:)``).
     func muxDidClose(_ mux: TunnelMux)
+    /// The connection of a resumable tunnel is gone and its streams wait, for the grace period, for a new
+    /// connection to resume them (``TunnelMux/enableResume(grace:)``); ``muxDidClose(_:)`` follows either way.
+    func muxDidSuspend(_ mux: TunnelMux)
+}
+
+extension TunnelMuxDelegate {
+    public func muxDidSuspend(_ mux: TunnelMux) {}
 }

@@ -7,7 +7,7 @@ import Testing
 /// A tunnel connection's life: every transition from every state, and the mux acting on it.
 @Suite struct ConnectionStateMachineTests {
     typealias State = ConnectionStateMachine.State
-    enum Event: CaseIterable { case drain, fail, close }
+    enum Event: CaseIterable { case drain, fail, suspend, close }
 
     func machine(in state: State) -> ConnectionStateMachine {
         var machine = ConnectionStateMachine()
@@ -15,6 +15,7 @@ import Testing
         case .open: break
         case .draining: machine.drain()
         case .failed: machine.fail()
+        case .suspended: _ = machine.suspend()
         case .closed: _ = machine.close()
         }
         #expect(machine.state == state)
@@ -24,18 +25,25 @@ import Testing
     @Test func everyEventFromEveryState() {
         // (from, event) -> (to, did it change)
         let table: [(State, Event, State, Bool)] = [
-            (.open, .drain, .draining, true), (.open, .fail, .failed, true), (.open, .close, .closed, true),
-            (.draining, .drain, .draining, false), (.draining, .fail, .failed, true), (.draining, .close, .closed, true),
-            (.failed, .drain, .failed, false), (.failed, .fail, .failed, false), (.failed, .close, .closed, true),
-            (.closed, .drain, .closed, false), (.closed, .fail, .closed, false), (.closed, .close, .closed, false),
+            (.open, .drain, .draining, true), (.open, .fail, .failed, true), (.open, .suspend, .suspended, true),
+            (.open, .close, .closed, true),
+            (.draining, .drain, .draining, false), (.draining, .fail, .failed, true),
+            (.draining, .suspend, .suspended, true), (.draining, .close, .closed, true),
+            (.failed, .drain, .failed, false), (.failed, .fail, .failed, false), (.failed, .suspend, .failed, false),
+            (.failed, .close, .closed, true),
+            (.suspended, .drain, .suspended, false), (.suspended, .fail, .suspended, false),
+            (.suspended, .suspend, .suspended, false), (.suspended, .close, .closed, true),
+            (.closed, .drain, .closed, false), (.closed, .fail, .closed, false), (.closed, .suspend, .closed, false),
+            (.closed, .close, .closed, false),
         ]
-        #expect(table.count == 4 * Event.allCases.count)
+        #expect(table.count == 5 * Event.allCases.count)
         for (from, event, to, changed) in table {
             var machine = machine(in: from)
             let result: Bool
             switch event {
             case .drain: result = machine.drain()
             case .fail: result = machine.fail()
+            case .suspend: result = machine.suspend()
             case .close: result = machine.close()
             }
             #expect(machine.state == to, "\(from) --\(event)--> \(machine.state), expected \(to)")
@@ -46,7 +54,7 @@ import Testing
     @Test func whatEachStateAllows() {
         let allowed: [(State, frames: Bool, streams: Bool, ending: Bool)] = [
             (.open, true, true, false), (.draining, true, false, false), (.failed, false, false, true),
-            (.closed, false, false, true),
+            (.suspended, false, false, false), (.closed, false, false, true),
         ]
         for (state, frames, streams, ending) in allowed {
             let machine = machine(in: state)

@@ -1,0 +1,292 @@
+import NIOCore
+
+/// One stream as one side of a resume sees it (PROTOCOL.md, "Resuming a tunnel"). Offsets count the bytes of one
+/// direction of the stream from its OPEN.
+public struct ResumedStream: Codable, Sendable, Equatable {
+    public var id: UInt32
+    /// DATA bytes of the stream this side has received: the peer sends again from here.
+    public var received: UInt64
+    /// Of those, bytes this side consumed and credited back.
+    public var credited: UInt64
+    /// Credit the peer has beyond `received`: what is left of this side's receive window.
+    public var window: Int
+    /// This side has received the peer's FIN.
+    public var fin: Bool
+
+    public init(id: UInt32, received: UInt64, credited: UInt64, window: Int, fin: Bool) {
+        self.id = id
+        self.received = received
+        self.credited = credited
+        self.window = window
+        self.fin = fin
+    }
+}
+
+/// Either side, when a tunnel's streams move to a new connection: the streams it still holds, and how far each got.
+/// The server sends its RESUME first; streams both sides list carry on, every other one is reset.
+public struct Resume: ControlMessage, Equatable {
+    public static let frameType = FrameType.resume
+    public var streams: [ResumedStream]
+    public init(streams: [ResumedStream]) { self.streams = streams }
+}
+
+extension Frame {
+    /// On a WINDOW of a resumable tunnel: the increment grows the window; it does not credit consumed bytes, so
+    /// the sender keeps its retained bytes.
+    public static let windowGrowth: UInt8 = 0x1
+}
+
+/// Resuming: a resumable tunnel whose connection is lost keeps its streams, with their sockets open and unread,
+/// for a grace period; a new connection of the same peer takes them over, each side sends again what the other
+/// did not receive, and the callers and targets see a pause instead of an error.
+extension TunnelMux {
+    /// Makes this tunnel resumable (both sides agreed to at registration): each stream keeps the bytes it sent
+    /// until the peer credits them as consumed, and a lost connection suspends the streams for `grace` instead of
+    /// resetting them. Call before any stream opens.
+    public func enableResume(grace: TimeAmount) {
+        execute {
+            self.resumable = true
+            self.resumeGrace = grace
+        }
+    }
+
+    /// The connection is closed on purpose (a drain finished, the peer was refused or revoked, the process
+    /// stops): its streams end with it, not after a grace period.
+    public func closeWithoutResume() {
+        execute { self.resumeRefused = true }
+    }
+
+    /// Whether the tunnel is suspended: its connection is gone and its streams wait to be resumed.
+    public var isSuspended: Bool { connection.state == .suspended }
+
+    /// Ends a suspended tunnel's streams now (the peer came back, but the resume failed). Nothing otherwise.
+    public func abandonSuspended() {
+        execute {
+            guard self.connection.state == .suspended else { return }
+            self.shutdownStreams()
+        }
+    }
+
+    /// The channel went away: a resumable tunnel with streams to keep suspends them; any other ends them.
+    func connectionEnded() {
+        guard connection.state != .suspended else { return }
+        if resumable, !resumeRefused, streams.values.contains(where: { $0.lifecycle.state != .opening }),
+            connection.suspend()
+        {
+            suspend()
+        } else {
+            shutdownStreams()
+        }
+    }
+
+    /// Keeps the streams without a connection: their sockets stay open and unread (the tunnel counts as full),
+    /// what arrives from them waits, and the streams end when the grace period does. A stream still opening
+    /// cannot be resumed: it fails now.
+    func suspend() {
+        unsentRecheck?.cancel()
+        unsentRecheck = nil
+        deliverQueued()
+        decoder?.sink = nil
+        decoder = nil
+        encoder = nil
+        context = nil
+        sendQueue.removeAll()
+        urgentQueue.removeAll()
+        urgentInARow = 0
+        unflushedData = 0
+        inTunnelRead = false
+        for stream in streams.values where stream.lifecycle.state == .opening {
+            streams.removeValue(forKey: stream.id)
+            resetWhileSuspended.append(stream.id)
+            streamRemoved(stream)
+            stream.glue?.resetFromTunnel()
+            stream.openPromise?.succeed(.failed(OpenFail(code: 502, reason: "tunnel connection lost while opening")))
+            stream.openPromise = nil
+        }
+        for stream in streams.values {
+            stream.queuedToSend = false
+            updateReadState(stream)
+        }
+        graceTimer = eventLoop.scheduleTask(in: resumeGrace) { [weak self] in
+            guard let self, self.connection.state == .suspended else { return }
+            self.graceTimer = nil
+            self.shutdownStreams()
+        }
+        delegate?.muxDidSuspend(self)
+    }
+
+    /// Frames of this stream wait: the connection is suspended, or the stream was taken over and the peer's
+    /// RESUME has not come. A FIN waits too, behind the bytes to be sent again.
+    func holdsFrames(of stream: Stream) -> Bool {
+        context == nil || (!awaitingResume.isEmpty && awaitingResume.contains(stream.id))
+    }
+
+    /// RST for a stream this side gave up; while suspended it goes out on the connection that resumes.
+    func sendReset(_ streamID: UInt32) {
+        if context == nil, connection.state == .suspended {
+            resetWhileSuspended.append(streamID)
+        } else {
+            writeStreamFrame(.rst(streamID: streamID, code: .cancel, allocator: allocator))
+        }
+    }
+
+    // MARK: Taking over
+
+    /// What a suspended mux hands to the one that resumes it.
+    struct HandedOver {
+        var streams: [Stream] = []
+        var resets: [UInt32] = []
+        var nextStreamID: UInt32 = 0
+        var lastPeerStreamID: UInt32 = 0
+    }
+
+    /// Server side: takes over the streams of `old`, the suspended tunnel of the same agent, which came back
+    /// within the grace period with that session's token (the caller checks both). This side's RESUME goes out
+    /// at once; the streams stay frozen (sockets unread, nothing sent) until the agent's RESUME answers it. The
+    /// number of streams taken, or nil when `old` is no longer suspended (its grace period ended, or another
+    /// connection took it over).
+    public func takeOver(_ old: TunnelMux) -> EventLoopFuture<Int?> {
+        if old.eventLoop === eventLoop, eventLoop.inEventLoop {
+            return eventLoop.makeSucceededFuture(old.handOver(to: self).map { adopt($0, announce: true) })
+        }
+        return old.eventLoop.submit { old.handOver(to: self) }
+            .hop(to: eventLoop)
+            .map { handed in handed.map { self.adopt($0, announce: true) } }
+    }
+
+    /// Agent side: the server's RESUME, when it comes on this connection, resumes the streams of `old`, the
+    /// suspended tunnel this connection replaces. Both must run on the same event loop, so that the streams are
+    /// taken over before the server's next frame is read. False (nothing changes) otherwise.
+    @discardableResult
+    public func expectResume(from old: TunnelMux) -> Bool {
+        guard old.eventLoop === eventLoop else { return false }
+        execute { self.resumeFrom = old }
+        return true
+    }
+
+    /// On the suspended mux's loop: gives the streams up to `successor`, to which their sockets' events are
+    /// passed on from now on. Their windows stay reserved in the process budget: the streams go on.
+    func handOver(to successor: TunnelMux) -> HandedOver? {
+        guard connection.state == .suspended, connection.close() else { return nil }
+        graceTimer?.cancel()
+        graceTimer = nil
+        self.successor = successor
+        let handed = HandedOver(
+            streams: Array(streams.values), resets: resetWhileSuspended, nextStreamID: nextStreamID,
+            lastPeerStreamID: lastPeerStreamID)
+        streams = [:]
+        resetWhileSuspended = []
+        windowBudgetUsed = 0
+        queuedData = 0
+        counters.setStreams(0)
+        notifyIfIdle()
+        delegate?.muxDidClose(self)
+        delegate = nil
+        return handed
+    }
+
+    /// Takes the handed-over streams in, frozen until the peer's RESUME, and (`announce`) sends this side's
+    /// RESUME. Streams past ``TunnelLimits/maxResumedStreams`` are reset.
+    @discardableResult
+    func adopt(_ handed: HandedOver, announce: Bool) -> Int {
+        nextStreamID = max(nextStreamID, handed.nextStreamID)
+        lastPeerStreamID = max(lastPeerStreamID, handed.lastPeerStreamID)
+        var listed: [ResumedStream] = []
+        for stream in handed.streams.sorted(by: { $0.id < $1.id }) {
+            guard listed.count < limits.maxResumedStreams else {
+                limits.processBudget?.release(window: stream.receive.size, minimum: limits.minimumWindow)
+                stream.lifecycle.reset()
+                stream.glue?.resetFromTunnel()
+                stream.retained.removeAll()
+                writeStreamFrame(.rst(streamID: stream.id, code: .cancel, allocator: allocator))
+                continue
+            }
+            streams[stream.id] = stream
+            awaitingResume.insert(stream.id)
+            windowBudgetUsed += stream.receive.size
+            queuedData += stream.pending?.readableBytes ?? 0
+            listed.append(
+                ResumedStream(
+                    id: stream.id, received: stream.received, credited: stream.credited,
+                    window: stream.receive.outstanding, fin: stream.lifecycle.state == .halfClosedRemote))
+        }
+        counters.setStreams(streams.count)
+        if announce { send(Resume(streams: listed).frame(allocator: allocator)) }
+        for id in handed.resets { send(.rst(streamID: id, code: .cancel, allocator: allocator)) }
+        for stream in streams.values { updateReadState(stream) }
+        flushTunnel()
+        if !awaitingResume.isEmpty {
+            // A peer that never answers must not hold the sockets: its streams are reset after the grace period.
+            graceTimer = eventLoop.scheduleTask(in: resumeGrace) { [weak self] in
+                guard let self, !self.awaitingResume.isEmpty else { return }
+                self.graceTimer = nil
+                self.reconcile(with: [])
+            }
+        }
+        return listed.count
+    }
+
+    /// A RESUME from the peer: it answers ours (server side), or it is the server's, which takes over the
+    /// suspended tunnel this connection replaces (agent side, ``expectResume(from:)``).
+    func receiveResume(_ frame: Frame) throws {
+        let resume = try Resume(frame: frame)
+        if !awaitingResume.isEmpty {
+            reconcile(with: resume.streams)
+        } else if role == .agent, let old = resumeFrom {
+            resumeFrom = nil
+            adopt(old.handOver(to: self) ?? HandedOver(), announce: true)
+            reconcile(with: resume.streams)
+        } else {
+            throw FrameError("RESUME that was not expected")
+        }
+    }
+
+    /// Both sides' lists are known. A stream both listed carries on: its bytes the peer did not receive go again,
+    /// then a FIN the peer did not get, then what waited. Every other stream is reset, on both sides.
+    func reconcile(with peer: [ResumedStream]) {
+        graceTimer?.cancel()
+        graceTimer = nil
+        let adopted = awaitingResume
+        awaitingResume = []
+        var theirs: [UInt32: ResumedStream] = [:]
+        for entry in peer.prefix(limits.maxResumedStreams) where theirs[entry.id] == nil { theirs[entry.id] = entry }
+        for id in adopted.sorted() {
+            guard let stream = streams[id] else { continue }
+            guard let entry = theirs.removeValue(forKey: id), sendAgain(stream, from: entry) else {
+                streams.removeValue(forKey: id)
+                stream.lifecycle.reset()
+                streamRemoved(stream)
+                writeStreamFrame(.rst(streamID: id, code: .cancel, allocator: allocator))
+                stream.glue?.resetFromTunnel()
+                continue
+            }
+        }
+        // Listed by the peer alone: it resets them itself, but a stream it kept by mistake must not hang.
+        for id in theirs.keys.sorted() { writeStreamFrame(.rst(streamID: id, code: .cancel, allocator: allocator)) }
+        for id in adopted.sorted() {
+            if let stream = streams[id] { flushPending(stream) }
+        }
+        flushTunnel()
+    }
+
+    /// Sends again what the peer did not receive of `stream`, and restores its credit. False when the peer's
+    /// account cannot be true (more received than sent, less than is still retained, credit that the sender never
+    /// had): that stream is reset.
+    func sendAgain(_ stream: Stream, from entry: ResumedStream) -> Bool {
+        let sentFin = stream.lifecycle.state == .halfClosedLocal
+        guard entry.received >= stream.retainedFrom, entry.received <= stream.sent, entry.credited <= entry.received,
+            entry.window >= 0, entry.window <= Int(Int32.max), UInt64(entry.window) >= stream.sent - entry.received,
+            !entry.fin || (sentFin && entry.received == stream.sent)
+        else { return false }
+        stream.trimRetained(upTo: entry.received)
+        stream.peerCredited = entry.credited  // later WINDOWs count on from here
+        stream.send = SendWindow(initial: entry.window - stream.retainedBytes)
+        stream.queuedToSend = false
+        for slice in stream.retained {
+            counters.add(out: slice.readableBytes)
+            send(Frame(type: .data, streamID: stream.id, payload: slice))
+        }
+        if sentFin, !entry.fin { send(.fin(streamID: stream.id, allocator: allocator)) }
+        return true
+    }
+}
