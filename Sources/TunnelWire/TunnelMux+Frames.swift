@@ -22,10 +22,17 @@ extension TunnelMux {
             guard frame.streamID != 0, let stream = try stream(for: frame) else { return }
             try stream.lifecycle.receive(.window)
             try stream.send.grant(increment)
-            if resumable, frame.flags & Frame.windowGrowth == 0 {
-                // Consumed by the peer's socket: those bytes are never needed again.
-                stream.peerCredited &+= UInt64(increment)
-                stream.trimRetained(upTo: stream.peerCredited)
+            if resumable {
+                if frame.flags & Frame.windowGrowth == 0 {
+                    // Consumed by the peer's socket: those bytes are never needed again.
+                    stream.peerCredited &+= UInt64(increment)
+                    stream.trimRetained(upTo: stream.peerCredited)
+                }
+                // What is kept to send again is at most the peer's window, which never exceeds the maximum: a peer
+                // granting more would make this side keep more.
+                guard stream.send.available + stream.retainedBytes <= limits.maximumWindow else {
+                    throw FrameError("WINDOW beyond the largest window of \(limits.maximumWindow) bytes", limit: "window")
+                }
             }
             flushPending(stream)
         case .fin:

@@ -15,6 +15,10 @@ extension TunnelMux {
                 promise.succeed(.failed(OpenFail(code: 503, reason: "tunnel connection is draining")))
                 return
             }
+            guard !self.takingOver else {
+                promise.succeed(.failed(OpenFail(code: 503, reason: "the agent's tunnel is resuming: try again")))
+                return
+            }
             guard self.nextStreamID <= self.limits.lastStreamID, self.nextStreamID <= UInt32.max - 2 else {
                 // Every id is used: the agent reconnects on GOAWAY, and its new connection takes the next streams.
                 self.connection.drain()

@@ -56,7 +56,7 @@ extension TunnelMux {
         execute { self.resumeRefused = true }
     }
 
-    /// Whether the tunnel is suspended: its connection is gone and its streams wait to be resumed.
+    /// Whether the tunnel is suspended: its connection is gone and its streams wait to be resumed. On the loop.
     public var isSuspended: Bool { connection.state == .suspended }
 
     /// Ends a suspended tunnel's streams now (the peer came back, but the resume failed). Nothing otherwise.
@@ -85,6 +85,12 @@ extension TunnelMux {
     func suspend() {
         unsentRecheck?.cancel()
         unsentRecheck = nil
+        // Taken-over streams still frozen are suspended like the others: the next connection lists them again.
+        graceTimer?.cancel()
+        graceTimer = nil
+        awaitingResume = []
+        resumeAnswerDue = false
+        takingOver = false
         deliverQueued()
         decoder?.sink = nil
         decoder = nil
@@ -146,12 +152,26 @@ extension TunnelMux {
     /// number of streams taken, or nil when `old` is no longer suspended (its grace period ended, or another
     /// connection took it over).
     public func takeOver(_ old: TunnelMux) -> EventLoopFuture<Int?> {
+        // No stream opens here until the old tunnel's ids are known (the registration may already route to it).
+        execute { self.takingOver = true }
+        // Not taken (the grace period ended meanwhile): an empty RESUME, so that the agent resets its side too.
         if old.eventLoop === eventLoop, eventLoop.inEventLoop {
-            return eventLoop.makeSucceededFuture(old.handOver(to: self).map { adopt($0, announce: true) })
+            let handed = old.handOver(to: self)
+            adopt(handed ?? HandedOver(), announce: true)
+            return eventLoop.makeSucceededFuture(handed?.streams.count)
         }
         return old.eventLoop.submit { old.handOver(to: self) }
             .hop(to: eventLoop)
-            .map { handed in handed.map { self.adopt($0, announce: true) } }
+            .map { handed in
+                self.adopt(handed ?? HandedOver(), announce: true)
+                return handed?.streams.count
+            }
+    }
+
+    /// Server side: no stream opens on this tunnel until ``takeOver(_:)`` has taken the old tunnel's streams (and
+    /// their ids) over; call before the agent is routable.
+    public func beginTakeOver() {
+        execute { self.takingOver = true }
     }
 
     /// Agent side: the server's RESUME, when it comes on this connection, resumes the streams of `old`, the
@@ -189,16 +209,19 @@ extension TunnelMux {
     /// RESUME. Streams past ``TunnelLimits/maxResumedStreams`` are reset.
     @discardableResult
     func adopt(_ handed: HandedOver, announce: Bool) -> Int {
+        takingOver = false
         nextStreamID = max(nextStreamID, handed.nextStreamID)
         lastPeerStreamID = max(lastPeerStreamID, handed.lastPeerStreamID)
         var listed: [ResumedStream] = []
+        // RSTs go out after this side's RESUME: before it, the peer's new connection knows none of these ids.
+        var resets = handed.resets
         for stream in handed.streams.sorted(by: { $0.id < $1.id }) {
-            guard listed.count < limits.maxResumedStreams else {
+            guard listed.count < limits.maxResumedStreams, streams[stream.id] == nil else {
                 limits.processBudget?.release(window: stream.receive.size, minimum: limits.minimumWindow)
                 stream.lifecycle.reset()
                 stream.glue?.resetFromTunnel()
-                stream.retained.removeAll()
-                writeStreamFrame(.rst(streamID: stream.id, code: .cancel, allocator: allocator))
+                stream.retained = nil
+                resets.append(stream.id)
                 continue
             }
             streams[stream.id] = stream
@@ -211,14 +234,18 @@ extension TunnelMux {
                     window: stream.receive.outstanding, fin: stream.lifecycle.state == .halfClosedRemote))
         }
         counters.setStreams(streams.count)
-        if announce { send(Resume(streams: listed).frame(allocator: allocator)) }
-        for id in handed.resets { send(.rst(streamID: id, code: .cancel, allocator: allocator)) }
+        if announce {
+            send(Resume(streams: listed).frame(allocator: allocator))
+            resumeAnswerDue = role == .server
+        }
+        for id in resets { send(.rst(streamID: id, code: .cancel, allocator: allocator)) }
         for stream in streams.values { updateReadState(stream) }
         flushTunnel()
         if !awaitingResume.isEmpty {
             // A peer that never answers must not hold the sockets: its streams are reset after the grace period.
             graceTimer = eventLoop.scheduleTask(in: resumeGrace) { [weak self] in
                 guard let self, !self.awaitingResume.isEmpty else { return }
+                self.resumeAnswerDue = false
                 self.graceTimer = nil
                 self.reconcile(with: [])
             }
@@ -230,7 +257,8 @@ extension TunnelMux {
     /// suspended tunnel this connection replaces (agent side, ``expectResume(from:)``).
     func receiveResume(_ frame: Frame) throws {
         let resume = try Resume(frame: frame)
-        if !awaitingResume.isEmpty {
+        if resumeAnswerDue {
+            resumeAnswerDue = false
             reconcile(with: resume.streams)
         } else if role == .agent, let old = resumeFrom {
             resumeFrom = nil
@@ -256,7 +284,7 @@ extension TunnelMux {
                 streams.removeValue(forKey: id)
                 stream.lifecycle.reset()
                 streamRemoved(stream)
-                writeStreamFrame(.rst(streamID: id, code: .cancel, allocator: allocator))
+                sendReset(id)
                 stream.glue?.resetFromTunnel()
                 continue
             }
@@ -275,14 +303,14 @@ extension TunnelMux {
     func sendAgain(_ stream: Stream, from entry: ResumedStream) -> Bool {
         let sentFin = stream.lifecycle.state == .halfClosedLocal
         guard entry.received >= stream.retainedFrom, entry.received <= stream.sent, entry.credited <= entry.received,
-            entry.window >= 0, entry.window <= Int(Int32.max), UInt64(entry.window) >= stream.sent - entry.received,
+            entry.window >= 0, entry.window <= limits.maximumWindow, UInt64(entry.window) >= stream.sent - entry.received,
             !entry.fin || (sentFin && entry.received == stream.sent)
         else { return false }
         stream.trimRetained(upTo: entry.received)
         stream.peerCredited = entry.credited  // later WINDOWs count on from here
         stream.send = SendWindow(initial: entry.window - stream.retainedBytes)
         stream.queuedToSend = false
-        for slice in stream.retained {
+        for slice in stream.retained ?? [] {
             counters.add(out: slice.readableBytes)
             send(Frame(type: .data, streamID: stream.id, payload: slice))
         }

@@ -36,7 +36,8 @@ extension TunnelMux {
         var credited: UInt64 = 0
         /// Resumable tunnels only: DATA sent and not yet credited by the peer as consumed, kept to be sent again
         /// after a resume. The slices themselves, no copies; at most the peer's receive window.
-        var retained = CircularBuffer<ByteBuffer>()
+        /// Made at the first DATA of a resumable tunnel: a stream of any other tunnel allocates nothing for it.
+        var retained: CircularBuffer<ByteBuffer>?
         /// The offset of the first retained byte, and how many bytes are retained.
         var retainedFrom: UInt64 = 0
         var retainedBytes = 0
@@ -46,19 +47,20 @@ extension TunnelMux {
         var sent: UInt64 { retainedFrom + UInt64(retainedBytes) }
 
         func retain(_ slice: ByteBuffer) {
-            retained.append(slice)
+            if retained == nil { retained = CircularBuffer(initialCapacity: 4) }
+            retained!.append(slice)
             retainedBytes += slice.readableBytes
         }
 
         /// Lets go of the retained bytes below `offset`: the peer has them.
         func trimRetained(upTo offset: UInt64) {
-            while offset > retainedFrom, var first = retained.first {
+            while offset > retainedFrom, var first = retained?.first {
                 let drop = Int(min(UInt64(first.readableBytes), offset - retainedFrom))
                 if drop == first.readableBytes {
-                    retained.removeFirst()
+                    retained!.removeFirst()
                 } else {
                     first.moveReaderIndex(forwardBy: drop)
-                    retained[retained.startIndex] = first
+                    retained![retained!.startIndex] = first
                 }
                 retainedFrom += UInt64(drop)
                 retainedBytes -= drop

@@ -111,6 +111,10 @@ public final class TunnelMux: ChannelInboundHandler {
     var awaitingResume: Set<UInt32> = []
     /// Agent side: the suspended mux whose streams the server's RESUME resumes here (``expectResume(from:)``).
     var resumeFrom: TunnelMux?
+    /// Server side: this side's RESUME went out and the agent's answer is due.
+    var resumeAnswerDue = false
+    /// Server side: a suspended tunnel is being taken over; no stream opens until its ids are known.
+    var takingOver = false
     /// Streams reset while suspended: the RST goes out on the connection that resumes.
     var resetWhileSuspended: [UInt32] = []
 
@@ -231,8 +235,10 @@ public final class TunnelMux: ChannelInboundHandler {
 
     func streamRemoved(_ stream: Stream) {
         stream.inbound = []
-        stream.retained.removeAll()
-        stream.retainedBytes = 0
+        if stream.retained != nil {
+            stream.retained = nil
+            stream.retainedBytes = 0
+        }
         if let pending = stream.pending {
             queuedData -= pending.readableBytes
             stream.pending = nil

@@ -192,6 +192,63 @@ func readAll(_ channel: EmbeddedChannel) throws -> [UInt8] {
         try pair.pump()
         #expect(sameBytes(try readAll(pair.targets[kept]!), pattern(1000, from: 0)))
         #expect(pair.server.mux.streamCount == 1 && pair.agent.mux.streamCount == 1)
+        #expect(pair.server.channel.isActive && pair.agent.channel.isActive)  // the RSTs came after the RESUMEs
+    }
+
+    @Test func whenEveryStreamEndedWhileSuspendedTheResumeIsEmptyAndTheConnectionServes() throws {
+        let pair = try ResumePair()
+        let id = try pair.openStream()
+        try pair.cut()
+        pair.callers[id]!.pipeline.fireErrorCaught(ChannelError.ioOnClosedChannel)  // the caller gave up
+        pair.loop.run()
+        try pair.resume()
+        #expect(!pair.targets[id]!.isActive)
+        #expect(pair.server.channel.isActive && pair.agent.channel.isActive)
+        #expect(pair.server.mux.streamCount == 0 && pair.agent.mux.streamCount == 0)
+        let next = try pair.openStream()  // and the new connection carries new streams
+        try pair.callers[next]!.writeInbound(pattern(10, from: 0))
+        try pair.pump()
+        #expect(sameBytes(try readAll(pair.targets[next]!), pattern(10, from: 0)))
+    }
+
+    @Test func aConnectionLostAgainBeforeTheAgentAnsweredSuspendsTheStreamsAgain() throws {
+        let pair = try ResumePair()
+        let id = try pair.openStream()
+        try pair.callers[id]!.writeInbound(pattern(2000, from: 0))
+        try pair.pump(lose: true)
+        try pair.cut()
+        // The server takes over; its RESUME is lost with the new connection.
+        let oldServer = pair.server.mux
+        pair.server = try pair.connection(.server)
+        #expect(try pair.server.mux.takeOver(oldServer).wait() == 1)
+        try pair.pump(lose: true)
+        try pair.server.channel.close().wait()
+        pair.loop.run()
+        #expect(pair.server.mux.isSuspended && pair.callers[id]!.isActive)
+        // The third connection resumes the stream, byte-exact.
+        let oldAgent = pair.agent.mux
+        let second = pair.server.mux
+        pair.server = try pair.connection(.server)
+        pair.agent = try pair.connection(.agent)
+        #expect(pair.agent.mux.expectResume(from: oldAgent))
+        #expect(try pair.server.mux.takeOver(second).wait() == 1)
+        try pair.pump()
+        #expect(sameBytes(try readAll(pair.targets[id]!), pattern(2000, from: 0)))
+        // Past both grace periods nothing is reset: the stream lives on the third connection.
+        pair.loop.advanceTime(by: pair.grace * 2)
+        #expect(pair.callers[id]!.isActive && pair.targets[id]!.isActive)
+    }
+
+    @Test func aPeerGrantingMoreThanTheLargestWindowIsCutOff() throws {
+        let pair = try ResumePair()
+        let id = try pair.openStream()
+        var growth = Frame.window(streamID: id, increment: 16 << 20, allocator: .init())
+        growth.flags = Frame.windowGrowth
+        _ = try? pair.server.channel.writeInbound(growth)
+        pair.loop.run()
+        let frames = try [pair.server.channel.readOutbound(as: Frame.self)].compactMap { $0 }
+        #expect(frames.first?.type == .refused)
+        #expect(try Refused(frame: frames[0]).reason.contains("largest window"))
     }
 
     @Test func whenTheGracePeriodEndsTheSuspendedStreamsFailLoudly() throws {
