@@ -2,6 +2,7 @@
 
 GET /blob/N        N deterministic pseudo-random bytes (streamed)
 GET /infinite      an endless stream of bytes (for stalled-reader tests)
+GET /follow/N      N lines, chunked, one every 50 ms (like `kubectl logs -f`)
 POST /sha256       answers the SHA-256 hex of the request body
 GET /headers       the request line and headers as received (JSON)
 GET /hello         a short greeting
@@ -11,6 +12,7 @@ import json
 import http.server
 import socketserver
 import sys
+import time
 
 
 def blob_chunk(index):
@@ -91,6 +93,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     self.wfile.write(chunk)
             except (BrokenPipeError, ConnectionResetError):
                 return
+        elif self.path.startswith("/follow/"):
+            n = int(self.path.split("/")[2])
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(n):
+                line = f"line {i}\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.flush()
+                time.sleep(0.05)
+            self.wfile.write(b"0\r\n\r\n")
         elif self.path.startswith("/headers"):
             # The request line and headers as received, for proxy tests.
             body = json.dumps({"requestline": self.requestline,

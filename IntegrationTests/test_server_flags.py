@@ -15,6 +15,8 @@ BAD_SERVER_FLAGS = [
     (["--address-service", "svc"], ["--address-service", "namespace/name"]),
     (["--replica-warmup", "2h"], ["--replica-warmup"]),
     (["--ca-dir", "/nonexistent-ca"], ["/nonexistent-ca/ca.crt", "does not exist"]),
+    (["--resume-grace-seconds", "601"], ["--resume-grace-seconds", "601", "between 0 and 600"]),
+    (["--resume-grace-seconds=-1"], ["--resume-grace-seconds", "-1"]),
 ]
 
 

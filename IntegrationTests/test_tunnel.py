@@ -238,7 +238,7 @@ def test_an_agent_of_another_protocol_version_is_refused_with_the_reason(cluster
     """Version 1 agents (JSON OPEN) cannot talk to this server: told so at HELLO, not broken at the first stream."""
     frame_type, payload = hello_with_edge1_certificate(cluster, {"version": 1, "nodeName": "edge-1"})
     assert frame_type == 15  # REFUSED
-    assert json.loads(payload)["reason"] == "protocol version 1 is not supported (server speaks 2)"
+    assert json.loads(payload)["reason"] == "protocol version 1 is not supported (server speaks 2 to 3)"
     assert [a["nodeName"] for a in cluster.agents()] == ["edge-1"]
 
 
@@ -526,9 +526,11 @@ def plain_connect(port, target, receive_buffer=None):
 
 
 def test_a_stream_cut_short_ends_with_an_error_never_a_clean_end(cluster, tmp_path):
-    """A read-until-close transfer cut short must not look complete. The agent killed: callers on the TLS port
-    and the plain port see a reset (TLS: no close_notify), not EOF. The server killed: the agent resets the
-    target's connection. Meanwhile a transfer that ends in order still ends with a clean EOF."""
+    """A read-until-close transfer cut short must not look complete. The agent killed: its streams wait for it to
+    resume them (a pause, no end), and when it comes back restarted, without their token, callers on the TLS port
+    and the plain port see a reset (TLS: no close_notify), not EOF. The server killed and restarted: the agent's
+    streams cannot resume, and it resets the target's connection. Meanwhile a transfer that ends in order still
+    ends with a clean EOF."""
     listener, port = local_listener()
     agent = cluster.start_agent("edge-c", "--allow", f"127.0.0.1:{port}", ips=("127.0.0.5",))
 
@@ -562,13 +564,15 @@ def test_a_stream_cut_short_ends_with_an_error_never_a_clean_end(cluster, tmp_pa
             got += len(caller.recv(65536))
     agent.send_signal(signal.SIGKILL)
     agent.popen.wait(10)
+    assert {"tls": ended_how(tls_caller, 2), "plain": ended_how(plain_caller, 2)} == {"tls": None, "plain": None}
+    restarted = cluster.start_agent("edge-c", "--allow", f"127.0.0.1:{port}", ips=("127.0.0.5",), join=False,
+                                    pki=tmp_path / "agent-edge-c")
     assert {"tls": ended_how(tls_caller), "plain": ended_how(plain_caller)} == {"tls": "error", "plain": "error"}
     for sock in (tls_caller, plain_caller, tls_target, plain_target):
         sock.close()
 
-    # The server dies mid-upload: the agent resets the target's connection.
-    cluster.start_agent("edge-c", "--allow", f"127.0.0.1:{port}", ips=("127.0.0.5",), join=False,
-                        pki=tmp_path / "agent-edge-c")
+    # The server dies mid-upload: the agent's stream waits, then the restarted server cannot resume it, and the
+    # agent resets the target's connection.
     _, caller = cluster.connect_stream(f"edge-c:{port}")
     target, _ = listener.accept()
     caller.sendall(b"z" * 65536)
@@ -577,7 +581,10 @@ def test_a_stream_cut_short_ends_with_an_error_never_a_clean_end(cluster, tmp_pa
     while got < 65536:
         got += len(target.recv(65536))
     cluster.server.send_signal(signal.SIGKILL)
-    assert ended_how(target) == "error"
+    cluster.server.popen.wait(10)
+    cluster.start_server()
+    assert ended_how(target, 20) == "error"
+    restarted.expect_log("could not resume the lost tunnel's streams")
     caller.close()
     target.close()
 
@@ -615,11 +622,14 @@ def test_a_complete_answer_reaches_a_slow_reader_whole(cluster):
             assert read_all(target) == b"request"
         else:
             assert recv_exact(target, 7) == b"request"
+        before = cluster.agents()[0]["bytesFromAgent"]
         sender = threading.Thread(target=answer_and_close, args=(target,))
         sender.start()
         sender.join(20)
         assert not sender.is_alive(), "the answer did not fit in the stream's window and the buffers"
-        time.sleep(1.5)  # the answer waits in front of the caller, and the FIN arrived behind it
+        # The answer waits in front of the caller, and the FIN arrived behind it (in the same write as its end).
+        wait_until(lambda: cluster.agents()[0]["bytesFromAgent"] >= before + len(answer), 10, "the whole answer")
+        time.sleep(0.5)
         if kill_agent:
             agent.send_signal(signal.SIGKILL)
             agent.popen.wait(10)

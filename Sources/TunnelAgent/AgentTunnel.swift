@@ -46,6 +46,8 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
     }
     var pendingRenewalKey: Certificate.PrivateKey?
     private var keepalive: RepeatedTask?
+    /// The token of this tunnel's streams (HELLO_OK, version 3): named in a later HELLO to resume them. On the loop.
+    private var resumeToken: String?
 
     init(agent: EdgeTunnelAgent, address: ServerAddress, eventLoop: EventLoop) {
         self.agent = agent
@@ -103,10 +105,11 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
             case .dead:
                 self.agent.logger.warning("no answer from server \(self.address) for \(deadAfter.nanoseconds / 1_000_000_000)s: tunnel is dead")
                 self.keepalive?.cancel()
-                // Move on at once: closing a dead TLS connection waits for a close_notify that never comes.
+                // Move on at once: closing a dead TLS connection waits for a close_notify that never comes. Closed
+                // from under TLS, so that its streams suspend before the next dial names their token.
                 self.declaredDead = true
+                if let channel = self.channel { StreamGlue.closeFromHead(channel) }
                 self.markUnusable()
-                self.channel?.close(promise: nil)
             case .ping:
                 self.mux.ping()
             case .nothing:
@@ -126,6 +129,7 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
             serverID = ok.map { PeerText.bounded($0.serverID, limit: 253) } ?? "?"
             registered = true
             mux.peerRegistered()
+            if let ok { resume(ok) }
             registration.succeed(())
             agent.replicas.learned(count: ok?.serverCount ?? 1)
         case .serverCount:
@@ -156,7 +160,34 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
         }
     }
 
+    /// HELLO_OK: a resumable tunnel, and maybe the one that resumes this agent's suspended tunnel to the replica.
+    /// On the loop, before the next frame (the server's RESUME) is read.
+    private func resume(_ ok: HelloOK) {
+        if let token = ok.resumeToken, let grace = ok.resumeGraceSeconds, grace > 0 {
+            resumeToken = token
+            mux.enableResume(grace: .milliseconds(Int64(min(grace, 600) * 1000)))
+        }
+        guard let serverID, let old = agent.takeSuspended(serverID: serverID) else { return }
+        if ok.resumed == true, mux.expectResume(from: old) {
+            agent.logger.info("server \(address) resumes the streams of the lost tunnel")
+        } else {
+            agent.logger.warning("server \(address) could not resume the lost tunnel's streams: they end")
+            old.abandonSuspended()
+        }
+    }
+
+    /// The connection was lost with streams open: they wait for the next connection to this replica.
+    func muxDidSuspend(_ mux: TunnelMux) {
+        keepalive?.cancel()
+        if let serverID, let resumeToken {
+            agent.logger.warning("tunnel to \(address) lost: its \(mux.streamCount) streams wait to resume")
+            agent.tunnelSuspended(self, serverID: serverID, token: resumeToken)
+        }
+        unusable.succeed(())
+    }
+
     func muxDidClose(_ mux: TunnelMux) {
+        agent.suspendedEnded(mux)
         keepalive?.cancel()
         registration.fail(JoinError(description: "server \(address) closed the connection"))
         unusable.succeed(())

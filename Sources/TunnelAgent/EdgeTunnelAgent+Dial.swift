@@ -29,7 +29,7 @@ extension EdgeTunnelAgent {
         let channel: Channel
         let tunnel: AgentTunnel
         if primary {
-            let loop = group.next()
+            let loop = tunnelLoop
             let fresh = AgentTunnel(agent: self, address: address, eventLoop: loop)
             do {
                 channel = try await tunnelBootstrap(on: loop)
@@ -58,7 +58,7 @@ extension EdgeTunnelAgent {
         tunnel.channel = channel
         tunnel.mux.sendControl(
             Hello(nodeName: configuration.nodeName, nodeIPs: configuration.nodeIPs.map(\.description),
-                  haveServers: haveServers.isEmpty ? nil : haveServers))
+                  haveServers: haveServers.isEmpty ? nil : haveServers, resumeTokens: resumeTokens))
         let timeout = loop.scheduleTask(in: configuration.connectTimeout * 2) {
             tunnel.registration.fail(JoinError(description: "server \(address) did not answer HELLO in time"))
             channel.close(promise: nil)
@@ -119,7 +119,7 @@ extension EdgeTunnelAgent {
 
     /// One connection asking which replica it reached: the raw channel if not one of `haveServers`.
     private func probeReplica(_ address: ServerAddress, haveServers: [String]) async throws -> ReplicaProbeResult {
-        let loop = group.next()
+        let loop = tunnelLoop
         let answered = loop.makePromise(of: ReplicaProbe.Answer.self)
         let channel: Channel
         do {

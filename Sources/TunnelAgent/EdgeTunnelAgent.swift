@@ -20,6 +20,9 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     /// The limits of every tunnel of this agent: one buffer budget shared by all of them (``AgentConfiguration/bufferBudget``).
     let tunnelLimits: TunnelLimits
     let group: EventLoopGroup
+    /// The loop of every tunnel connection of this agent: a suspended tunnel's streams can move only to a new
+    /// connection on their own loop (``TunnelMux/expectResume(from:)``).
+    let tunnelLoop: EventLoop
     private let ownsGroup: Bool
     let lock = NIOLock()
     /// Lookups of name targets, checked against the allow list before any connect.
@@ -37,6 +40,9 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     private var addresses: [String]
     /// Tunnels replaced by a newer one, finishing their streams.
     private var lingering: [AgentTunnel] = []
+    /// Tunnels whose connection was lost with streams open, by the replica that holds them: their streams wait
+    /// to be resumed by the next connection to that replica (its HELLO names the token).
+    private var suspended: [String: (token: String, mux: TunnelMux)] = [:]
     /// The tunnels to the other server replicas; set at the end of `init` (a `lazy var` first touched from two
     /// threads at once would be built twice, and one freed while in use).
     private(set) var replicas: ReplicaTunnels!
@@ -58,6 +64,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
             self.group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
             self.ownsGroup = true
         }
+        self.tunnelLoop = self.group.next()
         _ = try DNSName.validateNodeName(configuration.nodeName)
         guard !configuration.serverAddresses.isEmpty else {
             throw ConfigurationError("no --server-address given")
@@ -209,7 +216,9 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
             if isStopping { break }
             guard var active = tunnel else {
                 attempt += 1
-                await sleep(backoff(attempt: attempt))
+                // Streams waiting to resume have a grace period: dial again at least every second meanwhile.
+                let delay = backoff(attempt: attempt)
+                await sleep(hasSuspendedTunnels ? min(delay, .seconds(1)) : delay)
                 continue
             }
             attempt = 0
@@ -281,6 +290,35 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         }
     }
 
+    /// `tunnel`'s connection was lost with streams open: they wait for a new connection to `serverID`.
+    func tunnelSuspended(_ tunnel: AgentTunnel, serverID: String, token: String) {
+        let replaced = lock.withLock { () -> TunnelMux? in
+            let previous = suspended[serverID]?.mux
+            suspended[serverID] = (token, tunnel.mux)
+            return previous === tunnel.mux ? nil : previous
+        }
+        replaced?.abandonSuspended()
+    }
+
+    /// The tunnel's suspended streams ended (resumed, or their grace period is over).
+    func suspendedEnded(_ mux: TunnelMux) {
+        lock.withLock {
+            for (id, entry) in suspended where entry.mux === mux { suspended[id] = nil }
+        }
+    }
+
+    /// The tokens to name in a HELLO: every suspended tunnel's.
+    var resumeTokens: [String]? {
+        lock.withLock { suspended.isEmpty ? nil : Array(suspended.values.map(\.token).prefix(maxResumeTokens)) }
+    }
+
+    /// Takes the suspended tunnel of `serverID` out, to resume or abandon it.
+    func takeSuspended(serverID: String) -> TunnelMux? {
+        lock.withLock { suspended.removeValue(forKey: serverID)?.mux }
+    }
+
+    var hasSuspendedTunnels: Bool { lock.withLock { !suspended.isEmpty } }
+
     /// A replaced tunnel: no new streams come on it (the server drains it); close it once its streams end,
     /// however long they run (its keepalive still closes it if the path dies).
     func retireTunnel(_ tunnel: AgentTunnel) {
@@ -332,10 +370,21 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
             stopping = true
             return (current, metaChannel, lingering)
         }
-        for replaced in old { replaced.channel?.close(promise: nil) }
+        for replaced in old {
+            replaced.mux.closeWithoutResume()
+            replaced.channel?.close(promise: nil)
+        }
         wake()
         let all = (tunnel.map { [$0] } ?? []) + replicas.takeAll()
-        for tunnel in all { tunnel.mux.drain(reason: "agent shutting down") }
+        for tunnel in all {
+            tunnel.mux.closeWithoutResume()  // what outlives the drain ends with the agent
+            tunnel.mux.drain(reason: "agent shutting down")
+        }
+        let waiting = lock.withLock { () -> [TunnelMux] in
+            defer { suspended = [:] }
+            return suspended.values.map(\.mux)
+        }
+        for mux in waiting { mux.abandonSuspended() }
         for tunnel in all {
             await tunnel.mux.whenIdle().orTimeout(configuration.drainTimeout)
             try? await tunnel.channel?.close()

@@ -10,6 +10,8 @@ public final class AgentRegistry: @unchecked Sendable {
     private let lock = NIOLock()
     private var byNode: [String: AgentSession] = [:]
     private var ipOwner: [String: String] = [:]
+    /// Sessions whose connection was lost while they had streams, waiting for their agent (``suspend(_:)``).
+    private var suspendedByNode: [String: AgentSession] = [:]
     /// Every agent connection with a node certificate, registered or not (waiting for HELLO, draining,
     /// replaced): a revocation must reach them all.
     private var live: [ObjectIdentifier: AgentSession] = [:]
@@ -52,6 +54,37 @@ public final class AgentRegistry: @unchecked Sendable {
             guard byNode[session.nodeName] === session else { return }
             byNode[session.nodeName] = nil
             for ip in session.nodeIPs where ipOwner[ip] == session.nodeName { ipOwner[ip] = nil }
+        }
+    }
+
+    /// `session`'s connection was lost and its streams wait to be resumed: it is kept by node until the agent
+    /// comes back with its token, or the grace period ends (``forgetSuspended(_:)``). At most one per node.
+    func suspend(_ session: AgentSession) -> AgentSession? {
+        lock.withLock {
+            let previous = suspendedByNode[session.nodeName]
+            suspendedByNode[session.nodeName] = session
+            return previous === session ? nil : previous
+        }
+    }
+
+    func forgetSuspended(_ session: AgentSession) {
+        lock.withLock {
+            if suspendedByNode[session.nodeName] === session { suspendedByNode[session.nodeName] = nil }
+        }
+    }
+
+    /// The session of `node` an agent may resume with one of `tokens`: its suspended one, or its registered one if
+    /// the agent found its connection dead first. Nil if none matches; a suspended session that does not match
+    /// is returned as `stale` (the agent came back without it: a restart).
+    func resumable(node: String, tokens: [String]) -> (match: AgentSession?, stale: AgentSession?) {
+        lock.withLock {
+            let suspended = suspendedByNode[node]
+            if let suspended, suspended.holdsResumeToken(in: tokens) {
+                suspendedByNode[node] = nil
+                return (suspended, nil)
+            }
+            if let registered = byNode[node], registered.holdsResumeToken(in: tokens) { return (registered, suspended) }
+            return (nil, suspended)
         }
     }
 

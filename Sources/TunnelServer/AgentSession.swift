@@ -32,8 +32,14 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         case registered
         case draining
         case refused
+        /// The connection was lost; the streams wait for the agent to resume them (``resumeToken``).
+        case suspended
         case closed
     }
+
+    /// The token of this tunnel's streams, given to the agent in HELLO_OK: the agent names it in the HELLO of a
+    /// later connection to resume them. Written once, before the session is registered. Nil: not resumable.
+    private(set) var resumeToken: String?
 
     private var state = State.awaitingHello
     private var keepalive: RepeatedTask?
@@ -77,7 +83,9 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             let action = rule.check(now: .now(), lastFrame: self.mux.lastFrameReceived)
             if action == .dead {
                 self.logger.warning("agent silent for \(deadAfter.seconds)s, closing its tunnel")
-                self.channel.close(promise: nil)
+                // From under TLS: a dead peer never answers a close_notify, and its streams suspend only once
+                // the connection is closed.
+                StreamGlue.closeFromHead(self.channel)
             } else if case .awaitingHello = self.state {
                 self.logger.warning("agent did not register within \(interval.seconds)s, closing")
                 self.channel.close(promise: nil)
@@ -113,6 +121,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             let reason = (try? Refused(frame: frame).reason).map { PeerText.bounded($0) } ?? "unknown"
             logger.warning("agent closed the tunnel: \(reason)")
             state = .refused
+            mux.closeWithoutResume()
             channel.close(promise: nil)
         default:
             break
@@ -123,12 +132,75 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         keepalive?.cancel()
         server.registry.untrack(self)
         server.registry.unregister(self)
+        server.registry.forgetSuspended(self)
         let counters = mux.counters.snapshot
         server.registry.retire(bytesIn: counters.bytesIn, bytesOut: counters.bytesOut)
-        if case .registered = state {
+        switch state {
+        case .registered:
             logger.info("agent disconnected")
+        case .suspended:
+            logger.info("the agent's suspended streams ended (resumed on its new connection, or not resumed in time)")
+        default:
+            break
         }
         state = .closed
+    }
+
+    /// The connection was lost with streams open: they wait, for the grace period, for the agent to come back
+    /// with this session's token. The node is not routable meanwhile (new requests get 502).
+    public func muxDidSuspend(_ mux: TunnelMux) {
+        keepalive?.cancel()
+        server.registry.unregister(self)
+        let wasRegistered: Bool
+        if case .registered = state { wasRegistered = true } else { wasRegistered = false }
+        state = .suspended
+        if let replaced = server.registry.suspend(self) { replaced.abandonSuspended() }
+        if wasRegistered {
+            logger.info("agent connection lost: its \(mux.streamCount) streams wait \(server.configuration.resumeGrace.seconds)s for it to resume them")
+        }
+    }
+
+    /// Ends this session's suspended streams now.
+    func abandonSuspended() {
+        server.registry.forgetSuspended(self)
+        mux.abandonSuspended()
+    }
+
+    /// Whether the agent's HELLO names this session's token (compared in constant time).
+    func holdsResumeToken(in tokens: [String]) -> Bool {
+        guard let resumeToken else { return false }
+        let mine = Array(resumeToken.utf8)
+        var found = false
+        for token in tokens {
+            let theirs = Array(token.utf8)
+            guard theirs.count == mine.count else { continue }
+            var difference: UInt8 = 0
+            for index in mine.indices { difference |= mine[index] ^ theirs[index] }
+            found = found || difference == 0
+        }
+        return found
+    }
+
+    /// The agent came back with this session's token before this side found the old connection dead: close it
+    /// from under TLS, so that its streams suspend, ready to be taken over.
+    func loseConnectionForResume() -> EventLoopFuture<Void> {
+        channel.eventLoop.submit {
+            if case .suspended = self.state { return }
+            StreamGlue.closeFromHead(self.channel)
+        }.flatMap { self.channel.closeFuture }
+    }
+
+    static func newResumeToken() -> String {
+        // 128 random bits as 32 hex digits.
+        var generator = SystemRandomNumberGenerator()
+        let digits = Array("0123456789abcdef".utf8)
+        var text: [UInt8] = []
+        for _ in 0..<16 {
+            let byte = UInt8.random(in: 0...255, using: &generator)
+            text.append(digits[Int(byte >> 4)])
+            text.append(digits[Int(byte & 15)])
+        }
+        return String(decoding: text, as: UTF8.self)
     }
 
     /// No new streams on this connection (a newer one of the same node took over, e.g. after a path
@@ -148,6 +220,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
     /// Sends `refused` and closes 200 ms later; from now on nothing the peer sends is acted on.
     private func tellAndClose(_ refused: Refused) {
         state = .refused
+        mux.closeWithoutResume()
         mux.sendControl(refused)
         channel.eventLoop.scheduleTask(in: .milliseconds(200)) { self.channel.close(promise: nil) }
     }
@@ -161,8 +234,8 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             refuse("malformed HELLO")
             return
         }
-        guard hello.version == tunnelProtocolVersion else {
-            refuse("protocol version \(hello.version) is not supported (server speaks \(tunnelProtocolVersion))")
+        guard (oldestAgentProtocolVersion...tunnelProtocolVersion).contains(hello.version) else {
+            refuse("protocol version \(hello.version) is not supported (server speaks \(oldestAgentProtocolVersion) to \(tunnelProtocolVersion))")
             return
         }
         // A revocation between this connection's handshake and its HELLO counts.
@@ -218,11 +291,25 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             ips.append(address.description)
         }
         nodeIPs = ips
+        // Version 3: this tunnel is resumable, and it may resume the streams of the node's lost one.
+        var resumeFrom: AgentSession?
+        let grace = server.configuration.resumeGrace
+        if hello.version >= 3, grace > .zero {
+            let found = server.registry.resumable(
+                node: nodeName, tokens: Array((hello.resumeTokens ?? []).prefix(maxResumeTokens)))
+            resumeFrom = found.match
+            // A suspended tunnel the agent did not name: it restarted, and those streams are gone on its side.
+            found.stale?.abandonSuspended()
+            resumeToken = Self.newResumeToken()
+            mux.enableResume(grace: grace)
+            if resumeFrom != nil { mux.beginTakeOver() }
+        }
         do {
-            if let previous = try server.registry.register(self) {
+            if let previous = try server.registry.register(self), previous !== resumeFrom {
                 previous.retire(reason: "replaced by a new connection from the same node")
             }
         } catch {
+            // A suspended tunnel taken out of the registry for this connection now ends with its grace period.
             refuse("\(error)")
             return
         }
@@ -234,11 +321,35 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         mux.sendControl(
             HelloOK(serverID: server.configuration.serverID,
                     pingIntervalSeconds: Double(server.configuration.keepaliveInterval.nanoseconds) / 1e9,
-                    serverCount: server.serverCount))
+                    serverCount: server.serverCount,
+                    resumeToken: resumeToken,
+                    resumeGraceSeconds: resumeToken == nil ? nil : Double(grace.nanoseconds) / 1e9,
+                    resumed: resumeFrom == nil ? nil : true))
+        guard let resumeFrom else { return }
+        let logger = self.logger
+        resumeFrom.loseConnectionForResume()
+            .flatMap { self.mux.takeOver(resumeFrom.mux) }
+            .whenComplete { result in
+                switch result {
+                case .success(let count?):
+                    logger.info("resumed the agent's \(count) streams on its new connection")
+                case .success(nil), .failure:
+                    logger.warning("the agent's lost streams could not be resumed: they had ended")
+                }
+            }
     }
 
     /// The node lost its right to a tunnel (revoked, or reset by an operator): told why, then closed.
     func cutOff(reason: String) {
+        guard channel.eventLoop.inEventLoop else {
+            channel.eventLoop.execute { self.cutOff(reason: reason) }
+            return
+        }
+        if case .suspended = state {
+            logger.warning("\(reason): ending its suspended streams")
+            abandonSuspended()
+            return
+        }
         logger.warning("\(reason): closing its tunnel")
         tellAndClose(Refused(reason: reason))
     }
@@ -250,7 +361,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         case .awaitingHello:
             refuse("RENEW before HELLO: register first")
             return
-        case .refused, .closed:
+        case .refused, .suspended, .closed:
             return
         }
         let now = NIODeadline.now()

@@ -42,6 +42,7 @@ public struct ServerConfigFile: Codable, Sendable {
     public var maxPendingOpensPerAgent: Int?
     public var maxStreamsPerCaller: Int?
     public var maxBufferedMiB: Int?
+    public var resumeGraceSeconds: Int?
 
     public static let keys: Set<String> = [
         "pkiDir", "caDir", "stateDir", "bindAddress", "tunnelPort", "securePort", "metaPort", "certIPs", "certDNSNames", "clientCAFile",
@@ -49,6 +50,7 @@ public struct ServerConfigFile: Codable, Sendable {
         "insecureBindAddress", "udsPath", "kubeletClientCert", "kubeletClientKey", "kubeletCAFile",
         "eventLoopThreads", "handshakeTimeout", "maxPendingConnections", "maxPendingConnectionsPerSource",
         "allowInsecureBind", "maxStreamsPerAgent", "maxPendingOpensPerAgent", "maxStreamsPerCaller", "maxBufferedMiB",
+        "resumeGraceSeconds",
     ]
 
     public init() {}

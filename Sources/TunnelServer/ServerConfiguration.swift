@@ -69,6 +69,9 @@ public struct ServerConfiguration: Sendable {
     public var keepaliveInterval: TimeAmount = .seconds(5)
     /// An agent silent for this long is considered dead.
     public var keepaliveTimeout: TimeAmount = .seconds(20)
+    /// How long the streams of an agent whose connection was lost wait for it to come back and resume them
+    /// (protocol version 3); zero: streams end with their connection.
+    public var resumeGrace: TimeAmount = .seconds(30)
     /// A TLS handshake or join that takes longer is abandoned.
     public var handshakeTimeout: TimeAmount = .seconds(10)
     /// Connections of one listener still in their TLS handshake (or, on plain ports, before their request

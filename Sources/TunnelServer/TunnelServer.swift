@@ -284,7 +284,12 @@ public final class TunnelServer: @unchecked Sendable {
         for channel in listeners { try? await channel.close() }
         if let path = configuration.udsPath { removeOwnUnixSocket(path: path) }
         let sessions = core.registry.sessions
-        for session in sessions { session.mux.drain(reason: "server shutting down") }
+        for session in sessions {
+            session.mux.closeWithoutResume()  // what outlives the drain ends with the server
+            session.mux.drain(reason: "server shutting down")
+        }
+        // Streams waiting for their agent to come back cannot be resumed by another process: they end now.
+        for session in core.registry.liveSessions { session.abandonSuspended() }
         let loop = group.next()
         await EventLoopFuture.andAllComplete(sessions.map { $0.mux.whenIdle() }, on: loop)
             .orTimeout(configuration.drainTimeout)

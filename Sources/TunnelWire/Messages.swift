@@ -1,8 +1,13 @@
 import Foundation
 import NIOCore
 
-/// The protocol version this build speaks. 2: OPEN and OPEN_OK became binary.
-public let tunnelProtocolVersion = 2
+/// The protocol version this build speaks. 2: OPEN and OPEN_OK became binary. 3: tunnels may be resumed
+/// (``HelloOK/resumeToken``, ``Hello/resumeTokens``, RESUME); a version-2 agent is still served, without that.
+public let tunnelProtocolVersion = 3
+/// The oldest agent version a server still registers.
+public let oldestAgentProtocolVersion = 2
+/// The most resume tokens a HELLO may carry: one per replica whose tunnel the agent holds suspended.
+public let maxResumeTokens = 16
 
 /// Control messages travel as JSON payloads: they are rare, easy to extend, and easy to read in a capture.
 /// OPEN and OPEN_OK (one per stream), DATA, WINDOW, FIN, RST, PING and PONG have binary payloads (see
@@ -44,15 +49,19 @@ public struct Hello: ControlMessage, Equatable {
     /// The server replicas this agent already holds a tunnel to: a replica named here refuses at once
     /// (``Refused/duplicate``) instead of registering a second tunnel of the node. Nil when there are none.
     public var haveServers: [String]?
+    /// The tokens of this agent's suspended tunnels (``HelloOK/resumeToken``): the replica that holds one of
+    /// them resumes that tunnel's streams on this connection (version 3).
+    public var resumeTokens: [String]?
     public init(
         version: Int = tunnelProtocolVersion, nodeName: String, nodeIPs: [String], capabilities: [String] = [],
-        haveServers: [String]? = nil
+        haveServers: [String]? = nil, resumeTokens: [String]? = nil
     ) {
         self.version = version
         self.nodeName = nodeName
         self.nodeIPs = nodeIPs
         self.capabilities = capabilities
         self.haveServers = haveServers
+        self.resumeTokens = resumeTokens
     }
 }
 
@@ -64,11 +73,23 @@ public struct HelloOK: ControlMessage, Equatable {
     public var pingIntervalSeconds: Double
     /// How many server replicas there are: the agent keeps one tunnel to each. Nil (older servers): one.
     public var serverCount: Int?
-    public init(serverID: String, maxFramePayload: Int = Frame.maxPayload, pingIntervalSeconds: Double, serverCount: Int? = nil) {
+    /// Version 3: the tunnel is resumable. The agent names this token in a later HELLO to resume its streams on
+    /// a new connection within `resumeGraceSeconds` of losing this one. Nil: not resumable.
+    public var resumeToken: String?
+    public var resumeGraceSeconds: Double?
+    /// This connection resumes the agent's suspended tunnel: the server's RESUME follows.
+    public var resumed: Bool?
+    public init(
+        serverID: String, maxFramePayload: Int = Frame.maxPayload, pingIntervalSeconds: Double, serverCount: Int? = nil,
+        resumeToken: String? = nil, resumeGraceSeconds: Double? = nil, resumed: Bool? = nil
+    ) {
         self.serverID = serverID
         self.maxFramePayload = maxFramePayload
         self.pingIntervalSeconds = pingIntervalSeconds
         self.serverCount = serverCount
+        self.resumeToken = resumeToken
+        self.resumeGraceSeconds = resumeGraceSeconds
+        self.resumed = resumed
     }
 }
 

@@ -109,6 +109,10 @@ struct ServerCommand: AsyncParsableCommand {
     var maxStreamsPerCaller: Int?
     @Option(name: .customLong("max-buffered-mib"), help: "Receive windows over all tunnels, in MiB (default 512).")
     var maxBufferedMiB: Int?
+    @Option(
+        name: .customLong("resume-grace-seconds"),
+        help: "How long an agent's streams wait for it to reconnect and resume them after its connection is lost (default 30; 0: they end at once).")
+    var resumeGraceSeconds: Int?
     @Flag(name: .customLong("allow-insecure-bind"), help: "Let --insecure-bind-address be a non-loopback address: the insecure port has no authentication.")
     var allowInsecureBind = false
 
@@ -260,6 +264,12 @@ struct ServerCommand: AsyncParsableCommand {
             guard let value else { return nil }
             guard value >= 1 else { throw ConfigurationError("invalid --\(flag) \(value): must be at least 1") }
             return value
+        }
+        if let value = resumeGraceSeconds ?? file.resumeGraceSeconds {
+            guard (0...600).contains(value) else {
+                throw ConfigurationError("invalid --resume-grace-seconds \(value): must be between 0 and 600")
+            }
+            configuration.resumeGrace = .seconds(Int64(value))
         }
         if let value = try positive(maxStreamsPerAgent ?? file.maxStreamsPerAgent, "max-streams-per-agent") {
             configuration.maxStreamsPerAgent = value

@@ -1,0 +1,254 @@
+"""Resumable tunnels (issue 16 B) on the Express Connect topology: open streams survive the private line's loss and
+an outage of the only path, byte-exact, and fail loudly when the server restarted meanwhile."""
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import BIN, run
+from edge_service import blob_sha256
+from harness import Cluster, frame, read_frame, rss_kib, wait_until
+from netns import Topology
+from test_express_connect import Setup
+
+PRIVATE, PUBLIC = Topology.PRIVATE, Topology.PUBLIC
+SIZE = 200 * 1024 * 1024
+RATE = "8M"  # 200 MiB take about 26 s: both transfers are running when the path goes
+LINES = 500  # one every 50 ms: 25 s
+
+
+@pytest.fixture
+def topo():
+    with Topology() as t:
+        yield t
+
+
+class Transfers:
+    """From the cloud through the tunnel: a chunked `follow` stream, a 200 MiB download and a 200 MiB upload."""
+
+    def __init__(self, s, tmp):
+        self.s, self.tmp = s, tmp
+        self.upload_file = tmp / "upload.bin"
+        with open(self.upload_file, "wb") as out:
+            for _ in range(SIZE // (1 << 20)):
+                out.write(os.urandom(1 << 20))
+        self.upload_sha = hashlib.sha256(self.upload_file.read_bytes()).hexdigest()
+        self.download_file = tmp / "download.bin"
+        self.lines = []  # (arrival time, line)
+
+    def curl(self, path, *extra):
+        return subprocess.Popen(["ip", "netns", "exec", self.s.topo.cloud,
+                                 *map(str, self.s.curl_args(path, *extra, max_time=150))],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def start(self):
+        self.follow = self.curl(f"/follow/{LINES}", "-N")
+        self.reader = threading.Thread(target=self._read_lines)
+        self.reader.start()
+        self.download = self.curl(f"/blob/{SIZE}", "--limit-rate", RATE, "-o", self.download_file)
+        self.upload = self.curl("/sha256", "--limit-rate", RATE, "--data-binary", f"@{self.upload_file}",
+                                "-H", "Content-Type: application/octet-stream")
+        wait_until(lambda: len(self.lines) >= 20, 20, "the follow stream to run")
+
+    def _read_lines(self):
+        for raw in self.follow.stdout:
+            self.lines.append((time.monotonic(), raw.decode().rstrip("\n")))
+
+    def running(self):
+        return [p.poll() is None for p in (self.follow, self.download, self.upload)]
+
+    def finish(self):
+        self.follow.wait(180)  # its output is the reader thread's
+        self.reader.join(10)
+        results = {"follow": (self.follow.returncode, b"", self.follow.stderr.read().decode().strip())}
+        for name, proc in (("download", self.download), ("upload", self.upload)):
+            out, err = proc.communicate(timeout=180)
+            results[name] = (proc.returncode, out, err.decode().strip())
+        return results
+
+    def longest_pause(self):
+        times = [t for t, _ in self.lines]
+        return max(b - a for a, b in zip(times, times[1:]))
+
+    def assert_complete(self, results):
+        for name, (code, _, err) in results.items():
+            assert code == 0, f"{name}: curl exited {code}: {err}"
+        assert [line for _, line in self.lines] == [f"line {i}" for i in range(LINES)]
+        assert hashlib.sha256(self.download_file.read_bytes()).hexdigest() == blob_sha256(SIZE)
+        assert results["upload"][1].decode().strip() == self.upload_sha
+
+
+def drop_private_line(topo, on):
+    action = "-I" if on else "-D"
+    dev = topo.private_link
+    topo.run(topo.edge, "iptables", action, "INPUT", "-i", dev, "-j", "DROP")
+    topo.run(topo.edge, "iptables", action, "OUTPUT", "-o", dev, "-j", "DROP")
+
+
+def internet_outage(topo, on):
+    topo.run(topo.inet, "iptables", "-I" if on else "-D", "FORWARD", "-j", "DROP")
+
+
+@pytest.mark.parametrize("cut", ["drop", "link-down"])
+def test_streams_survive_the_private_lines_loss(topo, tmp_path, cut):
+    """The private line goes (iptables DROP, or its link down) while a follow stream, a download and an upload
+    run over it; the agent fails over to the internet path and all three end byte-exact."""
+    s = Setup(topo, tmp_path)
+    try:
+        s.start_server([PUBLIC, PRIVATE])
+        s.start_agent([f"{PRIVATE}:10262", f"{PUBLIC}:10262"])
+        wait_until(lambda: s.path_in_use() == f"{PRIVATE}:10262", 30, "the agent on the private line")
+        t = Transfers(s, tmp_path)
+        t.start()
+        if cut == "drop":
+            drop_private_line(topo, True)
+        else:
+            topo.cut_private_line()
+        wait_until(lambda: s.path_in_use() == f"{PUBLIC}:10262", 40, "the agent on the internet path")
+        assert all(t.running()), "every transfer pauses across the switch, none ends"
+        results = t.finish()
+        t.assert_complete(results)
+        s.server.expect_log("resumed the agent's 3 streams on its new connection")
+        print(f"resume after the private line's loss ({cut}): longest pause of the follow stream "
+              f"{t.longest_pause():.1f} s")
+    finally:
+        s.close()
+
+
+def transfers_into_an_outage(s, tmp_path):
+    """The internet path only: the three transfers start, then the path goes, until the agent's streams wait."""
+    s.start_server([PUBLIC])
+    s.start_agent([f"{PUBLIC}:10262"])
+    wait_until(lambda: s.path_in_use() == f"{PUBLIC}:10262", 30, "the agent on the internet path")
+    t = Transfers(s, tmp_path)
+    t.start()
+    internet_outage(s.topo, True)
+    # The agent finds the tunnel dead after 9 s.
+    s.agent.expect_log("streams wait to resume", timeout=15)
+    return t
+
+
+def test_streams_survive_a_12_second_outage_of_the_only_path_with_bounded_memory(topo, tmp_path):
+    s = Setup(topo, tmp_path)
+    try:
+        t = transfers_into_an_outage(s, tmp_path)
+        try:
+            # Memory must not grow while the streams wait.
+            time.sleep(1)
+            rss = {"server": rss_kib(s.server.popen.pid), "agent": rss_kib(s.agent.popen.pid)}
+            time.sleep(12 - 10)
+        finally:
+            internet_outage(topo, False)
+        for name, kib in rss.items():
+            assert kib < 100 * 1024, f"{name} RSS {kib} KiB while its streams wait to resume"
+        results = t.finish()
+        t.assert_complete(results)
+        s.server.expect_log("resumed the agent's 3 streams on its new connection")
+        print(f"resume after a 12 s outage: longest pause {t.longest_pause():.1f} s; RSS while waiting {rss} KiB")
+    finally:
+        s.close()
+
+
+def test_a_server_restart_during_the_outage_makes_the_streams_fail_loudly(topo, tmp_path):
+    s = Setup(topo, tmp_path)
+    try:
+        t = transfers_into_an_outage(s, tmp_path)
+        try:
+            s.server.stop()
+            s.start_server([PUBLIC])
+        finally:
+            internet_outage(topo, False)
+        results = t.finish()
+        for name, (code, _, err) in results.items():
+            assert code != 0, f"{name} must fail, not end as if complete"
+        assert os.path.getsize(t.download_file) < SIZE
+        s.agent.expect_log("could not resume the lost tunnel's streams", timeout=30)
+        wait_until(lambda: s.request().stdout == "hello from the edge\n", 30, "the agent serving again")
+    finally:
+        s.close()
+
+
+def raw_hello(c, cert, key, node, version=3, tokens=None):
+    """A raw agent connection: HELLO (with `tokens`), then the HELLO_OK's JSON and the TLS socket."""
+    raw = socket.create_connection(("127.0.0.1", c.ports["tunnel"]), timeout=10)
+    tls = c.tls_context(cert, key).wrap_socket(raw)
+    body = {"version": version, "nodeName": node, "nodeIPs": [], "capabilities": []}
+    if tokens is not None:
+        body["resumeTokens"] = tokens
+    tls.sendall(frame(1, 0, json.dumps(body).encode()))
+    frame_type, _, payload = read_frame(tls)
+    assert frame_type == 2, f"{node}: {payload!r}"
+    return json.loads(payload), tls
+
+
+def test_resume_tokens_are_bound_to_their_node_and_version_2_agents_are_served_as_before(tmp_path):
+    """Raw agents with real certificates: a version-2 agent registers and gets no token; a version-3 agent gets
+    one, and its lost tunnel's stream waits. Another node naming that token resumes nothing; the node itself
+    coming back with a wrong token (a restarted agent) ends the waiting stream at once, loudly; with the right
+    token the server's RESUME lists the stream."""
+    c = Cluster(tmp_path)
+    try:
+        c.start_server()
+        issued = tmp_path / "issued"
+        for name in ("edge-1", "edge-5"):
+            run(BIN / "edgetunnel", "pki", "issue-client", "--pki-dir", c.pki, "--name", name,
+                "--org", "edge-tunnel:agents", "--out-dir", issued)
+        edge1, edge5 = (issued / "edge-1.crt", issued / "edge-1.key"), (issued / "edge-5.crt", issued / "edge-5.key")
+
+        ok, old_agent = raw_hello(c, *edge5, "edge-5", version=2)
+        assert "resumeToken" not in ok or ok["resumeToken"] is None
+        old_agent.close()
+
+        def lose_a_tunnel_with_a_stream():
+            ok, tls = raw_hello(c, *edge1, "edge-1")
+            token = ok["resumeToken"]
+            assert len(token) == 32 and ok["resumeGraceSeconds"] == 30
+            result = {}
+            caller = threading.Thread(target=lambda: result.update(
+                status=c.connect_stream("edge-1:10250", c.cert, c.key, timeout=10)))
+            caller.start()
+            while True:  # the OPEN, answered
+                frame_type, stream_id, _ = read_frame(tls)
+                if frame_type == 3:
+                    tls.sendall(frame(4, stream_id, (1 << 20).to_bytes(4, "big")) + frame(6, stream_id, b"12345"))
+                    break
+            caller.join(10)
+            status, sock = result["status"]
+            assert status == "HTTP/1.1 200 Connection established"
+            assert sock.recv(5) == b"12345"
+            tls.close()  # the connection is lost with the stream open
+            c.server.expect_log("agent connection lost: its 1 streams wait 30s", timeout=10)
+            return token, stream_id, sock
+
+        token, _, sock = lose_a_tunnel_with_a_stream()
+        stolen, thief = raw_hello(c, *edge5, "edge-5", tokens=[token])
+        assert not stolen.get("resumed"), "another node's certificate resumed edge-1's streams"
+        thief.close()
+        sock.settimeout(1)
+        with pytest.raises(socket.timeout):
+            sock.recv(1)  # still waiting: the caller sees a pause
+
+        restarted, again = raw_hello(c, *edge1, "edge-1", tokens=["0" * 32])
+        assert not restarted.get("resumed")
+        sock.settimeout(5)
+        try:
+            assert sock.recv(1) == b"", "the waiting stream must end"
+        except ConnectionResetError:
+            pass  # ended with a reset: loud either way
+        again.close()
+
+        token, stream_id, sock = lose_a_tunnel_with_a_stream()
+        resumed, tls = raw_hello(c, *edge1, "edge-1", tokens=["f" * 32, token])
+        assert resumed["resumed"] is True
+        frame_type, _, payload = read_frame(tls)
+        assert frame_type == 19, frame_type
+        assert [entry["id"] for entry in json.loads(payload)["streams"]] == [stream_id]
+        tls.close()
+        sock.close()
+    finally:
+        c.close()
