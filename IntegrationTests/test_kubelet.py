@@ -151,9 +151,10 @@ def test_websocket_exec_passes_101_and_1000_round_trips_are_byte_exact(kube, por
 
 @pytest.mark.parametrize("port_kind", ["secure", "insecure"])
 def test_an_exec_session_cut_by_a_dead_tunnel_ends_with_an_error(kube, port_kind):
-    """An upgraded exec session is read until it closes: when the tunnel dies under it, the caller must see a
-    failure (a reset; on 10263 also no TLS close_notify: the kubelet's TLS runs in the stream and the server
-    relays it), never the clean end a finished session has."""
+    """An upgraded exec session is read until it closes: when the tunnel dies under it, the session waits for
+    the agent to resume it; when the agent comes back restarted, unable to, the caller must see a failure (a
+    reset; on 10263 also no TLS close_notify: the kubelet's TLS runs in the stream and the server relays it),
+    never the clean end a finished session has."""
     if port_kind == "secure":
         raw = socket.create_connection(("127.0.0.1", kube.ports["secure"]), timeout=20)
         sock = kube.tls_context(kube.cert, kube.key).wrap_socket(raw, suppress_ragged_eofs=False)
@@ -165,6 +166,11 @@ def test_an_exec_session_cut_by_a_dead_tunnel_ends_with_an_error(kube, port_kind
     assert ws_read(sock) == b"\x00ls\n"
     kube.agent.send_signal(signal.SIGKILL)
     kube.agent.popen.wait(10)
+    sock.settimeout(2)
+    with pytest.raises(socket.timeout):
+        sock.recv(65536)  # a pause: the session waits for the agent
+    kube.start_agent("edge-1", "--allow", f"127.0.0.1:{kube.https_port}", "--allow", f"127.0.0.1:{kube.http_port}",
+                     join=False, pki=kube.tmp / "agent-edge-1")
     sock.settimeout(10)
     try:
         ended = "eof" if sock.recv(65536) == b"" else "data"

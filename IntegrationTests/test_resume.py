@@ -12,7 +12,7 @@ import pytest
 
 from conftest import BIN, run
 from edge_service import blob_sha256
-from harness import Cluster, frame, read_frame, rss_kib, wait_until
+from harness import Cluster, FakeServer, frame, read_frame, rss_kib, wait_until
 from netns import Topology
 from test_express_connect import Setup
 
@@ -250,5 +250,35 @@ def test_resume_tokens_are_bound_to_their_node_and_version_2_agents_are_served_a
         assert [entry["id"] for entry in json.loads(payload)["streams"]] == [stream_id]
         tls.close()
         sock.close()
+    finally:
+        c.close()
+
+
+def test_an_agent_falls_back_to_version_2_for_a_server_of_that_version(tmp_path):
+    """A server of the previous version (a rollout or a rollback) refuses version 3 with the reason it has always
+    given; the agent says HELLO again as version 2, without resume tokens, and is served."""
+    c = Cluster(tmp_path)
+    try:
+        c.start_server()
+        agent = c.start_agent("edge-1")  # joins, so it holds a certificate and the CA
+        agent.stop()
+        c.server.stop()
+        fake = FakeServer(c)
+        agent = c.start_agent("edge-1", join=False, wait=False, pki=tmp_path / "agent-edge-1")
+        conn, _ = fake.listener.accept()
+        with fake.context.wrap_socket(conn, server_side=True) as tls:
+            tls.settimeout(10)
+            frame_type, _, payload = read_frame(tls)
+            assert frame_type == 1 and json.loads(payload)["version"] == 3
+            reason = "protocol version 3 is not supported (server speaks 2)"  # the version-2 server's words
+            tls.sendall(frame(15, 0, json.dumps({"reason": reason}).encode()))
+        agent.expect_log("using version 2, without resumable tunnels", timeout=10)
+        conn, _ = fake.listener.accept()
+        with fake.context.wrap_socket(conn, server_side=True) as tls:
+            tls.settimeout(10)
+            frame_type, _, payload = read_frame(tls)
+            hello = json.loads(payload)
+            assert frame_type == 1 and hello["version"] == 2 and "resumeTokens" not in hello, hello
+        fake.close()
     finally:
         c.close()

@@ -141,12 +141,18 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
                 registration.fail(DuplicateServer(reason: reason))
                 return
             }
+            mux.closeWithoutResume()  // refused on purpose (revoked, reset): nothing to resume
+            if !registered, reason.contains("protocol version \(tunnelProtocolVersion) is not supported") {
+                // A server of the previous version (a rollout, a rollback): spoken to without resuming.
+                agent.useProtocolVersion(oldestAgentProtocolVersion)
+            }
             agent.logger.error("server \(address) refused the tunnel: \(reason)")
             registration.fail(JoinError(description: "server refused the registration: \(reason)"))
         case .goaway:
             let reason = (try? GoAway(frame: frame).reason).map { PeerText.bounded($0) } ?? ""
             agent.logger.info("server \(address) is draining (\(reason)); open streams finish on it, new ones go to a new tunnel")
             mux.markDraining()
+            mux.closeWithoutResume()  // a drained connection closes on purpose: what outlives it ends
             // Reconnect at once so new streams reach this node (another replica, the restarted server, or the
             // new path); this connection closes when its streams are done.
             unusable.succeed(())
@@ -167,13 +173,19 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
             resumeToken = token
             mux.enableResume(grace: .milliseconds(Int64(min(grace, 600) * 1000)))
         }
-        guard let serverID, let old = agent.takeSuspended(serverID: serverID) else { return }
-        if ok.resumed == true, mux.expectResume(from: old) {
-            agent.logger.info("server \(address) resumes the streams of the lost tunnel")
-        } else {
-            agent.logger.warning("server \(address) could not resume the lost tunnel's streams: they end")
-            old.abandonSuspended()
+        // The suspended tunnel stays listed until its streams are taken over (RESUME) or end: if this connection
+        // drops before the server's RESUME, the next HELLO still names it.
+        let old = serverID.flatMap { agent.suspendedTunnel(serverID: $0) }
+        if ok.resumed == true {
+            if mux.expectResume(from: old) {
+                agent.logger.info("server \(address) resumes the streams of the lost tunnel")
+                return
+            }
+            mux.expectResume(from: nil)  // answered with none: both sides reset
         }
+        guard let old else { return }
+        agent.logger.warning("server \(address) could not resume the lost tunnel's streams: they end")
+        old.abandonSuspended()
     }
 
     /// The connection was lost with streams open: they wait for the next connection to this replica.

@@ -57,8 +57,10 @@ extension EdgeTunnelAgent {
         let loop = channel.eventLoop
         tunnel.channel = channel
         tunnel.mux.sendControl(
-            Hello(nodeName: configuration.nodeName, nodeIPs: configuration.nodeIPs.map(\.description),
-                  haveServers: haveServers.isEmpty ? nil : haveServers, resumeTokens: resumeTokens))
+            Hello(version: helloVersion, nodeName: configuration.nodeName,
+                  nodeIPs: configuration.nodeIPs.map(\.description),
+                  haveServers: haveServers.isEmpty ? nil : haveServers,
+                  resumeTokens: helloVersion >= 3 ? resumeTokens : nil))
         let timeout = loop.scheduleTask(in: configuration.connectTimeout * 2) {
             tunnel.registration.fail(JoinError(description: "server \(address) did not answer HELLO in time"))
             channel.close(promise: nil)

@@ -43,6 +43,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     /// Tunnels whose connection was lost with streams open, by the replica that holds them: their streams wait
     /// to be resumed by the next connection to that replica (its HELLO names the token).
     private var suspended: [String: (token: String, mux: TunnelMux)] = [:]
+    private var protocolVersion = tunnelProtocolVersion
     /// The tunnels to the other server replicas; set at the end of `init` (a `lazy var` first touched from two
     /// threads at once would be built twice, and one freed while in use).
     private(set) var replicas: ReplicaTunnels!
@@ -55,6 +56,9 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         limits.connectionWindowBudget = configuration.bufferBudget / 3
         limits.processBudget = WindowBudget(limit: configuration.bufferBudget)
         limits.minimumWindow = 4 * 1024
+        // What a resumable tunnel keeps to send again: one stream at the largest window fits; past it, streams are
+        // not resumable. (The receive windows have their own budget.)
+        limits.maxRetained = configuration.bufferBudget / 4
         self.tunnelLimits = limits
         self.addresses = configuration.serverAddresses
         if let group {
@@ -312,9 +316,18 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         lock.withLock { suspended.isEmpty ? nil : Array(suspended.values.map(\.token).prefix(maxResumeTokens)) }
     }
 
-    /// Takes the suspended tunnel of `serverID` out, to resume or abandon it.
-    func takeSuspended(serverID: String) -> TunnelMux? {
-        lock.withLock { suspended.removeValue(forKey: serverID)?.mux }
+    /// The suspended tunnel of `serverID`, to resume or abandon (it leaves the list when its streams end).
+    func suspendedTunnel(serverID: String) -> TunnelMux? {
+        lock.withLock { suspended[serverID]?.mux }
+    }
+
+    /// The protocol version the next HELLO claims: this build's, or the previous one after a server of that version
+    /// refused this one's.
+    var helloVersion: Int { lock.withLock { protocolVersion } }
+
+    func useProtocolVersion(_ version: Int) {
+        lock.withLock { protocolVersion = version }
+        logger.warning("the server speaks an older protocol: using version \(version), without resumable tunnels")
     }
 
     var hasSuspendedTunnels: Bool { lock.withLock { !suspended.isEmpty } }

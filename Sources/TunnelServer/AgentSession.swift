@@ -110,6 +110,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             guard case .registered = state else { return }
             logger.info("agent is draining: no new streams to it")
             mux.markDraining()
+            mux.closeWithoutResume()  // the agent is leaving on purpose: what outlives the drain ends with it
             server.registry.unregister(self)
             state = .draining
             // Closed once its streams are done: a drained connection must not outlive them (HELLO then GOAWAY

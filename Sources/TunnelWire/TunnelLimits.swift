@@ -63,6 +63,9 @@ public struct TunnelLimits: Sendable {
     /// The most streams one side lists in its RESUME (about 90 bytes each in JSON, well inside one frame); the
     /// rest of a resumed tunnel's streams are reset.
     public var maxResumedStreams = 2048
+    /// Bytes a resumable tunnel keeps, over all its streams, to send again after a resume (each stream at most the
+    /// peer's window): a stream that would go past it keeps nothing more, and is reset if the connection is lost.
+    public var maxRetained = 64 << 20
 
     public init() {}
 }

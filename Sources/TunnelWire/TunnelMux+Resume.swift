@@ -70,7 +70,7 @@ extension TunnelMux {
     /// The channel went away: a resumable tunnel with streams to keep suspends them; any other ends them.
     func connectionEnded() {
         guard connection.state != .suspended else { return }
-        if resumable, !resumeRefused, streams.values.contains(where: { $0.lifecycle.state != .opening }),
+        if resumable, !resumeRefused, streams.values.contains(where: { $0.lifecycle.state != .opening && !$0.unresumable }),
             connection.suspend()
         {
             suspend()
@@ -80,8 +80,8 @@ extension TunnelMux {
     }
 
     /// Keeps the streams without a connection: their sockets stay open and unread (the tunnel counts as full),
-    /// what arrives from them waits, and the streams end when the grace period does. A stream still opening
-    /// cannot be resumed: it fails now.
+    /// what arrives from them waits, and the streams end when the grace period does. A stream still opening, or
+    /// one that kept nothing to send again (``retainToSendAgain(_:_:)``), cannot be resumed: it fails now.
     func suspend() {
         unsentRecheck?.cancel()
         unsentRecheck = nil
@@ -101,7 +101,7 @@ extension TunnelMux {
         urgentInARow = 0
         unflushedData = 0
         inTunnelRead = false
-        for stream in streams.values where stream.lifecycle.state == .opening {
+        for stream in streams.values where stream.lifecycle.state == .opening || stream.unresumable {
             streams.removeValue(forKey: stream.id)
             resetWhileSuspended.append(stream.id)
             streamRemoved(stream)
@@ -176,11 +176,16 @@ extension TunnelMux {
 
     /// Agent side: the server's RESUME, when it comes on this connection, resumes the streams of `old`, the
     /// suspended tunnel this connection replaces. Both must run on the same event loop, so that the streams are
-    /// taken over before the server's next frame is read. False (nothing changes) otherwise.
+    /// taken over before the server's next frame is read. False (nothing changes) otherwise. Nil: the server said
+    /// it resumes, but nothing waits here any more (the grace period ended meanwhile): its RESUME is answered with
+    /// none, so that both sides reset their streams.
     @discardableResult
-    public func expectResume(from old: TunnelMux) -> Bool {
-        guard old.eventLoop === eventLoop else { return false }
-        execute { self.resumeFrom = old }
+    public func expectResume(from old: TunnelMux?) -> Bool {
+        if let old, old.eventLoop !== eventLoop { return false }
+        execute {
+            self.resumeFrom = old
+            self.resumeExpected = true
+        }
         return true
     }
 
@@ -198,6 +203,7 @@ extension TunnelMux {
         resetWhileSuspended = []
         windowBudgetUsed = 0
         queuedData = 0
+        retainedTotal = 0
         counters.setStreams(0)
         notifyIfIdle()
         delegate?.muxDidClose(self)
@@ -228,6 +234,7 @@ extension TunnelMux {
             awaitingResume.insert(stream.id)
             windowBudgetUsed += stream.receive.size
             queuedData += stream.pending?.readableBytes ?? 0
+            retainedTotal += stream.retainedBytes
             listed.append(
                 ResumedStream(
                     id: stream.id, received: stream.received, credited: stream.credited,
@@ -260,9 +267,11 @@ extension TunnelMux {
         if resumeAnswerDue {
             resumeAnswerDue = false
             reconcile(with: resume.streams)
-        } else if role == .agent, let old = resumeFrom {
+        } else if role == .agent, resumeExpected {
+            let old = resumeFrom
             resumeFrom = nil
-            adopt(old.handOver(to: self) ?? HandedOver(), announce: true)
+            resumeExpected = false
+            adopt(old?.handOver(to: self) ?? HandedOver(), announce: true)
             reconcile(with: resume.streams)
         } else {
             throw FrameError("RESUME that was not expected")
@@ -306,7 +315,7 @@ extension TunnelMux {
             entry.window >= 0, entry.window <= limits.maximumWindow, UInt64(entry.window) >= stream.sent - entry.received,
             !entry.fin || (sentFin && entry.received == stream.sent)
         else { return false }
-        stream.trimRetained(upTo: entry.received)
+        retainedTotal -= stream.trimRetained(upTo: entry.received)
         stream.peerCredited = entry.credited  // later WINDOWs count on from here
         stream.send = SendWindow(initial: entry.window - stream.retainedBytes)
         stream.queuedToSend = false

@@ -46,7 +46,7 @@ extension TunnelMux {
             if rateWindow.bytes == 0 { rateWindow = (eventLoop.now, 0, false) }  // the window starts with traffic
             let count = min(pending.readableBytes, stream.send.available, frameSize)
             let slice = pending.readSlice(length: count)!
-            if resumable { stream.retain(slice) }
+            if resumable, !stream.unresumable { retainToSendAgain(stream, slice) }
             stream.send.consume(count)
             counters.add(out: count)
             unflushedData += count
@@ -67,6 +67,22 @@ extension TunnelMux {
             }
         }
         if wrote { scheduleFlush() }
+    }
+
+    /// Keeps a DATA payload to send again after a resume, within ``TunnelLimits/maxRetained`` for the whole tunnel.
+    /// Past that bound the stream gives up being resumable rather than wait: the peer may credit nothing until more
+    /// comes (it credits in quarters of its window), so streams waiting for credit to free the bound could wait for
+    /// good. Such a stream is reset if the connection is lost.
+    func retainToSendAgain(_ stream: Stream, _ slice: ByteBuffer) {
+        guard retainedTotal + slice.readableBytes <= limits.maxRetained else {
+            stream.unresumable = true
+            retainedTotal -= stream.retainedBytes
+            stream.retained = nil
+            stream.retainedBytes = 0
+            return
+        }
+        stream.retain(slice)
+        retainedTotal += slice.readableBytes
     }
 
     /// The next stream to send a frame: small pieces first, in their order, but after four of them in a row a

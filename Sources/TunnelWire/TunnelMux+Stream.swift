@@ -43,6 +43,8 @@ extension TunnelMux {
         var retainedBytes = 0
         /// Bytes the peer has credited as consumed.
         var peerCredited: UInt64 = 0
+        /// Kept nothing to send again (the tunnel's bound was reached): reset, not suspended, when the connection goes.
+        var unresumable = false
         /// DATA bytes sent (resumable tunnels).
         var sent: UInt64 { retainedFrom + UInt64(retainedBytes) }
 
@@ -52,8 +54,10 @@ extension TunnelMux {
             retainedBytes += slice.readableBytes
         }
 
-        /// Lets go of the retained bytes below `offset`: the peer has them.
-        func trimRetained(upTo offset: UInt64) {
+        /// Lets go of the retained bytes below `offset`: the peer has them. Returns how many.
+        @discardableResult
+        func trimRetained(upTo offset: UInt64) -> Int {
+            let before = retainedBytes
             while offset > retainedFrom, var first = retained?.first {
                 let drop = Int(min(UInt64(first.readableBytes), offset - retainedFrom))
                 if drop == first.readableBytes {
@@ -65,6 +69,7 @@ extension TunnelMux {
                 retainedFrom += UInt64(drop)
                 retainedBytes -= drop
             }
+            return before - retainedBytes
         }
 
         init(id: UInt32, openedBy opener: StreamStateMachine.Opener, sendWindow: Int, receive: ReceiveWindow) {

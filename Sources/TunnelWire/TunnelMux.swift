@@ -111,10 +111,13 @@ public final class TunnelMux: ChannelInboundHandler {
     var awaitingResume: Set<UInt32> = []
     /// Agent side: the suspended mux whose streams the server's RESUME resumes here (``expectResume(from:)``).
     var resumeFrom: TunnelMux?
+    var resumeExpected = false
     /// Server side: this side's RESUME went out and the agent's answer is due.
     var resumeAnswerDue = false
     /// Server side: a suspended tunnel is being taken over; no stream opens until its ids are known.
     var takingOver = false
+    /// Bytes all streams keep to send again (resumable tunnels), at most ``TunnelLimits/maxRetained``.
+    var retainedTotal = 0
     /// Streams reset while suspended: the RST goes out on the connection that resumes.
     var resetWhileSuspended: [UInt32] = []
 
@@ -236,6 +239,7 @@ public final class TunnelMux: ChannelInboundHandler {
     func streamRemoved(_ stream: Stream) {
         stream.inbound = []
         if stream.retained != nil {
+            retainedTotal -= stream.retainedBytes
             stream.retained = nil
             stream.retainedBytes = 0
         }
@@ -354,11 +358,13 @@ public final class TunnelMux: ChannelInboundHandler {
         graceTimer = nil
         awaitingResume = []
         resumeFrom = nil
+        resumeExpected = false
         let all = streams.values
         streams = [:]
         sendQueue.removeAll()
         urgentQueue.removeAll()
         queuedData = 0
+        retainedTotal = 0
         counters.setStreams(0)
         for stream in all {
             limits.processBudget?.release(window: stream.receive.size, minimum: limits.minimumWindow)

@@ -14,7 +14,10 @@ final class ResumePair {
     var targets: [UInt32: EmbeddedChannel] = [:]
     let grace: TimeAmount = .seconds(30)
 
-    init() throws {
+    let limits: TunnelLimits
+
+    init(limits: TunnelLimits = TunnelLimits()) throws {
+        self.limits = limits
         server = try connection(.server)
         agent = try connection(.agent)
     }
@@ -22,7 +25,7 @@ final class ResumePair {
     /// A new connection's mux, resumable.
     func connection(_ role: TunnelMux.Role) throws -> (EmbeddedChannel, TunnelMux, RecordingDelegate) {
         let channel = EmbeddedChannel(loop: loop)
-        let mux = TunnelMux(role: role, eventLoop: loop)
+        let mux = TunnelMux(role: role, eventLoop: loop, limits: limits)
         let delegate = RecordingDelegate()
         mux.delegate = delegate
         mux.enableResume(grace: grace)
@@ -175,6 +178,28 @@ func readAll(_ channel: EmbeddedChannel) throws -> [UInt8] {
         #expect(received.received == 300_000 && received.credited == 262_144)
         #expect(stream.retainedFrom == received.credited)
         #expect(stream.retainedBytes == 300_000 - 262_144)
+    }
+
+    @Test func pastItsBoundATunnelKeepsNothingMoreAndThatStreamIsResetWhenTheConnectionGoes() throws {
+        var limits = TunnelLimits()
+        limits.maxRetained = 300_000
+        let pair = try ResumePair(limits: limits)
+        let kept = try pair.openStream()
+        let over = try pair.openStream()
+        try pair.callers[kept]!.writeInbound(pattern(200_000, from: 0))
+        try pair.callers[over]!.writeInbound(pattern(200_000, from: 7))
+        pair.loop.run()
+        var sent = 0
+        while let frame = try pair.server.channel.readOutbound(as: Frame.self) {
+            if frame.type == .data { sent += frame.payload.readableBytes }
+        }
+        #expect(sent == 400_000)  // nothing waits for the bound: a stream past it just keeps nothing
+        #expect(pair.server.mux.retainedTotal == 200_000)
+        try pair.cut()  // all of it lost in flight
+        #expect(!pair.callers[over]!.isActive && pair.callers[kept]!.isActive)
+        try pair.resume()
+        #expect(sameBytes(try readAll(pair.targets[kept]!), pattern(200_000, from: 0)))
+        #expect(!pair.targets[over]!.isActive)
     }
 
     @Test func aStreamOnlyOneSideStillHoldsIsResetOnBothAndTheOthersCarryOn() throws {
