@@ -114,7 +114,7 @@ extension TunnelMux {
     /// a reset or a close are dropped); a protocol error for an id that was never opened.
     func stream(for frame: Frame) throws -> Stream? {
         if let stream = streams[frame.streamID] {
-            guard awaitingResume.isEmpty || !awaitingResume.contains(stream.id) else {
+            guard !isFrozen(stream.id) else {
                 throw FrameError("\(frame.type.map { "\($0)" } ?? "frame") on stream \(stream.id) before RESUME")
             }
             return stream

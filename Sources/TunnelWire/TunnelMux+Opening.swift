@@ -67,14 +67,11 @@ extension TunnelMux {
     /// Cancels a stream that is still opening or open (the caller went away).
     public func cancelStream(_ streamID: UInt32) {
         execute {
-            guard let stream = self.streams.removeValue(forKey: streamID) else {
+            guard let stream = self.streams[streamID] else {
                 self.successor?.cancelStream(streamID)
                 return
             }
-            stream.lifecycle.reset()
-            self.streamRemoved(stream)
-            self.sendReset(streamID)
-            stream.glue?.resetFromTunnel()
+            self.reset(stream)
         }
     }
 

@@ -121,15 +121,21 @@ extension TunnelMux {
         delegate?.muxDidSuspend(self)
     }
 
-    /// Frames of this stream wait: the connection is suspended, or the stream was taken over and the peer's
-    /// RESUME has not come. A FIN waits too, behind the bytes to be sent again.
+    /// The stream was taken over and waits for the peer's RESUME: its socket is not read and nothing is sent.
+    /// (The emptiness check first: on every tunnel that is not being resumed, no hashing per frame.)
+    func isFrozen(_ streamID: UInt32) -> Bool {
+        !awaitingResume.isEmpty && awaitingResume.contains(streamID)
+    }
+
+    /// Frames of this stream wait: the connection is suspended, or the stream is frozen. A FIN waits too, behind
+    /// the bytes to be sent again.
     func holdsFrames(of stream: Stream) -> Bool {
-        context == nil || (!awaitingResume.isEmpty && awaitingResume.contains(stream.id))
+        context == nil || isFrozen(stream.id)
     }
 
     /// RST for a stream this side gave up; while suspended it goes out on the connection that resumes.
     func sendReset(_ streamID: UInt32) {
-        if context == nil, connection.state == .suspended {
+        if connection.state == .suspended {
             resetWhileSuspended.append(streamID)
         } else {
             writeStreamFrame(.rst(streamID: streamID, code: .cancel, allocator: allocator))
@@ -152,8 +158,7 @@ extension TunnelMux {
     /// number of streams taken, or nil when `old` is no longer suspended (its grace period ended, or another
     /// connection took it over).
     public func takeOver(_ old: TunnelMux) -> EventLoopFuture<Int?> {
-        // No stream opens here until the old tunnel's ids are known (the registration may already route to it).
-        execute { self.takingOver = true }
+        beginTakeOver()  // the registration may already route to this tunnel
         // Not taken (the grace period ended meanwhile): an empty RESUME, so that the agent resets its side too.
         if old.eventLoop === eventLoop, eventLoop.inEventLoop {
             let handed = old.handOver(to: self)
@@ -289,14 +294,8 @@ extension TunnelMux {
         for entry in peer.prefix(limits.maxResumedStreams) where theirs[entry.id] == nil { theirs[entry.id] = entry }
         for id in adopted.sorted() {
             guard let stream = streams[id] else { continue }
-            guard let entry = theirs.removeValue(forKey: id), sendAgain(stream, from: entry) else {
-                streams.removeValue(forKey: id)
-                stream.lifecycle.reset()
-                streamRemoved(stream)
-                sendReset(id)
-                stream.glue?.resetFromTunnel()
-                continue
-            }
+            if let entry = theirs.removeValue(forKey: id), sendAgain(stream, from: entry) { continue }
+            reset(stream)
         }
         // Listed by the peer alone: it resets them itself, but a stream it kept by mistake must not hang.
         for id in theirs.keys.sorted() { writeStreamFrame(.rst(streamID: id, code: .cancel, allocator: allocator)) }

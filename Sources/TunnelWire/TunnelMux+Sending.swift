@@ -7,8 +7,7 @@ extension TunnelMux {
     /// the socket's bytes wait, and its reading is paused.
     func flushPending(_ stream: Stream) {
         defer { updateReadState(stream) }
-        guard context != nil, stream.lifecycle.canSend, awaitingResume.isEmpty || !awaitingResume.contains(stream.id)
-        else { return }
+        guard context != nil, stream.lifecycle.canSend, !isFrozen(stream.id) else { return }
         if let pending = stream.pending {
             guard stream.send.available > 0, !stream.queuedToSend else { return }
             stream.queuedToSend = true
@@ -76,9 +75,7 @@ extension TunnelMux {
     func retainToSendAgain(_ stream: Stream, _ slice: ByteBuffer) {
         guard retainedTotal + slice.readableBytes <= limits.maxRetained else {
             stream.unresumable = true
-            retainedTotal -= stream.retainedBytes
-            stream.retained = nil
-            stream.retainedBytes = 0
+            dropRetained(stream)
             return
         }
         stream.retain(slice)

@@ -238,11 +238,7 @@ public final class TunnelMux: ChannelInboundHandler {
 
     func streamRemoved(_ stream: Stream) {
         stream.inbound = []
-        if stream.retained != nil {
-            retainedTotal -= stream.retainedBytes
-            stream.retained = nil
-            stream.retainedBytes = 0
-        }
+        dropRetained(stream)
         if let pending = stream.pending {
             queuedData -= pending.readableBytes
             stream.pending = nil
@@ -253,6 +249,23 @@ public final class TunnelMux: ChannelInboundHandler {
         if stream.openPromise != nil { pendingOpens -= 1 }
         counters.setStreams(streams.count)
         notifyIfIdle()
+    }
+
+    /// Lets go of what `stream` kept to send again.
+    func dropRetained(_ stream: Stream) {
+        guard stream.retained != nil else { return }
+        retainedTotal -= stream.retainedBytes
+        stream.retained = nil
+        stream.retainedBytes = 0
+    }
+
+    /// Ends a stream this side gives up: gone from the map and the budgets, RST to the peer, its socket reset.
+    func reset(_ stream: Stream) {
+        streams.removeValue(forKey: stream.id)
+        stream.lifecycle.reset()
+        streamRemoved(stream)
+        sendReset(stream.id)
+        stream.glue?.resetFromTunnel()
     }
 
     func writeFrame(_ frame: Frame, flush: Bool) {
@@ -326,8 +339,7 @@ public final class TunnelMux: ChannelInboundHandler {
     /// resumes it when none of that holds (GlueHandler-style backpressure).
     func updateReadState(_ stream: Stream) {
         guard let glue = stream.glue else { return }
-        let pause = stream.pending != nil || stream.send.available <= 0 || tunnelFull
-            || (!awaitingResume.isEmpty && awaitingResume.contains(stream.id))
+        let pause = stream.pending != nil || stream.send.available <= 0 || tunnelFull || isFrozen(stream.id)
         guard pause != stream.readPaused else { return }
         stream.readPaused = pause
         glue.setPausedFromTunnel(pause)
