@@ -177,7 +177,7 @@ public struct TokenStore: Sendable {
         guard let stored = tokens.first(where: { $0.id == token.id }) else {
             throw PKIError(.tokenNotFound, "bootstrap token \"\(token.id)\" is not known")
         }
-        guard Self.constantTimeEqual(Array(stored.secretHash.utf8), Array(token.hash.utf8)) else {
+        guard Array(stored.secretHash.utf8).equalsInConstantTime(Array(token.hash.utf8)) else {
             throw PKIError(.invalidToken, "bootstrap token \"\(token.id)\" has a wrong secret")
         }
         guard !stored.isExpired(at: now) else {
@@ -189,11 +189,14 @@ public struct TokenStore: Sendable {
     private func save(_ tokens: [StoredToken]) throws {
         try PrivateJSONFile.write(File(tokens: tokens), to: path)
     }
+}
 
-    private static func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
-        guard a.count == b.count else { return false }
+extension Array where Element == UInt8 {
+    /// Equal, in a time that depends on the lengths only (secrets and tokens compared with what a peer sent).
+    public func equalsInConstantTime(_ other: [UInt8]) -> Bool {
+        guard count == other.count else { return false }
         var difference: UInt8 = 0
-        for index in a.indices { difference |= a[index] ^ b[index] }
+        for index in indices { difference |= self[index] ^ other[index] }
         return difference == 0
     }
 }

@@ -171,15 +171,7 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
     func holdsResumeToken(in tokens: [String]) -> Bool {
         guard let resumeToken else { return false }
         let mine = Array(resumeToken.utf8)
-        var found = false
-        for token in tokens {
-            let theirs = Array(token.utf8)
-            guard theirs.count == mine.count else { continue }
-            var difference: UInt8 = 0
-            for index in mine.indices { difference |= mine[index] ^ theirs[index] }
-            found = found || difference == 0
-        }
-        return found
+        return tokens.contains { Array($0.utf8).equalsInConstantTime(mine) }
     }
 
     /// The agent came back with this session's token before this side found the old connection dead: close it
@@ -191,17 +183,10 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         }.flatMap { self.channel.closeFuture }
     }
 
+    /// 128 random bits (the system's cryptographic source) as 32 hex digits.
     static func newResumeToken() -> String {
-        // 128 random bits as 32 hex digits.
         var generator = SystemRandomNumberGenerator()
-        let digits = Array("0123456789abcdef".utf8)
-        var text: [UInt8] = []
-        for _ in 0..<16 {
-            let byte = UInt8.random(in: 0...255, using: &generator)
-            text.append(digits[Int(byte >> 4)])
-            text.append(digits[Int(byte & 15)])
-        }
-        return String(decoding: text, as: UTF8.self)
+        return (0..<16).map { _ in UInt8.random(in: 0...255, using: &generator) }.hexString
     }
 
     /// No new streams on this connection (a newer one of the same node took over, e.g. after a path
