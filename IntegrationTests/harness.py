@@ -311,13 +311,28 @@ class FakeServer:
         self.listener = socket.create_server(("127.0.0.1", c.ports["tunnel"]))
         self.listener.settimeout(timeout)
 
-    def accept(self, server_id="fake"):
-        """The next agent tunnel, registered: HELLO read, HELLO_OK sent."""
+    @classmethod
+    def replacing(cls, c, name, *agent_args, timeout=30):
+        """Joins agent `name` (with `agent_args`) through the cluster's real server, so that it holds a certificate
+        and the CA, stops both, and listens in the server's place. Start the agent again with `join=False`."""
+        c.start_server()
+        c.start_agent(name, *agent_args).stop()
+        c.server.stop()
+        return cls(c, timeout)
+
+    def hello(self):
+        """The next agent tunnel and its HELLO (parsed), not answered yet."""
         conn, _ = self.listener.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         tls = self.context.wrap_socket(conn, server_side=True)
         tls.settimeout(10)
-        assert read_frame(tls)[0] == 1  # HELLO
+        frame_type, _, payload = read_frame(tls)
+        assert frame_type == 1, frame_type  # HELLO
+        return tls, json.loads(payload)
+
+    def accept(self, server_id="fake"):
+        """The next agent tunnel, registered: HELLO read, HELLO_OK sent."""
+        tls, _ = self.hello()
         ok = {"serverID": server_id, "maxFramePayload": 262144, "pingIntervalSeconds": 5}
         tls.sendall(frame(2, 0, json.dumps(ok).encode()))
         return tls

@@ -305,11 +305,7 @@ def test_a_hostile_server_cannot_make_the_agent_build_an_oversize_frame(tmp_path
     200,000 characters: the agent refuses it with a bounded OPEN_FAIL and keeps its tunnel."""
     c = Cluster(tmp_path)
     try:
-        c.start_server()
-        agent = c.start_agent("edge-1")  # joins, so it holds a certificate and the CA
-        agent.stop()
-        c.server.stop()
-        fake = FakeServer(c)
+        fake = FakeServer.replacing(c, "edge-1")
         agent = c.start_agent("edge-1", join=False, wait=False, pki=tmp_path / "agent-edge-1")
         with fake.accept("evil") as tls:
             tls.sendall(frame(3, 1, struct.pack(">I", 1 << 20) + b"/" * 200000))

@@ -361,11 +361,8 @@ def test_after_a_goaway_the_agent_reconnects_and_new_streams_reach_it(tmp_path):
     server holding the real serving certificate."""
     c = Cluster(tmp_path)
     try:
-        c.start_server()
         port = c.start_edge_service()
-        c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}").stop()
-        c.server.stop()
-        fake = FakeServer(c, timeout=15)
+        fake = FakeServer.replacing(c, "edge-1", "--allow", f"127.0.0.1:{port}", timeout=15)
         c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}", join=False, wait=False, pki=tmp_path / "agent-edge-1")
 
         old = fake.accept()

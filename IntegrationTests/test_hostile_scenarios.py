@@ -251,12 +251,8 @@ def test_a_hostile_server_cannot_make_the_agent_dial_out_of_bounds_for_thirty_se
     the tunnel (a protocol error) and the agent dials again."""
     c = Cluster(tmp_path)
     try:
-        c.start_server()
         port = c.start_edge_service()
-        agent = c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}")
-        agent.stop()
-        c.server.stop()
-        fake = FakeServer(c)
+        fake = FakeServer.replacing(c, "edge-1", "--allow", f"127.0.0.1:{port}")
         # `127.1` is a name to the allow list (not an address in inet_pton's form) that the resolver turns into
         # 127.0.0.1: the DNS-rebinding case, a name rule whose name leads to loopback, through the real dial path.
         # It is refused before any connect: this listener, which no address rule allows, must never see one

@@ -259,26 +259,17 @@ def test_an_agent_falls_back_to_version_2_for_a_server_of_that_version(tmp_path)
     given; the agent says HELLO again as version 2, without resume tokens, and is served."""
     c = Cluster(tmp_path)
     try:
-        c.start_server()
-        agent = c.start_agent("edge-1")  # joins, so it holds a certificate and the CA
-        agent.stop()
-        c.server.stop()
-        fake = FakeServer(c)
+        fake = FakeServer.replacing(c, "edge-1")
         agent = c.start_agent("edge-1", join=False, wait=False, pki=tmp_path / "agent-edge-1")
-        conn, _ = fake.listener.accept()
-        with fake.context.wrap_socket(conn, server_side=True) as tls:
-            tls.settimeout(10)
-            frame_type, _, payload = read_frame(tls)
-            assert frame_type == 1 and json.loads(payload)["version"] == 3
+        tls, hello = fake.hello()
+        with tls:
+            assert hello["version"] == 3
             reason = "protocol version 3 is not supported (server speaks 2)"  # the version-2 server's words
             tls.sendall(frame(15, 0, json.dumps({"reason": reason}).encode()))
         agent.expect_log("using version 2, without resumable tunnels", timeout=10)
-        conn, _ = fake.listener.accept()
-        with fake.context.wrap_socket(conn, server_side=True) as tls:
-            tls.settimeout(10)
-            frame_type, _, payload = read_frame(tls)
-            hello = json.loads(payload)
-            assert frame_type == 1 and hello["version"] == 2 and "resumeTokens" not in hello, hello
+        tls, hello = fake.hello()
+        with tls:
+            assert hello["version"] == 2 and "resumeTokens" not in hello, hello
         fake.close()
     finally:
         c.close()
