@@ -129,7 +129,7 @@ def transfers_into_an_outage(s, tmp_path):
     t.start()
     internet_outage(s.topo, True)
     # The agent finds the tunnel dead after 9 s.
-    s.agent.expect_log("streams wait to resume", timeout=15)
+    s.agent.expect_log("wait to resume", timeout=15)
     return t
 
 

@@ -192,7 +192,7 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
     func muxDidSuspend(_ mux: TunnelMux) {
         keepalive?.cancel()
         if let serverID, let resumeToken {
-            agent.logger.warning("tunnel to \(address) lost: its \(mux.streamCount) streams wait to resume")
+            agent.logger.warning("tunnel to \(address) lost: its \(mux.streamCount) open streams and \(mux.lingeringCount) that just ended wait to resume")
             agent.tunnelSuspended(self, serverID: serverID, token: resumeToken)
         }
         unusable.succeed(())

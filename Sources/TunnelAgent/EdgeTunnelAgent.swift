@@ -337,6 +337,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     func retireTunnel(_ tunnel: AgentTunnel) {
         lock.withLock { lingering.append(tunnel) }
         tunnel.mux.whenIdle().whenComplete { [weak self] _ in
+            tunnel.mux.closeWithoutResume()  // closed on purpose: streams that just ended need not linger
             tunnel.channel?.close(promise: nil)
             self?.retire(tunnel)
         }

@@ -44,7 +44,10 @@ extension TunnelMux {
             }  // else passed on when the glue is attached: the lifecycle remembers the FIN
             removeIfDone(stream)
         case .rst:
-            guard let stream = try stream(for: frame) else { return }
+            guard let stream = try stream(for: frame) else {
+                if !lingering.isEmpty { forgetLingering(frame.streamID) }  // the peer waits for nothing more
+                return
+            }
             try stream.lifecycle.receive(.rst)
             streams.removeValue(forKey: stream.id)
             streamRemoved(stream)
@@ -57,7 +60,7 @@ extension TunnelMux {
             try countPing()
             try reply(Frame(type: .pong, streamID: 0, payload: frame.payload))
         case .pong:
-            break
+            confirmed(frame)
         case .openOK:
             guard role == .server else { throw FrameError("OPEN_OK from the server") }
             guard let stream = try stream(for: frame) else { return }

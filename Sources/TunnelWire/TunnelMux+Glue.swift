@@ -76,11 +76,12 @@ extension TunnelMux {
                 }
                 return
             }
-            guard let stream = self.streams.removeValue(forKey: streamID) else { return }
-            if !stream.lifecycle.isClosed {
-                stream.lifecycle.reset()
-                self.sendReset(streamID)
-            }
+            guard let stream = self.streams[streamID] else { return }
+            // Ended both ways (the socket closes as the peer's FIN reaches it): as any stream that ended.
+            guard !stream.lifecycle.isClosed else { return self.removeIfDone(stream) }
+            self.streams.removeValue(forKey: streamID)
+            stream.lifecycle.reset()
+            self.sendReset(streamID)
             self.streamRemoved(stream)
         }
     }

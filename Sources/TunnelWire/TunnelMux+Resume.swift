@@ -70,8 +70,11 @@ extension TunnelMux {
     /// The channel went away: a resumable tunnel with streams to keep suspends them; any other ends them.
     func connectionEnded() {
         guard connection.state != .suspended else { return }
-        if resumable, !resumeRefused, streams.values.contains(where: { $0.lifecycle.state != .opening && !$0.unresumable }),
-            connection.suspend()
+        // Lingering streams count too, the peer may still wait for their last frames; but not on a draining
+        // connection, which is closed on purpose once it has no stream left.
+        let keeps = streams.values.contains { $0.lifecycle.state != .opening && !$0.unresumable }
+            || (!lingering.isEmpty && connection.state == .open)
+        if resumable, !resumeRefused, keeps, connection.suspend()
         {
             suspend()
         } else {
@@ -85,6 +88,8 @@ extension TunnelMux {
     func suspend() {
         unsentRecheck?.cancel()
         unsentRecheck = nil
+        confirmTimer?.cancel()
+        confirmTimer = nil
         // Taken-over streams still frozen are suspended like the others: the next connection lists them again.
         graceTimer?.cancel()
         graceTimer = nil
@@ -147,6 +152,8 @@ extension TunnelMux {
     /// What a suspended mux hands to the one that resumes it.
     struct HandedOver {
         var streams: [Stream] = []
+        /// Ended streams whose last frames the peer may not have (TunnelMux+Lingering.swift).
+        var lingering: [Stream] = []
         var resets: [UInt32] = []
         var nextStreamID: UInt32 = 0
         var lastPeerStreamID: UInt32 = 0
@@ -202,9 +209,10 @@ extension TunnelMux {
         graceTimer = nil
         self.successor = successor
         let handed = HandedOver(
-            streams: Array(streams.values), resets: resetWhileSuspended, nextStreamID: nextStreamID,
-            lastPeerStreamID: lastPeerStreamID)
+            streams: Array(streams.values), lingering: Array(lingering.values), resets: resetWhileSuspended,
+            nextStreamID: nextStreamID, lastPeerStreamID: lastPeerStreamID)
         streams = [:]
+        forgetLingering()
         resetWhileSuspended = []
         windowBudgetUsed = 0
         queuedData = 0
@@ -244,6 +252,19 @@ extension TunnelMux {
                 ResumedStream(
                     id: stream.id, received: stream.received, credited: stream.credited,
                     window: stream.receive.outstanding, fin: stream.lifecycle.state == .halfClosedRemote))
+        }
+        // Ended here, maybe not there: listed as received in full (this side had the peer's FIN), and kept until
+        // the peer's RESUME says whether it still waits for their last frames.
+        for stream in handed.lingering.sorted(by: { $0.id < $1.id }) {
+            guard listed.count < limits.maxResumedStreams, streams[stream.id] == nil, lingering[stream.id] == nil
+            else { continue }
+            lingering[stream.id] = stream
+            awaitingResume.insert(stream.id)
+            retainedTotal += stream.retainedBytes
+            listed.append(
+                ResumedStream(
+                    id: stream.id, received: stream.received, credited: stream.credited,
+                    window: stream.receive.outstanding, fin: true))
         }
         counters.setStreams(streams.count)
         if announce {
@@ -293,15 +314,27 @@ extension TunnelMux {
         var theirs: [UInt32: ResumedStream] = [:]
         for entry in peer.prefix(limits.maxResumedStreams) where theirs[entry.id] == nil { theirs[entry.id] = entry }
         for id in adopted.sorted() {
-            guard let stream = streams[id] else { continue }
-            if let entry = theirs.removeValue(forKey: id), sendAgain(stream, from: entry) { continue }
-            reset(stream)
+            if let stream = streams[id] {
+                if let entry = theirs.removeValue(forKey: id), sendAgain(stream, from: entry) { continue }
+                reset(stream)
+            } else if let ended = lingering[id] {
+                // The peer lists it: it waits for what is sent again here. Not listed: it has it all, and ended too.
+                guard let entry = theirs.removeValue(forKey: id) else {
+                    forgetLingering(id)
+                    continue
+                }
+                if !sendAgain(ended, from: entry) {
+                    forgetLingering(id)
+                    writeStreamFrame(.rst(streamID: id, code: .cancel, allocator: allocator))
+                }
+            }
         }
         // Listed by the peer alone: it resets them itself, but a stream it kept by mistake must not hang.
         for id in theirs.keys.sorted() { writeStreamFrame(.rst(streamID: id, code: .cancel, allocator: allocator)) }
         for id in adopted.sorted() {
             if let stream = streams[id] { flushPending(stream) }
         }
+        restartLingering()
         flushTunnel()
     }
 
@@ -309,7 +342,7 @@ extension TunnelMux {
     /// account cannot be true (more received than sent, less than is still retained, credit that the sender never
     /// had): that stream is reset.
     func sendAgain(_ stream: Stream, from entry: ResumedStream) -> Bool {
-        let sentFin = stream.lifecycle.state == .halfClosedLocal
+        let sentFin = stream.lifecycle.state == .halfClosedLocal || stream.lifecycle.state == .closed
         guard entry.received >= stream.retainedFrom, entry.received <= stream.sent, entry.credited <= entry.received,
             entry.window >= 0, entry.window <= limits.maximumWindow, UInt64(entry.window) >= stream.sent - entry.received,
             !entry.fin || (sentFin && entry.received == stream.sent)

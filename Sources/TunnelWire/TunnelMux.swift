@@ -120,6 +120,13 @@ public final class TunnelMux: ChannelInboundHandler {
     var retainedTotal = 0
     /// Streams reset while suspended: the RST goes out on the connection that resumes.
     var resetWhileSuspended: [UInt32] = []
+    /// Streams that ended here while their last DATA or FIN may not have reached the peer, with what they kept
+    /// (TunnelMux+Lingering.swift), and in the order they ended, each with the confirming PING it waits for.
+    var lingering: [UInt32: Stream] = [:]
+    var lingeringOrder = CircularBuffer<(id: UInt32, ping: UInt64)>()
+    var confirmPingsSent: UInt64 = 0
+    var lastConfirmPing = NIODeadline.uptimeNanoseconds(0)
+    var confirmTimer: Scheduled<Void>?
 
     public init(role: Role, eventLoop: EventLoop, limits: TunnelLimits = TunnelLimits()) {
         self.role = role
@@ -236,9 +243,9 @@ public final class TunnelMux: ChannelInboundHandler {
         return ReceiveWindow(initial: initial, maximum: limits.maximumWindow)
     }
 
-    func streamRemoved(_ stream: Stream) {
+    func streamRemoved(_ stream: Stream, keepRetained: Bool = false) {
         stream.inbound = []
-        dropRetained(stream)
+        if !keepRetained { dropRetained(stream) }
         if let pending = stream.pending {
             queuedData -= pending.readableBytes
             stream.pending = nil
@@ -361,7 +368,10 @@ public final class TunnelMux: ChannelInboundHandler {
     func removeIfDone(_ stream: Stream) {
         guard stream.lifecycle.isClosed else { return }
         // The glue closes its socket itself once both directions are done; it may still be flushing.
-        if streams.removeValue(forKey: stream.id) != nil { streamRemoved(stream) }
+        guard streams.removeValue(forKey: stream.id) != nil else { return }
+        let lingers = resumable && !stream.unresumable
+        streamRemoved(stream, keepRetained: lingers)
+        if lingers { linger(stream) }
     }
 
     func shutdownStreams() {
@@ -377,6 +387,7 @@ public final class TunnelMux: ChannelInboundHandler {
         urgentQueue.removeAll()
         queuedData = 0
         retainedTotal = 0
+        forgetLingering()
         counters.setStreams(0)
         for stream in all {
             limits.processBudget?.release(window: stream.receive.size, minimum: limits.minimumWindow)

@@ -13,6 +13,8 @@ final class ResumePair {
     var callers: [UInt32: EmbeddedChannel] = [:]
     var targets: [UInt32: EmbeddedChannel] = [:]
     let grace: TimeAmount = .seconds(30)
+    /// Every frame that went on the wire (delivered or lost), by the side that sent it.
+    var seen: [(from: TunnelMux.Role, type: FrameType?)] = []
 
     let limits: TunnelLimits
 
@@ -34,19 +36,22 @@ final class ResumePair {
         return (channel, mux, delegate)
     }
 
-    /// Moves frames both ways until none is left; `lose`: they are read and thrown away (lost in flight).
-    func pump(lose: Bool = false) throws {
+    /// Moves frames both ways until none is left; `lose`: they are read and thrown away (lost in flight);
+    /// `loseFrom`: only those that side sends are.
+    func pump(lose: Bool = false, loseFrom: TunnelMux.Role? = nil) throws {
         for _ in 0..<10_000 {
             loop.run()
             var moved = false
             while let frame = try server.channel.readOutbound(as: Frame.self) {
                 moved = true
-                if !lose { try agent.channel.writeInbound(frame) }
+                seen.append((.server, frame.type))
+                if !lose, loseFrom != .server { try agent.channel.writeInbound(frame) }
             }
             loop.run()
             while let frame = try agent.channel.readOutbound(as: Frame.self) {
                 moved = true
-                if !lose { try server.channel.writeInbound(frame) }
+                seen.append((.agent, frame.type))
+                if !lose, loseFrom != .agent { try server.channel.writeInbound(frame) }
             }
             guard moved else { return }
         }
@@ -360,5 +365,85 @@ func readAll(_ channel: EmbeddedChannel) throws -> [UInt8] {
         _ = try channel.finish(acceptAlreadyClosed: true)
         pair.loop.run()
         #expect(!mux.isSuspended && !caller.isActive)
+    }
+    /// A stream ends on one side once its FIN went out and the peer's came in. If that side's last DATA and FIN are
+    /// lost with the connection, the peer still waits for them; before, the resume could only reset the stream.
+    @Test(arguments: [TunnelMux.Role.agent, .server])
+    func aStreamThatEndedWhileItsLastFramesWereInFlightEndsWholeAfterTheResume(endedSide: TunnelMux.Role) throws {
+        let pair = try ResumePair()
+        let id = try pair.openStream()
+        let (endedSocket, waitingSocket) =
+            endedSide == .agent ? (pair.targets[id]!, pair.callers[id]!) : (pair.callers[id]!, pair.targets[id]!)
+        // One side sends its last bytes and its FIN: all of it is lost in flight. The other side's bytes and FIN
+        // arrive: the stream has ended on the first side, and the second waits for what was lost.
+        try endedSocket.writeInbound(pattern(70_000, from: 3))
+        endedSocket.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        try pair.pump(loseFrom: endedSide)
+        try waitingSocket.writeInbound(pattern(1000, from: 0))
+        waitingSocket.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        try pair.pump(loseFrom: endedSide)
+        #expect(sameBytes(try readAll(endedSocket), pattern(1000, from: 0)))
+        let (ended, waiting) = endedSide == .agent ? (pair.agent.mux, pair.server.mux) : (pair.server.mux, pair.agent.mux)
+        #expect(ended.streamCount == 0 && ended.lingeringCount == 1 && waiting.streamCount == 1)
+        try pair.cut()
+        #expect(ended.isSuspended && waiting.isSuspended)  // an ended stream alone is reason to wait
+        pair.seen = []
+        try pair.resume()
+        #expect(sameBytes(try readAll(waitingSocket), pattern(70_000, from: 3)))
+        #expect(!pair.seen.contains { $0.type == .rst })  // it ended cleanly
+        #expect(pair.server.mux.streamCount == 0 && pair.agent.mux.streamCount == 0)
+        // Both sides let the ended stream go once a PING sent after it comes back.
+        pair.loop.advanceTime(by: .seconds(1))
+        try pair.pump()
+        #expect(pair.server.mux.lingeringCount == 0 && pair.agent.mux.lingeringCount == 0)
+        #expect(pair.server.mux.retainedTotal == 0 && pair.agent.mux.retainedTotal == 0)
+    }
+
+    @Test func endedStreamsAreLetGoByConfirmingPingsThatStayUnderThePeersPingLimit() throws {
+        let pair = try ResumePair()
+        func oneExchange() throws {
+            let id = try pair.openStream()
+            for socket in [pair.callers[id]!, pair.targets[id]!] {
+                try socket.writeInbound(pattern(100, from: 0))
+                socket.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+            }
+            try pair.pump()
+        }
+        for _ in 0..<5 { try oneExchange() }
+        #expect(pair.server.mux.lingeringCount == 5 && pair.agent.mux.lingeringCount == 5)
+        // A PONG the mux never asked for confirms nothing.
+        try pair.server.channel.writeInbound(Frame.ping(.pong, opaque: TunnelMux.confirmingPing | 7, allocator: .init()))
+        #expect(pair.server.mux.lingeringCount == 5)
+        // An exchange every 50 ms for 3 s: each side sends at most a confirming PING every 500 ms, and keeps only
+        // what ended since its last one came back.
+        pair.seen = []
+        for round in 0..<60 {
+            try oneExchange()
+            pair.loop.advanceTime(by: .milliseconds(50))
+            try pair.pump()
+            let bound = round < 10 ? 16 : 11  // the first 5 wait for the first PING, 500 ms after the start
+            #expect(pair.server.mux.lingeringCount <= bound && pair.agent.mux.lingeringCount <= bound)
+        }
+        for side in [TunnelMux.Role.server, .agent] {
+            let pings = pair.seen.filter { $0.from == side && $0.type == .ping }.count
+            #expect((5...7).contains(pings), "\(side) sent \(pings) PINGs in 3 s")
+        }
+        #expect(pair.server.channel.isActive && pair.agent.channel.isActive)
+        pair.loop.advanceTime(by: .seconds(1))
+        try pair.pump()
+        #expect(pair.server.mux.lingeringCount == 0 && pair.agent.mux.lingeringCount == 0)
+
+        // At most maxResumedStreams linger; the oldest go first.
+        var limits = TunnelLimits()
+        limits.maxResumedStreams = 3
+        let small = try ResumePair(limits: limits)
+        for _ in 0..<5 {
+            let id = try small.openStream()
+            for socket in [small.callers[id]!, small.targets[id]!] {
+                socket.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+            }
+            try small.pump()
+        }
+        #expect(small.server.mux.lingering.keys.sorted() == [5, 7, 9])
     }
 }
