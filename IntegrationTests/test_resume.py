@@ -12,7 +12,7 @@ import pytest
 
 from conftest import BIN, run
 from edge_service import blob_sha256
-from harness import Cluster, FakeServer, frame, read_frame, rss_kib, wait_until
+from harness import Cluster, FakeServer, frame, http_get, read_frame, rss_kib, wait_until
 from netns import Topology
 from test_express_connect import Setup
 
@@ -225,7 +225,12 @@ def test_resume_tokens_are_bound_to_their_node_and_version_2_agents_are_served_a
             c.server.expect_log("agent connection lost: its 1 streams wait 30s", timeout=10)
             return token, stream_id, sock
 
+        def metric(name):
+            lines = [l for l in http_get(c.meta_url("/metrics"))[1].splitlines() if l.startswith(name)]
+            return float(lines[0].split()[-1]) if lines else 0.0
+
         token, _, sock = lose_a_tunnel_with_a_stream()
+        assert metric("edge_tunnel_server_suspended_tunnels") == 1
         stolen, thief = raw_hello(c, *edge5, "edge-5", tokens=[token])
         assert not stolen.get("resumed"), "another node's certificate resumed edge-1's streams"
         thief.close()
@@ -241,6 +246,9 @@ def test_resume_tokens_are_bound_to_their_node_and_version_2_agents_are_served_a
         except ConnectionResetError:
             pass  # ended with a reset: loud either way
         again.close()
+        wait_until(lambda: metric('edge_tunnel_server_tunnel_resumes_total{outcome="ended"}') == 1, 5,
+                   "the ended tunnel counted")
+        assert metric("edge_tunnel_server_suspended_tunnels") == 0
 
         token, stream_id, sock = lose_a_tunnel_with_a_stream()
         resumed, tls = raw_hello(c, *edge1, "edge-1", tokens=["f" * 32, token])
@@ -248,6 +256,8 @@ def test_resume_tokens_are_bound_to_their_node_and_version_2_agents_are_served_a
         frame_type, _, payload = read_frame(tls)
         assert frame_type == 19, frame_type
         assert [entry["id"] for entry in json.loads(payload)["streams"]] == [stream_id]
+        wait_until(lambda: metric('edge_tunnel_server_tunnel_resumes_total{outcome="resumed"}') == 1, 5,
+                   "the resume counted")
         tls.close()
         sock.close()
     finally:

@@ -67,6 +67,9 @@ public final class AgentRegistry: @unchecked Sendable {
         }
     }
 
+    /// Tunnels whose streams wait for their agent now.
+    var suspendedCount: Int { lock.withLock { suspendedByNode.count } }
+
     func forgetSuspended(_ session: AgentSession) {
         lock.withLock {
             if suspendedByNode[session.nodeName] === session { suspendedByNode[session.nodeName] = nil }

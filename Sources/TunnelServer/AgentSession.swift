@@ -139,8 +139,11 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         switch state {
         case .registered:
             logger.info("agent disconnected")
+        case .suspended where mux.wasTakenOver:
+            logger.info("the agent's suspended streams moved to its new connection")
         case .suspended:
-            logger.info("the agent's suspended streams ended (resumed on its new connection, or not resumed in time)")
+            server.metrics.resumes.increment("ended")
+            logger.info("the agent's suspended streams ended: not resumed in time, or not resumable")
         default:
             break
         }
@@ -159,6 +162,10 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         if wasRegistered {
             logger.info("agent connection lost: its \(mux.streamCount) streams wait \(server.configuration.resumeGrace.seconds)s for it to resume them")
         }
+    }
+
+    public func muxStreamWillNotResume(_ mux: TunnelMux) {
+        server.metrics.unresumableStreams.increment()
     }
 
     /// Ends this session's suspended streams now.
@@ -313,11 +320,13 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
                     resumed: resumeFrom == nil ? nil : true))
         guard let resumeFrom else { return }
         let logger = self.logger
+        let metrics = server.metrics
         resumeFrom.loseConnectionForResume()
             .flatMap { self.mux.takeOver(resumeFrom.mux) }
             .whenComplete { result in
                 switch result {
                 case .success(let count?):
+                    metrics.resumes.increment("resumed")
                     logger.info("resumed the agent's \(count) streams on its new connection")
                 case .success(nil), .failure:
                     logger.warning("the agent's lost streams could not be resumed: they had ended")

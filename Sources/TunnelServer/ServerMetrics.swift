@@ -24,8 +24,26 @@ final class ServerMetrics: @unchecked Sendable {
     let duplicateTunnels: Counter
     /// Server replicas the agents are told about.
     let replicas: Gauge
+    /// Resumable tunnels whose connection is lost and whose streams wait for the agent (PROTOCOL.md, "Resuming").
+    let suspendedTunnels: Gauge
+    /// What became of suspended tunnels: `resumed` on the agent's new connection, or `ended` (grace period over,
+    /// the agent restarted, revoked, shutdown).
+    let resumes: LabeledCounters
+    /// Streams that stopped keeping what they send (`maxRetained` reached): they cannot be resumed.
+    let unresumableStreams: Counter
 
     init() {
+        suspendedTunnels = registry.makeGauge(
+            descriptor: .named(
+                "edge_tunnel_server_suspended_tunnels",
+                help: "Tunnels whose connection was lost and whose streams wait for their agent to resume them."))
+        resumes = LabeledCounters(
+            registry: registry, name: "edge_tunnel_server_tunnel_resumes_total", label: "outcome",
+            help: "Suspended tunnels by what became of them: resumed on the agent's new connection, or ended.")
+        unresumableStreams = registry.makeCounter(
+            descriptor: .named(
+                "edge_tunnel_server_unresumable_streams_total",
+                help: "Streams that stopped keeping their sent bytes (the tunnel's retention bound): reset, not resumed, if the connection is lost."))
         duplicateTunnels = registry.makeCounter(
             descriptor: .named(
                 "edge_tunnel_server_duplicate_tunnels_total",
@@ -86,6 +104,7 @@ final class ServerMetrics: @unchecked Sendable {
         }
         let sessions = agentRegistry.sessions
         agents.set(Double(sessions.count))
+        suspendedTunnels.set(Double(agentRegistry.suspendedCount))
         streams.set(Double(sessions.reduce(0) { $0 + $1.streamCount }))
         pacedTunnels.set(Double(sessions.reduce(0) { $0 + ($1.mux.counters.paced ? 1 : 0) }))
         let totals = agentRegistry.totalBytes

@@ -59,6 +59,9 @@ extension TunnelMux {
     /// Whether the tunnel is suspended: its connection is gone and its streams wait to be resumed. On the loop.
     public var isSuspended: Bool { connection.state == .suspended }
 
+    /// Whether another connection took this tunnel's streams over (``takeOver(_:)``). On the loop.
+    public var wasTakenOver: Bool { successor != nil }
+
     /// Ends a suspended tunnel's streams now (the peer came back, but the resume failed). Nothing otherwise.
     public func abandonSuspended() {
         execute {

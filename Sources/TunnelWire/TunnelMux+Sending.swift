@@ -76,6 +76,7 @@ extension TunnelMux {
         guard retainedTotal + slice.readableBytes <= limits.maxRetained else {
             stream.unresumable = true
             dropRetained(stream)
+            delegate?.muxStreamWillNotResume(self)
             return
         }
         stream.retain(slice)

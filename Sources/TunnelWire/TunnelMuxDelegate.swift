@@ -13,8 +13,12 @@ public protocol TunnelMuxDelegate: AnyObject {
     /// The connection of a resumable tunnel is gone and its streams wait, for the grace period, for a new
     /// connection to resume them (``TunnelMux/enableResume(grace:)``); ``muxDidClose(_:)`` follows either way.
     func muxDidSuspend(_ mux: TunnelMux)
+    /// A stream of a resumable tunnel stopped keeping what it sends (the tunnel's ``TunnelLimits/maxRetained`` was
+    /// reached): it is reset, not resumed, if the connection is lost.
+    func muxStreamWillNotResume(_ mux: TunnelMux)
 }
 
 extension TunnelMuxDelegate {
     public func muxDidSuspend(_ mux: TunnelMux) {}
+    public func muxStreamWillNotResume(_ mux: TunnelMux) {}
 }

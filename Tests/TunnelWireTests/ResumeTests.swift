@@ -200,6 +200,7 @@ func readAll(_ channel: EmbeddedChannel) throws -> [UInt8] {
         }
         #expect(sent == 400_000)  // nothing waits for the bound: a stream past it just keeps nothing
         #expect(pair.server.mux.retainedTotal == 200_000)
+        #expect(pair.server.delegate.willNotResume == 1)  // told once, for the metric
         try pair.cut()  // all of it lost in flight
         #expect(!pair.callers[over]!.isActive && pair.callers[kept]!.isActive)
         try pair.resume()

@@ -9,6 +9,8 @@ final class RecordingDelegate: TunnelMuxDelegate {
     var opens: [(Open, UInt32)] = []
     var controls: [Frame] = []
     var closed = false
+    var willNotResume = 0
+    func muxStreamWillNotResume(_ mux: TunnelMux) { willNotResume += 1 }
     func mux(_ mux: TunnelMux, didReceiveOpen open: Open, streamID: UInt32) { opens.append((open, streamID)) }
     func mux(_ mux: TunnelMux, didReceiveControl frame: Frame) { controls.append(frame) }
     func muxDidClose(_ mux: TunnelMux) { closed = true }
