@@ -4,6 +4,10 @@ requests: CONNECT through PROXY to a random node's edge service, GET /hello, che
           times (or until STOP_FILE exists) by THREADS threads. Prints one JSON line: ok, failures, first errors.
 hold:     STREAMS CONNECT streams through PROXY reading /infinite for SECONDS; prints the bytes each stream read
           in each second, and whether it ended early.
+fetch:    STREAMS CONNECT streams through PROXY, each reading /follow/LINES to its end (a line every 50 ms) and
+          checking it line by line; prints, per stream, whether it came whole, the longest pause between two
+          reads, and how the connection ended: "clean" (TLS close_notify), or the error (a reset, or an end
+          without close_notify).
 """
 import argparse
 import json
@@ -22,10 +26,10 @@ def tls_context(args):
     return context
 
 
-def connect(args, context, node):
+def connect(args, context, node, ragged_eof_is_error=False):
     host, port = args.proxy.rsplit(":", 1)
     raw = socket.create_connection((host, int(port)), timeout=10)
-    tls = context.wrap_socket(raw)
+    tls = context.wrap_socket(raw, suppress_ragged_eofs=not ragged_eof_is_error)
     tls.sendall(f"CONNECT {node}:{args.port} HTTP/1.1\r\nHost: {node}\r\n\r\n".encode())
     head = b""
     while b"\r\n\r\n" not in head:
@@ -94,6 +98,16 @@ def requests(args):
     print(json.dumps({k: done[k] for k in ("ok", "failures", "errors")}), flush=True)
 
 
+def print_per_stream(args, reader, results):
+    """Runs `reader(i)` for each of STREAMS streams at once, then prints what they put in `results`."""
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(args.streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps(results), flush=True)
+
+
 def hold(args):
     context = tls_context(args)
     nodes = args.nodes.split(",")
@@ -120,17 +134,46 @@ def hold(args):
             ended = f"{error}"
         results[index] = {"node": node, "per_second": per_second, "ended": ended}
 
-    threads = [threading.Thread(target=reader, args=(i,)) for i in range(args.streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    print(json.dumps(results), flush=True)
+    print_per_stream(args, reader, results)
+
+
+def fetch(args):
+    context = tls_context(args)
+    nodes = args.nodes.split(",")
+    results = [None] * args.streams
+    expected = b"".join(b"%x\r\n%s\r\n" % (len(line), line) for line in (f"line {i}\n".encode()
+                                                                            for i in range(args.lines)))
+
+    def reader(index):
+        node = nodes[index % len(nodes)]
+        body, error, longest, last, data = b"", None, 0.0, None, b""
+        try:
+            tls = connect(args, context, node, ragged_eof_is_error=True)
+            tls.sendall(f"GET /follow/{args.lines} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            tls.settimeout(120)
+            data = b""
+            last = time.monotonic()
+            while True:
+                chunk = tls.recv(65536)
+                now = time.monotonic()
+                longest, last = max(longest, now - last), now
+                if not chunk:
+                    break
+                data += chunk
+            tls.close()
+        except Exception as error_:  # reported: the test decides
+            error = f"{type(error_).__name__}: {error_}"
+        body = data.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in data else b""
+        whole = body == expected + b"0\r\n\r\n"
+        results[index] = {"node": node, "whole": whole, "bytes": len(body), "longest_pause": round(longest, 2),
+                          "end": error or "clean"}
+
+    print_per_stream(args, reader, results)
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["requests", "hold"])
+    parser.add_argument("mode", choices=["requests", "hold", "fetch"])
     parser.add_argument("--proxy", required=True)
     parser.add_argument("--ca", required=True)
     parser.add_argument("--cert", required=True)
@@ -142,8 +185,9 @@ def main():
     parser.add_argument("--stop-file")
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--lines", type=int, default=600)
     args = parser.parse_args()
-    {"requests": requests, "hold": hold}[args.mode](args)
+    {"requests": requests, "hold": hold, "fetch": fetch}[args.mode](args)
 
 
 if __name__ == "__main__":

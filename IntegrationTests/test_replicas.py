@@ -282,3 +282,40 @@ def test_scaling_through_leases_converges_with_no_flag_changed(tmp_path):
             assert r.requests(200)["failures"] == 0
         finally:
             r.close()
+
+
+def test_an_outage_of_the_agents_path_resumes_streams_on_every_replica_and_ends_the_unreachable_ones_loudly(cluster):
+    """Follow streams through each of the three replicas, then 12 s in which no agent reaches any replica (the
+    router drops the agents' port; the callers' port stays up), and replica 1 gone from the agents' endpoints
+    when the path returns. Every agent resumes its suspended tunnels on replicas 0 and 2, each reached by its own
+    dial of the ClusterIP: their streams pause and then end whole, line by line. Replica 1 cannot be reached
+    within the grace period: its streams end with an error, never short and clean (issue 16)."""
+    net = cluster.net
+    lines = 500  # 25 s of lines: they run across the outage
+    fetchers = {i: subprocess.Popen([str(a) for a in cluster.client(
+        "fetch", "--streams", 4, "--lines", lines, proxy=f"{net.pod_ip(i)}:10263")], stdout=subprocess.PIPE, text=True)
+        for i in range(REPLICAS)}
+    time.sleep(3)
+    drop = [["-p", "tcp", "--dport", "10262", "-j", "DROP"], ["-p", "tcp", "--sport", "10262", "-j", "DROP"]]
+    for rule in drop:
+        net.run(net.router, "iptables", "-I", "FORWARD", *rule)
+    try:
+        time.sleep(12)
+        net.set_endpoints(10262, [0, 2])
+    finally:
+        for rule in drop:
+            net.run(net.router, "iptables", "-D", "FORWARD", *rule)
+    results = {i: json.loads(p.communicate(timeout=150)[0]) for i, p in fetchers.items()}
+    for index in (0, 2):
+        for stream in results[index]:
+            assert stream["whole"], (index, stream)
+            # It lived through the outage: the agent's keepalive takes 9 s to call the tunnel dead.
+            assert stream["longest_pause"] >= 9, (index, stream)
+        print(f"replica {index}: longest pause {max(s['longest_pause'] for s in results[index])} s")
+    print(f"replica 1 (unreachable): {[(s['bytes'], s['end']) for s in results[1]]}")
+    for stream in results[1]:
+        # Short, and the connection ends with a reset or without TLS close_notify: no client takes it as complete.
+        assert not stream["whole"] and stream["end"] != "clean", stream
+    net.set_endpoints(10262, range(REPLICAS))
+    wait_until(lambda: cluster.all_attached(range(REPLICAS)), ALL_ATTACHED_S, "every agent on every replica again")
+    assert cluster.requests(100)["failures"] == 0
