@@ -25,7 +25,9 @@ public final class StreamGlue: ChannelDuplexHandler {
     public typealias OutboundIn = ByteBuffer
     public typealias OutboundOut = ByteBuffer
 
-    private let mux: TunnelMux
+    /// The tunnel this socket's events go to; it changes when the stream is resumed on a new connection
+    /// (``moveToTunnel(_:)``). Read and written on the glue's loop only.
+    private var mux: TunnelMux
     public let streamID: UInt32
     private let eventLoop: EventLoop
     private var context: ChannelHandlerContext?
@@ -126,6 +128,13 @@ public final class StreamGlue: ChannelDuplexHandler {
     }
 
     // MARK: From the mux
+
+    /// The stream was resumed on `mux`'s connection: the socket's events go straight there from now on. Until this
+    /// runs, they reach the old tunnel, which passes them on; so a stream resumed many times keeps no chain of old
+    /// tunnels alive, and no socket event takes more than one extra hop.
+    func moveToTunnel(_ mux: TunnelMux) {
+        hop { self.mux = mux }
+    }
 
     /// Writes the bytes a read of the tunnel brought for this stream with one flush, and credits them back to
     /// the peer once the socket took them all.

@@ -2,16 +2,18 @@ import NIOCore
 
 /// What a ``StreamGlue`` calls, from any thread: each hops to the tunnel's event loop.
 extension TunnelMux {
-    func attach(_ glue: StreamGlue, to streamID: UInt32) {
+    /// `forwarded`: an old tunnel passed the attach on (the stream was resumed here): the glue moves here too.
+    func attach(_ glue: StreamGlue, to streamID: UInt32, forwarded: Bool = false) {
         execute {
             guard let stream = self.streams[streamID] else {
                 if let successor = self.successor {
-                    successor.attach(glue, to: streamID)
+                    successor.attach(glue, to: streamID, forwarded: true)
                 } else {
                     glue.resetFromTunnel()
                 }
                 return
             }
+            if forwarded { glue.moveToTunnel(self) }
             stream.glue = glue
             self.deliver(stream)
             if stream.lifecycle.state == .halfClosedRemote { glue.finishOutputFromTunnel() }  // the FIN came first

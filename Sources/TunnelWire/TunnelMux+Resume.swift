@@ -248,6 +248,7 @@ extension TunnelMux {
             }
             streams[stream.id] = stream
             awaitingResume.insert(stream.id)
+            stream.glue?.moveToTunnel(self)
             windowBudgetUsed += stream.receive.size
             queuedData += stream.pending?.readableBytes ?? 0
             retainedTotal += stream.retainedBytes

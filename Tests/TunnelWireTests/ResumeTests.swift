@@ -447,4 +447,24 @@ func readAll(_ channel: EmbeddedChannel) throws -> [UInt8] {
         }
         #expect(small.server.mux.lingering.keys.sorted() == [5, 7, 9])
     }
+    @Test func aStreamResumedManyTimesKeepsNoOldTunnelAlive() throws {
+        let pair = try ResumePair()
+        let id = try pair.openStream()
+        var up: [UInt8] = []
+        weak var firstServer = pair.server.mux
+        weak var firstAgent = pair.agent.mux
+        for round in 0..<5 {
+            try pair.callers[id]!.writeInbound(pattern(1000, from: round * 1000))
+            try pair.pump(lose: true)
+            try pair.cut()
+            try pair.resume()
+            up += try readAll(pair.targets[id]!)
+        }
+        // The sockets' glue moved to each new tunnel: the old ones are gone, not chained behind the new.
+        #expect(firstServer == nil && firstAgent == nil)
+        try pair.callers[id]!.writeInbound(pattern(500, from: 5000))
+        try pair.pump()
+        up += try readAll(pair.targets[id]!)
+        #expect(sameBytes(up, pattern(5500, from: 0)))
+    }
 }
