@@ -9,8 +9,9 @@ import NIOCore
 extension TunnelMux {
     /// Marks this mux's own PINGs (``sendConfirmingPing()``); keepalive PINGs carry the uptime, which never sets it.
     static let confirmingPing: UInt64 = 1 << 63
-    /// The shortest time between two confirming PINGs: two a second with the keepalive's one every 3 s stays well
-    /// inside the peer's limit (``TunnelLimits/pingsPerSecond``).
+    /// The shortest time between two confirming PINGs. One is in flight at a time: a stalled direction cannot make
+    /// them pile up into a burst past the peer's limit (``TunnelLimits/pingsPerSecond``), and with the keepalive's
+    /// one every 3 s they stay well inside it.
     static let confirmingPingInterval: TimeAmount = .milliseconds(500)
 
     /// How many ended streams are kept until the peer confirms them.
@@ -21,8 +22,13 @@ extension TunnelMux {
     func linger(_ stream: Stream) {
         stream.glue = nil  // nothing more reaches its socket
         lingering[stream.id] = stream
+        if lingeringOrder.count >= 2 * limits.maxResumedStreams {
+            // Entries of streams let go by an RST stay in line until confirmed; a peer that resets them and never
+            // answers PINGs must not make the line grow.
+            lingeringOrder = CircularBuffer(lingeringOrder.filter { lingering[$0.id] != nil })
+        }
         lingeringOrder.append((stream.id, confirmPingsSent + 1))
-        while lingeringOrder.count > limits.maxResumedStreams, let oldest = lingeringOrder.popFirst() {
+        while lingering.count > limits.maxResumedStreams, let oldest = lingeringOrder.popFirst() {
             forgetLingering(oldest.id)
         }
         scheduleConfirmingPing()
@@ -41,9 +47,18 @@ extension TunnelMux {
         lingeringOrder.removeAll()
     }
 
-    /// A confirming PING goes out soon, unless one is due already or nothing waits for one.
+    /// A live stream needs `count` more retained bytes than the tunnel's bound allows: lingering streams give theirs
+    /// up, the oldest first, before a live stream stops being resumable.
+    func makeRoomForRetaining(_ count: Int) {
+        while retainedTotal + count > limits.maxRetained, let oldest = lingeringOrder.popFirst() {
+            forgetLingering(oldest.id)
+        }
+    }
+
+    /// A confirming PING goes out soon, unless one is due or in flight already, or nothing waits for one.
     func scheduleConfirmingPing() {
-        guard confirmTimer == nil, context != nil, !lingering.isEmpty else { return }
+        guard confirmTimer == nil, confirmPingsAnswered == confirmPingsSent, context != nil, !lingering.isEmpty
+        else { return }
         let wait = max(.zero, lastConfirmPing + Self.confirmingPingInterval - eventLoop.now)
         confirmTimer = eventLoop.scheduleTask(in: wait) { [weak self] in self?.sendConfirmingPing() }
     }
@@ -53,21 +68,23 @@ extension TunnelMux {
         guard context != nil, !lingering.isEmpty else { return }
         confirmPingsSent += 1
         lastConfirmPing = eventLoop.now
-        writeFrame(.ping(.ping, opaque: Self.confirmingPing | confirmPingsSent, allocator: allocator), flush: true)
+        // Flushed with the frames around it, not in a TLS record of its own.
+        writeStreamFrame(.ping(.ping, opaque: Self.confirmingPing | confirmPingsSent, allocator: allocator))
     }
 
-    /// A PONG: if it answers a confirming PING, the streams that ended before that PING went out are let go.
+    /// A PONG: if it answers the confirming PING in flight, the streams that ended before that PING went out are let
+    /// go, and the next PING may follow for those that ended since.
     func confirmed(_ pong: Frame) {
-        guard !lingeringOrder.isEmpty, pong.payload.readableBytes == 8,
+        guard confirmPingsAnswered < confirmPingsSent, pong.payload.readableBytes == 8,
             let opaque = pong.payload.getInteger(at: pong.payload.readerIndex, as: UInt64.self),
-            opaque & Self.confirmingPing != 0
+            opaque == Self.confirmingPing | confirmPingsSent  // a PONG for another PING confirms nothing
         else { return }
-        let number = opaque & ~Self.confirmingPing
-        guard number <= confirmPingsSent else { return }  // a PONG for a PING never sent confirms nothing
-        while let first = lingeringOrder.first, first.ping <= number {
+        confirmPingsAnswered = confirmPingsSent
+        while let first = lingeringOrder.first, first.ping <= confirmPingsAnswered {
             lingeringOrder.removeFirst()
             forgetLingering(first.id)
         }
+        scheduleConfirmingPing()
     }
 
     /// After a resume: the lingering streams the peer did not list are gone from it too; the others were sent

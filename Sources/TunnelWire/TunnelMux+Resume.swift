@@ -152,6 +152,9 @@ extension TunnelMux {
 
     // MARK: Taking over
 
+    /// Nothing to hand over but the stream ids used so far. On the loop.
+    var idsOnly: HandedOver { HandedOver(nextStreamID: nextStreamID, lastPeerStreamID: lastPeerStreamID) }
+
     /// What a suspended mux hands to the one that resumes it.
     struct HandedOver {
         var streams: [Stream] = []
@@ -170,15 +173,17 @@ extension TunnelMux {
     public func takeOver(_ old: TunnelMux) -> EventLoopFuture<Int?> {
         beginTakeOver()  // the registration may already route to this tunnel
         // Not taken (the grace period ended meanwhile): an empty RESUME, so that the agent resets its side too.
+        // Its stream ids are carried over either way: the agent may have kept streams (or lingering ones) with
+        // higher ids, and it refuses an OPEN at or below the last id it saw.
         if old.eventLoop === eventLoop, eventLoop.inEventLoop {
             let handed = old.handOver(to: self)
-            adopt(handed ?? HandedOver(), announce: true)
+            adopt(handed ?? old.idsOnly, announce: true)
             return eventLoop.makeSucceededFuture(handed?.streams.count)
         }
-        return old.eventLoop.submit { old.handOver(to: self) }
+        return old.eventLoop.submit { (old.handOver(to: self), old.idsOnly) }
             .hop(to: eventLoop)
-            .map { handed in
-                self.adopt(handed ?? HandedOver(), announce: true)
+            .map { handed, ids in
+                self.adopt(handed ?? ids, announce: true)
                 return handed?.streams.count
             }
     }
@@ -323,7 +328,8 @@ extension TunnelMux {
                 reset(stream)
             } else if let ended = lingering[id] {
                 // The peer lists it: it waits for what is sent again here. Not listed: it has it all, and ended too.
-                guard let entry = theirs.removeValue(forKey: id) else {
+                // Listed with our FIN and every byte: nothing to send again either.
+                guard let entry = theirs.removeValue(forKey: id), !(entry.fin && entry.received == ended.sent) else {
                     forgetLingering(id)
                     continue
                 }

@@ -72,7 +72,9 @@ extension TunnelMux {
     /// Past that bound the stream gives up being resumable rather than wait: the peer may credit nothing until more
     /// comes (it credits in quarters of its window), so streams waiting for credit to free the bound could wait for
     /// good. Such a stream is reset if the connection is lost.
+    /// Streams that ended and linger (TunnelMux+Lingering.swift) give way first, the oldest first.
     func retainToSendAgain(_ stream: Stream, _ slice: ByteBuffer) {
+        if retainedTotal + slice.readableBytes > limits.maxRetained { makeRoomForRetaining(slice.readableBytes) }
         guard retainedTotal + slice.readableBytes <= limits.maxRetained else {
             stream.unresumable = true
             dropRetained(stream)

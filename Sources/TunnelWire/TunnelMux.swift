@@ -125,6 +125,7 @@ public final class TunnelMux: ChannelInboundHandler {
     var lingering: [UInt32: Stream] = [:]
     var lingeringOrder = CircularBuffer<(id: UInt32, ping: UInt64)>()
     var confirmPingsSent: UInt64 = 0
+    var confirmPingsAnswered: UInt64 = 0
     var lastConfirmPing = NIODeadline.uptimeNanoseconds(0)
     var confirmTimer: Scheduled<Void>?
 
@@ -369,7 +370,7 @@ public final class TunnelMux: ChannelInboundHandler {
         guard stream.lifecycle.isClosed else { return }
         // The glue closes its socket itself once both directions are done; it may still be flushing.
         guard streams.removeValue(forKey: stream.id) != nil else { return }
-        let lingers = resumable && !stream.unresumable
+        let lingers = resumable && !resumeRefused && !stream.unresumable
         streamRemoved(stream, keepRetained: lingers)
         if lingers { linger(stream) }
     }

@@ -434,6 +434,21 @@ func readAll(_ channel: EmbeddedChannel) throws -> [UInt8] {
         try pair.pump()
         #expect(pair.server.mux.lingeringCount == 0 && pair.agent.mux.lingeringCount == 0)
 
+        // The agent's direction stalls for 20 s while the server's frames still arrive, and streams keep ending on
+        // the agent (their FINs come from the server): one confirming PING stays in flight, where a PING every
+        // 500 ms would have queued 40, a burst past the server's limit of 32 once the path came back.
+        let ids = try (0..<20).map { _ in try pair.openStream() }
+        pair.seen = []
+        for id in ids {
+            pair.callers[id]!.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+            for _ in 0..<10 {
+                pair.loop.advanceTime(by: .milliseconds(100))
+                try pair.pump(loseFrom: .agent)
+            }
+        }
+        #expect(pair.agent.mux.lingeringCount == 20)
+        #expect(pair.seen.filter { $0.from == .agent && $0.type == .ping }.count == 1)
+
         // At most maxResumedStreams linger; the oldest go first.
         var limits = TunnelLimits()
         limits.maxResumedStreams = 3
@@ -466,5 +481,45 @@ func readAll(_ channel: EmbeddedChannel) throws -> [UInt8] {
         try pair.pump()
         up += try readAll(pair.targets[id]!)
         #expect(sameBytes(up, pattern(5500, from: 0)))
+    }
+    @Test func anEndedStreamGivesUpWhatItKeptBeforeALiveStreamStopsBeingResumable() throws {
+        var limits = TunnelLimits()
+        limits.maxRetained = 300_000
+        let pair = try ResumePair(limits: limits)
+        let ended = try pair.openStream()
+        try pair.callers[ended]!.writeInbound(pattern(200_000, from: 0))  // below a quarter window: not credited
+        for socket in [pair.callers[ended]!, pair.targets[ended]!] {
+            socket.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        }
+        try pair.pump()
+        #expect(pair.server.mux.lingeringCount == 1 && pair.server.mux.retainedTotal == 200_000)
+        let live = try pair.openStream()
+        try pair.callers[live]!.writeInbound(pattern(200_000, from: 9))
+        pair.loop.run()
+        #expect(pair.server.mux.lingeringCount == 0 && pair.server.mux.retainedTotal == 200_000)
+        #expect(pair.server.delegate.willNotResume == 0)
+        #expect(pair.server.mux.streams[live]?.unresumable == false)
+    }
+
+    @Test func aTakeoverWithNothingToTakeStillCarriesTheStreamIds() throws {
+        let pair = try ResumePair()
+        _ = try pair.openStream()
+        let last = try pair.openStream()
+        // The server's side ends (closed on purpose); the agent's streams wait, with the server's ids seen so far.
+        pair.server.mux.closeWithoutResume()
+        try pair.cut()
+        #expect(!pair.server.mux.isSuspended && pair.agent.mux.isSuspended)
+        let old = (server: pair.server.mux, agent: pair.agent.mux)
+        pair.server = try pair.connection(.server)
+        pair.agent = try pair.connection(.agent)
+        #expect(pair.agent.mux.expectResume(from: old.agent))
+        #expect(try pair.server.mux.takeOver(old.server).wait() == nil)
+        try pair.pump()
+        // The next stream takes an id the agent has not seen: before, it was 1 again, and the agent cut the
+        // tunnel off ("OPEN on invalid or reused stream").
+        _ = pair.server.mux.openStream(target: "127.0.0.1:10250")
+        try pair.pump()
+        #expect(pair.agent.channel.isActive && pair.server.channel.isActive)
+        #expect(pair.agent.delegate.opens.map(\.1) == [last + 2])
     }
 }
