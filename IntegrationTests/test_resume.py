@@ -120,6 +120,11 @@ def test_streams_survive_the_private_lines_loss(topo, tmp_path, cut):
         s.close()
 
 
+def agent_metric(s, name):
+    lines = [line for line in s.agent_meta("/metrics").splitlines() if line.startswith(name)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
 def transfers_into_an_outage(s, tmp_path):
     """The internet path only: the three transfers start, then the path goes, until the agent's streams wait."""
     s.start_server([PUBLIC])
@@ -130,6 +135,7 @@ def transfers_into_an_outage(s, tmp_path):
     internet_outage(s.topo, True)
     # The agent finds the tunnel dead after 9 s.
     s.agent.expect_log("wait to resume", timeout=15)
+    assert agent_metric(s, "edge_tunnel_agent_suspended_tunnels") == 1
     return t
 
 
@@ -149,6 +155,8 @@ def test_streams_survive_a_12_second_outage_of_the_only_path_with_bounded_memory
         results = t.finish()
         t.assert_complete(results)
         s.server.expect_log("resumed the agent's 3 streams on its new connection")
+        assert agent_metric(s, 'edge_tunnel_agent_tunnel_resumes_total{outcome="resumed"}') == 1
+        assert agent_metric(s, "edge_tunnel_agent_suspended_tunnels") == 0
         print(f"resume after a 12 s outage: longest pause {t.longest_pause():.1f} s; RSS while waiting {rss} KiB")
     finally:
         s.close()
@@ -168,6 +176,8 @@ def test_a_server_restart_during_the_outage_makes_the_streams_fail_loudly(topo, 
             assert code != 0, f"{name} must fail, not end as if complete"
         assert os.path.getsize(t.download_file) < SIZE
         s.agent.expect_log("could not resume the lost tunnel's streams", timeout=30)
+        wait_until(lambda: agent_metric(s, 'edge_tunnel_agent_tunnel_resumes_total{outcome="ended"}') == 1, 5,
+                   "the agent counting the streams it could not resume")
         wait_until(lambda: s.request().stdout == "hello from the edge\n", 30, "the agent serving again")
     finally:
         s.close()

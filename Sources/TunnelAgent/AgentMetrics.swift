@@ -11,6 +11,10 @@ final class AgentMetrics: @unchecked Sendable {
     let streams: Gauge
     let pacedTunnels: Gauge
     let refused: Counter
+    /// Tunnels whose connection was lost and whose streams wait to be resumed, one per server replica at most.
+    let suspendedTunnels: Gauge
+    /// What became of them: `resumed` on a new connection, or `ended` (grace period over, not resumable).
+    let resumes: LabeledCounters
     let reconnects: Counter
     let bytesFromServer: TotalCounter
     let bytesToServer: TotalCounter
@@ -31,6 +35,13 @@ final class AgentMetrics: @unchecked Sendable {
             descriptor: .named(
                 "edge_tunnel_agent_paced_tunnels",
                 help: "Tunnels paced now: their link to the server is slow (below 100 Mbit/s), so replies go ahead of bulk."))
+        suspendedTunnels = registry.makeGauge(
+            descriptor: .named(
+                "edge_tunnel_agent_suspended_tunnels",
+                help: "Tunnels whose connection was lost and whose streams wait to be resumed on a new one."))
+        resumes = LabeledCounters(
+            registry: registry, name: "edge_tunnel_agent_tunnel_resumes_total", label: "outcome",
+            help: "Suspended tunnels by what became of them: resumed on a new connection, or ended.")
         refused = registry.makeCounter(
             descriptor: .named("edge_tunnel_agent_refused_total", help: "Stream requests refused by the allow list."))
         reconnects = registry.makeCounter(

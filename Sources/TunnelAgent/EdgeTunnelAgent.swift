@@ -296,19 +296,25 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
 
     /// `tunnel`'s connection was lost with streams open: they wait for a new connection to `serverID`.
     func tunnelSuspended(_ tunnel: AgentTunnel, serverID: String, token: String) {
-        let replaced = lock.withLock { () -> TunnelMux? in
+        let (replaced, count) = lock.withLock { () -> (TunnelMux?, Int) in
             let previous = suspended[serverID]?.mux
             suspended[serverID] = (token, tunnel.mux)
-            return previous === tunnel.mux ? nil : previous
+            return (previous === tunnel.mux ? nil : previous, suspended.count)
         }
+        metrics.suspendedTunnels.set(Int64(count))
         replaced?.abandonSuspended()
     }
 
-    /// The tunnel's suspended streams ended (resumed, or their grace period is over).
+    /// The tunnel's suspended streams ended (resumed, or their grace period is over). On the mux's loop.
     func suspendedEnded(_ mux: TunnelMux) {
-        lock.withLock {
-            for (id, entry) in suspended where entry.mux === mux { suspended[id] = nil }
+        let (listed, count) = lock.withLock { () -> (Bool, Int) in
+            let ids = suspended.filter { $0.value.mux === mux }.map(\.key)
+            for id in ids { suspended[id] = nil }
+            return (!ids.isEmpty, suspended.count)
         }
+        guard listed else { return }
+        metrics.suspendedTunnels.set(Int64(count))
+        metrics.resumes.increment(mux.wasTakenOver ? "resumed" : "ended")
     }
 
     /// The tokens to name in a HELLO: every suspended tunnel's.
@@ -337,7 +343,10 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     func retireTunnel(_ tunnel: AgentTunnel) {
         lock.withLock { lingering.append(tunnel) }
         tunnel.mux.whenIdle().whenComplete { [weak self] _ in
-            tunnel.mux.closeWithoutResume()  // closed on purpose: streams that just ended need not linger
+            // Closed on purpose, and the server is told first (GOAWAY): neither side waits to resume a stream that
+            // just ended on it.
+            tunnel.mux.closeWithoutResume()
+            tunnel.mux.drain(reason: "the agent retired this tunnel")
             tunnel.channel?.close(promise: nil)
             self?.retire(tunnel)
         }
