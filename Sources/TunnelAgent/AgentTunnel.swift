@@ -144,7 +144,7 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
             mux.closeWithoutResume()  // refused on purpose (revoked, reset): nothing to resume
             if !registered, reason.contains("protocol version \(tunnelProtocolVersion) is not supported") {
                 // A server of the previous version (a rollout, a rollback): spoken to without resuming.
-                agent.useProtocolVersion(oldestAgentProtocolVersion)
+                agent.useOlderProtocol()
             }
             agent.logger.error("server \(address) refused the tunnel: \(reason)")
             registration.fail(JoinError(description: "server refused the registration: \(reason)"))

@@ -43,7 +43,8 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     /// Tunnels whose connection was lost with streams open, by the replica that holds them: their streams wait
     /// to be resumed by the next connection to that replica (its HELLO names the token).
     private var suspended: [String: (token: String, mux: TunnelMux)] = [:]
-    private var protocolVersion = tunnelProtocolVersion
+    /// After a server of the previous version refused this one's HELLO: until when the agent speaks that version.
+    private var olderProtocolUntil: NIODeadline?
     /// The tunnels to the other server replicas; set at the end of `init` (a `lazy var` first touched from two
     /// threads at once would be built twice, and one freed while in use).
     private(set) var replicas: ReplicaTunnels!
@@ -329,11 +330,23 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
 
     /// The protocol version the next HELLO claims: this build's, or the previous one after a server of that version
     /// refused this one's.
-    var helloVersion: Int { lock.withLock { protocolVersion } }
+    var helloVersion: Int { lock.withLock { Self.helloVersion(olderProtocolUntil: olderProtocolUntil, now: .now()) } }
 
-    func useProtocolVersion(_ version: Int) {
-        lock.withLock { protocolVersion = version }
-        logger.warning("the server speaks an older protocol: using version \(version), without resumable tunnels")
+    /// How long the agent speaks the previous version after a server refused this one's; then it tries this one's
+    /// again (the servers were rolled forward again: its tunnels become resumable without a restart).
+    static let olderProtocolPeriod: TimeAmount = .minutes(10)
+
+    static func helloVersion(olderProtocolUntil: NIODeadline?, now: NIODeadline) -> Int {
+        guard let olderProtocolUntil, now < olderProtocolUntil else { return tunnelProtocolVersion }
+        return oldestAgentProtocolVersion
+    }
+
+    /// A server of the previous version refused this one's HELLO.
+    func useOlderProtocol() {
+        let version = oldestAgentProtocolVersion
+        lock.withLock { olderProtocolUntil = .now() + Self.olderProtocolPeriod }
+        logger.warning(
+            "the server speaks an older protocol: using version \(version), without resumable tunnels, for \(Self.olderProtocolPeriod.nanoseconds / 60_000_000_000) minutes; then version \(tunnelProtocolVersion) again")
     }
 
     var hasSuspendedTunnels: Bool { lock.withLock { !suspended.isEmpty } }

@@ -1,5 +1,6 @@
 import NIOCore
 import Testing
+import TunnelWire
 
 @testable import TunnelAgent
 
@@ -30,5 +31,22 @@ import Testing
             let wait = ReplicaTunnels.wait(afterDuplicates: 1, pace: pace).nanoseconds / 1_000_000
             #expect(wait >= 125 && wait <= 450_000, "\(pace)")
         }
+    }
+}
+
+/// After a server of the previous protocol version refused the agent's HELLO.
+@Suite struct OlderProtocolTests {
+    @Test func theAgentSpeaksThePreviousVersionForTenMinutesThenItsOwnAgain() {
+        let refusedAt = NIODeadline.now()
+        let until = refusedAt + EdgeTunnelAgent.olderProtocolPeriod
+        #expect(EdgeTunnelAgent.helloVersion(olderProtocolUntil: nil, now: refusedAt) == tunnelProtocolVersion)
+        #expect(EdgeTunnelAgent.helloVersion(olderProtocolUntil: until, now: refusedAt) == oldestAgentProtocolVersion)
+        #expect(EdgeTunnelAgent.helloVersion(olderProtocolUntil: until, now: refusedAt + .minutes(9))
+            == oldestAgentProtocolVersion)
+        // The servers may have been rolled forward again: the next dial tries this build's version (and falls
+        // back again, for another ten minutes, if it is refused again).
+        #expect(EdgeTunnelAgent.helloVersion(olderProtocolUntil: until, now: refusedAt + .minutes(10))
+            == tunnelProtocolVersion)
+        #expect(tunnelProtocolVersion > oldestAgentProtocolVersion)
     }
 }
