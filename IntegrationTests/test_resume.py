@@ -120,9 +120,14 @@ def test_streams_survive_the_private_lines_loss(topo, tmp_path, cut):
         s.close()
 
 
+def metric_of(text, name):
+    """The value of a metric (the first line that starts with `name`), None when the text has no such line."""
+    lines = [line for line in text.splitlines() if line.startswith(name)]
+    return float(lines[0].split()[-1]) if lines else None
+
+
 def agent_metric(s, name):
-    lines = [line for line in s.agent_meta("/metrics").splitlines() if line.startswith(name)]
-    return float(lines[0].split()[-1]) if lines else 0.0
+    return metric_of(s.agent_meta("/metrics"), name)
 
 
 def transfers_into_an_outage(s, tmp_path):
@@ -157,6 +162,9 @@ def test_streams_survive_a_12_second_outage_of_the_only_path_with_bounded_memory
         s.server.expect_log("resumed the agent's 3 streams on its new connection")
         assert agent_metric(s, 'edge_tunnel_agent_tunnel_resumes_total{outcome="resumed"}') == 1
         assert agent_metric(s, "edge_tunnel_agent_suspended_tunnels") == 0
+        # Every byte kept to send again is given back once the streams have ended (and stopped lingering).
+        wait_until(lambda: metric_of(s.meta("/metrics"), "edge_tunnel_server_retained_bytes") == 0, 10,
+                   "the server keeping nothing more")
         print(f"resume after a 12 s outage: longest pause {t.longest_pause():.1f} s; RSS while waiting {rss} KiB")
     finally:
         s.close()

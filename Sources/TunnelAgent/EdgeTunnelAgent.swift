@@ -60,6 +60,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         // What a resumable tunnel keeps to send again: one stream at the largest window fits; past it, streams are
         // not resumable. (The receive windows have their own budget.)
         limits.maxRetained = configuration.bufferBudget / 4
+        limits.processRetained = RetainedBudget(limit: configuration.bufferBudget / 2)  // over every replica's tunnel
         self.tunnelLimits = limits
         self.addresses = configuration.serverAddresses
         if let group {

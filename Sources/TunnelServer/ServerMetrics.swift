@@ -31,6 +31,7 @@ final class ServerMetrics: @unchecked Sendable {
     let resumes: LabeledCounters
     /// Streams that stopped keeping what they send (`maxRetained` reached): they cannot be resumed.
     let unresumableStreams: Counter
+    let retainedBytes: Gauge
 
     init() {
         suspendedTunnels = registry.makeGauge(
@@ -40,6 +41,10 @@ final class ServerMetrics: @unchecked Sendable {
         resumes = LabeledCounters(
             registry: registry, name: "edge_tunnel_server_tunnel_resumes_total", label: "outcome",
             help: "Suspended tunnels by what became of them: resumed on the agent's new connection, or ended.")
+        retainedBytes = registry.makeGauge(
+            descriptor: .named(
+                "edge_tunnel_server_retained_bytes",
+                help: "Bytes sent and kept to send again after a resume, over all tunnels (bounded by --max-buffered-bytes)."))
         unresumableStreams = registry.makeCounter(
             descriptor: .named(
                 "edge_tunnel_server_unresumable_streams_total",
@@ -96,8 +101,11 @@ final class ServerMetrics: @unchecked Sendable {
     }
 
     /// Refreshes the values that are read from live state, then renders the Prometheus text format.
-    func render(registry agentRegistry: AgentRegistry, gates: [ConnectionGate], budget: WindowBudget?) -> [UInt8] {
+    func render(
+        registry agentRegistry: AgentRegistry, gates: [ConnectionGate], budget: WindowBudget?, retained: RetainedBudget?
+    ) -> [UInt8] {
         bufferedBytes.set(Double(budget?.inUse ?? 0))
+        retainedBytes.set(Double(retained?.inUse ?? 0))
         for gate in gates {
             pendingConnections.set(gate.port, Double(gate.pendingCount))
             admissionLimits.set(gate.port, Double(gate.admissionLimit))

@@ -43,7 +43,8 @@ extension TunnelServer {
             return MetaResponse(
                 status: .ok, contentType: "text/plain; version=0.0.4; charset=utf-8",
                 body: core.metrics.render(
-                    registry: core.registry, gates: lock.withLock { gates }, budget: core.limits.processBudget))
+                    registry: core.registry, gates: lock.withLock { gates }, budget: core.limits.processBudget,
+                    retained: core.limits.processRetained))
         case "/v1/agents":
             return MetaResponse(status: .ok, contentType: "application/json", body: agentsJSON())
         case "/v1/server":

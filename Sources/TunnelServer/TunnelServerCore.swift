@@ -99,6 +99,8 @@ final class TunnelServerCore: @unchecked Sendable {
         limits.maxPendingOpens = configuration.maxPendingOpensPerAgent
         limits.openTimeout = configuration.dialTimeout
         limits.processBudget = WindowBudget(limit: configuration.maxBufferedBytes)
+        // What resumable tunnels keep to send again, together: as much again as the receive windows may hold.
+        limits.processRetained = RetainedBudget(limit: configuration.maxBufferedBytes)
         self.limits = limits
         self.callerStreams = CallerStreams(limit: configuration.maxStreamsPerCaller)
         self.identities = try NodeIdentities(paths: configuration.paths)

@@ -66,6 +66,9 @@ public struct TunnelLimits: Sendable {
     /// Bytes a resumable tunnel keeps, over all its streams, to send again after a resume (each stream at most the
     /// peer's window): a stream that would go past it keeps nothing more, and is reset if the connection is lost.
     public var maxRetained = 64 << 20
+    /// What all resumable tunnels of the process keep together (shared by every connection's limits); nil: no
+    /// bound beyond each tunnel's.
+    public var processRetained: RetainedBudget?
 
     public init() {}
 }

@@ -26,7 +26,7 @@ extension TunnelMux {
                 if frame.flags & Frame.windowGrowth == 0 {
                     // Consumed by the peer's socket: those bytes are never needed again.
                     stream.peerCredited &+= UInt64(increment)
-                    retainedTotal -= stream.trimRetained(upTo: stream.peerCredited)
+                    releaseRetained(stream.trimRetained(upTo: stream.peerCredited))
                 }
                 // What is kept to send again is at most the peer's window, which never exceeds the maximum: a peer
                 // granting more would make this side keep more.

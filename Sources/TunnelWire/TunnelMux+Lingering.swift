@@ -47,12 +47,18 @@ extension TunnelMux {
         lingeringOrder.removeAll()
     }
 
-    /// A live stream needs `count` more retained bytes than the tunnel's bound allows: lingering streams give theirs
-    /// up, the oldest first, before a live stream stops being resumable.
-    func makeRoomForRetaining(_ count: Int) {
-        while retainedTotal + count > limits.maxRetained, let oldest = lingeringOrder.popFirst() {
+    /// A live stream needs `count` more retained bytes than the tunnel's or the process's bound allows: this
+    /// tunnel's lingering streams give theirs up, the oldest first, before a live stream stops being resumable.
+    /// Whether any was let go (then it is worth trying again).
+    func makeRoomForRetaining(_ count: Int) -> Bool {
+        var freed = false
+        while retainedTotal + count > limits.maxRetained || !(limits.processRetained?.fits(count) ?? true),
+            let oldest = lingeringOrder.popFirst()
+        {
+            freed = lingering[oldest.id] != nil || freed
             forgetLingering(oldest.id)
         }
+        return freed
     }
 
     /// A confirming PING goes out soon, unless one is due or in flight already, or nothing waits for one.

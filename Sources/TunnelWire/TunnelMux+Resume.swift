@@ -247,6 +247,7 @@ extension TunnelMux {
                 limits.processBudget?.release(window: stream.receive.size, minimum: limits.minimumWindow)
                 stream.lifecycle.reset()
                 stream.glue?.resetFromTunnel()
+                limits.processRetained?.give(stream.retainedBytes)  // counted there since it was sent
                 stream.retained = nil
                 resets.append(stream.id)
                 continue
@@ -266,7 +267,10 @@ extension TunnelMux {
         // the peer's RESUME says whether it still waits for their last frames.
         for stream in handed.lingering.sorted(by: { $0.id < $1.id }) {
             guard listed.count < limits.maxResumedStreams, streams[stream.id] == nil, lingering[stream.id] == nil
-            else { continue }
+            else {
+                limits.processRetained?.give(stream.retainedBytes)
+                continue
+            }
             lingering[stream.id] = stream
             awaitingResume.insert(stream.id)
             retainedTotal += stream.retainedBytes
@@ -357,7 +361,7 @@ extension TunnelMux {
             entry.window >= 0, entry.window <= limits.maximumWindow, UInt64(entry.window) >= stream.sent - entry.received,
             !entry.fin || (sentFin && entry.received == stream.sent)
         else { return false }
-        retainedTotal -= stream.trimRetained(upTo: entry.received)
+        releaseRetained(stream.trimRetained(upTo: entry.received))
         stream.peerCredited = entry.credited  // later WINDOWs count on from here
         stream.send = SendWindow(initial: entry.window - stream.retainedBytes)
         stream.queuedToSend = false

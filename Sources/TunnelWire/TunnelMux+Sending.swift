@@ -73,16 +73,31 @@ extension TunnelMux {
     /// comes (it credits in quarters of its window), so streams waiting for credit to free the bound could wait for
     /// good. Such a stream is reset if the connection is lost.
     /// Streams that ended and linger (TunnelMux+Lingering.swift) give way first, the oldest first.
+    /// So is the process's bound (``TunnelLimits/processRetained``).
     func retainToSendAgain(_ stream: Stream, _ slice: ByteBuffer) {
-        if retainedTotal + slice.readableBytes > limits.maxRetained { makeRoomForRetaining(slice.readableBytes) }
-        guard retainedTotal + slice.readableBytes <= limits.maxRetained else {
+        let count = slice.readableBytes
+        guard reserveRetained(count) || (makeRoomForRetaining(count) && reserveRetained(count)) else {
             stream.unresumable = true
             dropRetained(stream)
             delegate?.muxStreamWillNotResume(self)
             return
         }
         stream.retain(slice)
-        retainedTotal += slice.readableBytes
+    }
+
+    /// Counts `count` more retained bytes, in the tunnel and the process, if both bounds allow.
+    func reserveRetained(_ count: Int) -> Bool {
+        guard retainedTotal + count <= limits.maxRetained, limits.processRetained?.take(count) ?? true else {
+            return false
+        }
+        retainedTotal += count
+        return true
+    }
+
+    /// `count` retained bytes are let go (credited, sent again and trimmed, or dropped).
+    func releaseRetained(_ count: Int) {
+        retainedTotal -= count
+        limits.processRetained?.give(count)
     }
 
     /// The next stream to send a frame: small pieces first, in their order, but after four of them in a row a

@@ -262,7 +262,7 @@ public final class TunnelMux: ChannelInboundHandler {
     /// Lets go of what `stream` kept to send again.
     func dropRetained(_ stream: Stream) {
         guard stream.retained != nil else { return }
-        retainedTotal -= stream.retainedBytes
+        releaseRetained(stream.retainedBytes)
         stream.retained = nil
         stream.retainedBytes = 0
     }
@@ -387,7 +387,7 @@ public final class TunnelMux: ChannelInboundHandler {
         sendQueue.removeAll()
         urgentQueue.removeAll()
         queuedData = 0
-        retainedTotal = 0
+        releaseRetained(retainedTotal)  // open and lingering streams alike: they end here
         forgetLingering()
         counters.setStreams(0)
         for stream in all {

@@ -522,4 +522,43 @@ func readAll(_ channel: EmbeddedChannel) throws -> [UInt8] {
         #expect(pair.agent.channel.isActive && pair.server.channel.isActive)
         #expect(pair.agent.delegate.opens.map(\.1) == [last + 2])
     }
+    @Test func theProcessBoundsWhatAllTunnelsKeepAndGetsEveryByteBack() throws {
+        var limits = TunnelLimits()
+        let budget = RetainedBudget(limit: 300_000)
+        limits.processRetained = budget
+        let first = try ResumePair(limits: limits)
+        let second = try ResumePair(limits: limits)
+        let a = try first.openStream()
+        try first.callers[a]!.writeInbound(pattern(200_000, from: 0))
+        first.loop.run()
+        #expect(budget.inUse == 200_000)
+        // Another tunnel of the process finds the bound reached: that stream keeps nothing and will not resume.
+        let b = try second.openStream()
+        try second.callers[b]!.writeInbound(pattern(200_000, from: 0))
+        second.loop.run()
+        #expect(second.server.delegate.willNotResume == 1 && budget.inUse == 200_000)
+        // Through a loss, a resume, the stream's end and its lingering: every byte comes back to the process.
+        try first.pump(lose: true)
+        try first.cut()
+        try first.resume()
+        #expect(budget.inUse == 200_000)
+        for socket in [first.callers[a]!, first.targets[a]!] {
+            socket.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
+        }
+        try first.pump()
+        #expect(sameBytes(try readAll(first.targets[a]!), pattern(200_000, from: 0)))
+        first.loop.advanceTime(by: .seconds(1))
+        try first.pump()
+        #expect(first.server.mux.lingeringCount == 0)
+        #expect(budget.inUse == 0)
+        // And from a tunnel whose grace period ends.
+        try second.cut()
+        let c = try first.openStream()
+        try first.callers[c]!.writeInbound(pattern(50_000, from: 0))
+        first.loop.run()
+        #expect(budget.inUse == 50_000)
+        try first.cut()
+        first.loop.advanceTime(by: first.grace + .seconds(1))
+        #expect(budget.inUse == 0)
+    }
 }
