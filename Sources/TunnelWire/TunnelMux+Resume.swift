@@ -177,14 +177,14 @@ extension TunnelMux {
         // higher ids, and it refuses an OPEN at or below the last id it saw.
         if old.eventLoop === eventLoop, eventLoop.inEventLoop {
             let handed = old.handOver(to: self)
-            adopt(handed ?? old.idsOnly, announce: true)
-            return eventLoop.makeSucceededFuture(handed?.streams.count)
+            let taken = adopt(handed ?? old.idsOnly, announce: true)
+            return eventLoop.makeSucceededFuture(taken == nil ? nil : handed?.streams.count)
         }
         return old.eventLoop.submit { (old.handOver(to: self), old.idsOnly) }
             .hop(to: eventLoop)
             .map { handed, ids in
-                self.adopt(handed ?? ids, announce: true)
-                return handed?.streams.count
+                let taken = self.adopt(handed ?? ids, announce: true)
+                return taken == nil ? nil : handed?.streams.count
             }
     }
 
@@ -233,10 +233,22 @@ extension TunnelMux {
     }
 
     /// Takes the handed-over streams in, frozen until the peer's RESUME, and (`announce`) sends this side's
-    /// RESUME. Streams past ``TunnelLimits/maxResumedStreams`` are reset.
+    /// RESUME. Streams past ``TunnelLimits/maxResumedStreams`` are reset. Nil when this connection closed before the
+    /// streams came (the takeover waited for the old connection to close): they end, and give back what they held.
     @discardableResult
-    func adopt(_ handed: HandedOver, announce: Bool) -> Int {
+    func adopt(_ handed: HandedOver, announce: Bool) -> Int? {
         takingOver = false
+        guard !connection.isClosed else {
+            for stream in handed.streams {
+                limits.processBudget?.release(window: stream.receive.size, minimum: limits.minimumWindow)
+                stream.lifecycle.reset()
+                stream.glue?.resetFromTunnel()
+                limits.processRetained?.give(stream.retainedBytes)
+                stream.retained = nil
+            }
+            for stream in handed.lingering { limits.processRetained?.give(stream.retainedBytes) }
+            return nil
+        }
         nextStreamID = max(nextStreamID, handed.nextStreamID)
         lastPeerStreamID = max(lastPeerStreamID, handed.lastPeerStreamID)
         var listed: [ResumedStream] = []

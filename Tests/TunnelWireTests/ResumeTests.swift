@@ -561,4 +561,24 @@ func readAll(_ channel: EmbeddedChannel) throws -> [UInt8] {
         first.loop.advanceTime(by: first.grace + .seconds(1))
         #expect(budget.inUse == 0)
     }
+    @Test func aTakeoverOntoAConnectionThatAlreadyClosedEndsTheStreamsAndGivesEverythingBack() throws {
+        var limits = TunnelLimits()
+        let budget = RetainedBudget(limit: 1 << 20)
+        limits.processRetained = budget
+        let pair = try ResumePair(limits: limits)
+        let id = try pair.openStream()
+        try pair.callers[id]!.writeInbound(pattern(100_000, from: 0))
+        try pair.pump(lose: true)
+        try pair.cut()
+        #expect(budget.inUse == 100_000 && pair.callers[id]!.isActive)
+        // The agent's new connection drops while the server still waits for the old one to close.
+        let old = pair.server.mux
+        pair.server = try pair.connection(.server)
+        try pair.server.channel.close().wait()
+        pair.loop.run()
+        #expect(try pair.server.mux.takeOver(old).wait() == nil)
+        pair.loop.run()
+        #expect(budget.inUse == 0)
+        #expect(!pair.callers[id]!.isActive)  // reset, not left frozen on a dead connection
+    }
 }
