@@ -44,7 +44,7 @@ final class ServerMetrics: @unchecked Sendable {
         retainedBytes = registry.makeGauge(
             descriptor: .named(
                 "edge_tunnel_server_retained_bytes",
-                help: "Bytes sent and kept to send again after a resume, over all tunnels (bounded by --max-buffered-bytes)."))
+                help: "Bytes sent and kept to send again after a resume, over all tunnels (bounded by --max-buffered-mib)."))
         unresumableStreams = registry.makeCounter(
             descriptor: .named(
                 "edge_tunnel_server_unresumable_streams_total",
@@ -87,7 +87,7 @@ final class ServerMetrics: @unchecked Sendable {
             help: "Streams, renewals or connections refused because a limit was reached, by limit.")
         bufferedBytes = registry.makeGauge(
             descriptor: .named(
-                "edge_tunnel_server_window_budget_bytes", help: "Receive window granted over all tunnels (--max-buffered-bytes bounds it)."))
+                "edge_tunnel_server_window_budget_bytes", help: "Receive window granted over all tunnels (--max-buffered-mib bounds it)."))
         pendingConnections = LabeledGauges(
             registry: registry, name: "edge_tunnel_server_unauthenticated_connections", label: "port",
             help: "Connections still in their TLS handshake or before their request head, by listener.")
