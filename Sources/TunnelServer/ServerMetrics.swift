@@ -29,7 +29,8 @@ final class ServerMetrics: @unchecked Sendable {
     /// What became of suspended tunnels: `resumed` on the agent's new connection, or `ended` (grace period over,
     /// the agent restarted, revoked, shutdown).
     let resumes: LabeledCounters
-    /// Streams that stopped keeping what they send (`maxRetained` reached): they cannot be resumed.
+    /// Streams that stopped keeping what they send (the tunnel's or the process's retention bound reached): they
+    /// cannot be resumed.
     let unresumableStreams: Counter
     let retainedBytes: Gauge
 
@@ -48,7 +49,7 @@ final class ServerMetrics: @unchecked Sendable {
         unresumableStreams = registry.makeCounter(
             descriptor: .named(
                 "edge_tunnel_server_unresumable_streams_total",
-                help: "Streams that stopped keeping their sent bytes (the tunnel's retention bound): reset, not resumed, if the connection is lost."))
+                help: "Streams that stopped keeping their sent bytes (the tunnel's or the process's retention bound): reset, not resumed, if the connection is lost."))
         duplicateTunnels = registry.makeCounter(
             descriptor: .named(
                 "edge_tunnel_server_duplicate_tunnels_total",

@@ -77,8 +77,7 @@ extension TunnelMux {
         // connection, which is closed on purpose once it has no stream left.
         let keeps = streams.values.contains { $0.lifecycle.state != .opening && !$0.unresumable }
             || (!lingering.isEmpty && connection.state == .open)
-        if resumable, !resumeRefused, keeps, connection.suspend()
-        {
+        if resumable, !resumeRefused, keeps, connection.suspend() {
             suspend()
         } else {
             shutdownStreams()
@@ -176,16 +175,17 @@ extension TunnelMux {
         // Its stream ids are carried over either way: the agent may have kept streams (or lingering ones) with
         // higher ids, and it refuses an OPEN at or below the last id it saw.
         if old.eventLoop === eventLoop, eventLoop.inEventLoop {
-            let handed = old.handOver(to: self)
-            let taken = adopt(handed ?? old.idsOnly, announce: true)
-            return eventLoop.makeSucceededFuture(taken == nil ? nil : handed?.streams.count)
+            return eventLoop.makeSucceededFuture(adoptTakenOver(old.handOver(to: self), ids: old.idsOnly))
         }
         return old.eventLoop.submit { (old.handOver(to: self), old.idsOnly) }
             .hop(to: eventLoop)
-            .map { handed, ids in
-                let taken = self.adopt(handed ?? ids, announce: true)
-                return taken == nil ? nil : handed?.streams.count
-            }
+            .map { handed, ids in self.adoptTakenOver(handed, ids: ids) }
+    }
+
+    /// ``takeOver(_:)``'s end, on this loop: the streams handed over (or only the ids), and how many there were;
+    /// nil when nothing was taken or this connection closed meanwhile.
+    private func adoptTakenOver(_ handed: HandedOver?, ids: HandedOver) -> Int? {
+        adopt(handed ?? ids, announce: true) == nil ? nil : handed?.streams.count
     }
 
     /// Server side: no stream opens on this tunnel until ``takeOver(_:)`` has taken the old tunnel's streams (and
@@ -239,13 +239,7 @@ extension TunnelMux {
     func adopt(_ handed: HandedOver, announce: Bool) -> Int? {
         takingOver = false
         guard !connection.isClosed else {
-            for stream in handed.streams {
-                limits.processBudget?.release(window: stream.receive.size, minimum: limits.minimumWindow)
-                stream.lifecycle.reset()
-                stream.glue?.resetFromTunnel()
-                limits.processRetained?.give(stream.retainedBytes)
-                stream.retained = nil
-            }
+            for stream in handed.streams { endHandedOver(stream) }
             for stream in handed.lingering { limits.processRetained?.give(stream.retainedBytes) }
             return nil
         }
@@ -256,11 +250,7 @@ extension TunnelMux {
         var resets = handed.resets
         for stream in handed.streams.sorted(by: { $0.id < $1.id }) {
             guard listed.count < limits.maxResumedStreams, streams[stream.id] == nil else {
-                limits.processBudget?.release(window: stream.receive.size, minimum: limits.minimumWindow)
-                stream.lifecycle.reset()
-                stream.glue?.resetFromTunnel()
-                limits.processRetained?.give(stream.retainedBytes)  // counted there since it was sent
-                stream.retained = nil
+                endHandedOver(stream)
                 resets.append(stream.id)
                 continue
             }
@@ -309,6 +299,16 @@ extension TunnelMux {
             }
         }
         return listed.count
+    }
+
+    /// A handed-over stream that is not taken in: its socket is reset, and the process budgets get back its window
+    /// and what it kept (counted there since they were taken; this mux never counted them).
+    private func endHandedOver(_ stream: Stream) {
+        limits.processBudget?.release(window: stream.receive.size, minimum: limits.minimumWindow)
+        stream.lifecycle.reset()
+        stream.glue?.resetFromTunnel()
+        limits.processRetained?.give(stream.retainedBytes)
+        stream.retained = nil
     }
 
     /// A RESUME from the peer: it answers ours (server side), or it is the server's, which takes over the

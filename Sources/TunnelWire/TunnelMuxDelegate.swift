@@ -13,8 +13,8 @@ public protocol TunnelMuxDelegate: AnyObject {
     /// The connection of a resumable tunnel is gone and its streams wait, for the grace period, for a new
     /// connection to resume them (``TunnelMux/enableResume(grace:)``); ``muxDidClose(_:)`` follows either way.
     func muxDidSuspend(_ mux: TunnelMux)
-    /// A stream of a resumable tunnel stopped keeping what it sends (the tunnel's ``TunnelLimits/maxRetained`` was
-    /// reached): it is reset, not resumed, if the connection is lost.
+    /// A stream of a resumable tunnel stopped keeping what it sends (the tunnel's ``TunnelLimits/maxRetained`` or the
+    /// process's ``TunnelLimits/processRetained`` was reached): it is reset, not resumed, if the connection is lost.
     func muxStreamWillNotResume(_ mux: TunnelMux)
 }
 
