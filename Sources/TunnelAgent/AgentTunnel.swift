@@ -125,6 +125,14 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
     func mux(_ mux: TunnelMux, didReceiveControl frame: Frame) {
         switch frame.type {
         case .helloOK:
+            guard !registered else {
+                // A server answers HELLO once. A second HELLO_OK could name another replica and claim to resume
+                // that replica's streams without their token: a protocol error, the tunnel closes.
+                agent.logger.error("server \(address) sent a second HELLO_OK: closing the tunnel")
+                mux.closeWithoutResume()
+                if let channel { StreamGlue.closeFromHead(channel) }
+                return
+            }
             let ok = try? HelloOK(frame: frame)
             serverID = ok.map { PeerText.bounded($0.serverID, limit: 253) } ?? "?"
             registered = true
@@ -142,7 +150,7 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
                 return
             }
             mux.closeWithoutResume()  // refused on purpose (revoked, reset): nothing to resume
-            if !registered, reason.contains("protocol version \(tunnelProtocolVersion) is not supported") {
+            if !registered, let refused, refused.refusesProtocolVersion(tunnelProtocolVersion) {
                 // A server of the previous version (a rollout, a rollback): spoken to without resuming.
                 agent.useOlderProtocol()
             }

@@ -228,7 +228,9 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             return
         }
         guard (oldestAgentProtocolVersion...tunnelProtocolVersion).contains(hello.version) else {
-            refuse("protocol version \(hello.version) is not supported (server speaks \(oldestAgentProtocolVersion) to \(tunnelProtocolVersion))")
+            let reason = "protocol version \(hello.version) is not supported (server speaks \(oldestAgentProtocolVersion) to \(tunnelProtocolVersion))"
+            logger.warning("registration refused: \(reason)")
+            tellAndClose(Refused(reason: reason, code: Refused.unsupportedVersion))
             return
         }
         // A revocation between this connection's handshake and its HELLO counts.

@@ -113,9 +113,24 @@ public struct Refused: ControlMessage, Equatable {
     /// The agent already holds a tunnel to this replica (it named it in ``Hello/haveServers``): not an error,
     /// the agent dials again for another replica.
     public var duplicate: Bool?
-    public init(reason: String, duplicate: Bool? = nil) {
+    /// Why, for a program: ``Refused/unsupportedVersion`` when the agent's protocol version is not spoken (it
+    /// falls back to the previous one). The reason is text for people, and quotes what the agent sent.
+    public var code: String?
+    public init(reason: String, duplicate: Bool? = nil, code: String? = nil) {
         self.reason = PeerText.bounded(reason, limit: maxReasonLength)
         self.duplicate = duplicate
+        self.code = code.map { PeerText.bounded($0, limit: 64) }
+    }
+
+    /// ``code`` of a refusal of the agent's protocol version.
+    public static let unsupportedVersion = "unsupported_version"
+
+    /// Whether this refuses protocol `version`: by its code, or, from a server of version 2 (which sends no code),
+    /// by the whole start of that server's own sentence. Never by a substring: other reasons quote Node addresses
+    /// and names, which whoever can write a Node chooses.
+    public func refusesProtocolVersion(_ version: Int) -> Bool {
+        if let code { return code == Self.unsupportedVersion }
+        return reason.hasPrefix("protocol version \(version) is not supported (server speaks ")
     }
 }
 

@@ -53,6 +53,9 @@ public final class StreamGlue: ChannelDuplexHandler {
     private var outputOpen: Bool { socketState == .open || socketState == .inputClosed }
     /// Bytes written to the socket that NIO still holds (the channel is not writable): credited when it drains.
     private var uncredited = 0
+    /// Bytes from the tunnel that arrived while NIO still held unsent bytes: gathered here, in one buffer, and
+    /// written when the socket drains (counted in ``uncredited``).
+    private var held: ByteBuffer?
     /// Completes once every byte the stream brought is written and the socket's output is shut: only then may
     /// the socket be closed whole (NIO fails the writes it still holds when a socket closes).
     private var outputFinished: EventLoopFuture<Void>?
@@ -107,6 +110,9 @@ public final class StreamGlue: ChannelDuplexHandler {
     }
 
     public func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable && held != nil && outputOpen {
+            writeHeld(context)  // credited when this drains too (or at once, if the kernel took it all)
+        }
         if context.channel.isWritable && uncredited > 0 {
             let count = uncredited
             uncredited = 0
@@ -137,7 +143,9 @@ public final class StreamGlue: ChannelDuplexHandler {
     }
 
     /// Writes the bytes a read of the tunnel brought for this stream with one flush, and credits them back to
-    /// the peer once the socket took them all.
+    /// the peer once the socket took them all. While NIO still holds unsent bytes for the socket, the new bytes are
+    /// gathered into one buffer instead (``held``) and written when the socket drains: a peer sending one byte per
+    /// frame to a socket that does not read costs those bytes, not a buffer object and a pending write per byte.
     func deliverFromTunnel(_ buffers: [ByteBuffer]) {
         // Called for every tunnel read that carried this stream's bytes: on the socket's own loop (the usual
         // case) no closure is made for the hop.
@@ -147,6 +155,19 @@ public final class StreamGlue: ChannelDuplexHandler {
         }
         guard let context, outputOpen else { return }
         var count = 0
+        if uncredited > 0 || !context.channel.isWritable {
+            for buffer in buffers {
+                count += buffer.readableBytes
+                if held == nil {
+                    held = buffer
+                    held!.makeKept()
+                } else {
+                    held!.writeImmutableBuffer(buffer)
+                }
+            }
+            uncredited += count  // credited once the socket took them: channelWritabilityChanged
+            return
+        }
         for buffer in buffers {
             count += buffer.readableBytes
             context.write(wrapOutboundOut(buffer), promise: nil)
@@ -157,6 +178,13 @@ public final class StreamGlue: ChannelDuplexHandler {
         } else {
             uncredited += count  // the kernel's buffer is full: credited by channelWritabilityChanged
         }
+    }
+
+    /// Hands the gathered bytes to the channel (before the output is shut, or when the socket drained).
+    private func writeHeld(_ context: ChannelHandlerContext) {
+        guard let bytes = held else { return }
+        held = nil
+        context.writeAndFlush(wrapOutboundOut(bytes), promise: nil)
     }
 
     func setPausedFromTunnel(_ paused: Bool) {
@@ -171,6 +199,7 @@ public final class StreamGlue: ChannelDuplexHandler {
     func finishOutputFromTunnel() {
         hop {
             guard let context = self.context, self.outputOpen else { return }
+            self.writeHeld(context)  // every byte the stream brought goes before the output is shut
             let promise = context.eventLoop.makePromise(of: Void.self)
             self.outputFinished = promise.futureResult
             if self.socketState == .inputClosed {

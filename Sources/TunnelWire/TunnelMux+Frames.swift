@@ -12,7 +12,8 @@ extension TunnelMux {
             try stream.receive.receive(count)
             stream.received &+= UInt64(count)
             counters.add(in: count)
-            stream.inbound.append(frame.payload)
+            // Copied out of the tunnel's read buffer when small: it may wait for a slow socket (KeptBytes.swift).
+            KeptBytes.appendKept(frame.payload, to: &stream.inbound)
             if stream.glue != nil && !stream.deliveryQueued {
                 stream.deliveryQueued = true
                 toDeliver.append(stream)
@@ -66,6 +67,7 @@ extension TunnelMux {
             guard let stream = try stream(for: frame) else { return }
             try stream.lifecycle.receive(.openOK)
             let ok = try OpenOK(frame: frame)
+            try checkGrantedWindow(ok.window, streamID: stream.id)
             try stream.send.grant(UInt32(clamping: max(0, ok.window)))
             let promise = stream.openPromise
             stream.openPromise = nil
@@ -85,6 +87,7 @@ extension TunnelMux {
         case .open:
             guard role == .agent else { throw FrameError("OPEN from an agent") }
             let open = try Open(frame: frame)
+            try checkGrantedWindow(open.window, streamID: frame.streamID)
             // Ids only grow: an id at or below the last one opened is a stream that exists or existed.
             guard frame.streamID % 2 == 1, frame.streamID > lastPeerStreamID else {
                 throw FrameError("OPEN on invalid or reused stream \(frame.streamID)")
@@ -110,6 +113,14 @@ extension TunnelMux {
             try receiveResume(frame)
         default:
             delegate?.mux(self, didReceiveControl: frame)
+        }
+    }
+
+    /// A stream's first window from the peer (OPEN, OPEN_OK): more than ``TunnelLimits/maximumWindow`` is a protocol
+    /// error, as for WINDOW, since a resumable tunnel keeps up to the peer's window to send again.
+    func checkGrantedWindow(_ window: Int, streamID: UInt32) throws {
+        guard window <= limits.maximumWindow else {
+            throw FrameError("window of \(window) bytes on stream \(streamID) beyond the largest of \(limits.maximumWindow)", limit: "window")
         }
     }
 

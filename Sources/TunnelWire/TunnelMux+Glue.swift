@@ -36,6 +36,7 @@ extension TunnelMux {
             stream.pending!.writeImmutableBuffer(buffer)
         } else {
             stream.pending = buffer
+            stream.pending!.makeKept()  // it may wait for credit: one byte must not pin a whole read buffer
         }
         let wasFull = tunnelFull
         queuedData += buffer.readableBytes

@@ -35,7 +35,8 @@ extension TunnelMux {
         /// Of those, bytes this side consumed and credited back (WINDOWs without the growth flag).
         var credited: UInt64 = 0
         /// Resumable tunnels only: DATA sent and not yet credited by the peer as consumed, kept to be sent again
-        /// after a resume. The slices themselves, no copies; at most the peer's receive window.
+        /// after a resume. The slices themselves where they fill most of their buffer, small ones gathered
+        /// (``KeptBytes``); at most the peer's receive window.
         /// Made at the first DATA of a resumable tunnel: a stream of any other tunnel allocates nothing for it.
         var retained: CircularBuffer<ByteBuffer>?
         /// The offset of the first retained byte, and how many bytes are retained.
@@ -50,7 +51,7 @@ extension TunnelMux {
 
         func retain(_ slice: ByteBuffer) {
             if retained == nil { retained = CircularBuffer(initialCapacity: 4) }
-            retained!.append(slice)
+            KeptBytes.appendKept(slice, to: &retained!)
             retainedBytes += slice.readableBytes
         }
 
@@ -64,6 +65,7 @@ extension TunnelMux {
                     retained!.removeFirst()
                 } else {
                     first.moveReaderIndex(forwardBy: drop)
+                    first.makeKept()  // what is left of a buffer mostly credited must not pin all of it
                     retained![retained!.startIndex] = first
                 }
                 retainedFrom += UInt64(drop)
