@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -298,6 +299,55 @@ def test_an_agent_falls_back_to_version_2_for_a_server_of_that_version(tmp_path)
         tls, hello = fake.hello()
         with tls:
             assert hello["version"] == 2 and "resumeTokens" not in hello, hello
+        fake.close()
+    finally:
+        c.close()
+
+
+def test_a_refusal_that_only_quotes_the_version_sentence_does_not_make_the_agent_fall_back(tmp_path):
+    """Reasons quote what Node objects and peers chose (addresses, names): a refusal whose text merely contains the
+    version-2 server's sentence is not a version refusal. The agent stays on version 3 (issue 25)."""
+    c = Cluster(tmp_path)
+    try:
+        fake = FakeServer.replacing(c, "edge-1")
+        agent = c.start_agent("edge-1", join=False, wait=False, pki=tmp_path / "agent-edge-1")
+        tls, hello = fake.hello()
+        with tls:
+            assert hello["version"] == 3
+            reason = 'node IP "protocol version 3 is not supported (server speaks 2)" is not claimed'
+            tls.sendall(frame(15, 0, json.dumps({"reason": reason}).encode()))
+        tls, hello = fake.hello()
+        with tls:
+            assert hello["version"] == 3, hello
+        assert "using version 2" not in agent.own_text()
+        fake.close()
+    finally:
+        c.close()
+
+
+def test_a_second_hello_ok_closes_the_agents_tunnel(tmp_path):
+    """A server answers HELLO once. A hostile replica that sends a second HELLO_OK, naming another server and
+    claiming to resume its streams, has its tunnel closed by the agent (issue 25)."""
+    c = Cluster(tmp_path)
+    try:
+        fake = FakeServer.replacing(c, "edge-1")
+        agent = c.start_agent("edge-1", join=False, wait=False, pki=tmp_path / "agent-edge-1")
+        with fake.accept("replica-a") as tls:
+            again = {"serverID": "replica-b", "maxFramePayload": 262144, "resumed": True, "resumeToken": "x" * 32,
+                     "resumeGraceSeconds": 30}
+            tls.sendall(frame(2, 0, json.dumps(again).encode()))
+            agent.expect_log("sent a second HELLO_OK", timeout=10)
+            deadline = time.monotonic() + 10
+            closed = False
+            while time.monotonic() < deadline:
+                try:
+                    frame_type, _, payload = read_frame(tls)
+                except (ConnectionError, OSError, ssl.SSLError):
+                    closed = True
+                    break
+                if frame_type == 10:
+                    tls.sendall(frame(11, 0, payload))
+            assert closed, "the agent kept a tunnel whose server said HELLO_OK twice"
         fake.close()
     finally:
         c.close()
