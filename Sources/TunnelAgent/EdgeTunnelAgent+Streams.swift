@@ -71,6 +71,12 @@ extension EdgeTunnelAgent {
                     self.logger.warning("refused stream to \(target): the name resolved to \(refused.address), which no address rule allows")
                     mux.rejectStream(streamID, code: 403, reason: "\(target.host) resolved to \(refused.address), which the allow list of node "
                         + "\(self.configuration.nodeName) does not allow by address")
+                case .failure(let error as ChannelError) where error == .ioOnClosedChannel:
+                    // Closed while it was being made: the server reset the stream (its caller went away during the
+                    // dial), and the glue closed the connection. No dial failed; the stream is already gone, so the
+                    // rejection is a no-op then (it still answers if anything else closed the connection).
+                    self.logger.debug("stream to \(target) cancelled during the dial")
+                    mux.rejectStream(streamID, code: 502, reason: "\(target) is unreachable: the connection was closed as it was made")
                 case .failure(let error):
                     let (code, reason) = Self.classify(error, target: target)
                     self.metrics.dialFailed(reason: code == 504 ? "timeout" : "unreachable")

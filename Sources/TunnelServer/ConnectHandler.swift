@@ -69,7 +69,7 @@ final class ConnectHandler: ChannelDuplexHandler, RemovableChannelHandler {
     }
 
     private func open(_ target: HostPort, context: ChannelHandlerContext) {
-        StreamDialer.open(target, server: server, on: context.eventLoop) { _, failure in failure.reason }
+        StreamDialer.open(target, server: server, for: context.channel) { _, failure in failure.reason }
             .whenSuccess { outcome in
             switch outcome {
             case .opened(let mux, let id, _):

@@ -274,7 +274,7 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
 
     /// `plain`: HTTP to the target as it is; otherwise TLS to the kubelet inside the stream.
     private func route(to destination: HostPort, plain: Bool, context: ChannelHandlerContext) {
-        StreamDialer.open(destination, server: server, on: context.eventLoop) { node, failure in
+        StreamDialer.open(destination, server: server, for: context.channel) { node, failure in
             "kubelet of node \(node) at \(destination): \(failure.reason)"
         }.whenSuccess { outcome in
             switch outcome {

@@ -4,7 +4,14 @@ import NIOCore
 extension TunnelMux {
     /// Opens a stream to `target` (server side). The future completes once the peer answered OPEN_OK or
     /// OPEN_FAIL; after `.opened`, attach a ``StreamGlue`` for the stream id.
-    public func openStream(target: String) -> EventLoopFuture<OpenResult> {
+    ///
+    /// `callerGone`: completes when the caller the stream is for has gone (its channel's `closeFuture`). A stream
+    /// still opening then is cancelled: RST to the agent, which drops its dial or the target connection it made
+    /// (an OPEN_OK that crossed the RST is dropped here), its window and its pending open given back, and the open
+    /// answered ``OpenFail/callerGoneCode``. An opened stream whose socket never told the mux it closed is reset
+    /// then too (see ``callerClosed(_:)``): without this, a caller that gave up during the dial left a stream and
+    /// the agent's target connection open for good.
+    public func openStream(target: String, until callerGone: EventLoopFuture<Void>? = nil) -> EventLoopFuture<OpenResult> {
         let promise = eventLoop.makePromise(of: OpenResult.self)
         execute {
             guard let context = self.context, !self.connection.isEnding else {
@@ -60,11 +67,14 @@ extension TunnelMux {
             }
             self.writeStreamFrame(
                 Open(target: target, window: stream.receive.size).frame(streamID: id, allocator: context.channel.allocator))
+            // After the OPEN: a caller already gone is acted on at once, and its RST must follow the OPEN.
+            callerGone?.whenComplete { _ in self.callerClosed(id) }
         }
         return promise.futureResult
     }
 
-    /// Cancels a stream that is still opening or open (the caller went away).
+    /// Cancels a stream that is still opening or open (the caller went away). A stream still opening answers its
+    /// open as failed (``OpenFail/callerGoneCode``).
     public func cancelStream(_ streamID: UInt32) {
         execute {
             guard let stream = self.streams[streamID] else {
@@ -72,6 +82,33 @@ extension TunnelMux {
                 return
             }
             self.reset(stream)
+        }
+    }
+
+    /// The caller a stream was opened for has gone (``openStream(target:until:)``).
+    ///
+    /// - Still opening: cancelled (RST, budgets given back, the open answered as failed).
+    /// - Open, and the glue saw its socket close: nothing to do. ``socketClosed(_:eof:)`` has reset the stream,
+    ///   or, for a socket that ended in order, let go of the glue while the stream still sends what it holds and
+    ///   then its FIN (its glue is nil, and its FIN is sent or waits behind those bytes).
+    /// - Open otherwise: reset. No glue was attached, or one was attached after its socket had closed: NIO had
+    ///   already passed `channelInactive` by then (a write of the 200 to a caller that had closed fails with EPIPE
+    ///   and closes the channel at once, before the glue is added), so the glue never tells the mux, and nothing
+    ///   else ever would.
+    ///
+    /// The channel's close reaches its glue (`channelInactive`) a loop tick before its `closeFuture` completes, and
+    /// both hop here in that order, so the glue's word always comes first.
+    func callerClosed(_ streamID: UInt32) {
+        execute {
+            guard let stream = self.streams[streamID] else {
+                self.successor?.callerClosed(streamID)  // resumed on a new connection, or gone already
+                return
+            }
+            if stream.openPromise == nil, stream.glue == nil, stream.finAfterPending || !stream.lifecycle.canSend {
+                return  // its socket ended in order: what it sent goes out, then FIN
+            }
+            self.reset(stream, openFailure: OpenFail(
+                code: OpenFail.callerGoneCode, reason: "the caller went away while the stream was opening"))
         }
     }
 
@@ -147,4 +184,10 @@ extension TunnelMux {
         idleWaiters = []
         for waiter in waiters { waiter.succeed(()) }
     }
+}
+
+extension OpenFail {
+    /// The code of an open that this side cancelled because its caller went away (nginx's "client closed
+    /// request"). Never sent on the wire: the agent is told with RST.
+    public static let callerGoneCode = 499
 }

@@ -267,13 +267,20 @@ public final class TunnelMux: ChannelInboundHandler {
         stream.retainedBytes = 0
     }
 
-    /// Ends a stream this side gives up: gone from the map and the budgets, RST to the peer, its socket reset.
-    func reset(_ stream: Stream) {
+    /// Ends a stream this side gives up: gone from the map and the budgets, RST to the peer, its socket reset. A
+    /// stream still opening answers its open with `openFailure` (a promise dropped unanswered would leave its
+    /// opener waiting, and trap in a debug build).
+    func reset(_ stream: Stream, openFailure: OpenFail? = nil) {
         streams.removeValue(forKey: stream.id)
         stream.lifecycle.reset()
-        streamRemoved(stream)
+        streamRemoved(stream)  // while `openPromise` is set: the pending open is counted off there
         sendReset(stream.id)
         stream.glue?.resetFromTunnel()
+        if let promise = stream.openPromise {
+            stream.openPromise = nil
+            promise.succeed(.failed(openFailure ?? OpenFail(
+                code: OpenFail.callerGoneCode, reason: "the stream was cancelled while it was opening")))
+        }
     }
 
     func writeFrame(_ frame: Frame, flush: Bool) {
