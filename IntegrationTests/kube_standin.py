@@ -15,6 +15,8 @@ Run: python3 kube_standin.py DIR PORT [BIND [EXTRA_IP,...]]   (BIND default 127.
                           (an API server slow to acknowledge a write that has already happened)
   DIR/max-page            if present, a list gives at most that many items a page (with `continue`)
   DIR/expire-continue     if present, it is deleted and the next page asked for with a continue token gets 410
+  DIR/watch-error         if present, every watch started gets one ERROR event with that code (500 if empty), as
+                          for an etcd timeout, and ends
   DIR/requests.log        one line per request: method, path, status
 """
 import base64
@@ -225,6 +227,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
         deadline = time.monotonic() + timeout
         try:
+            try:  # the test removes the file when it is done with it
+                code = int((DIR / "watch-error").read_text() or "500")
+            except FileNotFoundError:
+                code = None
+            if code is not None:
+                send({"type": "ERROR", "object": status(code, "InternalError", "etcdserver: request timed out")})
+                self.wfile.write(b"0\r\n\r\n")
+                return
             with lock:
                 epoch = state["epoch"]
                 if since < state["compacted"]:

@@ -409,3 +409,108 @@ def test_before_the_join_state_is_listed_no_join_is_accepted(lab):
     (lab.kube / "deny").unlink()
     wait_until(lambda: join_answer(lab, server, join_frame(lab, token, "edge-1"))[0] == 14, 40, "the join accepted")
     assert http_get(server.meta + "/readyz/listeners")[0] == 200
+
+
+def test_a_watch_error_event_backs_off_instead_of_watching_again_at_once(lab):
+    """An ERROR event other than 410 (here 500, as when etcd times out) ends a watch. The client then waits 1 s,
+    2 s, 4 s … (each jittered down to half, at most 30 s) before it lists and watches again, instead of a hot loop
+    against the API server. Once the API server answers again, the Leases are followed as before."""
+    server = lab.start_server(0)
+    wait_until(lambda: lab.replicas(0) == 1, 20, "the count from the one Lease")
+    (lab.kube / "watch-error").write_text("500")
+    # Every version so far compacted away: the open watch ends (410), and the one after the list gets the error.
+    (lab.kube / "compact").write_text("")
+    lab.api("GET", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases", None)
+    server.expect_log("ended with an ERROR event 500 InternalError: etcdserver: request timed out", timeout=20)
+    first = len(lab.requests())
+    time.sleep(6)
+    watches = sum(1 for line in lab.requests()[first:] if line.startswith("WATCH "))
+    # Waits of 0.5-1 s, 1-2 s, 2-4 s, 4-8 s: three more watches at most within 6 s (a hot loop makes hundreds).
+    assert 2 <= watches <= 4, watches
+    (lab.kube / "watch-error").unlink()
+    lab.start_server(1)
+    wait_until(lambda: lab.replicas(0) == 2, 40, "the second replica's Lease seen once the watch works again")
+    assert server.alive()
+
+
+JOIN_STATE = ["--join-state-namespace", "edge-tunnel"]
+NODE_RECORDS = "/api/v1/namespaces/edge-tunnel/configmaps?labelSelector=edgetunnel.io%2Fjoin-state%3Dnode"
+
+
+def join_state_replica(lab, index):
+    """A replica with --join-state-namespace, ready (it has listed the tokens and the node records)."""
+    server = lab.start_server(index, *JOIN_STATE, "--state-dir", lab.tmp / f"state-{index}")
+    wait_until(lambda: http_get(server.meta + "/readyz")[0] == 200, 20, f"replica r{index} ready")
+    return server
+
+
+def edge_1_agent(lab, server, name, agent_dir, token=None):
+    """The agent of node edge-1 on `server`: it joins with `token`, or else uses the certificate in `agent_dir`.
+    Returns the process and a check of whether it holds its tunnel."""
+    meta = free_port()
+    args = [BIN / "edge-tunnel-agent", "--node-name", "edge-1", "--server-address", f"127.0.0.1:{server.ports['tunnel']}",
+            "--pki-dir", agent_dir, "--meta-port", meta, "--node-ip", "127.0.0.1"]
+    if token:
+        ca_hash = run(BIN / "edgetunnel", "pki", "ca-hash", "--pki-dir", lab.pki).stdout.strip()
+        args += ["--bootstrap-token", token, "--ca-cert-hash", ca_hash]
+    proc = lab.spawn(args, name)
+
+    def connected():
+        try:
+            return http_get(f"http://127.0.0.1:{meta}/readyz")[0] == 200
+        except OSError:  # its meta port not open yet
+            return False
+    return proc, connected
+
+
+def revoked_edge_1(lab, server):
+    """edge-1 joins through `server` and is revoked with the CLI; its agent is stopped. Returns the agent's folder
+    (with the node's certificate) and the record's ConfigMap as it is now."""
+    cli = ["--kubeconfig", lab.kubeconfig, *JOIN_STATE]
+    token = run(BIN / "edgetunnel", "token", "create", "--node-cidr", "127.0.0.0/8", *cli).stdout.strip()
+    agent_dir = lab.tmp / "agent-edge-1"
+    agent, connected = edge_1_agent(lab, server, "agent-edge-1", agent_dir, token=token)
+    wait_until(connected, 20, "edge-1 joined and connected")
+    run(BIN / "edgetunnel", "node", "revoke", "edge-1", *cli)
+    wait_until(lambda: "edge-1" not in http_get(server.meta + "/v1/agents")[1], 15, "edge-1 cut off")
+    agent.stop()
+    record = next(o for o in lab.api("GET", NODE_RECORDS, None)["items"] if '"edge-1"' in o["data"]["record"])
+    return agent_dir, record
+
+
+def assert_edge_1_stays_refused(lab, servers, agent_dir):
+    """An agent of edge-1 with its certificate, on each of `servers`: each replica refuses it, again and again."""
+    words = "tunnel connection refused: node edge-1"
+    before = [server.text().count(words) for server in servers]
+    agents = [edge_1_agent(lab, server, f"agent-edge-1-again-{i}", agent_dir) for i, server in enumerate(servers)]
+    for server, count in zip(servers, before):
+        wait_until(lambda: server.text().count(words) > count, 20, f"edge-1 refused ({pathlib.Path(server.log).name})")
+    time.sleep(2)
+    assert not any(connected() for _, connected in agents)
+    assert all("edge-1" not in http_get(server.meta + "/v1/agents")[1] for server in servers)
+
+
+def test_a_revoked_node_whose_record_is_deleted_stays_refused(lab):
+    """Revocation fails closed: a GitOps prune or a restore from an older backup that deletes the record ConfigMap
+    of a revoked node does not let the node back in, neither on the replica that saw the revocation nor on one
+    started after the deletion, which never saw a record of it (no record, no tunnel)."""
+    first = join_state_replica(lab, 1)
+    agent_dir, record = revoked_edge_1(lab, first)
+    lab.api("DELETE", f"/api/v1/namespaces/edge-tunnel/configmaps/{record['metadata']['name']}", {})
+    assert not [o for o in lab.api("GET", NODE_RECORDS, None)["items"] if '"edge-1"' in o["data"]["record"]]
+    second = join_state_replica(lab, 2)
+    assert_edge_1_stays_refused(lab, [first, second], agent_dir)
+
+
+def test_a_revoked_node_whose_record_no_longer_parses_stays_refused(lab):
+    """A record ConfigMap edited so that it no longer parses counts as revoked: a replica started after the edit,
+    which never saw the record parse, refuses the node as the replica that saw the revocation does, and each says
+    once which ConfigMap to fix."""
+    first = join_state_replica(lab, 1)
+    agent_dir, record = revoked_edge_1(lab, first)
+    name = record["metadata"]["name"]
+    lab.api("PUT", f"/api/v1/namespaces/edge-tunnel/configmaps/{name}", {**record, "data": {"record": "{not json"}})
+    second = join_state_replica(lab, 2)
+    assert_edge_1_stays_refused(lab, [first, second], agent_dir)
+    line = f"ConfigMap edge-tunnel/{name} does not hold a valid node record: its node counts as revoked"
+    assert [server.text().count(line) for server in (first, second)] == [1, 1]

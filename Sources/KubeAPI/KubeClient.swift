@@ -44,13 +44,14 @@ public final class KubeClient: @unchecked Sendable {
     }
 
     /// A watch (`path` with `watch=1`): each event line goes to `onEvent` as it arrives; returns the status when
-    /// the server ends the stream (it does after its timeout) or the connection fails (an error).
-    public func watch(_ path: String, timeout: TimeAmount, onEvent: @escaping @Sendable ([UInt8]) -> Void) async throws -> Int {
+    /// the server ends the stream (it does after its timeout) or the connection fails (an error). An error thrown
+    /// by `onEvent` ends the watch at once, with that error.
+    public func watch(_ path: String, timeout: TimeAmount, onEvent: @escaping @Sendable ([UInt8]) throws -> Void) async throws -> Int {
         var line: [UInt8] = []
         return try await exchange(.GET, path, body: nil, timeout: timeout) { piece in
             for byte in piece.readableBytesView {
                 if byte == UInt8(ascii: "\n") {
-                    if !line.isEmpty { onEvent(line) }
+                    if !line.isEmpty { try onEvent(line) }
                     line.removeAll(keepingCapacity: true)
                 } else {
                     line.append(byte)

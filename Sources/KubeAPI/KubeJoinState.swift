@@ -23,6 +23,9 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
     /// By object name, with the resourceVersion the entry was seen at.
     private var cachedTokens: [String: StoredToken] = [:]
     private var cachedRecords: [String: (record: NodeRecord, version: String)] = [:]
+    /// Node record objects that hold no valid record of their own node (hand-edited, or another node's record),
+    /// by object name: each one's node counts as revoked (``hasUnreadableRecord(_:)``).
+    private var unreadableRecords: Set<String> = []
     private var listed: Set<String> = []
 
     public static let label = "edgetunnel.io/join-state"
@@ -48,6 +51,15 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
     public var knownTokens: [StoredToken] { lock.withLock { Array(cachedTokens.values) } }
     public var knownRecords: [NodeRecord] { lock.withLock { cachedRecords.values.map(\.record) } }
 
+    /// Whether `node`'s record object exists but holds no valid record of it (hand-edited, or another node's
+    /// record). Such a node counts as revoked, also on a replica that never saw its record parse: the object's
+    /// name is a hash of the node's, so the object cannot say whose it was.
+    public func hasUnreadableRecord(_ node: String) -> Bool {
+        guard lock.withLock({ !unreadableRecords.isEmpty }) else { return false }  // no hash for every name asked
+        let object = Self.nodeObjectName(node)
+        return lock.withLock { unreadableRecords.contains(object) }
+    }
+
     /// Follows the tokens and the node records until the task is cancelled; `onChange` after every change.
     public func follow(onChange: @escaping @Sendable () -> Void) async {
         await withTaskGroup(of: Void.self) { group in
@@ -65,10 +77,14 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
         }
     }
 
-    /// Applies a watch change. An object whose content does not parse keeps what was last seen of it (a
-    /// hand-edited revoked record must not un-revoke its node), and a record counts only under its own name's
-    /// object (no object can speak for another node).
-    private func apply(_ change: KubeWatch.Change, kind: String) {
+    /// Applies a watch change. Revocation fails closed: a node is accepted only with a valid record of its own
+    /// (the server refuses a node without one), so deleting a revoked node's object (a GitOps prune, a
+    /// restore from an older backup) does not un-revoke it. An object that holds no valid record of its node
+    /// (hand-edited, or another node's record: no object can speak for another node) makes that node count as
+    /// revoked until it is fixed or deleted, on every replica, also one started after the edit; what was last
+    /// seen of it stays known meanwhile (its IPs stay taken). A token that does not parse keeps what was last
+    /// seen of it.
+    func apply(_ change: KubeWatch.Change, kind: String) {
         lock.withLock {
             switch change {
             case .listed(let items):
@@ -78,33 +94,71 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
                     cachedTokens = next
                 } else {
                     var next: [String: (record: NodeRecord, version: String)] = [:]
+                    var unreadable: Set<String> = []
                     for object in items {
-                        if let name = Self.name(object) { next[name] = recordEntry(object) ?? cachedRecords[name] }
+                        guard let name = Self.name(object) else { continue }
+                        switch recordEntry(object) {
+                        case .valid(let record, let version):
+                            next[name] = (record: record, version: version)
+                        case .unreadable(let why):
+                            noteUnreadable(name, why)
+                            unreadable.insert(name)
+                            next[name] = cachedRecords[name]
+                        }
                     }
                     cachedRecords = next
+                    unreadableRecords = unreadable
                 }
                 listed.insert(kind)
             case .added(let object), .modified(let object):
                 guard let name = Self.name(object) else { return }
                 if kind == "token" {
                     if let token = token(object) { cachedTokens[name] = token }
-                } else if let entry = recordEntry(object) {
-                    cachedRecords[name] = entry
+                    return
+                }
+                switch recordEntry(object) {
+                case .valid(let record, let version):
+                    cachedRecords[name] = (record: record, version: version)
+                    unreadableRecords.remove(name)
+                case .unreadable(let why):
+                    noteUnreadable(name, why)
+                    unreadableRecords.insert(name)
                 }
             case .deleted(let object):
                 guard let name = Self.name(object) else { return }
-                if kind == "token" { cachedTokens[name] = nil } else { cachedRecords[name] = nil }
+                if kind == "token" {
+                    cachedTokens[name] = nil
+                } else {
+                    cachedRecords[name] = nil
+                    unreadableRecords.remove(name)
+                }
             }
         }
     }
 
-    private func recordEntry(_ object: [String: any Sendable]) -> (record: NodeRecord, version: String)? {
-        guard let record = record(object) else { return nil }
-        guard Self.name(object) == Self.nodeObjectName(record.name) else {
-            logger.warning("ConfigMap \(namespace)/\(Self.name(object) ?? "?") holds the record of node \(record.name), whose object it is not: ignored")
-            return nil
+    /// What a node record object holds: a record of its own node, with the resourceVersion it was seen at, or
+    /// why it holds none that counts.
+    private enum RecordEntry {
+        case valid(NodeRecord, version: String)
+        case unreadable(String)
+    }
+
+    private func recordEntry(_ object: [String: any Sendable]) -> RecordEntry {
+        guard let record: NodeRecord = Self.parse(object, key: "record") else {
+            return .unreadable("does not hold a valid node record")
         }
-        return (record, Self.version(object) ?? "")
+        guard Self.name(object) == Self.nodeObjectName(record.name) else {
+            return .unreadable("holds the record of node \(record.name), whose object it is not")
+        }
+        return .valid(record, version: Self.version(object) ?? "")
+    }
+
+    /// Says once, when an object starts to make its node count as revoked, which object it is and why (called with
+    /// the lock held).
+    private func noteUnreadable(_ objectName: String, _ why: String) {
+        guard !unreadableRecords.contains(objectName) else { return }
+        let outcome = "its node counts as revoked and is refused until the object is fixed (or deleted, after which the node must join again)"
+        logger.error("ConfigMap \(namespace)/\(objectName) \(why): \(outcome)")
     }
 
     private static func version(_ object: [String: Any]) -> String? {
@@ -284,13 +338,17 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
     func record(_ object: [String: any Sendable]) -> NodeRecord? { decode(object, key: "record") }
 
     func decode<T: Decodable>(_ object: [String: any Sendable], key: String) -> T? {
-        guard let text = (object["data"] as? [String: any Sendable])?[key] as? String,
-            let value = try? Self.decoder.decode(T.self, from: Data(text.utf8))
-        else {
+        guard let value: T = Self.parse(object, key: key) else {
             logger.warning("ConfigMap \(namespace)/\(Self.name(object) ?? "?") has no valid \(key): ignored")
             return nil
         }
         return value
+    }
+
+    /// The value an object holds under `key` in its data, if it parses (nothing logged).
+    static func parse<T: Decodable>(_ object: [String: any Sendable], key: String) -> T? {
+        guard let text = (object["data"] as? [String: any Sendable])?[key] as? String else { return nil }
+        return try? decoder.decode(T.self, from: Data(text.utf8))
     }
 
     static func json<T: Encodable>(_ value: T) throws -> String {

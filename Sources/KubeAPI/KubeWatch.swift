@@ -1,25 +1,41 @@
 import Foundation
 import Logging
+import NIOCore
 
 /// Keeps a local view of some Kubernetes objects, as client-go's informers do: list, then watch from the list's
 /// resourceVersion; a watch that ends is resumed from the last version seen, a 410 Gone (the version was
-/// compacted away) lists again, and errors back off (1 s doubling to 30 s, jittered). Runs until its task is
-/// cancelled.
+/// compacted away) lists again, and failures back off (1 s doubling to 30 s, jittered). An ERROR event other
+/// than 410 (an etcd timeout, a 500, a 429) is a failure too: the client waits before it lists and watches again,
+/// instead of asking at once in a loop. An event, or a watch that the API server ends on its own, starts the
+/// backoff over. Runs until its task is cancelled.
 public struct KubeWatch: Sendable {
-    public let client: KubeClient
+    /// Where the lists and watches go: the ``KubeClient`` (a scripted stand-in in the tests).
+    let transport: any KubeWatchTransport
     /// The collection (`/api/v1/namespaces/NS/services`).
     public let path: String
     /// Selectors, already URL-encoded (`labelSelector=k8s-app%3Dx`, `fieldSelector=metadata.name%3Dy`).
     public let query: String
     public let what: String
     let logger: Logger
+    /// Waits that many nanoseconds, or less if the task is cancelled (the tests record the waits instead).
+    let pause: @Sendable (UInt64) async -> Void
 
     public init(client: KubeClient, path: String, query: String, what: String, logger: Logger) {
-        self.client = client
+        self.init(transport: client, path: path, query: query, what: what, logger: logger)
+    }
+
+    init(
+        transport: any KubeWatchTransport, path: String, query: String, what: String, logger: Logger,
+        pause: @escaping @Sendable (UInt64) async -> Void = { nanoseconds in
+            _ = try? await Task.sleep(nanoseconds: nanoseconds)
+        }
+    ) {
+        self.transport = transport
         self.path = path
         self.query = query
         self.what = what
         self.logger = logger
+        self.pause = pause
     }
 
     public enum Change: Sendable {
@@ -31,40 +47,44 @@ public struct KubeWatch: Sendable {
     }
 
     public func run(_ onChange: @escaping @Sendable (Change) -> Void) async {
-        var failures = 0
+        let backoff = WatchBackoff()
         while !Task.isCancelled {
             do {
                 var version = try await list(onChange)
-                failures = 0
                 while !Task.isCancelled {
-                    guard let next = try await watch(from: version, onChange) else {
+                    guard let next = try await watch(from: version, backoff: backoff, onChange) else {
                         logger.info("the watch of \(what) lost its version (410 Gone): listing again")
-                        try? await Task.sleep(nanoseconds: UInt64.random(in: 100_000_000...1_000_000_000))
+                        await pause(UInt64.random(in: 100_000_000...1_000_000_000))
                         break
                     }
                     version = next
                 }
             } catch {
                 if Task.isCancelled { return }
-                failures += 1
-                let ceiling = min(30_000, 1_000 << min(failures - 1, 5))
+                let ceiling = backoff.failed()
                 logger.warning("following \(what): \(error); again within \(ceiling / 1000) s")
-                try? await Task.sleep(nanoseconds: UInt64(Int.random(in: ceiling / 2...ceiling)) * 1_000_000)
+                await pause(UInt64(Int.random(in: ceiling / 2...ceiling)) * 1_000_000)
             }
         }
     }
 
     /// Lists; returns the list's resourceVersion.
     func list(_ onChange: @Sendable (Change) -> Void) async throws -> String {
-        let list = try await client.list("\(path)?\(query)", what: what)
+        let list = try await transport.list("\(path)?\(query)", what: what)
         onChange(.listed(list.items))
         return list.version
     }
 
-    /// Watches from `version`; returns the last version seen when the server ended the watch, nil after 410.
-    func watch(from version: String, _ onChange: @escaping @Sendable (Change) -> Void) async throws -> String? {
+    /// Watches from `version`; returns the last version seen when the server ended the watch, nil after 410. An
+    /// ERROR event other than 410 ends the watch at once with an error. Every other event, and a watch that the
+    /// server ends on its own, tells `backoff` that the API server answers again.
+    func watch(
+        from version: String, backoff: WatchBackoff, _ onChange: @escaping @Sendable (Change) -> Void
+    ) async throws -> String? {
         let state = WatchState(version: version)
-        let status = try await client.watch(
+        let what = self.what
+        let started = ContinuousClock.now
+        let status = try await transport.watch(
             "\(path)?\(query)&watch=1&allowWatchBookmarks=true&resourceVersion=\(version)&timeoutSeconds=60",
             timeout: .seconds(75)
         ) { line in
@@ -72,9 +92,12 @@ public struct KubeWatch: Sendable {
                 let type = event["type"] as? String, let object = event["object"] as? [String: any Sendable]
             else { return }
             if type == "ERROR" {
-                if object["code"] as? Int == 410 { state.gone() }
+                guard object["code"] as? Int == 410 else { throw KubeWatch.errorEvent(object, watching: what) }
+                state.gone()
                 return
             }
+            backoff.succeeded()
+            state.event()
             if let rv = (object["metadata"] as? [String: any Sendable])?["resourceVersion"] as? String { state.saw(rv) }
             switch type {
             case "ADDED": onChange(.added(object))
@@ -85,7 +108,24 @@ public struct KubeWatch: Sendable {
         }
         if status == 410 || state.isGone { return nil }
         guard status == 200 else { throw KubeClient.Failure(description: "watching \(what): HTTP \(status)") }
+        // A watch the API server ends at once with no event (an overloaded server or a proxy closing it) is a
+        // failure: watching again at once would be the hot loop an ERROR event was.
+        guard state.sawEvent || ContinuousClock.now - started >= Self.shortestWatch else {
+            throw KubeClient.Failure(description: "the watch of \(what) ended with no event after less than a second")
+        }
+        backoff.succeeded()  // the watch ran until the API server ended it
         return state.version
+    }
+
+    /// A watch that ends sooner than this without an event counts as a failure.
+    static let shortestWatch = Duration.seconds(1)
+
+    /// The failure an ERROR event stands for, with the Status object's code, reason and message.
+    static func errorEvent(_ status: [String: any Sendable], watching what: String) -> KubeClient.Failure {
+        let code = (status["code"] as? Int).map { " \($0)" } ?? ""
+        let reason = (status["reason"] as? String).map { " \($0)" } ?? ""
+        let message = (status["message"] as? String).map { ": \($0)" } ?? ""
+        return KubeClient.Failure(description: "the watch of \(what) ended with an ERROR event\(code)\(reason)\(message)")
     }
 
     /// The API's Status object says why a request failed (403: which permission RBAC lacks).
@@ -95,12 +135,46 @@ public struct KubeWatch: Sendable {
     }
 }
 
+/// What a watch asks of the API server: a list and a watch (``KubeClient``; a scripted stand-in in the tests).
+protocol KubeWatchTransport: Sendable {
+    func list(_ pathAndQuery: String, what: String) async throws -> (items: [[String: any Sendable]], version: String)
+    func watch(_ path: String, timeout: TimeAmount, onEvent: @escaping @Sendable ([UInt8]) throws -> Void) async throws -> Int
+}
+
+extension KubeClient: KubeWatchTransport {}
+
+/// How long a watch waits after a failure: 1 s, doubling with each failure in a row up to 30 s; the caller
+/// jitters it (half of it to all of it). An event, or a watch that ran its course, starts it over. Written from
+/// the event loop (events) and the watching task (failures).
+final class WatchBackoff: @unchecked Sendable {
+    static let first = 1_000
+    static let ceiling = 30_000
+    private let lock = NSLock()
+    private var failures = 0
+
+    /// Counts a failure; returns the longest wait before the next attempt, in milliseconds.
+    func failed() -> Int {
+        lock.withLock { () -> Int in
+            failures += 1
+            return min(Self.ceiling, Self.first << min(failures - 1, 5))
+        }
+    }
+
+    /// The API server answered: the next failure waits the shortest time again.
+    func succeeded() {
+        lock.withLock { failures = 0 }
+    }
+}
+
 /// The last version a watch saw, and whether it ended with 410; written from the event loop, read after.
 private final class WatchState: @unchecked Sendable {
     private let lock = NSLock()
     private var _version: String
     private var _gone = false
+    private var _sawEvent = false
     init(version: String) { _version = version }
+    func event() { lock.withLock { _sawEvent = true } }
+    var sawEvent: Bool { lock.withLock { _sawEvent } }
     func saw(_ version: String) { lock.withLock { _version = version } }
     func gone() { lock.withLock { _gone = true } }
     var version: String { lock.withLock { _version } }

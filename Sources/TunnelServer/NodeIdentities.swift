@@ -27,24 +27,41 @@ final class NodeIdentities: @unchecked Sendable {
     private var external = false
     /// With external records: whether they have been listed yet.
     private var synced = true
+    /// With external records: whether a name's record exists but cannot be read (the node counts as revoked).
+    private var unreadable: @Sendable (String) -> Bool = { _ in false }
 
     /// Whether a certificate of `node`, valid from `notValidBefore`, may be used (not revoked, not voided by a
-    /// reset). Names without a record (nodes that joined before the store existed) are accepted, but none before
-    /// external records are first listed.
+    /// reset).
+    ///
+    /// External records (Kubernetes objects) fail closed: only a name with a readable record is accepted, and
+    /// none before they are first listed. A record deleted (a GitOps prune, a restore from an older backup) or
+    /// made unreadable must not un-revoke its node; every node that joins gets a record there.
+    ///
+    /// With `nodes.json`, names without a record are accepted: certificates of nodes that joined before the file
+    /// existed, and those issued without a join (`edgetunnel pki issue-client --org edge-tunnel:agents`, the demo,
+    /// `edgetunnel bench swarm`). Only whoever may write the PKI folder can remove a record there, and a file
+    /// that does not parse is never taken as no records (the server does not start, or keeps the last state).
     func accepts(node: String, certificateValidFrom notValidBefore: Date) -> Bool {
-        let (record, isSynced): (NodeRecord?, Bool) = lock.withLock { (records[node], synced) }
+        let (record, isSynced, isExternal, isUnreadable): (NodeRecord?, Bool, Bool, @Sendable (String) -> Bool) =
+            lock.withLock { (records[node], synced, external, unreadable) }
         guard isSynced else { return false }
-        return record?.accepts(certificateValidFrom: notValidBefore) ?? true
+        guard isExternal else { return record?.accepts(certificateValidFrom: notValidBefore) ?? true }
+        guard let record, !isUnreadable(node) else { return false }
+        return record.accepts(certificateValidFrom: notValidBefore)
     }
 
     /// False while external records have not been listed yet: no node is accepted until they are.
     var isLoaded: Bool { lock.withLock { synced } }
 
-    /// The records as the Kubernetes objects hold them now; `synced` once they have been listed.
-    func replace(_ nodes: [NodeRecord], synced: Bool) {
+    /// The records as the Kubernetes objects hold them now; `synced` once they have been listed. `unreadable`
+    /// says whether a name's record object exists but holds no valid record of it: the node counts as revoked.
+    func replace(
+        _ nodes: [NodeRecord], synced: Bool, unreadable: @escaping @Sendable (String) -> Bool = { _ in false }
+    ) {
         lock.withLock {
             external = true
             self.synced = synced
+            self.unreadable = unreadable
             records = Dictionary(nodes.map { ($0.name, $0) }, uniquingKeysWith: { $1 })
             _generation += 1
         }
@@ -53,7 +70,8 @@ final class NodeIdentities: @unchecked Sendable {
 
     /// The nodes that have joined and are not revoked: the ones a replica expects a tunnel from.
     var expectedNodes: Set<String> {
-        lock.withLock { Set(records.values.filter { $0.joined != nil && $0.revoked == nil }.map(\.name)) }
+        let (current, isUnreadable): ([String: NodeRecord], @Sendable (String) -> Bool) = lock.withLock { (records, unreadable) }
+        return Set(current.values.filter { $0.joined != nil && $0.revoked == nil && !isUnreadable($0.name) }.map(\.name))
     }
 
     /// The moment a new certificate of `node` must be issued at (its validity start), so that it counts after a

@@ -50,10 +50,11 @@ final class TunnelServerCore: @unchecked Sendable {
         refreshIdentities()
     }
 
-    /// Takes the node records the join state holds now (after the watch or this replica's own join changed them).
+    /// Takes the node records the join state holds now (after the watch or this replica's own join changed them),
+    /// and which nodes' record objects do not parse (they count as revoked).
     func refreshIdentities() {
         guard let state = joinState else { return }
-        identities.replace(state.knownRecords, synced: state.isSynced)
+        identities.replace(state.knownRecords, synced: state.isSynced, unreadable: { state.hasUnreadableRecord($0) })
     }
 
     /// The cluster's Node objects when the server checks agents against them (``TunnelServer/useNodeObjects``).

@@ -1,0 +1,139 @@
+import Foundation
+import Logging
+import NIOCore
+import Testing
+
+@testable import KubeAPI
+
+/// An API server that answers from a script: every list at once, with no items; each watch delivers the event
+/// lines of its turn and ends (200). What was asked, and every wait the watch took, are kept in order. Once
+/// `pausesWanted` waits were taken, the last one (and a watch past the script) lasts until the task is cancelled.
+final class ScriptedWatchAPI: KubeWatchTransport, @unchecked Sendable {
+    private let lock = NSLock()
+    private var script: [[String]]
+    private var _calls: [String] = []
+    private var _pauses: [UInt64] = []
+    let pausesWanted: Int
+    /// A script line that is no event: the watch stays open a little over a second.
+    static let quietSecond = "(quiet for a second)"
+
+    init(watches script: [[String]], pausesWanted: Int) {
+        self.script = script
+        self.pausesWanted = pausesWanted
+    }
+
+    /// `list`, `watch` and `pause`, in the order they happened.
+    var calls: [String] { lock.withLock { _calls } }
+    /// The waits asked for, in nanoseconds.
+    var pauses: [UInt64] { lock.withLock { _pauses } }
+
+    func list(_ pathAndQuery: String, what: String) async throws -> (items: [[String: any Sendable]], version: String) {
+        lock.withLock { _calls.append("list") }
+        return ([], "1")
+    }
+
+    func watch(_ path: String, timeout: TimeAmount, onEvent: @escaping @Sendable ([UInt8]) throws -> Void) async throws -> Int {
+        let lines = lock.withLock { () -> [String]? in
+            _calls.append("watch")
+            return script.isEmpty ? nil : script.removeFirst()
+        }
+        guard let lines else {
+            try await Task.sleep(nanoseconds: 60_000_000_000)
+            return 200
+        }
+        for line in lines {
+            if line == ScriptedWatchAPI.quietSecond {  // a watch that stays open a while with nothing to say
+                try await Task.sleep(nanoseconds: 1_100_000_000)
+                continue
+            }
+            try onEvent(Array(line.utf8))
+        }
+        return 200
+    }
+
+    func pause(_ nanoseconds: UInt64) async {
+        let enough = lock.withLock { () -> Bool in
+            _calls.append("pause")
+            _pauses.append(nanoseconds)
+            return _pauses.count >= pausesWanted
+        }
+        if enough { try? await Task.sleep(nanoseconds: 60_000_000_000) }
+    }
+}
+
+/// How a watch behaves when the API server fails it: it waits, longer each time in a row, and never asks again at
+/// once (a hot loop against the API server).
+@Suite struct KubeWatchTests {
+    static let failed = #"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","status":"Failure","code":500,"reason":"InternalError","message":"etcdserver: request timed out"}}"#
+    static let gone = #"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","status":"Failure","code":410,"reason":"Expired","message":"too old resource version"}}"#
+    static let added = #"{"type":"ADDED","object":{"metadata":{"name":"a","resourceVersion":"7"}}}"#
+
+    /// Runs a watch against `api` until it has taken `api.pausesWanted` waits (at most 10 s); the waits in seconds.
+    func takenWaits(_ api: ScriptedWatchAPI) async throws -> [Double] {
+        let watch = KubeWatch(
+            transport: api, path: "/api/v1/namespaces/edge-tunnel/configmaps", query: "labelSelector=a%3Db",
+            what: "the test objects", logger: Logger(label: "kube-watch-test"), pause: { await api.pause($0) })
+        let task = Task { await watch.run { _ in } }
+        var polls = 0
+        while api.pauses.count < api.pausesWanted, polls < 2_000 {
+            try await Task.sleep(nanoseconds: 5_000_000)
+            polls += 1
+        }
+        task.cancel()
+        await task.value
+        return api.pauses.map { Double($0) / 1e9 }
+    }
+
+    @Test func anErrorEventBacksOffBeforeTheNextWatchAndAnEventStartsTheBackoffOver() async throws {
+        let api = ScriptedWatchAPI(
+            watches: [[Self.failed], [Self.failed], [Self.failed], [Self.added, Self.failed], [Self.failed]], pausesWanted: 5)
+        let waits = try await takenWaits(api)
+        // Every ERROR event is followed by a wait, then a list and a watch: never a watch right after a failed one.
+        #expect(api.calls == Array([[String]](repeating: ["list", "watch", "pause"], count: 5).joined()))
+        // 1 s, 2 s, 4 s (each jittered down to half); the event in the fourth watch starts it over.
+        let expected: [ClosedRange<Double>] = [0.5...1, 1...2, 2...4, 0.5...1, 1...2]
+        #expect(waits.count == expected.count)
+        for (wait, range) in zip(waits, expected) { #expect(range.contains(wait), "waits \(waits)") }
+    }
+
+    @Test func a410ListsAgainSoonAndAWatchThatRanItsCourseStartsTheBackoffOver() async throws {
+        let api = ScriptedWatchAPI(
+            watches: [[Self.failed], [Self.failed], [Self.gone], [ScriptedWatchAPI.quietSecond], [Self.failed]], pausesWanted: 4)
+        let waits = try await takenWaits(api)
+        #expect(api.calls == [
+            "list", "watch", "pause",  // failed: 0.5 to 1 s
+            "list", "watch", "pause",  // failed again: 1 to 2 s
+            "list", "watch", "pause",  // 410 Gone: listed again within a second, not counted as a failure
+            "list", "watch",  // ended by the server without an error: the next watch follows at once
+            "watch", "pause",  // failed: the backoff started over
+        ])
+        let expected: [ClosedRange<Double>] = [0.5...1, 1...2, 0.1...1, 0.5...1]
+        #expect(waits.count == expected.count)
+        for (wait, range) in zip(waits, expected) { #expect(range.contains(wait), "waits \(waits)") }
+    }
+
+    /// An API server (or a proxy before it) that ends every watch at once with 200 and no event made the client watch
+    /// again at once, without end.
+    @Test func aWatchEndedAtOnceWithNoEventBacksOffLikeAFailure() async throws {
+        let api = ScriptedWatchAPI(watches: [[], [], []], pausesWanted: 3)
+        let waits = try await takenWaits(api)
+        #expect(api.calls == Array([[String]](repeating: ["list", "watch", "pause"], count: 3).joined()))
+        let expected: [ClosedRange<Double>] = [0.5...1, 1...2, 2...4]
+        #expect(waits.count == expected.count)
+        for (wait, range) in zip(waits, expected) { #expect(range.contains(wait), "waits \(waits)") }
+    }
+
+    @Test func theBackoffDoublesUpToThirtySecondsAndASuccessStartsItOver() {
+        let backoff = WatchBackoff()
+        #expect((0..<7).map { _ in backoff.failed() } == [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000])
+        backoff.succeeded()
+        #expect(backoff.failed() == 1_000)
+    }
+
+    @Test func anErrorEventSaysWhatTheAPIServerSaid() throws {
+        let event = try JSONSerialization.jsonObject(with: Data(Self.failed.utf8)) as? [String: any Sendable]
+        let status = try #require(event?["object"] as? [String: any Sendable])
+        #expect(KubeWatch.errorEvent(status, watching: "the test objects").description
+            == "the watch of the test objects ended with an ERROR event 500 InternalError: etcdserver: request timed out")
+    }
+}
