@@ -3,7 +3,8 @@ import NIOConcurrencyHelpers
 
 /// The cluster's Node objects, followed live: which nodes exist and the addresses each reports
 /// (`status.addresses`). The server lets an agent register only as a Node that exists and claim only addresses
-/// its Node reports, and closes the tunnel of a Node that is deleted. Thread-safe.
+/// its Node reports, closes the tunnel of a Node that is deleted, and stops routing an address to a node whose
+/// Node no longer reports it (removed, or given to another Node). Thread-safe.
 public final class NodeDirectory: @unchecked Sendable {
     private let watch: KubeWatch
     private let lock = NIOLock()
@@ -20,28 +21,53 @@ public final class NodeDirectory: @unchecked Sendable {
     /// The addresses Node `name` reports, or nil if there is no such Node.
     public func addresses(of name: String) -> [String]? { lock.withLock { nodes[name] } }
 
-    /// Follows the Nodes until the task is cancelled; `onDeleted` is called with each Node that goes away.
-    public func run(onDeleted: @escaping @Sendable (String) -> Void) async {
+    /// What one change of the watch did to the directory.
+    public struct Update: Sendable, Equatable {
+        /// Nodes that exist now and whose addresses are not the ones they were (a Node added counts).
+        public var changed: [String] = []
+        /// Nodes that went away.
+        public var deleted: [String] = []
+    }
+
+    /// Follows the Nodes until the task is cancelled. `onDeleted` is called with each Node that goes away,
+    /// `onAddressesChanged` with the Nodes whose addresses changed (not for the many updates of a Node's
+    /// status that leave its addresses as they were). Both are called after the directory holds the change.
+    public func run(
+        onDeleted: @escaping @Sendable (String) -> Void,
+        onAddressesChanged: @escaping @Sendable ([String]) -> Void = { _ in }
+    ) async {
         await watch.run { [weak self] change in
             guard let self else { return }
-            var gone: [String] = []
-            self.lock.withLock {
-                switch change {
-                case .listed(let items):
-                    let fresh = Dictionary(items.compactMap(Self.entry), uniquingKeysWith: { $1 })
-                    gone = self.nodes.keys.filter { fresh[$0] == nil }
-                    self.nodes = fresh
-                    self.loaded = true
-                case .added(let node), .modified(let node):
-                    if let (name, addresses) = Self.entry(node) { self.nodes[name] = addresses }
-                case .deleted(let node):
-                    if let (name, _) = Self.entry(node) {
-                        self.nodes[name] = nil
-                        gone = [name]
-                    }
+            let update = self.apply(change)
+            if !update.changed.isEmpty { onAddressesChanged(update.changed) }
+            for name in update.deleted { onDeleted(name) }
+        }
+    }
+
+    /// Takes one change of the watch; returns which Nodes' addresses changed and which Nodes went away.
+    @discardableResult
+    func apply(_ change: KubeWatch.Change) -> Update {
+        lock.withLock {
+            var update = Update()
+            switch change {
+            case .listed(let items):
+                let fresh = Dictionary(items.compactMap(Self.entry), uniquingKeysWith: { $1 })
+                update.deleted = nodes.keys.filter { fresh[$0] == nil }.sorted()
+                update.changed = fresh.filter { nodes[$0.key] != $0.value }.map(\.key).sorted()
+                nodes = fresh
+                loaded = true
+            case .added(let node), .modified(let node):
+                if let (name, addresses) = Self.entry(node) {
+                    if nodes[name] != addresses { update.changed = [name] }
+                    nodes[name] = addresses
+                }
+            case .deleted(let node):
+                if let (name, _) = Self.entry(node) {
+                    nodes[name] = nil
+                    update.deleted = [name]
                 }
             }
-            for name in gone { onDeleted(name) }
+            return update
         }
     }
 

@@ -6,8 +6,14 @@ import NIOHTTP1
 
 /// `coordination.k8s.io/v1` Leases as the count of server replicas (as konnectivity counts its servers): each
 /// replica holds a Lease named after it, labelled `LABEL`, renewed every ``renewInterval``; the number of Leases
-/// with that label whose renewal has not expired is the count, followed by a ``KubeWatch``. Expiry is no
-/// event, so the count is recomputed every second.
+/// with that label that a replica holds and whose renewal has not expired is the count, followed by a
+/// ``KubeWatch``. Expiry is no event, so the count is recomputed every second.
+///
+/// Whoever may write Leases in the namespace could otherwise inflate the count, or keep a dead replica counted.
+/// A Lease counts only as a replica writes it (``counts(_:at:)``): named `edge-tunnel-server-<holder>` after the
+/// replica that holds it, and renewed within its duration, at most ``longestLease``, by the writer's clock and
+/// by the time this replica saw it change (as client-go's leader election does). The count is at most
+/// ``maxCount``, the most replicas `--server-count` and the agents take.
 public final class ReplicaLeases: @unchecked Sendable {
     public let client: KubeClient
     public let namespace: String
@@ -18,8 +24,30 @@ public final class ReplicaLeases: @unchecked Sendable {
     private let logger: Logger
     private let onCount: @Sendable (Int) -> Void
     private let lock = NIOLock()
-    private var leases: [String: (renew: Date, duration: Int)] = [:]
+    private var leases: [String: Entry] = [:]
     private var lastCount = 0
+
+    /// The most replicas counted, as `--server-count` allows and the agents clamp.
+    public static let maxCount = 1000
+    /// The longest a Lease counts after its renewal, whatever its `leaseDurationSeconds` says: replicas write
+    /// ``duration`` (15 s), so a Lease claiming hours keeps a dead replica counted for a minute at most.
+    public static let longestLease: TimeInterval = 60
+    /// How far the clocks of two replicas may differ before a current Lease stops counting.
+    public static let clockSkew: TimeInterval = 3
+
+    /// What the count reads of one Lease.
+    struct Entry: Equatable {
+        /// `metadata.name`.
+        var name: String
+        /// `spec.holderIdentity`; nil or empty: not held.
+        var holder: String?
+        /// `spec.renewTime`, by the writer's clock.
+        var renew: Date
+        /// `spec.leaseDurationSeconds`.
+        var duration: Int
+        /// When this replica saw this version of the Lease: listed, added or modified.
+        var observed: Date
+    }
 
     public init(
         client: KubeClient, namespace: String, serverID: String, label: (key: String, value: String),
@@ -37,7 +65,10 @@ public final class ReplicaLeases: @unchecked Sendable {
 
     var collection: String { "/apis/coordination.k8s.io/v1/namespaces/\(namespace)/leases" }
     var selector: String { "labelSelector=\(label.key)%3D\(label.value)" }
-    var leaseName: String { "edge-tunnel-server-\(serverID)" }
+    var leaseName: String { Self.leaseName(of: serverID) }
+
+    /// The name of the Lease replica `serverID` holds.
+    static func leaseName(of serverID: String) -> String { "edge-tunnel-server-\(serverID)" }
 
     /// Renews the own Lease and follows all of them until the task is cancelled; then deletes the own Lease, so
     /// that the others count one replica fewer at once.
@@ -107,17 +138,27 @@ public final class ReplicaLeases: @unchecked Sendable {
         let watch = KubeWatch(client: client, path: collection, query: selector, what: "the replica Leases", logger: logger)
         await watch.run { [weak self] change in
             guard let self else { return }
-            self.lock.withLock {
-                switch change {
-                case .listed(let items):
-                    self.leases = Dictionary(items.compactMap(Self.entry), uniquingKeysWith: { $1 })
-                case .added(let lease), .modified(let lease):
-                    if let (name, entry) = Self.entry(lease) { self.leases[name] = entry }
-                case .deleted(let lease):
-                    if let (name, _) = Self.entry(lease) { self.leases[name] = nil }
-                }
-            }
+            self.apply(change)
             self.recount()
+        }
+    }
+
+    /// Takes one change of the watch, seen at `now`.
+    func apply(_ change: KubeWatch.Change, at now: Date = Date()) {
+        lock.withLock {
+            switch change {
+            case .listed(let items):
+                leases = Dictionary(
+                    items.compactMap { Self.entry($0, observed: now) }.map { ($0.name, $0) }, uniquingKeysWith: { $1 })
+            case .added(let lease), .modified(let lease):
+                if let entry = Self.entry(lease, observed: now) {
+                    leases[entry.name] = entry
+                } else if let name = Self.name(of: lease) {
+                    leases[name] = nil  // no longer a Lease that can count (its renewal removed)
+                }
+            case .deleted(let lease):
+                if let name = Self.name(of: lease) { leases[name] = nil }
+            }
         }
     }
 
@@ -130,10 +171,26 @@ public final class ReplicaLeases: @unchecked Sendable {
         }
     }
 
-    /// The replicas whose Lease is current; at least 1 (this one).
-    public var count: Int {
-        let now = Date()
-        return max(1, lock.withLock { leases.values.filter { $0.renew.addingTimeInterval(Double($0.duration)) > now }.count })
+    /// The replicas whose Lease is current; at least 1 (this one), at most ``maxCount``.
+    public var count: Int { count(at: Date()) }
+
+    func count(at now: Date) -> Int {
+        let current = lock.withLock { leases.values.filter { Self.counts($0, at: now) }.count }
+        return min(max(1, current), Self.maxCount)
+    }
+
+    /// Whether a Lease counts as a replica at `now`: it is held, named after its holder as replicas name their
+    /// Lease, and renewed within its duration (at most ``longestLease``, with ``clockSkew`` to spare). The
+    /// renewal is taken at the writer's `renewTime` or when this replica saw the Lease change, whichever is
+    /// earlier: a `renewTime` in the future (a writer's clock ahead, or a forged one) counts from the moment the
+    /// Lease was seen, and a dead replica's Lease listed anew does not count again.
+    static func counts(_ lease: Entry, at now: Date) -> Bool {
+        guard let holder = lease.holder, !holder.isEmpty, lease.name == leaseName(of: holder), lease.duration > 0 else {
+            return false
+        }
+        let renewed = min(lease.renew, lease.observed)
+        let lasts = min(TimeInterval(lease.duration), longestLease) + clockSkew
+        return now < renewed.addingTimeInterval(lasts)
     }
 
     private func recount() {
@@ -147,12 +204,18 @@ public final class ReplicaLeases: @unchecked Sendable {
 
     // MARK: JSON
 
-    static func entry(_ lease: [String: any Sendable]) -> (String, (renew: Date, duration: Int))? {
-        guard let name = (lease["metadata"] as? [String: Any])?["name"] as? String,
-            let spec = lease["spec"] as? [String: Any], let renewText = spec["renewTime"] as? String,
-            let renew = parseMicroTime(renewText)
+    /// What the count reads of a Lease seen at `observed`; nil without a name or a renewal time.
+    static func entry(_ lease: [String: any Sendable], observed: Date) -> Entry? {
+        guard let name = name(of: lease), let spec = lease["spec"] as? [String: Any],
+            let renewText = spec["renewTime"] as? String, let renew = parseMicroTime(renewText)
         else { return nil }
-        return (name, (renew, spec["leaseDurationSeconds"] as? Int ?? 15))
+        return Entry(
+            name: name, holder: spec["holderIdentity"] as? String, renew: renew,
+            duration: spec["leaseDurationSeconds"] as? Int ?? 15, observed: observed)
+    }
+
+    static func name(of lease: [String: any Sendable]) -> String? {
+        (lease["metadata"] as? [String: Any])?["name"] as? String
     }
 
     /// Kubernetes MicroTime: RFC 3339 with microseconds (`2026-11-30T16:40:05.123456Z`).

@@ -34,7 +34,8 @@ extension TunnelServer {
                 return .text(.serviceUnavailable, "the join state (tokens, node records) has not been listed yet")
             }
             if let service = unlistedAddressService {
-                return .text(.serviceUnavailable, "the addresses of Service \(service) have not been listed yet")
+                return .text(
+                    .serviceUnavailable, addressServiceRefusal(service) ?? "the addresses of Service \(service) have not been listed yet")
             }
             // `/readyz/listeners` is for a Service that agents use too: agents must reach an unready replica.
             if path == "/readyz", let missing = replicaWarmingUp() { return .text(.serviceUnavailable, missing) }
@@ -58,8 +59,10 @@ extension TunnelServer {
     public var agents: [AgentInfo] {
         core.registry.sessions.map { session in
             let counters = session.mux.counters.snapshot
+            // The IPs that lead to the node now: with Node objects, those its Node still reports.
             return AgentInfo(
-                nodeName: session.nodeName, nodeIPs: session.nodeIPs, connectedSince: session.connectedSince,
+                nodeName: session.nodeName, nodeIPs: core.registry.routedIPs(of: session.nodeName),
+                connectedSince: session.connectedSince,
                 remoteAddress: session.remoteAddress, streams: counters.streams, bytesFromAgent: counters.bytesIn,
                 bytesToAgent: counters.bytesOut, paced: session.mux.counters.paced)
         }.sorted { $0.nodeName < $1.nodeName }

@@ -35,6 +35,8 @@ public final class TunnelServer: @unchecked Sendable {
     /// The certificate's addresses from the configuration, and from the Service (``setServiceAddresses``).
     private var configuredAddresses: (ips: [String], dnsNames: [String])
     private var serviceAddresses: [String: (ips: [String], dnsNames: [String])] = [:]
+    /// Services whose last update was refused, and why: the readiness check says so.
+    private var refusedAddressServices: [String: String] = [:]
     /// Held from reading the addresses to installing the certificate made from them: each Service's watch, the
     /// config reloader and the renewal update at the same time, and a certificate made from an older read must
     /// not replace a newer one (it dropped a Service's addresses until its next change).
@@ -69,16 +71,57 @@ public final class TunnelServer: @unchecked Sendable {
 
     /// The addresses of `service`, one of the Services the server is reached through
     /// (``ServerConfiguration/addressServices``), named by the certificate besides the configured ones and those
-    /// of the other Services; re-issued when they change, without a restart.
-    public func setServiceAddresses(_ service: String, ips: [String], dnsNames: [String]) throws {
-        lock.withLock { serviceAddresses[service] = (ips, dnsNames) }
+    /// of the other Services; re-issued when they change, without a restart. Returns what the certificate takes.
+    ///
+    /// Every entry is checked before anything is kept (``ServiceAddresses/check(ips:dnsNames:)``), so that what
+    /// is kept always makes a certificate, and a later update of this Service, another Service's or the config
+    /// file's always goes through:
+    /// - an entry that is neither an IP address nor a DNS name (a wildcard among them) is left out, named in one
+    ///   log line, and the rest is taken: one bad entry must not keep the certificate from following the others;
+    /// - more than ``ServiceAddresses/maxAddresses`` addresses refuse the whole update with an error naming the
+    ///   Service and the count: the certificate in force, and this Service's last addresses taken, stay.
+    @discardableResult
+    public func setServiceAddresses(_ service: String, ips: [String], dnsNames: [String]) throws -> ServiceAddresses.Checked {
+        let checked = ServiceAddresses.check(ips: ips, dnsNames: dnsNames)
+        if !checked.invalid.isEmpty {
+            let shown = checked.invalid.prefix(10).map { "\"\(PeerText.bounded($0, limit: 64))\"" }
+            let more = checked.invalid.count > shown.count ? " and \(checked.invalid.count - shown.count) more" : ""
+            let what = "neither an IP address nor a DNS name (wildcards are not taken)"
+            core.logger.warning(
+                "Service \(service): left out of the serving certificate, \(what): \(shown.joined(separator: ", "))\(more)")
+        }
+        guard checked.count <= ServiceAddresses.maxAddresses else {
+            let refusal = TooManyServiceAddresses(service: service, count: checked.count)
+            lock.withLock { refusedAddressServices[service] = refusal.description }
+            throw refusal
+        }
+        lock.withLock {
+            serviceAddresses[service] = (checked.ips, checked.dnsNames)
+            refusedAddressServices[service] = nil
+        }
         try applyAddresses()
+        return checked
+    }
+
+    /// A Service whose addresses the certificate does not take: more than ``ServiceAddresses/maxAddresses``.
+    public struct TooManyServiceAddresses: Error, CustomStringConvertible, Sendable {
+        public let service: String
+        public let count: Int
+        public var description: String {
+            "Service \(service) has \(count) addresses, more than the \(ServiceAddresses.maxAddresses) a serving certificate "
+                + "takes from one Service: keeping the current certificate"
+        }
     }
 
     /// A Service of ``ServerConfiguration/addressServices`` whose addresses are not known yet: until they are,
     /// the certificate may not name the address a caller dials.
     var unlistedAddressService: String? {
         lock.withLock { configuration.addressServices.first { serviceAddresses[$0] == nil } }
+    }
+
+    /// Why the last update of `service`'s addresses was refused, if it was (``TooManyServiceAddresses``).
+    func addressServiceRefusal(_ service: String) -> String? {
+        lock.withLock { refusedAddressServices[service] }
     }
 
     private func applyAddresses() throws {
@@ -99,8 +142,10 @@ public final class TunnelServer: @unchecked Sendable {
     }
 
     /// From now on an agent registers only as a Node of `directory` that exists, claiming only addresses its Node
-    /// reports; the tunnels of Nodes that go away are closed (call ``nodeDeleted(_:)`` from the directory).
+    /// reports, and an address leads to it only while its Node reports it; the tunnels of Nodes that go away are
+    /// closed. Call ``nodeDeleted(_:)`` and ``nodeAddressesChanged(_:)`` from the directory.
     public func useNodeObjects(_ directory: NodeDirectory) {
+        core.registry.checkIPs { directory.addresses(of: $0) }
         core.setNodeDirectory(directory)
     }
 
@@ -115,8 +160,22 @@ public final class TunnelServer: @unchecked Sendable {
         core.refreshIdentities()
     }
 
-    /// Node `name` was deleted: its tunnel closes.
+    /// The addresses of these Nodes changed: an IP a Node no longer reports (removed, or given to another Node)
+    /// stops leading to that node's tunnel at once; the tunnel stays, reached by the node's name.
+    public func nodeAddressesChanged(_ names: [String]) {
+        for name in names {
+            let dropped = core.registry.recheckIPs(of: name)
+            if !dropped.isEmpty {
+                core.logger.warning(
+                    "Node \(name) no longer reports \(dropped.joined(separator: ", ")): no longer routed to its tunnel",
+                    metadata: ["node": "\(name)"])
+            }
+        }
+    }
+
+    /// Node `name` was deleted: its addresses stop leading to its tunnel at once, and the tunnel closes.
     public func nodeDeleted(_ name: String) {
+        core.registry.recheckIPs(of: name)
         for session in core.registry.liveSessions where session.nodeName == name {
             session.cutOff(reason: "the Node object of \(name) was deleted")
         }

@@ -90,8 +90,8 @@ struct ServiceAddressService: Service {
         await cancelWhenGracefulShutdown {
             await addresses.run { ips, names in
                 do {
-                    try server.setServiceAddresses(service, ips: ips, dnsNames: names)
-                    logger.info("the addresses of Service \(service): \((ips + names).joined(separator: ", "))")
+                    let taken = try server.setServiceAddresses(service, ips: ips, dnsNames: names)
+                    logger.info("the addresses of Service \(service): \((taken.ips + taken.dnsNames).joined(separator: ", "))")
                 } catch {
                     logger.error("the addresses of Service \(service) cannot go into the certificate: \(error)")
                 }
@@ -100,7 +100,8 @@ struct ServiceAddressService: Service {
     }
 }
 
-/// The cluster's Node objects: the server checks registrations against them and closes deleted Nodes' tunnels.
+/// The cluster's Node objects: the server checks registrations against them, stops routing an address to a node
+/// whose Node no longer reports it, and closes deleted Nodes' tunnels.
 struct NodeObjectsService: Service {
     let directory: NodeDirectory
     let server: TunnelServer
@@ -114,7 +115,9 @@ struct NodeObjectsService: Service {
     func run() async throws {
         let (directory, server) = (directory, server)
         await cancelWhenGracefulShutdown {
-            await directory.run { name in server.nodeDeleted(name) }
+            await directory.run(
+                onDeleted: { name in server.nodeDeleted(name) },
+                onAddressesChanged: { names in server.nodeAddressesChanged(names) })
         }
     }
 }
