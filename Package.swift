@@ -227,6 +227,8 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                // Real loops and sockets for the takeover across event loops (CrossLoopResumeTests).
+                .product(name: "NIOPosix", package: "swift-nio"),
             ],
             swiftSettings: swift5
         ),

@@ -68,7 +68,11 @@ extension TunnelMux {
             self.writeStreamFrame(
                 Open(target: target, window: stream.receive.size).frame(streamID: id, allocator: context.channel.allocator))
             // After the OPEN: a caller already gone is acted on at once, and its RST must follow the OPEN.
-            callerGone?.whenComplete { _ in self.callerClosed(id) }
+            if let callerGone {
+                let owner = Stream.Owner(self)
+                stream.owner = owner
+                callerGone.whenComplete { _ in owner.mux?.callerClosed(id) }
+            }
         }
         return promise.futureResult
     }

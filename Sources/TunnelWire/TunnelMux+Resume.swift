@@ -257,6 +257,7 @@ extension TunnelMux {
             streams[stream.id] = stream
             awaitingResume.insert(stream.id)
             stream.glue?.moveToTunnel(self)
+            stream.owner?.mux = self
             windowBudgetUsed += stream.receive.size
             queuedData += stream.pending?.readableBytes ?? 0
             retainedTotal += stream.retainedBytes

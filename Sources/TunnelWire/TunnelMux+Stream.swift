@@ -1,3 +1,4 @@
+import NIOConcurrencyHelpers
 import NIOCore
 
 extension TunnelMux {
@@ -28,6 +29,10 @@ extension TunnelMux {
         /// up on it (cancelled with the answer, so ten thousand open streams leave no timers behind).
         var openPromise: EventLoopPromise<OpenResult>?
         var openTimer: Scheduled<Void>?
+        /// Server side, for a stream tied to its caller (``TunnelMux/openStream(target:until:)``): which mux holds
+        /// the stream now, updated when it is resumed elsewhere. Weak, so that the caller's close does not keep a
+        /// chain of old tunnels alive for as long as the stream lasts.
+        var owner: Owner?
 
         // Byte accounting, for resuming (``TunnelMux/enableResume(grace:)``); offsets count from OPEN.
         /// DATA bytes received from the peer.
@@ -72,6 +77,17 @@ extension TunnelMux {
                 retainedBytes -= drop
             }
             return before - retainedBytes
+        }
+
+        /// The mux a stream belongs to, read from the caller's loop when its channel closes.
+        final class Owner: @unchecked Sendable {
+            private let lock = NIOLock()
+            private weak var _mux: TunnelMux?
+            init(_ mux: TunnelMux) { _mux = mux }
+            var mux: TunnelMux? {
+                get { lock.withLock { _mux } }
+                set { lock.withLock { _mux = newValue } }
+            }
         }
 
         init(id: UInt32, openedBy opener: StreamStateMachine.Opener, sendWindow: Int, receive: ReceiveWindow) {

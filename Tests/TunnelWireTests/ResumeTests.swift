@@ -58,8 +58,10 @@ final class ResumePair {
     }
 
     /// Opens a stream from the server and joins both ends to sockets.
-    func openStream() throws -> UInt32 {
-        let opened = server.mux.openStream(target: "127.0.0.1:10250")
+    /// `tied`: the stream is tied to its caller's channel, as every frontend's stream is (``StreamDialer``).
+    func openStream(tied: Bool = false) throws -> UInt32 {
+        let caller = EmbeddedChannel(loop: loop)
+        let opened = server.mux.openStream(target: "127.0.0.1:10250", until: tied ? caller.closeFuture : nil)
         try pump()
         let (_, id) = agent.delegate.opens.removeLast()
         let target = EmbeddedChannel(loop: loop)
@@ -68,7 +70,6 @@ final class ResumePair {
         agent.mux.acceptStream(id)
         try pump()
         guard case .opened(let opened) = try opened.wait(), opened == id else { throw FrameError("not opened") }
-        let caller = EmbeddedChannel(loop: loop)
         try caller.pipeline.syncOperations.addHandler(StreamGlue(mux: server.mux, streamID: id, eventLoop: loop))
         try caller.connect(to: .init(ipAddress: "127.0.0.1", port: 3)).wait()
         loop.run()
@@ -462,9 +463,11 @@ func readAll(_ channel: EmbeddedChannel) throws -> [UInt8] {
         }
         #expect(small.server.mux.lingering.keys.sorted() == [5, 7, 9])
     }
-    @Test func aStreamResumedManyTimesKeepsNoOldTunnelAlive() throws {
+    @Test(arguments: [false, true])
+    func aStreamResumedManyTimesKeepsNoOldTunnelAlive(tiedToItsCaller: Bool) throws {
         let pair = try ResumePair()
-        let id = try pair.openStream()
+        // Tied: the caller's close must reach the mux holding the stream now, without holding the old ones.
+        let id = try pair.openStream(tied: tiedToItsCaller)
         var up: [UInt8] = []
         weak var firstServer = pair.server.mux
         weak var firstAgent = pair.agent.mux
@@ -481,6 +484,11 @@ func readAll(_ channel: EmbeddedChannel) throws -> [UInt8] {
         try pair.pump()
         up += try readAll(pair.targets[id]!)
         #expect(sameBytes(up, pattern(5500, from: 0)))
+        if tiedToItsCaller {
+            try pair.callers[id]!.close().wait()  // the caller goes: its stream ends on the tunnel it is on now
+            try pair.pump()
+            #expect(pair.server.mux.streamCount == 0 && pair.agent.mux.streamCount == 0)
+        }
     }
     @Test func anEndedStreamGivesUpWhatItKeptBeforeALiveStreamStopsBeingResumable() throws {
         var limits = TunnelLimits()
