@@ -2,6 +2,10 @@
 
 Under CI (CI=true, root) failing to create a namespace is a test failure; elsewhere the test is skipped with
 the reason, never passed silently.
+
+Tests run in parallel (pytest-xdist): every namespace and veth name carries a random tag, addresses and ports are
+namespace-local, and iptables runs with `-w`, since legacy iptables holds one lock (/run/xtables.lock) for every
+namespace and refuses at once without it.
 """
 import contextlib
 import os
@@ -87,10 +91,10 @@ class Topology:
                 sh("ip", "-n", ns_b, "link", "set", dev_b, "up")
             sh("ip", "-n", self.edge, "route", "add", "default", "via", "10.240.2.1")
             sh("ip", "netns", "exec", self.inet, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-            sh("ip", "netns", "exec", self.inet, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", f"io{t}",
+            sh("ip", "netns", "exec", self.inet, "iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-o", f"io{t}",
                "-j", "MASQUERADE")
             for dev in (f"pe{t}", f"ie{t}"):
-                sh("ip", "netns", "exec", self.edge, "iptables", "-A", "INPUT", "-i", dev, "-m", "conntrack",
+                sh("ip", "netns", "exec", self.edge, "iptables", "-w", "-A", "INPUT", "-i", dev, "-m", "conntrack",
                    "--ctstate", "NEW", "-j", "DROP")
         except Exception:
             self.__exit__(None, None, None)
@@ -163,7 +167,7 @@ class ClusterNetwork:
             sh("ip", "netns", "del", ns, check=False)
 
     def iptables(self, *args):
-        sh("ip", "netns", "exec", self.router, "iptables", "-t", "nat", *args)
+        sh("ip", "netns", "exec", self.router, "iptables", "-w", "-t", "nat", *args)
 
     def set_endpoints(self, port, pod_indexes):
         """Points CLUSTER_IP:port at these pods, each equally likely, as kube-proxy does: in one iptables-restore
@@ -181,8 +185,8 @@ class ClusterNetwork:
             else:
                 rules.append(f"-A {chain} -p tcp {target}")
         rules.append("COMMIT")
-        subprocess.run(["ip", "netns", "exec", self.router, "iptables-restore", "--noflush"], input="\n".join(rules) + "\n",
-                       capture_output=True, text=True, check=True, timeout=60)
+        subprocess.run(["ip", "netns", "exec", self.router, "iptables-restore", "-w", "--noflush"],
+                       input="\n".join(rules) + "\n", capture_output=True, text=True, check=True, timeout=60)
         self.endpoints[port] = list(pod_indexes)
 
     def run(self, ns, *args, check=True, timeout=60):

@@ -219,7 +219,7 @@ def test_bad_paths_are_skipped_with_a_reason(topo, tmp_path):
         s.spawn(topo.cloud, [BIN / "edge-tunnel-server", "--pki-dir", other, "--tunnel-port", "10272",
                              "--secure-port", "10273", "--meta-port", "10275", "--insecure-port", "0", "--cert-ips", PRIVATE],
                 "impostor")
-        topo.run(topo.cloud, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "10270", "-j", "DROP")
+        topo.run(topo.cloud, "iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", "10270", "-j", "DROP")
         s.start_agent([f"{PRIVATE}:10271", f"{PRIVATE}:10270", f"{PRIVATE}:10272", f"{PUBLIC}:10262"])
         wait_until(lambda: s.path_in_use() == f"{PUBLIC}:10262", 40, "the agent on the working address")
         log = s.agent.text()
@@ -297,7 +297,7 @@ def test_failover_with_two_replicas_moves_every_tunnel_and_back(topo, tmp_path):
         for address in (PRIVATE, PUBLIC):
             for index, base in replicas.items():
                 rule = ["-m", "statistic", "--mode", "random", "--probability", "0.5"] if index == 1 else []
-                topo.run(topo.cloud, "iptables", "-t", "nat", "-A", "PREROUTING", "-d", address, "-p", "tcp",
+                topo.run(topo.cloud, "iptables", "-w", "-t", "nat", "-A", "PREROUTING", "-d", address, "-p", "tcp",
                          "--dport", "10262", *rule, "-j", "DNAT", "--to-destination", f"{address}:{base + 262}")
         for index, base in replicas.items():
             config = s.tmp / f"server-{index}.yaml"

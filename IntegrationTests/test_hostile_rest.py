@@ -1,7 +1,8 @@
-"""The hostile-peers items that had focused tests only, played together for 30 s while the victim keeps working
-(see test_hostile_peers.py for the harness and its four assertions): token guessing, a renewal flood, a node
-revoked while it holds a tunnel, an agent at its stream limit, and callers posting bodies and forward-proxy
-requests. What stays focused only is listed in docs/SECURITY.md (start-up checks and unit-level cases)."""
+"""The hostile-peers items that had focused tests only, played together for SCENARIO_SECONDS (12 s; 30 s in a long
+run) while the victim keeps working (see test_hostile_peers.py for the harness and its four assertions): token
+guessing, a renewal flood, a node revoked while it holds a tunnel, an agent at its stream limit, and callers posting
+bodies and forward-proxy requests. What stays focused only is listed in docs/SECURITY.md (start-up checks and
+unit-level cases)."""
 import hashlib
 import json
 import os
@@ -17,11 +18,11 @@ import pytest
 from conftest import BIN, run
 from edge_service import blob_sha256
 from harness import Cluster, FakeServer, frame, http_get, read_frame, read_head
-from test_hostile_peers import fd_count, hello, hostile_scenario, limit_hits
+from test_hostile_peers import SCENARIO_SECONDS, at_least, fd_count, hello, hostile_scenario, limit_hits
 from test_hostile_scenarios import ATTACKER_SOURCE, csr_for, refusal
 
 STREAMS_PER_AGENT = 6
-REVOKE_AFTER = 10  # seconds into the scenario
+REVOKE_AFTER = SCENARIO_SECONDS / 3  # seconds into the scenario (10 s in a 30-s one)
 
 
 class RawAgent:
@@ -113,11 +114,11 @@ def absolute_form_get(c):
 
 
 def test_joins_renewals_revocation_stream_limits_and_bodies_together_for_thirty_seconds(tmp_path):
-    """For 30 s, together, while the victim downloads:
+    """For SCENARIO_SECONDS, together, while the victim downloads:
     - JOINs with an unknown token id and with a wrong secret get one and the same answer;
     - a registered agent (edge-4) asks for a new certificate again and again: one signature per 10 s;
-    - edge-3, a real agent holding a tunnel, is revoked 10 s in: its tunnel closes within seconds, and each of
-      its redials is refused;
+    - edge-3, a real agent holding a tunnel, is revoked a third of the way in: its tunnel closes within seconds,
+      and each of its redials is refused;
     - edge-1 accepts every stream: a caller's streams past the agent's limit get 503 with the reason, round
       after round, and the victim's streams are not counted against it;
     - a caller posts 1 MiB bodies Host-routed in 4 KiB writes (byte-exact at the edge) and sends absolute-form
@@ -191,6 +192,13 @@ def test_joins_renewals_revocation_stream_limits_and_bodies_together_for_thirty_
                 if revoked_at is not None and closed_after is None \
                         and http_get(f"http://127.0.0.1:{revoked.meta}/readyz")[0] == 503:
                     closed_after = time.monotonic() - revoked_at
+            # The scenario may end between the revocation and the round that would see the tunnel closed: look on
+            # until the bound asserted below has passed.
+            while revoked_at is not None and closed_after is None and time.monotonic() < revoked_at + 8:
+                if http_get(f"http://127.0.0.1:{revoked.meta}/readyz")[0] == 503:
+                    closed_after = time.monotonic() - revoked_at
+                else:
+                    time.sleep(0.1)
             streamer.close()
             renewer.close()
             return revoked_at, closed_after, streamer.closed or renewer.closed, len(renewer.renewed), \
@@ -199,7 +207,7 @@ def test_joins_renewals_revocation_stream_limits_and_bodies_together_for_thirty_
         revoked_at, closed_after, cut_off, renewed, seconds = hostile_scenario(c, attack)
         print(f"rounds: {tally}, certificates renewed: {renewed}, revoked tunnel closed after {closed_after} s")
         assert not cut_off, "a raw agent lost its tunnel during the scenario"
-        assert tally["join_pairs"] >= 5 and tally["stream_rounds"] >= 5 and tally["bodies"] >= 5, tally
+        assert min(tally["join_pairs"], tally["stream_rounds"], tally["bodies"]) >= at_least(5), tally
         assert tally["refused_503"] == 2 * tally["stream_rounds"], tally
         assert limit_hits(c, "streams_per_agent") == tally["refused_503"]
         # One signature per node per 10 s, however many were asked for.
@@ -330,7 +338,7 @@ def test_a_stolen_agent_certificate_cannot_hold_connections_without_registering_
 
         peak_open, handshakes, refused = hostile_scenario(c, attack)
         print(f"attacker: {handshakes} handshakes, {refused} closed in the gate, server held at most {peak_open} more")
-        assert handshakes + refused >= 1000, (handshakes, refused)
+        assert handshakes + refused >= at_least(1000), (handshakes, refused)
         # 256 per source may wait for HELLO, a few more are in flight between the accept and the gate's close.
         assert peak_open <= 256 + 32, peak_open
         metrics = http_get(c.meta_url("/metrics"))[1]

@@ -1,7 +1,7 @@
-"""The rest of the hostile-peers items, each played for 30 s while a victim keeps working (see
-test_hostile_peers.py for the harness): a node posing as another, callers sending what a parser must refuse,
-callers and an agent together trying to grow the server past its limits, and a hostile server against a real
-agent."""
+"""The rest of the hostile-peers items, each played for SCENARIO_SECONDS (12 s; 30 s in a long run) while a victim
+keeps working (see test_hostile_peers.py for the harness): a node posing as another, callers sending what a parser
+must refuse, callers and an agent together trying to grow the server past its limits, and a hostile server against
+a real agent."""
 import hashlib
 import json
 import os
@@ -16,7 +16,7 @@ from cryptography import x509
 from conftest import BIN, run
 from edge_service import blob_sha256
 from harness import Cluster, FakeServer, frame, read_frame, rss_kib, wait_until
-from test_hostile_peers import (RSS_GROWTH_BOUND_MIB, SCENARIO_SECONDS, attacker_tunnel, fd_count, hello,
+from test_hostile_peers import (RSS_GROWTH_BOUND_MIB, SCENARIO_SECONDS, at_least, attacker_tunnel, fd_count, hello,
                                 hostile_scenario, lab, limit_hits)  # noqa: F401  (lab is a fixture)
 
 ATTACKER_SOURCE = "127.0.0.3"
@@ -88,7 +88,7 @@ def test_a_node_cannot_pose_as_another_for_thirty_seconds(lab, tmp_path):
         return counts
 
     counts = hostile_scenario(lab, attack)
-    assert min(counts.values()) >= 5, counts
+    assert min(counts.values()) >= at_least(5), counts
     assert renewed == [], f"a RENEW with edge-2's name in its CSR was signed: {renewed}"
     lab.server.expect_log("certificate signing request names node")  # the refusal, with both names
     victim_after = [a for a in lab.agents() if a["nodeName"] == "edge-2"]
@@ -162,7 +162,7 @@ def test_callers_sending_what_a_parser_must_refuse_for_thirty_seconds(lab):
                 assert answer(sock).startswith(b"HTTP/1.1 400 ")
         return answered
 
-    assert hostile_scenario(lab, attack) >= 5 * len(HOSTILE_HEADS)
+    assert hostile_scenario(lab, attack) >= at_least(5 * len(HOSTILE_HEADS))
 
 
 def test_callers_and_an_agent_together_cannot_grow_the_server_past_its_limits(tmp_path):
@@ -243,7 +243,7 @@ def test_callers_and_an_agent_together_cannot_grow_the_server_past_its_limits(tm
 
 
 def test_a_hostile_server_cannot_make_the_agent_dial_out_of_bounds_for_thirty_seconds(tmp_path):
-    """A fake server with the real serving certificate asks a real agent, for 30 s, for the metadata address
+    """A fake server with the real serving certificate asks a real agent, for SCENARIO_SECONDS, for the metadata address
     (plain and IPv4-mapped), a port outside its allow list, a target of 200,000 characters and a malformed one,
     an allowed name that resolves to loopback (refused before any connect),
     while a legitimate stream to the allowed edge service downloads byte-exact each round. The agent refuses
@@ -301,7 +301,7 @@ def test_a_hostile_server_cannot_make_the_agent_dial_out_of_bounds_for_thirty_se
             rounds += 1
             peak = max(peak, rss_kib(pid))
             assert agent.alive()
-        assert rounds >= 10, rounds
+        assert rounds >= at_least(10), rounds
         with pytest.raises(BlockingIOError):
             rebound.accept()  # no connection was made to the address the name resolved to
         rebound.close()

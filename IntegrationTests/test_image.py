@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from conftest import BIN, ROOT, run
-from harness import Cluster, http_get, wait_until
+from harness import Cluster, free_port, http_get, wait_until
 
 IMAGE_USER = 65532
 RUN_FLAGS = ["--runtime", "runc", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768",
@@ -81,7 +81,7 @@ def test_the_image_runs_a_server_and_an_agent_that_carry_a_request(image, lab):
                    "--secure-port", lab.ports["secure"], "--meta-port", lab.ports["meta"],
                    "--insecure-port", lab.ports["insecure"])
     wait_until(lambda: http_get(lab.meta_url("/readyz"))[0] == 200, 30, "the server container ready")
-    meta = 18766
+    meta = free_port()
     agent = start(lab, image, "agent", "-v", f"{agent_dir}:/var/lib/edge-tunnel-agent/pki",
                   "--entrypoint", "edge-tunnel-agent", image, "--node-name", "edge-1",
                   "--server-address", f"127.0.0.1:{lab.ports['tunnel']}", "--node-ip", "127.0.0.1",

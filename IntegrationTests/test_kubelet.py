@@ -300,7 +300,7 @@ def test_routes_dns_and_iptables_send_kubelet_traffic_to_the_tunnel(tmp_path):
             sh("ip", "-n", edge, "addr", "add", f"{node_ip}/32", "dev", "lo")
             sh("ip", "-n", cloud, "route", "add", "10.0.3.0/24", "via", edge_ip)
             # The edge cannot be dialled: only connections it opened itself come in.
-            sh("ip", "netns", "exec", edge, "iptables", "-A", "INPUT", "!", "-i", "lo", "-m", "conntrack",
+            sh("ip", "netns", "exec", edge, "iptables", "-w", "-A", "INPUT", "!", "-i", "lo", "-m", "conntrack",
                "--ctstate", "NEW", "-j", "DROP")
             events = tmp_path / "events"
             events.write_text("")
@@ -330,10 +330,10 @@ def test_routes_dns_and_iptables_send_kubelet_traffic_to_the_tunnel(tmp_path):
             direct = sh("ip", "netns", "exec", cloud, "curl", "-s", "--max-time", "2", f"http://{node_ip}:10255/metrics",
                         check=False)
             assert direct.returncode != 0
-            restore = subprocess.run(["ip", "netns", "exec", cloud, "iptables-restore", "--noflush"], input=rules,
+            restore = subprocess.run(["ip", "netns", "exec", cloud, "iptables-restore", "-w", "--noflush"], input=rules,
                                      capture_output=True, text=True)
             assert restore.returncode == 0, restore.stderr
-            sh("ip", "netns", "exec", cloud, "iptables", "-t", "nat", "-A", "OUTPUT", "-j", "EDGE-TUNNEL")
+            sh("ip", "netns", "exec", cloud, "iptables", "-w", "-t", "nat", "-A", "OUTPUT", "-j", "EDGE-TUNNEL")
 
             https = sh("ip", "netns", "exec", cloud, "curl", "-sS", "--max-time", "10", "--cacert", c.ca,
                        "--cert", c.cert, "--key", c.key, f"https://{node_ip}:10250/healthz")
@@ -352,7 +352,7 @@ def test_a_black_holed_target_is_a_504_dial_timeout(tmp_path):
         c = Cluster(tmp_path)
         try:
             # The target is the node's own address, port 9, and it drops SYNs.
-            sh("ip", "netns", "exec", edge, "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "DROP")
+            sh("ip", "netns", "exec", edge, "iptables", "-w", "-A", "INPUT", "-p", "tcp", "--dport", "9", "-j", "DROP")
             c.spawn(["ip", "netns", "exec", cloud, BIN / "edge-tunnel-server", "--pki-dir", c.pki, "--cert-ips", cloud_ip,
                      "--insecure-bind-address", "0.0.0.0", "--allow-insecure-bind"], "server-ns")
             meta = f"http://{cloud_ip}:10265"

@@ -9,7 +9,7 @@ import tempfile
 import pytest
 
 from conftest import BIN, run
-from harness import Cluster, http_get, wait_until
+from harness import Cluster, free_port, http_get, wait_until
 
 NOBODY = 65534
 
@@ -46,7 +46,7 @@ def test_an_unprivileged_server_and_agent_carry_requests(lab):
         lab.ports["tunnel"], "--secure-port", lab.ports["secure"], "--meta-port", lab.ports["meta"],
         "--insecure-port", lab.ports["insecure"]), "server")
     wait_until(lambda: http_get(lab.meta_url("/readyz"))[0] == 200, 20, "the unprivileged server ready")
-    meta = 18765
+    meta = free_port()
     lab.spawn(as_nobody(
         BIN / "edge-tunnel-agent", "--node-name", "edge-1", "--server-address", f"127.0.0.1:{lab.ports['tunnel']}",
         "--pki-dir", agent_dir, "--meta-port", meta, "--bootstrap-token", token, "--ca-cert-hash", lab.ca_hash,
