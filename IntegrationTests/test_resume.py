@@ -129,6 +129,9 @@ def test_streams_survive_the_private_lines_loss(topo, tmp_path, cut):
         s.server.expect_log("resumed the agent's 3 streams on its new connection")
         print(f"resume after the private line's loss ({cut}): longest pause of the follow stream "
               f"{t.longest_pause():.1f} s")
+        # Issue 26: while data moves the agent finds the lost line within 1.5 s and resumes on the internet path;
+        # the pause was 9.1-9.3 s with the idle keepalive alone.
+        assert t.longest_pause() <= 2.0, f"the follow stream paused {t.longest_pause():.1f} s across the failover"
     finally:
         s.close()
 

@@ -1,6 +1,7 @@
 import NIOCore
 import TunnelPKI
 import TunnelSupport
+import TunnelWire
 
 /// Everything an agent needs to start.
 public struct AgentConfiguration: Sendable {
@@ -8,6 +9,10 @@ public struct AgentConfiguration: Sendable {
     public var nodeIPs: [IPAddress] = []
     /// Ordered: the first that works is used.
     public var serverAddresses: [String] = []
+    /// The path of each marked server address (`private=HOST:PORT`, see ``AddressPaths``).
+    public var addressPaths: [String: TunnelPath] = [:]
+    /// The edge pool the agent declares at HELLO (`--pool`, `EDGE_TUNNEL_POOL`); a DNS label. Nil: none.
+    public var pool: String?
     public var pkiDirectory = PKIPaths.defaultAgentDirectory
     public var bootstrapToken: String?
     public var caCertHash: String?
@@ -24,6 +29,9 @@ public struct AgentConfiguration: Sendable {
     /// No frame from the server for this long: the tunnel is dead. Checked every second, so a cut path is
     /// noticed within 10 s and the agent is on its next address well within 15 s.
     public var keepaliveTimeout: TimeAmount = .seconds(9)
+    /// While data moves on a tunnel: PING every 300 ms, dead after 1.5 s without a frame or a TCP ACK (``Keepalive/Active``), so
+    /// that streams over a lost private line continue on the internet path within 2 s. Nil: the idle rule only.
+    public var activeKeepalive: Keepalive.Active? = .standard
     public var backoffInitial: TimeAmount = .milliseconds(500)
     public var backoffCap: TimeAmount = .seconds(30)
     /// How long open streams may take to finish on shutdown.

@@ -45,7 +45,7 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
         set { shared.withLockedValue { $0.declaredDead = newValue } }
     }
     var pendingRenewalKey: Certificate.PrivateKey?
-    private var keepalive: RepeatedTask?
+    private var keepalive: Scheduled<Void>?
     /// The token of this tunnel's streams (HELLO_OK, version 3): named in a later HELLO to resume them. On the loop.
     private var resumeToken: String?
 
@@ -97,24 +97,46 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
             mux.eventLoop.execute { self.startKeepalive() }
             return
         }
-        let deadAfter = agent.configuration.keepaliveTimeout
-        var rule = Keepalive(interval: agent.configuration.keepaliveInterval, deadAfter: deadAfter, pingOnlyWhenQuiet: false)
-        keepalive = mux.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [weak self] _ in
+        let rule = Keepalive(
+            interval: agent.configuration.keepaliveInterval, deadAfter: agent.configuration.keepaliveTimeout,
+            pingOnlyWhenQuiet: false, active: agent.configuration.activeKeepalive)
+        keepaliveTick(rule, after: .seconds(1), moved: 0, movedAt: .now())
+    }
+
+    /// One keepalive check, then the next: every second while the tunnel is idle, every 100 ms while data moved on it
+    /// in the last 2 s (then a lost path is found within ``Keepalive/Active/deadAfter``). A chain of one-shot timers,
+    /// so that ten thousand idle tunnels cost one timer a second each, as before.
+    private func keepaliveTick(_ rule: Keepalive, after delay: TimeAmount, moved: Int, movedAt: NIODeadline) {
+        keepalive = mux.eventLoop.scheduleTask(in: delay) { [weak self] in
             guard let self else { return }
-            switch rule.check(now: .now(), lastFrame: self.mux.lastFrameReceived) {
+            var rule = rule
+            let now = NIODeadline.now()
+            let counts = self.mux.counters.snapshot
+            let total = counts.bytesIn &+ counts.bytesOut
+            let lastMove = total != moved ? now : movedAt
+            let active = now - lastMove < .seconds(2)
+            var lastSign = self.mux.lastFrameReceived
+            if active, let channel = self.channel, let sinceAck = SocketTuning.sinceLastAck(channel) {
+                // The server's TCP acknowledging our bytes is a sign of life too: on a slow line its frames (a
+                // PONG) can wait behind a queue of our own bulk data for longer than the fast rule allows.
+                lastSign = max(lastSign, now - sinceAck)
+            }
+            switch rule.check(now: now, lastFrame: lastSign, isActive: active) {
             case .dead:
-                self.agent.logger.warning("no answer from server \(self.address) for \(deadAfter.nanoseconds / 1_000_000_000)s: tunnel is dead")
-                self.keepalive?.cancel()
+                let silent = (now - lastSign).nanoseconds / 1_000_000
+                self.agent.logger.warning("no answer from server \(self.address) for \(silent) ms\(active ? " while data moved" : ""): tunnel is dead")
                 // Move on at once: closing a dead TLS connection waits for a close_notify that never comes. Closed
                 // from under TLS, so that its streams suspend before the next dial names their token.
                 self.declaredDead = true
                 if let channel = self.channel { StreamGlue.closeFromHead(channel) }
                 self.markUnusable()
+                return
             case .ping:
                 self.mux.ping()
             case .nothing:
                 break
             }
+            self.keepaliveTick(rule, after: active ? .milliseconds(100) : .seconds(1), moved: total, movedAt: lastMove)
         }
     }
 

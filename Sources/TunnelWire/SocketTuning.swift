@@ -43,6 +43,28 @@ extension SocketTuning {
                                                              0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         /// `offsetof(struct tcp_info, tcpi_notsent_bytes)` (Linux 4.6 and later; the layout only grows).
         static let notSentOffset = 144
+        /// `offsetof(struct tcp_info, tcpi_last_ack_recv)`: milliseconds since the last ACK arrived.
+        static let lastAckReceivedOffset = 56
+    }
+
+    /// How long ago the peer's TCP last acknowledged anything on a TCP channel's socket, read on its event loop
+    /// (`TCP_INFO`); nil for other channels. An ACK proves the path works both ways even when the peer's frames
+    /// wait behind a queue (a slow line's bulk transfer): the agent's fast loss detection counts it as a sign of
+    /// life (``Keepalive/Active``).
+    public static func sinceLastAck(_ channel: Channel) -> TimeAmount? {
+        #if os(Linux)
+        guard let provider = channel as? SocketOptionProvider, channel.eventLoop.inEventLoop else { return nil }
+        var since: TimeAmount?
+        provider.unsafeGetSocketOption(level: .tcp, name: .tcp_info).whenSuccess { (info: LinuxTCPInfo) in
+            let ms = withUnsafeBytes(of: info.raw) {
+                $0.load(fromByteOffset: LinuxTCPInfo.lastAckReceivedOffset, as: UInt32.self)
+            }
+            since = .milliseconds(Int64(ms))
+        }
+        return since
+        #else
+        return nil
+        #endif
     }
 
     /// Bytes a TCP channel's socket holds unsent, read on its event loop (`TCP_INFO`); nil for other channels.

@@ -27,9 +27,11 @@ public struct TunnelLimits: Sendable {
     /// (HTTP/2 stacks bound their outbound control frames the same way).
     public var maxUnreadReplies = 1024
     /// PINGs a peer may send: bursts of `pingBurst`, `pingsPerSecond` on average. Keepalive sends one every 3 s
-    /// (the server one every 5 s on a quiet tunnel); faster is a protocol error that closes the connection.
+    /// (the server one every 5 s on a quiet tunnel), and the agent one every 300 ms while data moves (its fast
+    /// loss detection, ``Keepalive/Active``), besides at most 2 a second confirming ended streams; faster is a
+    /// protocol error that closes the connection.
     public var pingBurst = 32
-    public var pingsPerSecond = 4.0
+    public var pingsPerSecond = 8.0
     /// Below this rate (bytes/s) a busy tunnel is *paced*: its link, not its peer or the CPU, is the bottleneck, and
     /// bytes would queue ahead of every other stream's frames. 12.5 MB/s is 100 Mbit/s: at that rate the kernel's
     /// own send buffer (about 850 KiB measured) alone is 70 ms of waiting. A paced tunnel keeps its queue short

@@ -31,4 +31,44 @@ import Testing
             #expect(rule.check(now: at(16), lastFrame: at(0)) == .dead)
         }
     }
+
+    func atMs(_ ms: Int64) -> NIODeadline { start + .milliseconds(ms) }
+
+    /// Issue 26: while data moves, a lost path is found within 1.5 s (five 300-ms PINGs unanswered), not 9 s.
+    @Test func whileDataMovesTheAgentPingsOftenAndASilentPathIsDeadWithinASecondAndAHalf() {
+        var rule = Keepalive(interval: .seconds(3), deadAfter: .seconds(9), pingOnlyWhenQuiet: false, active: .standard,
+                             now: start)
+        // The tunnel was idle for 2.9 s (its last PONG then): becoming active is not judged by that quiet.
+        #expect(rule.check(now: atMs(2900), lastFrame: atMs(0), isActive: true) == .ping)
+        var pings = 1
+        var dead: Int64?
+        for ms in stride(from: Int64(3000), through: 8000, by: 100) {
+            switch rule.check(now: atMs(ms), lastFrame: atMs(0), isActive: true) {
+            case .ping: pings += 1
+            case .dead: dead = dead ?? ms
+            case .nothing: break
+            }
+            if dead != nil { break }
+        }
+        #expect(dead == 4500)  // the first check past 1.5 s after it became active, nothing having come since
+        #expect(pings == 6)  // at 0, 0.3, 0.6, 0.9, 1.2 and 1.5 s: every 300 ms meanwhile
+    }
+
+    @Test func whileDataMovesAndFramesArriveThereIsNoFailover() {
+        var rule = Keepalive(interval: .seconds(3), deadAfter: .seconds(9), pingOnlyWhenQuiet: false, active: .standard,
+                             now: start)
+        // A slow line: each PONG comes 1.1 s after its PING (a 400-ms queue and more); frames arrive meanwhile.
+        for ms in stride(from: Int64(0), through: 60_000, by: 100) {
+            let lastFrame = atMs(max(0, ms - 1100))
+            #expect(rule.check(now: atMs(ms), lastFrame: lastFrame, isActive: true) != .dead)
+        }
+    }
+
+    @Test func anIdleTunnelKeepsTheIdleRule() {
+        var rule = Keepalive(interval: .seconds(3), deadAfter: .seconds(9), pingOnlyWhenQuiet: false, active: .standard,
+                             now: start)
+        #expect(rule.check(now: at(5), lastFrame: at(0), isActive: false) == .ping)
+        #expect(rule.check(now: at(9), lastFrame: at(0), isActive: false) != .dead)
+        #expect(rule.check(now: at(10), lastFrame: at(0), isActive: false) == .dead)
+    }
 }

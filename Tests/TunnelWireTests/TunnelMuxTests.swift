@@ -392,7 +392,7 @@ final class FlushCounter: ChannelOutboundHandler {
         }
         let refused = try helper.outbound(channel).filter { $0.type == .refused }
         #expect(refused.count == 1)
-        #expect(try Refused(frame: refused[0]).reason.contains("PINGs faster than 4.0 a second"))
+        #expect(try Refused(frame: refused[0]).reason.contains("PINGs faster than 8.0 a second"))
     }
 
     /// A refused peer is closed from under TLS. A TLS handler's close waits for the peer's close_notify, and
