@@ -1,3 +1,4 @@
+import TunnelPKI
 import TunnelSupport
 import Yams
 
@@ -30,6 +31,15 @@ public struct ManifestOptions: Sendable {
     public var certIPs: [String] = []
     public var certDNSNames: [String] = []
     public var caCertHash: String?
+    /// Edge node pools: one agent DaemonSet and one ConfigMap of server addresses each; empty: one DaemonSet on
+    /// every node of `edgeNodeSelector`, its addresses `serverAddresses`.
+    public var pools: [EdgePool] = []
+    /// The address express-connect pools dial over the line (default: the line Service's in-cluster name).
+    public var lineAddress: String?
+    /// The public load balancer's address of `x-tunnel-server-svc`: internet pools dial it, line pools second.
+    public var publicAddress: String?
+    /// Without pools: the edge nodes' networks, which their bootstrap token must name (``Manifests/notes(_:)``).
+    public var edgeCIDRs: [CIDR] = []
 
     public init(mode: Connectivity) { self.mode = mode }
 }
@@ -54,17 +64,19 @@ public enum Manifests {
         var serverConfig = "pkiDir: /var/lib/edge-tunnel-server/\(o.joinStateClaim == nil ? "state" : "pki")\n"
             + "caDir: /etc/edge-tunnel/ca\nstateDir: /var/lib/edge-tunnel-server/state\n"
             + "serverCount: \(o.replicas)\nleaseNamespace: \(ns)\n"
-            + "addressService: \(ns)/x-tunnel-server-svc,\(ns)/x-tunnel-server-internal-svc\ncheckNodeObjects: true\n"
+            + "addressService: \(ns)/x-tunnel-server-svc,\(ns)/x-tunnel-server-internal-svc"
+            + (o.pools.isEmpty ? "" : ",\(ns)/\(NetworkPlan.lineServiceName)") + "\ncheckNodeObjects: true\n"
         if o.joinStateClaim == nil { serverConfig += "joinStateNamespace: \(o.joinStateNamespace)\n" }
-        if !o.certIPs.isEmpty { serverConfig += "certIPs: [\(o.certIPs.joined(separator: ", "))]\n" }
-        if !o.certDNSNames.isEmpty { serverConfig += "certDNSNames: [\(o.certDNSNames.joined(separator: ", "))]\n" }
+        // With pools the certificate also names every pool's server addresses.
+        let (certIPs, certDNSNames) = o.certificateNames
+        if !certIPs.isEmpty { serverConfig += "certIPs: [\(certIPs.joined(separator: ", "))]\n" }
+        if !certDNSNames.isEmpty { serverConfig += "certDNSNames: [\(certDNSNames.joined(separator: ", "))]\n" }
         let addresses = o.serverAddresses.isEmpty
             ? ["x-tunnel-server-svc.\(ns).svc:10262"] : o.serverAddresses
 
-        var configData: [(String, Node)] = [
-            ("server-addresses", s(addresses.joined(separator: ","))),
-            ("server.yaml", s(serverConfig)),
-        ]
+        // With pools every pool has its own ConfigMap of addresses (Manifests+Pools.swift).
+        var configData: [(String, Node)] = o.pools.isEmpty ? [("server-addresses", s(addresses.joined(separator: ",")))] : []
+        configData.append(("server.yaml", s(serverConfig)))
         if let hash = o.caCertHash { configData.append(("ca-cert-hash", s(hash))) }
 
         let serviceAccountServer = object("v1", "ServiceAccount", "edge-tunnel-server", ns, labels: serverLabels)
@@ -112,7 +124,7 @@ public enum Manifests {
         ])
         let service = object("v1", "Service", "x-tunnel-server-svc", ns, labels: map([("name", s("edge-tunnel-server"))]), extra: [
             ("spec", map([
-                ("type", s(o.mode == .internet ? "LoadBalancer" : "ClusterIP")),
+                ("type", s(o.serviceMode == .internet ? "LoadBalancer" : "ClusterIP")),
                 ("selector", serverLabels),
                 ("ports", seq([
                     map([("name", s("https")), ("port", n(10263)), ("protocol", s("TCP")), ("targetPort", n(10263))]),
@@ -232,65 +244,9 @@ public enum Manifests {
         let disruptionBudget = object("policy/v1", "PodDisruptionBudget", "edge-tunnel-server", ns, labels: serverLabels, extra: [
             ("spec", map([("maxUnavailable", n(1)), ("selector", map([("matchLabels", serverLabels)]))])),
         ])
-        var agentArgs: [Node] = [
-            s("--server-address=$(SERVER_ADDRESSES)"),
-            s("--pki-dir=/var/lib/edge-tunnel-agent/pki"),
-        ]
-        var agentEnv: [Node] = [
-            map([("name", s("NODE_NAME")), ("valueFrom", map([("fieldRef", map([("fieldPath", s("spec.nodeName"))]))]))]),
-            map([("name", s("NODE_IP")), ("valueFrom", map([("fieldRef", map([("fieldPath", s("status.hostIP"))]))]))]),
-            map([("name", s("SERVER_ADDRESSES")), ("valueFrom", map([("configMapKeyRef", map([("name", s("edge-tunnel-config")), ("key", s("server-addresses"))]))]))]),
-            map([("name", s("BOOTSTRAP_TOKEN")), ("valueFrom", map([("secretKeyRef", map([("name", s("edge-tunnel-bootstrap")), ("key", s("token")), ("optional", b(true))]))]))]),
-        ]
-        if o.caCertHash != nil {
-            agentEnv.append(map([("name", s("CA_CERT_HASH")), ("valueFrom", map([("configMapKeyRef", map([("name", s("edge-tunnel-config")), ("key", s("ca-cert-hash"))]))]))]))
-            agentArgs.append(s("--ca-cert-hash=$(CA_CERT_HASH)"))
-        }
-        let agentContainer = map([
-            ("name", s("edge-tunnel-agent")),
-            ("image", s(o.image)),
-            ("command", seq([s("edge-tunnel-agent")])),
-            ("args", seq(agentArgs)),
-            ("env", seq(agentEnv)),
-            ("readinessProbe", map([("httpGet", map([("host", s("127.0.0.1")), ("path", s("/readyz")), ("port", n(10266))])), ("periodSeconds", n(5))])),
-            ("livenessProbe", map([("httpGet", map([("host", s("127.0.0.1")), ("path", s("/healthz")), ("port", n(10266))])), ("periodSeconds", n(10))])),
-            ("resources", map([
-                ("requests", map([("cpu", s("10m")), ("memory", s("16Mi"))])),
-                // The agent's stream buffers are bounded at 96 MiB (AgentConfiguration.bufferBudget); idle ~25.
-                ("limits", map([("memory", s("160Mi"))])),
-            ])),
-            // Root, to write its identity into the node's hostPath (created root-owned by the kubelet), and no
-            // capability beyond a file owner's.
-            ("securityContext", map([
-                ("allowPrivilegeEscalation", b(false)), ("readOnlyRootFilesystem", b(true)), ("runAsUser", n(0)),
-                ("capabilities", map([("drop", seq([s("ALL")]))])), ("seccompProfile", map([("type", s("RuntimeDefault"))])),
-            ])),
-            ("volumeMounts", seq([map([("name", s("pki")), ("mountPath", s("/var/lib/edge-tunnel-agent/pki"))])])),
-        ])
-        let daemonSet = object("apps/v1", "DaemonSet", "edge-tunnel-agent", ns, labels: agentLabels, extra: [
-            ("spec", map([
-                ("selector", map([("matchLabels", agentLabels)])),
-                ("updateStrategy", map([("type", s("RollingUpdate")), ("rollingUpdate", map([("maxUnavailable", s("10%"))]))])),
-                ("template", map([
-                    ("metadata", map([("labels", agentLabels)])),
-                    ("spec", map([
-                        ("serviceAccountName", s("edge-tunnel-agent")),
-                        // The agent reaches the kubelet on the node's own addresses.
-                        ("hostNetwork", b(true)),
-                        ("dnsPolicy", s("ClusterFirstWithHostNet")),
-                        ("nodeSelector", map([(o.edgeNodeSelector.key, s(o.edgeNodeSelector.value))])),
-                        ("tolerations", seq([map([("operator", s("Exists"))])])),
-                        ("terminationGracePeriodSeconds", n(30)),
-                        ("containers", seq([agentContainer])),
-                        ("volumes", seq([
-                            map([("name", s("pki")), ("hostPath", map([("path", s("/var/lib/edge-tunnel-agent/pki")), ("type", s("DirectoryOrCreate"))]))]),
-                        ])),
-                    ])),
-                ])),
-            ])),
-        ])
         var objects = joinStateObjects + [serviceAccountServer, serviceAccountAgent, role, binding, clusterRole, clusterBinding,
-                                          configMap, service, callers, headless] + joinStateClaim + [deployment, disruptionBudget, daemonSet]
+                                          configMap, service] + (o.pools.isEmpty ? [] : [lineService(o, labels: serverLabels)])
+            + [callers, headless] + joinStateClaim + [deployment, disruptionBudget] + agentObjects(o)
         if let ca = o.caFiles {
             objects.insert(object("v1", "Secret", o.caSecret, ns, labels: serverLabels, extra: [
                 ("type", s("Opaque")),

@@ -5,14 +5,17 @@ extension NetworkPlan {
     public var text: String {
         var lines: [String] = []
         let i = input
-        var facts = "connectivity \(i.connectivity.rawValue), Kubernetes \(i.kubernetesVersion), "
+        var facts = i.pools == nil ? "connectivity \(i.connectivity.rawValue), " : ""
+        facts += "Kubernetes \(i.kubernetesVersion), "
         facts += i.existingCluster
             ? "existing cluster (EIP: \(i.hasEIP.map { $0 ? "yes" : "no" } ?? "unknown"))" : "new cluster"
         facts += ", internet egress \(i.internetEgress ? "needed" : "not needed")"
         facts += ", public API server \(i.publicAPIServer ? "required" : "not required")"
         lines.append("EdgeTunnel network plan")
         lines.append("  \(facts)")
-        if !i.edgeCIDRs.isEmpty { lines.append("  edge CIDRs: \(i.edgeCIDRs.map(\.description).joined(separator: ", "))") }
+        if !i.edgeCIDRs.isEmpty && i.pools == nil {
+            lines.append("  edge CIDRs: \(i.edgeCIDRs.map(\.description).joined(separator: ", "))")
+        }
         lines.append("")
         func row(_ topic: String, _ verdict: String, _ reason: String) {
             lines.append(topic.padding(toLength: 16, withPad: " ", startingAt: 0)
@@ -25,14 +28,38 @@ extension NetworkPlan {
         for (index, step) in privateLine.steps.enumerated() {
             lines.append(String(repeating: " ", count: 36) + "\(index + 1). \(step)")
         }
-        lines.append("")
-        if securityGroupRules.isEmpty {
-            lines.append("Security group: no rules needed")
+        if let lineService {
+            row("Line Service", lineService.type, "\(lineService.namespace)/\(lineService.name): \(lineService.reason)")
+        }
+        func ruleLines(_ rules: [SecurityGroupRule], indent: String) {
+            for rule in rules {
+                lines.append("\(indent)\(rule.direction) \(rule.ipProtocol) \(rule.portRange) from \(rule.sourceCidrIp): \(rule.description)")
+                lines.append("\(indent)  \(rule.command)")
+            }
+        }
+        if let pools {
+            lines.append("")
+            lines.append("Pools:")
+            for pool in pools {
+                let cidrs = pool.cidrs.isEmpty ? "no CIDR" : pool.cidrs.map(\.description).joined(separator: ", ")
+                lines.append("  \(pool.name) (\(pool.connectivity.rawValue)): \(cidrs); nodes \(pool.selectorText)")
+                let servers = pool.servers.map { "\($0.namespace)/\($0.service) (\($0.type), \($0.path))" }
+                lines.append("    servers: \(servers.joined(separator: ", then "))")
+                lines.append("    \(pool.reason)")
+                if pool.securityGroupRules.isEmpty {
+                    lines.append("    security group: no rules needed")
+                } else {
+                    lines.append("    security group rules:")
+                    ruleLines(pool.securityGroupRules, indent: "      ")
+                }
+            }
         } else {
-            lines.append("Security group rules:")
-            for rule in securityGroupRules {
-                lines.append("  \(rule.direction) \(rule.ipProtocol) \(rule.portRange) from \(rule.sourceCidrIp): \(rule.description)")
-                lines.append("    \(rule.command)")
+            lines.append("")
+            if securityGroupRules.isEmpty {
+                lines.append("Security group: no rules needed")
+            } else {
+                lines.append("Security group rules:")
+                ruleLines(securityGroupRules, indent: "  ")
             }
         }
         if !findings.isEmpty {

@@ -28,16 +28,42 @@ public struct PlanInput: Codable, Sendable, Equatable {
     public var edgeCIDRs: [CIDR] = []
     /// Cloud applications talk to edge applications over the container network (VXLAN overlay).
     public var cloudEdgeContainerNetwork: Bool = true
+    /// The edge node pools, when the cluster has them; nil: one implicit pool of every edge node, whose
+    /// connectivity is `connectivity` and whose networks are `edgeCIDRs`.
+    public var pools: [EdgePool]?
 
     public init(connectivity: Connectivity, kubernetesVersion: KubernetesVersion) {
         self.connectivity = connectivity
         self.kubernetesVersion = kubernetesVersion
     }
 
+    /// A cluster of pools: `connectivity` is express-connect when every pool is, otherwise internet (the cluster
+    /// then has a public path); `edgeCIDRs` are every pool's networks.
+    public init(pools: [EdgePool], kubernetesVersion: KubernetesVersion) {
+        self.init(connectivity: Self.connectivity(of: pools), kubernetesVersion: kubernetesVersion)
+        self.pools = pools
+        var cidrs: [CIDR] = []
+        for cidr in pools.flatMap(\.cidrs) where !cidrs.contains(cidr) { cidrs.append(cidr) }
+        edgeCIDRs = cidrs
+    }
+
+    /// express-connect when every pool is, otherwise internet.
+    public static func connectivity(of pools: [EdgePool]) -> Connectivity {
+        pools.allSatisfy { $0.connectivity == .expressConnect } ? .expressConnect : .internet
+    }
+
     /// Contradictions are errors, not guesses.
     public func validate() throws {
         if hasEIP != nil && !existingCluster {
             throw PlanError("--has-eip describes an existing cluster: give --existing-cluster too")
+        }
+        if let pools {
+            guard !pools.isEmpty else { throw PlanError("pools: the list is empty") }
+            try EdgePool.validate(pools)
+            if connectivity != Self.connectivity(of: pools), let odd = pools.first(where: { $0.connectivity != connectivity }) {
+                throw PlanError("connectivity \(connectivity.rawValue) contradicts pool \(odd.name) (\(odd.connectivity.rawValue)): "
+                    + "with pools the connectivity is each pool's; leave --connectivity out")
+            }
         }
     }
 }
@@ -112,6 +138,10 @@ public struct NetworkPlan: Codable, Sendable, Equatable {
     public var privateLine: MigrationDecision
     public var securityGroupRules: [SecurityGroupRule]
     public var findings: [Finding]
+    /// With pools: the Service express-connect pools' agents dial over the line (absent without such a pool).
+    public var lineService: ServiceDecision?
+    /// With pools: what each pool's agents dial, and the rules each pool needs (absent without pools).
+    public var pools: [PoolDecision]?
 
     /// Versions the source document draws lines at.
     public static let reconfigurableBelow = KubernetesVersion(1, 20, 11)
@@ -121,7 +151,12 @@ public struct NetworkPlan: Codable, Sendable, Equatable {
     public init(input: PlanInput, regionID: String? = nil, securityGroupID: String? = nil) throws {
         try input.validate()
         self.input = input
+        let pools = input.pools ?? []
+        let linePools = pools.filter { $0.connectivity == .expressConnect }
+        let internetPools = pools.filter { $0.connectivity == .internet }
+        // Every edge site behind the line (the whole cluster, or every pool), and whether any site uses the line.
         let privateLine = input.connectivity == .expressConnect
+        let anyLine = pools.isEmpty ? privateLine : !linePools.isEmpty
         var findings: [Finding] = []
 
         // SNAT gives the cluster outbound internet; the tunnel itself never needs it (agents dial in).
@@ -137,7 +172,9 @@ public struct NetworkPlan: Codable, Sendable, Equatable {
         let eipNeeded: Bool
         if !privateLine {
             eipNeeded = true
-            eip = Decision(needed: true, reason: "over the internet, edge nodes reach the API server at a public address: an EIP is required")
+            eip = Decision(needed: true, reason: pools.isEmpty
+                ? "over the internet, edge nodes reach the API server at a public address: an EIP is required"
+                : "the nodes of \(Self.names(internetPools)) reach the API server over the internet, at a public address: an EIP is required")
         } else if input.publicAPIServer {
             eipNeeded = true
             eip = Decision(needed: true, reason: "the API server must be reachable from the internet: an EIP is required even with a private line")
@@ -165,16 +202,24 @@ public struct NetworkPlan: Codable, Sendable, Equatable {
             }
         }
 
-        tunnelService = privateLine
-            ? ServiceDecision(type: "ClusterIP", reason: "over a private line agents reach the tunnel server's Service address through the line: ClusterIP, no public load balancer")
-            : ServiceDecision(type: "LoadBalancer", reason: "over the internet agents reach the tunnel server through a public load balancer")
-
-        self.privateLine = Self.migration(input)
-        if self.privateLine.path == .upgrade {
-            findings.append(Finding(severity: .warning, message: self.privateLine.reason))
+        if privateLine {
+            tunnelService = ServiceDecision(type: "ClusterIP", reason: "over a private line agents reach the tunnel server's Service address through the line: ClusterIP, no public load balancer")
+        } else if linePools.isEmpty {
+            tunnelService = ServiceDecision(type: "LoadBalancer", reason: "over the internet agents reach the tunnel server through a public load balancer")
+        } else {
+            tunnelService = ServiceDecision(type: "LoadBalancer", reason: "the agents of \(Self.names(internetPools)) reach the tunnel server "
+                + "through a public load balancer; those of \(Self.names(linePools)) through \(Self.lineServiceName) over the line")
         }
 
-        var rules: [SecurityGroupRule] = []
+        self.privateLine = Self.migration(version: input.kubernetesVersion, privateLine: anyLine, linePools: pools.isEmpty ? nil : linePools)
+        if pools.isEmpty {
+            if self.privateLine.path == .upgrade {
+                findings.append(Finding(severity: .warning, message: self.privateLine.reason))
+            }
+        } else {
+            findings += Self.versionFindings(pools, version: input.kubernetesVersion)
+        }
+
         let region = regionID ?? "<region-id>"
         let group = securityGroupID ?? "<security-group-id>"
         func rule(_ proto: String, _ port: Int, _ cidr: CIDR, _ description: String) -> SecurityGroupRule {
@@ -186,28 +231,85 @@ public struct NetworkPlan: Codable, Sendable, Equatable {
                 ipProtocol: proto, portRange: "\(port)/\(port)", sourceCidrIp: cidr.description,
                 description: description, command: command)
         }
-        if input.cloudEdgeContainerNetwork {
-            for cidr in input.edgeCIDRs {
-                rules.append(rule("udp", 8472, cidr, "VXLAN container network from edge \(cidr)"))
+        var rules: [SecurityGroupRule] = []
+        if pools.isEmpty {
+            if input.cloudEdgeContainerNetwork {
+                for cidr in input.edgeCIDRs {
+                    rules.append(rule("udp", 8472, cidr, "VXLAN container network from edge \(cidr)"))
+                }
             }
-        }
-        if privateLine {
-            for cidr in input.edgeCIDRs {
-                rules.append(rule("tcp", 10262, cidr, "EdgeTunnel agents from edge \(cidr) over the private line"))
+            if privateLine {
+                for cidr in input.edgeCIDRs {
+                    rules.append(rule("tcp", 10262, cidr, "EdgeTunnel agents from edge \(cidr) over the private line"))
+                }
             }
-        }
-        if input.edgeCIDRs.isEmpty && (input.cloudEdgeContainerNetwork || privateLine) {
-            findings.append(Finding(
-                severity: .warning,
-                message: "no --edge-cidr given: the security-group rules (\(input.cloudEdgeContainerNetwork ? "UDP 8472" : "")\(input.cloudEdgeContainerNetwork && privateLine ? ", " : "")\(privateLine ? "TCP 10262" : "")) cannot be rendered"))
+            if input.edgeCIDRs.isEmpty && (input.cloudEdgeContainerNetwork || privateLine) {
+                findings.append(Finding(
+                    severity: .warning,
+                    message: "no --edge-cidr given: the security-group rules (\(input.cloudEdgeContainerNetwork ? "UDP 8472" : "")\(input.cloudEdgeContainerNetwork && privateLine ? ", " : "")\(privateLine ? "TCP 10262" : "")) cannot be rendered"))
+            }
+            self.pools = nil
+            lineService = nil
+        } else {
+            var decisions: [PoolDecision] = []
+            for pool in pools {
+                let line = pool.connectivity == .expressConnect
+                var poolRules: [SecurityGroupRule] = []
+                // The overlay crosses between the cloud and every pool when the container network spans them.
+                if input.cloudEdgeContainerNetwork {
+                    for cidr in pool.cidrs {
+                        poolRules.append(rule("udp", 8472, cidr, "VXLAN container network from edge pool \(pool.name) \(cidr)"))
+                    }
+                }
+                // Agents of a line pool dial the server's pods through the line: the security group sees their
+                // own addresses. Internet pools arrive through the public load balancer.
+                if line {
+                    for cidr in pool.cidrs {
+                        poolRules.append(rule("tcp", 10262, cidr, "EdgeTunnel agents of edge pool \(pool.name) \(cidr) over the private line"))
+                    }
+                }
+                if pool.cidrs.isEmpty {
+                    findings.append(Finding(
+                        severity: .warning,
+                        message: "pool \(pool.name) has no CIDR (cidr=): its security-group rules cannot be rendered, and its "
+                            + "bootstrap token cannot name the node IPs (status.hostIP) its agents claim"))
+                }
+                let lineServer = PoolServer(service: Self.lineServiceName, type: "ClusterIP", path: "private-line")
+                let publicServer = PoolServer(service: tunnelService.name, type: tunnelService.type, path: "internet")
+                let servers: [PoolServer]
+                let reason: String
+                if line {
+                    servers = internetPools.isEmpty ? [lineServer] : [lineServer, publicServer]
+                    reason = "over the private line to \(Self.lineServiceName) (ClusterIP)"
+                        + (internetPools.isEmpty
+                            ? "; the cluster has no internet pool, so there is no public address to fail over to"
+                            : "; the public load balancer second, for failover when the line is lost")
+                } else {
+                    servers = [publicServer]
+                    reason = "over the internet to the public load balancer of \(tunnelService.name); moving the pool onto the "
+                        + "private line is one edit of its ConfigMap edge-tunnel-pool-\(pool.name) (the line address first)"
+                }
+                decisions.append(PoolDecision(
+                    name: pool.name, connectivity: pool.connectivity, cidrs: pool.cidrs, nodeSelector: pool.nodeSelector,
+                    servers: servers, reason: reason, securityGroupRules: poolRules))
+            }
+            findings += Self.overlapFindings(pools)
+            var seen: Set<String> = []
+            for poolRule in decisions.flatMap(\.securityGroupRules)
+            where seen.insert("\(poolRule.ipProtocol) \(poolRule.portRange) \(poolRule.sourceCidrIp)").inserted {
+                rules.append(poolRule)
+            }
+            self.pools = decisions
+            lineService = linePools.isEmpty ? nil : ServiceDecision(
+                name: Self.lineServiceName, type: "ClusterIP",
+                reason: "the agents of \(Self.names(linePools)) reach the tunnel server's pods through the line at this Service's address")
         }
         securityGroupRules = rules
         self.findings = findings
     }
 
-    static func migration(_ input: PlanInput) -> MigrationDecision {
-        let version = input.kubernetesVersion
-        guard input.connectivity == .expressConnect else {
+    static func migration(version: KubernetesVersion, privateLine: Bool, linePools: [EdgePool]?) -> MigrationDecision {
+        guard privateLine else {
             return MigrationDecision(
                 path: .notApplicable, reason: "over the internet the tunnel stays on its public load balancer", steps: [])
         }
@@ -220,17 +322,35 @@ public struct NetworkPlan: Codable, Sendable, Equatable {
                     "add the Service's ClusterIP (the private-line address) to the server's certIPs in its config file; "
                         + "EdgeTunnel issues its certificate for the new address set itself: nothing under "
                         + "/var/lib/edge-tunnel-server/pki needs deleting",
-                    "put the private-line address first in the agents' server addresses (the edge-tunnel-config "
-                        + "ConfigMap), the public one after it: agents use the first address that works",
+                    linePools == nil
+                        ? "put the private-line address first in the agents' server addresses (the edge-tunnel-config "
+                            + "ConfigMap), the public one after it: agents use the first address that works"
+                        : "render the manifests with the same pools (edgetunnel manifests --pool ... or --file): each "
+                            + "pool's edge-tunnel-pool-NAME ConfigMap names the private-line address first, and agents use "
+                            + "the first address that works",
                 ])
         }
         if version >= nodePoolFrom {
+            guard let linePools, !linePools.isEmpty else {
+                return MigrationDecision(
+                    path: .dedicatedNodePool,
+                    reason: "Kubernetes \(version) is 1.22 or later: edge node pools can connect over the private line",
+                    steps: [
+                        "create a dedicated edge node pool whose nodes connect to the cloud over the private line",
+                        "move the edge nodes that sit behind the line into that pool",
+                    ])
+            }
+            let one = linePools.count == 1
             return MigrationDecision(
                 path: .dedicatedNodePool,
-                reason: "Kubernetes \(version) is 1.22 or later: edge node pools can connect over the private line",
+                reason: "Kubernetes \(version) is 1.22 or later: edge node pools can connect over the private line, "
+                    + "as \(names(linePools)) \(one ? "does" : "do")",
                 steps: [
-                    "create a dedicated edge node pool whose nodes connect to the cloud over the private line",
-                    "move the edge nodes that sit behind the line into that pool",
+                    "create \(names(linePools)) as \(one ? "a dedicated edge node pool" : "dedicated edge node pools") and put "
+                        + "the nodes behind the line in \(one ? "it" : "them") (node selector "
+                        + linePools.map(\.selectorText).joined(separator: "; ") + ")",
+                    "render the manifests with the same pools (edgetunnel manifests --pool ... or --file): one agent DaemonSet "
+                        + "and one ConfigMap of server addresses per pool, and the commands that create each pool's bootstrap token",
                 ])
         }
         return MigrationDecision(

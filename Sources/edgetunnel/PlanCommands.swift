@@ -20,13 +20,20 @@ func printJSON<T: Encodable>(_ value: T) throws {
 struct PlanCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "plan",
-        abstract: "Decide the network plan of an edge cluster: SNAT, EIP, tunnel Service type, private-line path, security-group rules.",
-        discussion: "Inputs come from flags or a YAML file (--file) with the same names in camelCase; flags win. Bad input exits with code 2."
+        abstract: "Decide the network plan of an edge cluster: SNAT, EIP, tunnel Service type, private-line path, security-group rules, per edge node pool.",
+        discussion: """
+            Inputs come from flags or a YAML file (--file) with the same names in camelCase; flags win. Exit codes: \
+            0 the plan holds, 1 it has an error finding (printed with the plan), 2 bad input.
+            """
     )
 
-    @Option(help: "YAML file with connectivity, internetEgress, publicAPIServer, kubernetesVersion, existingCluster, hasEIP, edgeCIDRs, cloudEdgeContainerNetwork.")
+    @Option(help: "YAML file with connectivity, internetEgress, publicAPIServer, kubernetesVersion, existingCluster, hasEIP, edgeCIDRs, cloudEdgeContainerNetwork, pools.")
     var file: String?
-    @Option(help: "internet or express-connect.") var connectivity: String?
+    @Option(help: "internet or express-connect (with --pool: each pool's own).") var connectivity: String?
+    @Option(name: .customLong("pool"), help: ArgumentHelp(
+        "An edge node pool (repeatable): NAME=express-connect|internet[,cidr=CIDR]...[,selector=KEY=VALUE|,selector-style=openyurt|ack].",
+        valueName: "pool"))
+    var pools: [String] = []
     @Flag(name: .customLong("internet-egress"), help: "The business needs outbound internet.") var internetEgress = false
     @Flag(name: .customLong("public-apiserver"), help: "The API server must be reachable from the internet.") var publicAPIServer = false
     @Option(name: .customLong("kubernetes-version"), help: "e.g. 1.22.15 or v1.20.11-aliyun.1") var kubernetesVersion: String?
@@ -56,6 +63,8 @@ struct PlanCommand: ParsableCommand {
         case .json: try printJSON(plan)
         case .text: print(plan.text)
         }
+        // The plan does not hold: a script (or CI) must not go on as if it did.
+        if plan.exitCode != 0 { throw ExitCode(plan.exitCode) }
     }
 
     func input() throws -> PlanInput {
@@ -63,21 +72,34 @@ struct PlanCommand: ParsableCommand {
         if let file {
             fileInput = try PlanFile.parse(String(decoding: try AtomicFile.read(file), as: UTF8.self), path: file)
         }
-        guard let connectivityText = connectivity ?? fileInput.connectivity else {
-            throw PlanError("--connectivity is required: internet or express-connect")
-        }
+        let flagPools = try pools.map { try EdgePool(flag: $0) }
+        let pools = flagPools.isEmpty ? (fileInput.pools ?? []) : flagPools
         guard let versionText = kubernetesVersion ?? fileInput.kubernetesVersion else {
             throw PlanError("--kubernetes-version is required, e.g. 1.22.15")
         }
-        var input = PlanInput(
-            connectivity: try Connectivity(parsing: connectivityText),
-            kubernetesVersion: try KubernetesVersion(parsing: versionText))
+        let version = try KubernetesVersion(parsing: versionText)
+        var input: PlanInput
+        if pools.isEmpty {
+            guard let connectivityText = connectivity ?? fileInput.connectivity else {
+                throw PlanError("--connectivity is required: internet or express-connect (or give --pool)")
+            }
+            input = PlanInput(connectivity: try Connectivity(parsing: connectivityText), kubernetesVersion: version)
+            let cidrs = edgeCIDRs.isEmpty ? (fileInput.edgeCIDRs ?? []) : edgeCIDRs
+            input.edgeCIDRs = try cidrs.map { try CIDR(parsing: $0) }
+        } else {
+            if !edgeCIDRs.isEmpty || fileInput.edgeCIDRs != nil {
+                throw PlanError("\(edgeCIDRs.isEmpty ? "edgeCIDRs" : "--edge-cidr") with pools: give each pool's networks (cidr= or cidrs:)")
+            }
+            input = PlanInput(pools: pools, kubernetesVersion: version)
+            // Checked against the pools by validate(): with pools it may only repeat what they say.
+            if let connectivityText = connectivity ?? fileInput.connectivity {
+                input.connectivity = try Connectivity(parsing: connectivityText)
+            }
+        }
         input.internetEgress = internetEgress || (fileInput.internetEgress ?? false)
         input.publicAPIServer = publicAPIServer || (fileInput.publicAPIServer ?? false)
         input.existingCluster = existingCluster || (fileInput.existingCluster ?? false)
         input.hasEIP = hasEIP ?? fileInput.hasEIP
-        let cidrs = edgeCIDRs.isEmpty ? (fileInput.edgeCIDRs ?? []) : edgeCIDRs
-        input.edgeCIDRs = try cidrs.map { try CIDR(parsing: $0) }
         input.cloudEdgeContainerNetwork = containerNetwork ?? fileInput.cloudEdgeContainerNetwork ?? true
         return input
     }
@@ -87,10 +109,26 @@ struct PlanCommand: ParsableCommand {
 struct ManifestsCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "manifests",
-        abstract: "Render the Kubernetes objects of an EdgeTunnel installation as YAML."
+        abstract: "Render the Kubernetes objects of an EdgeTunnel installation as YAML.",
+        discussion: """
+            The YAML goes to stdout; the commands that create the agents' bootstrap tokens (naming the edge \
+            networks) go to stderr. With pools: one agent DaemonSet and one ConfigMap of server addresses per pool.
+            """
     )
 
-    @Option(help: "internet (LoadBalancer Service) or express-connect (ClusterIP).") var mode: String
+    @Option(help: "internet (LoadBalancer Service) or express-connect (ClusterIP); with --pool, from the pools.") var mode: String?
+    @Option(name: .customLong("pool"), help: ArgumentHelp(
+        "An edge node pool (repeatable): NAME=express-connect|internet[,cidr=CIDR]...[,selector=KEY=VALUE|,selector-style=openyurt|ack].",
+        valueName: "pool"))
+    var pools: [String] = []
+    @Option(help: "Plan file (edgetunnel plan --file) whose pools (or connectivity and edgeCIDRs) to render; flags win.")
+    var file: String?
+    @Option(name: .customLong("line-address"), help: "With pools: the address express-connect pools dial over the line (default: the line Service's name).")
+    var lineAddress: String?
+    @Option(name: .customLong("public-address"), help: "With an internet pool: the public HOST:PORT of x-tunnel-server-svc's load balancer.")
+    var publicAddress: String?
+    @Option(name: .customLong("edge-cidr"), help: "Without pools: an edge network, for the bootstrap token command (repeatable).")
+    var edgeCIDRs: [String] = []
     @Option(help: "Container image (scripts/build-image builds the default).") var image = ManifestOptions.defaultImage
     @Option(help: "Namespace.") var namespace = "kube-system"
     @Option(help: "Server replicas.") var replicas = 2
@@ -114,7 +152,27 @@ struct ManifestsCommand: ParsableCommand {
 
     func run() throws {
         do {
-            var options = ManifestOptions(mode: try Connectivity(parsing: mode))
+            var fileInput = PlanFile()
+            if let file {
+                fileInput = try PlanFile.parse(String(decoding: try AtomicFile.read(file), as: UTF8.self), path: file)
+            }
+            let flagPools = try pools.map { try EdgePool(flag: $0) }
+            let pools = flagPools.isEmpty ? (fileInput.pools ?? []) : flagPools
+            var options: ManifestOptions
+            if let mode = mode ?? fileInput.connectivity {
+                options = ManifestOptions(mode: try Connectivity(parsing: mode))
+                if options.mode != PlanInput.connectivity(of: pools), let odd = pools.first(where: { $0.connectivity != options.mode }) {
+                    throw PlanError("--mode \(mode) contradicts pool \(odd.name) (\(odd.connectivity.rawValue)): with pools leave --mode out")
+                }
+            } else {
+                guard !pools.isEmpty else { throw PlanError("--mode is required: internet or express-connect (or give --pool)") }
+                options = ManifestOptions(mode: PlanInput.connectivity(of: pools))
+            }
+            options.pools = pools
+            options.lineAddress = lineAddress
+            options.publicAddress = publicAddress
+            let cidrs = edgeCIDRs.isEmpty && pools.isEmpty ? (fileInput.edgeCIDRs ?? []) : edgeCIDRs
+            options.edgeCIDRs = try cidrs.map { try CIDR(parsing: $0) }
             options.image = image
             guard DNSName.isValid(namespace), !namespace.contains(".") else {
                 throw PlanError("invalid --namespace \"\(namespace)\"")
@@ -153,11 +211,14 @@ struct ManifestsCommand: ParsableCommand {
                 options.caFiles = (String(decoding: try AtomicFile.read(paths.caCertificate), as: UTF8.self),
                                    String(decoding: try AtomicFile.read(paths.caKey), as: UTF8.self))
             }
-            _ = try ServerSANs(ips: certIPs, dnsNames: certDNSNames)
             options.certIPs = certIPs
             options.certDNSNames = certDNSNames
+            try options.validatePools()
+            let names = options.certificateNames
+            _ = try ServerSANs(ips: names.ips, dnsNames: names.dnsNames)
             options.caCertHash = try caCertHash.map { try CAHash.validate($0) }
             print(try Manifests.render(options), terminator: "")
+            FileHandle.standardError.write(Data(Manifests.notes(options).utf8))
         } catch let error as PlanError {
             throw failUsage(error.description)
         } catch let error as PKIError {
