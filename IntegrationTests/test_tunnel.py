@@ -17,7 +17,7 @@ import pytest
 
 from conftest import BIN, assert_one_line_error, run
 from edge_service import blob_sha256
-from harness import Cluster, frame, free_port, http_get, read_frame, read_head, recv_exact, rss_kib, wait_until
+from harness import Cluster, Proc, frame, free_port, http_get, read_frame, read_head, recv_exact, rss_kib, wait_until
 
 
 @pytest.fixture
@@ -429,6 +429,25 @@ def test_demo_runs_once(tmp_path):
                  "--secure-port", ports[1], "--meta-port", ports[2], "--agent-meta-port", ports[3])
     assert "hello from edge node demo-edge" in result.stdout
     assert f"-x https://127.0.0.1:{ports[1]} http://demo-edge:" in result.stdout
+    assert "warning" not in result.stdout + result.stderr, result.stdout + result.stderr  # a clean demo (issue 29)
+
+
+def test_demo_stopped_with_ctrl_c_leaves_no_temporary_folder(tmp_path):
+    """Issue 29: after Ctrl-C the demo left its edgetunnel-demo-* folder behind, the CA's private key included."""
+    ports = [str(free_port()) for _ in range(4)]
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    demo = Proc([BIN / "edgetunnel", "demo", "--tunnel-port", ports[0], "--secure-port", ports[1], "--meta-port",
+                 ports[2], "--agent-meta-port", ports[3]], tmp_path / "demo.log", env=env)
+    try:
+        wait_until(lambda: "Press Ctrl-C to stop." in demo.text(), 30, "the demo to run")
+        made = [p for p in tmp_path.iterdir() if p.name.startswith("edgetunnel-demo-")]
+        assert len(made) == 1 and (made[0] / "server" / "ca.key").exists(), list(tmp_path.iterdir())
+        demo.send_signal(signal.SIGINT)
+        assert demo.popen.wait(30) == 0
+        assert not made[0].exists(), "the demo's temporary folder (with its CA key) outlived it"
+        assert "warning" not in demo.text()
+    finally:
+        demo.stop()
 
 
 def test_agent_renews_its_certificate_over_the_tunnel(tmp_path):

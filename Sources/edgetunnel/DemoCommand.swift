@@ -13,7 +13,7 @@ struct DemoCommand: AsyncParsableCommand {
         commandName: "demo",
         abstract: "Run a tunnel server, an agent named demo-edge and an edge service on loopback, and reach the service through the tunnel.",
         discussion: """
-            A fresh PKI is made in a temporary folder; the agent joins with a bootstrap token. The command prints \
+            A fresh PKI is made in a temporary folder (removed when the demo ends); the agent joins with a bootstrap token. The command prints \
             the curl command that reaches the edge service through the tunnel, runs the request once, and keeps \
             running until Ctrl-C.
             """
@@ -40,6 +40,8 @@ struct DemoCommand: AsyncParsableCommand {
 
     private func runDemo(logger: Logger) async throws {
         let folder = directory ?? (NSTemporaryDirectory() + "edgetunnel-demo-\(UUID().uuidString.prefix(8).lowercased())")
+        // A folder the demo made for itself goes when it ends (after Ctrl-C too): it holds a CA's private key.
+        defer { if directory == nil { try? FileManager.default.removeItem(atPath: folder) } }
         let paths = PKIPaths(directory: folder + "/server")
         if AtomicFile.exists(paths.caCertificate) {
             throw PKIError(.alreadyExists, "\(paths.caCertificate) already exists; give an empty --pki-dir")
@@ -64,6 +66,9 @@ struct DemoCommand: AsyncParsableCommand {
         serverConfiguration.metaPort = metaPort
         serverConfiguration.insecurePort = 0
         serverConfiguration.serverID = "demo-server"
+        // Kubelets' serving certificates verified against the demo's own CA: the demo has no kubelet, and a server
+        // without a kubelet CA warns on every start that it verifies none.
+        serverConfiguration.kubeletCAFile = paths.caCertificate
         let server = try TunnelServer(configuration: serverConfiguration, logger: logger, group: group)
         try await server.start()
 
@@ -114,6 +119,7 @@ struct DemoCommand: AsyncParsableCommand {
             return
         }
         print("\nPress Ctrl-C to stop.")
+        fflush(stdout)  // shown at once when the output is a pipe or a file too
         _ = await ProcessSupport.waitForSignal()
         await agent.stop()
         await runner.value
