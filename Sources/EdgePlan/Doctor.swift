@@ -164,6 +164,51 @@ public enum Doctor {
         }
     }
 
+    // MARK: Pools live
+
+    /// Checks that the agents of edge pool `pool` among `agents` (a server's `/v1/agents`, read from `server`) are
+    /// connected over the `expected` path: an express-connect pool's over the private line, an internet pool's
+    /// over the internet. Names the agents that are not (up to 50 of them); a pool with no agent fails too.
+    public static func checkPool(_ pool: String, expected: TunnelPath, agents: [AgentInfo], server: String) -> CheckResult {
+        let name = "pool \(pool)"
+        let members = agents.filter { $0.pool == pool }.sorted { $0.nodeName < $1.nodeName }
+        guard !members.isEmpty else {
+            return CheckResult(
+                name, .fail, "no agent of pool \(pool) is connected to \(server)",
+                fix: "check the pool's agent DaemonSet (node selector, pod logs) and that its agents declare the pool (--pool or "
+                    + "EDGE_TUNNEL_POOL), or with --node-objects that their Nodes carry the pool label (--pool-label)")
+        }
+        let wrong = members.filter { $0.path != expected.rawValue }
+        guard !wrong.isEmpty else {
+            return CheckResult(
+                name, .pass, "all \(members.count) agent(s) are connected over the \(expected.rawValue) path ("
+                    + Self.names(members.map(\.nodeName)) + ")")
+        }
+        let listed = Self.names(wrong.map { "\($0.nodeName) (\($0.path ?? TunnelPath.unknown))" })
+        var fixes: [String] = []
+        let paths = Set(wrong.map { $0.path ?? TunnelPath.unknown })
+        if paths.contains(TunnelPath.internet.rawValue) {
+            fixes.append("an agent on the internet path could not use the line: check the line and that the pool's "
+                + "addresses file (ConfigMap) lists the line address first — the agent returns to it once it answers")
+        }
+        if paths.contains(TunnelPath.private.rawValue) {
+            fixes.append("an internet pool's addresses file should list only the public address (or mark it internet=HOST:PORT)")
+        }
+        if !paths.isSubset(of: [TunnelPath.internet.rawValue, TunnelPath.private.rawValue]) {
+            fixes.append("an agent with path unknown predates path reporting: upgrade it")
+        }
+        return CheckResult(
+            name, .fail,
+            "\(wrong.count) of \(members.count) agent(s) are not connected over the \(expected.rawValue) path: \(listed)",
+            fix: fixes.joined(separator: "; "))
+    }
+
+    /// Up to 50 names, then how many more.
+    private static func names(_ all: [String]) -> String {
+        let shown = all.prefix(50).joined(separator: ", ")
+        return all.count > 50 ? shown + " and \(all.count - 50) more" : shown
+    }
+
     // MARK: UDP
 
     public static func checkUDP(target: String, count: Int = 5, timeout: Double = 2) -> CheckResult {

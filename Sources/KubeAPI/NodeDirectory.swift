@@ -1,18 +1,32 @@
 import Logging
 import NIOConcurrencyHelpers
+import TunnelSupport
 
 /// The cluster's Node objects, followed live: which nodes exist and the addresses each reports
 /// (`status.addresses`). The server lets an agent register only as a Node that exists and claim only addresses
 /// its Node reports, closes the tunnel of a Node that is deleted, and stops routing an address to a node whose
 /// Node no longer reports it (removed, or given to another Node). Thread-safe.
+///
+/// It also keeps each Node's edge pool: the value of the first of ``poolLabels`` the Node carries (`--pool-label`,
+/// then OpenYurt's and ACK's node-pool labels). The server reports that pool for the node's agent, whatever the
+/// agent declares.
 public final class NodeDirectory: @unchecked Sendable {
     private let watch: KubeWatch
     private let lock = NIOLock()
     private var nodes: [String: [String]] = [:]
+    /// The pool of each Node that carries a pool label with a valid value.
+    private var pools: [String: String] = [:]
     private var loaded = false
+    /// The label keys read for a Node's pool, first found wins.
+    public let poolLabels: [String]
 
-    public init(client: KubeClient, logger: Logger) {
+    /// `poolLabel`: the key read first for a Node's pool (`--pool-label`); OpenYurt's and ACK's node-pool labels
+    /// are read after it.
+    public init(client: KubeClient, logger: Logger, poolLabel: String = PoolName.openYurtLabel) {
         watch = KubeWatch(client: client, path: "/api/v1/nodes", query: "", what: "Node objects", logger: logger)
+        var keys = [poolLabel]
+        for key in [PoolName.openYurtLabel, PoolName.ackLabel] where !keys.contains(key) { keys.append(key) }
+        poolLabels = keys
     }
 
     /// Whether the first list has arrived: before it, no node can be told apart from a missing one.
@@ -20,6 +34,9 @@ public final class NodeDirectory: @unchecked Sendable {
 
     /// The addresses Node `name` reports, or nil if there is no such Node.
     public func addresses(of name: String) -> [String]? { lock.withLock { nodes[name] } }
+
+    /// The pool Node `name`'s labels put it in; nil if there is no such Node or it carries no pool label.
+    public func pool(of name: String) -> String? { lock.withLock { pools[name] } }
 
     /// What one change of the watch did to the directory.
     public struct Update: Sendable, Equatable {
@@ -55,20 +72,36 @@ public final class NodeDirectory: @unchecked Sendable {
                 update.deleted = nodes.keys.filter { fresh[$0] == nil }.sorted()
                 update.changed = fresh.filter { nodes[$0.key] != $0.value }.map(\.key).sorted()
                 nodes = fresh
+                pools = Dictionary(items.compactMap { node in
+                    Self.entry(node).flatMap { entry in self.pool(in: node).map { (entry.0, $0) } }
+                }, uniquingKeysWith: { $1 })
                 loaded = true
             case .added(let node), .modified(let node):
                 if let (name, addresses) = Self.entry(node) {
                     if nodes[name] != addresses { update.changed = [name] }
                     nodes[name] = addresses
+                    pools[name] = pool(in: node)
                 }
             case .deleted(let node):
                 if let (name, _) = Self.entry(node) {
                     nodes[name] = nil
+                    pools[name] = nil
                     update.deleted = [name]
                 }
             }
             return update
         }
+    }
+
+    /// The pool a Node's labels name: the value of the first of ``poolLabels`` it carries, if that is a valid
+    /// label value.
+    func pool(in node: [String: any Sendable]) -> String? {
+        let labels = (node["metadata"] as? [String: any Sendable])?["labels"] as? [String: any Sendable] ?? [:]
+        for key in poolLabels {
+            guard let value = labels[key] as? String else { continue }
+            return PoolName.isLabelValue(value) ? value : nil
+        }
+        return nil
     }
 
     /// A Node's name and the addresses in its `status.addresses` (every type: InternalIP, ExternalIP, ...).

@@ -60,7 +60,8 @@ extension EdgeTunnelAgent {
             Hello(version: helloVersion, nodeName: configuration.nodeName,
                   nodeIPs: configuration.nodeIPs.map(\.description),
                   haveServers: haveServers.isEmpty ? nil : haveServers,
-                  resumeTokens: helloVersion >= 3 ? resumeTokens : nil))
+                  resumeTokens: helloVersion >= 3 ? resumeTokens : nil,
+                  pool: configuration.pool, path: path(of: address).rawValue))
         let timeout = loop.scheduleTask(in: configuration.connectTimeout * 2) {
             tunnel.registration.fail(JoinError(description: "server \(address) did not answer HELLO in time"))
             channel.close(promise: nil)

@@ -38,6 +38,8 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     private var wakeUp: CheckedContinuation<Void, Never>?
     /// The server addresses in order of preference; replaced when the addresses file changes.
     private var addresses: [String]
+    /// The path marks of the addresses file's entries once it was re-read (nil: the configuration's). See ``AddressPaths``.
+    let addressPathMarks = NIOLockedValueBox<[String: TunnelPath]?>(nil)
     /// Tunnels replaced by a newer one, finishing their streams.
     private var lingering: [AgentTunnel] = []
     /// Tunnels whose connection was lost with streams open, by the replica that holds them: their streams wait

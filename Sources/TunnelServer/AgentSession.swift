@@ -13,6 +13,12 @@ import X509
 public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
     public let nodeName: String
     public private(set) var nodeIPs: [String] = []
+    /// The pool the agent declared at HELLO (a DNS label), if any. With Node objects the Node's label counts
+    /// instead (``TunnelServerCore/pool(of:)``).
+    public private(set) var declaredPool: String?
+    /// How the agent says this connection reaches the server (HELLO's `path`); nil: it did not say, or in words
+    /// this build does not know.
+    public private(set) var path: TunnelPath?
     public let remoteAddress: String
     public let connectedSince = Date()
     public let mux: TunnelMux
@@ -254,6 +260,10 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             tellAndClose(Refused(reason: "already connected to server \(server.configuration.serverID)", duplicate: true))
             return
         }
+        if let pool = hello.pool, !PoolName.isValid(pool) {
+            refuse("pool \"\(PeerText.bounded(pool, limit: 80))\" is not a DNS label (1-63 lower-case letters, digits and '-')")
+            return
+        }
         // With Node objects: only an existing Node registers, claiming only addresses its Node reports.
         var nodeAddresses: [String]?
         if let directory = server.nodeDirectory {
@@ -286,6 +296,12 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             ips.append(address.description)
         }
         nodeIPs = ips
+        declaredPool = hello.pool
+        path = hello.path.flatMap(TunnelPath.init(rawValue:))
+        if let declared = hello.pool, let directory = server.nodeDirectory, directory.pool(of: nodeName) != declared {
+            // An agent cannot put its node into another pool: the Node's label counts.
+            logger.warning("the agent declares pool \(declared), but its Node's pool label says \(directory.pool(of: nodeName) ?? "none"): the Node's counts")
+        }
         // Version 3: this tunnel is resumable, and it may resume the streams of the node's lost one.
         var resumeFrom: AgentSession?
         let grace = server.configuration.resumeGrace
@@ -312,7 +328,9 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         // Out of the listener's gate only now: until HELLO it counts per source and in total, with its deadline.
         PendingConnectionHandler.authenticated(channel.pipeline.syncOperations)
         mux.peerRegistered()
-        logger.info("agent registered", metadata: ["ips": "\(ips.joined(separator: ","))"])
+        logger.info("agent registered", metadata: [
+            "ips": "\(ips.joined(separator: ","))", "pool": "\(server.pool(of: self) ?? "")", "path": "\(TunnelPath.shown(hello.path))",
+        ])
         mux.sendControl(
             HelloOK(serverID: server.configuration.serverID,
                     pingIntervalSeconds: Double(server.configuration.keepaliveInterval.nanoseconds) / 1e9,

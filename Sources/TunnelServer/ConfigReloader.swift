@@ -45,9 +45,9 @@ public final class ConfigReloader: @unchecked Sendable {
                 || next.metaPort != applied.metaPort || next.bindAddress != applied.bindAddress
                 || next.pkiDirectory != applied.pkiDirectory || next.clientCAFile != applied.clientCAFile
                 || next.caDirectory != applied.caDirectory || next.stateDirectory != applied.stateDirectory
-                || next.joinStateNamespace != applied.joinStateNamespace
+                || next.joinStateNamespace != applied.joinStateNamespace || next.poolLabel != applied.poolLabel
             {
-                logger.warning("\(reason): ports, bind address, PKI, CA and state folders, join state and client CA change only with a restart; applying the addresses")
+                logger.warning("\(reason): ports, bind address, PKI, CA and state folders, join state, pool label and client CA change only with a restart; applying the addresses")
             }
             try server.updateAddresses(certIPs: next.certIPs, certDNSNames: next.certDNSNames)
             // With Leases the count is theirs: the file's serverCount only stands in until the first list.

@@ -23,6 +23,7 @@ public struct ServerConfigFile: Codable, Sendable {
     public var kubeconfig: String?
     public var addressService: String?
     public var checkNodeObjects: Bool?
+    public var poolLabel: String?
     public var joinStateNamespace: String?
     public var logLevel: String?
     public var agentCertificateValidity: String?
@@ -46,7 +47,7 @@ public struct ServerConfigFile: Codable, Sendable {
 
     public static let keys: Set<String> = [
         "pkiDir", "caDir", "stateDir", "bindAddress", "tunnelPort", "securePort", "metaPort", "certIPs", "certDNSNames", "clientCAFile",
-        "serverID", "serverCount", "replicaWarmup", "leaseNamespace", "leaseLabel", "kubeconfig", "addressService", "checkNodeObjects", "joinStateNamespace", "logLevel", "agentCertificateValidity", "servingCertificateValidity", "insecurePort",
+        "serverID", "serverCount", "replicaWarmup", "leaseNamespace", "leaseLabel", "kubeconfig", "addressService", "checkNodeObjects", "poolLabel", "joinStateNamespace", "logLevel", "agentCertificateValidity", "servingCertificateValidity", "insecurePort",
         "insecureBindAddress", "udsPath", "kubeletClientCert", "kubeletClientKey", "kubeletCAFile",
         "eventLoopThreads", "handshakeTimeout", "maxPendingConnections", "maxPendingConnectionsPerSource",
         "allowInsecureBind", "maxStreamsPerAgent", "maxPendingOpensPerAgent", "maxStreamsPerCaller", "maxBufferedMiB",

@@ -1,6 +1,7 @@
 import Foundation
 import NIOCore
 import TunnelPKI
+import TunnelSupport
 
 /// Everything a tunnel server needs to start. Flags and the YAML config file fill it in.
 public struct ServerConfiguration: Sendable {
@@ -59,6 +60,10 @@ public struct ServerConfiguration: Sendable {
     /// Agents register only as existing Node objects and claim only addresses their Node reports; a deleted
     /// Node's tunnel closes (`--node-objects`).
     public var checkNodeObjects = false
+    /// With Node objects: the Node label whose value is the node's edge pool (`--pool-label`); when a Node lacks
+    /// it, OpenYurt's `apps.openyurt.io/nodepool` and ACK's `alibabacloud.com/nodepool-id` are read. The Node's
+    /// pool wins over the one its agent declares at HELLO.
+    public var poolLabel = PoolName.openYurtLabel
     /// Keep bootstrap tokens and node records as ConfigMaps in this namespace (``KubeJoinState``), which every
     /// replica watches, instead of `tokens.json` and `nodes.json` in the PKI folder. Nil: the folder.
     public var joinStateNamespace: String?

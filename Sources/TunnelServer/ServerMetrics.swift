@@ -6,6 +6,8 @@ import TunnelWire
 final class ServerMetrics: @unchecked Sendable {
     let registry = PrometheusCollectorRegistry()
     let agents: Gauge
+    /// `edge_tunnel_server_pool_agents{pool, path}`: the agents by edge pool and path, label values bounded.
+    let poolAgents: PoolAgentGauges
     let streams: Gauge
     let pacedTunnels: Gauge
     let dialDuration: DurationHistogram
@@ -58,6 +60,7 @@ final class ServerMetrics: @unchecked Sendable {
             descriptor: .named("edge_tunnel_server_replicas", help: "Server replicas every agent keeps a tunnel to."))
         agents = registry.makeGauge(
             descriptor: .named("edge_tunnel_server_agents", help: "Agents connected to this server."))
+        poolAgents = PoolAgentGauges(registry: registry)
         streams = registry.makeGauge(
             descriptor: .named("edge_tunnel_server_streams", help: "Streams open through this server."))
         pacedTunnels = registry.makeGauge(
@@ -101,9 +104,11 @@ final class ServerMetrics: @unchecked Sendable {
         failures.increment(reason)
     }
 
-    /// Refreshes the values that are read from live state, then renders the Prometheus text format.
+    /// Refreshes the values that are read from live state, then renders the Prometheus text format. `pool` gives
+    /// an agent's edge pool (``TunnelServerCore/pool(of:)``).
     func render(
-        registry agentRegistry: AgentRegistry, gates: [ConnectionGate], budget: WindowBudget?, retained: RetainedBudget?
+        registry agentRegistry: AgentRegistry, gates: [ConnectionGate], budget: WindowBudget?, retained: RetainedBudget?,
+        pool: (AgentSession) -> String? = { $0.declaredPool }
     ) -> [UInt8] {
         bufferedBytes.set(Double(budget?.inUse ?? 0))
         retainedBytes.set(Double(retained?.inUse ?? 0))
@@ -113,6 +118,7 @@ final class ServerMetrics: @unchecked Sendable {
         }
         let sessions = agentRegistry.sessions
         agents.set(Double(sessions.count))
+        poolAgents.update(sessions.map { (pool($0), $0.path?.rawValue ?? TunnelPath.unknown) })
         suspendedTunnels.set(Double(agentRegistry.suspendedCount))
         streams.set(Double(sessions.reduce(0) { $0 + $1.streamCount }))
         pacedTunnels.set(Double(sessions.reduce(0) { $0 + ($1.mux.counters.paced ? 1 : 0) }))

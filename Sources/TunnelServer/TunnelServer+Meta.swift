@@ -45,7 +45,7 @@ extension TunnelServer {
                 status: .ok, contentType: "text/plain; version=0.0.4; charset=utf-8",
                 body: core.metrics.render(
                     registry: core.registry, gates: lock.withLock { gates }, budget: core.limits.processBudget,
-                    retained: core.limits.processRetained))
+                    retained: core.limits.processRetained, pool: { [core] in core.pool(of: $0) }))
         case "/v1/agents":
             return MetaResponse(status: .ok, contentType: "application/json", body: agentsJSON())
         case "/v1/server":
@@ -64,7 +64,8 @@ extension TunnelServer {
                 nodeName: session.nodeName, nodeIPs: core.registry.routedIPs(of: session.nodeName),
                 connectedSince: session.connectedSince,
                 remoteAddress: session.remoteAddress, streams: counters.streams, bytesFromAgent: counters.bytesIn,
-                bytesToAgent: counters.bytesOut, paced: session.mux.counters.paced)
+                bytesToAgent: counters.bytesOut, paced: session.mux.counters.paced, pool: core.pool(of: session),
+                path: session.path?.rawValue ?? TunnelPath.unknown)
         }.sorted { $0.nodeName < $1.nodeName }
     }
 

@@ -15,10 +15,16 @@ public struct AgentInfo: Codable, Sendable {
     /// The tunnel towards the agent is paced now: its link is slow, and the server keeps its queue short. (Absent
     /// from servers before it.)
     public var paced: Bool?
+    /// The node's edge pool: its Node's pool label with `--node-objects`, else what the agent declared at HELLO.
+    /// Absent: none (and from servers before it).
+    public var pool: String?
+    /// How the tunnel reaches the server: `private`, `internet` or `unknown` (an agent that did not say). Absent
+    /// from servers before it.
+    public var path: String?
 
     public init(
         nodeName: String, nodeIPs: [String], connectedSince: Date, remoteAddress: String, streams: Int,
-        bytesFromAgent: Int, bytesToAgent: Int, paced: Bool? = nil
+        bytesFromAgent: Int, bytesToAgent: Int, paced: Bool? = nil, pool: String? = nil, path: String? = nil
     ) {
         self.nodeName = nodeName
         self.nodeIPs = nodeIPs
@@ -28,6 +34,8 @@ public struct AgentInfo: Codable, Sendable {
         self.bytesFromAgent = bytesFromAgent
         self.bytesToAgent = bytesToAgent
         self.paced = paced
+        self.pool = pool
+        self.path = path
     }
 }
 

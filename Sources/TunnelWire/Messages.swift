@@ -52,9 +52,16 @@ public struct Hello: ControlMessage, Equatable {
     /// The tokens of this agent's suspended tunnels (``HelloOK/resumeToken``): the replica that holds one of
     /// them resumes that tunnel's streams on this connection (version 3).
     public var resumeTokens: [String]?
+    /// The edge node pool the agent declares (`--pool`, `EDGE_TUNNEL_POOL`): a DNS label of at most 63 characters,
+    /// or the server refuses the HELLO. With `--node-objects` the Node's pool label counts instead. Nil: none
+    /// declared (agents before this field).
+    public var pool: String?
+    /// How this connection reaches the server: `private` (the line) or `internet`, as the agent sees its address
+    /// list. Any other value, or none (agents before this field), is shown as `unknown`.
+    public var path: String?
     public init(
         version: Int = tunnelProtocolVersion, nodeName: String, nodeIPs: [String], capabilities: [String] = [],
-        haveServers: [String]? = nil, resumeTokens: [String]? = nil
+        haveServers: [String]? = nil, resumeTokens: [String]? = nil, pool: String? = nil, path: String? = nil
     ) {
         self.version = version
         self.nodeName = nodeName
@@ -62,6 +69,8 @@ public struct Hello: ControlMessage, Equatable {
         self.capabilities = capabilities
         self.haveServers = haveServers
         self.resumeTokens = resumeTokens
+        self.pool = pool
+        self.path = path
     }
 }
 

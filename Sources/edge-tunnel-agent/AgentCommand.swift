@@ -19,13 +19,21 @@ struct AgentCommand: AsyncParsableCommand {
     var nodeName: String?
     @Option(name: .customLong("node-ip"), help: "This node's IP (repeatable, or comma-separated; default: $NODE_IP).")
     var nodeIPs: [String] = []
-    @Option(name: .customLong("server-address"), help: "Tunnel server HOST:PORT (repeatable; the first that works is used).")
+    @Option(name: .customLong("server-address"), help: """
+        Tunnel server HOST:PORT (repeatable; the first that works is used). Mark its path as private=HOST:PORT or \
+        internet=HOST:PORT; unmarked, the first of several is the private line and the others the internet.
+        """)
     var serverAddresses: [String] = []
     @Option(name: .customLong("server-addresses-file"), help: """
-        File with the server addresses, one HOST:PORT a line in order of preference ('#' comments); watched, so \
-        a ConfigMap change moves the agent without a restart. Instead of --server-address.
+        File with the server addresses, one HOST:PORT a line in order of preference ('#' comments), marked as in \
+        --server-address; watched, so a ConfigMap change moves the agent without a restart. Instead of --server-address.
         """)
     var serverAddressesFile: String?
+    @Option(name: .customLong("pool"), help: """
+        The edge pool this node is in, declared to the server (default: $EDGE_TUNNEL_POOL); a DNS label. A server \
+        with --node-objects takes the Node's pool label instead.
+        """)
+    var pool: String?
     @Option(name: .customLong("pki-dir"), help: "Folder for the node's credentials (default /var/lib/edge-tunnel-agent/pki).")
     var pkiDir: String = PKIPaths.defaultAgentDirectory
     @Option(name: .customLong("bootstrap-token"), help: "Token to join with on first start (edgetunnel token create).")
@@ -85,20 +93,26 @@ struct AgentCommand: AsyncParsableCommand {
         var ipTexts = splitList(nodeIPs)
         if ipTexts.isEmpty, let fromEnvironment = environment["NODE_IP"] { ipTexts = splitList([fromEnvironment]) }
         let ips = try ipTexts.map { try IPAddress.parse($0) }
-        var addresses = splitList(serverAddresses)
+        var entries = splitList(serverAddresses)
         if let file = serverAddressesFile {
-            guard addresses.isEmpty else {
+            guard entries.isEmpty else {
                 throw ConfigurationError("give either --server-address or --server-addresses-file, not both")
             }
-            addresses = try readAddresses(file)
+            entries = try readAddresses(file)
         }
-        guard !addresses.isEmpty else {
+        guard !entries.isEmpty else {
             throw ConfigurationError("at least one --server-address (or --server-addresses-file) is required")
         }
+        let (addresses, marks) = try AddressPaths.parse(entries)
         let rules = try allow.map { try AllowList.Rule(parsing: $0) }
         var configuration = AgentConfiguration(
             nodeName: name, nodeIPs: ips, serverAddresses: addresses,
             allowList: rules.isEmpty ? nil : AllowList(rules: rules))
+        configuration.addressPaths = marks
+        // The downward API gives an empty value for a label the pod lacks: no pool.
+        if let declared = pool ?? environment["EDGE_TUNNEL_POOL"].flatMap({ $0.isEmpty ? nil : $0 }) {
+            configuration.pool = try PoolName.validate(declared, what: pool == nil ? "EDGE_TUNNEL_POOL" : "--pool")
+        }
         configuration.pkiDirectory = pkiDir
         configuration.bootstrapToken = bootstrapToken ?? environment["BOOTSTRAP_TOKEN"]
         configuration.caCertHash = try caCertHash.map { try CAHash.validate($0) }
@@ -113,7 +127,8 @@ struct AgentCommand: AsyncParsableCommand {
     }
 }
 
-/// The addresses of an addresses file: one or more a line (comma-separated), '#' starts a comment.
+/// The entries of an addresses file: one or more a line (comma-separated), '#' starts a comment; an entry may carry
+/// its path (`private=HOST:PORT`, ``AddressPaths``).
 func readAddresses(_ path: String) throws -> [String] {
     let text = String(decoding: try AtomicFile.read(path), as: UTF8.self)
     let lines = text.split(whereSeparator: \.isNewline).map { line -> String in

@@ -38,7 +38,7 @@ struct AddressesFileService: Service {
                 do {
                     let current = try readAddresses(path)
                     guard current != last else { continue }
-                    try agent.setServerAddresses(current)
+                    try agent.setServerAddresses(entries: current)
                     last = current
                 } catch {
                     logger.error("\(path): keeping the current server addresses: \(error)")

@@ -80,6 +80,10 @@ struct ServerCommand: AsyncParsableCommand {
         help: "Agents register only as existing Node objects, claiming only their Node's addresses; a deleted Node's tunnel closes.")
     var checkNodeObjects = false
     @Option(
+        name: .customLong("pool-label"),
+        help: "With --node-objects: the Node label that names a node's edge pool (default apps.openyurt.io/nodepool; alibabacloud.com/nodepool-id is read too). It wins over the pool an agent declares.")
+    var poolLabel: String?
+    @Option(
         name: .customLong("join-state-namespace"),
         help: "Keep bootstrap tokens and node records as ConfigMaps in this namespace, seen by every replica (default: the PKI folder).")
     var joinStateNamespace: String?
@@ -209,6 +213,12 @@ struct ServerCommand: AsyncParsableCommand {
         configuration.leaseNamespace = leaseNamespace ?? file.leaseNamespace
         configuration.kubeconfig = kubeconfig ?? file.kubeconfig
         configuration.checkNodeObjects = checkNodeObjects || (file.checkNodeObjects ?? false)
+        if let key = poolLabel ?? file.poolLabel {
+            guard PoolName.isLabelKey(key) else {
+                throw ConfigurationError("invalid --pool-label \"\(key)\": must be a label key such as apps.openyurt.io/nodepool")
+            }
+            configuration.poolLabel = key
+        }
         if let namespace = joinStateNamespace ?? file.joinStateNamespace {
             guard DNSName.isValid(namespace), !namespace.contains(".") else {
                 throw ConfigurationError("invalid --join-state-namespace \"\(namespace)\": must be a namespace name")

@@ -107,7 +107,7 @@ struct NodeObjectsService: Service {
     let server: TunnelServer
 
     init(configuration: ServerConfiguration, server: TunnelServer, logger: Logger) throws {
-        directory = NodeDirectory(client: try KubeClient.forServer(server), logger: logger)
+        directory = NodeDirectory(client: try KubeClient.forServer(server), logger: logger, poolLabel: configuration.poolLabel)
         self.server = server
         server.useNodeObjects(directory)
     }

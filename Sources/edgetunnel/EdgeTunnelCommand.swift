@@ -13,7 +13,7 @@ struct EdgeTunnelCommand: AsyncParsableCommand {
         abstract: "Administer an EdgeTunnel cloud-edge tunnel: PKI, tokens, status, forwarding, the network plan, and a local demo.",
         version: EdgeTunnelVersion.current,
         subcommands: [PKICommand.self, TokenCommand.self, NodeCommand.self, DemoCommand.self, StatusCommand.self, ForwardCommand.self, PlanCommand.self,
-            ManifestsCommand.self, DoctorCommand.self, ProbeCommand.self, RoutesCommand.self, BenchCommand.self,
+            ManifestsCommand.self, DoctorWithPoolsCommand.self, ProbeCommand.self, RoutesCommand.self, BenchCommand.self,
         ]
     )
 }
