@@ -147,12 +147,11 @@ let package = Package(
         .executableTarget(
             name: "edgetunnel",
             dependencies: [
-                "TunnelPKI", "TunnelSupport", "TunnelServer", "TunnelAgent", "EdgePlan", "KubeAPI", "TunnelWire",
+                "TunnelPKI", "TunnelSupport", "TunnelServer", "TunnelAgent", "EdgePlan", "KubeAPI",
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -187,11 +186,16 @@ let package = Package(
         .testTarget(
             name: "TunnelServerTests",
             dependencies: [
-                "TunnelServer", "TunnelSupport", "TunnelPKI",
+                "TunnelServer", "TunnelSupport", "TunnelPKI", "TunnelWire", "KubeAPI",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "X509", package: "swift-certificates"),
+                .product(name: "Crypto", package: "swift-crypto"),
             ],
             swiftSettings: swift5
         ),

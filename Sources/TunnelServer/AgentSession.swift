@@ -6,19 +6,20 @@ import TunnelSupport
 import TunnelWire
 import X509
 
-/// The server's side of one agent's tunnel connection: registration, keepalive, certificate renewal.
+/// The server's side of one agent's tunnel connection: registration (HELLO, in `AgentSession+Hello.swift`),
+/// keepalive, certificate renewal.
 ///
 /// Lives on the tunnel channel's event loop. The node name is the agent certificate's CN; the agent's HELLO
 /// must claim the same name, and its node IPs must not be held by another connected node.
 public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
     public let nodeName: String
-    public private(set) var nodeIPs: [String] = []
+    public internal(set) var nodeIPs: [String] = []
     /// The pool the agent declared at HELLO (a DNS label), if any. With Node objects the Node's label counts
     /// instead (``TunnelServerCore/pool(of:)``).
-    public private(set) var declaredPool: String?
+    public internal(set) var declaredPool: String?
     /// How the agent says this connection reaches the server (HELLO's `path`); nil: it did not say, or in words
     /// this build does not know.
-    public private(set) var path: TunnelPath?
+    public internal(set) var path: TunnelPath?
     public let remoteAddress: String
     public let connectedSince = Date()
     public let mux: TunnelMux
@@ -27,13 +28,15 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
     /// When the certificate became valid: a reset or revocation after it voids the certificate.
     let certificateValidFrom: Date
     let channel: Channel
-    private let server: TunnelServerCore
-    private var logger: Logger
+    // Internal rather than private from here on, with the HELLO-set properties' setters above, only for the
+    // registration in AgentSession+Hello.swift. All of it is touched on the tunnel's loop only.
+    let server: TunnelServerCore
+    let logger: Logger
     /// Where the connection is in its life. Only `awaitingHello` is closed for not registering: a draining
     /// agent (its own GOAWAY) keeps its open streams for their drain. A `refused` connection was told why and
     /// is closing: nothing it sends after that is acted on or logged (a peer repeating a refused HELLO in one
     /// write got one log line per copy).
-    private enum State {
+    enum State {
         case awaitingHello
         case registered
         case draining
@@ -45,9 +48,9 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
 
     /// The token of this tunnel's streams, given to the agent in HELLO_OK: the agent names it in the HELLO of a
     /// later connection to resume them. Written once, before the session is registered. Nil: not resumable.
-    private(set) var resumeToken: String?
+    var resumeToken: String?
 
-    private var state = State.awaitingHello
+    var state = State.awaitingHello
     private var keepalive: RepeatedTask?
     /// When this connection last asked for a renewal: at most one per ``renewalInterval`` is signed.
     private var lastRenewal: NIODeadline?
@@ -196,12 +199,6 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         }.flatMap { self.channel.closeFuture }
     }
 
-    /// 128 random bits (the system's cryptographic source) as 32 hex digits.
-    static func newResumeToken() -> String {
-        var generator = SystemRandomNumberGenerator()
-        return (0..<16).map { _ in UInt8.random(in: 0...255, using: &generator) }.hexString
-    }
-
     /// No new streams on this connection (a newer one of the same node took over, e.g. after a path
     /// switch): tell the agent, and close once its open streams have finished — however long a
     /// `kubectl logs -f` on it runs; keepalive still closes it if the path dies.
@@ -211,147 +208,17 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         mux.whenIdle().whenComplete { _ in self.channel.close(promise: nil) }
     }
 
-    private func refuse(_ reason: String) {
+    func refuse(_ reason: String) {
         logger.warning("registration refused: \(reason)")
         tellAndClose(Refused(reason: reason))
     }
 
     /// Sends `refused` and closes 200 ms later; from now on nothing the peer sends is acted on.
-    private func tellAndClose(_ refused: Refused) {
+    func tellAndClose(_ refused: Refused) {
         state = .refused
         mux.closeWithoutResume()
         mux.sendControl(refused)
         channel.eventLoop.scheduleTask(in: .milliseconds(200)) { self.channel.close(promise: nil) }
-    }
-
-    private func handleHello(_ frame: Frame) {
-        guard case .awaitingHello = state else { return }
-        let hello: Hello
-        do {
-            hello = try Hello(frame: frame)
-        } catch {
-            refuse("malformed HELLO")
-            return
-        }
-        guard (oldestAgentProtocolVersion...tunnelProtocolVersion).contains(hello.version) else {
-            let reason = "protocol version \(hello.version) is not supported (server speaks \(oldestAgentProtocolVersion) to \(tunnelProtocolVersion))"
-            logger.warning("registration refused: \(reason)")
-            tellAndClose(Refused(reason: reason, code: Refused.unsupportedVersion))
-            return
-        }
-        // A revocation between this connection's handshake and its HELLO counts.
-        _ = try? server.identities.reloadIfChanged()
-        guard server.identities.isLoaded else {
-            refuse("the server has not loaded its node records yet: try again")
-            return
-        }
-        guard server.identities.accepts(node: nodeName, certificateValidFrom: certificateValidFrom) else {
-            refuse("node \(nodeName) is revoked or was reset after this certificate was issued")
-            return
-        }
-        guard hello.nodeName == nodeName else {
-            refuse("certificate is for node \(nodeName) but the registration claims node \(PeerText.bounded(hello.nodeName))")
-            return
-        }
-        if let have = hello.haveServers, have.contains(server.configuration.serverID) {
-            // The agent holds a tunnel to this replica already (the Service picked it again): refused before
-            // anything is registered, so the live tunnel stays.
-            server.metrics.duplicateTunnels.increment()
-            tellAndClose(Refused(reason: "already connected to server \(server.configuration.serverID)", duplicate: true))
-            return
-        }
-        if let pool = hello.pool, !PoolName.isValid(pool) {
-            refuse("pool \"\(PeerText.bounded(pool, limit: 80))\" is not a DNS label (1-63 lower-case letters, digits and '-')")
-            return
-        }
-        // With Node objects: only an existing Node registers, claiming only addresses its Node reports.
-        var nodeAddresses: [String]?
-        if let directory = server.nodeDirectory {
-            guard directory.isLoaded else {
-                refuse("the server has not yet loaded the cluster's Node objects: try again in a moment")
-                return
-            }
-            guard let reported = directory.addresses(of: nodeName) else {
-                refuse("there is no Node object named \(nodeName) in the cluster")
-                return
-            }
-            nodeAddresses = reported
-        }
-        var ips: [String] = []
-        for ip in hello.nodeIPs {
-            guard let address = IPAddress(ip) else {
-                refuse("node IP \"\(PeerText.bounded(ip))\" is not an IP address")
-                return
-            }
-            guard certificateIPs.contains(address) else {
-                let issued = certificateIPs.isEmpty ? "none" : certificateIPs.map(\.description).joined(separator: ", ")
-                refuse("node IP \(address) is not in the certificate of node \(nodeName) (its IPs: \(issued)); "
-                    + "a node's IPs are fixed when it joins")
-                return
-            }
-            if let nodeAddresses, !nodeAddresses.contains(where: { IPAddress($0) == address }) {
-                refuse("node IP \(address) is not among the addresses of Node \(nodeName) (\(nodeAddresses.isEmpty ? "none" : nodeAddresses.joined(separator: ", ")))")
-                return
-            }
-            ips.append(address.description)
-        }
-        nodeIPs = ips
-        declaredPool = hello.pool
-        path = hello.path.flatMap(TunnelPath.init(rawValue:))
-        if let declared = hello.pool, let directory = server.nodeDirectory, directory.pool(of: nodeName) != declared {
-            // An agent cannot put its node into another pool: the Node's label counts.
-            logger.warning("the agent declares pool \(declared), but its Node's pool label says \(directory.pool(of: nodeName) ?? "none"): the Node's counts")
-        }
-        // Version 3: this tunnel is resumable, and it may resume the streams of the node's lost one.
-        var resumeFrom: AgentSession?
-        let grace = server.configuration.resumeGrace
-        if hello.version >= 3, grace > .zero {
-            let found = server.registry.resumable(
-                node: nodeName, tokens: Array((hello.resumeTokens ?? []).prefix(maxResumeTokens)))
-            resumeFrom = found.match
-            // A suspended tunnel the agent did not name: it restarted, and those streams are gone on its side.
-            found.stale?.abandonSuspended()
-            resumeToken = Self.newResumeToken()
-            mux.enableResume(grace: grace)
-            if resumeFrom != nil { mux.beginTakeOver() }
-        }
-        do {
-            if let previous = try server.registry.register(self), previous !== resumeFrom {
-                previous.retire(reason: "replaced by a new connection from the same node")
-            }
-        } catch {
-            // A suspended tunnel taken out of the registry for this connection now ends with its grace period.
-            refuse("\(error)")
-            return
-        }
-        state = .registered
-        // Out of the listener's gate only now: until HELLO it counts per source and in total, with its deadline.
-        PendingConnectionHandler.authenticated(channel.pipeline.syncOperations)
-        mux.peerRegistered()
-        logger.info("agent registered", metadata: [
-            "ips": "\(ips.joined(separator: ","))", "pool": "\(server.pool(of: self) ?? "")", "path": "\(TunnelPath.shown(hello.path))",
-        ])
-        mux.sendControl(
-            HelloOK(serverID: server.configuration.serverID,
-                    pingIntervalSeconds: Double(server.configuration.keepaliveInterval.nanoseconds) / 1e9,
-                    serverCount: server.serverCount,
-                    resumeToken: resumeToken,
-                    resumeGraceSeconds: resumeToken == nil ? nil : Double(grace.nanoseconds) / 1e9,
-                    resumed: resumeFrom == nil ? nil : true))
-        guard let resumeFrom else { return }
-        let logger = self.logger
-        let metrics = server.metrics
-        resumeFrom.loseConnectionForResume()
-            .flatMap { self.mux.takeOver(resumeFrom.mux) }
-            .whenComplete { result in
-                switch result {
-                case .success(let count?):
-                    metrics.resumes.increment("resumed")
-                    logger.info("resumed the agent's \(count) streams on its new connection")
-                case .success(nil), .failure:
-                    logger.warning("the agent's lost streams could not be resumed: they had ended")
-                }
-            }
     }
 
     /// The node lost its right to a tunnel (revoked, or reset by an operator): told why, then closed.

@@ -5,7 +5,8 @@ import TunnelPKI
 import TunnelSupport
 
 /// `edgetunnel doctor --pool NAME --expect private|internet`: are a pool's agents connected over the path they
-/// should be? Read from a server's `/v1/agents`.
+/// should be? Read from a server's `/v1/agents`. An option group of ``DoctorCommand``, whose other checks it may
+/// join in one run.
 struct PoolDoctorOptions: ParsableArguments {
     @Option(name: .customLong("pool"), help: """
         An edge pool whose agents to check on a live server (repeatable): NAME, with --expect, or \
@@ -44,8 +45,11 @@ struct PoolDoctorOptions: ParsableArguments {
         }
     }
 
+    /// The pool checks; none without `--pool`. A `--server` that is no address is bad input (thrown); a server
+    /// that cannot be read is a failed check.
     func results() async throws -> [CheckResult] {
         let expected = try expectations()
+        guard !expected.isEmpty else { return [] }
         let body: AgentList.Body
         do {
             body = try await AgentList.fetch(server: server)
@@ -57,50 +61,5 @@ struct PoolDoctorOptions: ParsableArguments {
                 fix: "give --server the meta address (port 10265) of a running tunnel server")]
         }
         return expected.map { Doctor.checkPool($0.pool, expected: $0.path, agents: body.agents, server: "server \(body.serverID)") }
-    }
-}
-
-/// `edgetunnel doctor`: the checks of ``DoctorCommand`` and, with `--pool`, the live pool checks.
-///
-/// (A wrapper so that PlanCommands.swift, edited elsewhere meanwhile, stays untouched; folding `PoolDoctorOptions`
-/// into ``DoctorCommand`` as an `@OptionGroup` retires it.)
-struct DoctorWithPoolsCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(
-        commandName: "doctor",
-        abstract: DoctorCommand.configuration.abstract,
-        discussion: """
-            With --pool NAME --expect private|internet, checks on a live server (--server, its meta port) that every \
-            agent of the pool is connected over that path, and names those that are not.
-            """)
-
-    @OptionGroup var checks: DoctorCommand
-    @OptionGroup var pools: PoolDoctorOptions
-
-    func run() async throws {
-        guard pools.isRequested else {
-            if pools.expect != nil { throw failUsage("--expect goes with --pool NAME") }
-            return try await checks.run()
-        }
-        guard checks.serverAddresses.isEmpty, checks.serviceFile == nil, checks.securityGroupFile == nil, checks.probeUDP == nil
-        else {
-            throw failUsage("--pool checks a live server's agents: run it apart from --server-address, --service-file, --security-group-file and --probe-udp")
-        }
-        let results: [CheckResult]
-        do {
-            results = try await pools.results()
-        } catch let error as ConfigurationError {
-            throw failUsage(error.description)
-        } catch let error as PKIError {
-            throw failUsage(error.message)
-        }
-        switch checks.output {
-        case .json:
-            try printJSON(results)
-        case .text:
-            for result in results { print(result.line) }
-            let failed = results.filter { $0.status == .fail }.count
-            print(failed == 0 ? "all \(results.count) checks passed" : "\(failed) of \(results.count) checks failed")
-        }
-        if results.contains(where: { $0.status == .fail }) { throw ExitCode(1) }
     }
 }

@@ -5,11 +5,9 @@ import TunnelPKI
 import TunnelSupport
 import Yams
 
-/// Bad input to the plan tools: one line on stderr and exit code 2.
-func failUsage(_ message: String) -> ExitCode {
-    printError(message)
-    return ExitCode(2)
-}
+/// The exit code of bad input to the plan tools (plan, manifests, doctor, probe): 2, as 1 is their verdict that
+/// the plan or a check does not hold. Given to ``reportingErrors(userError:_:)``.
+let badInput = ExitCode(2)
 
 func printJSON<T: Encodable>(_ value: T) throws {
     let encoder = JSONEncoder()
@@ -49,15 +47,8 @@ struct PlanCommand: ParsableCommand {
     @Option(help: "text or json.") var output: OutputFormat = .text
 
     func run() throws {
-        let plan: NetworkPlan
-        do {
-            plan = try NetworkPlan(input: try input(), regionID: regionID, securityGroupID: securityGroupID)
-        } catch let error as PlanError {
-            throw failUsage(error.description)
-        } catch let error as PKIError {
-            throw failUsage(error.message)
-        } catch let error as ConfigurationError {
-            throw failUsage(error.description)
+        let plan = try reportingErrors(userError: badInput) {
+            try NetworkPlan(input: try input(), regionID: regionID, securityGroupID: securityGroupID)
         }
         switch output {
         case .json: try printJSON(plan)
@@ -151,7 +142,7 @@ struct ManifestsCommand: ParsableCommand {
     @Option(name: .customLong("ca-cert-hash"), help: "CA pin for joining agents (edgetunnel pki ca-hash).") var caCertHash: String?
 
     func run() throws {
-        do {
+        try reportingErrors(userError: badInput) {
             var fileInput = PlanFile()
             if let file {
                 fileInput = try PlanFile.parse(String(decoding: try AtomicFile.read(file), as: UTF8.self), path: file)
@@ -219,12 +210,6 @@ struct ManifestsCommand: ParsableCommand {
             options.caCertHash = try caCertHash.map { try CAHash.validate($0) }
             print(try Manifests.render(options), terminator: "")
             FileHandle.standardError.write(Data(Manifests.notes(options).utf8))
-        } catch let error as PlanError {
-            throw failUsage(error.description)
-        } catch let error as PKIError {
-            throw failUsage(error.message)
-        } catch let error as ConfigurationError {
-            throw failUsage(error.description)
         }
     }
 }
@@ -232,7 +217,12 @@ struct ManifestsCommand: ParsableCommand {
 struct DoctorCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "doctor",
-        abstract: "Check a live setup against the plan: one line per check, each failure with its fix; exits 1 when any check fails."
+        abstract: "Check a live setup against the plan: one line per check, each failure with its fix; exits 1 when any check fails.",
+        discussion: """
+            With --pool NAME --expect private|internet, checks on a live server (--server, its meta port) that every \
+            agent of the pool is connected over that path, and names those that are not. Exit codes: 0 every check \
+            passed, 1 one failed, 2 bad input.
+            """
     )
 
     @Option(help: "internet or express-connect (for the Service check).") var mode: String?
@@ -243,17 +233,19 @@ struct DoctorCommand: AsyncParsableCommand {
     @Option(name: .customLong("security-group-file"), help: "DescribeSecurityGroupAttribute JSON export.") var securityGroupFile: String?
     @Option(name: .customLong("edge-cidr"), help: "An edge network for the UDP 8472 check (repeatable).") var edgeCIDRs: [String] = []
     @Option(name: .customLong("probe-udp"), help: "ADDR:PORT of an `edgetunnel probe udp --listen` responder.") var probeUDP: String?
+    @OptionGroup var pools: PoolDoctorOptions
     @Option(help: "text or json.") var output: OutputFormat = .text
 
     func run() async throws {
-        var results: [CheckResult] = []
-        do {
+        let results: [CheckResult] = try await reportingErrors(userError: badInput) {
+            var results: [CheckResult] = []
             let cidrs = try edgeCIDRs.map { try CIDR(parsing: $0) }
             let connectivity = try mode.map { try Connectivity(parsing: $0) }
+            _ = try pools.expectations()  // bad --pool or --expect input is refused before any check runs
             if !serverAddresses.isEmpty && caFile == nil { throw PlanError("--ca-file is required to check --server-address") }
             if serviceFile != nil && connectivity == nil { throw PlanError("--mode is required to check --service-file") }
-            if serverAddresses.isEmpty && serviceFile == nil && securityGroupFile == nil && probeUDP == nil {
-                throw PlanError("nothing to check: give --server-address, --service-file, --security-group-file or --probe-udp")
+            if serverAddresses.isEmpty && serviceFile == nil && securityGroupFile == nil && probeUDP == nil && !pools.isRequested {
+                throw PlanError("nothing to check: give --server-address, --service-file, --security-group-file, --probe-udp or --pool")
             }
             for address in serverAddresses {
                 results.append(await Doctor.checkTLS(address: address, caFile: caFile!))
@@ -270,12 +262,8 @@ struct DoctorCommand: AsyncParsableCommand {
                 try UDPProbe.validateAddress(probeUDP)
                 results.append(Doctor.checkUDP(target: probeUDP))
             }
-        } catch let error as PlanError {
-            throw failUsage(error.description)
-        } catch let error as PKIError {
-            throw failUsage(error.message)
-        } catch let error as ConfigurationError {
-            throw failUsage(error.description)
+            results += try await pools.results()
+            return results
         }
         switch output {
         case .json:
@@ -307,7 +295,7 @@ struct ProbeCommand: ParsableCommand {
         @Option(help: "text or json.") var output: OutputFormat = .text
 
         func run() throws {
-            do {
+            try reportingErrors(userError: badInput) {
                 switch (listen, target) {
                 case (let listen?, nil):
                     try UDPProbe.respond(on: listen, ready: {
@@ -331,12 +319,6 @@ struct ProbeCommand: ParsableCommand {
                 default:
                     throw PlanError("give exactly one of --listen ADDR:PORT or --target ADDR:PORT")
                 }
-            } catch let error as PlanError {
-                throw failUsage(error.description)
-            } catch let error as PKIError {
-                throw failUsage(error.message)
-            } catch let error as ConfigurationError {
-                throw failUsage(error.description)
             }
         }
     }

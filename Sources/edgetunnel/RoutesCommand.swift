@@ -37,16 +37,10 @@ struct RoutesCommand: AsyncParsableCommand {
         @OptionGroup var source: Source
 
         func run() async throws {
-            do {
+            try await reportingErrors {
                 let agents = try await source.agents()
                 print("# edge-tunnel-nodes: each edge node name resolves to the tunnel server")
                 for agent in agents { print("\(source.tunnelAddress) \(agent.nodeName)") }
-            } catch let error as PKIError {
-                printError(error.message)
-                throw ExitCode.failure
-            } catch let error as ConfigurationError {
-                printError(error.description)
-                throw ExitCode.failure
             }
         }
     }
@@ -62,7 +56,7 @@ struct RoutesCommand: AsyncParsableCommand {
         @Option(help: "Name of the nat chain the rules live in.") var chain = "EDGE-TUNNEL"
 
         func run() async throws {
-            do {
+            try await reportingErrors {
                 guard chain.range(of: #"^[A-Za-z0-9_-]{1,28}$"#, options: .regularExpression) != nil else {
                     throw ConfigurationError("invalid --chain \"\(chain)\": 1-28 letters, digits, '-' or '_'")
                 }
@@ -78,12 +72,6 @@ struct RoutesCommand: AsyncParsableCommand {
                 }
                 lines.append("COMMIT")
                 print(lines.joined(separator: "\n"))
-            } catch let error as PKIError {
-                printError(error.message)
-                throw ExitCode.failure
-            } catch let error as ConfigurationError {
-                printError(error.description)
-                throw ExitCode.failure
             }
         }
     }
@@ -109,9 +97,7 @@ enum AgentList {
                 throw ConfigurationError("\(url) answered \((response as? HTTPURLResponse)?.statusCode ?? 0)")
             }
             data = body
-        } catch let error as PKIError {
-            throw error
-        } catch let error as ConfigurationError {
+        } catch let error as UserFacingError {
             throw error
         } catch {
             throw ConfigurationError("cannot reach \(url): \(error.localizedDescription)")

@@ -16,7 +16,7 @@ struct StatusCommand: AsyncParsableCommand {
     @Option(help: "text or json.") var output: OutputFormat = .text
 
     func run() async throws {
-        do {
+        try await reportingErrors {
             if output == .json {
                 let body = try await AgentList.fetch(server: server)
                 let encoder = JSONEncoder()
@@ -37,12 +37,6 @@ struct StatusCommand: AsyncParsableCommand {
             }
             print("server \(body.serverID): \(body.agents.count) agent(s)")
             print(TextTable.render(table))
-        } catch let error as PKIError {
-            printError(error.message)
-            throw ExitCode.failure
-        } catch let error as ConfigurationError {
-            printError(error.description)
-            throw ExitCode.failure
         }
     }
 }
