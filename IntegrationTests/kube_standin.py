@@ -18,7 +18,33 @@ Run: python3 kube_standin.py DIR PORT [BIND [EXTRA_IP,...]]   (BIND default 127.
   DIR/watch-error         if present, every watch started gets one ERROR event with that code (500 if empty), as
                           for an etcd timeout, and ends
   DIR/requests.log        one line per request: method, path, status
+  DIR/timeline.log        one line per request: wall-clock time, method, path, status, the Retry-After sent (or -)
+                          and the token used (current, previous or -)
+
+As kube-apiserver does (the API reference and k8s.io/apimachinery and apiserver are the authority):
+  - Failures. DIR/fail holding "CODE [SECONDS]": every request gets CODE (429 TooManyRequests, 500 InternalError,
+    or ServerTimeout with SECONDS, 503 ServiceUnavailable, 504 Timeout) with a Status; with SECONDS, the Status's
+    details.retryAfterSeconds and the Retry-After header, as the API server writes them.
+  - Watches. allowWatchBookmarks=true gets BOOKMARK events carrying only the object's kind and
+    metadata.resourceVersion, every 60 s (DIR/bookmark-seconds: that many) and 2 s before timeoutSeconds, as the
+    watch cache sends them. An object that stops matching a label selector is sent as DELETED (its last matching
+    content, at the new version), one that starts to match as ADDED. resourceVersion 0 or unset starts with the
+    current objects as ADDED and never gets 410; a version newer than the newest gets, after 3 s, an ERROR event
+    504 Timeout "Too large resource version" with the cause ResourceVersionTooLarge (a list: that answer).
+  - Validation. A Lease's acquireTime and renewTime must be MicroTime (RFC 3339 with exactly six fractional
+    digits) or the body does not decode: 400 BadRequest, as for any body that does not decode. An object that
+    decodes but fails validation (no name, a name or label that is no DNS name, leaseDurationSeconds < 1, a
+    ConfigMap key that is not one) gets 422 Invalid with the Status's causes; a namespace or name in the body other
+    than the URL's gets 400.
+  - DIR/watch-seconds: every watch ends after that many seconds at most, as the API server ends them sooner than
+    timeoutSeconds (its --min-request-timeout).
+  - Pagination. DIR/empty-page: the first page of each list holds no item but a continue token (as a list with a
+    label selector may).
+  - Token rotation as projected service-account tokens: when DIR/token changes, the previous token stays valid
+    until it expires, DIR/old-token-seconds from the change (60 if absent). DIR/reject-once holding N: the next N
+    requests get 401 whatever their token (a token that expired just as it was checked).
 """
+import re
 import base64
 import datetime
 import http.server
@@ -46,6 +72,100 @@ PREFIXES = {"leases": "/apis/coordination.k8s.io/v1/namespaces/", "services": "/
 
 lock = threading.Condition()
 state = {"rv": 100, "compacted": 0, "objects": {}, "events": [], "epoch": 0}
+tokens = {"current": None, "previous": {}}  # the token in DIR/token, and earlier ones with their expiry
+KINDS = {"leases": ("Lease", "coordination.k8s.io/v1"), "services": ("Service", "v1"),
+         "configmaps": ("ConfigMap", "v1"), "nodes": ("Node", "v1")}
+MICRO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}(Z|[+-]\d{2}:\d{2})$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+
+
+def flag(name, default=None):
+    """The text of DIR/name, or `default` when the file is absent."""
+    try:
+        return (DIR / name).read_text().strip()
+    except FileNotFoundError:
+        return default
+
+
+def invalid(resource, name, causes):
+    """422 Invalid, as apimachinery's errors.NewInvalid writes it: each cause a field and what is wrong with it."""
+    kind, api_version = KINDS[resource]
+    group = api_version.rpartition("/")[0]
+    body = status(422, "Invalid", f'{kind}{"." + group if group else ""} "{name}" is invalid: '
+                  + ", ".join(f"{field}: {message}" for field, message in causes))
+    body["details"] = {"name": name, "group": group, "kind": kind,
+                       "causes": [{"reason": "FieldValueInvalid", "message": m, "field": f} for f, m in causes]}
+    return 422, body
+
+
+def validate(resource, namespace, name_in_url, obj):
+    """None if `obj` would be stored by the API server, else (code, Status): 400 for a body that does not decode
+    (as a MicroTime that is not RFC 3339 with six fractional digits) or names another object, 422 if invalid."""
+    kind, api_version = KINDS[resource]
+    if not isinstance(obj, dict) or not isinstance(obj.get("metadata", {}), dict):
+        return 400, status(400, "BadRequest", f"the object provided is unrecognized (must be of type {kind})")
+    metadata = obj.get("metadata", {})
+    if resource == "leases":
+        for field in ("acquireTime", "renewTime"):
+            value = (obj.get("spec") or {}).get(field)
+            if value is not None and not (isinstance(value, str) and MICRO_TIME.match(value)):
+                return 400, status(400, "BadRequest", f'{kind} in version "v1" cannot be handled as a {kind}: '
+                                   f'parsing time "{value}" as "2006-01-02T15:04:05.000000Z07:00": cannot parse')
+    if namespace and metadata.get("namespace") not in (None, "", namespace):
+        return 400, status(400, "BadRequest", "the namespace of the provided object does not match the namespace "
+                           "sent on the request")
+    name = metadata.get("name")
+    if name_in_url is not None and name != name_in_url:
+        return 400, status(400, "BadRequest", f"the name of the object ({name}) does not match the name on the URL "
+                           f"({name_in_url})")
+    causes = []
+    if not name:
+        causes.append(("metadata.name", "Required value: name or generateName is required"))
+    elif not isinstance(name, str) or len(name) > 253 or not DNS_SUBDOMAIN.match(name):
+        causes.append(("metadata.name", f'Invalid value: "{name}": a lowercase RFC 1123 subdomain must consist of '
+                       "lower case alphanumeric characters, '-' or '.'"))
+    for key, value in (metadata.get("labels") or {}).items():
+        prefix, _, label = key.rpartition("/")
+        if (prefix and not DNS_SUBDOMAIN.match(prefix)) or len(label) > 63 or not LABEL_NAME.match(label):
+            causes.append((f"metadata.labels", f'Invalid value: "{key}": name part must consist of alphanumeric characters'))
+        if not isinstance(value, str) or len(value) > 63 or not LABEL_VALUE.match(value):
+            causes.append((f"metadata.labels", f'Invalid value: "{value}": a valid label must be an empty string or '
+                           "consist of alphanumeric characters, '-', '_' or '.'"))
+    spec = obj.get("spec") or {}
+    if resource == "leases":
+        duration = spec.get("leaseDurationSeconds")
+        if duration is not None and (not isinstance(duration, int) or duration <= 0):
+            causes.append(("spec.leaseDurationSeconds", f"Invalid value: {duration}: must be greater than 0"))
+        transitions = spec.get("leaseTransitions")
+        if transitions is not None and (not isinstance(transitions, int) or transitions < 0):
+            causes.append(("spec.leaseTransitions", f"Invalid value: {transitions}: must be greater than or equal to 0"))
+    if resource == "configmaps":
+        for key, value in (obj.get("data") or {}).items():
+            if len(key) > 253 or not CONFIG_KEY.match(key):
+                causes.append((f"data[{key}]", f'Invalid value: "{key}": a valid config key must consist of '
+                               "alphanumeric characters, '-', '_' or '.'"))
+            if not isinstance(value, str):
+                return 400, status(400, "BadRequest", f'{kind} in version "v1" cannot be handled as a {kind}: '
+                                   "json: cannot unmarshal into Go struct field ConfigMap.data of type string")
+    return invalid(resource, name or "", causes) if causes else None
+
+
+def failure(code, seconds):
+    """The Status the API server answers `code` with, and the Retry-After it sends (None: no header)."""
+    reasons = {429: ("TooManyRequests", "Too many requests, please try again later."),
+               500: ("InternalError", "Internal error occurred: etcdserver: leader changed"),
+               503: ("ServiceUnavailable", "the server is currently unable to handle the request"),
+               504: ("Timeout", "Timeout: request did not complete within the allotted timeout")}
+    reason, message = reasons.get(code, ("InternalError", "Internal error occurred"))
+    if code == 500 and seconds is not None:  # apimachinery's NewServerTimeout
+        reason, message = "ServerTimeout", "The list operation against leases could not be completed at this time, please try again."
+    body = status(code, reason, message)
+    if seconds is not None:
+        body["details"] = {"retryAfterSeconds": seconds}
+    return body, seconds
 
 
 def serving_certificate():
@@ -102,21 +222,39 @@ def merge(target, patch):
             target[key] = value
 
 
+def too_large(version):
+    """apiserver's storage.NewTooLargeResourceVersionError: 504 Timeout, retry in 1 s, cause ResourceVersionTooLarge."""
+    body = status(504, "Timeout", f"Timeout: Too large resource version: {version}, current: {state['rv']}")
+    body["details"] = {"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+                       "retryAfterSeconds": 1}
+    return body
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def log_message(self, *args):
         pass
 
-    def reply(self, code, body):
+    auth = "-"
+
+    def reply(self, code, body, retry_after=None):
         data = json.dumps(body).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if retry_after is not None:
+            self.send_header("Retry-After", str(retry_after))
         self.end_headers()
         self.wfile.write(data)
         with open(DIR / "requests.log", "a") as log:
             log.write(f"{self.command} {self.path} {code}\n")
+        self.timeline(self.command, code, retry_after)
+
+    def timeline(self, method, code, retry_after=None):
+        with open(DIR / "timeline.log", "a") as log:
+            log.write(f"{time.time():.3f} {method} {self.path} {code} {'-' if retry_after is None else retry_after} "
+                      f"{self.auth}\n")
 
     def slow_write(self):
         try:  # the test removes the file when it is done with it
@@ -133,9 +271,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 state["events"] = []
                 state["epoch"] += 1
                 lock.notify_all()
-        token = (DIR / "token").read_text().strip()
-        if self.headers.get("Authorization") != f"Bearer {token}":
+        if self.authenticate() is None:
             self.reply(401, status(401, "Unauthorized", "Unauthorized"))
+            return False
+        fail = flag("fail")
+        if fail:
+            code, _, seconds = fail.partition(" ")
+            body, retry_after = failure(int(code), int(seconds) if seconds.strip() else None)
+            self.reply(int(code), body, retry_after)
             return False
         if (DIR / "deny").exists():
             self.reply(403, status(403, "Forbidden", 'leases.coordination.k8s.io is forbidden: User '
@@ -143,6 +286,33 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                    '"leases" in API group "coordination.k8s.io" in the namespace "kube-system"'))
             return False
         return True
+
+    def authenticate(self):
+        """The token the request carries, if the API server takes it: the one in DIR/token, or an earlier one that
+        has not expired yet (a projected token stays valid until its expiry after the kubelet wrote a new one)."""
+        current = (DIR / "token").read_text().strip()
+        now = time.monotonic()
+        with lock:
+            if tokens["current"] not in (None, current):
+                tokens["previous"][tokens["current"]] = now + float(flag("old-token-seconds", "60"))
+            tokens["current"] = current
+            tokens["previous"].pop(current, None)
+            reject = flag("reject-once")
+            if reject is not None:
+                left = int(reject or "1") - 1
+                if left > 0:
+                    (DIR / "reject-once").write_text(str(left))
+                else:
+                    (DIR / "reject-once").unlink()
+                return None
+        offered = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+        if offered == current:
+            self.auth = "current"
+        elif tokens["previous"].get(offered, 0) > now:
+            self.auth = "previous"
+        else:
+            return None
+        return offered
 
     def route(self):
         """(resource, namespace, name or None, query) for the endpoints served; resource None otherwise."""
@@ -160,10 +330,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def body(self):
         return json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
 
-    def record(self, resource, kind, obj):
+    def record(self, resource, kind, obj, previous=None):
+        """Stores an event; `previous` is the object as it was before a MODIFIED (a watch whose selector it no
+        longer matches gets DELETED)."""
         state["rv"] += 1
         obj["metadata"]["resourceVersion"] = str(state["rv"])
-        state["events"].append((state["rv"], resource, kind, json.loads(json.dumps(obj))))
+        state["events"].append((state["rv"], resource, kind, json.loads(json.dumps(obj)), previous))
         lock.notify_all()
 
     def do_GET(self):
@@ -181,7 +353,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.reply(200, obj)
         if query.get("watch", ["0"])[0] in ("1", "true"):
             return self.watch(resource, namespace, labels, fields, int(query.get("resourceVersion", ["0"])[0] or 0),
-                              int(query.get("timeoutSeconds", ["30"])[0]))
+                              int(query.get("timeoutSeconds", ["30"])[0]),
+                              query.get("allowWatchBookmarks", ["false"])[0] == "true")
+        wanted = int(query.get("resourceVersion", ["0"])[0] or 0)
+        if wanted and not self.fresh(wanted):
+            body = too_large(wanted)
+            return self.reply(504, body, body["details"]["retryAfterSeconds"])
         # Pages as the API server gives them: `limit` items at most (fewer when DIR/max-page says so, as a
         # server may), in name order, with a `continue` token naming the snapshot and the last name given.
         limit = int(query.get("limit", ["0"])[0] or 0)
@@ -207,53 +384,114 @@ class Handler(http.server.BaseHTTPRequestHandler):
             rv = state["rv"] if snapshot is None else snapshot
         items = [o for o in items if o["metadata"]["name"] > after]
         metadata = {"resourceVersion": str(rv)}
+        if snapshot is None and (DIR / "empty-page").exists() and limit:
+            # A page with no item that is not the last (the API server filters a label selector after it reads a
+            # page from etcd): the client must follow the continue token, not take the list as empty.
+            token = base64.b64encode(json.dumps({"rv": rv, "after": ""}).encode()).decode()
+            return self.reply(200, {"kind": "List", "apiVersion": "v1", "metadata": {**metadata, "continue": token},
+                                    "items": []})
         if limit and len(items) > limit:
             items = items[:limit]
             metadata["continue"] = base64.b64encode(json.dumps({"rv": rv, "after": items[-1]["metadata"]["name"]}).encode()).decode()
         self.reply(200, {"kind": "List", "apiVersion": "v1", "metadata": metadata, "items": items})
 
-    def watch(self, resource, namespace, labels, fields, since, timeout):
+    def fresh(self, version):
+        """Whether `version` is no newer than the newest, waiting up to 3 s for it (the watch cache's wait)."""
+        deadline = time.monotonic() + 3
+        with lock:
+            while state["rv"] < version and time.monotonic() < deadline:
+                lock.wait(0.2)
+            return state["rv"] >= version
+
+    def watch(self, resource, namespace, labels, fields, since, timeout, bookmarks):
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         with open(DIR / "requests.log", "a") as log:
             log.write(f"WATCH {self.path} 200\n")
+        self.timeline("WATCH", 200)
+        kind, api_version = KINDS[resource]
 
         def send(event):
             data = (json.dumps(event) + "\n").encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
+            if event["type"] in ("DELETED", "BOOKMARK"):
+                with open(DIR / "events.log", "a") as log:
+                    log.write(f"{event['type']} {resource} {event['object']['metadata'].get('name', '-')} "
+                              f"{event['object']['metadata']['resourceVersion']}\n")
 
-        deadline = time.monotonic() + timeout
+        def selected(obj):
+            return obj is not None and obj["metadata"].get("namespace", "") == namespace and matches(obj, labels, fields)
+
+        def bookmark(version):
+            """Only the kind and metadata.resourceVersion, as a typed object with nothing else set is written."""
+            obj = {"kind": kind, "apiVersion": api_version, "metadata": {"resourceVersion": str(version),
+                                                                         "creationTimestamp": None}}
+            if resource == "services":
+                obj.update({"spec": {}, "status": {"loadBalancer": {}}})
+            send({"type": "BOOKMARK", "object": obj})
+
+        started = time.monotonic()
+        # The API server ends a watch at timeoutSeconds (or sooner: --min-request-timeout); DIR/watch-seconds: then.
+        deadline = started + min(timeout, float(flag("watch-seconds", str(timeout)) or timeout))
+        every = float(flag("bookmark-seconds", "60") or "60")
+        # As the watch cache: every `every` seconds, and 2 s before the watch's end, whichever is sooner.
+        next_bookmark = min(started + every, deadline - 2)
         try:
-            try:  # the test removes the file when it is done with it
-                code = int((DIR / "watch-error").read_text() or "500")
-            except FileNotFoundError:
-                code = None
+            code = flag("watch-error")  # the test removes the file when it is done with it
             if code is not None:
-                send({"type": "ERROR", "object": status(code, "InternalError", "etcdserver: request timed out")})
+                send({"type": "ERROR", "object": status(int(code or "500"), "InternalError", "etcdserver: request timed out")})
+                self.wfile.write(b"0\r\n\r\n")
+                return
+            if since and not self.fresh(since):
+                send({"type": "ERROR", "object": too_large(since)})
                 self.wfile.write(b"0\r\n\r\n")
                 return
             with lock:
                 epoch = state["epoch"]
-                if since < state["compacted"]:
+                if since == 0:  # "any" version: the current objects as ADDED, then what follows; never 410
+                    current = sorted((o for (r, _, _), o in state["objects"].items() if r == resource and selected(o)),
+                                     key=lambda o: o["metadata"]["name"])
+                    since = state["rv"]
+                    initial = [json.loads(json.dumps(o)) for o in current]
+                elif since < state["compacted"]:
                     send({"type": "ERROR", "object": status(410, "Expired", f"too old resource version: {since}")})
                     self.wfile.write(b"0\r\n\r\n")
                     return
+                else:
+                    initial = []
+            for obj in initial:
+                send({"type": "ADDED", "object": obj})
             while time.monotonic() < deadline:
                 with lock:
                     pending = [e for e in state["events"] if e[0] > since]
                     if not pending:
-                        lock.wait(0.5)
+                        lock.wait(min(0.5, max(0.01, next_bookmark - time.monotonic())) if bookmarks else 0.5)
                         if since < state["compacted"] or state["epoch"] != epoch:
                             send({"type": "ERROR", "object": status(410, "Expired", "too old resource version")})
                             break
+                        if bookmarks and time.monotonic() >= next_bookmark:
+                            since = max(since, state["rv"])  # every event up to here was seen by this watch
+                            bookmark(since)
+                            now = time.monotonic()
+                            next_bookmark = min(now + every, deadline - 2) if now < deadline - 2 else deadline + 1
                         continue
-                for rv, r, kind, obj in pending:
+                for rv, r, event_type, obj, previous in pending:
                     since = rv
-                    if r == resource and obj["metadata"].get("namespace", "") == namespace and matches(obj, labels, fields):
-                        send({"type": kind, "object": obj})
+                    if r != resource:
+                        continue
+                    now, before = selected(obj), selected(previous)
+                    if event_type == "MODIFIED" and now and not before:
+                        send({"type": "ADDED", "object": obj})
+                    elif event_type == "MODIFIED" and before and not now:
+                        # It no longer matches: DELETED with its last matching content, at the new version.
+                        gone = json.loads(json.dumps(previous))
+                        gone["metadata"]["resourceVersion"] = str(rv)
+                        send({"type": "DELETED", "object": gone})
+                    elif now:
+                        send({"type": event_type, "object": obj})
             self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass
@@ -263,6 +501,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         resource, namespace, _, _ = self.route()
         obj = self.body()
+        refused = validate(resource, namespace, None, obj)
+        if refused:
+            return self.reply(*refused)
         key = (resource, namespace, obj["metadata"]["name"])
         with lock:
             if key in state["objects"]:
@@ -279,14 +520,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         resource, namespace, name, _ = self.route()
         obj = self.body()
+        refused = validate(resource, namespace, name, obj)
+        if refused:
+            return self.reply(*refused)
         with lock:
             current = state["objects"].get((resource, namespace, name))
             if current is None:
                 return self.reply(404, status(404, "NotFound", "not found"))
-            if obj["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
+            # Without a resourceVersion the update is unconditional (Leases, ConfigMaps, Services and Nodes allow it).
+            if obj["metadata"].get("resourceVersion") not in (None, "", current["metadata"]["resourceVersion"]):
                 return self.reply(409, status(409, "Conflict", "the object has been modified"))
+            if namespace:
+                obj["metadata"]["namespace"] = namespace
             state["objects"][(resource, namespace, name)] = obj
-            self.record(resource, "MODIFIED", obj)
+            self.record(resource, "MODIFIED", obj, previous=current)
         self.slow_write()
         self.reply(200, obj)
 
@@ -299,9 +546,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             current = state["objects"].get((resource, namespace, name))
             if current is None:
                 return self.reply(404, status(404, "NotFound", "not found"))
-            merge(current, patch)
-            self.record(resource, "MODIFIED", current)
-        self.reply(200, current)
+            patched = json.loads(json.dumps(current))
+            merge(patched, patch)
+            refused = validate(resource, namespace, name, patched)
+            if refused:
+                return self.reply(*refused)
+            state["objects"][(resource, namespace, name)] = patched
+            self.record(resource, "MODIFIED", patched, previous=current)
+        self.reply(200, patched)
 
     def do_DELETE(self):
         if not self.check():

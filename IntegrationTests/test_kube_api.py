@@ -10,6 +10,7 @@ import socket
 import ssl
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -89,6 +90,20 @@ contexts:
         path = self.kube / "requests.log"
         return path.read_text().splitlines() if path.exists() else []
 
+    def timeline(self):
+        """Every request as (time, method, path, status, Retry-After sent or None, token: current/previous/-)."""
+        path = self.kube / "timeline.log"
+        rows = []
+        for line in (path.read_text().splitlines() if path.exists() else []):
+            at, method, url, code, retry, auth = line.split(" ")
+            rows.append((float(at), method, url, int(code), None if retry == "-" else int(retry), auth))
+        return rows
+
+    def events(self):
+        """The DELETED and BOOKMARK events the stand-in sent: (type, resource, name, resourceVersion)."""
+        path = self.kube / "events.log"
+        return [tuple(line.split(" ")) for line in (path.read_text().splitlines() if path.exists() else [])]
+
 
 @pytest.fixture
 def lab(tmp_path):
@@ -149,15 +164,26 @@ def test_readiness_waits_for_the_address_services(lab):
 
 
 def test_a_rotated_token_a_compacted_watch_and_rbac_refusals_are_handled(lab):
-    """The token file is re-read for each request (projected tokens rotate); a watch whose version was
-    compacted gets 410 and the client lists again; a 403 is logged with the API's own message."""
+    """The token file is re-read for each request (projected tokens rotate): once the kubelet wrote a new token, the
+    requests carry it, and the old one, still valid until it expires as a projected token is, is not refused in the
+    meantime (a request built just before the rewrite is checked just after it). A 401 all the same (a token that
+    expired just as it was checked) is asked again once, with the file read anew. A watch whose version was compacted
+    gets 410 and the client lists again; a 403 is logged with the API's own message."""
     server = lab.start_server(0)
     wait_until(lambda: any(line.startswith("WATCH ") for line in lab.requests()), 15, "a watch")
     (lab.kube / "token").write_text("token-two\n")
-    rotated = len(lab.requests())
-    wait_until(lambda: any(line.startswith("PUT ") and line.endswith(" 200") for line in lab.requests()[rotated:]),
-               15, "a renewal with the rotated token")
-    assert not any(line.endswith(" 401") for line in lab.requests()[rotated:])
+    rotated = time.time()
+    wait_until(lambda: any(at > rotated and method == "PUT" and code == 200 and auth == "current"
+                           for at, method, _, code, _, auth in lab.timeline()), 15, "a renewal with the rotated token")
+    assert not [row for row in lab.timeline() if row[3] == 401], lab.timeline()
+    # The next request is refused (401) whatever its token: the client reads the file again and asks once more.
+    (lab.kube / "reject-once").write_text("1")
+    wait_until(lambda: not (lab.kube / "reject-once").exists(), 15, "a request refused with 401")
+    refused = next(row for row in lab.timeline() if row[3] == 401)
+    wait_until(lambda: any(row[0] >= refused[0] and row[1:3] == refused[1:3] and row[3] in (200, 201)
+                           for row in lab.timeline()), 5, "the refused request asked again")
+    again = next(row for row in lab.timeline() if row[0] >= refused[0] and row[1:3] == refused[1:3] and row[3] in (200, 201))
+    assert again[0] - refused[0] < 0.5, (refused, again)  # at once, not after a renewal interval or a backoff
     lists_before = sum(1 for line in lab.requests() if line.startswith("GET ") and "labelSelector" in line)
     (lab.kube / "compact").write_text("")
     wait_until(lambda: sum(1 for line in lab.requests() if line.startswith("GET ") and "labelSelector" in line)
@@ -166,6 +192,106 @@ def test_a_rotated_token_a_compacted_watch_and_rbac_refusals_are_handled(lab):
     server.expect_log('HTTP 403: leases.coordination.k8s.io is forbidden', timeout=15)
     (lab.kube / "deny").unlink()
     assert server.alive()
+
+
+@pytest.mark.parametrize("code,retry_after,storm", [(429, 2, 20), (503, 2, 8), (500, 2, 8), (500, None, 8)],
+                         ids=["429", "503", "500-ServerTimeout", "500-no-Retry-After"])
+def test_a_refusal_storm_slows_the_client_to_the_retry_after_and_it_is_back_at_once(lab, code, retry_after, storm):
+    """Every request refused with `code` for `storm` seconds (429 as API Priority and Fairness answers, 503, 500), with
+    Retry-After: 2 or none. With a Retry-After the client asks nothing of the API server until it has passed: it
+    slows to at most one request per Retry-After per follower (here the Lease renewal and the Lease watch: at most
+    1 request a second), and no request arrives sooner than the Retry-After after a refusal (those already on the way
+    aside). Once the storm ends it is back within the last Retry-After and 2 s, the renewal and the Leases' list
+    both, not after its own backoff (1 s doubling, which after a 20-s storm waited 8 to 16 s). Without a Retry-After
+    (a plain 500) it backs off on its own: no hot loop, and back within its backoff's reach."""
+    server = lab.start_server(0)
+    wait_until(lambda: lab.replicas(0) == 1 and any(line.startswith("WATCH ") for line in lab.requests()), 20,
+               "the replica following its Lease")
+    (lab.kube / "fail").write_text(f"{code} {retry_after or ''}")
+    (lab.kube / "compact").write_text("")  # the open watch ends (410): the list and the watch are refused too
+    began = time.time()
+    time.sleep(storm)
+    (lab.kube / "fail").unlink()
+    ended = time.time()
+    wait_until(lambda: any(at > ended and method == "PUT" and c == 200 for at, method, _, c, _, _ in lab.timeline()),
+               20, "a renewal after the storm")
+    wait_until(lambda: any(at > ended and method == "GET" and "leases?" in url and c == 200
+                           for at, method, url, c, _, _ in lab.timeline()), 40, "the Leases listed after the storm")
+    rows = lab.timeline()
+    refused = [row for row in rows if row[3] == code and began <= row[0] <= ended + 0.5]
+    assert len(refused) >= 2, rows
+    back = [min(at for at, method, url, c, _, _ in rows if at > ended and method == "PUT" and c == 200),
+            min(at for at, method, url, c, _, _ in rows if at > ended and method == "GET" and "leases?" in url and c == 200)]
+    if retry_after is None:
+        assert len(refused) <= 2 * storm, refused  # backoff: no hot loop (one replica asks every 5 s and backs off)
+        assert max(back) - ended < 20, (back, ended)
+        return
+    # Nothing arrives sooner than Retry-After after a refusal, except what was already on its way (0.3 s).
+    for at, *_ in refused:
+        early = [row for row in rows if at + 0.3 < row[0] < at + retry_after - 0.05]
+        assert not early, (at, early)
+    assert len(refused) <= 2 * (storm / retry_after + 1), refused  # at most one per Retry-After per follower
+    last = max(at for at, *_ in refused)
+    for at in back:
+        assert at - max(last + retry_after, ended) < 2, (back, last, ended)
+    assert server.alive() and lab.replicas(0) == 1
+
+
+def test_bookmarks_move_the_watch_version_and_leave_the_certificate_as_it_is(lab):
+    """BOOKMARK events (asked for with allowWatchBookmarks, here every second) carry only a resourceVersion, and a
+    Service bookmark is a Service with nothing else set: the client takes only the version from them. The serving
+    certificate keeps the Service's addresses through every bookmark, and the next watch (the API server ends each
+    after 4 s here) starts from the last bookmark's version, newer than anything the Service itself was at."""
+    (lab.kube / "bookmark-seconds").write_text("1")
+    (lab.kube / "watch-seconds").write_text("4")
+    lab.api("POST", "/api/v1/namespaces/kube-system/services", {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "x-tunnel-server-svc", "namespace": "kube-system"},
+        "spec": {"type": "ClusterIP", "clusterIP": "127.0.0.6", "clusterIPs": ["127.0.0.6"]}})
+    server = lab.start_server(0, "--lease-namespace", "kube-system", "--address-service", "kube-system/x-tunnel-server-svc",
+                              bind="0.0.0.0")
+
+    def certificate_ips():
+        return set(json.loads(http_get(server.meta + "/v1/server")[1])["certificateIPs"])
+
+    wait_until(lambda: "127.0.0.6" in certificate_ips(), 15, "the Service's address in the certificate")
+    service_version = int(lab.api("GET", "/api/v1/namespaces/kube-system/services/x-tunnel-server-svc", None)
+                          ["metadata"]["resourceVersion"])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the Lease renewals move the version on; the Service's bookmarks follow
+        assert "127.0.0.6" in certificate_ips()
+        time.sleep(0.2)
+    bookmarks = [int(rv) for kind, resource, _, rv in lab.events() if kind == "BOOKMARK" and resource == "services"]
+    assert len(bookmarks) >= 5 and max(bookmarks) > service_version, bookmarks
+    watched = [int(line.split("resourceVersion=")[1].split("&")[0].split(" ")[0]) for line in lab.requests()
+               if line.startswith("WATCH ") and "/services?" in line]
+    assert any(version in bookmarks and version > service_version for version in watched), (watched, bookmarks)
+    assert "127.0.0.6" in certificate_ips() and server.alive()
+
+
+def test_no_lease_write_is_rejected_by_validation(lab):
+    """The stand-in validates as the API server does (a renewTime with three fractional digits does not decode:
+    400; a leaseDurationSeconds of 0 is invalid: 422). Three replicas create and renew their Leases, and delete one
+    on stopping: not one write is refused."""
+    leases = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases"
+    for spec, expected in (({"renewTime": "2026-01-01T00:00:00.123Z"}, 400),
+                           ({"renewTime": "2026-01-01T00:00:00.123456Z", "leaseDurationSeconds": 0}, 422)):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            lab.api("POST", leases, {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                                     "metadata": {"name": "probe"}, "spec": spec})
+        assert refused.value.code == expected
+        assert json.loads(refused.value.read())["kind"] == "Status"
+    started = time.time()
+    for index in range(3):
+        lab.start_server(index)
+    wait_until(lambda: all(lab.replicas(i) == 3 for i in range(3)), 20, "every replica counting 3")
+    wait_until(lambda: sum(1 for _, method, url, c, _, _ in lab.timeline() if method == "PUT" and "/leases/" in url
+                           and c == 200) >= 6, 20, "renewals")
+    lab.servers[2].stop()
+    writes = [row for row in lab.timeline() if row[0] >= started and row[1] in ("POST", "PUT", "PATCH", "DELETE")
+              and "/leases" in row[2]]
+    assert not [row for row in writes if row[3] in (400, 422)], writes
+    assert sum(1 for row in writes if row[1] == "POST" and row[3] == 201) == 3, writes
+    assert any(row[1] == "DELETE" and row[3] == 200 for row in writes), writes
 
 
 def test_the_certificate_follows_the_service_from_loadbalancer_to_clusterip(lab):
@@ -514,3 +640,48 @@ def test_a_revoked_node_whose_record_no_longer_parses_stays_refused(lab):
     assert_edge_1_stays_refused(lab, [first, second], agent_dir)
     line = f"ConfigMap edge-tunnel/{name} does not hold a valid node record: its node counts as revoked"
     assert [server.text().count(line) for server in (first, second)] == [1, 1]
+
+
+def test_a_revoked_node_whose_record_loses_its_label_stays_refused(lab):
+    """A record ConfigMap whose label is removed (a hand edit, a GitOps tool that owns the labels) stops matching
+    the replicas' label-selector watch: the API server sends DELETED, as for a deleted object. The revocation
+    stands on the replica that saw it, and on one started after the edit, which never lists the record."""
+    first = join_state_replica(lab, 1)
+    agent_dir, record = revoked_edge_1(lab, first)
+    name = record["metadata"]["name"]
+    lab.api("PUT", f"/api/v1/namespaces/edge-tunnel/configmaps/{name}",
+            {**record, "metadata": {**record["metadata"], "labels": {}}})
+    wait_until(lambda: any(e[:3] == ("DELETED", "configmaps", name) for e in lab.events()), 10, "DELETED sent")
+    assert not [o for o in lab.api("GET", NODE_RECORDS, None)["items"] if '"edge-1"' in o["data"]["record"]]
+    second = join_state_replica(lab, 2)
+    assert_edge_1_stays_refused(lab, [first, second], agent_dir)
+
+
+def test_lists_follow_an_empty_page_and_watches_start_as_the_api_server_starts_them(lab):
+    """A first page with no item but a continue token (a label selector filters after a page is read) is followed,
+    not taken as an empty list: the replica counts its own Lease. A watch from version 0 starts with the current
+    objects as ADDED, also after a compaction (never 410); a watch from a version the API server has not reached
+    gets an ERROR 504 Timeout "Too large resource version" with the cause ResourceVersionTooLarge."""
+    (lab.kube / "empty-page").write_text("")
+    lab.start_server(0)
+    wait_until(lambda: lab.replicas(0) == 1 and any(line.startswith("WATCH ") for line in lab.requests()), 20,
+               "the Lease listed past the empty page")
+    assert any("continue=" in line and "leases?" in line and line.endswith(" 200") for line in lab.requests())
+    (lab.kube / "compact").write_text("")
+    context = ssl.create_default_context(cafile=str(lab.kube / "ca.crt"))
+    token = (lab.kube / "token").read_text().strip()
+
+    def watch(version):
+        request = urllib.request.Request(
+            f"{lab.api_url}/apis/coordination.k8s.io/v1/namespaces/kube-system/leases?watch=1&resourceVersion={version}"
+            "&timeoutSeconds=1", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, context=context, timeout=10) as response:
+            return [json.loads(line) for line in response.read().splitlines() if line.strip()]
+
+    events = watch(0)
+    assert [e["type"] for e in events] == ["ADDED"] and events[0]["object"]["metadata"]["name"] == "edge-tunnel-server-r0"
+    events = watch(10**9)
+    assert [e["type"] for e in events] == ["ERROR"], events
+    error = events[0]["object"]
+    assert (error["code"], error["reason"]) == (504, "Timeout") and "Too large resource version" in error["message"]
+    assert error["details"]["causes"][0]["reason"] == "ResourceVersionTooLarge"

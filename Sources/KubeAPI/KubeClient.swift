@@ -6,6 +6,11 @@ import TunnelSupport
 
 /// A small client for the Kubernetes API on SwiftNIO: JSON requests, and watches streamed line by line. One
 /// connection per request (the callers here ask every few seconds); the token is read anew for each.
+///
+/// As client-go does, an answer 429 or 5xx with `Retry-After` is asked again once that time has passed (a
+/// request or a watch at most ``maxRetries`` times), and until then no request
+/// of this process goes to that API server (``waitForRetryAfter()``). A 401 is asked again once, with the token
+/// file read anew: a projected token rotated just as the request was built.
 public final class KubeClient: @unchecked Sendable {
     public let config: KubeConfig
     private let group: EventLoopGroup
@@ -17,10 +22,15 @@ public final class KubeClient: @unchecked Sendable {
     public struct Response: Sendable {
         public var status: Int
         public var body: [UInt8]
+        /// The API server's `Retry-After` on a 429 or 5xx answer: how long to wait before asking again.
+        public var retryAfter: TimeAmount? = nil
     }
 
     public struct Failure: Error, CustomStringConvertible {
         public let description: String
+        /// Set when the API server said when to ask again (`Retry-After`): the caller waits that long, not its
+        /// own backoff.
+        public var retryAfter: TimeAmount? = nil
     }
 
     public init(config: KubeConfig, group: EventLoopGroup) throws {
@@ -29,45 +39,74 @@ public final class KubeClient: @unchecked Sendable {
         self.tls = try config.tlsContext()
     }
 
-    /// `method path` with an optional JSON body; the status and body of the answer.
+    /// `method path` with an optional JSON body; the status and body of the answer. A 429 or 5xx with
+    /// `Retry-After` is asked again after that wait, ``maxRetries`` times at most; a 401 once.
     public func request(_ method: HTTPMethod, _ path: String, body: [UInt8]? = nil, timeout: TimeAmount = .seconds(10))
         async throws -> Response
     {
-        var collected: [UInt8] = []
-        let status = try await exchange(method, path, body: body, timeout: timeout) { piece in
-            guard collected.count + piece.readableBytes <= Self.maxBody else {
-                throw Failure(description: "the API server's answer to \(method) \(path) is larger than 16 MiB")
+        var retries = 0
+        var reauthenticated = false
+        while true {
+            var collected: [UInt8] = []
+            let (status, retryAfter) = try await exchange(method, path, body: body, timeout: timeout) { _, piece in
+                guard collected.count + piece.readableBytes <= Self.maxBody else {
+                    throw Failure(description: "the API server's answer to \(method) \(path) is larger than 16 MiB")
+                }
+                collected += piece.readableBytesView
             }
-            collected += piece.readableBytesView
+            if status == 401, !reauthenticated, config.tokenFile != nil {
+                reauthenticated = true
+                continue
+            }
+            if retryAfter != nil, retries < Self.maxRetries {
+                retries += 1
+                continue  // `exchange` waits for the Retry-After before it sends
+            }
+            return Response(status: status, body: collected, retryAfter: retryAfter)
         }
-        return Response(status: status, body: collected)
     }
 
     /// A watch (`path` with `watch=1`): each event line goes to `onEvent` as it arrives; returns the status when
     /// the server ends the stream (it does after its timeout) or the connection fails (an error). An error thrown
-    /// by `onEvent` ends the watch at once, with that error.
+    /// by `onEvent` ends the watch at once, with that error. A watch refused with `Retry-After` (429, 5xx) is
+    /// asked again after that wait (``maxRetries`` times at most), a 401 once; the body of a refusal is no event.
     public func watch(_ path: String, timeout: TimeAmount, onEvent: @escaping @Sendable ([UInt8]) throws -> Void) async throws -> Int {
-        var line: [UInt8] = []
-        return try await exchange(.GET, path, body: nil, timeout: timeout) { piece in
-            for byte in piece.readableBytesView {
-                if byte == UInt8(ascii: "\n") {
-                    if !line.isEmpty { try onEvent(line) }
-                    line.removeAll(keepingCapacity: true)
-                } else {
-                    line.append(byte)
-                    guard line.count <= Self.maxBody else { throw Failure(description: "a watch event is larger than 16 MiB") }
+        var retries = 0
+        var reauthenticated = false
+        while true {
+            var line: [UInt8] = []
+            let (status, retryAfter) = try await exchange(.GET, path, body: nil, timeout: timeout) { status, piece in
+                guard status == 200 else { return }  // a Status object, not events
+                for byte in piece.readableBytesView {
+                    if byte == UInt8(ascii: "\n") {
+                        if !line.isEmpty { try onEvent(line) }
+                        line.removeAll(keepingCapacity: true)
+                    } else {
+                        line.append(byte)
+                        guard line.count <= Self.maxBody else { throw Failure(description: "a watch event is larger than 16 MiB") }
+                    }
                 }
             }
+            if status == 401, !reauthenticated, config.tokenFile != nil {
+                reauthenticated = true
+                continue
+            }
+            if retryAfter != nil, retries < Self.maxRetries {
+                retries += 1
+                continue
+            }
+            return status
         }
     }
 
     private func exchange(
         _ method: HTTPMethod, _ path: String, body: [UInt8]?, timeout: TimeAmount,
-        onBody: @escaping (ByteBuffer) throws -> Void
-    ) async throws -> Int {
+        onBody: @escaping (Int, ByteBuffer) throws -> Void
+    ) async throws -> (status: Int, retryAfter: TimeAmount?) {
+        try await waitForRetryAfter()
         let token = try config.currentToken()
         let loop = group.next()
-        let done = loop.makePromise(of: Int.self)
+        let done = loop.makePromise(of: (status: Int, retryAfter: TimeAmount?).self)
         let collector = ResponseCollector(done: done, onBody: onBody)
         let tls = self.tls
         let channel: Channel
@@ -109,24 +148,27 @@ public final class KubeClient: @unchecked Sendable {
         channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
         defer { channel.close(promise: nil) }
         // A watch runs for a minute: a cancelled task (shutdown) ends it at once.
-        return try await withTaskCancellationHandler {
+        let answer = try await withTaskCancellationHandler {
             try await done.futureResult.get()
         } onCancel: {
             done.fail(CancellationError())
             channel.close(promise: nil)
         }
+        if let retryAfter = answer.retryAfter { holdRequests(for: retryAfter) }
+        return answer
     }
 }
 
 /// Collects one response: its status, then its body piece by piece.
 private final class ResponseCollector: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = HTTPClientResponsePart
-    private let done: EventLoopPromise<Int>
-    private let onBody: (ByteBuffer) throws -> Void
+    private let done: EventLoopPromise<(status: Int, retryAfter: TimeAmount?)>
+    private let onBody: (Int, ByteBuffer) throws -> Void
     private var status: Int?
+    private var retryAfter: TimeAmount?
     private var finished = false
 
-    init(done: EventLoopPromise<Int>, onBody: @escaping (ByteBuffer) throws -> Void) {
+    init(done: EventLoopPromise<(status: Int, retryAfter: TimeAmount?)>, onBody: @escaping (Int, ByteBuffer) throws -> Void) {
         self.done = done
         self.onBody = onBody
     }
@@ -136,14 +178,15 @@ private final class ResponseCollector: ChannelInboundHandler, @unchecked Sendabl
         switch unwrapInboundIn(data) {
         case .head(let head):
             status = Int(head.status.code)
+            retryAfter = KubeClient.retryAfter(status: Int(head.status.code), header: head.headers.first(name: "Retry-After"))
         case .body(let piece):
             do {
-                try onBody(piece)
+                try onBody(status ?? 0, piece)
             } catch {
                 finish(.failure(error), context)
             }
         case .end:
-            finish(.success(status ?? 0), context)
+            finish(.success((status ?? 0, retryAfter)), context)
         }
     }
 
@@ -155,7 +198,7 @@ private final class ResponseCollector: ChannelInboundHandler, @unchecked Sendabl
         finish(.failure(error), context)
     }
 
-    private func finish(_ result: Result<Int, Error>, _ context: ChannelHandlerContext) {
+    private func finish(_ result: Result<(status: Int, retryAfter: TimeAmount?), Error>, _ context: ChannelHandlerContext) {
         guard !finished else { return }
         finished = true
         done.completeWith(result)

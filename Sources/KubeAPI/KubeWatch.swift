@@ -61,6 +61,11 @@ public struct KubeWatch: Sendable {
                 }
             } catch {
                 if Task.isCancelled { return }
+                if let wait = (error as? KubeClient.Failure)?.retryAfter {  // the API server said when (429, 5xx)
+                    logger.warning("following \(what): \(error); again in \(wait.nanoseconds / 1_000_000) ms, as it asked")
+                    await pause(UInt64(max(wait.nanoseconds, 0)))
+                    continue
+                }
                 let ceiling = backoff.failed()
                 logger.warning("following \(what): \(error); again within \(ceiling / 1000) s")
                 await pause(UInt64(Int.random(in: ceiling / 2...ceiling)) * 1_000_000)
@@ -131,7 +136,8 @@ public struct KubeWatch: Sendable {
     /// The API's Status object says why a request failed (403: which permission RBAC lacks).
     public static func failure(_ response: KubeClient.Response, _ what: String) -> KubeClient.Failure {
         let message = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["message"] as? String
-        return KubeClient.Failure(description: "\(what): HTTP \(response.status)\(message.map { ": \($0)" } ?? "")")
+        return KubeClient.Failure(
+            description: "\(what): HTTP \(response.status)\(message.map { ": \($0)" } ?? "")", retryAfter: response.retryAfter)
     }
 }
 

@@ -87,13 +87,16 @@ public final class ReplicaLeases: @unchecked Sendable {
 
     private func renewLoop() async {
         while !Task.isCancelled {
+            var wait = renewInterval
             do {
                 try await renew()
             } catch {
                 if Task.isCancelled { return }
                 logger.warning("cannot renew Lease \(namespace)/\(leaseName): \(error)")
+                // The API server said when to ask again (429, 5xx): then, not a whole interval later.
+                if let retryAfter = (error as? KubeClient.Failure)?.retryAfter { wait = min(wait, retryAfter) }
             }
-            try? await Task.sleep(nanoseconds: UInt64(renewInterval.nanoseconds))
+            try? await Task.sleep(nanoseconds: UInt64(max(wait.nanoseconds, 0)))
         }
     }
 

@@ -1,5 +1,6 @@
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import Testing
 
@@ -13,14 +14,21 @@ final class ScriptedWatchAPI: KubeWatchTransport, @unchecked Sendable {
     private var script: [[String]]
     private var _calls: [String] = []
     private var _pauses: [UInt64] = []
+    private var _watchPaths: [String] = []
+    /// Lists that fail first, with this failure (a 429 with Retry-After, say).
+    private var listFailures: [KubeClient.Failure]
     let pausesWanted: Int
     /// A script line that is no event: the watch stays open a little over a second.
     static let quietSecond = "(quiet for a second)"
 
-    init(watches script: [[String]], pausesWanted: Int) {
+    init(watches script: [[String]], pausesWanted: Int, listFailures: [KubeClient.Failure] = []) {
         self.script = script
         self.pausesWanted = pausesWanted
+        self.listFailures = listFailures
     }
+
+    /// The path and query of each watch, in order.
+    var watchPaths: [String] { lock.withLock { _watchPaths } }
 
     /// `list`, `watch` and `pause`, in the order they happened.
     var calls: [String] { lock.withLock { _calls } }
@@ -28,13 +36,18 @@ final class ScriptedWatchAPI: KubeWatchTransport, @unchecked Sendable {
     var pauses: [UInt64] { lock.withLock { _pauses } }
 
     func list(_ pathAndQuery: String, what: String) async throws -> (items: [[String: any Sendable]], version: String) {
-        lock.withLock { _calls.append("list") }
+        let failure = lock.withLock { () -> KubeClient.Failure? in
+            _calls.append("list")
+            return listFailures.isEmpty ? nil : listFailures.removeFirst()
+        }
+        if let failure { throw failure }
         return ([], "1")
     }
 
     func watch(_ path: String, timeout: TimeAmount, onEvent: @escaping @Sendable ([UInt8]) throws -> Void) async throws -> Int {
         let lines = lock.withLock { () -> [String]? in
             _calls.append("watch")
+            _watchPaths.append(path)
             return script.isEmpty ? nil : script.removeFirst()
         }
         guard let lines else {
@@ -69,11 +82,11 @@ final class ScriptedWatchAPI: KubeWatchTransport, @unchecked Sendable {
     static let added = #"{"type":"ADDED","object":{"metadata":{"name":"a","resourceVersion":"7"}}}"#
 
     /// Runs a watch against `api` until it has taken `api.pausesWanted` waits (at most 10 s); the waits in seconds.
-    func takenWaits(_ api: ScriptedWatchAPI) async throws -> [Double] {
+    func takenWaits(_ api: ScriptedWatchAPI, onChange: @escaping @Sendable (KubeWatch.Change) -> Void = { _ in }) async throws -> [Double] {
         let watch = KubeWatch(
             transport: api, path: "/api/v1/namespaces/edge-tunnel/configmaps", query: "labelSelector=a%3Db",
             what: "the test objects", logger: Logger(label: "kube-watch-test"), pause: { await api.pause($0) })
-        let task = Task { await watch.run { _ in } }
+        let task = Task { await watch.run(onChange) }
         var polls = 0
         while api.pauses.count < api.pausesWanted, polls < 2_000 {
             try await Task.sleep(nanoseconds: 5_000_000)
@@ -135,5 +148,57 @@ final class ScriptedWatchAPI: KubeWatchTransport, @unchecked Sendable {
         let status = try #require(event?["object"] as? [String: any Sendable])
         #expect(KubeWatch.errorEvent(status, watching: "the test objects").description
             == "the watch of the test objects ended with an ERROR event 500 InternalError: etcdserver: request timed out")
+    }
+
+    /// A list refused with Retry-After (429 from API Priority and Fairness, or a 503) waits what the API server said,
+    /// every time, instead of the backoff's 1 s doubling: after a long storm the client is back within a Retry-After.
+    @Test func aRefusalWithRetryAfterWaitsThatLongNotTheBackoff() async throws {
+        let throttled = KubeClient.Failure(description: "listing: HTTP 429", retryAfter: .seconds(3))
+        let api = ScriptedWatchAPI(
+            watches: [[Self.failed]], pausesWanted: 6, listFailures: Array(repeating: throttled, count: 5))
+        let waits = try await takenWaits(api)
+        #expect(waits == [3, 3, 3, 3, 3] + [waits.last!] && (0.5...1).contains(waits.last!), "waits \(waits)")
+    }
+
+    /// A BOOKMARK is no change of any object (its object is a bare kind with a resourceVersion): only the version the
+    /// next watch starts from moves, to the bookmark's.
+    @Test func aBookmarkMovesOnlyTheVersion() async throws {
+        let bookmark = #"{"type":"BOOKMARK","object":{"kind":"Service","apiVersion":"v1","metadata":{"resourceVersion":"12","creationTimestamp":null},"spec":{},"status":{"loadBalancer":{}}}}"#
+        let api = ScriptedWatchAPI(watches: [[Self.added, bookmark, ScriptedWatchAPI.quietSecond]], pausesWanted: 1)
+        let changes = NIOLockedValueBox<[String]>([])
+        let task = Task {
+            try await takenWaits(api) { change in
+                changes.withLockedValue { list in
+                    switch change {
+                    case .listed: list.append("listed")
+                    case .added(let object): list.append("added \((object["metadata"] as? [String: any Sendable])?["name"] ?? "")")
+                    case .modified: list.append("modified")
+                    case .deleted: list.append("deleted")
+                    }
+                }
+            }
+        }
+        var polls = 0
+        while api.watchPaths.count < 2, polls < 1_000 {
+            try await Task.sleep(nanoseconds: 5_000_000)
+            polls += 1
+        }
+        task.cancel()
+        _ = try? await task.value
+        #expect(changes.withLockedValue { $0 } == ["listed", "added a"])
+        #expect(api.watchPaths.count >= 2)
+        #expect(api.watchPaths.first?.contains("allowWatchBookmarks=true&resourceVersion=1&") == true)
+        #expect(api.watchPaths.dropFirst().first?.contains("resourceVersion=12&") == true, "\(api.watchPaths)")
+    }
+
+    @Test func retryAfterIsHonouredOn429And5xxOnly() {
+        #expect(KubeClient.retryAfter(status: 429, header: "2") == .seconds(2))
+        #expect(KubeClient.retryAfter(status: 503, header: " 1 ") == .seconds(1))
+        #expect(KubeClient.retryAfter(status: 500, header: "0") == .seconds(0))
+        #expect(KubeClient.retryAfter(status: 429, header: "86400") == KubeClient.longestRetryAfter)
+        #expect(KubeClient.retryAfter(status: 429, header: nil) == nil)
+        #expect(KubeClient.retryAfter(status: 409, header: "2") == nil)
+        #expect(KubeClient.retryAfter(status: 429, header: "Wed, 21 Oct 2015 07:28:00 GMT") == nil)
+        #expect(KubeClient.retryAfter(status: 429, header: "-1") == nil)
     }
 }
