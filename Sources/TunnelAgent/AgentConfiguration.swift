@@ -29,7 +29,7 @@ public struct AgentConfiguration: Sendable {
     /// No frame from the server for this long: the tunnel is dead. Checked every second, so a cut path is
     /// noticed within 10 s and the agent is on its next address well within 15 s.
     public var keepaliveTimeout: TimeAmount = .seconds(9)
-    /// While data moves on a tunnel: PING every 300 ms, dead after 1.5 s without a frame or a TCP ACK (``Keepalive/Active``), so
+    /// While data moves on a resumable tunnel: PING every 500 ms, dead after 1.5 s without a frame or a TCP ACK (``Keepalive/Active``), so
     /// that streams over a lost private line continue on the internet path within 2 s. Nil: the idle rule only.
     public var activeKeepalive: Keepalive.Active? = .standard
     public var backoffInitial: TimeAmount = .milliseconds(500)

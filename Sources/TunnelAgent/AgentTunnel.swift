@@ -114,14 +114,19 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
             let counts = self.mux.counters.snapshot
             let total = counts.bytesIn &+ counts.bytesOut
             let lastMove = total != moved ? now : movedAt
-            let active = now - lastMove < .seconds(2)
+            // Only a resumable tunnel is judged fast: its streams continue on the next connection. On one that
+            // cannot resume (a server of version 2, or --resume-grace-seconds 0) a false alarm would reset them all.
+            let active = self.resumeToken != nil && now - lastMove < .seconds(2)
             var lastSign = self.mux.lastFrameReceived
-            if active, let channel = self.channel, let sinceAck = SocketTuning.sinceLastAck(channel) {
+            var lossAtLeast = TimeAmount.zero
+            if active, let channel = self.channel, let path = SocketTuning.pathTiming(channel) {
                 // The server's TCP acknowledging our bytes is a sign of life too: on a slow line its frames (a
-                // PONG) can wait behind a queue of our own bulk data for longer than the fast rule allows.
-                lastSign = max(lastSign, now - sinceAck)
+                // PONG) can wait behind a queue of our own bulk data for longer than the fast rule allows. And a
+                // path with a long round trip gets the time its own retransmissions need.
+                lastSign = max(lastSign, now - path.sinceLastAck)
+                lossAtLeast = path.shortestLoss
             }
-            switch rule.check(now: now, lastFrame: lastSign, isActive: active) {
+            switch rule.check(now: now, lastFrame: lastSign, isActive: active, lossAtLeast: lossAtLeast) {
             case .dead:
                 let silent = (now - lastSign).nanoseconds / 1_000_000
                 self.agent.logger.warning("no answer from server \(self.address) for \(silent) ms\(active ? " while data moved" : ""): tunnel is dead")
@@ -132,7 +137,7 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
                 self.markUnusable()
                 return
             case .ping:
-                self.mux.ping()
+                if active { self.mux.keepalivePing(skipWithin: .milliseconds(400)) } else { self.mux.ping() }
             case .nothing:
                 break
             }

@@ -24,12 +24,13 @@ public struct Keepalive: Sendable {
             self.interval = interval
             self.deadAfter = deadAfter
         }
-        /// 300 ms and 1.5 s: five PINGs unanswered, with nothing else arriving either (on the agent, an ACK of its
-        /// TCP counts as arriving: ``SocketTuning/sinceLastAck(_:)``). The PINGs stay under the
-        /// server's 8 a second (``TunnelLimits/pingsPerSecond``), confirmation PINGs of ended streams included
-        /// (at most 2 a second), and under the 4 a second of a server of protocol version 2 (which has none). A stall of 1.5 s takes a segment lost four times in a row (RTOs of 200, 400, 800 ms
+        /// 500 ms and 1.5 s: three PINGs unanswered, with nothing else arriving either (on the agent, an ACK of its
+        /// TCP counts as arriving: ``SocketTuning/PathTiming``). A keepalive PING doubles as the confirming PING of
+        /// ended streams and is skipped when any PING went out in the last 400 ms (``TunnelMux/keepalivePing(skipWithin:)``),
+        /// so the two stay under 4 a second together: the limit of servers before 8 a second
+        /// (``TunnelLimits/pingsPerSecond``). A stall of 1.5 s takes a segment lost four times in a row (RTOs of 200, 400, 800 ms
         /// and more): 5% random loss both ways does not cause it; a 400-ms queue on a slow line is far below it.
-        public static let standard = Active(interval: .milliseconds(300), deadAfter: .milliseconds(1500))
+        public static let standard = Active(interval: .milliseconds(500), deadAfter: .milliseconds(1500))
     }
 
     public let interval: TimeAmount
@@ -55,7 +56,11 @@ public struct Keepalive: Sendable {
 
     /// What to do at `now`, the last frame having arrived at `lastFrame`; a PING returned counts as sent.
     /// `isActive`: data moved on the tunnel lately; then the ``Active`` rule applies too.
-    public mutating func check(now: NIODeadline, lastFrame: NIODeadline, isActive: Bool = false) -> Action {
+    /// `lossAtLeast`: the shortest silence the path itself can call a loss (``SocketTuning/PathTiming``); the active
+    /// rule never declares death sooner.
+    public mutating func check(
+        now: NIODeadline, lastFrame: NIODeadline, isActive: Bool = false, lossAtLeast: TimeAmount = .zero
+    ) -> Action {
         let quiet = now - lastFrame
         if quiet > deadAfter { return .dead }
         if let active, isActive {
@@ -64,7 +69,8 @@ public struct Keepalive: Sendable {
                 lastPing = now
                 return .ping
             }
-            if quiet > active.deadAfter, now - since > active.deadAfter { return .dead }
+            let deadAfter = max(active.deadAfter, lossAtLeast)
+            if quiet > deadAfter, now - since > deadAfter { return .dead }
             guard now - lastPing >= active.interval else { return .nothing }
             lastPing = now
             return .ping

@@ -7,6 +7,11 @@ public enum SocketTuning {
     /// per channel, so small request/response traffic keeps small buffers.
     public static let receiveAllocator = AdaptiveRecvByteBufferAllocator(
         minimum: 1024, initial: 2048, maximum: 256 * 1024)
+
+    /// Reads per readable event of a socket that carries one stream. NIO's default (4) reads on without asking the
+    /// pipeline again, so a stream paused for want of credit still took up to four reads (1 MiB) that no budget
+    /// counted; at one, a stream holds at most the one read that crossed its credit (issue 25's hostile review).
+    public static let streamSocketReads: UInt = 1
 }
 
 #if canImport(Glibc)
@@ -45,23 +50,44 @@ extension SocketTuning {
         static let notSentOffset = 144
         /// `offsetof(struct tcp_info, tcpi_last_ack_recv)`: milliseconds since the last ACK arrived.
         static let lastAckReceivedOffset = 56
+        /// `tcpi_backoff` (u8), `tcpi_rto` and `tcpi_rtt` (u32, microseconds).
+        static let backoffOffset = 4
+        static let rtoOffset = 8
+        static let rttOffset = 68
     }
 
-    /// How long ago the peer's TCP last acknowledged anything on a TCP channel's socket, read on its event loop
-    /// (`TCP_INFO`); nil for other channels. An ACK proves the path works both ways even when the peer's frames
-    /// wait behind a queue (a slow line's bulk transfer): the agent's fast loss detection counts it as a sign of
-    /// life (``Keepalive/Active``).
-    public static func sinceLastAck(_ channel: Channel) -> TimeAmount? {
+    /// What a TCP socket's kernel knows of its path (`TCP_INFO`), for the agent's fast loss detection
+    /// (``Keepalive/Active``).
+    public struct PathTiming: Sendable {
+        /// How long ago the peer's TCP last acknowledged anything. An ACK proves the path works both ways even when
+        /// the peer's frames wait behind a queue (a slow line's bulk transfer).
+        public var sinceLastAck: TimeAmount
+        /// The retransmission timeout without its exponential backoff, and the smoothed round-trip time.
+        public var baseRTO: TimeAmount
+        public var rtt: TimeAmount
+
+        /// The shortest silence that may be called a lost path on this socket: three retransmission timeouts and a
+        /// round trip (on a 300-ms path a one-second blip must not count; on loopback this is well under 1.5 s).
+        public var shortestLoss: TimeAmount { baseRTO * 3 + rtt }
+    }
+
+    /// The path timing of a TCP channel's socket, read on its event loop; nil for other channels.
+    public static func pathTiming(_ channel: Channel) -> PathTiming? {
         #if os(Linux)
         guard let provider = channel as? SocketOptionProvider, channel.eventLoop.inEventLoop else { return nil }
-        var since: TimeAmount?
+        var timing: PathTiming?
         provider.unsafeGetSocketOption(level: .tcp, name: .tcp_info).whenSuccess { (info: LinuxTCPInfo) in
-            let ms = withUnsafeBytes(of: info.raw) {
-                $0.load(fromByteOffset: LinuxTCPInfo.lastAckReceivedOffset, as: UInt32.self)
+            timing = withUnsafeBytes(of: info.raw) { raw in
+                let ack = raw.load(fromByteOffset: LinuxTCPInfo.lastAckReceivedOffset, as: UInt32.self)
+                let backoff = min(raw.load(fromByteOffset: LinuxTCPInfo.backoffOffset, as: UInt8.self), 16)
+                let rto = raw.load(fromByteOffset: LinuxTCPInfo.rtoOffset, as: UInt32.self) >> backoff
+                let rtt = raw.load(fromByteOffset: LinuxTCPInfo.rttOffset, as: UInt32.self)
+                return PathTiming(
+                    sinceLastAck: .milliseconds(Int64(ack)), baseRTO: .microseconds(Int64(rto)),
+                    rtt: .microseconds(Int64(rtt)))
             }
-            since = .milliseconds(Int64(ms))
         }
-        return since
+        return timing
         #else
         return nil
         #endif

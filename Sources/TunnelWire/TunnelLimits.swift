@@ -27,9 +27,9 @@ public struct TunnelLimits: Sendable {
     /// (HTTP/2 stacks bound their outbound control frames the same way).
     public var maxUnreadReplies = 1024
     /// PINGs a peer may send: bursts of `pingBurst`, `pingsPerSecond` on average. Keepalive sends one every 3 s
-    /// (the server one every 5 s on a quiet tunnel), and the agent one every 300 ms while data moves (its fast
-    /// loss detection, ``Keepalive/Active``), besides at most 2 a second confirming ended streams; faster is a
-    /// protocol error that closes the connection.
+    /// (the server one every 5 s on a quiet tunnel), and the agent about 2 a second while data moves (its fast
+    /// loss detection, ``Keepalive/Active``, which also confirms ended streams); faster is a protocol error that
+    /// closes the connection. 8 leaves room; servers before it allowed 4, which the agent keeps to.
     public var pingBurst = 32
     public var pingsPerSecond = 8.0
     /// Below this rate (bytes/s) a busy tunnel is *paced*: its link, not its peer or the CPU, is the bottleneck, and

@@ -74,6 +74,7 @@ extension TunnelMux {
         guard context != nil, !lingering.isEmpty else { return }
         confirmPingsSent += 1
         lastConfirmPing = eventLoop.now
+        lastPingSent = lastConfirmPing
         // Flushed with the frames around it, not in a TLS record of its own.
         writeStreamFrame(.ping(.ping, opaque: Self.confirmingPing | confirmPingsSent, allocator: allocator))
     }

@@ -148,6 +148,24 @@ extension TunnelMux {
     /// Sends a PING.
     public func ping() {
         execute {
+            self.lastPingSent = self.eventLoop.now
+            self.writeFrame(.ping(.ping, opaque: UInt64(NIODeadline.now().uptimeNanoseconds), allocator: self.allocator), flush: true)
+        }
+    }
+
+    /// A keepalive PING while data moves: none when a PING of either kind went out within `skipWithin` (its PONG
+    /// proves the path as well), and the confirming PING of ended streams when one is due, so that the two kinds
+    /// together stay within the peer's PING rate (``TunnelLimits/pingsPerSecond``; 4 a second on older servers).
+    public func keepalivePing(skipWithin: TimeAmount) {
+        execute {
+            guard self.eventLoop.now - self.lastPingSent >= skipWithin else { return }
+            if !self.lingering.isEmpty, self.confirmPingsAnswered == self.confirmPingsSent {
+                self.confirmTimer?.cancel()
+                self.sendConfirmingPing()
+                self.scheduleFlush()
+                return
+            }
+            self.lastPingSent = self.eventLoop.now
             self.writeFrame(.ping(.ping, opaque: UInt64(NIODeadline.now().uptimeNanoseconds), allocator: self.allocator), flush: true)
         }
     }

@@ -127,6 +127,8 @@ public final class TunnelMux: ChannelInboundHandler {
     var confirmPingsSent: UInt64 = 0
     var confirmPingsAnswered: UInt64 = 0
     var lastConfirmPing = NIODeadline.uptimeNanoseconds(0)
+    /// When this side last sent a PING of either kind (``keepalivePing(skipWithin:)``).
+    var lastPingSent = NIODeadline.uptimeNanoseconds(0)
     var confirmTimer: Scheduled<Void>?
 
     public init(role: Role, eventLoop: EventLoop, limits: TunnelLimits = TunnelLimits()) {
