@@ -30,7 +30,7 @@ extension EdgeTunnelAgent {
         let loop = mux.eventLoop
         let bootstrap = ClientBootstrap(group: loop)
             .connectTimeout(configuration.dialTimeout)
-            .streamConnection(halfClosure: true)
+            .streamConnection(halfClosure: true, oneStream: true)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(

@@ -324,12 +324,11 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
                     tlsChannel.close(promise: nil)
                     return
                 }
-                // A caller that goes away resets the stream at once; closing the TLS side alone would wait for
-                // the kubelet's close_notify.
-                context.channel.closeFuture.whenComplete { _ in
-                    mux.cancelStream(streamID)
-                    streamChannel.close(promise: nil)
-                }
+                // A caller that goes away resets the stream at once (StreamDialer tied it to the caller, through
+                // whichever tunnel holds it after a resume); closing the TLS side alone would wait for the kubelet's
+                // close_notify. Not `mux` here: this hook lives as long as the caller, and would keep the opening
+                // tunnel, and its successors, alive.
+                context.channel.closeFuture.whenComplete { _ in streamChannel.close(promise: nil) }
                 do {
                     let (callerGlue, kubeletGlue) = RelayGlue.pair()
                     try tlsChannel.pipeline.syncOperations.addHandler(kubeletGlue)

@@ -55,6 +55,7 @@ extension TunnelServer {
         return try await ServerBootstrap(group: group)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
             .childChannelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
+            .childChannelOption(.maxMessagesPerRead, value: SocketTuning.streamSocketReads)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(gate.handler())

@@ -268,7 +268,7 @@ public final class TunnelServer: @unchecked Sendable {
         let probePace: @Sendable () -> TimeAmount = { core.replicaProbePace() }
         let secureGate = makeGate("secure")
         let tunnel = try await ServerBootstrap(group: group)
-            .streamListener(halfClosure: false)
+            .streamListener(halfClosure: false, oneStream: false)
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations

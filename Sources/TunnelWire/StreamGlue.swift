@@ -143,9 +143,10 @@ public final class StreamGlue: ChannelDuplexHandler {
     }
 
     /// Writes the bytes a read of the tunnel brought for this stream with one flush, and credits them back to
-    /// the peer once the socket took them all. While NIO still holds unsent bytes for the socket, the new bytes are
-    /// gathered into one buffer instead (``held``) and written when the socket drains: a peer sending one byte per
-    /// frame to a socket that does not read costs those bytes, not a buffer object and a pending write per byte.
+    /// the peer once the socket took them all. While NIO still holds unsent bytes for the socket, new small pieces are
+    /// gathered into one buffer instead (``held``) and written when the socket drains (or before the next large
+    /// piece): a peer sending one byte per frame to a socket that does not read costs those bytes, not a buffer
+    /// object and a pending write per byte.
     func deliverFromTunnel(_ buffers: [ByteBuffer]) {
         // Called for every tunnel read that carried this stream's bytes: on the socket's own loop (the usual
         // case) no closure is made for the hop.
@@ -156,9 +157,16 @@ public final class StreamGlue: ChannelDuplexHandler {
         guard let context, outputOpen else { return }
         var count = 0
         if uncredited > 0 || !context.channel.isWritable {
+            // A piece that is large and fills most of its buffer goes to NIO as it is (no copy: a bulk transfer to
+            // a socket that is full for a moment copies nothing); small pieces are gathered, in order.
+            var wrote = false
             for buffer in buffers {
                 count += buffer.readableBytes
-                if held == nil {
+                if buffer.readableBytes >= KeptBytes.smallPiece && !buffer.pinsMoreThanItCarries {
+                    writeHeld(context, flush: false)
+                    context.write(wrapOutboundOut(buffer), promise: nil)
+                    wrote = true
+                } else if held == nil {
                     held = buffer
                     held!.makeKept()
                 } else {
@@ -166,6 +174,7 @@ public final class StreamGlue: ChannelDuplexHandler {
                 }
             }
             uncredited += count  // credited once the socket took them: channelWritabilityChanged
+            if wrote { context.flush() }
             return
         }
         for buffer in buffers {
@@ -180,11 +189,16 @@ public final class StreamGlue: ChannelDuplexHandler {
         }
     }
 
-    /// Hands the gathered bytes to the channel (before the output is shut, or when the socket drained).
-    private func writeHeld(_ context: ChannelHandlerContext) {
+    /// Hands the gathered bytes to the channel (before the output is shut, before a large piece, or when the socket
+    /// drained).
+    private func writeHeld(_ context: ChannelHandlerContext, flush: Bool = true) {
         guard let bytes = held else { return }
         held = nil
-        context.writeAndFlush(wrapOutboundOut(bytes), promise: nil)
+        if flush {
+            context.writeAndFlush(wrapOutboundOut(bytes), promise: nil)
+        } else {
+            context.write(wrapOutboundOut(bytes), promise: nil)
+        }
     }
 
     func setPausedFromTunnel(_ paused: Bool) {

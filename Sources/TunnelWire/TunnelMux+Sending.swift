@@ -54,6 +54,7 @@ extension TunnelMux {
             send(Frame(type: .data, streamID: stream.id, payload: slice))
             wrote = true
             if pending.readableBytes > 0 {
+                pending.makeKept()  // the tail of a read may wait for credit: it must not pin the whole read
                 stream.pending = pending
                 if stream.send.available > 0 {
                     stream.queuedToSend = true
