@@ -192,3 +192,110 @@ class ClusterNetwork:
     def run(self, ns, *args, check=True, timeout=60):
         return subprocess.run(["ip", "netns", "exec", ns, *[str(a) for a in args]], capture_output=True, text=True,
                               check=check, timeout=timeout)
+
+
+class PoolsTopology:
+    """Two edge sites, one per edge node pool, and a cloud that serves them both (issue 26, item 5).
+
+        edge-a ── line A ──────┐
+           └───── inet ──── cloud      (inet: a masquerading router; cloud: 203.0.113.1, its public address)
+        edge-b ── inet ────────┘
+           └── line B (down until `provision_line_b`) ── cloud
+
+    cloud: the server. Its line ends are 10.242.1.1 (A) and 10.242.2.1 (B); 203.0.113.1 faces inet (a documentation
+           prefix, so that a lone public address reads as the internet, as a real one would). The server "pod" is
+           POD_IP (on lo: this kernel has no dummy links), behind the ClusterIP CLUSTER_IP made as kube-proxy makes one
+           in iptables mode: KUBE-SERVICES (PREROUTING and OUTPUT) → KUBE-SVC-* → KUBE-SEP-* DNAT to the pod, with no
+           masquerade, so the server sees a line's edge address as the agent's.
+    edge-a: site A, pool A's CIDR 10.242.1.0/24: 10.242.1.2 on line A (routes the Service range 10.96.0.0/12 over it),
+           10.242.1.6 towards inet (default route).
+    edge-b: site B, pool B's CIDR 10.242.2.0/24: 10.242.2.6 towards inet (default route), 10.242.2.2 on line B, whose
+           link is down and whose Service route is missing until `provision_line_b`: the ClusterIP is unreachable
+           from site B until then.
+    inet:  routes the sites' inet sides to the cloud's public address only (no route to the Service range) and
+           masquerades them as 203.0.113.2. New inbound connections to either edge are dropped: the cloud never
+           dials an edge.
+    """
+
+    CLUSTER_IP = "10.96.0.10"
+    SERVICE_RANGE = "10.96.0.0/12"
+    POD_IP = "10.244.0.5"
+    PUBLIC = "203.0.113.1"
+    MASQUERADED = "203.0.113.2"  # how the cloud sees either site's internet traffic
+    SITES = {"a": "10.242.1", "b": "10.242.2"}  # each site's /24: .1/.2 the line, .5/.6 towards inet
+
+    def __init__(self):
+        tag = uuid.uuid4().hex[:5]
+        self.tag = tag
+        self.cloud, self.inet = f"cloud{tag}", f"inet{tag}"
+        self.edges = {site: f"edge{site}{tag}" for site in self.SITES}
+        self.line_links = {site: f"p{site}{tag}" for site in self.SITES}  # the edge end of each site's line
+
+    def node_ip(self, site):
+        """The address a site's node claims (status.hostIP): its line address at A, its inet-side one at B."""
+        return f"{self.SITES[site]}.2" if site == "a" else f"{self.SITES[site]}.6"
+
+    def __enter__(self):
+        require_netns()
+        t = self.tag
+        try:
+            for ns in (self.cloud, self.inet, *self.edges.values()):
+                sh("ip", "netns", "add", ns)
+                sh("ip", "-n", ns, "link", "set", "lo", "up")
+            links = [(self.inet, f"ro{t}", f"{self.MASQUERADED}/30", self.cloud, f"ic{t}", f"{self.PUBLIC}/30")]
+            for site, net in self.SITES.items():
+                edge = self.edges[site]
+                links.append((self.cloud, f"l{site}{t}", f"{net}.1/30", edge, f"p{site}{t}", f"{net}.2/30"))
+                links.append((self.inet, f"r{site}{t}", f"{net}.5/30", edge, f"i{site}{t}", f"{net}.6/30"))
+            for ns_a, dev_a, ip_a, ns_b, dev_b, ip_b in links:
+                sh("ip", "link", "add", dev_a, "netns", ns_a, "type", "veth", "peer", "name", dev_b, "netns", ns_b)
+                sh("ip", "-n", ns_a, "addr", "add", ip_a, "dev", dev_a)
+                sh("ip", "-n", ns_b, "addr", "add", ip_b, "dev", dev_b)
+                sh("ip", "-n", ns_a, "link", "set", dev_a, "up")
+                if dev_b != f"pb{t}":  # line B is not provisioned yet
+                    sh("ip", "-n", ns_b, "link", "set", dev_b, "up")
+            for site, net in self.SITES.items():
+                edge = self.edges[site]
+                sh("ip", "-n", edge, "route", "add", "default", "via", f"{net}.5")
+                for dev in (f"p{site}{t}", f"i{site}{t}"):
+                    sh("ip", "netns", "exec", edge, "iptables", "-w", "-A", "INPUT", "-i", dev, "-m", "conntrack",
+                       "--ctstate", "NEW", "-j", "DROP")
+            sh("ip", "-n", self.edges["a"], "route", "add", self.SERVICE_RANGE, "via", f"{self.SITES['a']}.1")
+            sh("ip", "netns", "exec", self.inet, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            sh("ip", "netns", "exec", self.inet, "iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-o", f"ro{t}",
+               "-j", "MASQUERADE")
+            sh("ip", "-n", self.cloud, "addr", "add", f"{self.POD_IP}/32", "dev", "lo")
+            rules = ["*nat", ":KUBE-SERVICES - [0:0]", ":KUBE-SVC-LINE - [0:0]", ":KUBE-SEP-POD - [0:0]",
+                     "-A PREROUTING -m comment --comment kubernetes-service-portals -j KUBE-SERVICES",
+                     "-A OUTPUT -m comment --comment kubernetes-service-portals -j KUBE-SERVICES",
+                     f"-A KUBE-SERVICES -d {self.CLUSTER_IP}/32 -p tcp --dport 10262 -j KUBE-SVC-LINE",
+                     "-A KUBE-SVC-LINE -j KUBE-SEP-POD",
+                     f"-A KUBE-SEP-POD -p tcp -j DNAT --to-destination {self.POD_IP}:10262", "COMMIT"]
+            subprocess.run(["ip", "netns", "exec", self.cloud, "iptables-restore", "-w", "--noflush"],
+                           input="\n".join(rules) + "\n", capture_output=True, text=True, check=True, timeout=60)
+        except Exception:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for ns in (self.cloud, self.inet, *self.edges.values()):
+            sh("ip", "netns", "del", ns, check=False)
+
+    def run(self, ns, *args, check=True, timeout=60):
+        return subprocess.run(["ip", "netns", "exec", ns, *[str(a) for a in args]], capture_output=True, text=True,
+                              check=check, timeout=timeout)
+
+    def provision_line_b(self):
+        """Site B gets its line: the link up and the Service range routed over it."""
+        sh("ip", "-n", self.edges["b"], "link", "set", self.line_links["b"], "up")
+        sh("ip", "-n", self.edges["b"], "route", "add", self.SERVICE_RANGE, "via", f"{self.SITES['b']}.1")
+
+    def drop_line(self, site, on):
+        """iptables DROP both ways at the site's end of its line (the link stays up)."""
+        action, dev = ("-I" if on else "-D"), self.line_links[site]
+        self.run(self.edges[site], "iptables", "-w", action, "INPUT", "-i", dev, "-j", "DROP")
+        self.run(self.edges[site], "iptables", "-w", action, "OUTPUT", "-o", dev, "-j", "DROP")
+
+    def cut_line(self, site):
+        sh("ip", "-n", self.edges[site], "link", "set", self.line_links[site], "down")
