@@ -28,8 +28,11 @@ public enum KeptBytes {
         _ piece: ByteBuffer, to list: inout List
     ) where List.Element == ByteBuffer {
         var piece = piece
-        if piece.readableBytes <= smallPiece, let last = list.last,
-            last.readableBytes + piece.readableBytes <= gatherLimit
+        // Only the count of the last buffer is looked at: a copy of the buffer itself, alive during the write below,
+        // would make the write copy the whole gathered buffer every time (a copy of up to 64 KiB per small piece,
+        // which the benchmark showed as a third fewer 1 KiB requests a second).
+        if piece.readableBytes <= smallPiece, let lastCount = list.last?.readableBytes,
+            lastCount + piece.readableBytes <= gatherLimit
         {
             // Taken out so that the write appends in place (an element still in the list would be copied whole).
             var gathered = list.removeLast()
