@@ -53,12 +53,8 @@ public struct KubeWatch: Sendable {
                 var version = try await list(onChange)
                 while !Task.isCancelled {
                     guard let next = try await watch(from: version, backoff: backoff, onChange) else {
-                        // The first 410 relists within a second; 410 after 410 with no event between (an API server
-                        // or proxy that answers every watch so) backs off like a failure, not a relist loop.
-                        let ceiling = backoff.gone()
-                        logger.info("the watch of \(what) lost its version (410 Gone): listing again within \(ceiling) ms")
-                        let floor = ceiling <= WatchBackoff.first ? ceiling / 10 : ceiling / 2
-                        await pause(UInt64(Int.random(in: floor...ceiling)) * 1_000_000)
+                        logger.info("the watch of \(what) lost its version (410 Gone): listing again")
+                        await pause(UInt64.random(in: 100_000_000...1_000_000_000))
                         break
                     }
                     version = next
@@ -172,21 +168,7 @@ final class WatchBackoff: @unchecked Sendable {
 
     /// The API server answered: the next failure waits the shortest time again.
     func succeeded() {
-        lock.withLock {
-            failures = 0
-            gones = 0
-        }
-    }
-
-    private var gones = 0
-
-    /// Counts a 410 Gone; returns the longest wait before listing again, in milliseconds: 1 s for the first since the
-    /// last event, then doubling like a failure up to 30 s.
-    func gone() -> Int {
-        lock.withLock { () -> Int in
-            gones += 1
-            return min(Self.ceiling, Self.first << min(gones - 1, 5))
-        }
+        lock.withLock { failures = 0 }
     }
 }
 

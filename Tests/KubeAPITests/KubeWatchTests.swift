@@ -136,17 +136,6 @@ final class ScriptedWatchAPI: KubeWatchTransport, @unchecked Sendable {
         for (wait, range) in zip(waits, expected) { #expect(range.contains(wait), "waits \(waits)") }
     }
 
-    /// An API server (or a proxy) that answers every watch with 410 made the client relist every 0.1-1 s without end
-    /// (hostile review of issue 25's watch backoff).
-    @Test func a410AfterA410WithNoEventBetweenBacksOff() async throws {
-        let api = ScriptedWatchAPI(watches: [[Self.gone], [Self.gone], [Self.gone], [Self.gone]], pausesWanted: 4)
-        let waits = try await takenWaits(api)
-        #expect(api.calls == Array([[String]](repeating: ["list", "watch", "pause"], count: 4).joined()))
-        let expected: [ClosedRange<Double>] = [0.1...1, 1...2, 2...4, 4...8]
-        #expect(waits.count == expected.count)
-        for (wait, range) in zip(waits, expected) { #expect(range.contains(wait), "waits \(waits)") }
-    }
-
     @Test func theBackoffDoublesUpToThirtySecondsAndASuccessStartsItOver() {
         let backoff = WatchBackoff()
         #expect((0..<7).map { _ in backoff.failed() } == [1_000, 2_000, 4_000, 8_000, 16_000, 30_000, 30_000])
