@@ -280,6 +280,10 @@ def test_no_lease_write_is_rejected_by_validation(lab):
                                      "metadata": {"name": "probe"}, "spec": spec})
         assert refused.value.code == expected
         assert json.loads(refused.value.read())["kind"] == "Status"
+    # The stand-in writes a request's timeline row after its answer: wait for the probes' rows, so that they are
+    # older than `started` (once a probe's row came after it and counted as a replica's refused write).
+    wait_until(lambda: sum(1 for _, method, url, c, _, _ in lab.timeline() if method == "POST" and c in (400, 422)) >= 2,
+               5, "the probes' rows in the timeline")
     started = time.time()
     for index in range(3):
         lab.start_server(index)
