@@ -232,8 +232,12 @@ def test_a_refusal_storm_slows_the_client_to_the_retry_after_and_it_is_back_at_o
         assert not early, (at, early)
     assert len(refused) <= 2 * (storm / retry_after + 1), refused  # at most one per Retry-After per follower
     last = max(at for at, *_ in refused)
-    for at in back:
-        assert at - max(last + retry_after, ended) < 2, (back, last, ended)
+    # The Leases' list is back within 2 s of the last Retry-After; the renewal within its own 5-s interval of it
+    # (a renewal refused near the storm's end may wait for its next turn; twice in clean-clone runs it came 5.1 s
+    # after): a few seconds, never the backoff's 30-s ceiling.
+    renewal, listed = back
+    assert listed - max(last + retry_after, ended) < 2, (back, last, ended)
+    assert renewal - max(last + retry_after, ended) < 5 + 2, (back, last, ended)
     assert server.alive() and lab.replicas(0) == 1
 
 
