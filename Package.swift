@@ -41,17 +41,32 @@ let networking: [Target.Dependency] = [
 // (.build-fuzz): the flags differ from the normal build's.
 let fuzzing = Context.environment["EDGETUNNEL_FUZZ"] != nil
 let fuzzFlags: [SwiftSetting] = fuzzing ? [.unsafeFlags(["-sanitize=fuzzer"])] : []
-let fuzzTargets: [Target] = !fuzzing ? [] : [
-    ("FuzzWire", ["TunnelWire", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio")]),
-    ("FuzzRequestHead", ["TunnelServer", "TunnelWire", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOEmbedded", package: "swift-nio"), .product(name: "NIOHTTP1", package: "swift-nio")]),
-    ("FuzzConfig", ["TunnelServer", "EdgePlan"]),
-    ("FuzzSecurityGroup", ["EdgePlan", "TunnelPKI"]),
-    ("FuzzJoin", ["TunnelPKI", "TunnelWire", .product(name: "NIOCore", package: "swift-nio")]),
-].map { (name: String, dependencies: [Target.Dependency]) in
-    .executableTarget(
-        name: name, dependencies: ["FuzzSupport"] + dependencies, path: "Fuzz/\(name)",
-        swiftSettings: swift5 + fuzzFlags, linkerSettings: [.unsafeFlags(["-sanitize=fuzzer", "-use-ld=lld"])])
-} + [.target(name: "FuzzSupport", path: "Fuzz/FuzzSupport")]
+let fuzzTargets: [Target] =
+    !fuzzing
+    ? []
+    : [
+        (
+            "FuzzWire",
+            [
+                "TunnelWire", .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ]
+        ),
+        (
+            "FuzzRequestHead",
+            [
+                "TunnelServer", "TunnelWire", .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"), .product(name: "NIOHTTP1", package: "swift-nio"),
+            ]
+        ),
+        ("FuzzConfig", ["TunnelServer", "EdgePlan"]),
+        ("FuzzSecurityGroup", ["EdgePlan", "TunnelPKI"]),
+        ("FuzzJoin", ["TunnelPKI", "TunnelWire", .product(name: "NIOCore", package: "swift-nio")]),
+    ].map { (name: String, dependencies: [Target.Dependency]) in
+        .executableTarget(
+            name: name, dependencies: ["FuzzSupport"] + dependencies, path: "Fuzz/\(name)",
+            swiftSettings: swift5 + fuzzFlags, linkerSettings: [.unsafeFlags(["-sanitize=fuzzer", "-use-ld=lld"])])
+    } + [.target(name: "FuzzSupport", path: "Fuzz/FuzzSupport")]
 
 let package = Package(
     name: "EdgeTunnel",
@@ -122,7 +137,8 @@ let package = Package(
         ),
         .target(
             name: "KubeAPI",
-            dependencies: ["TunnelSupport", "TunnelPKI", .product(name: "Crypto", package: "swift-crypto")] + networking,
+            dependencies: ["TunnelSupport", "TunnelPKI", .product(name: "Crypto", package: "swift-crypto")]
+                + networking,
             swiftSettings: swift5
         ),
         .target(

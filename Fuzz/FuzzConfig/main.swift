@@ -1,5 +1,5 @@
-import FuzzSupport
 import EdgePlan
+import FuzzSupport
 import TunnelServer
 
 /// libFuzzer target: arbitrary text as the server's YAML config file, a plan input file and a Service

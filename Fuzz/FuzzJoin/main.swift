@@ -1,5 +1,5 @@
-import FuzzSupport
 import Foundation
+import FuzzSupport
 import NIOCore
 import TunnelPKI
 import TunnelWire
@@ -8,10 +8,13 @@ import TunnelWire
 /// answering: decode the request, check the token against a stored one, the node name, the node IPs against
 /// the token's networks, and sign the CSR.
 let authority = try! CertificateAuthority.create()
-let stored = try! JSONDecoder.iso8601.decode(StoredToken.self, from: Data("""
-    {"id": "abcdef", "secretHash": "sha256:00", "created": "2026-01-01T00:00:00Z",
-     "nodes": ["edge-*"], "nodeCIDRs": ["10.0.0.0/8", "fd00::/8"]}
-    """.utf8))
+let stored = try! JSONDecoder.iso8601.decode(
+    StoredToken.self,
+    from: Data(
+        """
+        {"id": "abcdef", "secretHash": "sha256:00", "created": "2026-01-01T00:00:00Z",
+         "nodes": ["edge-*"], "nodeCIDRs": ["10.0.0.0/8", "fd00::/8"]}
+        """.utf8))
 
 extension JSONDecoder {
     static var iso8601: JSONDecoder {
@@ -31,8 +34,9 @@ public func fuzzJoin(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     _ = stored.allows(node: request.nodeName)
     _ = try? stored.checkNodeIPs(ips)
     _ = try? StoredToken.validateNodePattern(request.nodeName)
-    precondition(Refused(reason: "join refused: \(PeerText.bounded(request.nodeName))").frame().payload.readableBytes
-        < Frame.maxUnregisteredPayload)
+    precondition(
+        Refused(reason: "join refused: \(PeerText.bounded(request.nodeName))").frame().payload.readableBytes
+            < Frame.maxUnregisteredPayload)
     _ = try? authority.signNodeCSR(request.csrPEM, nodeName: request.nodeName, ips: ips)
     return 0
 }

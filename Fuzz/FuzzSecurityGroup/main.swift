@@ -1,6 +1,6 @@
-import FuzzSupport
 import EdgePlan
 import Foundation
+import FuzzSupport
 import TunnelPKI
 
 /// libFuzzer target: arbitrary bytes as a DescribeSecurityGroupAttribute export, read and evaluated for UDP
@@ -9,7 +9,9 @@ let edges = [try! CIDR(parsing: "10.240.0.0/16"), try! CIDR(parsing: "fd00::/8")
 
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzzSecurityGroup(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
-    guard let group = try? SecurityGroupExport.load(path: "sg.json", data: Data(bytes: data, count: size)) else { return 0 }
+    guard let group = try? SecurityGroupExport.load(path: "sg.json", data: Data(bytes: data, count: size)) else {
+        return 0
+    }
     for edge in edges {
         _ = SecurityGroupVerdict.evaluate(group, protocol: "udp", port: 8472, from: edge)
     }

@@ -116,7 +116,9 @@ func suspendedTunnel(role: TunnelMux.Role, limits: TunnelLimits, loop: EmbeddedE
             mux.acceptStream(id)
         }
         let socket = EmbeddedChannel(loop: loop)
-        guard (try? socket.pipeline.syncOperations.addHandler(StreamGlue(mux: mux, streamID: id, eventLoop: loop))) != nil,
+        guard
+            (try? socket.pipeline.syncOperations.addHandler(StreamGlue(mux: mux, streamID: id, eventLoop: loop)))
+                != nil,
             (try? socket.connect(to: .init(ipAddress: "127.0.0.1", port: 2)).wait()) != nil
         else { return nil }
         loop.run()

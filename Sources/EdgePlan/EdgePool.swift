@@ -55,7 +55,8 @@ public struct EdgePool: Codable, Sendable, Equatable {
             PlanError("invalid --pool \"\(flag.prefix(200))\": \(pool.isEmpty ? "" : "pool \(pool): ")\(message)")
         }
         guard head.count == 2 else {
-            throw fail("", "expected NAME=express-connect or NAME=internet first, then cidr=, selector= or selector-style=")
+            throw fail(
+                "", "expected NAME=express-connect or NAME=internet first, then cidr=, selector= or selector-style=")
         }
         let name = head[0]
         var builder = Builder(name: name, fail: { fail(name, $0) })
@@ -63,12 +64,17 @@ public struct EdgePool: Codable, Sendable, Equatable {
         try builder.setConnectivity(head[1], key: "connectivity")
         for item in items.dropFirst() {
             let pair = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
-            guard pair.count == 2 else { throw fail(name, "\"\(item.prefix(100))\" is not key=value (keys: cidr, selector, selector-style)") }
+            guard pair.count == 2 else {
+                throw fail(name, "\"\(item.prefix(100))\" is not key=value (keys: cidr, selector, selector-style)")
+            }
             switch pair[0] {
             case "cidr": try builder.addCIDR(pair[1], key: "cidr")
             case "selector":
-                let selector = pair[1].split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(String.init)
-                guard selector.count == 2 else { throw fail(name, "selector \"\(pair[1].prefix(100))\" is not KEY=VALUE") }
+                let selector = pair[1].split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false).map(
+                    String.init)
+                guard selector.count == 2 else {
+                    throw fail(name, "selector \"\(pair[1].prefix(100))\" is not KEY=VALUE")
+                }
                 try builder.addSelector(selector[0], selector[1], key: "selector")
             case "selector-style": try builder.setStyle(pair[1], key: "selector-style")
             default:
@@ -82,7 +88,8 @@ public struct EdgePool: Codable, Sendable, Equatable {
     static func parse(yaml node: Node, index: Int) throws -> EdgePool {
         let place = "pools[\(index)]"
         guard case .mapping(let mapping) = node else {
-            throw PlanError("\(place): expected a mapping with name, connectivity, cidrs and nodeSelector or selectorStyle")
+            throw PlanError(
+                "\(place): expected a mapping with name, connectivity, cidrs and nodeSelector or selectorStyle")
         }
         var fields: [String: Node] = [:]
         for (key, value) in mapping {
@@ -94,8 +101,11 @@ public struct EdgePool: Codable, Sendable, Equatable {
         let label = "\(place) (pool \(name.prefix(64)))"
         var builder = Builder(name: name, fail: { PlanError("\(label): \($0)") })
         try builder.setName(name)
-        for key in fields.keys.sorted() where !["name", "connectivity", "cidrs", "nodeSelector", "selectorStyle"].contains(key) {
-            throw PlanError("\(label): unknown key \"\(key.prefix(40))\" (keys: name, connectivity, cidrs, nodeSelector, selectorStyle)")
+        for key in fields.keys.sorted()
+        where !["name", "connectivity", "cidrs", "nodeSelector", "selectorStyle"].contains(key) {
+            throw PlanError(
+                "\(label): unknown key \"\(key.prefix(40))\" (keys: name, connectivity, cidrs, nodeSelector, selectorStyle)"
+            )
         }
         guard let connectivity = fields["connectivity"] else { throw PlanError("\(label): connectivity is missing") }
         guard let text = connectivity.scalar?.string else { throw PlanError("\(label): connectivity must be a string") }
@@ -112,7 +122,9 @@ public struct EdgePool: Codable, Sendable, Equatable {
         }
         if let selector = fields["nodeSelector"] {
             guard case .mapping(let pairs) = selector, !pairs.isEmpty else {
-                throw PlanError("\(label): nodeSelector must be a mapping of labels, e.g. {apps.openyurt.io/nodepool: \(name.prefix(64))}")
+                throw PlanError(
+                    "\(label): nodeSelector must be a mapping of labels, e.g. {apps.openyurt.io/nodepool: \(name.prefix(64))}"
+                )
             }
             for (key, value) in pairs {
                 guard let key = key.scalar?.string, let value = value.scalar?.string else {
@@ -122,7 +134,9 @@ public struct EdgePool: Codable, Sendable, Equatable {
             }
         }
         if let style = fields["selectorStyle"] {
-            guard let text = style.scalar?.string else { throw PlanError("\(label): selectorStyle must be openyurt or ack") }
+            guard let text = style.scalar?.string else {
+                throw PlanError("\(label): selectorStyle must be openyurt or ack")
+            }
             try builder.setStyle(text, key: "selectorStyle")
         }
         return try builder.pool()
@@ -134,10 +148,13 @@ public struct EdgePool: Codable, Sendable, Equatable {
         var names: Set<String> = []
         var selectors: [String: String] = [:]
         for pool in pools {
-            guard names.insert(pool.name).inserted else { throw PlanError("pool \(pool.name): the name is given twice") }
+            guard names.insert(pool.name).inserted else {
+                throw PlanError("pool \(pool.name): the name is given twice")
+            }
             if let other = selectors[pool.selectorText] {
-                throw PlanError("pools \(other) and \(pool.name) have the same node selector \(pool.selectorText): "
-                    + "a node belongs to one pool, and one agent runs on it")
+                throw PlanError(
+                    "pools \(other) and \(pool.name) have the same node selector \(pool.selectorText): "
+                        + "a node belongs to one pool, and one agent runs on it")
             }
             selectors[pool.selectorText] = pool.name
         }
@@ -161,14 +178,17 @@ public struct EdgePool: Codable, Sendable, Equatable {
 
         mutating func setName(_ name: String) throws {
             guard EdgePool.isValidName(name) else {
-                throw fail("name \"\(name.prefix(64))\" must be a DNS label: lower-case letters, digits and '-', "
-                    + "starting and ending with a letter or digit, at most \(EdgePool.maxNameLength) characters")
+                throw fail(
+                    "name \"\(name.prefix(64))\" must be a DNS label: lower-case letters, digits and '-', "
+                        + "starting and ending with a letter or digit, at most \(EdgePool.maxNameLength) characters")
             }
         }
 
         mutating func setConnectivity(_ text: String, key: String? = nil) throws {
             guard let value = Connectivity(rawValue: text.lowercased()) else {
-                throw fail("\(key.map { "\($0) " } ?? "")\"\(text.prefix(40))\" is not a connectivity: use express-connect or internet")
+                throw fail(
+                    "\(key.map { "\($0) " } ?? "")\"\(text.prefix(40))\" is not a connectivity: use express-connect or internet"
+                )
             }
             connectivity = value
         }
@@ -183,11 +203,14 @@ public struct EdgePool: Codable, Sendable, Equatable {
 
         mutating func addSelector(_ label: String, _ value: String, key: String) throws {
             guard Labels.isValidKey(label) else {
-                throw fail("\(key) label key \"\(label.prefix(80))\" is not a Kubernetes label key (e.g. apps.openyurt.io/nodepool)")
+                throw fail(
+                    "\(key) label key \"\(label.prefix(80))\" is not a Kubernetes label key (e.g. apps.openyurt.io/nodepool)"
+                )
             }
             guard Labels.isValidValue(value) else {
-                throw fail("\(key) value \"\(value.prefix(80))\" of \(label) is not a Kubernetes label value "
-                    + "(at most 63 letters, digits, '-', '_', '.', starting and ending alphanumeric)")
+                throw fail(
+                    "\(key) value \"\(value.prefix(80))\" of \(label) is not a Kubernetes label value "
+                        + "(at most 63 letters, digits, '-', '_', '.', starting and ending alphanumeric)")
             }
             guard selector[label] == nil else { throw fail("\(key) \(label) is given twice") }
             if let styleKey { throw fail("\(key) and \(styleKey) both given: choose one") }
@@ -239,6 +262,8 @@ enum Labels {
                 || (b >= UInt8(ascii: "0") && b <= UInt8(ascii: "9"))
         }
         guard alphanumeric(bytes[0]), alphanumeric(bytes[bytes.count - 1]) else { return false }
-        return bytes.allSatisfy { alphanumeric($0) || $0 == UInt8(ascii: "-") || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: ".") }
+        return bytes.allSatisfy {
+            alphanumeric($0) || $0 == UInt8(ascii: "-") || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: ".")
+        }
     }
 }

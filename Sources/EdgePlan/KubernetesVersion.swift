@@ -1,3 +1,5 @@
+import Foundation
+
 /// A Kubernetes version as clusters report it: `1.20.11`, `v1.22.15`, `v1.20.11-aliyun.1` (the suffix is
 /// ignored: `v1.20.11-aliyun.1` is 1.20.11).
 public struct KubernetesVersion: Comparable, Hashable, Sendable, CustomStringConvertible, Codable {
@@ -17,12 +19,14 @@ public struct KubernetesVersion: Comparable, Hashable, Sendable, CustomStringCon
         if let suffix = core.firstIndex(where: { $0 == "-" || $0 == "+" }) { core = core[..<suffix] }
         let parts = core.split(separator: ".", omittingEmptySubsequences: false)
         guard (2...3).contains(parts.count),
-            let numbers = Optional(parts.compactMap { part -> Int? in
-                guard !part.isEmpty, part.allSatisfy(\.isASCII), part.allSatisfy(\.isNumber) else { return nil }
-                return Int(part)
-            }), numbers.count == parts.count
+            let numbers = Optional(
+                parts.compactMap { part -> Int? in
+                    guard !part.isEmpty, part.allSatisfy(\.isASCII), part.allSatisfy(\.isNumber) else { return nil }
+                    return Int(part)
+                }), numbers.count == parts.count
         else {
-            throw PlanError("malformed Kubernetes version \"\(text)\": expected X.Y.Z such as 1.22.15 or v1.20.11-aliyun.1")
+            throw PlanError(
+                "malformed Kubernetes version \"\(text)\": expected X.Y.Z such as 1.22.15 or v1.20.11-aliyun.1")
         }
         self.init(numbers[0], numbers[1], numbers.count == 3 ? numbers[2] : 0)
     }
@@ -42,5 +46,3 @@ public struct KubernetesVersion: Comparable, Hashable, Sendable, CustomStringCon
         try container.encode(description)
     }
 }
-
-import Foundation

@@ -61,7 +61,8 @@ public enum Manifests {
         let agentLabels: Node = map([("k8s-app", s("edge-tunnel-agent"))])
         // The replicas count each other by their Leases; serverCount is the count until the first list.
         // and the serving certificate names the Service's addresses as they change (LoadBalancer -> ClusterIP).
-        var serverConfig = "pkiDir: /var/lib/edge-tunnel-server/\(o.joinStateClaim == nil ? "state" : "pki")\n"
+        var serverConfig =
+            "pkiDir: /var/lib/edge-tunnel-server/\(o.joinStateClaim == nil ? "state" : "pki")\n"
             + "caDir: /etc/edge-tunnel/ca\nstateDir: /var/lib/edge-tunnel-server/state\n"
             + "serverCount: \(o.replicas)\nleaseNamespace: \(ns)\n"
             + "addressService: \(ns)/x-tunnel-server-svc,\(ns)/x-tunnel-server-internal-svc"
@@ -71,91 +72,205 @@ public enum Manifests {
         let (certIPs, certDNSNames) = o.certificateNames
         if !certIPs.isEmpty { serverConfig += "certIPs: [\(certIPs.joined(separator: ", "))]\n" }
         if !certDNSNames.isEmpty { serverConfig += "certDNSNames: [\(certDNSNames.joined(separator: ", "))]\n" }
-        let addresses = o.serverAddresses.isEmpty
+        let addresses =
+            o.serverAddresses.isEmpty
             ? ["x-tunnel-server-svc.\(ns).svc:10262"] : o.serverAddresses
 
         // With pools every pool has its own ConfigMap of addresses (Manifests+Pools.swift).
-        var configData: [(String, Node)] = o.pools.isEmpty ? [("server-addresses", s(addresses.joined(separator: ",")))] : []
+        var configData: [(String, Node)] =
+            o.pools.isEmpty ? [("server-addresses", s(addresses.joined(separator: ",")))] : []
         configData.append(("server.yaml", s(serverConfig)))
         if let hash = o.caCertHash { configData.append(("ca-cert-hash", s(hash))) }
 
         let serviceAccountServer = object("v1", "ServiceAccount", "edge-tunnel-server", ns, labels: serverLabels)
         let serviceAccountAgent = object("v1", "ServiceAccount", "edge-tunnel-agent", ns, labels: agentLabels)
-        let role = object("rbac.authorization.k8s.io/v1", "Role", "edge-tunnel-server", ns, labels: serverLabels, extra: [
-            ("rules", .sequence([
-                // Exactly what the server's Kubernetes client uses: each replica's Lease and the count of all, and
-                // the Service whose addresses the serving certificate names.
-                map([("apiGroups", seq([s("coordination.k8s.io")])), ("resources", seq([s("leases")])),
-                     ("verbs", seq([s("get"), s("list"), s("watch"), s("create"), s("update"), s("delete")]))]),
-                map([("apiGroups", seq([s("")])), ("resources", seq([s("services")])), ("verbs", seq([s("list"), s("watch")]))]),
-            ])),
-        ])
-        let binding = object("rbac.authorization.k8s.io/v1", "RoleBinding", "edge-tunnel-server", ns, labels: serverLabels, extra: [
-            ("roleRef", map([("apiGroup", s("rbac.authorization.k8s.io")), ("kind", s("Role")), ("name", s("edge-tunnel-server"))])),
-            ("subjects", seq([map([("kind", s("ServiceAccount")), ("name", s("edge-tunnel-server")), ("namespace", s(ns))])])),
-        ])
+        let role = object(
+            "rbac.authorization.k8s.io/v1", "Role", "edge-tunnel-server", ns, labels: serverLabels,
+            extra: [
+                (
+                    "rules",
+                    .sequence([
+                        // Exactly what the server's Kubernetes client uses: each replica's Lease and the count of all, and
+                        // the Service whose addresses the serving certificate names.
+                        map([
+                            ("apiGroups", seq([s("coordination.k8s.io")])), ("resources", seq([s("leases")])),
+                            ("verbs", seq([s("get"), s("list"), s("watch"), s("create"), s("update"), s("delete")])),
+                        ]),
+                        map([
+                            ("apiGroups", seq([s("")])), ("resources", seq([s("services")])),
+                            ("verbs", seq([s("list"), s("watch")])),
+                        ]),
+                    ])
+                )
+            ])
+        let binding = object(
+            "rbac.authorization.k8s.io/v1", "RoleBinding", "edge-tunnel-server", ns, labels: serverLabels,
+            extra: [
+                (
+                    "roleRef",
+                    map([
+                        ("apiGroup", s("rbac.authorization.k8s.io")), ("kind", s("Role")),
+                        ("name", s("edge-tunnel-server")),
+                    ])
+                ),
+                (
+                    "subjects",
+                    seq([map([("kind", s("ServiceAccount")), ("name", s("edge-tunnel-server")), ("namespace", s(ns))])])
+                ),
+            ])
         // The join state: ConfigMaps in a namespace of their own (every verb the server and `edgetunnel token|node`
         // inside its pod use), so that the server can change no other ConfigMap.
-        let joinStateObjects: [Node] = o.joinStateClaim != nil ? [] : [
-            clusterObject("v1", "Namespace", o.joinStateNamespace, labels: serverLabels, extra: []),
-            object("rbac.authorization.k8s.io/v1", "Role", "edge-tunnel-join-state", o.joinStateNamespace, labels: serverLabels, extra: [
-                ("rules", .sequence([
-                    map([("apiGroups", seq([s("")])), ("resources", seq([s("configmaps")])),
-                         ("verbs", seq([s("get"), s("list"), s("watch"), s("create"), s("update"), s("delete")]))]),
-                ])),
-            ]),
-            object("rbac.authorization.k8s.io/v1", "RoleBinding", "edge-tunnel-join-state", o.joinStateNamespace, labels: serverLabels, extra: [
-                ("roleRef", map([("apiGroup", s("rbac.authorization.k8s.io")), ("kind", s("Role")), ("name", s("edge-tunnel-join-state"))])),
-                ("subjects", seq([map([("kind", s("ServiceAccount")), ("name", s("edge-tunnel-server")), ("namespace", s(ns))])])),
-            ]),
-        ]
+        let joinStateObjects: [Node] =
+            o.joinStateClaim != nil
+            ? []
+            : [
+                clusterObject("v1", "Namespace", o.joinStateNamespace, labels: serverLabels, extra: []),
+                object(
+                    "rbac.authorization.k8s.io/v1", "Role", "edge-tunnel-join-state", o.joinStateNamespace,
+                    labels: serverLabels,
+                    extra: [
+                        (
+                            "rules",
+                            .sequence([
+                                map([
+                                    ("apiGroups", seq([s("")])), ("resources", seq([s("configmaps")])),
+                                    (
+                                        "verbs",
+                                        seq([s("get"), s("list"), s("watch"), s("create"), s("update"), s("delete")])
+                                    ),
+                                ])
+                            ])
+                        )
+                    ]),
+                object(
+                    "rbac.authorization.k8s.io/v1", "RoleBinding", "edge-tunnel-join-state", o.joinStateNamespace,
+                    labels: serverLabels,
+                    extra: [
+                        (
+                            "roleRef",
+                            map([
+                                ("apiGroup", s("rbac.authorization.k8s.io")), ("kind", s("Role")),
+                                ("name", s("edge-tunnel-join-state")),
+                            ])
+                        ),
+                        (
+                            "subjects",
+                            seq([
+                                map([
+                                    ("kind", s("ServiceAccount")), ("name", s("edge-tunnel-server")),
+                                    ("namespace", s(ns)),
+                                ])
+                            ])
+                        ),
+                    ]),
+            ]
         // Nodes are cluster-scoped: agents register only as existing Nodes with their Nodes' addresses.
-        let clusterRole = clusterObject("rbac.authorization.k8s.io/v1", "ClusterRole", "edge-tunnel-server", labels: serverLabels, extra: [
-            ("rules", .sequence([
-                map([("apiGroups", seq([s("")])), ("resources", seq([s("nodes")])), ("verbs", seq([s("list"), s("watch")]))]),
-            ])),
-        ])
-        let clusterBinding = clusterObject("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", "edge-tunnel-server", labels: serverLabels, extra: [
-            ("roleRef", map([("apiGroup", s("rbac.authorization.k8s.io")), ("kind", s("ClusterRole")), ("name", s("edge-tunnel-server"))])),
-            ("subjects", seq([map([("kind", s("ServiceAccount")), ("name", s("edge-tunnel-server")), ("namespace", s(ns))])])),
-        ])
-        let configMap = object("v1", "ConfigMap", "edge-tunnel-config", ns, labels: serverLabels, extra: [
-            ("data", map(configData)),
-        ])
-        let service = object("v1", "Service", "x-tunnel-server-svc", ns, labels: map([("name", s("edge-tunnel-server"))]), extra: [
-            ("spec", map([
-                ("type", s(o.serviceMode == .internet ? "LoadBalancer" : "ClusterIP")),
-                ("selector", serverLabels),
-                ("ports", seq([
-                    map([("name", s("https")), ("port", n(10263)), ("protocol", s("TCP")), ("targetPort", n(10263))]),
-                    map([("name", s("tcp")), ("port", n(10262)), ("protocol", s("TCP")), ("targetPort", n(10262))]),
-                ])),
-                ("sessionAffinity", s("None")),
-                // Agents must reach a replica before it is ready: it becomes ready once they hold tunnels to it.
-                ("publishNotReadyAddresses", b(true)),
-            ])),
-        ])
+        let clusterRole = clusterObject(
+            "rbac.authorization.k8s.io/v1", "ClusterRole", "edge-tunnel-server", labels: serverLabels,
+            extra: [
+                (
+                    "rules",
+                    .sequence([
+                        map([
+                            ("apiGroups", seq([s("")])), ("resources", seq([s("nodes")])),
+                            ("verbs", seq([s("list"), s("watch")])),
+                        ])
+                    ])
+                )
+            ])
+        let clusterBinding = clusterObject(
+            "rbac.authorization.k8s.io/v1", "ClusterRoleBinding", "edge-tunnel-server", labels: serverLabels,
+            extra: [
+                (
+                    "roleRef",
+                    map([
+                        ("apiGroup", s("rbac.authorization.k8s.io")), ("kind", s("ClusterRole")),
+                        ("name", s("edge-tunnel-server")),
+                    ])
+                ),
+                (
+                    "subjects",
+                    seq([map([("kind", s("ServiceAccount")), ("name", s("edge-tunnel-server")), ("namespace", s(ns))])])
+                ),
+            ])
+        let configMap = object(
+            "v1", "ConfigMap", "edge-tunnel-config", ns, labels: serverLabels,
+            extra: [
+                ("data", map(configData))
+            ])
+        let service = object(
+            "v1", "Service", "x-tunnel-server-svc", ns, labels: map([("name", s("edge-tunnel-server"))]),
+            extra: [
+                (
+                    "spec",
+                    map([
+                        ("type", s(o.serviceMode == .internet ? "LoadBalancer" : "ClusterIP")),
+                        ("selector", serverLabels),
+                        (
+                            "ports",
+                            seq([
+                                map([
+                                    ("name", s("https")), ("port", n(10263)), ("protocol", s("TCP")),
+                                    ("targetPort", n(10263)),
+                                ]),
+                                map([
+                                    ("name", s("tcp")), ("port", n(10262)), ("protocol", s("TCP")),
+                                    ("targetPort", n(10262)),
+                                ]),
+                            ])
+                        ),
+                        ("sessionAffinity", s("None")),
+                        // Agents must reach a replica before it is ready: it becomes ready once they hold tunnels to it.
+                        ("publishNotReadyAddresses", b(true)),
+                    ])
+                )
+            ])
         // The callers' Service: only ready replicas, i.e. those that hold a tunnel from every joined node, so a
         // rolling update or a restarted replica never answers a caller 502 for a node that has not attached yet.
-        let callers = object("v1", "Service", "x-tunnel-server-internal-svc", ns, labels: serverLabels, extra: [
-            ("spec", map([
-                ("type", s("ClusterIP")),
-                ("selector", serverLabels),
-                ("ports", seq([
-                    map([("name", s("https")), ("port", n(10263)), ("protocol", s("TCP")), ("targetPort", n(10263))]),
-                ])),
-            ])),
-        ])
-        let headless = object("v1", "Service", "x-tunnel-server-headless", ns, labels: serverLabels, extra: [
-            ("spec", map([
-                ("clusterIP", s("None")),
-                ("selector", serverLabels),
-                ("ports", seq([
-                    map([("name", s("tcp")), ("port", n(10262)), ("protocol", s("TCP")), ("targetPort", n(10262))]),
-                    map([("name", s("https")), ("port", n(10263)), ("protocol", s("TCP")), ("targetPort", n(10263))]),
-                ])),
-            ])),
-        ])
+        let callers = object(
+            "v1", "Service", "x-tunnel-server-internal-svc", ns, labels: serverLabels,
+            extra: [
+                (
+                    "spec",
+                    map([
+                        ("type", s("ClusterIP")),
+                        ("selector", serverLabels),
+                        (
+                            "ports",
+                            seq([
+                                map([
+                                    ("name", s("https")), ("port", n(10263)), ("protocol", s("TCP")),
+                                    ("targetPort", n(10263)),
+                                ])
+                            ])
+                        ),
+                    ])
+                )
+            ])
+        let headless = object(
+            "v1", "Service", "x-tunnel-server-headless", ns, labels: serverLabels,
+            extra: [
+                (
+                    "spec",
+                    map([
+                        ("clusterIP", s("None")),
+                        ("selector", serverLabels),
+                        (
+                            "ports",
+                            seq([
+                                map([
+                                    ("name", s("tcp")), ("port", n(10262)), ("protocol", s("TCP")),
+                                    ("targetPort", n(10262)),
+                                ]),
+                                map([
+                                    ("name", s("https")), ("port", n(10263)), ("protocol", s("TCP")),
+                                    ("targetPort", n(10263)),
+                                ]),
+                            ])
+                        ),
+                    ])
+                )
+            ])
         // The CA from a Secret (read-only, readable by the pod's group), this replica's own certificates in an
         // emptyDir, and the join state on a claim all replicas share.
         var serverVolumes: [Node] = [
@@ -170,102 +285,224 @@ public enum Manifests {
         ]
         var joinStateClaim: [Node] = []
         if let claim = o.joinStateClaim {
-            serverVolumes.append(map([("name", s("join-state")), ("persistentVolumeClaim", map([("claimName", s(claim))]))]))
+            serverVolumes.append(
+                map([("name", s("join-state")), ("persistentVolumeClaim", map([("claimName", s(claim))]))]))
             serverMounts.append(map([("name", s("join-state")), ("mountPath", s("/var/lib/edge-tunnel-server/pki"))]))
             var claimSpec: [(String, Node)] = [
                 ("accessModes", seq([s(o.replicas > 1 ? "ReadWriteMany" : "ReadWriteOnce")])),
                 ("resources", map([("requests", map([("storage", s("16Mi"))]))])),
             ]
             if let storageClass = o.joinStateStorageClass { claimSpec.append(("storageClassName", s(storageClass))) }
-            joinStateClaim.append(object("v1", "PersistentVolumeClaim", claim, ns, labels: serverLabels, extra: [("spec", map(claimSpec))]))
+            joinStateClaim.append(
+                object(
+                    "v1", "PersistentVolumeClaim", claim, ns, labels: serverLabels, extra: [("spec", map(claimSpec))]))
         }
         let serverContainer = map([
             ("name", s("edge-tunnel-server")),
             ("image", s(o.image)),
             ("command", seq([s("edge-tunnel-server")])),
             ("args", seq([s("--config=/etc/edge-tunnel/config/server.yaml"), s("--server-id=$(POD_NAME)")])),
-            ("env", seq([map([("name", s("POD_NAME")), ("valueFrom", map([("fieldRef", map([("fieldPath", s("metadata.name"))]))]))])])),
-            ("ports", seq([
-                map([("name", s("tunnel")), ("containerPort", n(10262)), ("protocol", s("TCP"))]),
-                map([("name", s("https")), ("containerPort", n(10263)), ("protocol", s("TCP"))]),
-                map([("name", s("meta")), ("containerPort", n(10265)), ("protocol", s("TCP"))]),
-            ])),
+            (
+                "env",
+                seq([
+                    map([
+                        ("name", s("POD_NAME")),
+                        ("valueFrom", map([("fieldRef", map([("fieldPath", s("metadata.name"))]))])),
+                    ])
+                ])
+            ),
+            (
+                "ports",
+                seq([
+                    map([("name", s("tunnel")), ("containerPort", n(10262)), ("protocol", s("TCP"))]),
+                    map([("name", s("https")), ("containerPort", n(10263)), ("protocol", s("TCP"))]),
+                    map([("name", s("meta")), ("containerPort", n(10265)), ("protocol", s("TCP"))]),
+                ])
+            ),
             // Ready once every joined node holds a tunnel to this replica (at most replicaWarmup): the callers'
             // Service then sends it requests; the agents' Service publishes it before that.
-            ("readinessProbe", map([("httpGet", map([("path", s("/readyz")), ("port", n(10265))])), ("periodSeconds", n(5))])),
-            ("livenessProbe", map([("httpGet", map([("path", s("/healthz")), ("port", n(10265))])), ("periodSeconds", n(10)), ("failureThreshold", n(3))])),
-            ("resources", map([
-                ("requests", map([("cpu", s("100m")), ("memory", s("64Mi"))])),
-                ("limits", map([("memory", s("1Gi"))])),
-            ])),
-            ("securityContext", map([
-                ("allowPrivilegeEscalation", b(false)), ("readOnlyRootFilesystem", b(true)),
-                ("capabilities", map([("drop", seq([s("ALL")]))])),
-            ])),
+            (
+                "readinessProbe",
+                map([("httpGet", map([("path", s("/readyz")), ("port", n(10265))])), ("periodSeconds", n(5))])
+            ),
+            (
+                "livenessProbe",
+                map([
+                    ("httpGet", map([("path", s("/healthz")), ("port", n(10265))])), ("periodSeconds", n(10)),
+                    ("failureThreshold", n(3)),
+                ])
+            ),
+            (
+                "resources",
+                map([
+                    ("requests", map([("cpu", s("100m")), ("memory", s("64Mi"))])),
+                    ("limits", map([("memory", s("1Gi"))])),
+                ])
+            ),
+            (
+                "securityContext",
+                map([
+                    ("allowPrivilegeEscalation", b(false)), ("readOnlyRootFilesystem", b(true)),
+                    ("capabilities", map([("drop", seq([s("ALL")]))])),
+                ])
+            ),
             ("volumeMounts", seq(serverMounts)),
         ])
-        let deployment = object("apps/v1", "Deployment", "edge-tunnel-server", ns, labels: serverLabels, extra: [
-            ("spec", map([
-                ("replicas", n(o.replicas)),
-                ("selector", map([("matchLabels", serverLabels)])),
-                ("strategy", map([("type", s("RollingUpdate")), ("rollingUpdate", map([("maxUnavailable", n(1)), ("maxSurge", n(1))]))])),
-                ("template", map([
-                    ("metadata", map([("labels", serverLabels)])),
-                    ("spec", map([
-                        ("serviceAccountName", s("edge-tunnel-server")),
-                        ("terminationGracePeriodSeconds", n(30)),
-                        // The image's own user; the volumes are its group's.
-                        ("securityContext", map([
-                            ("runAsNonRoot", b(true)), ("runAsUser", n(65532)), ("runAsGroup", n(65532)), ("fsGroup", n(65532)),
-                            ("seccompProfile", map([("type", s("RuntimeDefault"))])),
-                        ])),
-                        ("affinity", map([
-                            ("nodeAffinity", map([("requiredDuringSchedulingIgnoredDuringExecution", map([
-                                ("nodeSelectorTerms", seq([map([("matchExpressions", seq([map([
-                                    ("key", s(o.edgeNodeSelector.key)), ("operator", s("NotIn")), ("values", seq([s(o.edgeNodeSelector.value)])),
-                                ])]))])])),
-                            ]))])),
-                            // Replicas on different nodes where possible: one node's loss takes one replica.
-                            ("podAntiAffinity", map([("preferredDuringSchedulingIgnoredDuringExecution", seq([map([
-                                ("weight", n(100)),
-                                ("podAffinityTerm", map([
-                                    ("labelSelector", map([("matchLabels", serverLabels)])),
-                                    ("topologyKey", s("kubernetes.io/hostname")),
-                                ])),
-                            ])]))])),
-                        ])),
-                        ("containers", seq([serverContainer])),
-                        ("volumes", seq(serverVolumes)),
-                    ])),
-                ])),
-            ])),
-        ])
+        let deployment = object(
+            "apps/v1", "Deployment", "edge-tunnel-server", ns, labels: serverLabels,
+            extra: [
+                (
+                    "spec",
+                    map([
+                        ("replicas", n(o.replicas)),
+                        ("selector", map([("matchLabels", serverLabels)])),
+                        (
+                            "strategy",
+                            map([
+                                ("type", s("RollingUpdate")),
+                                ("rollingUpdate", map([("maxUnavailable", n(1)), ("maxSurge", n(1))])),
+                            ])
+                        ),
+                        (
+                            "template",
+                            map([
+                                ("metadata", map([("labels", serverLabels)])),
+                                (
+                                    "spec",
+                                    map([
+                                        ("serviceAccountName", s("edge-tunnel-server")),
+                                        ("terminationGracePeriodSeconds", n(30)),
+                                        // The image's own user; the volumes are its group's.
+                                        (
+                                            "securityContext",
+                                            map([
+                                                ("runAsNonRoot", b(true)), ("runAsUser", n(65532)),
+                                                ("runAsGroup", n(65532)), ("fsGroup", n(65532)),
+                                                ("seccompProfile", map([("type", s("RuntimeDefault"))])),
+                                            ])
+                                        ),
+                                        (
+                                            "affinity",
+                                            map([
+                                                (
+                                                    "nodeAffinity",
+                                                    map([
+                                                        (
+                                                            "requiredDuringSchedulingIgnoredDuringExecution",
+                                                            map([
+                                                                (
+                                                                    "nodeSelectorTerms",
+                                                                    seq([
+                                                                        map([
+                                                                            (
+                                                                                "matchExpressions",
+                                                                                seq([
+                                                                                    map([
+                                                                                        (
+                                                                                            "key",
+                                                                                            s(o.edgeNodeSelector.key)
+                                                                                        ), ("operator", s("NotIn")),
+                                                                                        (
+                                                                                            "values",
+                                                                                            seq([
+                                                                                                s(
+                                                                                                    o.edgeNodeSelector
+                                                                                                        .value)
+                                                                                            ])
+                                                                                        ),
+                                                                                    ])
+                                                                                ])
+                                                                            )
+                                                                        ])
+                                                                    ])
+                                                                )
+                                                            ])
+                                                        )
+                                                    ])
+                                                ),
+                                                // Replicas on different nodes where possible: one node's loss takes one replica.
+                                                (
+                                                    "podAntiAffinity",
+                                                    map([
+                                                        (
+                                                            "preferredDuringSchedulingIgnoredDuringExecution",
+                                                            seq([
+                                                                map([
+                                                                    ("weight", n(100)),
+                                                                    (
+                                                                        "podAffinityTerm",
+                                                                        map([
+                                                                            (
+                                                                                "labelSelector",
+                                                                                map([("matchLabels", serverLabels)])
+                                                                            ),
+                                                                            (
+                                                                                "topologyKey",
+                                                                                s("kubernetes.io/hostname")
+                                                                            ),
+                                                                        ])
+                                                                    ),
+                                                                ])
+                                                            ])
+                                                        )
+                                                    ])
+                                                ),
+                                            ])
+                                        ),
+                                        ("containers", seq([serverContainer])),
+                                        ("volumes", seq(serverVolumes)),
+                                    ])
+                                ),
+                            ])
+                        ),
+                    ])
+                )
+            ])
         // A voluntary disruption (a node drain, a cluster upgrade) takes at most one replica at a time.
-        let disruptionBudget = object("policy/v1", "PodDisruptionBudget", "edge-tunnel-server", ns, labels: serverLabels, extra: [
-            ("spec", map([("maxUnavailable", n(1)), ("selector", map([("matchLabels", serverLabels)]))])),
-        ])
-        var objects = joinStateObjects + [serviceAccountServer, serviceAccountAgent, role, binding, clusterRole, clusterBinding,
-                                          configMap, service] + (o.pools.isEmpty ? [] : [lineService(o, labels: serverLabels)])
+        let disruptionBudget = object(
+            "policy/v1", "PodDisruptionBudget", "edge-tunnel-server", ns, labels: serverLabels,
+            extra: [
+                ("spec", map([("maxUnavailable", n(1)), ("selector", map([("matchLabels", serverLabels)]))]))
+            ])
+        var objects =
+            joinStateObjects + [
+                serviceAccountServer, serviceAccountAgent, role, binding, clusterRole, clusterBinding,
+                configMap, service,
+            ] + (o.pools.isEmpty ? [] : [lineService(o, labels: serverLabels)])
             + [callers, headless] + joinStateClaim + [deployment, disruptionBudget] + agentObjects(o)
         if let ca = o.caFiles {
-            objects.insert(object("v1", "Secret", o.caSecret, ns, labels: serverLabels, extra: [
-                ("type", s("Opaque")),
-                ("stringData", map([("ca.crt", s(ca.certificatePEM)), ("ca.key", s(ca.keyPEM))])),
-            ]), at: 0)
+            objects.insert(
+                object(
+                    "v1", "Secret", o.caSecret, ns, labels: serverLabels,
+                    extra: [
+                        ("type", s("Opaque")),
+                        ("stringData", map([("ca.crt", s(ca.certificatePEM)), ("ca.key", s(ca.keyPEM))])),
+                    ]), at: 0)
         }
         return objects
     }
 
     // MARK: Node builders
 
-    static func object(_ apiVersion: String, _ kind: String, _ name: String, _ namespace: String, labels: Node,
-                       extra: [(String, Node)] = []) -> Node {
-        map([("apiVersion", s(apiVersion)), ("kind", s(kind)),
-             ("metadata", map([("name", s(name)), ("namespace", s(namespace)), ("labels", labels)]))] + extra)
+    static func object(
+        _ apiVersion: String, _ kind: String, _ name: String, _ namespace: String, labels: Node,
+        extra: [(String, Node)] = []
+    ) -> Node {
+        map(
+            [
+                ("apiVersion", s(apiVersion)), ("kind", s(kind)),
+                ("metadata", map([("name", s(name)), ("namespace", s(namespace)), ("labels", labels)])),
+            ] + extra)
     }
 
-    static func clusterObject(_ apiVersion: String, _ kind: String, _ name: String, labels: Node, extra: [(String, Node)]) -> Node {
-        map([("apiVersion", s(apiVersion)), ("kind", s(kind)), ("metadata", map([("name", s(name)), ("labels", labels)]))] + extra)
+    static func clusterObject(
+        _ apiVersion: String, _ kind: String, _ name: String, labels: Node, extra: [(String, Node)]
+    ) -> Node {
+        map(
+            [
+                ("apiVersion", s(apiVersion)), ("kind", s(kind)),
+                ("metadata", map([("name", s(name)), ("labels", labels)])),
+            ] + extra)
     }
 
     static func map(_ pairs: [(String, Node)]) -> Node {
@@ -277,7 +514,8 @@ public enum Manifests {
     /// A string that stays a string: values that YAML would read as another type are double-quoted.
     static func s(_ value: String) -> Node {
         let lower = value.lowercased()
-        let ambiguous = ["true", "false", "yes", "no", "on", "off", "null", "~", ""].contains(lower)
+        let ambiguous =
+            ["true", "false", "yes", "no", "on", "off", "null", "~", ""].contains(lower)
             || Double(value) != nil || value.contains(": ") || value.hasPrefix("*") || value.hasPrefix("&")
             || value.hasPrefix("!") || value.hasPrefix("%") || value.hasPrefix("@")
         if value.contains("\n") {

@@ -43,17 +43,21 @@ extension NetworkPlan {
         guard !line.isEmpty, version < nodePoolFrom else { return [] }
         if version < reconfigurableBelow {
             guard !internet.isEmpty else { return [] }
-            return [Finding(
-                severity: .error,
-                message: "\(names(line)) (express-connect) and \(names(internet)) (internet) cannot be mixed on Kubernetes \(version): "
-                    + "before 1.20.11 the private line is a reconfiguration of the whole tunnel (its Service becomes ClusterIP), "
-                    + "not a property of a node pool; put every pool on express-connect, or upgrade to 1.22 or later, where "
-                    + "each node pool chooses its own")]
+            return [
+                Finding(
+                    severity: .error,
+                    message:
+                        "\(names(line)) (express-connect) and \(names(internet)) (internet) cannot be mixed on Kubernetes \(version): "
+                        + "before 1.20.11 the private line is a reconfiguration of the whole tunnel (its Service becomes ClusterIP), "
+                        + "not a property of a node pool; put every pool on express-connect, or upgrade to 1.22 or later, where "
+                        + "each node pool chooses its own")
+            ]
         }
         return line.map { pool in
             Finding(
                 severity: .error,
-                message: "pool \(pool.name) is express-connect, but Kubernetes \(version) is between 1.20.11 and 1.22: the "
+                message:
+                    "pool \(pool.name) is express-connect, but Kubernetes \(version) is between 1.20.11 and 1.22: the "
                     + "tunnel can no longer be reconfigured, and node pools over a private line come with 1.22; upgrade the "
                     + "cluster to 1.22 or later, or keep the pool on the internet until then")
         }
@@ -64,12 +68,17 @@ extension NetworkPlan {
         var findings: [Finding] = []
         for (index, pool) in pools.enumerated() {
             for other in pools[(index + 1)...] {
-                guard let (a, b) = pool.cidrs.lazy.flatMap({ a in other.cidrs.lazy.map { (a, $0) } }).first(where: { $0.0.overlaps($0.1) })
+                guard
+                    let (a, b) = pool.cidrs.lazy.flatMap({ a in other.cidrs.lazy.map { (a, $0) } }).first(where: {
+                        $0.0.overlaps($0.1)
+                    })
                 else { continue }
-                findings.append(Finding(
-                    severity: .warning,
-                    message: "pools \(pool.name) and \(other.name) overlap (\(a) and \(b)): a node there may join with either "
-                        + "pool's bootstrap token"))
+                findings.append(
+                    Finding(
+                        severity: .warning,
+                        message:
+                            "pools \(pool.name) and \(other.name) overlap (\(a) and \(b)): a node there may join with either "
+                            + "pool's bootstrap token"))
             }
         }
         return findings

@@ -7,7 +7,8 @@ extension NetworkPlan {
         let i = input
         var facts = i.pools == nil ? "connectivity \(i.connectivity.rawValue), " : ""
         facts += "Kubernetes \(i.kubernetesVersion), "
-        facts += i.existingCluster
+        facts +=
+            i.existingCluster
             ? "existing cluster (EIP: \(i.hasEIP.map { $0 ? "yes" : "no" } ?? "unknown"))" : "new cluster"
         facts += ", internet egress \(i.internetEgress ? "needed" : "not needed")"
         facts += ", public API server \(i.publicAPIServer ? "required" : "not required")"
@@ -18,12 +19,15 @@ extension NetworkPlan {
         }
         lines.append("")
         func row(_ topic: String, _ verdict: String, _ reason: String) {
-            lines.append(topic.padding(toLength: 16, withPad: " ", startingAt: 0)
-                + verdict.padding(toLength: 20, withPad: " ", startingAt: 0) + reason)
+            lines.append(
+                topic.padding(toLength: 16, withPad: " ", startingAt: 0)
+                    + verdict.padding(toLength: 20, withPad: " ", startingAt: 0) + reason)
         }
         row("SNAT", snat.needed ? "needed" : "not needed", snat.reason)
         row("EIP", eip.needed ? "needed" : "not needed", eip.reason)
-        row("Tunnel Service", tunnelService.type, "\(tunnelService.namespace)/\(tunnelService.name): \(tunnelService.reason)")
+        row(
+            "Tunnel Service", tunnelService.type,
+            "\(tunnelService.namespace)/\(tunnelService.name): \(tunnelService.reason)")
         row("Private line", privateLine.path.rawValue, privateLine.reason)
         for (index, step) in privateLine.steps.enumerated() {
             lines.append(String(repeating: " ", count: 36) + "\(index + 1). \(step)")
@@ -33,7 +37,9 @@ extension NetworkPlan {
         }
         func ruleLines(_ rules: [SecurityGroupRule], indent: String) {
             for rule in rules {
-                lines.append("\(indent)\(rule.direction) \(rule.ipProtocol) \(rule.portRange) from \(rule.sourceCidrIp): \(rule.description)")
+                lines.append(
+                    "\(indent)\(rule.direction) \(rule.ipProtocol) \(rule.portRange) from \(rule.sourceCidrIp): \(rule.description)"
+                )
                 lines.append("\(indent)  \(rule.command)")
             }
         }

@@ -60,9 +60,12 @@ public struct PlanInput: Codable, Sendable, Equatable {
         if let pools {
             guard !pools.isEmpty else { throw PlanError("pools: the list is empty") }
             try EdgePool.validate(pools)
-            if connectivity != Self.connectivity(of: pools), let odd = pools.first(where: { $0.connectivity != connectivity }) {
-                throw PlanError("connectivity \(connectivity.rawValue) contradicts pool \(odd.name) (\(odd.connectivity.rawValue)): "
-                    + "with pools the connectivity is each pool's; leave --connectivity out")
+            if connectivity != Self.connectivity(of: pools),
+                let odd = pools.first(where: { $0.connectivity != connectivity })
+            {
+                throw PlanError(
+                    "connectivity \(connectivity.rawValue) contradicts pool \(odd.name) (\(odd.connectivity.rawValue)): "
+                        + "with pools the connectivity is each pool's; leave --connectivity out")
             }
         }
     }
@@ -161,57 +164,89 @@ public struct NetworkPlan: Codable, Sendable, Equatable {
 
         // SNAT gives the cluster outbound internet; the tunnel itself never needs it (agents dial in).
         if input.internetEgress {
-            snat = Decision(needed: true, reason: "the business needs outbound internet access: configure SNAT on the VPC's NAT gateway")
+            snat = Decision(
+                needed: true,
+                reason: "the business needs outbound internet access: configure SNAT on the VPC's NAT gateway")
         } else if privateLine {
-            snat = Decision(needed: false, reason: "over a private line without a need for outbound internet, SNAT is not needed")
+            snat = Decision(
+                needed: false, reason: "over a private line without a need for outbound internet, SNAT is not needed")
         } else {
-            snat = Decision(needed: false, reason: "no need for outbound internet was given; the tunnel does not need SNAT (agents dial in)")
+            snat = Decision(
+                needed: false,
+                reason: "no need for outbound internet was given; the tunnel does not need SNAT (agents dial in)")
         }
 
         // EIP exposes the API server on the internet; it can only be chosen when the cluster is created.
         let eipNeeded: Bool
         if !privateLine {
             eipNeeded = true
-            eip = Decision(needed: true, reason: pools.isEmpty
-                ? "over the internet, edge nodes reach the API server at a public address: an EIP is required"
-                : "the nodes of \(Self.names(internetPools)) reach the API server over the internet, at a public address: an EIP is required")
+            eip = Decision(
+                needed: true,
+                reason: pools.isEmpty
+                    ? "over the internet, edge nodes reach the API server at a public address: an EIP is required"
+                    : "the nodes of \(Self.names(internetPools)) reach the API server over the internet, at a public address: an EIP is required"
+            )
         } else if input.publicAPIServer {
             eipNeeded = true
-            eip = Decision(needed: true, reason: "the API server must be reachable from the internet: an EIP is required even with a private line")
+            eip = Decision(
+                needed: true,
+                reason:
+                    "the API server must be reachable from the internet: an EIP is required even with a private line")
         } else {
             eipNeeded = false
-            eip = Decision(needed: false, reason: "over a private line edge nodes reach the API server privately: no EIP is needed")
+            eip = Decision(
+                needed: false, reason: "over a private line edge nodes reach the API server privately: no EIP is needed"
+            )
         }
         if eipNeeded {
             if input.existingCluster && input.hasEIP == false {
-                findings.append(Finding(
-                    severity: .error,
-                    message: "the existing cluster has no EIP and one cannot be attached to its API server afterwards: "
-                        + "create a new cluster with \"Expose API server with EIP\" and move the workloads, "
-                        + (privateLine
-                            ? "or keep the API server private and reach it over the private line"
-                            : "or connect the edge over a private line (express-connect) so no public API server is needed")))
+                findings.append(
+                    Finding(
+                        severity: .error,
+                        message:
+                            "the existing cluster has no EIP and one cannot be attached to its API server afterwards: "
+                            + "create a new cluster with \"Expose API server with EIP\" and move the workloads, "
+                            + (privateLine
+                                ? "or keep the API server private and reach it over the private line"
+                                : "or connect the edge over a private line (express-connect) so no public API server is needed")
+                    ))
             } else if input.existingCluster && input.hasEIP == nil {
-                findings.append(Finding(
-                    severity: .warning,
-                    message: "an EIP is required but it is unknown whether the existing cluster has one (give --has-eip or --no-has-eip): it cannot be added afterwards"))
+                findings.append(
+                    Finding(
+                        severity: .warning,
+                        message:
+                            "an EIP is required but it is unknown whether the existing cluster has one (give --has-eip or --no-has-eip): it cannot be added afterwards"
+                    ))
             } else if !input.existingCluster {
-                findings.append(Finding(
-                    severity: .info,
-                    message: "choose \"Expose API server with EIP\" when creating the cluster: it cannot be attached later"))
+                findings.append(
+                    Finding(
+                        severity: .info,
+                        message:
+                            "choose \"Expose API server with EIP\" when creating the cluster: it cannot be attached later"
+                    ))
             }
         }
 
         if privateLine {
-            tunnelService = ServiceDecision(type: "ClusterIP", reason: "over a private line agents reach the tunnel server's Service address through the line: ClusterIP, no public load balancer")
+            tunnelService = ServiceDecision(
+                type: "ClusterIP",
+                reason:
+                    "over a private line agents reach the tunnel server's Service address through the line: ClusterIP, no public load balancer"
+            )
         } else if linePools.isEmpty {
-            tunnelService = ServiceDecision(type: "LoadBalancer", reason: "over the internet agents reach the tunnel server through a public load balancer")
+            tunnelService = ServiceDecision(
+                type: "LoadBalancer",
+                reason: "over the internet agents reach the tunnel server through a public load balancer")
         } else {
-            tunnelService = ServiceDecision(type: "LoadBalancer", reason: "the agents of \(Self.names(internetPools)) reach the tunnel server "
-                + "through a public load balancer; those of \(Self.names(linePools)) through \(Self.lineServiceName) over the line")
+            tunnelService = ServiceDecision(
+                type: "LoadBalancer",
+                reason: "the agents of \(Self.names(internetPools)) reach the tunnel server "
+                    + "through a public load balancer; those of \(Self.names(linePools)) through \(Self.lineServiceName) over the line"
+            )
         }
 
-        self.privateLine = Self.migration(version: input.kubernetesVersion, privateLine: anyLine, linePools: pools.isEmpty ? nil : linePools)
+        self.privateLine = Self.migration(
+            version: input.kubernetesVersion, privateLine: anyLine, linePools: pools.isEmpty ? nil : linePools)
         if pools.isEmpty {
             if self.privateLine.path == .upgrade {
                 findings.append(Finding(severity: .warning, message: self.privateLine.reason))
@@ -224,7 +259,8 @@ public struct NetworkPlan: Codable, Sendable, Equatable {
         let group = securityGroupID ?? "<security-group-id>"
         func rule(_ proto: String, _ port: Int, _ cidr: CIDR, _ description: String) -> SecurityGroupRule {
             let field = cidr.isIPv4 ? "--SourceCidrIp" : "--Ipv6SourceCidrIp"
-            let command = "aliyun ecs AuthorizeSecurityGroup --RegionId \(region) --SecurityGroupId \(group) "
+            let command =
+                "aliyun ecs AuthorizeSecurityGroup --RegionId \(region) --SecurityGroupId \(group) "
                 + "--IpProtocol \(proto) --PortRange \(port)/\(port) \(field) \(cidr) --Policy accept --Priority 1 "
                 + "--Description \"\(description)\""
             return SecurityGroupRule(
@@ -244,9 +280,12 @@ public struct NetworkPlan: Codable, Sendable, Equatable {
                 }
             }
             if input.edgeCIDRs.isEmpty && (input.cloudEdgeContainerNetwork || privateLine) {
-                findings.append(Finding(
-                    severity: .warning,
-                    message: "no --edge-cidr given: the security-group rules (\(input.cloudEdgeContainerNetwork ? "UDP 8472" : "")\(input.cloudEdgeContainerNetwork && privateLine ? ", " : "")\(privateLine ? "TCP 10262" : "")) cannot be rendered"))
+                findings.append(
+                    Finding(
+                        severity: .warning,
+                        message:
+                            "no --edge-cidr given: the security-group rules (\(input.cloudEdgeContainerNetwork ? "UDP 8472" : "")\(input.cloudEdgeContainerNetwork && privateLine ? ", " : "")\(privateLine ? "TCP 10262" : "")) cannot be rendered"
+                    ))
             }
             self.pools = nil
             lineService = nil
@@ -258,21 +297,27 @@ public struct NetworkPlan: Codable, Sendable, Equatable {
                 // The overlay crosses between the cloud and every pool when the container network spans them.
                 if input.cloudEdgeContainerNetwork {
                     for cidr in pool.cidrs {
-                        poolRules.append(rule("udp", 8472, cidr, "VXLAN container network from edge pool \(pool.name) \(cidr)"))
+                        poolRules.append(
+                            rule("udp", 8472, cidr, "VXLAN container network from edge pool \(pool.name) \(cidr)"))
                     }
                 }
                 // Agents of a line pool dial the server's pods through the line: the security group sees their
                 // own addresses. Internet pools arrive through the public load balancer.
                 if line {
                     for cidr in pool.cidrs {
-                        poolRules.append(rule("tcp", 10262, cidr, "EdgeTunnel agents of edge pool \(pool.name) \(cidr) over the private line"))
+                        poolRules.append(
+                            rule(
+                                "tcp", 10262, cidr,
+                                "EdgeTunnel agents of edge pool \(pool.name) \(cidr) over the private line"))
                     }
                 }
                 if pool.cidrs.isEmpty {
-                    findings.append(Finding(
-                        severity: .warning,
-                        message: "pool \(pool.name) has no CIDR (cidr=): its security-group rules cannot be rendered, and its "
-                            + "bootstrap token cannot name the node IPs (status.hostIP) its agents claim"))
+                    findings.append(
+                        Finding(
+                            severity: .warning,
+                            message:
+                                "pool \(pool.name) has no CIDR (cidr=): its security-group rules cannot be rendered, and its "
+                                + "bootstrap token cannot name the node IPs (status.hostIP) its agents claim"))
                 }
                 let lineServer = PoolServer(service: Self.lineServiceName, type: "ClusterIP", path: "private-line")
                 let publicServer = PoolServer(service: tunnelService.name, type: tunnelService.type, path: "internet")
@@ -280,18 +325,22 @@ public struct NetworkPlan: Codable, Sendable, Equatable {
                 let reason: String
                 if line {
                     servers = internetPools.isEmpty ? [lineServer] : [lineServer, publicServer]
-                    reason = "over the private line to \(Self.lineServiceName) (ClusterIP)"
+                    reason =
+                        "over the private line to \(Self.lineServiceName) (ClusterIP)"
                         + (internetPools.isEmpty
                             ? "; the cluster has no internet pool, so there is no public address to fail over to"
                             : "; the public load balancer second, for failover when the line is lost")
                 } else {
                     servers = [publicServer]
-                    reason = "over the internet to the public load balancer of \(tunnelService.name); moving the pool onto the "
+                    reason =
+                        "over the internet to the public load balancer of \(tunnelService.name); moving the pool onto the "
                         + "private line is one edit of its ConfigMap edge-tunnel-pool-\(pool.name) (the line address first)"
                 }
-                decisions.append(PoolDecision(
-                    name: pool.name, connectivity: pool.connectivity, cidrs: pool.cidrs, nodeSelector: pool.nodeSelector,
-                    servers: servers, reason: reason, securityGroupRules: poolRules))
+                decisions.append(
+                    PoolDecision(
+                        name: pool.name, connectivity: pool.connectivity, cidrs: pool.cidrs,
+                        nodeSelector: pool.nodeSelector,
+                        servers: servers, reason: reason, securityGroupRules: poolRules))
             }
             findings += Self.overlapFindings(pools)
             var seen: Set<String> = []
@@ -300,9 +349,14 @@ public struct NetworkPlan: Codable, Sendable, Equatable {
                 rules.append(poolRule)
             }
             self.pools = decisions
-            lineService = linePools.isEmpty ? nil : ServiceDecision(
-                name: Self.lineServiceName, type: "ClusterIP",
-                reason: "the agents of \(Self.names(linePools)) reach the tunnel server's pods through the line at this Service's address")
+            lineService =
+                linePools.isEmpty
+                ? nil
+                : ServiceDecision(
+                    name: Self.lineServiceName, type: "ClusterIP",
+                    reason:
+                        "the agents of \(Self.names(linePools)) reach the tunnel server's pods through the line at this Service's address"
+                )
         }
         securityGroupRules = rules
         self.findings = findings
@@ -311,12 +365,14 @@ public struct NetworkPlan: Codable, Sendable, Equatable {
     static func migration(version: KubernetesVersion, privateLine: Bool, linePools: [EdgePool]?) -> MigrationDecision {
         guard privateLine else {
             return MigrationDecision(
-                path: .notApplicable, reason: "over the internet the tunnel stays on its public load balancer", steps: [])
+                path: .notApplicable, reason: "over the internet the tunnel stays on its public load balancer",
+                steps: [])
         }
         if version < reconfigurableBelow {
             return MigrationDecision(
                 path: .reconfigureTunnel,
-                reason: "Kubernetes \(version) is older than 1.20.11: the tunnel's configuration can be changed in place",
+                reason:
+                    "Kubernetes \(version) is older than 1.20.11: the tunnel's configuration can be changed in place",
                 steps: [
                     "set the tunnel Service x-tunnel-server-svc to type ClusterIP",
                     "add the Service's ClusterIP (the private-line address) to the server's certIPs in its config file; "
@@ -355,7 +411,11 @@ public struct NetworkPlan: Codable, Sendable, Equatable {
         }
         return MigrationDecision(
             path: .upgrade,
-            reason: "Kubernetes \(version) is between 1.20.11 and 1.22: neither reconfiguring the tunnel nor a private-line node pool is documented for it; upgrade the cluster to 1.22 or later",
-            steps: ["upgrade the cluster to Kubernetes 1.22 or later", "then create a dedicated edge node pool over the private line"])
+            reason:
+                "Kubernetes \(version) is between 1.20.11 and 1.22: neither reconfiguring the tunnel nor a private-line node pool is documented for it; upgrade the cluster to 1.22 or later",
+            steps: [
+                "upgrade the cluster to Kubernetes 1.22 or later",
+                "then create a dedicated edge node pool over the private line",
+            ])
     }
 }

@@ -1,4 +1,5 @@
 import Foundation
+import TunnelPKI
 
 /// A security group as Alibaba Cloud's `DescribeSecurityGroupAttribute` returns it (the fields this check
 /// reads): `Permissions.Permission[]` with `IpProtocol`, `PortRange`, `SourceCidrIp`, `Policy`, `Direction`,
@@ -14,8 +15,12 @@ public struct SecurityGroupExport: Decodable, Sendable {
         public var priority: Int?
 
         enum CodingKeys: String, CodingKey {
-            case ipProtocol = "IpProtocol", portRange = "PortRange", sourceCidrIp = "SourceCidrIp"
-            case ipv6SourceCidrIp = "Ipv6SourceCidrIp", policy = "Policy", direction = "Direction"
+            case ipProtocol = "IpProtocol"
+            case portRange = "PortRange"
+            case sourceCidrIp = "SourceCidrIp"
+            case ipv6SourceCidrIp = "Ipv6SourceCidrIp"
+            case policy = "Policy"
+            case direction = "Direction"
             case priority = "Priority"
         }
 
@@ -92,9 +97,12 @@ public struct SecurityGroupVerdict: Sendable, Equatable {
                 guard let source = try? CIDR(parsing: sourceText), source.overlaps(edge) else { continue }
                 let accept = (permission.policy ?? "accept").lowercased() != "drop"
                 let priority = permission.priority ?? 1
-                rules.append(Rule(
-                    source: source, accept: accept, priority: priority,
-                    text: "\(accept ? "accept" : "drop") \(permission.ipProtocol) \(permission.portRange) from \(source) priority \(priority)"))
+                rules.append(
+                    Rule(
+                        source: source, accept: accept, priority: priority,
+                        text:
+                            "\(accept ? "accept" : "drop") \(permission.ipProtocol) \(permission.portRange) from \(source) priority \(priority)"
+                    ))
             }
         }
         // Regions: the edge CIDR, and every rule source strictly inside it.
@@ -105,9 +113,11 @@ public struct SecurityGroupVerdict: Sendable, Equatable {
         for region in regions {
             let applying = rules.filter { $0.source.contains(region) }
             let label = "\(proto.uppercased()) \(port) from \(region)"
-            guard let best = applying.min(by: { ($0.priority, $0.accept ? 1 : 0) < ($1.priority, $1.accept ? 1 : 0) }) else {
+            guard let best = applying.min(by: { ($0.priority, $0.accept ? 1 : 0) < ($1.priority, $1.accept ? 1 : 0) })
+            else {
                 if region == edge && regions.count > 1 && coveredByNested(edge, regions.dropFirst()) { continue }
-                return SecurityGroupVerdict(allowed: false, explanation: "no rule accepts \(label) (inbound is denied by default)")
+                return SecurityGroupVerdict(
+                    allowed: false, explanation: "no rule accepts \(label) (inbound is denied by default)")
             }
             if !best.accept {
                 return SecurityGroupVerdict(allowed: false, explanation: "\(label) is dropped by rule \"\(best.text)\"")
@@ -116,7 +126,8 @@ public struct SecurityGroupVerdict: Sendable, Equatable {
         let accepting = rules.filter { $0.accept && $0.source.contains(edge) }.min { $0.priority < $1.priority }
         return SecurityGroupVerdict(
             allowed: true,
-            explanation: "\(proto.uppercased()) \(port) from \(edge) is accepted" + (accepting.map { " by rule \"\($0.text)\"" } ?? ""))
+            explanation: "\(proto.uppercased()) \(port) from \(edge) is accepted"
+                + (accepting.map { " by rule \"\($0.text)\"" } ?? ""))
     }
 
     /// Whether nested networks cover `edge` entirely (two halves, recursively): then `edge`'s own rules decide
@@ -147,8 +158,6 @@ public struct SecurityGroupVerdict: Sendable, Equatable {
         return (low...max(low, high)).contains(port)
     }
 }
-
-import TunnelPKI
 
 private func IPAddressText(_ bytes: [UInt8]) -> String {
     IPAddress(bytes: bytes)!.description

@@ -1,9 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
 import TunnelPKI
 import TunnelSupport
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `edgetunnel probe udp`: checks that UDP (the VXLAN port 8472 by default) really passes between two hosts
 /// before the overlay runs. A responder echoes probe datagrams; the prober sends nonce-stamped datagrams and
@@ -58,7 +59,9 @@ public enum UDPProbe {
     }
 
     /// Answers probes on `address` until `shouldStop` returns true (checked at least every 200 ms).
-    public static func respond(on address: String, shouldStop: @escaping () -> Bool = { false }, ready: () -> Void = {}) throws {
+    public static func respond(
+        on address: String, shouldStop: @escaping () -> Bool = { false }, ready: () -> Void = {}
+    ) throws {
         var (storage, length, family) = try socketAddress(address)
         let fd = try openSocket(family: family)
         defer { close(fd) }
@@ -67,7 +70,9 @@ public enum UDPProbe {
         let bound = withUnsafePointer(to: &storage) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) }
         }
-        guard bound == 0 else { throw PlanError("cannot listen on UDP \(address): \(String(cString: strerror(errno)))") }
+        guard bound == 0 else {
+            throw PlanError("cannot listen on UDP \(address): \(String(cString: strerror(errno)))")
+        }
         ready()
         var buffer = [UInt8](repeating: 0, count: 2048)
         while !shouldStop() {
@@ -77,14 +82,18 @@ public enum UDPProbe {
             var peerLength = socklen_t(MemoryLayout<sockaddr_storage>.size)
             let count = buffer.withUnsafeMutableBytes { raw in
                 withUnsafeMutablePointer(to: &peer) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { recvfrom(fd, raw.baseAddress, raw.count, 0, $0, &peerLength) }
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                        recvfrom(fd, raw.baseAddress, raw.count, 0, $0, &peerLength)
+                    }
                 }
             }
             // Only probe datagrams are answered: the responder is no reflector for arbitrary traffic.
             guard count >= magic.count + 20, Array(buffer[0..<magic.count]) == magic else { continue }
             _ = buffer.withUnsafeBytes { raw in
                 withUnsafePointer(to: &peer) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sendto(fd, raw.baseAddress, count, 0, $0, peerLength) }
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                        sendto(fd, raw.baseAddress, count, 0, $0, peerLength)
+                    }
                 }
             }
         }
@@ -126,7 +135,8 @@ public enum UDPProbe {
             guard poll(&poller, 1, Int32(min(wait, 0.2) * 1000) + 1) > 0 else { continue }
             let received = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
             guard received == magic.count + 20, Array(buffer[magic.count..<magic.count + 16]) == nonce else { continue }
-            let sequence = Int(buffer[magic.count + 16]) << 24 | Int(buffer[magic.count + 17]) << 16
+            let sequence =
+                Int(buffer[magic.count + 16]) << 24 | Int(buffer[magic.count + 17]) << 16
                 | Int(buffer[magic.count + 18]) << 8 | Int(buffer[magic.count + 19])
             if let sent = sentAt[sequence], rtts[sequence] == nil { rtts[sequence] = (now() - sent) * 1000 }
         }

@@ -41,7 +41,9 @@ public final class KubeClient: @unchecked Sendable {
 
     /// `method path` with an optional JSON body; the status and body of the answer. A 429 or 5xx with
     /// `Retry-After` is asked again after that wait, ``maxRetries`` times at most; a 401 once.
-    public func request(_ method: HTTPMethod, _ path: String, body: [UInt8]? = nil, timeout: TimeAmount = .seconds(10))
+    public func request(
+        _ method: HTTPMethod, _ path: String, body: [UInt8]? = nil, timeout: TimeAmount = .seconds(10)
+    )
         async throws -> Response
     {
         var retries = 0
@@ -70,7 +72,9 @@ public final class KubeClient: @unchecked Sendable {
     /// the server ends the stream (it does after its timeout) or the connection fails (an error). An error thrown
     /// by `onEvent` ends the watch at once, with that error. A watch refused with `Retry-After` (429, 5xx) is
     /// asked again after that wait (``maxRetries`` times at most), a 401 once; the body of a refusal is no event.
-    public func watch(_ path: String, timeout: TimeAmount, onEvent: @escaping @Sendable ([UInt8]) throws -> Void) async throws -> Int {
+    public func watch(
+        _ path: String, timeout: TimeAmount, onEvent: @escaping @Sendable ([UInt8]) throws -> Void
+    ) async throws -> Int {
         var retries = 0
         var reauthenticated = false
         while true {
@@ -83,7 +87,9 @@ public final class KubeClient: @unchecked Sendable {
                         line.removeAll(keepingCapacity: true)
                     } else {
                         line.append(byte)
-                        guard line.count <= Self.maxBody else { throw Failure(description: "a watch event is larger than 16 MiB") }
+                        guard line.count <= Self.maxBody else {
+                            throw Failure(description: "a watch event is larger than 16 MiB")
+                        }
                     }
                 }
             }
@@ -129,7 +135,10 @@ public final class KubeClient: @unchecked Sendable {
             throw Failure(description: "cannot reach the Kubernetes API at \(config.host):\(config.port): \(error)")
         }
         let timer = loop.scheduleTask(in: timeout) {
-            done.fail(Failure(description: "\(method) \(path): no complete answer within \(timeout.nanoseconds / 1_000_000_000) s"))
+            done.fail(
+                Failure(
+                    description: "\(method) \(path): no complete answer within \(timeout.nanoseconds / 1_000_000_000) s"
+                ))
             channel.close(promise: nil)
         }
         defer { timer.cancel() }
@@ -144,7 +153,9 @@ public final class KubeClient: @unchecked Sendable {
         }
         let head = HTTPRequestHead(version: .http1_1, method: method, uri: path, headers: headers)
         channel.write(HTTPClientRequestPart.head(head), promise: nil)
-        if let body { channel.write(HTTPClientRequestPart.body(.byteBuffer(channel.allocator.buffer(bytes: body))), promise: nil) }
+        if let body {
+            channel.write(HTTPClientRequestPart.body(.byteBuffer(channel.allocator.buffer(bytes: body))), promise: nil)
+        }
         channel.writeAndFlush(HTTPClientRequestPart.end(nil), promise: nil)
         defer { channel.close(promise: nil) }
         // A watch runs for a minute: a cancelled task (shutdown) ends it at once.
@@ -168,7 +179,10 @@ private final class ResponseCollector: ChannelInboundHandler, @unchecked Sendabl
     private var retryAfter: TimeAmount?
     private var finished = false
 
-    init(done: EventLoopPromise<(status: Int, retryAfter: TimeAmount?)>, onBody: @escaping (Int, ByteBuffer) throws -> Void) {
+    init(
+        done: EventLoopPromise<(status: Int, retryAfter: TimeAmount?)>,
+        onBody: @escaping (Int, ByteBuffer) throws -> Void
+    ) {
         self.done = done
         self.onBody = onBody
     }
@@ -178,7 +192,8 @@ private final class ResponseCollector: ChannelInboundHandler, @unchecked Sendabl
         switch unwrapInboundIn(data) {
         case .head(let head):
             status = Int(head.status.code)
-            retryAfter = KubeClient.retryAfter(status: Int(head.status.code), header: head.headers.first(name: "Retry-After"))
+            retryAfter = KubeClient.retryAfter(
+                status: Int(head.status.code), header: head.headers.first(name: "Retry-After"))
         case .body(let piece):
             do {
                 try onBody(status ?? 0, piece)
@@ -191,14 +206,17 @@ private final class ResponseCollector: ChannelInboundHandler, @unchecked Sendabl
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        finish(.failure(KubeClient.Failure(description: "the Kubernetes API closed the connection mid-answer")), context)
+        finish(
+            .failure(KubeClient.Failure(description: "the Kubernetes API closed the connection mid-answer")), context)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         finish(.failure(error), context)
     }
 
-    private func finish(_ result: Result<(status: Int, retryAfter: TimeAmount?), Error>, _ context: ChannelHandlerContext) {
+    private func finish(
+        _ result: Result<(status: Int, retryAfter: TimeAmount?), Error>, _ context: ChannelHandlerContext
+    ) {
         guard !finished else { return }
         finished = true
         done.completeWith(result)

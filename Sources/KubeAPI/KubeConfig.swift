@@ -25,12 +25,15 @@ public struct KubeConfig: Sendable {
     public static let serviceAccount = "/var/run/secrets/kubernetes.io/serviceaccount"
 
     /// In a pod: `KUBERNETES_SERVICE_HOST`/`_PORT`, the service account's token, CA and namespace.
-    public static func inCluster(environment: [String: String] = ProcessInfo.processInfo.environment,
-                                 directory: String = serviceAccount) throws -> KubeConfig {
+    public static func inCluster(
+        environment: [String: String] = ProcessInfo.processInfo.environment,
+        directory: String = serviceAccount
+    ) throws -> KubeConfig {
         guard let host = environment["KUBERNETES_SERVICE_HOST"], let portText = environment["KUBERNETES_SERVICE_PORT"],
             let port = Int(portText)
         else {
-            throw Invalid(description: "not in a Kubernetes pod: KUBERNETES_SERVICE_HOST/PORT are not set (use --kubeconfig)")
+            throw Invalid(
+                description: "not in a Kubernetes pod: KUBERNETES_SERVICE_HOST/PORT are not set (use --kubeconfig)")
         }
         let namespace = (try? String(contentsOfFile: directory + "/namespace", encoding: .utf8))?
             .trimmingCharacters(in: .whitespacesAndNewlines)
@@ -84,7 +87,8 @@ public struct KubeConfig: Sendable {
     /// The bearer token now (re-read from its file each time), if any.
     func currentToken() throws -> String? {
         if let tokenFile {
-            return String(decoding: try readFile(tokenFile), as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+            return String(decoding: try readFile(tokenFile), as: UTF8.self).trimmingCharacters(
+                in: .whitespacesAndNewlines)
         }
         return token
     }

@@ -56,11 +56,14 @@ extension KubeJoinState {
             guard var object = try JSONSerialization.jsonObject(with: Data(current.body)) as? [String: Any],
                 let held: IPClaim = decode(object as [String: any Sendable], key: "claim"), held.ip == ip
             else {
-                throw KubeClient.Failure(description:
-                    "ConfigMap \(namespace)/\(objectName) does not hold a valid claim of node IP \(ip): fix or delete it")
+                throw KubeClient.Failure(
+                    description:
+                        "ConfigMap \(namespace)/\(objectName) does not hold a valid claim of node IP \(ip): fix or delete it"
+                )
             }
             if held.node != node, now.timeIntervalSince(held.claimed) < Self.claimGrace {
-                throw PKIError(.alreadyExists, "node IP \(ip) is being claimed by node \(held.node): try again in a minute")
+                throw PKIError(
+                    .alreadyExists, "node IP \(ip) is being claimed by node \(held.node): try again in a minute")
             }
             if held.node != node, let holder = try await currentRecord(of: held.node), holder.joined != nil,
                 holder.revoked == nil, holder.ips.contains(ip)
@@ -73,7 +76,8 @@ extension KubeJoinState {
             var data = object["data"] as? [String: Any] ?? [:]
             data["claim"] = try Self.json(claim)
             object["data"] = data
-            let taken = try await client.request(.PUT, path, body: Array(try JSONSerialization.data(withJSONObject: object)))
+            let taken = try await client.request(
+                .PUT, path, body: Array(try JSONSerialization.data(withJSONObject: object)))
             if taken.status == 409 { continue }
             guard taken.status == 200 else { throw KubeWatch.failure(taken, "taking over the claim of node IP \(ip)") }
             return held.node != node
@@ -106,7 +110,9 @@ extension KubeJoinState {
         let answer = try await client.request(.GET, "\(collection)/\(Self.nodeObjectName(node))")
         if answer.status == 404 { return nil }
         guard answer.status == 200 else { throw KubeWatch.failure(answer, "reading the record of node \(node)") }
-        guard let object = try JSONSerialization.jsonObject(with: Data(answer.body)) as? [String: any Sendable] else { return nil }
+        guard let object = try JSONSerialization.jsonObject(with: Data(answer.body)) as? [String: any Sendable] else {
+            return nil
+        }
         return record(object)
     }
 }

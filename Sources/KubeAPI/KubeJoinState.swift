@@ -90,7 +90,9 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
             case .listed(let items):
                 if kind == "token" {
                     var next: [String: StoredToken] = [:]
-                    for object in items { if let name = Self.name(object) { next[name] = token(object) ?? cachedTokens[name] } }
+                    for object in items {
+                        if let name = Self.name(object) { next[name] = token(object) ?? cachedTokens[name] }
+                    }
                     cachedTokens = next
                 } else {
                     var next: [String: (record: NodeRecord, version: String)] = [:]
@@ -157,7 +159,8 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
     /// the lock held).
     private func noteUnreadable(_ objectName: String, _ why: String) {
         guard !unreadableRecords.contains(objectName) else { return }
-        let outcome = "its node counts as revoked and is refused until the object is fixed (or deleted, after which the node must join again)"
+        let outcome =
+            "its node counts as revoked and is refused until the object is fixed (or deleted, after which the node must join again)"
         logger.error("ConfigMap \(namespace)/\(objectName) \(why): \(outcome)")
     }
 
@@ -167,10 +170,16 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
 
     // MARK: JoinStateStore
 
-    public func tokens() async throws -> [StoredToken] { try await list("token").compactMap(token).sorted { $0.created < $1.created } }
-    public func nodes() async throws -> [NodeRecord] { try await list("node").compactMap(record).sorted { $0.name < $1.name } }
+    public func tokens() async throws -> [StoredToken] {
+        try await list("token").compactMap(token).sorted { $0.created < $1.created }
+    }
+    public func nodes() async throws -> [NodeRecord] {
+        try await list("node").compactMap(record).sorted { $0.name < $1.name }
+    }
 
-    public func createToken(ttl: Double, description: String?, nodes: [String]?, nodeCIDRs: [String]?) async throws
+    public func createToken(
+        ttl: Double, description: String?, nodes: [String]?, nodeCIDRs: [String]?
+    ) async throws
         -> (BootstrapToken, StoredToken)
     {
         var taken = Set(try await tokens().map(\.id))
@@ -183,7 +192,9 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
                 taken.insert(stored.id)
                 continue
             }
-            guard answer.status == 201 || answer.status == 200 else { throw KubeWatch.failure(answer, "creating a token") }
+            guard answer.status == 201 || answer.status == 200 else {
+                throw KubeWatch.failure(answer, "creating a token")
+            }
             return (token, stored)
         }
         throw PKIError(.writeFailed, "cannot create a token in \(location): every id taken")
@@ -192,8 +203,12 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
     public func deleteToken(id: String) async throws {
         let id = try BootstrapToken.validateID(id)
         let answer = try await client.request(.DELETE, "\(collection)/\(Self.tokenObjectName(id))")
-        if answer.status == 404 { throw PKIError(.tokenNotFound, "no bootstrap token with id \"\(id)\" in \(location)") }
-        guard answer.status == 200 || answer.status == 202 else { throw KubeWatch.failure(answer, "deleting token \(id)") }
+        if answer.status == 404 {
+            throw PKIError(.tokenNotFound, "no bootstrap token with id \"\(id)\" in \(location)")
+        }
+        guard answer.status == 200 || answer.status == 202 else {
+            throw KubeWatch.failure(answer, "deleting token \(id)")
+        }
     }
 
     public func recordJoin(_ name: String, ips: [String], certificateValidFrom: Date) async throws {
@@ -206,14 +221,16 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
         // Whole seconds, as the object stores them: what is returned compares equal to what is read back.
         let now = Date(timeIntervalSince1970: Date().timeIntervalSince1970.rounded(.down))
         // What this replica has seen refuses most conflicts at no cost; the claims settle those between replicas.
-        _ = try NodeRecord.joining(nil, name: name, ips: ips, certificateValidFrom: certificateValidFrom, others: others, now: now)
+        _ = try NodeRecord.joining(
+            nil, name: name, ips: ips, certificateValidFrom: certificateValidFrom, others: others, now: now)
         let claimed = try await claim(ips, for: name, now: now)
         let written: NodeRecord?
         let version: String?
         do {
             (written, version) = try await update(name) { existing in
-                try NodeRecord.joining(existing, name: name, ips: ips, certificateValidFrom: certificateValidFrom,
-                                       others: others, now: now)
+                try NodeRecord.joining(
+                    existing, name: name, ips: ips, certificateValidFrom: certificateValidFrom,
+                    others: others, now: now)
             }
         } catch {
             await release(claimed, of: name)
@@ -270,7 +287,9 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
     /// object whose record does not parse is an error, never taken as no record. Returns what was written and
     /// the resourceVersion the API server gave it.
     @discardableResult
-    private func update(_ node: String, _ change: (NodeRecord?) throws -> NodeRecord?) async throws -> (NodeRecord?, String?) {
+    private func update(
+        _ node: String, _ change: (NodeRecord?) throws -> NodeRecord?
+    ) async throws -> (NodeRecord?, String?) {
         let objectName = Self.nodeObjectName(node)
         let path = "\(collection)/\(objectName)"
         for _ in 0..<8 {
@@ -281,14 +300,17 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
             case 404:
                 guard let record = try change(nil) else { return (nil, nil) }
                 written = record
-                answer = try await client.request(.POST, collection, body: try configMap(objectName, kind: "node", key: "record", value: record))
+                answer = try await client.request(
+                    .POST, collection, body: try configMap(objectName, kind: "node", key: "record", value: record))
             case 200:
                 guard var object = try JSONSerialization.jsonObject(with: Data(current.body)) as? [String: Any] else {
                     throw KubeClient.Failure(description: "ConfigMap \(namespace)/\(objectName) is not a JSON object")
                 }
                 guard let existing = self.record(object as [String: any Sendable]), existing.name == node else {
-                    throw KubeClient.Failure(description:
-                        "ConfigMap \(namespace)/\(objectName) does not hold a valid record of node \(node): fix or delete it")
+                    throw KubeClient.Failure(
+                        description:
+                            "ConfigMap \(namespace)/\(objectName) does not hold a valid record of node \(node): fix or delete it"
+                    )
                 }
                 guard let record = try change(existing) else { return (existing, nil) }
                 written = record
@@ -301,13 +323,18 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
                 labels[Self.label] = "node"
                 metadata["labels"] = labels
                 object["metadata"] = metadata
-                answer = try await client.request(.PUT, path, body: Array(try JSONSerialization.data(withJSONObject: object)))
+                answer = try await client.request(
+                    .PUT, path, body: Array(try JSONSerialization.data(withJSONObject: object)))
             default:
                 throw KubeWatch.failure(current, "reading the record of node \(node)")
             }
             if answer.status == 409 { continue }
-            guard (200...201).contains(answer.status) else { throw KubeWatch.failure(answer, "writing the record of node \(node)") }
-            let version = (try? JSONSerialization.jsonObject(with: Data(answer.body)) as? [String: Any]).flatMap { Self.version($0) }
+            guard (200...201).contains(answer.status) else {
+                throw KubeWatch.failure(answer, "writing the record of node \(node)")
+            }
+            let version = (try? JSONSerialization.jsonObject(with: Data(answer.body)) as? [String: Any]).flatMap {
+                Self.version($0)
+            }
             return (written, version)
         }
         throw PKIError(.writeFailed, "the record of node \(node) in \(location) keeps changing: try again")
@@ -316,7 +343,9 @@ public final class KubeJoinState: JoinStateStore, @unchecked Sendable {
     // MARK: Objects
 
     private func list(_ kind: String) async throws -> [[String: any Sendable]] {
-        try await client.list("\(collection)?labelSelector=\(Self.label)%3D\(kind)", what: "the \(kind)s in \(location)").items
+        try await client.list(
+            "\(collection)?labelSelector=\(Self.label)%3D\(kind)", what: "the \(kind)s in \(location)"
+        ).items
     }
 
     func configMap<T: Encodable>(_ name: String, kind: String, key: String, value: T) throws -> [UInt8] {

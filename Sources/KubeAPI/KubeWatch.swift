@@ -62,7 +62,8 @@ public struct KubeWatch: Sendable {
             } catch {
                 if Task.isCancelled { return }
                 if let wait = (error as? KubeClient.Failure)?.retryAfter {  // the API server said when (429, 5xx)
-                    logger.warning("following \(what): \(error); again in \(wait.nanoseconds / 1_000_000) ms, as it asked")
+                    logger.warning(
+                        "following \(what): \(error); again in \(wait.nanoseconds / 1_000_000) ms, as it asked")
                     await pause(UInt64(max(wait.nanoseconds, 0)))
                     continue
                 }
@@ -130,21 +131,26 @@ public struct KubeWatch: Sendable {
         let code = (status["code"] as? Int).map { " \($0)" } ?? ""
         let reason = (status["reason"] as? String).map { " \($0)" } ?? ""
         let message = (status["message"] as? String).map { ": \($0)" } ?? ""
-        return KubeClient.Failure(description: "the watch of \(what) ended with an ERROR event\(code)\(reason)\(message)")
+        return KubeClient.Failure(
+            description: "the watch of \(what) ended with an ERROR event\(code)\(reason)\(message)")
     }
 
     /// The API's Status object says why a request failed (403: which permission RBAC lacks).
     public static func failure(_ response: KubeClient.Response, _ what: String) -> KubeClient.Failure {
-        let message = (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["message"] as? String
+        let message =
+            (try? JSONSerialization.jsonObject(with: Data(response.body)) as? [String: Any])?["message"] as? String
         return KubeClient.Failure(
-            description: "\(what): HTTP \(response.status)\(message.map { ": \($0)" } ?? "")", retryAfter: response.retryAfter)
+            description: "\(what): HTTP \(response.status)\(message.map { ": \($0)" } ?? "")",
+            retryAfter: response.retryAfter)
     }
 }
 
 /// What a watch asks of the API server: a list and a watch (``KubeClient``; a scripted stand-in in the tests).
 protocol KubeWatchTransport: Sendable {
     func list(_ pathAndQuery: String, what: String) async throws -> (items: [[String: any Sendable]], version: String)
-    func watch(_ path: String, timeout: TimeAmount, onEvent: @escaping @Sendable ([UInt8]) throws -> Void) async throws -> Int
+    func watch(
+        _ path: String, timeout: TimeAmount, onEvent: @escaping @Sendable ([UInt8]) throws -> Void
+    ) async throws -> Int
 }
 
 extension KubeClient: KubeWatchTransport {}
@@ -225,7 +231,8 @@ extension KubeClient {
             else { throw KubeClient.Failure(description: "the list of \(what) is not a list") }
             items += page
             guard items.count <= Self.maxListItems else {
-                throw KubeClient.Failure(description: "the list of \(what) holds more than \(Self.maxListItems) objects")
+                throw KubeClient.Failure(
+                    description: "the list of \(what) holds more than \(Self.maxListItems) objects")
             }
             let metadata = object["metadata"] as? [String: any Sendable]
             version = metadata?["resourceVersion"] as? String ?? version

@@ -72,9 +72,10 @@ public final class NodeDirectory: @unchecked Sendable {
                 update.deleted = nodes.keys.filter { fresh[$0] == nil }.sorted()
                 update.changed = fresh.filter { nodes[$0.key] != $0.value }.map(\.key).sorted()
                 nodes = fresh
-                pools = Dictionary(items.compactMap { node in
-                    Self.entry(node).flatMap { entry in self.pool(in: node).map { (entry.0, $0) } }
-                }, uniquingKeysWith: { $1 })
+                pools = Dictionary(
+                    items.compactMap { node in
+                        Self.entry(node).flatMap { entry in self.pool(in: node).map { (entry.0, $0) } }
+                    }, uniquingKeysWith: { $1 })
                 loaded = true
             case .added(let node), .modified(let node):
                 if let (name, addresses) = Self.entry(node) {

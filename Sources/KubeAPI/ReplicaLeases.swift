@@ -51,7 +51,8 @@ public final class ReplicaLeases: @unchecked Sendable {
 
     public init(
         client: KubeClient, namespace: String, serverID: String, label: (key: String, value: String),
-        duration: Int = 15, renewInterval: TimeAmount = .seconds(5), logger: Logger, onCount: @escaping @Sendable (Int) -> Void
+        duration: Int = 15, renewInterval: TimeAmount = .seconds(5), logger: Logger,
+        onCount: @escaping @Sendable (Int) -> Void
     ) {
         self.client = client
         self.namespace = namespace
@@ -126,7 +127,8 @@ public final class ReplicaLeases: @unchecked Sendable {
         spec["renewTime"] = now
         lease["spec"] = spec
         let body = Array(try JSONSerialization.data(withJSONObject: lease))
-        let answer = existing.status == 404
+        let answer =
+            existing.status == 404
             ? try await client.request(.POST, collection, body: body)
             : try await client.request(.PUT, path, body: body)
         // 409: another writer (or our previous renewal) changed it meanwhile; the next round reads it anew.
@@ -138,7 +140,8 @@ public final class ReplicaLeases: @unchecked Sendable {
     // MARK: Following
 
     private func followLoop() async {
-        let watch = KubeWatch(client: client, path: collection, query: selector, what: "the replica Leases", logger: logger)
+        let watch = KubeWatch(
+            client: client, path: collection, query: selector, what: "the replica Leases", logger: logger)
         await watch.run { [weak self] change in
             guard let self else { return }
             self.apply(change)

@@ -10,7 +10,8 @@ public struct ServiceAddresses: Sendable {
 
     public init(client: KubeClient, namespace: String, name: String, logger: Logger) {
         watch = KubeWatch(
-            client: client, path: "/api/v1/namespaces/\(namespace)/services", query: "fieldSelector=metadata.name%3D\(name)",
+            client: client, path: "/api/v1/namespaces/\(namespace)/services",
+            query: "fieldSelector=metadata.name%3D\(name)",
             what: "Service \(namespace)/\(name)", logger: logger)
     }
 
@@ -37,13 +38,17 @@ public struct ServiceAddresses: Sendable {
         var ips = (spec["clusterIPs"] as? [String]) ?? [(spec["clusterIP"] as? String)].compactMap { $0 }
         ips += spec["externalIPs"] as? [String] ?? []
         var names: [String] = []
-        let ingress = ((service["status"] as? [String: any Sendable])?["loadBalancer"] as? [String: any Sendable])?["ingress"]
+        let ingress = ((service["status"] as? [String: any Sendable])?["loadBalancer"] as? [String: any Sendable])?[
+            "ingress"]
         for entry in ingress as? [[String: any Sendable]] ?? [] {
             if let ip = entry["ip"] as? String { ips.append(ip) }
             if let hostname = entry["hostname"] as? String { names.append(hostname) }
         }
         var seen = Set<String>()
-        return (ips.filter { $0 != "None" && !$0.isEmpty && seen.insert($0).inserted }, names.filter { seen.insert($0).inserted })
+        return (
+            ips.filter { $0 != "None" && !$0.isEmpty && seen.insert($0).inserted },
+            names.filter { seen.insert($0).inserted }
+        )
     }
 
     // MARK: What the certificate may name

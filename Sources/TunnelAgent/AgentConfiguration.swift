@@ -45,7 +45,9 @@ public struct AgentConfiguration: Sendable {
     /// it (each of its agents from its own loopback address, as each edge node has its own), not a flag.
     public var sourceAddress: IPAddress?
 
-    public init(nodeName: String, nodeIPs: [IPAddress] = [], serverAddresses: [String] = [], allowList: AllowList? = nil) {
+    public init(
+        nodeName: String, nodeIPs: [IPAddress] = [], serverAddresses: [String] = [], allowList: AllowList? = nil
+    ) {
         self.nodeName = nodeName
         self.nodeIPs = nodeIPs
         self.serverAddresses = serverAddresses

@@ -31,7 +31,8 @@ public struct AgentCredentials: Sendable {
         try PEMFiles.checkValidity(certificate, path: paths.agentCertificate, now: now)
         guard certificate.subject.commonName == nodeName else {
             throw ConfigurationError(
-                "\(paths.agentCertificate): certificate is for node \(certificate.subject.commonName ?? "?"), not \(nodeName)")
+                "\(paths.agentCertificate): certificate is for node \(certificate.subject.commonName ?? "?"), not \(nodeName)"
+            )
         }
         guard ca.publicKey.isValidSignature(certificate.signature, for: certificate) else {
             throw ConfigurationError("\(paths.agentCertificate): not signed by the CA in \(paths.caCertificate)")

@@ -34,7 +34,9 @@ final class AgentMetrics: @unchecked Sendable {
         pacedTunnels = registry.makeGauge(
             descriptor: .named(
                 "edge_tunnel_agent_paced_tunnels",
-                help: "Tunnels paced now: their link to the server is slow (below 100 Mbit/s), so replies go ahead of bulk."))
+                help:
+                    "Tunnels paced now: their link to the server is slow (below 100 Mbit/s), so replies go ahead of bulk."
+            ))
         suspendedTunnels = registry.makeGauge(
             descriptor: .named(
                 "edge_tunnel_agent_suspended_tunnels",

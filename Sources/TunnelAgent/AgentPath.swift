@@ -26,7 +26,8 @@ public enum AddressPaths {
             }
             let address = String(parts[1])
             if let earlier = marks[address], earlier != path {
-                throw ConfigurationError("server address \(address) is marked both \(earlier.rawValue) and \(path.rawValue)")
+                throw ConfigurationError(
+                    "server address \(address) is marked both \(earlier.rawValue) and \(path.rawValue)")
             }
             marks[address] = path
             addresses.append(address)

@@ -20,7 +20,8 @@ public final class AgentSwarm: Sendable {
         if let sourceNetwork {
             let bytes = sourceNetwork.bytes
             guard sourceNetwork.isIPv4, bytes[2] == 0, bytes[3] == 0, count <= 250 * 256 else {
-                throw ConfigurationError("invalid source network \(sourceNetwork): an IPv4 A.B.0.0 with at most 64,000 agents")
+                throw ConfigurationError(
+                    "invalid source network \(sourceNetwork): an IPv4 A.B.0.0 with at most 64,000 agents")
             }
         }
         agents = try (0..<count).map { index in
@@ -29,7 +30,9 @@ public final class AgentSwarm: Sendable {
             var configuration = AgentConfiguration(
                 nodeName: name, serverAddresses: [server], allowList: AllowList(rules: []))
             if let network = sourceNetwork?.bytes {
-                configuration.sourceAddress = IPAddress(bytes: [network[0], network[1], UInt8(index / 250), UInt8(index % 250 + 1)])
+                configuration.sourceAddress = IPAddress(bytes: [
+                    network[0], network[1], UInt8(index / 250), UInt8(index % 250 + 1),
+                ])
             }
             let agent = try EdgeTunnelAgent(configuration: configuration, logger: logger, group: group)
             agent.useCredentials(

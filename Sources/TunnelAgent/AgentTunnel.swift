@@ -129,7 +129,9 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
             switch rule.check(now: now, lastFrame: lastSign, isActive: active, lossAtLeast: lossAtLeast) {
             case .dead:
                 let silent = (now - lastSign).nanoseconds / 1_000_000
-                self.agent.logger.warning("no answer from server \(self.address) for \(silent) ms\(active ? " while data moved" : ""): tunnel is dead")
+                self.agent.logger.warning(
+                    "no answer from server \(self.address) for \(silent) ms\(active ? " while data moved" : ""): tunnel is dead"
+                )
                 // Move on at once: closing a dead TLS connection waits for a close_notify that never comes. Closed
                 // from under TLS, so that its streams suspend before the next dial names their token.
                 self.declaredDead = true
@@ -185,7 +187,8 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
             registration.fail(JoinError(description: "server refused the registration: \(reason)"))
         case .goaway:
             let reason = (try? GoAway(frame: frame).reason).map { PeerText.bounded($0) } ?? ""
-            agent.logger.info("server \(address) is draining (\(reason)); open streams finish on it, new ones go to a new tunnel")
+            agent.logger.info(
+                "server \(address) is draining (\(reason)); open streams finish on it, new ones go to a new tunnel")
             mux.markDraining()
             mux.closeWithoutResume()  // a drained connection closes on purpose: what outlives it ends
             // Reconnect at once so new streams reach this node (another replica, the restarted server, or the
@@ -227,7 +230,9 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
     func muxDidSuspend(_ mux: TunnelMux) {
         keepalive?.cancel()
         if let serverID, let resumeToken {
-            agent.logger.warning("tunnel to \(address) lost: its \(mux.streamCount) open streams and \(mux.lingeringCount) that just ended wait to resume")
+            agent.logger.warning(
+                "tunnel to \(address) lost: its \(mux.streamCount) open streams and \(mux.lingeringCount) that just ended wait to resume"
+            )
             agent.tunnelSuspended(self, serverID: serverID, token: resumeToken)
         }
         unusable.succeed(())

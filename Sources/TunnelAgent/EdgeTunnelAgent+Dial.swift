@@ -11,7 +11,9 @@ extension EdgeTunnelAgent {
     /// it); otherwise it is a tunnel to another replica: `probes` connections at once ask which replica the
     /// Service picked (``ReplicaProbe``), the first to reach one not in `haveServers` goes on with TLS, and a
     /// replica named in `haveServers` also refuses the registration itself.
-    func connect(to address: ServerAddress, haveServers: [String] = [], primary: Bool = true, probes: Int = 1)
+    func connect(
+        to address: ServerAddress, haveServers: [String] = [], primary: Bool = true, probes: Int = 1
+    )
         async throws -> AgentTunnel
     {
         let context = try tunnelContext()
@@ -57,11 +59,12 @@ extension EdgeTunnelAgent {
         let loop = channel.eventLoop
         tunnel.channel = channel
         tunnel.mux.sendControl(
-            Hello(version: helloVersion, nodeName: configuration.nodeName,
-                  nodeIPs: configuration.nodeIPs.map(\.description),
-                  haveServers: haveServers.isEmpty ? nil : haveServers,
-                  resumeTokens: helloVersion >= 3 ? resumeTokens : nil,
-                  pool: configuration.pool, path: path(of: address).rawValue))
+            Hello(
+                version: helloVersion, nodeName: configuration.nodeName,
+                nodeIPs: configuration.nodeIPs.map(\.description),
+                haveServers: haveServers.isEmpty ? nil : haveServers,
+                resumeTokens: helloVersion >= 3 ? resumeTokens : nil,
+                pool: configuration.pool, path: path(of: address).rawValue))
         let timeout = loop.scheduleTask(in: configuration.connectTimeout * 2) {
             tunnel.registration.fail(JoinError(description: "server \(address) did not answer HELLO in time"))
             channel.close(promise: nil)
@@ -88,7 +91,9 @@ extension EdgeTunnelAgent {
         try await withThrowingTaskGroup(of: ReplicaProbeResult.self) { group in
             for _ in 0..<max(1, count) {
                 group.addTask {
-                    do { return try await self.probeReplica(address, haveServers: haveServers) } catch { return .failed }
+                    do { return try await self.probeReplica(address, haveServers: haveServers) } catch {
+                        return .failed
+                    }
                 }
             }
             var winner: Channel?

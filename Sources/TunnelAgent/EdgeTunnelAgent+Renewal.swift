@@ -47,9 +47,11 @@ extension EdgeTunnelAgent {
             let renewed = AgentCredentials(certificate: certificate, privateKey: key, ca: old.ca)
             try renewed.write(to: configuration.paths)
             setCredentials(renewed)
-            logger.info("node certificate renewed", metadata: [
-                "notAfter": "\(Timestamps.iso8601(certificate.notValidAfter))",
-            ])
+            logger.info(
+                "node certificate renewed",
+                metadata: [
+                    "notAfter": "\(Timestamps.iso8601(certificate.notValidAfter))"
+                ])
         } catch {
             logger.warning("cannot store the renewed certificate: \(error)")
         }

@@ -18,13 +18,15 @@ extension EdgeTunnelAgent {
 
     func open(_ open: Open, streamID: UInt32, mux: TunnelMux) {
         guard let target = resolveTarget(open.target) else {
-            mux.rejectStream(streamID, code: 400, reason: "target \"\(PeerText.bounded(open.target))\" is not host:port")
+            mux.rejectStream(
+                streamID, code: 400, reason: "target \"\(PeerText.bounded(open.target))\" is not host:port")
             return
         }
         guard configuration.allowList.allows(host: target.host, port: target.port) else {
             metrics.refused.increment()
             logger.warning("refused stream to \(target): not on the allow list")
-            mux.rejectStream(streamID, code: 403, reason: "\(target) is not on the allow list of node \(configuration.nodeName)")
+            mux.rejectStream(
+                streamID, code: 403, reason: "\(target) is not on the allow list of node \(configuration.nodeName)")
             return
         }
         let loop = mux.eventLoop
@@ -47,18 +49,21 @@ extension EdgeTunnelAgent {
         } else {
             // One dial timeout covers the lookup and the connect.
             let deadline = NIODeadline.now() + configuration.dialTimeout
-            connected = lookups.resolve(host: target.host, port: target.port, on: loop, timeout: configuration.dialTimeout)
-                .flatMap { addresses in
-                    let allowed = addresses.filter { address in
-                        address.ipAddress.flatMap(IPAddress.init).map { allowList.allowsResolved($0, port: target.port) } ?? false
-                    }
-                    guard !allowed.isEmpty else {
-                        return loop.makeFailedFuture(ResolvedOutsideAllowList(address: addresses.first?.ipAddress ?? "?"))
-                    }
-                    return bootstrap.connectTimeout(max(deadline - .now(), .milliseconds(1)))
-                        .resolver(ResolvedAddresses(loop: loop, addresses: allowed))
-                        .connect(host: target.host, port: target.port)
+            connected = lookups.resolve(
+                host: target.host, port: target.port, on: loop, timeout: configuration.dialTimeout
+            )
+            .flatMap { addresses in
+                let allowed = addresses.filter { address in
+                    address.ipAddress.flatMap(IPAddress.init).map { allowList.allowsResolved($0, port: target.port) }
+                        ?? false
                 }
+                guard !allowed.isEmpty else {
+                    return loop.makeFailedFuture(ResolvedOutsideAllowList(address: addresses.first?.ipAddress ?? "?"))
+                }
+                return bootstrap.connectTimeout(max(deadline - .now(), .milliseconds(1)))
+                    .resolver(ResolvedAddresses(loop: loop, addresses: allowed))
+                    .connect(host: target.host, port: target.port)
+            }
         }
         connected
             .whenComplete { [weak self] result in
@@ -68,15 +73,21 @@ extension EdgeTunnelAgent {
                     mux.acceptStream(streamID)
                 case .failure(let refused as ResolvedOutsideAllowList):
                     self.metrics.refused.increment()
-                    self.logger.warning("refused stream to \(target): the name resolved to \(refused.address), which no address rule allows")
-                    mux.rejectStream(streamID, code: 403, reason: "\(target.host) resolved to \(refused.address), which the allow list of node "
-                        + "\(self.configuration.nodeName) does not allow by address")
+                    self.logger.warning(
+                        "refused stream to \(target): the name resolved to \(refused.address), which no address rule allows"
+                    )
+                    mux.rejectStream(
+                        streamID, code: 403,
+                        reason: "\(target.host) resolved to \(refused.address), which the allow list of node "
+                            + "\(self.configuration.nodeName) does not allow by address")
                 case .failure(let error as ChannelError) where error == .ioOnClosedChannel:
                     // Closed while it was being made: the server reset the stream (its caller went away during the
                     // dial), and the glue closed the connection. No dial failed; the stream is already gone, so the
                     // rejection is a no-op then (it still answers if anything else closed the connection).
                     self.logger.debug("stream to \(target) cancelled during the dial")
-                    mux.rejectStream(streamID, code: 502, reason: "\(target) is unreachable: the connection was closed as it was made")
+                    mux.rejectStream(
+                        streamID, code: 502,
+                        reason: "\(target) is unreachable: the connection was closed as it was made")
                 case .failure(let error):
                     let (code, reason) = Self.classify(error, target: target)
                     self.metrics.dialFailed(reason: code == 504 ? "timeout" : "unreachable")
@@ -117,7 +128,9 @@ extension EdgeTunnelAgent {
             if connect.connectionErrors.contains(where: { ($0.error as? IOError)?.errnoCode == ECONNREFUSED }) {
                 return (502, "\(target) refused the connection")
             }
-            if connect.connectionErrors.contains(where: { if case ChannelError.connectTimeout = $0.error { true } else { false } }) {
+            if connect.connectionErrors.contains(where: {
+                if case ChannelError.connectTimeout = $0.error { true } else { false }
+            }) {
                 return (504, "\(target) did not answer in time")
             }
             if connect.dnsAError != nil || connect.dnsAAAAError != nil, connect.connectionErrors.isEmpty {

@@ -349,7 +349,8 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         let version = oldestAgentProtocolVersion
         lock.withLock { olderProtocolUntil = .now() + Self.olderProtocolPeriod }
         logger.warning(
-            "the server speaks an older protocol: using version \(version), without resumable tunnels, for \(Self.olderProtocolPeriod.nanoseconds / 60_000_000_000) minutes; then version \(tunnelProtocolVersion) again")
+            "the server speaks an older protocol: using version \(version), without resumable tunnels, for \(Self.olderProtocolPeriod.nanoseconds / 60_000_000_000) minutes; then version \(tunnelProtocolVersion) again"
+        )
     }
 
     var hasSuspendedTunnels: Bool { lock.withLock { !suspended.isEmpty } }
@@ -467,7 +468,8 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
             if let address = connectedAddress {
                 let count = replicas.count
                 guard count > 1 else { return .text(.ok, "ok: tunnel up via \(address)") }
-                return .text(.ok, "ok: tunnel up via \(address) (\(1 + replicas.extras.count) of \(count) server replicas)")
+                return .text(
+                    .ok, "ok: tunnel up via \(address) (\(1 + replicas.extras.count) of \(count) server replicas)")
             }
             return .text(.serviceUnavailable, "tunnel down")
         case "/metrics":
@@ -476,7 +478,9 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
             var paced = tunnel?.mux.counters.paced == true ? 1 : 0
             for extra in replicas.extras {
                 let more = extra.mux.counters.snapshot
-                counters = (counters.bytesIn + more.bytesIn, counters.bytesOut + more.bytesOut, counters.streams + more.streams)
+                counters = (
+                    counters.bytesIn + more.bytesIn, counters.bytesOut + more.bytesOut, counters.streams + more.streams
+                )
                 paced += extra.mux.counters.paced ? 1 : 0
             }
             return MetaResponse(

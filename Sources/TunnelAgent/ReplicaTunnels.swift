@@ -73,10 +73,12 @@ final class ReplicaTunnels: @unchecked Sendable {
     func promote(for address: String) -> AgentTunnel? {
         let fresh = agent.configuration.keepaliveInterval * 2
         return lock.withLock { () -> AgentTunnel? in
-            guard let index = tunnels.firstIndex(where: {
-                $0.address.text == address && $0.channel?.isActive == true && !$0.declaredDead && !$0.isUnusable
-                    && NIODeadline.now() - $0.mux.lastFrameReceived < fresh
-            }) else { return nil }
+            guard
+                let index = tunnels.firstIndex(where: {
+                    $0.address.text == address && $0.channel?.isActive == true && !$0.declaredDead && !$0.isUnusable
+                        && NIODeadline.now() - $0.mux.lastFrameReceived < fresh
+                })
+            else { return nil }
             return tunnels.remove(at: index)
         }
     }
@@ -94,7 +96,9 @@ final class ReplicaTunnels: @unchecked Sendable {
                 notBefore = max(notBefore, spread)
             }
             lastHeld = held.count
-            guard held.count < serverCount, !dialing, NIODeadline.now() >= notBefore else { return (stale, held, false) }
+            guard held.count < serverCount, !dialing, NIODeadline.now() >= notBefore else {
+                return (stale, held, false)
+            }
             dialing = true
             return (stale, held, true)
         }
@@ -124,7 +128,9 @@ final class ReplicaTunnels: @unchecked Sendable {
                     return true
                 }
                 if keep {
-                    agent.logger.info("tunnel to server replica \(tunnel.serverID ?? "?") registered", metadata: ["server": "\(address)"])
+                    agent.logger.info(
+                        "tunnel to server replica \(tunnel.serverID ?? "?") registered",
+                        metadata: ["server": "\(address)"])
                     tunnel.whenUnusable { [weak self] in self?.check() }
                 } else {
                     agent.retireTunnel(tunnel)
@@ -144,7 +150,9 @@ final class ReplicaTunnels: @unchecked Sendable {
                     notBefore = .now() + wait
                     return wait
                 }
-                agent.logger.warning("cannot reach another server replica via \(address): \(error); again in \(wait.nanoseconds / 1_000_000) ms")
+                agent.logger.warning(
+                    "cannot reach another server replica via \(address): \(error); again in \(wait.nanoseconds / 1_000_000) ms"
+                )
             }
             agent.metrics.serverTunnels.set(Int64(1 + extras.count))
         }

@@ -96,7 +96,8 @@ public enum DNSName {
             let utf8 = label.utf8
             guard (1...63).contains(utf8.count) else { return false }
             for byte in utf8 {
-                let ok = (byte >= UInt8(ascii: "a") && byte <= UInt8(ascii: "z"))
+                let ok =
+                    (byte >= UInt8(ascii: "a") && byte <= UInt8(ascii: "z"))
                     || (byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9")) || byte == UInt8(ascii: "-")
                 guard ok else { return false }
             }

@@ -15,7 +15,8 @@ public enum AtomicFile {
     /// Writes `bytes` to `path` with permission bits `mode`.
     public static func write(_ bytes: some Collection<UInt8>, to path: String, mode: mode_t) throws(PKIError) {
         let directory = FilePath.directory(of: path)
-        let temporary = "\(directory)/.\(FilePath.lastComponent(of: path)).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let temporary =
+            "\(directory)/.\(FilePath.lastComponent(of: path)).tmp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
         guard fd >= 0 else {
             throw PKIError(.writeFailed, "cannot write \(path): \(String(cString: strerror(errno)))")

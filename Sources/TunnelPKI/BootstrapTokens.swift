@@ -41,7 +41,10 @@ public struct BootstrapToken: Hashable, Sendable, CustomStringConvertible {
 
     private static func isToken(_ text: Substring, length: Int) -> Bool {
         text.utf8.count == length
-            && text.utf8.allSatisfy { ($0 >= UInt8(ascii: "a") && $0 <= UInt8(ascii: "z")) || ($0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9")) }
+            && text.utf8.allSatisfy {
+                ($0 >= UInt8(ascii: "a") && $0 <= UInt8(ascii: "z"))
+                    || ($0 >= UInt8(ascii: "0") && $0 <= UInt8(ascii: "9"))
+            }
     }
 
     public var description: String { "\(id).\(secret)" }
@@ -82,9 +85,12 @@ public struct StoredToken: Codable, Hashable, Sendable {
     public func checkNodeIPs(_ ips: [IPAddress]) throws {
         let networks = try (nodeCIDRs ?? []).map { try CIDR(parsing: $0) }
         for ip in ips where !networks.contains(where: { $0.contains(ip) }) {
-            throw PKIError(.invalidArgument, networks.isEmpty
-                ? "bootstrap token \(id) allows no node IPs (\(ip) was asked for): create it with --node-cidr"
-                : "node IP \(ip) is outside the networks of bootstrap token \(id) (\(networks.map(\.description).joined(separator: ", ")))")
+            throw PKIError(
+                .invalidArgument,
+                networks.isEmpty
+                    ? "bootstrap token \(id) allows no node IPs (\(ip) was asked for): create it with --node-cidr"
+                    : "node IP \(ip) is outside the networks of bootstrap token \(id) (\(networks.map(\.description).joined(separator: ", ")))"
+            )
         }
     }
 
@@ -95,7 +101,8 @@ public struct StoredToken: Codable, Hashable, Sendable {
             name.utf8.allSatisfy({ ($0 >= 97 && $0 <= 122) || ($0 >= 48 && $0 <= 57) || $0 == 45 || $0 == 46 }),
             pattern.hasSuffix("*") || DNSName.isValid(name)
         else {
-            throw PKIError(.invalidNodeName,
+            throw PKIError(
+                .invalidNodeName,
                 "invalid --node \"\(pattern)\": a node name, or the start of one followed by * (edge-*)")
         }
         return pattern
@@ -124,7 +131,8 @@ public struct TokenStore: Sendable {
     ) throws -> (BootstrapToken, StoredToken) {
         var tokens = try list()
         let (token, stored) = try Self.make(
-            ttl: ttl, description: description, nodes: nodes, nodeCIDRs: nodeCIDRs, taken: Set(tokens.map(\.id)), now: now)
+            ttl: ttl, description: description, nodes: nodes, nodeCIDRs: nodeCIDRs, taken: Set(tokens.map(\.id)),
+            now: now)
         tokens.append(stored)
         try save(tokens)
         return (token, stored)
@@ -172,7 +180,9 @@ public struct TokenStore: Sendable {
     }
 
     /// ``verify(_:now:)`` against tokens already read (a server keeps them in memory between changes of the file).
-    public static func verify(_ presented: String, among tokens: [StoredToken], now: Date = Date()) throws -> StoredToken {
+    public static func verify(
+        _ presented: String, among tokens: [StoredToken], now: Date = Date()
+    ) throws -> StoredToken {
         let token = try BootstrapToken(parsing: presented)
         guard let stored = tokens.first(where: { $0.id == token.id }) else {
             throw PKIError(.tokenNotFound, "bootstrap token \"\(token.id)\" is not known")

@@ -6,7 +6,8 @@ public struct CIDR: Hashable, Sendable, CustomStringConvertible, Codable {
     public init(parsing text: String) throws {
         let parts = text.split(separator: "/", omittingEmptySubsequences: false)
         guard (1...2).contains(parts.count), let address = IPAddress(String(parts[0])) else {
-            throw PKIError(.invalidArgument, "malformed CIDR \"\(text)\": expected an address and prefix such as 10.1.0.0/16")
+            throw PKIError(
+                .invalidArgument, "malformed CIDR \"\(text)\": expected an address and prefix such as 10.1.0.0/16")
         }
         let bits = address.bytes.count * 8
         let prefix: Int

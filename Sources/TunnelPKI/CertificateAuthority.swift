@@ -76,7 +76,8 @@ public struct CertificateAuthority: Sendable {
 
     /// Loads a CA and checks it: both files readable PEM, the key belongs to the certificate, the certificate is
     /// a CA and is valid now.
-    public static func load(certificatePath: String, keyPath: String, now: Date = Date()) throws -> CertificateAuthority {
+    public static func load(certificatePath: String, keyPath: String, now: Date = Date()) throws -> CertificateAuthority
+    {
         let (certificate, key) = try PEMFiles.keyPair(certificate: certificatePath, key: keyPath)
         try checkIsCA(certificate, path: certificatePath)
         try PEMFiles.checkValidity(certificate, path: certificatePath, now: now)
@@ -224,7 +225,8 @@ public struct CertificateAuthority: Sendable {
         }
         // A certificate never outlives the CA that signed it.
         let notAfter = min(now + validity, certificate.notValidAfter)
-        let authorityKeyID = try certificate.extensions.subjectKeyIdentifier?.keyIdentifier
+        let authorityKeyID =
+            try certificate.extensions.subjectKeyIdentifier?.keyIdentifier
             ?? SubjectKeyIdentifier(hash: certificate.publicKey).keyIdentifier
         return try Certificate(
             version: .v3,

@@ -8,7 +8,9 @@ public protocol JoinStateStore: Sendable {
     /// Where the state is kept, for messages (`/var/lib/…/pki`, `namespace edge-tunnel`).
     var location: String { get }
     func tokens() async throws -> [StoredToken]
-    func createToken(ttl: Double, description: String?, nodes: [String]?, nodeCIDRs: [String]?) async throws
+    func createToken(
+        ttl: Double, description: String?, nodes: [String]?, nodeCIDRs: [String]?
+    ) async throws
         -> (BootstrapToken, StoredToken)
     /// Throws `tokenNotFound` when there is no token with `id`.
     func deleteToken(id: String) async throws
@@ -26,7 +28,9 @@ public struct FileJoinState: JoinStateStore {
 
     public var location: String { paths.directory }
     public func tokens() throws -> [StoredToken] { try TokenStore(paths: paths).list() }
-    public func createToken(ttl: Double, description: String?, nodes: [String]?, nodeCIDRs: [String]?) throws
+    public func createToken(
+        ttl: Double, description: String?, nodes: [String]?, nodeCIDRs: [String]?
+    ) throws
         -> (BootstrapToken, StoredToken)
     {
         try TokenStore(paths: paths).create(ttl: ttl, description: description, nodes: nodes, nodeCIDRs: nodeCIDRs)

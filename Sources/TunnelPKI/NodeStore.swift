@@ -1,7 +1,8 @@
+import Foundation
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import Foundation
 
 /// What the server knows of one node's identity: when it joined, whether it is revoked, and from when its
 /// certificates count (``certificatesValidFrom``: a reset makes every earlier certificate of the name void).
@@ -31,7 +32,8 @@ extension NodeRecord {
     /// Refuses a name that has joined and was not reset, or is revoked; node IPs that another joined node
     /// (among `others`) holds; and a join that a reset overtook (its certificate would already be void).
     public static func joining(
-        _ existing: NodeRecord?, name: String, ips: [String], certificateValidFrom: Date, others: [NodeRecord], now: Date
+        _ existing: NodeRecord?, name: String, ips: [String], certificateValidFrom: Date, others: [NodeRecord],
+        now: Date
     ) throws -> NodeRecord {
         for other in others where other.name != name && other.joined != nil && other.revoked == nil {
             if let shared = ips.first(where: other.ips.contains) {
@@ -40,10 +42,12 @@ extension NodeRecord {
         }
         guard var record = existing else { return NodeRecord(name: name, joined: now, ips: ips) }
         if record.revoked != nil {
-            throw PKIError(.alreadyExists, "node \(name) is revoked: run edgetunnel node reset \(name) before it joins again")
+            throw PKIError(
+                .alreadyExists, "node \(name) is revoked: run edgetunnel node reset \(name) before it joins again")
         }
         if record.joined != nil {
-            throw PKIError(.alreadyExists,
+            throw PKIError(
+                .alreadyExists,
                 "node \(name) has already joined: if it was re-installed, run edgetunnel node reset \(name) first")
         }
         guard record.accepts(certificateValidFrom: certificateValidFrom) else {

@@ -43,7 +43,9 @@ public enum PEMFiles {
     }
 
     /// Reads a certificate and its key and checks that they belong together.
-    public static func keyPair(certificate certPath: String, key keyPath: String) throws -> (Certificate, Certificate.PrivateKey) {
+    public static func keyPair(
+        certificate certPath: String, key keyPath: String
+    ) throws -> (Certificate, Certificate.PrivateKey) {
         let certificate = try certificate(at: certPath)
         let key = try privateKey(at: keyPath)
         guard key.publicKey == certificate.publicKey else {
@@ -53,7 +55,9 @@ public enum PEMFiles {
     }
 
     /// Checks that `certificate` (read from `path`) is valid at `now`, allowing for `skew` of clock difference.
-    public static func checkValidity(_ certificate: Certificate, path: String, now: Date, skew: TimeInterval = 300) throws {
+    public static func checkValidity(
+        _ certificate: Certificate, path: String, now: Date, skew: TimeInterval = 300
+    ) throws {
         if certificate.notValidAfter < now {
             throw PKIError(
                 .certificateExpired,

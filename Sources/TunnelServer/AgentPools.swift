@@ -21,7 +21,8 @@ final class PoolAgentGauges: @unchecked Sendable {
     static let maxPools = 64
     static let other = "other"
     static let name = "edge_tunnel_server_pool_agents"
-    static let help = "Agents connected to this server by edge pool and path (private, internet, unknown); pools beyond 64 count as other."
+    static let help =
+        "Agents connected to this server by edge pool and path (private, internet, unknown); pools beyond 64 count as other."
 
     private let registry: PrometheusCollectorRegistry
     private let lock = NIOLock()
@@ -65,12 +66,15 @@ final class PoolAgentGauges: @unchecked Sendable {
             // Series seen before and empty now read 0 (dashboards see a drop, not a gap).
             for (key, gauge) in gauges where counts[key] == nil { gauge.set(Double(0)) }
             for (key, count) in counts {
-                let gauge = gauges[key] ?? {
-                    let made = registry.makeGauge(
-                        descriptor: .named(Self.name, help: Self.help), labels: [("pool", key.pool), ("path", key.path)])
-                    gauges[key] = made
-                    return made
-                }()
+                let gauge =
+                    gauges[key]
+                    ?? {
+                        let made = registry.makeGauge(
+                            descriptor: .named(Self.name, help: Self.help),
+                            labels: [("pool", key.pool), ("path", key.path)])
+                        gauges[key] = made
+                        return made
+                    }()
                 gauge.set(Double(count))
             }
             return counts

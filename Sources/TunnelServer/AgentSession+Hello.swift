@@ -18,7 +18,8 @@ extension AgentSession {
             return
         }
         guard (oldestAgentProtocolVersion...tunnelProtocolVersion).contains(hello.version) else {
-            let reason = "protocol version \(hello.version) is not supported (server speaks \(oldestAgentProtocolVersion) to \(tunnelProtocolVersion))"
+            let reason =
+                "protocol version \(hello.version) is not supported (server speaks \(oldestAgentProtocolVersion) to \(tunnelProtocolVersion))"
             logger.warning("registration refused: \(reason)")
             tellAndClose(Refused(reason: reason, code: Refused.unsupportedVersion))
             return
@@ -34,18 +35,23 @@ extension AgentSession {
             return
         }
         guard hello.nodeName == nodeName else {
-            refuse("certificate is for node \(nodeName) but the registration claims node \(PeerText.bounded(hello.nodeName))")
+            refuse(
+                "certificate is for node \(nodeName) but the registration claims node \(PeerText.bounded(hello.nodeName))"
+            )
             return
         }
         if let have = hello.haveServers, have.contains(server.configuration.serverID) {
             // The agent holds a tunnel to this replica already (the Service picked it again): refused before
             // anything is registered, so the live tunnel stays.
             server.metrics.duplicateTunnels.increment()
-            tellAndClose(Refused(reason: "already connected to server \(server.configuration.serverID)", duplicate: true))
+            tellAndClose(
+                Refused(reason: "already connected to server \(server.configuration.serverID)", duplicate: true))
             return
         }
         if let pool = hello.pool, !PoolName.isValid(pool) {
-            refuse("pool \"\(PeerText.bounded(pool, limit: 80))\" is not a DNS label (1-63 lower-case letters, digits and '-')")
+            refuse(
+                "pool \"\(PeerText.bounded(pool, limit: 80))\" is not a DNS label (1-63 lower-case letters, digits and '-')"
+            )
             return
         }
         // With Node objects: only an existing Node registers, claiming only addresses its Node reports.
@@ -69,12 +75,15 @@ extension AgentSession {
             }
             guard certificateIPs.contains(address) else {
                 let issued = certificateIPs.isEmpty ? "none" : certificateIPs.map(\.description).joined(separator: ", ")
-                refuse("node IP \(address) is not in the certificate of node \(nodeName) (its IPs: \(issued)); "
-                    + "a node's IPs are fixed when it joins")
+                refuse(
+                    "node IP \(address) is not in the certificate of node \(nodeName) (its IPs: \(issued)); "
+                        + "a node's IPs are fixed when it joins")
                 return
             }
             if let nodeAddresses, !nodeAddresses.contains(where: { IPAddress($0) == address }) {
-                refuse("node IP \(address) is not among the addresses of Node \(nodeName) (\(nodeAddresses.isEmpty ? "none" : nodeAddresses.joined(separator: ", ")))")
+                refuse(
+                    "node IP \(address) is not among the addresses of Node \(nodeName) (\(nodeAddresses.isEmpty ? "none" : nodeAddresses.joined(separator: ", ")))"
+                )
                 return
             }
             ips.append(address.description)
@@ -84,7 +93,9 @@ extension AgentSession {
         path = hello.path.flatMap(TunnelPath.init(rawValue:))
         if let declared = hello.pool, let directory = server.nodeDirectory, directory.pool(of: nodeName) != declared {
             // An agent cannot put its node into another pool: the Node's label counts.
-            logger.warning("the agent declares pool \(declared), but its Node's pool label says \(directory.pool(of: nodeName) ?? "none"): the Node's counts")
+            logger.warning(
+                "the agent declares pool \(declared), but its Node's pool label says \(directory.pool(of: nodeName) ?? "none"): the Node's counts"
+            )
         }
         // Version 3: this tunnel is resumable, and it may resume the streams of the node's lost one.
         var resumeFrom: AgentSession?
@@ -112,16 +123,20 @@ extension AgentSession {
         // Out of the listener's gate only now: until HELLO it counts per source and in total, with its deadline.
         PendingConnectionHandler.authenticated(channel.pipeline.syncOperations)
         mux.peerRegistered()
-        logger.info("agent registered", metadata: [
-            "ips": "\(ips.joined(separator: ","))", "pool": "\(server.pool(of: self) ?? "")", "path": "\(TunnelPath.shown(hello.path))",
-        ])
+        logger.info(
+            "agent registered",
+            metadata: [
+                "ips": "\(ips.joined(separator: ","))", "pool": "\(server.pool(of: self) ?? "")",
+                "path": "\(TunnelPath.shown(hello.path))",
+            ])
         mux.sendControl(
-            HelloOK(serverID: server.configuration.serverID,
-                    pingIntervalSeconds: Double(server.configuration.keepaliveInterval.nanoseconds) / 1e9,
-                    serverCount: server.serverCount,
-                    resumeToken: resumeToken,
-                    resumeGraceSeconds: resumeToken == nil ? nil : Double(grace.nanoseconds) / 1e9,
-                    resumed: resumeFrom == nil ? nil : true))
+            HelloOK(
+                serverID: server.configuration.serverID,
+                pingIntervalSeconds: Double(server.configuration.keepaliveInterval.nanoseconds) / 1e9,
+                serverCount: server.serverCount,
+                resumeToken: resumeToken,
+                resumeGraceSeconds: resumeToken == nil ? nil : Double(grace.nanoseconds) / 1e9,
+                resumed: resumeFrom == nil ? nil : true))
         guard let resumeFrom else { return }
         let logger = self.logger
         let metrics = server.metrics

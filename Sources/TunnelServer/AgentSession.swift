@@ -169,7 +169,9 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
         state = .suspended
         if let replaced = server.registry.suspend(self) { replaced.abandonSuspended() }
         if wasRegistered {
-            logger.info("agent connection lost: its \(mux.streamCount) streams wait \(server.configuration.resumeGrace.seconds)s for it to resume them")
+            logger.info(
+                "agent connection lost: its \(mux.streamCount) streams wait \(server.configuration.resumeGrace.seconds)s for it to resume them"
+            )
         }
     }
 
@@ -253,12 +255,16 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
             if lastEarlyRenewalLogged.map({ now - $0 >= Self.renewalInterval }) ?? true {
                 lastEarlyRenewalLogged = now
                 let interval = Self.renewalInterval.seconds
-                logger.warning("certificate renewal refused: asked again within \(interval)s (more within \(interval)s are only counted)")
+                logger.warning(
+                    "certificate renewal refused: asked again within \(interval)s (more within \(interval)s are only counted)"
+                )
             }
             return
         }
         lastRenewal = now
-        if let refusal = server.renewals.admit(node: nodeName, source: channel.remoteAddress?.ipAddress ?? "local", now: now) {
+        if let refusal = server.renewals.admit(
+            node: nodeName, source: channel.remoteAddress?.ipAddress ?? "local", now: now)
+        {
             server.metrics.limitHits.increment("renew_rate")
             logger.warning("certificate renewal refused: \(refusal)")
             return
@@ -273,9 +279,11 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
                 request.csrPEM, nodeName: nodeName, ips: certificateIPs,
                 validity: server.configuration.agentCertificateValidity)
             mux.sendControl(RenewOK(certificatePEM: try PEMFiles.pem(certificate)))
-            logger.info("renewed the agent's certificate", metadata: [
-                "notAfter": "\(Timestamps.iso8601(certificate.notValidAfter))",
-            ])
+            logger.info(
+                "renewed the agent's certificate",
+                metadata: [
+                    "notAfter": "\(Timestamps.iso8601(certificate.notValidAfter))"
+                ])
         } catch {
             // The agent keeps its current certificate and asks again later.
             logger.warning("certificate renewal refused: \(error)")

@@ -47,15 +47,20 @@ public final class ConfigReloader: @unchecked Sendable {
                 || next.caDirectory != applied.caDirectory || next.stateDirectory != applied.stateDirectory
                 || next.joinStateNamespace != applied.joinStateNamespace || next.poolLabel != applied.poolLabel
             {
-                logger.warning("\(reason): ports, bind address, PKI, CA and state folders, join state, pool label and client CA change only with a restart; applying the addresses")
+                logger.warning(
+                    "\(reason): ports, bind address, PKI, CA and state folders, join state, pool label and client CA change only with a restart; applying the addresses"
+                )
             }
             try server.updateAddresses(certIPs: next.certIPs, certDNSNames: next.certDNSNames)
             // With Leases the count is theirs: the file's serverCount only stands in until the first list.
             if next.leaseNamespace == nil { server.setServerCount(next.serverCount) }
             applied = next
-            logger.info("\(reason): configuration applied", metadata: [
-                "certIPs": "\(next.certIPs.joined(separator: ","))", "certDNSNames": "\(next.certDNSNames.joined(separator: ","))",
-            ])
+            logger.info(
+                "\(reason): configuration applied",
+                metadata: [
+                    "certIPs": "\(next.certIPs.joined(separator: ","))",
+                    "certDNSNames": "\(next.certDNSNames.joined(separator: ","))",
+                ])
         } catch {
             logger.error("\(reason): configuration rejected, keeping the last good one: \(error)")
         }

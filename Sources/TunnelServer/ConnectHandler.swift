@@ -71,17 +71,17 @@ final class ConnectHandler: ChannelDuplexHandler, RemovableChannelHandler {
     private func open(_ target: HostPort, context: ChannelHandlerContext) {
         StreamDialer.open(target, server: server, for: context.channel) { _, failure in failure.reason }
             .whenSuccess { outcome in
-            switch outcome {
-            case .opened(let mux, let id, _):
-                guard context.channel.isActive else {
-                    mux.cancelStream(id)
-                    return
+                switch outcome {
+                case .opened(let mux, let id, _):
+                    guard context.channel.isActive else {
+                        mux.cancelStream(id)
+                        return
+                    }
+                    self.established(context, mux: mux, streamID: id)
+                case .failed(let status, let message):
+                    self.respond(context, status, message)
                 }
-                self.established(context, mux: mux, streamID: id)
-            case .failed(let status, let message):
-                self.respond(context, status, message)
             }
-        }
     }
 
     private func established(_ context: ChannelHandlerContext, mux: TunnelMux, streamID: UInt32) {
@@ -91,7 +91,8 @@ final class ConnectHandler: ChannelDuplexHandler, RemovableChannelHandler {
         context.writeAndFlush(wrapOutboundOut(head), promise: nil)
         do {
             let pipeline = context.pipeline.syncOperations
-            try pipeline.addHandler(StreamGlue(mux: mux, streamID: streamID, eventLoop: context.eventLoop), position: .after(self))
+            try pipeline.addHandler(
+                StreamGlue(mux: mux, streamID: streamID, eventLoop: context.eventLoop), position: .after(self))
             if let early, early.readableBytes > 0 {
                 self.early = nil
                 context.fireChannelRead(wrapInboundOut(early))

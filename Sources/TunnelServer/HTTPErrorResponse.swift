@@ -9,9 +9,11 @@ enum HTTPErrorResponse {
     static func send(_ context: ChannelHandlerContext, _ status: Int, _ message: String, logger: Logger) {
         guard context.channel.isActive else { return }
         let status = (400...599).contains(status) ? status : 502  // NIO traps on some codes; errors only here
-        logger.info("answered \(status): \(message)", metadata: [
-            "remote": "\(context.channel.remoteAddress?.description ?? "?")",
-        ])
+        logger.info(
+            "answered \(status): \(message)",
+            metadata: [
+                "remote": "\(context.channel.remoteAddress?.description ?? "?")"
+            ])
         let body = message + "\n"
         let phrase = HTTPResponseStatus(statusCode: status).reasonPhrase
         var buffer = context.channel.allocator.buffer(capacity: 128 + body.utf8.count)

@@ -102,7 +102,8 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
         // The secure port requires a client certificate: a finished handshake is an authenticated caller.
         if let tls = event as? TLSUserEvent, case .handshakeCompleted = tls {
             // An agent certificate is refused here (403): its handshake's timing must not weigh on overload.
-            let agent = (try? context.pipeline.syncOperations.nioSSL_peerCertificate()?.x509())??
+            let agent =
+                (try? context.pipeline.syncOperations.nioSSL_peerCertificate()?.x509())??
                 .subject.organizations.contains(CertificateAuthority.agentOrganization) ?? false
             PendingConnectionHandler.authenticated(context.pipeline.syncOperations, timed: !agent)
         }
@@ -298,7 +299,8 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
     private func relayPlain(_ context: ChannelHandlerContext, mux: TunnelMux, streamID: UInt32) {
         do {
             let sync = context.pipeline.syncOperations
-            try sync.addHandler(StreamGlue(mux: mux, streamID: streamID, eventLoop: context.eventLoop), position: .after(self))
+            try sync.addHandler(
+                StreamGlue(mux: mux, streamID: streamID, eventLoop: context.eventLoop), position: .after(self))
             established(context)
         } catch {
             mux.cancelStream(streamID)
@@ -312,7 +314,9 @@ final class HostRouter: ChannelDuplexHandler, RemovableChannelHandler {
     private func relayTLS(
         _ context: ChannelHandlerContext, mux: TunnelMux, streamID: UInt32, node: String, destination: HostPort
     ) {
-        KubeletTLSBridge.open(mux: mux, streamID: streamID, destination: destination, server: server, on: context.eventLoop)
+        KubeletTLSBridge.open(
+            mux: mux, streamID: streamID, destination: destination, server: server, on: context.eventLoop
+        )
         .whenComplete { result in
             switch result {
             case .failure(let error):

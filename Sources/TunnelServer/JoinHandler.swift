@@ -23,17 +23,21 @@ final class JoinHandler: ChannelInboundHandler {
         answered = true
         let remote = context.channel.remoteAddress?.description ?? "unknown"
         guard frame.type == .join else {
-            refuse(context, "this connection has no client certificate: only a bootstrap join is accepted", remote: remote)
+            refuse(
+                context, "this connection has no client certificate: only a bootstrap join is accepted", remote: remote)
             return
         }
         guard server.joins.admit(context.channel.remoteAddress?.ipAddress ?? "local") else {
             server.metrics.limitHits.increment("join_rate")
-            refuse(context, "join refused: too many joins from this address, try again in \(server.joins.window.seconds)s",
-                   remote: remote)
+            refuse(
+                context, "join refused: too many joins from this address, try again in \(server.joins.window.seconds)s",
+                remote: remote)
             return
         }
         guard server.identities.isLoaded else {
-            refuse(context, "join refused: the server has not loaded its tokens and node records yet: try again", remote: remote)
+            refuse(
+                context, "join refused: the server has not loaded its tokens and node records yet: try again",
+                remote: remote)
             return
         }
         do {
@@ -64,13 +68,15 @@ final class JoinHandler: ChannelInboundHandler {
             let authority = try server.authority()
             try server.identities.reloadIfChanged()  // a reset a moment ago counts
             let certificate = try authority.signNodeCSR(
-                request.csrPEM, nodeName: request.nodeName, ips: ips, validity: server.configuration.agentCertificateValidity,
+                request.csrPEM, nodeName: request.nodeName, ips: ips,
+                validity: server.configuration.agentCertificateValidity,
                 now: server.identities.issuingTime(for: request.nodeName))
             let reply = JoinOK(
                 certificatePEM: try PEMFiles.pem(certificate), caPEM: try PEMFiles.pem(authority.certificate))
             // Recorded last: a name is taken only by a join that gets its certificate.
             guard let joinState = server.joinState else {
-                try server.identities.recordJoin(request.nodeName, ips: ips, certificateValidFrom: certificate.notValidBefore)
+                try server.identities.recordJoin(
+                    request.nodeName, ips: ips, certificateValidFrom: certificate.notValidBefore)
                 accept(context, reply, node: request.nodeName, remote: remote) { _ in }
                 return
             }
@@ -89,10 +95,13 @@ final class JoinHandler: ChannelInboundHandler {
                         guard !delivered else { return }
                         // Recorded, but the certificate never reached the node (the connection closed while the API
                         // server wrote): undo this join, so the name is not locked out until an operator resets it.
-                        server.logger.warning("join of \(name) recorded but its certificate was not delivered: undoing it")
+                        server.logger.warning(
+                            "join of \(name) recorded but its certificate was not delivered: undoing it")
                         let logger = server.logger
                         Task {
-                            do { try await joinState.undoJoin(record) } catch { logger.warning("cannot undo the join of \(name): \(error)") }
+                            do { try await joinState.undoJoin(record) } catch {
+                                logger.warning("cannot undo the join of \(name): \(error)")
+                            }
                         }
                     }
                 case .failure(let error):
@@ -106,7 +115,8 @@ final class JoinHandler: ChannelInboundHandler {
 
     /// Sends the certificate; `delivered` says whether the write reached the socket.
     private func accept(
-        _ context: ChannelHandlerContext, _ reply: JoinOK, node: String, remote: String, delivered: @escaping (Bool) -> Void
+        _ context: ChannelHandlerContext, _ reply: JoinOK, node: String, remote: String,
+        delivered: @escaping (Bool) -> Void
     ) {
         guard context.channel.isActive else { return delivered(false) }
         let logger = server.logger

@@ -23,7 +23,9 @@ enum KubeletName {
             return
         }
         let names = sans.dnsNames + sans.ipAddresses.map(\.description)
-        throw Mismatch(description: "the kubelet's certificate names \(names.isEmpty ? "no host" : names.joined(separator: ", ")), "
-            + "not \(destination.host)")
+        throw Mismatch(
+            description:
+                "the kubelet's certificate names \(names.isEmpty ? "no host" : names.joined(separator: ", ")), "
+                + "not \(destination.host)")
     }
 }

@@ -22,8 +22,9 @@ enum KubeletTLSBridge {
     ) -> EventLoopFuture<(stream: Channel, tls: Channel)> {
         var fds: [Int32] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0 else {
-            return loop.makeFailedFuture(HTTPErrorResponse.Failure(
-                description: "cannot create a socket pair: \(String(cString: strerror(errno)))"))
+            return loop.makeFailedFuture(
+                HTTPErrorResponse.Failure(
+                    description: "cannot create a socket pair: \(String(cString: strerror(errno)))"))
         }
         let kubeletTLS = server.kubeletClientContext
         let timeout = server.configuration.dialTimeout
@@ -32,7 +33,8 @@ enum KubeletTLSBridge {
             .channelOption(.allowRemoteHalfClosure, value: true)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(StreamGlue(mux: mux, streamID: streamID, eventLoop: channel.eventLoop))
+                    try channel.pipeline.syncOperations.addHandler(
+                        StreamGlue(mux: mux, streamID: streamID, eventLoop: channel.eventLoop))
                 }
             }
             .takingOwnershipOfDescriptor(inputOutput: fds[0])
@@ -52,7 +54,8 @@ enum KubeletTLSBridge {
                 deadline: deadline, timeout: timeout
             ).flatMapThrowing { () throws -> (stream: Channel, tls: Channel) in
                 if checkName {
-                    try KubeletName.check(try tlsChannel.pipeline.syncOperations.nioSSL_peerCertificate(), for: destination)
+                    try KubeletName.check(
+                        try tlsChannel.pipeline.syncOperations.nioSSL_peerCertificate(), for: destination)
                 }
                 return (streamChannel, tlsChannel)
             }.flatMapErrorThrowing { error in

@@ -67,11 +67,13 @@ final class NodeIdentities: @unchecked Sendable {
         }
     }
 
-
     /// The nodes that have joined and are not revoked: the ones a replica expects a tunnel from.
     var expectedNodes: Set<String> {
-        let (current, isUnreadable): ([String: NodeRecord], @Sendable (String) -> Bool) = lock.withLock { (records, unreadable) }
-        return Set(current.values.filter { $0.joined != nil && $0.revoked == nil && !isUnreadable($0.name) }.map(\.name))
+        let (current, isUnreadable): ([String: NodeRecord], @Sendable (String) -> Bool) = lock.withLock {
+            (records, unreadable)
+        }
+        return Set(
+            current.values.filter { $0.joined != nil && $0.revoked == nil && !isUnreadable($0.name) }.map(\.name))
     }
 
     /// The moment a new certificate of `node` must be issued at (its validity start), so that it counts after a

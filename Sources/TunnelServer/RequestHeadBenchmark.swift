@@ -28,7 +28,9 @@ public enum RequestHeadBenchmark {
             try channel.writeInbound(buffer)
             while let part = try channel.readInbound(as: HTTPServerRequestPart.self) {
                 guard case .head(let head) = part else { continue }
-                if case .node(let destination) = try RequestRoute(head, defaultPort: 10250) { routed &+= destination.port }
+                if case .node(let destination) = try RequestRoute(head, defaultPort: 10250) {
+                    routed &+= destination.port
+                }
                 out.clear()
                 encoder.write(head, into: &out)
                 routed &+= out.readableBytes
@@ -42,7 +44,9 @@ public enum RequestHeadBenchmark {
             buffer.writeBytes(sampleHead)
             try channel.writeInbound(buffer)
             while let part = try channel.readInbound(as: HTTPServerRequestPart.self) {
-                if case .head(let head) = part, let host = head.headers.first(name: "host") { routed &+= host.utf8.count }
+                if case .head(let head) = part, let host = head.headers.first(name: "host") {
+                    routed &+= host.utf8.count
+                }
             }
         }
         let decoder = Double(DispatchTime.now().uptimeNanoseconds - decoderStart) / Double(iterations)

@@ -38,8 +38,10 @@ enum RequestRoute: Equatable {
     /// The request decoder every caller's bytes go through first; after an upgrade (or `CONNECT`) it hands the
     /// bytes it did not parse to the next handler when it is removed.
     static func makeDecoder() -> ByteToMessageHandler<HTTPRequestDecoder> {
-        ByteToMessageHandler(HTTPRequestDecoder(
-            leftOverBytesStrategy: .forwardBytes, informationalResponseStrategy: .drop, limitConfiguration: decoderLimits))
+        ByteToMessageHandler(
+            HTTPRequestDecoder(
+                leftOverBytesStrategy: .forwardBytes, informationalResponseStrategy: .drop,
+                limitConfiguration: decoderLimits))
     }
 
     init(_ head: HTTPRequestHead, defaultPort: Int) throws {
@@ -58,7 +60,9 @@ enum RequestRoute: Equatable {
     static func check(_ head: HTTPRequestHead) throws {
         if head.headers["host"].count > 1 { throw Rejection(status: 400, reason: "more than one Host header") }
         // The decoder replaces bytes that are not UTF-8 with U+FFFD; forwarding that would change the request.
-        if hasReplacement(head.uri) || head.headers.contains(where: { hasReplacement($0.name) || hasReplacement($0.value) }) {
+        if hasReplacement(head.uri)
+            || head.headers.contains(where: { hasReplacement($0.name) || hasReplacement($0.value) })
+        {
             throw Rejection(status: 400, reason: "request head is not valid UTF-8")
         }
         // HTTP/1.0 has no chunked coding: llhttp de-chunks such a body, Go's server (the kubelet) ignores the
@@ -102,7 +106,9 @@ enum RequestRoute: Equatable {
         {
             return hostPort
         }
-        throw Rejection(status: 400, reason: "Host \"\(PeerText.bounded(authority))\" is not a node name or IP with an optional port")
+        throw Rejection(
+            status: 400,
+            reason: "Host \"\(PeerText.bounded(authority))\" is not a node name or IP with an optional port")
     }
 
     /// Headers that concern one connection only (RFC 9110 §7.6.1), never forwarded; `Host` is set anew from the
@@ -150,11 +156,13 @@ enum RequestRoute: Equatable {
         switch error {
         case .headerOverflow:
             return Rejection(
-                status: 431, reason: "request header block is larger than \(maxHeadSize / 1024) KiB or has more than 1,024 headers")
+                status: 431,
+                reason: "request header block is larger than \(maxHeadSize / 1024) KiB or has more than 1,024 headers")
         case .unexpectedContentLength:
             return Rejection(
                 status: 400,
-                reason: "Content-Length with Transfer-Encoding, or two Content-Length headers: refused (request smuggling)")
+                reason:
+                    "Content-Length with Transfer-Encoding, or two Content-Length headers: refused (request smuggling)")
         case .invalidContentLength:
             return Rejection(status: 400, reason: "malformed Content-Length")
         case .invalidHeaderToken, .invalidCharactersUsed, .strictModeAssertion:

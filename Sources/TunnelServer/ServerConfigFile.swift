@@ -46,8 +46,11 @@ public struct ServerConfigFile: Codable, Sendable {
     public var resumeGraceSeconds: Int?
 
     public static let keys: Set<String> = [
-        "pkiDir", "caDir", "stateDir", "bindAddress", "tunnelPort", "securePort", "metaPort", "certIPs", "certDNSNames", "clientCAFile",
-        "serverID", "serverCount", "replicaWarmup", "leaseNamespace", "leaseLabel", "kubeconfig", "addressService", "checkNodeObjects", "poolLabel", "joinStateNamespace", "logLevel", "agentCertificateValidity", "servingCertificateValidity", "insecurePort",
+        "pkiDir", "caDir", "stateDir", "bindAddress", "tunnelPort", "securePort", "metaPort", "certIPs", "certDNSNames",
+        "clientCAFile",
+        "serverID", "serverCount", "replicaWarmup", "leaseNamespace", "leaseLabel", "kubeconfig", "addressService",
+        "checkNodeObjects", "poolLabel", "joinStateNamespace", "logLevel", "agentCertificateValidity",
+        "servingCertificateValidity", "insecurePort",
         "insecureBindAddress", "udsPath", "kubeletClientCert", "kubeletClientKey", "kubeletCAFile",
         "eventLoopThreads", "handshakeTimeout", "maxPendingConnections", "maxPendingConnectionsPerSource",
         "allowInsecureBind", "maxStreamsPerAgent", "maxPendingOpensPerAgent", "maxStreamsPerCaller", "maxBufferedMiB",

@@ -47,11 +47,15 @@ final class ServerMetrics: @unchecked Sendable {
         retainedBytes = registry.makeGauge(
             descriptor: .named(
                 "edge_tunnel_server_retained_bytes",
-                help: "Bytes sent and kept to send again after a resume, over all tunnels (bounded by --max-buffered-mib)."))
+                help:
+                    "Bytes sent and kept to send again after a resume, over all tunnels (bounded by --max-buffered-mib)."
+            ))
         unresumableStreams = registry.makeCounter(
             descriptor: .named(
                 "edge_tunnel_server_unresumable_streams_total",
-                help: "Streams that stopped keeping their sent bytes (the tunnel's or the process's retention bound): reset, not resumed, if the connection is lost."))
+                help:
+                    "Streams that stopped keeping their sent bytes (the tunnel's or the process's retention bound): reset, not resumed, if the connection is lost."
+            ))
         duplicateTunnels = registry.makeCounter(
             descriptor: .named(
                 "edge_tunnel_server_duplicate_tunnels_total",
@@ -66,12 +70,16 @@ final class ServerMetrics: @unchecked Sendable {
         pacedTunnels = registry.makeGauge(
             descriptor: .named(
                 "edge_tunnel_server_paced_tunnels",
-                help: "Tunnels paced now: their link to the agent is slow (below 100 Mbit/s), so replies go ahead of bulk."))
+                help:
+                    "Tunnels paced now: their link to the agent is slow (below 100 Mbit/s), so replies go ahead of bulk."
+            ))
         dialDuration = registry.makeDurationHistogram(
             descriptor: .named(
                 "edge_tunnel_server_dial_duration_seconds", help: "Time from a caller's request to the agent's answer."),
-            buckets: [.milliseconds(1), .milliseconds(5), .milliseconds(10), .milliseconds(50), .milliseconds(100),
-                      .milliseconds(500), .seconds(1), .seconds(5), .seconds(15)])
+            buckets: [
+                .milliseconds(1), .milliseconds(5), .milliseconds(10), .milliseconds(50), .milliseconds(100),
+                .milliseconds(500), .seconds(1), .seconds(5), .seconds(15),
+            ])
         let bytes = MetricNameDescriptor.named(
             "edge_tunnel_server_bytes_total", help: "Stream bytes carried through the tunnel.")
         bytesFromAgents = TotalCounter(registry.makeCounter(descriptor: bytes, labels: [("direction", "from_agent")]))
@@ -91,13 +99,16 @@ final class ServerMetrics: @unchecked Sendable {
             help: "Streams, renewals or connections refused because a limit was reached, by limit.")
         bufferedBytes = registry.makeGauge(
             descriptor: .named(
-                "edge_tunnel_server_window_budget_bytes", help: "Receive window granted over all tunnels (--max-buffered-mib bounds it)."))
+                "edge_tunnel_server_window_budget_bytes",
+                help: "Receive window granted over all tunnels (--max-buffered-mib bounds it)."))
         pendingConnections = LabeledGauges(
             registry: registry, name: "edge_tunnel_server_unauthenticated_connections", label: "port",
             help: "Connections still in their TLS handshake or before their request head, by listener.")
         admissionLimits = LabeledGauges(
             registry: registry, name: "edge_tunnel_server_unauthenticated_connection_limit", label: "port",
-            help: "How many unauthenticated connections a listener admits now (lower than --max-pending-connections under a handshake overload).")
+            help:
+                "How many unauthenticated connections a listener admits now (lower than --max-pending-connections under a handshake overload)."
+        )
     }
 
     func dialFailed(reason: String) {
@@ -107,7 +118,8 @@ final class ServerMetrics: @unchecked Sendable {
     /// Refreshes the values that are read from live state, then renders the Prometheus text format. `pool` gives
     /// an agent's edge pool (``TunnelServerCore/pool(of:)``).
     func render(
-        registry agentRegistry: AgentRegistry, gates: [ConnectionGate], budget: WindowBudget?, retained: RetainedBudget?,
+        registry agentRegistry: AgentRegistry, gates: [ConnectionGate], budget: WindowBudget?,
+        retained: RetainedBudget?,
         pool: (AgentSession) -> String? = { $0.declaredPool }
     ) -> [UInt8] {
         bufferedBytes.set(Double(budget?.inUse ?? 0))

@@ -6,7 +6,8 @@ import X509
 /// The serving certificate: reused while it matches the wanted SANs and is far from expiry, else re-issued.
 enum ServingCertificate {
     static func ensure(
-        paths: PKIPaths, sans wanted: ServerSANs, authority: CertificateAuthority, validity: TimeInterval, logger: Logger
+        paths: PKIPaths, sans wanted: ServerSANs, authority: CertificateAuthority, validity: TimeInterval,
+        logger: Logger
     ) throws
         -> IssuedCredential
     {
@@ -21,9 +22,11 @@ enum ServingCertificate {
         }
         let issued = try authority.issueServerCertificate(sans: wanted, validity: validity)
         try issued.write(certificatePath: paths.serverCertificate, keyPath: paths.serverKey)
-        logger.info("issued serving certificate", metadata: [
-            "sans": "\((wanted.ipAddresses.map(\.description) + wanted.dnsNames).joined(separator: ","))",
-        ])
+        logger.info(
+            "issued serving certificate",
+            metadata: [
+                "sans": "\((wanted.ipAddresses.map(\.description) + wanted.dnsNames).joined(separator: ","))"
+            ])
         return issued
     }
 }

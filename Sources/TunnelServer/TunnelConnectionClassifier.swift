@@ -41,8 +41,9 @@ final class TunnelConnectionClassifier: ChannelInboundHandler, RemovableChannelH
                     return
                 }
                 // Before the node records are loaded the HELLO is refused with that reason (AgentSession).
-                guard !server.identities.isLoaded
-                    || server.identities.accepts(node: node, certificateValidFrom: certificate.notValidBefore)
+                guard
+                    !server.identities.isLoaded
+                        || server.identities.accepts(node: node, certificateValidFrom: certificate.notValidBefore)
                 else {
                     server.logger.warning(
                         "tunnel connection refused: node \(node) is revoked or was reset after this certificate was issued",

@@ -35,7 +35,8 @@ extension TunnelServer {
             }
             if let service = unlistedAddressService {
                 return .text(
-                    .serviceUnavailable, addressServiceRefusal(service) ?? "the addresses of Service \(service) have not been listed yet")
+                    .serviceUnavailable,
+                    addressServiceRefusal(service) ?? "the addresses of Service \(service) have not been listed yet")
             }
             // `/readyz/listeners` is for a Service that agents use too: agents must reach an unready replica.
             if path == "/readyz", let missing = replicaWarmingUp() { return .text(.serviceUnavailable, missing) }
@@ -55,7 +56,6 @@ extension TunnelServer {
         }
     }
 
-
     public var agents: [AgentInfo] {
         core.registry.sessions.map { session in
             let counters = session.mux.counters.snapshot
@@ -68,7 +68,6 @@ extension TunnelServer {
                 path: session.path?.rawValue ?? TunnelPath.unknown)
         }.sorted { $0.nodeName < $1.nodeName }
     }
-
 
     public var serverInfo: ServerInfo {
         let certificate = core.servingCertificate

@@ -1,12 +1,13 @@
-#if canImport(Glibc)
-import Glibc
-#endif
 import Foundation
 import NIOCore
 import NIOPosix
 import TunnelPKI
 import TunnelSupport
 import TunnelWire
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The Unix-socket listener (`--uds-path`) for callers on the same machine.
 extension TunnelServer {
@@ -37,7 +38,9 @@ extension TunnelServer {
         // Created under a restrictive umask so that it is never reachable by others.
         let previous = umask(0o177)
         let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
         }
         let bindError = errno
         umask(previous)
@@ -75,7 +78,9 @@ extension TunnelServer {
     func removeOwnUnixSocket(path: String) {
         guard let identity = lock.withLock({ udsIdentity }) else { return }
         var info = stat()
-        guard lstat(path, &info) == 0, UInt(info.st_dev) == identity.device, UInt(info.st_ino) == identity.inode else { return }
+        guard lstat(path, &info) == 0, UInt(info.st_dev) == identity.device, UInt(info.st_ino) == identity.inode else {
+            return
+        }
         unlink(path)
     }
 }

@@ -1,7 +1,4 @@
 import Foundation
-#if canImport(Glibc)
-import Glibc
-#endif
 import KubeAPI
 import Logging
 import NIOConcurrencyHelpers
@@ -13,6 +10,10 @@ import TunnelPKI
 import TunnelSupport
 import TunnelWire
 import X509
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The EdgeTunnel server: agents' tunnels on the tunnel port, cloud callers' `CONNECT` on the secure port,
 /// health, readiness, metrics and the agent list on the meta port.
@@ -81,14 +82,17 @@ public final class TunnelServer: @unchecked Sendable {
     /// - more than ``ServiceAddresses/maxAddresses`` addresses refuse the whole update with an error naming the
     ///   Service and the count: the certificate in force, and this Service's last addresses taken, stay.
     @discardableResult
-    public func setServiceAddresses(_ service: String, ips: [String], dnsNames: [String]) throws -> ServiceAddresses.Checked {
+    public func setServiceAddresses(
+        _ service: String, ips: [String], dnsNames: [String]
+    ) throws -> ServiceAddresses.Checked {
         let checked = ServiceAddresses.check(ips: ips, dnsNames: dnsNames)
         if !checked.invalid.isEmpty {
             let shown = checked.invalid.prefix(10).map { "\"\(PeerText.bounded($0, limit: 64))\"" }
             let more = checked.invalid.count > shown.count ? " and \(checked.invalid.count - shown.count) more" : ""
             let what = "neither an IP address nor a DNS name (wildcards are not taken)"
             core.logger.warning(
-                "Service \(service): left out of the serving certificate, \(what): \(shown.joined(separator: ", "))\(more)")
+                "Service \(service): left out of the serving certificate, \(what): \(shown.joined(separator: ", "))\(more)"
+            )
         }
         guard checked.count <= ServiceAddresses.maxAddresses else {
             let refusal = TooManyServiceAddresses(service: service, count: checked.count)
@@ -137,7 +141,8 @@ public final class TunnelServer: @unchecked Sendable {
             return (a + b).filter { seen.insert($0).inserted }
         }
         let sans = try ServerSANs(
-            ips: union(configured.ips, named.flatMap(\.ips)), dnsNames: union(configured.dnsNames, named.flatMap(\.dnsNames)))
+            ips: union(configured.ips, named.flatMap(\.ips)),
+            dnsNames: union(configured.dnsNames, named.flatMap(\.dnsNames)))
         try core.refreshServingCertificate(sans: sans)
     }
 
@@ -204,7 +209,8 @@ public final class TunnelServer: @unchecked Sendable {
             seen = generation
             for session in core.registry.liveSessions
             where !core.identities.accepts(node: session.nodeName, certificateValidFrom: session.certificateValidFrom) {
-                session.cutOff(reason: "node \(session.nodeName) is revoked or was reset: its certificate is no longer accepted")
+                session.cutOff(
+                    reason: "node \(session.nodeName) is revoked or was reset: its certificate is no longer accepted")
             }
         }
         lock.withLock { identityWatch = task }
@@ -217,7 +223,9 @@ public final class TunnelServer: @unchecked Sendable {
         let task = group.next().scheduleTask(in: .milliseconds(Int64(delay * 1000))) { [weak self] in
             guard let self, self.lock.withLock({ self.ready }) else { return }
             do {
-                try self.certificateUpdates.withLock { _ = try self.core.refreshServingCertificate(sans: self.core.sans) }
+                try self.certificateUpdates.withLock {
+                    _ = try self.core.refreshServingCertificate(sans: self.core.sans)
+                }
             } catch {
                 self.core.logger.error("cannot renew the serving certificate: \(error)")
             }
@@ -254,9 +262,11 @@ public final class TunnelServer: @unchecked Sendable {
             guard configuration.allowInsecureBind else {
                 throw ConfigurationError(
                     "--insecure-bind-address \(configuration.insecureBindAddress) is not a loopback address: the insecure "
-                    + "port proxies without authentication; pass --allow-insecure-bind to expose it, or --insecure-port 0")
+                        + "port proxies without authentication; pass --allow-insecure-bind to expose it, or --insecure-port 0"
+                )
             }
-            core.logger.critical("""
+            core.logger.critical(
+                """
                 the insecure port \(configuration.insecurePort) proxies WITHOUT AUTHENTICATION on \
                 \(configuration.insecureBindAddress) (--allow-insecure-bind): anyone who reaches it reaches every \
                 node's allowed endpoints
@@ -278,7 +288,8 @@ public final class TunnelServer: @unchecked Sendable {
                     try sync.addHandler(FrameDecoder(maxPayload: Frame.maxUnregisteredPayload))
                     try sync.addHandler(FrameEncoder())
                     try sync.addHandler(TunnelConnectionClassifier(server: core))
-                    try sync.addHandler(CloseOnErrorHandler(logger: core.logger, what: "tunnel", limitHits: core.metrics.limitHits))
+                    try sync.addHandler(
+                        CloseOnErrorHandler(logger: core.logger, what: "tunnel", limitHits: core.metrics.limitHits))
                 }
             }
             .bind(host: host, port: configuration.tunnelPort).get()
@@ -322,11 +333,13 @@ public final class TunnelServer: @unchecked Sendable {
         }
         scheduleRenewal()
         watchIdentities()
-        core.logger.info("edge-tunnel-server listening", metadata: [
-            "tunnel": "\(tunnel.localAddress?.description ?? "?")",
-            "secure": "\(secure.localAddress?.description ?? "?")",
-            "meta": "\(meta.localAddress?.description ?? "?")",
-        ])
+        core.logger.info(
+            "edge-tunnel-server listening",
+            metadata: [
+                "tunnel": "\(tunnel.localAddress?.description ?? "?")",
+                "secure": "\(secure.localAddress?.description ?? "?")",
+                "meta": "\(meta.localAddress?.description ?? "?")",
+            ])
     }
 
     /// Graceful shutdown: stop accepting, tell every agent to send no new streams (GOAWAY), let open streams

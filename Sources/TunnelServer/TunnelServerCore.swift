@@ -1,7 +1,4 @@
 import Foundation
-#if canImport(Glibc)
-import Glibc
-#endif
 import KubeAPI
 import Logging
 import NIOConcurrencyHelpers
@@ -13,6 +10,10 @@ import TunnelPKI
 import TunnelSupport
 import TunnelWire
 import X509
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// State shared by every listener of one server.
 ///
@@ -109,7 +110,9 @@ final class TunnelServerCore: @unchecked Sendable {
             // From the first accepted connection: no node and no join until the ConfigMaps are listed
             // (``setJoinState``), and never the folder's tokens or records.
             if !identities.expectedNodes.isEmpty || AtomicFile.exists(configuration.paths.tokens) {
-                logger.warning("\(configuration.paths.directory): tokens.json and nodes.json are ignored with --join-state-namespace")
+                logger.warning(
+                    "\(configuration.paths.directory): tokens.json and nodes.json are ignored with --join-state-namespace"
+                )
             }
             identities.replace([], synced: false)
             joins.useTokens { [] }
@@ -122,7 +125,8 @@ final class TunnelServerCore: @unchecked Sendable {
         let serving = try ServingCertificate.ensure(
             paths: configuration.statePaths, sans: sans, authority: authority,
             validity: configuration.servingCertificateValidity, logger: logger)
-        clientCA = try configuration.clientCAFile.map { try TLSContexts.trustRoots(file: $0) }
+        clientCA =
+            try configuration.clientCAFile.map { try TLSContexts.trustRoots(file: $0) }
             ?? .certificates([try TLSContexts.nioCertificate(authority.certificate)])
         _authority = authority
         _serving = serving.certificate
@@ -130,10 +134,13 @@ final class TunnelServerCore: @unchecked Sendable {
         (_tunnelContext, _callerContext) = try Self.contexts(serving, authority: authority, clientCA: clientCA)
         metrics.certificateExpiry.set(serving.certificate.notValidAfter.timeIntervalSince1970)
         metrics.replicas.set(Int64(configuration.serverCount))
-        kubeletClientContext = try Self.kubeletContext(configuration: configuration, authority: authority, logger: logger)
+        kubeletClientContext = try Self.kubeletContext(
+            configuration: configuration, authority: authority, logger: logger)
     }
 
-    private static func kubeletContext(configuration: ServerConfiguration, authority: CertificateAuthority, logger: Logger)
+    private static func kubeletContext(
+        configuration: ServerConfiguration, authority: CertificateAuthority, logger: Logger
+    )
         throws -> NIOSSLContext
     {
         let paths = configuration.statePaths
@@ -151,7 +158,8 @@ final class TunnelServerCore: @unchecked Sendable {
             (certificate, key) = existing
         } else {
             let issued = try authority.issueClientCertificate(commonName: "edge-tunnel-kubelet-client")
-            try issued.write(certificatePath: paths.file("kubelet-client.crt"), keyPath: paths.file("kubelet-client.key"))
+            try issued.write(
+                certificatePath: paths.file("kubelet-client.crt"), keyPath: paths.file("kubelet-client.key"))
             (certificate, key) = (issued.certificate, issued.privateKey)
         }
         var tls = TLSConfiguration.makeClientConfiguration()
@@ -169,7 +177,9 @@ final class TunnelServerCore: @unchecked Sendable {
         return try NIOSSLContext(configuration: tls)
     }
 
-    private static func contexts(_ serving: IssuedCredential, authority: CertificateAuthority, clientCA: NIOSSLTrustRoots)
+    private static func contexts(
+        _ serving: IssuedCredential, authority: CertificateAuthority, clientCA: NIOSSLTrustRoots
+    )
         throws -> (NIOSSLContext, NIOSSLContext)
     {
         let chain = [serving.certificate, authority.certificate]
@@ -196,9 +206,11 @@ final class TunnelServerCore: @unchecked Sendable {
             lock.withLock { _sans = sans }
             return false
         }
-        let issued = try authority.issueServerCertificate(sans: sans, validity: configuration.servingCertificateValidity)
+        let issued = try authority.issueServerCertificate(
+            sans: sans, validity: configuration.servingCertificateValidity)
         let (tunnel, caller) = try Self.contexts(issued, authority: authority, clientCA: clientCA)
-        try issued.write(certificatePath: configuration.statePaths.serverCertificate, keyPath: configuration.statePaths.serverKey)
+        try issued.write(
+            certificatePath: configuration.statePaths.serverCertificate, keyPath: configuration.statePaths.serverKey)
         lock.withLock {
             _serving = issued.certificate
             _sans = sans
@@ -206,10 +218,12 @@ final class TunnelServerCore: @unchecked Sendable {
             _callerContext = caller
         }
         metrics.certificateExpiry.set(issued.certificate.notValidAfter.timeIntervalSince1970)
-        logger.info("serving certificate re-issued; new handshakes get it, open connections keep theirs", metadata: [
-            "sans": "\((sans.ipAddresses.map(\.description) + sans.dnsNames).joined(separator: ","))",
-            "notAfter": "\(Timestamps.iso8601(issued.certificate.notValidAfter))",
-        ])
+        logger.info(
+            "serving certificate re-issued; new handshakes get it, open connections keep theirs",
+            metadata: [
+                "sans": "\((sans.ipAddresses.map(\.description) + sans.dnsNames).joined(separator: ","))",
+                "notAfter": "\(Timestamps.iso8601(issued.certificate.notValidAfter))",
+            ])
         return true
     }
 }

@@ -18,7 +18,9 @@ public final class Forwarder: @unchecked Sendable {
         public init(server: String, caFile: String?, cert: String?, key: String?) throws {
             if server.hasPrefix("unix:") {
                 let path = String(server.dropFirst("unix:".count))
-                guard !path.isEmpty else { throw ConfigurationError("invalid --server \"\(server)\": expected unix:PATH") }
+                guard !path.isEmpty else {
+                    throw ConfigurationError("invalid --server \"\(server)\": expected unix:PATH")
+                }
                 self = .unix(path)
                 return
             }
@@ -49,7 +51,9 @@ public final class Forwarder: @unchecked Sendable {
 
     /// Connects to the server on `loop` and sends `CONNECT target`; once the server answered 200, `ready` runs
     /// (to add the handlers that take the stream's bytes) and the response handler is removed.
-    public func openStream(on loop: EventLoop, ready: @escaping (Channel) throws -> Void = { _ in }) -> EventLoopFuture<Channel> {
+    public func openStream(
+        on loop: EventLoop, ready: @escaping (Channel) throws -> Void = { _ in }
+    ) -> EventLoopFuture<Channel> {
         let request = "CONNECT \(target) HTTP/1.1\r\nHost: \(target)\r\n\r\n"
         let connect = ConnectResponseHandler(request: request)
         let bootstrap = ClientBootstrap(group: loop)
@@ -59,17 +63,20 @@ public final class Forwarder: @unchecked Sendable {
         switch endpoint {
         case .tls(let server, let tls):
             let hostname = IPAddress(server.host) == nil ? server.host : nil
-            connected = bootstrap
+            connected =
+                bootstrap
                 .channelOption(.tcpOption(.tcp_nodelay), value: 1)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(NIOSSLClientHandler(context: tls, serverHostname: hostname))
+                        try channel.pipeline.syncOperations.addHandler(
+                            NIOSSLClientHandler(context: tls, serverHostname: hostname))
                         try channel.pipeline.syncOperations.addHandler(connect)
                     }
                 }
                 .connect(host: server.host, port: server.port)
         case .unix(let path):
-            connected = bootstrap
+            connected =
+                bootstrap
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(connect)
@@ -97,14 +104,14 @@ public final class Forwarder: @unchecked Sendable {
             try inbound.pipeline.syncOperations.addHandler(localGlue)
             try outbound.pipeline.syncOperations.addHandler(tunnelGlue)
         }
-            .flatMap { _ in
-                // Reads were held until the stream existed; from now on the glue paces them.
-                return inbound.setOption(.autoRead, value: true)
-            }
-            .whenFailure { error in
-                self.logger.warning("forward to \(self.target) failed: \(error)")
-                inbound.close(promise: nil)
-            }
+        .flatMap { _ in
+            // Reads were held until the stream existed; from now on the glue paces them.
+            inbound.setOption(.autoRead, value: true)
+        }
+        .whenFailure { error in
+            self.logger.warning("forward to \(self.target) failed: \(error)")
+            inbound.close(promise: nil)
+        }
     }
 }
 

@@ -93,7 +93,10 @@ final class MetaHandler: ChannelInboundHandler {
             headers.add(name: "Content-Type", value: response.contentType)
             headers.add(name: "Content-Length", value: "\(response.body.count)")
             if !head.isKeepAlive { headers.add(name: "Connection", value: "close") }
-            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: response.status, headers: headers))), promise: nil)
+            context.write(
+                wrapOutboundOut(
+                    .head(HTTPResponseHead(version: head.version, status: response.status, headers: headers))),
+                promise: nil)
             if head.method != .HEAD {
                 var body = context.channel.allocator.buffer(capacity: response.body.count)
                 body.writeBytes(response.body)

@@ -41,7 +41,8 @@ public enum PoolName {
     public static func validate(_ name: String, what: String) throws -> String {
         guard isValid(name) else {
             throw ConfigurationError(
-                "invalid \(what) \"\(PeerText.bounded(name, limit: 80))\": a pool name is a DNS label (1-63 lower-case letters, digits and '-')")
+                "invalid \(what) \"\(PeerText.bounded(name, limit: 80))\": a pool name is a DNS label (1-63 lower-case letters, digits and '-')"
+            )
         }
         return name
     }
@@ -54,7 +55,10 @@ public enum PoolName {
         func alphanumeric(_ byte: UInt8) -> Bool {
             isLowerAlphanumeric(byte) || (byte >= UInt8(ascii: "A") && byte <= UInt8(ascii: "Z"))
         }
-        guard utf8.allSatisfy({ alphanumeric($0) || $0 == UInt8(ascii: "-") || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: ".") })
+        guard
+            utf8.allSatisfy({
+                alphanumeric($0) || $0 == UInt8(ascii: "-") || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: ".")
+            })
         else { return false }
         return alphanumeric(utf8.first!) && alphanumeric(utf8.last!)
     }
@@ -69,6 +73,7 @@ public enum PoolName {
     }
 
     private static func isLowerAlphanumeric(_ byte: UInt8) -> Bool {
-        (byte >= UInt8(ascii: "a") && byte <= UInt8(ascii: "z")) || (byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9"))
+        (byte >= UInt8(ascii: "a") && byte <= UInt8(ascii: "z"))
+            || (byte >= UInt8(ascii: "0") && byte <= UInt8(ascii: "9"))
     }
 }

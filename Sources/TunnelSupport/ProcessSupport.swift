@@ -43,7 +43,8 @@ public enum ProcessSupport {
     /// returned source alive.
     public static func onSignal(_ number: Int32, _ handler: @escaping @Sendable () -> Void) -> DispatchSourceSignal {
         signal(number, SIG_IGN)
-        let source = DispatchSource.makeSignalSource(signal: number, queue: DispatchQueue(label: "edgetunnel.signal.\(number)"))
+        let source = DispatchSource.makeSignalSource(
+            signal: number, queue: DispatchQueue(label: "edgetunnel.signal.\(number)"))
         source.setEventHandler(handler: handler)
         source.resume()
         return source
@@ -51,7 +52,9 @@ public enum ProcessSupport {
 
     /// Values of a repeatable flag that may also be comma-separated (`--cert-ips a,b --cert-ips c`).
     public static func splitList(_ values: [String]) -> [String] {
-        values.flatMap { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }.filter { !$0.isEmpty }
+        values.flatMap { $0.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) } }.filter {
+            !$0.isEmpty
+        }
     }
 
     /// One line on stderr, `PROGRAM: error: MESSAGE`, and exit code 1.

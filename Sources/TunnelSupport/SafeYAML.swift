@@ -13,8 +13,9 @@ public enum SafeYAML {
         guard let node = try Yams.compose(yaml: text) else { return nil }
         var budget = maxNodes
         guard keysArePlain(node, depth: 0, budget: &budget) else {
-            throw Failure(description:
-                "a mapping key is not a plain string, or the document nests deeper than 64 levels or has more "
+            throw Failure(
+                description:
+                    "a mapping key is not a plain string, or the document nests deeper than 64 levels or has more "
                     + "than \(maxNodes) values (aliases counted as often as they are used)")
         }
         return node.any

@@ -12,7 +12,9 @@ extension ServerBootstrap {
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelOption(.recvAllocator, value: SocketTuning.receiveAllocator)
-        if oneStream { bootstrap = bootstrap.childChannelOption(.maxMessagesPerRead, value: SocketTuning.streamSocketReads) }
+        if oneStream {
+            bootstrap = bootstrap.childChannelOption(.maxMessagesPerRead, value: SocketTuning.streamSocketReads)
+        }
         return halfClosure ? bootstrap.childChannelOption(.allowRemoteHalfClosure, value: true) : bootstrap
     }
 }

@@ -65,7 +65,8 @@ public final class StreamLoad: @unchecked Sendable {
         func percentile(_ p: Double) -> Double {
             sorted.isEmpty ? 0 : sorted[min(sorted.count - 1, Int(Double(sorted.count) * p))]
         }
-        let error = (firstError ?? "").replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "'")
+        let error = (firstError ?? "").replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(
+            of: "\"", with: "'")
         return #"{"streams":\#(count),"opened":\#(latencies.count),"failures":\#(failures),"seconds":\#(seconds),"#
             + #""streams_per_second":\#(Double(latencies.count) / seconds),"#
             + #""connect_to_200_ms":{"p50":\#(percentile(0.5)),"p99":\#(percentile(0.99))},"first_error":"\#(error)"}"#

@@ -34,8 +34,10 @@ public enum TLSClient {
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .connect(host: host, port: port).get()
         do {
-            try await handshake(on: channel, context: context, serverHostname: serverHostname, deadline: deadline,
-                                timeout: timeout).get()
+            try await handshake(
+                on: channel, context: context, serverHostname: serverHostname, deadline: deadline,
+                timeout: timeout
+            ).get()
             return channel
         } catch {
             channel.close(promise: nil)

@@ -22,7 +22,9 @@ public enum TLSContexts {
 
     /// The tunnel port (10262): TLS 1.3 only; a client certificate is optional (a joining agent has none) but,
     /// when presented, must chain to the tunnel CA.
-    public static func tunnelServer(chain: [Certificate], key: Certificate.PrivateKey, ca: Certificate) throws -> NIOSSLContext {
+    public static func tunnelServer(
+        chain: [Certificate], key: Certificate.PrivateKey, ca: Certificate
+    ) throws -> NIOSSLContext {
         var configuration = TLSConfiguration.makeServerConfiguration(
             certificateChain: try chain.map { .certificate(try nioCertificate($0)) },
             privateKey: .privateKey(try nioKey(key))

@@ -163,7 +163,8 @@ public final class FrameDecoder: ChannelInboundHandler {
                 header = buffer.readSlice(length: Frame.headerSize)!
             } else {
                 if partial == nil { partial = allocator.buffer(capacity: Frame.headerSize) }
-                var part = buffer.readSlice(length: min(Frame.headerSize - partial!.readableBytes, buffer.readableBytes))!
+                var part = buffer.readSlice(
+                    length: min(Frame.headerSize - partial!.readableBytes, buffer.readableBytes))!
                 partial!.writeBuffer(&part)
                 guard partial!.readableBytes == Frame.headerSize else { return nil }
                 header = partial!
@@ -181,7 +182,8 @@ public final class FrameDecoder: ChannelInboundHandler {
                 return nil
             }
             if buffer.readableBytes >= size {
-                return Frame(rawType: rawType, flags: flags, streamID: streamID, payload: buffer.readSlice(length: size)!)
+                return Frame(
+                    rawType: rawType, flags: flags, streamID: streamID, payload: buffer.readSlice(length: size)!)
             }
             partial = allocator.buffer(capacity: size)
             state = .control(rawType: rawType, flags: flags, streamID: streamID, length: size)
@@ -236,8 +238,9 @@ public final class FrameEncoder: ChannelOutboundHandler {
         guard length <= Frame.maxPayload else {
             // Every frame we build is bounded (DATA by the send loop, reasons by `maxReasonLength`); should one
             // ever not be, the connection fails with the reason — the process and its other peers go on.
-            let error = FrameError("refusing to send a \(FrameType(rawValue: frame.rawType).map { "\($0)" } ?? "type \(frame.rawType)") "
-                + "frame of \(length) bytes: over the limit of \(Frame.maxPayload)")
+            let error = FrameError(
+                "refusing to send a \(FrameType(rawValue: frame.rawType).map { "\($0)" } ?? "type \(frame.rawType)") "
+                    + "frame of \(length) bytes: over the limit of \(Frame.maxPayload)")
             promise?.fail(error)
             context.fireErrorCaught(error)
             return

@@ -186,7 +186,8 @@ public struct OpenOK: ControlMessage, Equatable {
     }
 
     public init(frame: Frame) throws {
-        guard frame.payload.readableBytes == 4, let window = frame.payload.getInteger(at: frame.payload.readerIndex, as: UInt32.self)
+        guard frame.payload.readableBytes == 4,
+            let window = frame.payload.getInteger(at: frame.payload.readerIndex, as: UInt32.self)
         else { throw FrameError("malformed \(Self.frameType) payload on stream \(frame.streamID)") }
         self.init(window: Int(window))
     }

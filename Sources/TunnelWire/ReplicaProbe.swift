@@ -85,7 +85,9 @@ public final class ReplicaProbeResponder: ChannelInboundHandler, RemovableChanne
         }
         guard compared == question.count else { return }  // the question, not complete yet
         buffered!.moveReaderIndex(forwardBy: question.count)
-        context.writeAndFlush(NIOAny(context.channel.allocator.buffer(string: ReplicaProbe.answer(serverID: serverID, pace: pace()))), promise: nil)
+        context.writeAndFlush(
+            NIOAny(context.channel.allocator.buffer(string: ReplicaProbe.answer(serverID: serverID, pace: pace()))),
+            promise: nil)
         leave(context)
     }
 
@@ -121,7 +123,9 @@ public final class ReplicaProbeAsker: ChannelInboundHandler, RemovableChannelHan
             if byte == UInt8(ascii: "\n") {
                 // The server writes nothing after its answer until our TLS ClientHello: nothing can follow it.
                 guard let answer = ReplicaProbe.answer(in: String(decoding: line, as: UTF8.self)) else {
-                    finish(.failure(ReplicaProbeError(description: "the server's answer to the replica question is malformed")))
+                    finish(
+                        .failure(
+                            ReplicaProbeError(description: "the server's answer to the replica question is malformed")))
                     return
                 }
                 finish(.success(answer))
@@ -130,7 +134,8 @@ public final class ReplicaProbeAsker: ChannelInboundHandler, RemovableChannelHan
             }
             line.append(byte)
             if line.count > ReplicaProbe.maxAnswer {
-                finish(.failure(ReplicaProbeError(description: "the server's answer to the replica question is too long")))
+                finish(
+                    .failure(ReplicaProbeError(description: "the server's answer to the replica question is too long")))
                 return
             }
         }

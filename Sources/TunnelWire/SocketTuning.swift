@@ -35,17 +35,23 @@ extension SocketTuning {
 
     /// The socket option for `TCP_NOTSENT_LOWAT`.
     public static let notSentLowatOption = ChannelOptions.Types.SocketOption(
-        level: NIOBSDSocket.OptionLevel(rawValue: CInt(IPPROTO_TCP)), name: NIOBSDSocket.Option(rawValue: CInt(TCP_NOTSENT_LOWAT)))
+        level: NIOBSDSocket.OptionLevel(rawValue: CInt(IPPROTO_TCP)),
+        name: NIOBSDSocket.Option(rawValue: CInt(TCP_NOTSENT_LOWAT)))
 }
 
 extension SocketTuning {
     /// The kernel's `struct tcp_info` as bytes (232 on Linux 6; fewer on older kernels, the rest stays zero).
     /// Glibc's `tcp_info` stops before `tcpi_notsent_bytes`, so the field is read at its offset in `linux/tcp.h`.
     struct LinuxTCPInfo: Sendable {
-        var raw: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64,
-                  UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64,
-                  UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                                             0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        var raw:
+            (
+                UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64,
+                UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64,
+                UInt64, UInt64, UInt64, UInt64, UInt64
+            ) = (
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+            )
         /// `offsetof(struct tcp_info, tcpi_notsent_bytes)` (Linux 4.6 and later; the layout only grows).
         static let notSentOffset = 144
         /// `offsetof(struct tcp_info, tcpi_last_ack_recv)`: milliseconds since the last ACK arrived.
@@ -100,7 +106,9 @@ extension SocketTuning {
         var unsent: Int?
         // On its own loop the option is read at once and the future is already complete.
         provider.unsafeGetSocketOption(level: .tcp, name: .tcp_info).whenSuccess { (info: LinuxTCPInfo) in
-            unsent = withUnsafeBytes(of: info.raw) { Int($0.load(fromByteOffset: LinuxTCPInfo.notSentOffset, as: UInt32.self)) }
+            unsent = withUnsafeBytes(of: info.raw) {
+                Int($0.load(fromByteOffset: LinuxTCPInfo.notSentOffset, as: UInt32.self))
+            }
         }
         return unsent
         #else

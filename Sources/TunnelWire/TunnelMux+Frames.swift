@@ -32,7 +32,8 @@ extension TunnelMux {
                 // What is kept to send again is at most the peer's window, which never exceeds the maximum: a peer
                 // granting more would make this side keep more.
                 guard stream.send.available + stream.retainedBytes <= limits.maximumWindow else {
-                    throw FrameError("WINDOW beyond the largest window of \(limits.maximumWindow) bytes", limit: "window")
+                    throw FrameError(
+                        "WINDOW beyond the largest window of \(limits.maximumWindow) bytes", limit: "window")
                 }
             }
             flushPending(stream)
@@ -120,7 +121,9 @@ extension TunnelMux {
     /// error, as for WINDOW, since a resumable tunnel keeps up to the peer's window to send again.
     func checkGrantedWindow(_ window: Int, streamID: UInt32) throws {
         guard window <= limits.maximumWindow else {
-            throw FrameError("window of \(window) bytes on stream \(streamID) beyond the largest of \(limits.maximumWindow)", limit: "window")
+            throw FrameError(
+                "window of \(window) bytes on stream \(streamID) beyond the largest of \(limits.maximumWindow)",
+                limit: "window")
         }
     }
 
@@ -133,10 +136,12 @@ extension TunnelMux {
             }
             return stream
         }
-        let opened = frame.streamID % 2 == 1
+        let opened =
+            frame.streamID % 2 == 1
             && (role == .server ? frame.streamID < nextStreamID : frame.streamID <= lastPeerStreamID)
         guard opened else {
-            throw FrameError("\(frame.type.map { "\($0)" } ?? "frame") on stream \(frame.streamID), which was never opened")
+            throw FrameError(
+                "\(frame.type.map { "\($0)" } ?? "frame") on stream \(frame.streamID), which was never opened")
         }
         return nil
     }

@@ -100,7 +100,8 @@ extension TunnelMux {
             successor?.consumedBySocket(streamID, count: count, promptly: promptly)
             return
         }
-        var mayGrow = promptly && windowBudgetUsed + stream.receive.size <= limits.connectionWindowBudget
+        var mayGrow =
+            promptly && windowBudgetUsed + stream.receive.size <= limits.connectionWindowBudget
             && stream.receive.size < stream.receive.maximum
         // Growth is at most the current size: reserved from the process budget first, the unused part returned.
         var reserved = 0

@@ -11,7 +11,9 @@ extension TunnelMux {
     /// answered ``OpenFail/callerGoneCode``. An opened stream whose socket never told the mux it closed is reset
     /// then too (see ``callerClosed(_:)``): without this, a caller that gave up during the dial left a stream and
     /// the agent's target connection open for good.
-    public func openStream(target: String, until callerGone: EventLoopFuture<Void>? = nil) -> EventLoopFuture<OpenResult> {
+    public func openStream(
+        target: String, until callerGone: EventLoopFuture<Void>? = nil
+    ) -> EventLoopFuture<OpenResult> {
         let promise = eventLoop.makePromise(of: OpenResult.self)
         execute {
             guard let context = self.context, !self.connection.isEnding else {
@@ -29,24 +31,35 @@ extension TunnelMux {
             guard self.nextStreamID <= self.limits.lastStreamID, self.nextStreamID <= UInt32.max - 2 else {
                 // Every id is used: the agent reconnects on GOAWAY, and its new connection takes the next streams.
                 self.connection.drain()
-                self.writeFrame(GoAway(reason: "stream ids exhausted: reconnect").frame(allocator: self.allocator), flush: true)
-                promise.succeed(.failed(OpenFail(code: 503, reason: "stream ids of the tunnel exhausted: the agent is reconnecting")))
+                self.writeFrame(
+                    GoAway(reason: "stream ids exhausted: reconnect").frame(allocator: self.allocator), flush: true)
+                promise.succeed(
+                    .failed(
+                        OpenFail(code: 503, reason: "stream ids of the tunnel exhausted: the agent is reconnecting")))
                 return
             }
             guard self.streams.count < self.limits.maxStreams else {
-                promise.succeed(.failed(OpenFail(
-                    code: 503, reason: "the agent has \(self.streams.count) streams open, its limit", limit: "streams_per_agent")))
+                promise.succeed(
+                    .failed(
+                        OpenFail(
+                            code: 503, reason: "the agent has \(self.streams.count) streams open, its limit",
+                            limit: "streams_per_agent")))
                 return
             }
             guard self.pendingOpens < self.limits.maxPendingOpens else {
-                promise.succeed(.failed(OpenFail(
-                    code: 503, reason: "\(self.pendingOpens) streams to the agent are still opening, its limit",
-                    limit: "pending_opens")))
+                promise.succeed(
+                    .failed(
+                        OpenFail(
+                            code: 503, reason: "\(self.pendingOpens) streams to the agent are still opening, its limit",
+                            limit: "pending_opens")))
                 return
             }
             guard let window = self.newReceiveWindow() else {
-                promise.succeed(.failed(OpenFail(
-                    code: 503, reason: "the server's stream buffer budget is exhausted", limit: "buffer_budget")))
+                promise.succeed(
+                    .failed(
+                        OpenFail(
+                            code: 503, reason: "the server's stream buffer budget is exhausted", limit: "buffer_budget")
+                    ))
                 return
             }
             let id = self.nextStreamID
@@ -66,7 +79,8 @@ extension TunnelMux {
                 pending.succeed(.failed(OpenFail(code: 504, reason: "the agent did not reach \(target) in time")))
             }
             self.writeStreamFrame(
-                Open(target: target, window: stream.receive.size).frame(streamID: id, allocator: context.channel.allocator))
+                Open(target: target, window: stream.receive.size).frame(
+                    streamID: id, allocator: context.channel.allocator))
             // After the OPEN: a caller already gone is acted on at once, and its RST must follow the OPEN.
             if let callerGone {
                 let owner = Stream.Owner(self)
@@ -111,8 +125,10 @@ extension TunnelMux {
             if stream.openPromise == nil, stream.glue == nil, stream.finAfterPending || !stream.lifecycle.canSend {
                 return  // its socket ended in order: what it sent goes out, then FIN
             }
-            self.reset(stream, openFailure: OpenFail(
-                code: OpenFail.callerGoneCode, reason: "the caller went away while the stream was opening"))
+            self.reset(
+                stream,
+                openFailure: OpenFail(
+                    code: OpenFail.callerGoneCode, reason: "the caller went away while the stream was opening"))
         }
     }
 
@@ -149,7 +165,9 @@ extension TunnelMux {
     public func ping() {
         execute {
             self.lastPingSent = self.eventLoop.now
-            self.writeFrame(.ping(.ping, opaque: UInt64(NIODeadline.now().uptimeNanoseconds), allocator: self.allocator), flush: true)
+            self.writeFrame(
+                .ping(.ping, opaque: UInt64(NIODeadline.now().uptimeNanoseconds), allocator: self.allocator),
+                flush: true)
         }
     }
 
@@ -166,7 +184,9 @@ extension TunnelMux {
                 return
             }
             self.lastPingSent = self.eventLoop.now
-            self.writeFrame(.ping(.ping, opaque: UInt64(NIODeadline.now().uptimeNanoseconds), allocator: self.allocator), flush: true)
+            self.writeFrame(
+                .ping(.ping, opaque: UInt64(NIODeadline.now().uptimeNanoseconds), allocator: self.allocator),
+                flush: true)
         }
     }
 

@@ -75,7 +75,8 @@ extension TunnelMux {
         guard connection.state != .suspended else { return }
         // Lingering streams count too, the peer may still wait for their last frames; but not on a draining
         // connection, which is closed on purpose once it has no stream left.
-        let keeps = streams.values.contains { $0.lifecycle.state != .opening && !$0.unresumable }
+        let keeps =
+            streams.values.contains { $0.lifecycle.state != .opening && !$0.unresumable }
             || (!lingering.isEmpty && connection.state == .open)
         if resumable, !resumeRefused, keeps, connection.suspend() {
             suspend()
@@ -371,7 +372,8 @@ extension TunnelMux {
     func sendAgain(_ stream: Stream, from entry: ResumedStream) -> Bool {
         let sentFin = stream.lifecycle.state == .halfClosedLocal || stream.lifecycle.state == .closed
         guard entry.received >= stream.retainedFrom, entry.received <= stream.sent, entry.credited <= entry.received,
-            entry.window >= 0, entry.window <= limits.maximumWindow, UInt64(entry.window) >= stream.sent - entry.received,
+            entry.window >= 0, entry.window <= limits.maximumWindow,
+            UInt64(entry.window) >= stream.sent - entry.received,
             !entry.fin || (sentFin && entry.received == stream.sent)
         else { return false }
         releaseRetained(stream.trimRetained(upTo: entry.received))

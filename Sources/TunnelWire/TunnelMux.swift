@@ -146,7 +146,9 @@ public final class TunnelMux: ChannelInboundHandler {
         // direct calls: through the pipeline NIO boxes each `Frame` into an `NIOAny`, an allocation per frame
         // each way. Nothing that handles frames may sit between the codec and the mux.
         let sync = context.pipeline.syncOperations
-        if let decoder = try? sync.handler(type: FrameDecoder.self), let encoder = try? sync.handler(type: FrameEncoder.self) {
+        if let decoder = try? sync.handler(type: FrameDecoder.self),
+            let encoder = try? sync.handler(type: FrameEncoder.self)
+        {
             decoder.sink = self
             self.decoder = decoder
             self.encoder = encoder
@@ -280,8 +282,11 @@ public final class TunnelMux: ChannelInboundHandler {
         stream.glue?.resetFromTunnel()
         if let promise = stream.openPromise {
             stream.openPromise = nil
-            promise.succeed(.failed(openFailure ?? OpenFail(
-                code: OpenFail.callerGoneCode, reason: "the stream was cancelled while it was opening")))
+            promise.succeed(
+                .failed(
+                    openFailure
+                        ?? OpenFail(
+                            code: OpenFail.callerGoneCode, reason: "the stream was cancelled while it was opening")))
         }
     }
 
@@ -305,7 +310,8 @@ public final class TunnelMux: ChannelInboundHandler {
         pingsCountedAt = now
         guard pingTokens >= 1 else {
             throw FrameError(
-                "PINGs faster than \(limits.pingsPerSecond) a second (bursts of \(limits.pingBurst))", limit: "ping_rate")
+                "PINGs faster than \(limits.pingsPerSecond) a second (bursts of \(limits.pingBurst))",
+                limit: "ping_rate")
         }
         pingTokens -= 1
     }

@@ -19,31 +19,43 @@ struct AgentCommand: AsyncParsableCommand {
     var nodeName: String?
     @Option(name: .customLong("node-ip"), help: "This node's IP (repeatable, or comma-separated; default: $NODE_IP).")
     var nodeIPs: [String] = []
-    @Option(name: .customLong("server-address"), help: """
-        Tunnel server HOST:PORT (repeatable; the first that works is used). Mark its path as private=HOST:PORT or \
-        internet=HOST:PORT; unmarked, the first of several is the private line and the others the internet.
-        """)
+    @Option(
+        name: .customLong("server-address"),
+        help: """
+            Tunnel server HOST:PORT (repeatable; the first that works is used). Mark its path as private=HOST:PORT or \
+            internet=HOST:PORT; unmarked, the first of several is the private line and the others the internet.
+            """)
     var serverAddresses: [String] = []
-    @Option(name: .customLong("server-addresses-file"), help: """
-        File with the server addresses, one HOST:PORT a line in order of preference ('#' comments), marked as in \
-        --server-address; watched, so a ConfigMap change moves the agent without a restart. Instead of --server-address.
-        """)
+    @Option(
+        name: .customLong("server-addresses-file"),
+        help: """
+            File with the server addresses, one HOST:PORT a line in order of preference ('#' comments), marked as in \
+            --server-address; watched, so a ConfigMap change moves the agent without a restart. Instead of --server-address.
+            """)
     var serverAddressesFile: String?
-    @Option(name: .customLong("pool"), help: """
-        The edge pool this node is in, declared to the server (default: $EDGE_TUNNEL_POOL); a DNS label. A server \
-        with --node-objects takes the Node's pool label instead.
-        """)
+    @Option(
+        name: .customLong("pool"),
+        help: """
+            The edge pool this node is in, declared to the server (default: $EDGE_TUNNEL_POOL); a DNS label. A server \
+            with --node-objects takes the Node's pool label instead.
+            """)
     var pool: String?
-    @Option(name: .customLong("pki-dir"), help: "Folder for the node's credentials (default /var/lib/edge-tunnel-agent/pki).")
+    @Option(
+        name: .customLong("pki-dir"),
+        help: "Folder for the node's credentials (default /var/lib/edge-tunnel-agent/pki).")
     var pkiDir: String = PKIPaths.defaultAgentDirectory
     @Option(name: .customLong("bootstrap-token"), help: "Token to join with on first start (edgetunnel token create).")
     var bootstrapToken: String?
-    @Option(name: .customLong("ca-cert-hash"), help: "sha256:<hex> pin of the tunnel CA for the join (edgetunnel pki ca-hash).")
+    @Option(
+        name: .customLong("ca-cert-hash"),
+        help: "sha256:<hex> pin of the tunnel CA for the join (edgetunnel pki ca-hash).")
     var caCertHash: String?
-    @Option(name: .customLong("allow"), help: """
-        Destination the cloud may reach (repeatable): host:port, IP:port, CIDR:port, or with a port range lo-hi. \
-        Default: ports 10250 and 10255 on 127.0.0.1, ::1 and the node's IPs.
-        """)
+    @Option(
+        name: .customLong("allow"),
+        help: """
+            Destination the cloud may reach (repeatable): host:port, IP:port, CIDR:port, or with a port range lo-hi. \
+            Default: ports 10250 and 10255 on 127.0.0.1, ::1 and the node's IPs.
+            """)
     var allow: [String] = []
     @Option(name: .customLong("meta-port"), help: "Port for /healthz, /readyz, /metrics (default 10266).")
     var metaPort: Int = 10266

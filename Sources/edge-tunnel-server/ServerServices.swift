@@ -80,7 +80,8 @@ struct ServiceAddressService: Service {
         self.service = service
         let parts = service.split(separator: "/")
         addresses = ServiceAddresses(
-            client: try KubeClient.forServer(server), namespace: String(parts[0]), name: String(parts[1]), logger: logger)
+            client: try KubeClient.forServer(server), namespace: String(parts[0]), name: String(parts[1]),
+            logger: logger)
         self.server = server
         self.logger = logger
     }
@@ -91,7 +92,8 @@ struct ServiceAddressService: Service {
             await addresses.run { ips, names in
                 do {
                     let taken = try server.setServiceAddresses(service, ips: ips, dnsNames: names)
-                    logger.info("the addresses of Service \(service): \((taken.ips + taken.dnsNames).joined(separator: ", "))")
+                    logger.info(
+                        "the addresses of Service \(service): \((taken.ips + taken.dnsNames).joined(separator: ", "))")
                 } catch {
                     logger.error("the addresses of Service \(service) cannot go into the certificate: \(error)")
                 }
@@ -107,7 +109,8 @@ struct NodeObjectsService: Service {
     let server: TunnelServer
 
     init(configuration: ServerConfiguration, server: TunnelServer, logger: Logger) throws {
-        directory = NodeDirectory(client: try KubeClient.forServer(server), logger: logger, poolLabel: configuration.poolLabel)
+        directory = NodeDirectory(
+            client: try KubeClient.forServer(server), logger: logger, poolLabel: configuration.poolLabel)
         self.server = server
         server.useNodeObjects(directory)
     }
@@ -146,7 +149,8 @@ extension KubeClient {
     /// The Kubernetes API as the server's configuration says (its kubeconfig, or the pod's service account), on
     /// the server's own event loops: no second thread pool beside the one `--event-loop-threads` sized.
     static func forServer(_ server: TunnelServer) throws -> KubeClient {
-        let kube = try server.configuration.kubeconfig.map { try KubeConfig.kubeconfig(path: $0) } ?? KubeConfig.inCluster()
+        let kube =
+            try server.configuration.kubeconfig.map { try KubeConfig.kubeconfig(path: $0) } ?? KubeConfig.inCluster()
         return try KubeClient(config: kube, group: server.group)
     }
 }

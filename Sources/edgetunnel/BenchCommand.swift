@@ -69,7 +69,9 @@ struct BenchCommand: ParsableCommand {
             abstract: "Run N agents in one process (each its own node certificate) against one server.")
 
         @Option(help: "The server's tunnel port HOST:PORT.") var server: String
-        @Option(name: .customLong("pki-dir"), help: "PKI folder with the tunnel CA and its key (certificates are issued in memory).")
+        @Option(
+            name: .customLong("pki-dir"),
+            help: "PKI folder with the tunnel CA and its key (certificates are issued in memory).")
         var pkiDir: String
         @Option(help: "Agents to run.") var agents: Int = 1000
         @Option(help: "Node names are PREFIX0, PREFIX1, ...") var prefix = "swarm-"
@@ -77,7 +79,9 @@ struct BenchCommand: ParsableCommand {
         @Option(help: "Print a report this often (seconds).") var interval: Double = 1
         @Option(
             name: .customLong("source-network"),
-            help: "Each agent leaves from its own address A.B.x.y in this IPv4 /16 (A.B.0.0, on loopback), as edge nodes do.")
+            help:
+                "Each agent leaves from its own address A.B.x.y in this IPv4 /16 (A.B.0.0, on loopback), as edge nodes do."
+        )
         var sourceNetwork: String?
 
         func run() async throws {
@@ -91,7 +95,9 @@ struct BenchCommand: ParsableCommand {
                 guard threads > 0 else { throw ConfigurationError("invalid --threads \(threads): must be at least 1") }
                 guard interval > 0 else { throw ConfigurationError("invalid --interval \(interval): must be above 0") }
                 let network = try sourceNetwork.map { text in
-                    guard let address = IPAddress(text) else { throw ConfigurationError("invalid --source-network \(text): not an IP address") }
+                    guard let address = IPAddress(text) else {
+                        throw ConfigurationError("invalid --source-network \(text): not an IP address")
+                    }
                     return address
                 }
                 group = MultiThreadedEventLoopGroup(numberOfThreads: threads)
@@ -132,7 +138,8 @@ extension BenchCommand {
         func run() throws {
             guard iterations >= 1 else { throw ValidationError("--iterations must be at least 1") }
             let (path, decoder) = try RequestHeadBenchmark.run(iterations: iterations)
-            print(#"{"iterations": \#(iterations), "head_path_ns": \#(Int(path)), "decoder_only_ns": \#(Int(decoder))}"#)
+            print(
+                #"{"iterations": \#(iterations), "head_path_ns": \#(Int(path)), "decoder_only_ns": \#(Int(decoder))}"#)
         }
     }
 }

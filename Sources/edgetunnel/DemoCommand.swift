@@ -11,7 +11,8 @@ import TunnelSupport
 struct DemoCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "demo",
-        abstract: "Run a tunnel server, an agent named demo-edge and an edge service on loopback, and reach the service through the tunnel.",
+        abstract:
+            "Run a tunnel server, an agent named demo-edge and an edge service on loopback, and reach the service through the tunnel.",
         discussion: """
             A fresh PKI is made in a temporary folder (removed when the demo ends); the agent joins with a bootstrap token. The command prints \
             the curl command that reaches the edge service through the tunnel, runs the request once, and keeps \
@@ -39,7 +40,8 @@ struct DemoCommand: AsyncParsableCommand {
     }
 
     private func runDemo(logger: Logger) async throws {
-        let folder = directory ?? (NSTemporaryDirectory() + "edgetunnel-demo-\(UUID().uuidString.prefix(8).lowercased())")
+        let folder =
+            directory ?? (NSTemporaryDirectory() + "edgetunnel-demo-\(UUID().uuidString.prefix(8).lowercased())")
         // A folder the demo made for itself goes when it ends (after Ctrl-C too): it holds a CA's private key.
         defer { if directory == nil { try? FileManager.default.removeItem(atPath: folder) } }
         let paths = PKIPaths(directory: folder + "/server")
@@ -93,7 +95,8 @@ struct DemoCommand: AsyncParsableCommand {
             "curl", "--proxy-cacert", paths.caCertificate, "--proxy-cert", operatorCert, "--proxy-key", operatorKey,
             "-p", "-x", "https://127.0.0.1:\(securePort)", "http://demo-edge:\(edgePort)/",
         ]
-        print("""
+        print(
+            """
             EdgeTunnel demo is running (PKI in \(folder)).
               server:  agents on 127.0.0.1:\(tunnelPort), CONNECT on https://127.0.0.1:\(securePort), \
             meta on http://127.0.0.1:\(metaPort)

@@ -8,12 +8,16 @@ import TunnelSupport
 /// should be? Read from a server's `/v1/agents`. An option group of ``DoctorCommand``, whose other checks it may
 /// join in one run.
 struct PoolDoctorOptions: ParsableArguments {
-    @Option(name: .customLong("pool"), help: """
-        An edge pool whose agents to check on a live server (repeatable): NAME, with --expect, or \
-        NAME=private|internet|express-connect.
-        """)
+    @Option(
+        name: .customLong("pool"),
+        help: """
+            An edge pool whose agents to check on a live server (repeatable): NAME, with --expect, or \
+            NAME=private|internet|express-connect.
+            """)
     var pools: [String] = []
-    @Option(name: .customLong("expect"), help: "The path the --pool agents should use: private (express-connect) or internet.")
+    @Option(
+        name: .customLong("expect"),
+        help: "The path the --pool agents should use: private (express-connect) or internet.")
     var expect: String?
     @Option(name: .customLong("server"), help: "With --pool: the server's meta address, whose /v1/agents is read.")
     var server = "http://127.0.0.1:10265"
@@ -39,7 +43,9 @@ struct PoolDoctorOptions: ParsableArguments {
             let name = try PoolName.validate(parts[0], what: "--pool")
             if parts.count == 2 { return (name, try Self.path(parts[1], what: "--pool \(name)")) }
             guard let fallback else {
-                throw ConfigurationError("--pool \(name): give the path its agents should use with --expect private|internet, or as \(name)=private")
+                throw ConfigurationError(
+                    "--pool \(name): give the path its agents should use with --expect private|internet, or as \(name)=private"
+                )
             }
             return (name, fallback)
         }
@@ -56,10 +62,14 @@ struct PoolDoctorOptions: ParsableArguments {
         } catch let error as ConfigurationError where error.description.hasPrefix("invalid --server") {
             throw error
         } catch {
-            return [CheckResult(
-                "agents \(server)", .fail, "\(error)",
-                fix: "give --server the meta address (port 10265) of a running tunnel server")]
+            return [
+                CheckResult(
+                    "agents \(server)", .fail, "\(error)",
+                    fix: "give --server the meta address (port 10265) of a running tunnel server")
+            ]
         }
-        return expected.map { Doctor.checkPool($0.pool, expected: $0.path, agents: body.agents, server: "server \(body.serverID)") }
+        return expected.map {
+            Doctor.checkPool($0.pool, expected: $0.path, agents: body.agents, server: "server \(body.serverID)")
+        }
     }
 }

@@ -10,9 +10,12 @@ import Glibc
 struct EdgeTunnelCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "edgetunnel",
-        abstract: "Administer an EdgeTunnel cloud-edge tunnel: PKI, tokens, status, forwarding, the network plan, and a local demo.",
+        abstract:
+            "Administer an EdgeTunnel cloud-edge tunnel: PKI, tokens, status, forwarding, the network plan, and a local demo.",
         version: EdgeTunnelVersion.current,
-        subcommands: [PKICommand.self, TokenCommand.self, NodeCommand.self, DemoCommand.self, StatusCommand.self, ForwardCommand.self, PlanCommand.self,
+        subcommands: [
+            PKICommand.self, TokenCommand.self, NodeCommand.self, DemoCommand.self, StatusCommand.self,
+            ForwardCommand.self, PlanCommand.self,
             ManifestsCommand.self, DoctorCommand.self, ProbeCommand.self, RoutesCommand.self, BenchCommand.self,
         ]
     )

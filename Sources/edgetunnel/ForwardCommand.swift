@@ -16,7 +16,8 @@ struct ForwardCommand: AsyncParsableCommand {
 
     @Option(help: "The tunnel server's secure port HOST:PORT, or unix:PATH for its Unix socket (--uds-path).")
     var server: String
-    @Option(name: .customLong("ca-file"), help: "CA that signed the server's certificate (TLS only).") var caFile: String?
+    @Option(name: .customLong("ca-file"), help: "CA that signed the server's certificate (TLS only).") var caFile:
+        String?
     @Option(help: "Client certificate for the secure port (TLS only).") var cert: String?
     @Option(help: "Key of the client certificate (TLS only).") var key: String?
     @Option(help: "Local address to listen on, HOST:PORT.") var listen: String = "127.0.0.1:0"
@@ -32,7 +33,10 @@ struct ForwardCommand: AsyncParsableCommand {
             guard let target = HostPort(authority: to) else {
                 throw ConfigurationError("invalid --to \"\(to)\": expected NODE:PORT")
             }
-            guard let local = HostPort(authority: listen) ?? (listen.hasSuffix(":0") ? HostPort(host: String(listen.dropLast(2)), port: 0) : nil) else {
+            guard
+                let local = HostPort(authority: listen)
+                    ?? (listen.hasSuffix(":0") ? HostPort(host: String(listen.dropLast(2)), port: 0) : nil)
+            else {
                 throw ConfigurationError("invalid --listen \"\(listen)\": expected HOST:PORT")
             }
             let forwarder = Forwarder(endpoint: endpoint, target: target, logger: logger)

@@ -12,7 +12,9 @@ struct JoinStateOption: ParsableArguments {
     @Option(name: .customLong("pki-dir"), help: "The PKI folder.")
     var directory: String = PKIPaths.defaultServerDirectory
 
-    @Option(name: .customLong("join-state-namespace"), help: "The namespace whose ConfigMaps hold the join state, instead of the PKI folder.")
+    @Option(
+        name: .customLong("join-state-namespace"),
+        help: "The namespace whose ConfigMaps hold the join state, instead of the PKI folder.")
     var namespace: String?
 
     @Option(help: "A kubeconfig for --join-state-namespace (default: the pod's service account).")

@@ -33,7 +33,10 @@ extension NodeCommand {
                     var table = [["NODE", "STATE", "JOINED", "IPS"]]
                     for node in nodes {
                         let state = node.revoked != nil ? "revoked" : node.joined != nil ? "joined" : "may join"
-                        table.append([node.name, state, node.joined.map(Timestamps.iso8601) ?? "", node.ips.joined(separator: ",")])
+                        table.append([
+                            node.name, state, node.joined.map(Timestamps.iso8601) ?? "",
+                            node.ips.joined(separator: ","),
+                        ])
                     }
                     print(TextTable.render(table))
                 }
@@ -43,7 +46,8 @@ extension NodeCommand {
 
     struct Reset: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Let NAME join again with a bootstrap token; every certificate issued to it so far stops working.")
+            abstract: "Let NAME join again with a bootstrap token; every certificate issued to it so far stops working."
+        )
 
         @OptionGroup var state: JoinStateOption
 
@@ -60,7 +64,8 @@ extension NodeCommand {
 
     struct Revoke: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            abstract: "Cut NAME off: its tunnel closes within seconds, its certificate is refused, it cannot renew or join.")
+            abstract:
+                "Cut NAME off: its tunnel closes within seconds, its certificate is refused, it cannot renew or join.")
 
         @OptionGroup var state: JoinStateOption
 

@@ -179,7 +179,8 @@ extension PKICommand {
 
         private func render(_ s: CertificateSummary) -> String {
             let now = Date()
-            let state = s.notAfter < now ? "EXPIRED" : "expires in \(Durations.format(s.notAfter.timeIntervalSince(now)))"
+            let state =
+                s.notAfter < now ? "EXPIRED" : "expires in \(Durations.format(s.notAfter.timeIntervalSince(now)))"
             var lines = [
                 "Subject:      \(s.subject)",
                 "Issuer:       \(s.issuer)",

@@ -18,32 +18,45 @@ func printJSON<T: Encodable>(_ value: T) throws {
 struct PlanCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "plan",
-        abstract: "Decide the network plan of an edge cluster: SNAT, EIP, tunnel Service type, private-line path, security-group rules, per edge node pool.",
+        abstract:
+            "Decide the network plan of an edge cluster: SNAT, EIP, tunnel Service type, private-line path, security-group rules, per edge node pool.",
         discussion: """
             Inputs come from flags or a YAML file (--file) with the same names in camelCase; flags win. Exit codes: \
             0 the plan holds, 1 it has an error finding (printed with the plan), 2 bad input.
             """
     )
 
-    @Option(help: "YAML file with connectivity, internetEgress, publicAPIServer, kubernetesVersion, existingCluster, hasEIP, edgeCIDRs, cloudEdgeContainerNetwork, pools.")
+    @Option(
+        help:
+            "YAML file with connectivity, internetEgress, publicAPIServer, kubernetesVersion, existingCluster, hasEIP, edgeCIDRs, cloudEdgeContainerNetwork, pools."
+    )
     var file: String?
     @Option(help: "internet or express-connect (with --pool: each pool's own).") var connectivity: String?
-    @Option(name: .customLong("pool"), help: ArgumentHelp(
-        "An edge node pool (repeatable): NAME=express-connect|internet[,cidr=CIDR]...[,selector=KEY=VALUE|,selector-style=openyurt|ack].",
-        valueName: "pool"))
+    @Option(
+        name: .customLong("pool"),
+        help: ArgumentHelp(
+            "An edge node pool (repeatable): NAME=express-connect|internet[,cidr=CIDR]...[,selector=KEY=VALUE|,selector-style=openyurt|ack].",
+            valueName: "pool"))
     var pools: [String] = []
-    @Flag(name: .customLong("internet-egress"), help: "The business needs outbound internet.") var internetEgress = false
-    @Flag(name: .customLong("public-apiserver"), help: "The API server must be reachable from the internet.") var publicAPIServer = false
-    @Option(name: .customLong("kubernetes-version"), help: "e.g. 1.22.15 or v1.20.11-aliyun.1") var kubernetesVersion: String?
+    @Flag(name: .customLong("internet-egress"), help: "The business needs outbound internet.") var internetEgress =
+        false
+    @Flag(name: .customLong("public-apiserver"), help: "The API server must be reachable from the internet.")
+    var publicAPIServer = false
+    @Option(name: .customLong("kubernetes-version"), help: "e.g. 1.22.15 or v1.20.11-aliyun.1") var kubernetesVersion:
+        String?
     @Flag(name: .customLong("existing-cluster"), help: "The cluster already exists.") var existingCluster = false
-    @Flag(name: .customLong("has-eip"), inversion: .prefixedNo, help: "Whether the existing cluster got an EIP at creation.")
+    @Flag(
+        name: .customLong("has-eip"), inversion: .prefixedNo,
+        help: "Whether the existing cluster got an EIP at creation.")
     var hasEIP: Bool?
     @Option(name: .customLong("edge-cidr"), help: "An edge network (repeatable).") var edgeCIDRs: [String] = []
-    @Flag(name: .customLong("cloud-edge-container-network"), inversion: .prefixedNo,
-          help: "Cloud apps talk to edge apps over the container network (default: yes).")
+    @Flag(
+        name: .customLong("cloud-edge-container-network"), inversion: .prefixedNo,
+        help: "Cloud apps talk to edge apps over the container network (default: yes).")
     var containerNetwork: Bool?
     @Option(name: .customLong("region-id"), help: "Region for the printed aliyun commands.") var regionID: String?
-    @Option(name: .customLong("security-group-id"), help: "Security group for the printed aliyun commands.") var securityGroupID: String?
+    @Option(name: .customLong("security-group-id"), help: "Security group for the printed aliyun commands.")
+    var securityGroupID: String?
     @Option(help: "text or json.") var output: OutputFormat = .text
 
     func run() throws {
@@ -79,7 +92,9 @@ struct PlanCommand: ParsableCommand {
             input.edgeCIDRs = try cidrs.map { try CIDR(parsing: $0) }
         } else {
             if !edgeCIDRs.isEmpty || fileInput.edgeCIDRs != nil {
-                throw PlanError("\(edgeCIDRs.isEmpty ? "edgeCIDRs" : "--edge-cidr") with pools: give each pool's networks (cidr= or cidrs:)")
+                throw PlanError(
+                    "\(edgeCIDRs.isEmpty ? "edgeCIDRs" : "--edge-cidr") with pools: give each pool's networks (cidr= or cidrs:)"
+                )
             }
             input = PlanInput(pools: pools, kubernetesVersion: version)
             // Checked against the pools by validate(): with pools it may only repeat what they say.
@@ -96,7 +111,6 @@ struct PlanCommand: ParsableCommand {
     }
 }
 
-
 struct ManifestsCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "manifests",
@@ -107,18 +121,28 @@ struct ManifestsCommand: ParsableCommand {
             """
     )
 
-    @Option(help: "internet (LoadBalancer Service) or express-connect (ClusterIP); with --pool, from the pools.") var mode: String?
-    @Option(name: .customLong("pool"), help: ArgumentHelp(
-        "An edge node pool (repeatable): NAME=express-connect|internet[,cidr=CIDR]...[,selector=KEY=VALUE|,selector-style=openyurt|ack].",
-        valueName: "pool"))
+    @Option(help: "internet (LoadBalancer Service) or express-connect (ClusterIP); with --pool, from the pools.")
+    var mode: String?
+    @Option(
+        name: .customLong("pool"),
+        help: ArgumentHelp(
+            "An edge node pool (repeatable): NAME=express-connect|internet[,cidr=CIDR]...[,selector=KEY=VALUE|,selector-style=openyurt|ack].",
+            valueName: "pool"))
     var pools: [String] = []
-    @Option(help: "Plan file (edgetunnel plan --file) whose pools (or connectivity and edgeCIDRs) to render; flags win.")
+    @Option(
+        help: "Plan file (edgetunnel plan --file) whose pools (or connectivity and edgeCIDRs) to render; flags win.")
     var file: String?
-    @Option(name: .customLong("line-address"), help: "With pools: the address express-connect pools dial over the line (default: the line Service's name).")
+    @Option(
+        name: .customLong("line-address"),
+        help: "With pools: the address express-connect pools dial over the line (default: the line Service's name).")
     var lineAddress: String?
-    @Option(name: .customLong("public-address"), help: "With an internet pool: the public HOST:PORT of x-tunnel-server-svc's load balancer.")
+    @Option(
+        name: .customLong("public-address"),
+        help: "With an internet pool: the public HOST:PORT of x-tunnel-server-svc's load balancer.")
     var publicAddress: String?
-    @Option(name: .customLong("edge-cidr"), help: "Without pools: an edge network, for the bootstrap token command (repeatable).")
+    @Option(
+        name: .customLong("edge-cidr"),
+        help: "Without pools: an edge network, for the bootstrap token command (repeatable).")
     var edgeCIDRs: [String] = []
     @Option(help: "Container image (scripts/build-image builds the default).") var image = ManifestOptions.defaultImage
     @Option(help: "Namespace.") var namespace = "kube-system"
@@ -127,19 +151,29 @@ struct ManifestsCommand: ParsableCommand {
     var serverAddresses: [String] = []
     @Option(name: .customLong("edge-node-selector"), help: "Label of edge nodes, key=value.")
     var edgeNodeSelector = "alibabacloud.com/is-edge-worker=true"
-    @Option(name: .customLong("ca-secret"), help: "Secret with the tunnel CA (ca.crt, ca.key) mounted into every replica.")
+    @Option(
+        name: .customLong("ca-secret"), help: "Secret with the tunnel CA (ca.crt, ca.key) mounted into every replica.")
     var caSecret = "edge-tunnel-ca"
-    @Option(name: .customLong("pki-dir"), help: "PKI folder whose CA to render as that Secret (default: not rendered; see README).")
+    @Option(
+        name: .customLong("pki-dir"),
+        help: "PKI folder whose CA to render as that Secret (default: not rendered; see README).")
     var pkiDir: String?
-    @Option(name: .customLong("join-state-namespace"), help: "Namespace of the ConfigMaps holding tokens and node records.")
+    @Option(
+        name: .customLong("join-state-namespace"), help: "Namespace of the ConfigMaps holding tokens and node records.")
     var joinStateNamespace = "edge-tunnel"
-    @Option(name: .customLong("join-state-claim"), help: "Instead: a PersistentVolumeClaim for tokens.json and nodes.json, shared by the replicas.")
+    @Option(
+        name: .customLong("join-state-claim"),
+        help: "Instead: a PersistentVolumeClaim for tokens.json and nodes.json, shared by the replicas.")
     var joinStateClaim: String?
-    @Option(name: .customLong("join-state-storage-class"), help: "Storage class of that claim (default: the cluster's).")
+    @Option(
+        name: .customLong("join-state-storage-class"), help: "Storage class of that claim (default: the cluster's).")
     var joinStateStorageClass: String?
-    @Option(name: .customLong("cert-ip"), help: "Address for the server certificate (repeatable).") var certIPs: [String] = []
-    @Option(name: .customLong("cert-dns-name"), help: "DNS name for the server certificate (repeatable).") var certDNSNames: [String] = []
-    @Option(name: .customLong("ca-cert-hash"), help: "CA pin for joining agents (edgetunnel pki ca-hash).") var caCertHash: String?
+    @Option(name: .customLong("cert-ip"), help: "Address for the server certificate (repeatable).") var certIPs:
+        [String] = []
+    @Option(name: .customLong("cert-dns-name"), help: "DNS name for the server certificate (repeatable).")
+    var certDNSNames: [String] = []
+    @Option(name: .customLong("ca-cert-hash"), help: "CA pin for joining agents (edgetunnel pki ca-hash).")
+    var caCertHash: String?
 
     func run() throws {
         try reportingErrors(userError: badInput) {
@@ -152,11 +186,17 @@ struct ManifestsCommand: ParsableCommand {
             var options: ManifestOptions
             if let mode = mode ?? fileInput.connectivity {
                 options = ManifestOptions(mode: try Connectivity(parsing: mode))
-                if options.mode != PlanInput.connectivity(of: pools), let odd = pools.first(where: { $0.connectivity != options.mode }) {
-                    throw PlanError("--mode \(mode) contradicts pool \(odd.name) (\(odd.connectivity.rawValue)): with pools leave --mode out")
+                if options.mode != PlanInput.connectivity(of: pools),
+                    let odd = pools.first(where: { $0.connectivity != options.mode })
+                {
+                    throw PlanError(
+                        "--mode \(mode) contradicts pool \(odd.name) (\(odd.connectivity.rawValue)): with pools leave --mode out"
+                    )
                 }
             } else {
-                guard !pools.isEmpty else { throw PlanError("--mode is required: internet or express-connect (or give --pool)") }
+                guard !pools.isEmpty else {
+                    throw PlanError("--mode is required: internet or express-connect (or give --pool)")
+                }
                 options = ManifestOptions(mode: PlanInput.connectivity(of: pools))
             }
             options.pools = pools
@@ -180,16 +220,20 @@ struct ManifestsCommand: ParsableCommand {
                 throw PlanError("invalid --edge-node-selector \"\(edgeNodeSelector)\": expected key=value")
             }
             options.edgeNodeSelector = (String(selector[0]), String(selector[1]))
-            for (flag, name) in [("--ca-secret", caSecret), ("--join-state-claim", joinStateClaim ?? "x"),
-                                 ("--join-state-namespace", joinStateNamespace)] where !DNSName.isValid(name) || name.contains(".") && flag == "--join-state-namespace" {
+            for (flag, name) in [
+                ("--ca-secret", caSecret), ("--join-state-claim", joinStateClaim ?? "x"),
+                ("--join-state-namespace", joinStateNamespace),
+            ] where !DNSName.isValid(name) || name.contains(".") && flag == "--join-state-namespace" {
                 throw PlanError("invalid \(flag) \"\(name)\": expected a Kubernetes object name")
             }
             // The server may change every ConfigMap there, and the manifests own that namespace.
             if joinStateClaim == nil,
-                joinStateNamespace == namespace || joinStateNamespace == "default" || joinStateNamespace.hasPrefix("kube-")
+                joinStateNamespace == namespace || joinStateNamespace == "default"
+                    || joinStateNamespace.hasPrefix("kube-")
             {
-                throw PlanError("invalid --join-state-namespace \"\(joinStateNamespace)\": it must be a namespace of its own, "
-                    + "not default, kube-* or the server's --namespace")
+                throw PlanError(
+                    "invalid --join-state-namespace \"\(joinStateNamespace)\": it must be a namespace of its own, "
+                        + "not default, kube-* or the server's --namespace")
             }
             options.caSecret = caSecret
             options.joinStateNamespace = joinStateNamespace
@@ -199,8 +243,10 @@ struct ManifestsCommand: ParsableCommand {
                 let paths = PKIPaths(directory: pkiDir)
                 // Checked as the server will load it: a CA certificate with its key.
                 _ = try CertificateAuthority.load(from: paths)
-                options.caFiles = (String(decoding: try AtomicFile.read(paths.caCertificate), as: UTF8.self),
-                                   String(decoding: try AtomicFile.read(paths.caKey), as: UTF8.self))
+                options.caFiles = (
+                    String(decoding: try AtomicFile.read(paths.caCertificate), as: UTF8.self),
+                    String(decoding: try AtomicFile.read(paths.caKey), as: UTF8.self)
+                )
             }
             options.certIPs = certIPs
             options.certDNSNames = certDNSNames
@@ -217,7 +263,8 @@ struct ManifestsCommand: ParsableCommand {
 struct DoctorCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "doctor",
-        abstract: "Check a live setup against the plan: one line per check, each failure with its fix; exits 1 when any check fails.",
+        abstract:
+            "Check a live setup against the plan: one line per check, each failure with its fix; exits 1 when any check fails.",
         discussion: """
             With --pool NAME --expect private|internet, checks on a live server (--server, its meta port) that every \
             agent of the pool is connected over that path, and names those that are not. Exit codes: 0 every check \
@@ -229,10 +276,14 @@ struct DoctorCommand: AsyncParsableCommand {
     @Option(name: .customLong("server-address"), help: "A tunnel server address to check over TLS (repeatable).")
     var serverAddresses: [String] = []
     @Option(name: .customLong("ca-file"), help: "The tunnel CA, for the TLS checks.") var caFile: String?
-    @Option(name: .customLong("service-file"), help: "The Service as `kubectl get svc -o yaml` prints it.") var serviceFile: String?
-    @Option(name: .customLong("security-group-file"), help: "DescribeSecurityGroupAttribute JSON export.") var securityGroupFile: String?
-    @Option(name: .customLong("edge-cidr"), help: "An edge network for the UDP 8472 check (repeatable).") var edgeCIDRs: [String] = []
-    @Option(name: .customLong("probe-udp"), help: "ADDR:PORT of an `edgetunnel probe udp --listen` responder.") var probeUDP: String?
+    @Option(name: .customLong("service-file"), help: "The Service as `kubectl get svc -o yaml` prints it.")
+    var serviceFile: String?
+    @Option(name: .customLong("security-group-file"), help: "DescribeSecurityGroupAttribute JSON export.")
+    var securityGroupFile: String?
+    @Option(name: .customLong("edge-cidr"), help: "An edge network for the UDP 8472 check (repeatable).") var edgeCIDRs:
+        [String] = []
+    @Option(name: .customLong("probe-udp"), help: "ADDR:PORT of an `edgetunnel probe udp --listen` responder.")
+    var probeUDP: String?
     @OptionGroup var pools: PoolDoctorOptions
     @Option(help: "text or json.") var output: OutputFormat = .text
 
@@ -242,10 +293,18 @@ struct DoctorCommand: AsyncParsableCommand {
             let cidrs = try edgeCIDRs.map { try CIDR(parsing: $0) }
             let connectivity = try mode.map { try Connectivity(parsing: $0) }
             _ = try pools.expectations()  // bad --pool or --expect input is refused before any check runs
-            if !serverAddresses.isEmpty && caFile == nil { throw PlanError("--ca-file is required to check --server-address") }
-            if serviceFile != nil && connectivity == nil { throw PlanError("--mode is required to check --service-file") }
-            if serverAddresses.isEmpty && serviceFile == nil && securityGroupFile == nil && probeUDP == nil && !pools.isRequested {
-                throw PlanError("nothing to check: give --server-address, --service-file, --security-group-file, --probe-udp or --pool")
+            if !serverAddresses.isEmpty && caFile == nil {
+                throw PlanError("--ca-file is required to check --server-address")
+            }
+            if serviceFile != nil && connectivity == nil {
+                throw PlanError("--mode is required to check --service-file")
+            }
+            if serverAddresses.isEmpty && serviceFile == nil && securityGroupFile == nil && probeUDP == nil
+                && !pools.isRequested
+            {
+                throw PlanError(
+                    "nothing to check: give --server-address, --service-file, --security-group-file, --probe-udp or --pool"
+                )
             }
             for address in serverAddresses {
                 results.append(await Doctor.checkTLS(address: address, caFile: caFile!))
@@ -255,7 +314,8 @@ struct DoctorCommand: AsyncParsableCommand {
                 results += Doctor.checkService(yaml: text, path: serviceFile, mode: connectivity)
             }
             if let securityGroupFile {
-                let group = try SecurityGroupExport.load(path: securityGroupFile, data: Data(try AtomicFile.read(securityGroupFile)))
+                let group = try SecurityGroupExport.load(
+                    path: securityGroupFile, data: Data(try AtomicFile.read(securityGroupFile)))
                 results += Doctor.checkSecurityGroup(group, path: securityGroupFile, edgeCIDRs: cidrs)
             }
             if let probeUDP {
@@ -284,7 +344,8 @@ struct ProbeCommand: ParsableCommand {
     struct UDP: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "udp",
-            abstract: "Answer probes (--listen) or send nonce-stamped probes and count the echoes (--target); default port 8472 (VXLAN)."
+            abstract:
+                "Answer probes (--listen) or send nonce-stamped probes and count the echoes (--target); default port 8472 (VXLAN)."
         )
 
         @Option(help: "ADDR:PORT to answer probes on.") var listen: String?
@@ -298,10 +359,12 @@ struct ProbeCommand: ParsableCommand {
             try reportingErrors(userError: badInput) {
                 switch (listen, target) {
                 case (let listen?, nil):
-                    try UDPProbe.respond(on: listen, ready: {
-                        print("answering UDP probes on \(listen)")
-                        fflush(stdout)
-                    })
+                    try UDPProbe.respond(
+                        on: listen,
+                        ready: {
+                            print("answering UDP probes on \(listen)")
+                            fflush(stdout)
+                        })
                 case (nil, let target?):
                     let result = try UDPProbe.probe(
                         target: target, count: count, timeout: try Durations.parse(timeout, what: "--timeout"),
@@ -310,7 +373,9 @@ struct ProbeCommand: ParsableCommand {
                         try printJSON(result)
                     } else {
                         var line = "\(result.received)/\(result.sent) probes to \(target) came back"
-                        if let min = result.rttMillisecondsMin, let avg = result.rttMillisecondsAvg, let max = result.rttMillisecondsMax {
+                        if let min = result.rttMillisecondsMin, let avg = result.rttMillisecondsAvg,
+                            let max = result.rttMillisecondsMax
+                        {
                             line += String(format: ", rtt min/avg/max %.3f/%.3f/%.3f ms", min, avg, max)
                         }
                         print(line)

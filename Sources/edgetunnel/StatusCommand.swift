@@ -30,7 +30,8 @@ struct StatusCommand: AsyncParsableCommand {
             var table = [["NODE", "POOL", "PATH", "IPS", "CONNECTED", "REMOTE", "STREAMS", "BYTES IN", "BYTES OUT"]]
             for agent in body.agents {
                 table.append([
-                    agent.nodeName, agent.pool ?? "-", agent.path ?? TunnelPath.unknown, agent.nodeIPs.joined(separator: ","),
+                    agent.nodeName, agent.pool ?? "-", agent.path ?? TunnelPath.unknown,
+                    agent.nodeIPs.joined(separator: ","),
                     Durations.format(now.timeIntervalSince(agent.connectedSince)), agent.remoteAddress,
                     "\(agent.streams)", "\(agent.bytesFromAgent)", "\(agent.bytesToAgent)",
                 ])

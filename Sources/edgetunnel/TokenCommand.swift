@@ -22,10 +22,14 @@ extension TokenCommand {
         @Option(help: "A note stored with the token.")
         var description: String?
 
-        @Option(name: .customLong("node"), help: "A node name (or prefix*) that may join with this token; repeatable. Default: any name.")
+        @Option(
+            name: .customLong("node"),
+            help: "A node name (or prefix*) that may join with this token; repeatable. Default: any name.")
         var nodes: [String] = []
 
-        @Option(name: .customLong("node-cidr"), help: "A network whose addresses joining nodes may claim as node IPs; repeatable. Default: none.")
+        @Option(
+            name: .customLong("node-cidr"),
+            help: "A network whose addresses joining nodes may claim as node IPs; repeatable. Default: none.")
         var nodeCIDRs: [String] = []
 
         func run() async throws {
@@ -63,7 +67,8 @@ extension TokenCommand {
                         var nodeCIDRs: [String]?
                     }
                     let rows = tokens.map {
-                        Row(id: $0.id, created: $0.created, expires: $0.expires, expired: $0.isExpired(at: now),
+                        Row(
+                            id: $0.id, created: $0.created, expires: $0.expires, expired: $0.isExpired(at: now),
                             description: $0.description, nodes: $0.nodes, nodeCIDRs: $0.nodeCIDRs)
                     }
                     let encoder = JSONEncoder()

@@ -26,8 +26,10 @@ import TunnelPKI
                 for publicAPI in [false, true] {
                     for version in ["1.18.8", "v1.20.11-aliyun.1", "1.21.3", "1.22.0", "1.30.2"] {
                         for (existing, eip) in [(false, nil), (true, true), (true, false)] as [(Bool, Bool?)] {
-                            all.append(Case(connectivity: connectivity, egress: egress, publicAPI: publicAPI,
-                                            version: version, existing: existing, hasEIP: eip))
+                            all.append(
+                                Case(
+                                    connectivity: connectivity, egress: egress, publicAPI: publicAPI,
+                                    version: version, existing: existing, hasEIP: eip))
                         }
                     }
                 }
@@ -38,7 +40,8 @@ import TunnelPKI
 
     @Test(arguments: cases)
     func decisionsFollowTheDocument(_ c: Case) throws {
-        var input = PlanInput(connectivity: c.connectivity, kubernetesVersion: try KubernetesVersion(parsing: c.version))
+        var input = PlanInput(
+            connectivity: c.connectivity, kubernetesVersion: try KubernetesVersion(parsing: c.version))
         input.internetEgress = c.egress
         input.publicAPIServer = c.publicAPI
         input.existingCluster = c.existing
@@ -100,7 +103,8 @@ import TunnelPKI
     }
 
     @Test func withoutEdgeCIDRsTheRulesCannotBeRendered() throws {
-        let plan = try NetworkPlan(input: PlanInput(connectivity: .expressConnect, kubernetesVersion: KubernetesVersion(1, 22, 0)))
+        let plan = try NetworkPlan(
+            input: PlanInput(connectivity: .expressConnect, kubernetesVersion: KubernetesVersion(1, 22, 0)))
         #expect(plan.securityGroupRules.isEmpty)
         #expect(plan.findings.contains { $0.severity == .warning && $0.message.contains("--edge-cidr") })
     }
@@ -121,7 +125,8 @@ import TunnelPKI
             "Direction": "ingress", "Priority": \(priority)}
             """
         }
-        let json = "{\"SecurityGroupId\": \"sg-test\", \"Permissions\": {\"Permission\": [\(permissions.joined(separator: ","))]}}"
+        let json =
+            "{\"SecurityGroupId\": \"sg-test\", \"Permissions\": {\"Permission\": [\(permissions.joined(separator: ","))]}}"
         return try SecurityGroupExport.load(path: "test.json", data: Data(json.utf8))
     }
 
@@ -142,44 +147,59 @@ import TunnelPKI
     }
 
     @Test func higherPriorityDropWinsAndEqualPriorityDropWins() throws {
-        let dropFirst = try group([("UDP", "8472/8472", "10.0.0.0/8", "Accept", 10), ("UDP", "8472/8472", "10.1.0.0/16", "Drop", 1)])
+        let dropFirst = try group([
+            ("UDP", "8472/8472", "10.0.0.0/8", "Accept", 10), ("UDP", "8472/8472", "10.1.0.0/16", "Drop", 1),
+        ])
         let result = try verdict(dropFirst, "10.1.0.0/16")
         #expect(!result.allowed && result.explanation.contains("dropped"))
-        let acceptFirst = try group([("UDP", "8472/8472", "10.0.0.0/8", "Accept", 1), ("UDP", "8472/8472", "10.1.0.0/16", "Drop", 10)])
+        let acceptFirst = try group([
+            ("UDP", "8472/8472", "10.0.0.0/8", "Accept", 1), ("UDP", "8472/8472", "10.1.0.0/16", "Drop", 10),
+        ])
         #expect(try verdict(acceptFirst, "10.1.0.0/16").allowed)
-        let tie = try group([("UDP", "8472/8472", "10.0.0.0/8", "Accept", 5), ("ALL", "-1/-1", "10.0.0.0/8", "Drop", 5)])
+        let tie = try group([
+            ("UDP", "8472/8472", "10.0.0.0/8", "Accept", 5), ("ALL", "-1/-1", "10.0.0.0/8", "Drop", 5),
+        ])
         #expect(try !verdict(tie, "10.1.0.0/16").allowed)
     }
 
     @Test func aDropOnPartOfTheEdgeNetworkFails() throws {
-        let g = try group([("UDP", "8472/8472", "10.0.0.0/8", "Accept", 10), ("UDP", "8472/8472", "10.1.2.0/24", "Drop", 1)])
+        let g = try group([
+            ("UDP", "8472/8472", "10.0.0.0/8", "Accept", 10), ("UDP", "8472/8472", "10.1.2.0/24", "Drop", 1),
+        ])
         let result = try verdict(g, "10.1.0.0/16")
         #expect(!result.allowed)
         #expect(result.explanation.contains("10.1.2.0/24"))
     }
 
     @Test func nestedAcceptsThatCoverTheWholeEdgeAllow() throws {
-        let g = try group([("UDP", "8472/8472", "10.1.0.0/17", "Accept", 1), ("UDP", "8472/8472", "10.1.128.0/17", "Accept", 1)])
+        let g = try group([
+            ("UDP", "8472/8472", "10.1.0.0/17", "Accept", 1), ("UDP", "8472/8472", "10.1.128.0/17", "Accept", 1),
+        ])
         #expect(try verdict(g, "10.1.0.0/16").allowed)
         let half = try group([("UDP", "8472/8472", "10.1.0.0/17", "Accept", 1)])
         #expect(try !verdict(half, "10.1.0.0/16").allowed)
     }
 
     @Test func egressRulesAndMalformedExportsAreHandled() throws {
-        let json = #"{"Permissions": {"Permission": [{"IpProtocol": "UDP", "PortRange": "8472/8472", "SourceCidrIp": "0.0.0.0/0", "Policy": "Accept", "Direction": "egress", "Priority": "1"}]}}"#
+        let json =
+            #"{"Permissions": {"Permission": [{"IpProtocol": "UDP", "PortRange": "8472/8472", "SourceCidrIp": "0.0.0.0/0", "Policy": "Accept", "Direction": "egress", "Priority": "1"}]}}"#
         let g = try SecurityGroupExport.load(path: "x.json", data: Data(json.utf8))
         #expect(try !verdict(g, "10.0.0.0/8").allowed)
         #expect(throws: PlanError.self) { try SecurityGroupExport.load(path: "x.json", data: Data("{}".utf8)) }
     }
 }
 
-
 @Suite struct DoctorHostileInputTests {
     /// Found by the FuzzConfig fuzzer: Yams' untyped loader force-unwrapped non-string mapping keys.
     @Test func aServiceFileWithNonStringKeysIsRefusedNotATrap() {
         var laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
-        for level in 1...8 { laughs += "l\(level): &l\(level) [\(Array(repeating: level == 1 ? "*a" : "*l\(level - 1)", count: 10).joined(separator: ", "))]\n" }
-        for text in ["{[a]: 1}", "kind: Service\nspec:\n  ? [type]\n  : ClusterIP\n", String(repeating: "[", count: 200), laughs] {
+        for level in 1...8 {
+            laughs +=
+                "l\(level): &l\(level) [\(Array(repeating: level == 1 ? "*a" : "*l\(level - 1)", count: 10).joined(separator: ", "))]\n"
+        }
+        for text in [
+            "{[a]: 1}", "kind: Service\nspec:\n  ? [type]\n  : ClusterIP\n", String(repeating: "[", count: 200), laughs,
+        ] {
             let results = Doctor.checkService(yaml: text, path: "svc.yaml", mode: .expressConnect)
             #expect(results.count == 1 && results[0].status == .fail, "\(text.prefix(40))")
         }

@@ -7,14 +7,17 @@ import TunnelSupport
 /// `edgetunnel doctor --pool NAME --expect PATH` on a server's agent list.
 @Suite struct PoolDoctorTests {
     func agent(_ name: String, pool: String?, path: String?) -> AgentInfo {
-        AgentInfo(nodeName: name, nodeIPs: [], connectedSince: Date(), remoteAddress: "", streams: 0, bytesFromAgent: 0,
-                  bytesToAgent: 0, pool: pool, path: path)
+        AgentInfo(
+            nodeName: name, nodeIPs: [], connectedSince: Date(), remoteAddress: "", streams: 0, bytesFromAgent: 0,
+            bytesToAgent: 0, pool: pool, path: path)
     }
 
     var agents: [AgentInfo] {
-        [agent("edge-2", pool: "a", path: "private"), agent("edge-1", pool: "a", path: "private"),
-         agent("edge-3", pool: "b", path: "internet"), agent("edge-4", pool: "c", path: "internet"),
-         agent("edge-5", pool: "c", path: nil), agent("edge-6", pool: "c", path: "private")]
+        [
+            agent("edge-2", pool: "a", path: "private"), agent("edge-1", pool: "a", path: "private"),
+            agent("edge-3", pool: "b", path: "internet"), agent("edge-4", pool: "c", path: "internet"),
+            agent("edge-5", pool: "c", path: nil), agent("edge-6", pool: "c", path: "private"),
+        ]
     }
 
     @Test func aPoolAllOnTheExpectedPathPasses() {

@@ -12,7 +12,10 @@ import TunnelPKI
         #expect(pool.name == "hz" && pool.connectivity == .expressConnect)
         #expect(pool.cidrs == [try CIDR(parsing: "10.20.0.0/16"), try CIDR(parsing: "10.21.0.0/16")])
         #expect(pool.nodeSelector == ["apps.openyurt.io/nodepool": "hz"])
-        #expect(try EdgePool(flag: "np1a2b=internet,selector-style=ack").nodeSelector == ["alibabacloud.com/nodepool-id": "np1a2b"])
+        #expect(
+            try EdgePool(flag: "np1a2b=internet,selector-style=ack").nodeSelector == [
+                "alibabacloud.com/nodepool-id": "np1a2b"
+            ])
         #expect(try EdgePool(flag: "sh=INTERNET,selector=site=shanghai").nodeSelector == ["site": "shanghai"])
         #expect(try EdgePool(flag: "sh=internet,selector=example.com/site=").nodeSelector == ["example.com/site": ""])
         #expect(try EdgePool(flag: "sh=internet").cidrs.isEmpty)
@@ -87,13 +90,15 @@ import TunnelPKI
             """
         let file = try PlanFile.parse(text, path: "plan.yaml")
         #expect(file.kubernetesVersion == "1.24.6")
-        #expect(file.pools == [
-            try EdgePool(flag: "hz=express-connect,cidr=10.20.0.0/16,cidr=10.21.0.0/16"),
-            // YAML's true and 123 are label text here, as Kubernetes reads them.
-            EdgePool(name: "123", connectivity: .internet, cidrs: [try CIDR(parsing: "192.168.30.0/24")],
-                     nodeSelector: ["alibabacloud.com/is-edge-worker": "true", "site": "sh"]),
-            try EdgePool(flag: "np9=internet,selector-style=ack"),
-        ])
+        #expect(
+            file.pools == [
+                try EdgePool(flag: "hz=express-connect,cidr=10.20.0.0/16,cidr=10.21.0.0/16"),
+                // YAML's true and 123 are label text here, as Kubernetes reads them.
+                EdgePool(
+                    name: "123", connectivity: .internet, cidrs: [try CIDR(parsing: "192.168.30.0/24")],
+                    nodeSelector: ["alibabacloud.com/is-edge-worker": "true", "site": "sh"]),
+                try EdgePool(flag: "np9=internet,selector-style=ack"),
+            ])
         #expect(try PlanFile.parse("connectivity: internet\n", path: "p.yaml").pools == nil)
     }
 
@@ -107,20 +112,52 @@ import TunnelPKI
         ("pools: [{name: hz}]", "pools[0] (pool hz): connectivity is missing"),
         ("pools: [{name: hz, connectivity: [internet]}]", "pools[0] (pool hz): connectivity must be a string"),
         ("pools: [{name: hz, connectivity: satellite}]", "pools[0] (pool hz): connectivity \"satellite\""),
-        ("pools: [{name: hz, connectivity: internet, cidrs: [10.0.0.0/8, nope]}]", "pools[0] (pool hz): cidrs \"nope\""),
+        (
+            "pools: [{name: hz, connectivity: internet, cidrs: [10.0.0.0/8, nope]}]",
+            "pools[0] (pool hz): cidrs \"nope\""
+        ),
         ("pools: [{name: hz, connectivity: internet, cidrs: {a: b}}]", "pools[0] (pool hz): cidrs must be a list"),
-        ("pools: [{name: hz, connectivity: internet, cidrs: [[10.0.0.0/8]]}]", "pools[0] (pool hz): cidrs must be a list"),
-        ("pools: [{name: hz, connectivity: internet, nodeSelector: a=b}]", "pools[0] (pool hz): nodeSelector must be a mapping"),
-        ("pools: [{name: hz, connectivity: internet, nodeSelector: {}}]", "pools[0] (pool hz): nodeSelector must be a mapping"),
-        ("pools: [{name: hz, connectivity: internet, nodeSelector: {k: [v]}}]", "pools[0] (pool hz): nodeSelector must map"),
-        ("pools: [{name: hz, connectivity: internet, nodeSelector: {'a b': v}}]", "pools[0] (pool hz): nodeSelector label key \"a b\""),
-        ("pools: [{name: hz, connectivity: internet, nodeSelector: {k: 'a b'}}]", "pools[0] (pool hz): nodeSelector value \"a b\""),
-        ("pools: [{name: hz, connectivity: internet, selectorStyle: k8s}]", "pools[0] (pool hz): selectorStyle \"k8s\""),
-        ("pools: [{name: hz, connectivity: internet, selectorStyle: ack, nodeSelector: {k: v}}]", "nodeSelector and selectorStyle both given"),
+        (
+            "pools: [{name: hz, connectivity: internet, cidrs: [[10.0.0.0/8]]}]",
+            "pools[0] (pool hz): cidrs must be a list"
+        ),
+        (
+            "pools: [{name: hz, connectivity: internet, nodeSelector: a=b}]",
+            "pools[0] (pool hz): nodeSelector must be a mapping"
+        ),
+        (
+            "pools: [{name: hz, connectivity: internet, nodeSelector: {}}]",
+            "pools[0] (pool hz): nodeSelector must be a mapping"
+        ),
+        (
+            "pools: [{name: hz, connectivity: internet, nodeSelector: {k: [v]}}]",
+            "pools[0] (pool hz): nodeSelector must map"
+        ),
+        (
+            "pools: [{name: hz, connectivity: internet, nodeSelector: {'a b': v}}]",
+            "pools[0] (pool hz): nodeSelector label key \"a b\""
+        ),
+        (
+            "pools: [{name: hz, connectivity: internet, nodeSelector: {k: 'a b'}}]",
+            "pools[0] (pool hz): nodeSelector value \"a b\""
+        ),
+        (
+            "pools: [{name: hz, connectivity: internet, selectorStyle: k8s}]",
+            "pools[0] (pool hz): selectorStyle \"k8s\""
+        ),
+        (
+            "pools: [{name: hz, connectivity: internet, selectorStyle: ack, nodeSelector: {k: v}}]",
+            "nodeSelector and selectorStyle both given"
+        ),
         ("pools: [{name: hz, connectivity: internet, zone: a}]", "pools[0] (pool hz): unknown key \"zone\""),
-        ("pools: [{name: hz, connectivity: internet}, {name: hz, connectivity: internet}]", "plan.yaml: pool hz: the name is given twice"),
-        ("pools: [{name: a, connectivity: internet, nodeSelector: {s: x}}, {name: b, connectivity: internet, nodeSelector: {s: x}}]",
-         "pools a and b have the same node selector s=x"),
+        (
+            "pools: [{name: hz, connectivity: internet}, {name: hz, connectivity: internet}]",
+            "plan.yaml: pool hz: the name is given twice"
+        ),
+        (
+            "pools: [{name: a, connectivity: internet, nodeSelector: {s: x}}, {name: b, connectivity: internet, nodeSelector: {s: x}}]",
+            "pools a and b have the same node selector s=x"
+        ),
         ("pools: [{name: a, connectivity: internet}]\n? [x]\n: 1\n", "plan.yaml: not a plan input file"),
     ]
 
@@ -145,8 +182,11 @@ import TunnelPKI
 }
 
 @Suite struct PoolPlanTests {
-    static func plan(_ version: String, _ flags: [String], configure: (inout PlanInput) -> Void = { _ in }) throws -> NetworkPlan {
-        var input = PlanInput(pools: try flags.map { try EdgePool(flag: $0) }, kubernetesVersion: try KubernetesVersion(parsing: version))
+    static func plan(
+        _ version: String, _ flags: [String], configure: (inout PlanInput) -> Void = { _ in }
+    ) throws -> NetworkPlan {
+        var input = PlanInput(
+            pools: try flags.map { try EdgePool(flag: $0) }, kubernetesVersion: try KubernetesVersion(parsing: version))
         configure(&input)
         return try NetworkPlan(input: input)
     }
@@ -159,8 +199,11 @@ import TunnelPKI
         #expect(pools.map(\.name) == ["hz", "sh"])
         #expect(pools[0].servers.map(\.service) == ["x-tunnel-server-line-svc", "x-tunnel-server-svc"])
         #expect(pools[0].servers.map(\.path) == ["private-line", "internet"])
-        #expect(pools[1].servers.map(\.service) == ["x-tunnel-server-svc"] && pools[1].servers[0].type == "LoadBalancer")
-        let rules = { (pool: PoolDecision) in pool.securityGroupRules.map { "\($0.ipProtocol) \($0.portRange) \($0.sourceCidrIp)" } }
+        #expect(
+            pools[1].servers.map(\.service) == ["x-tunnel-server-svc"] && pools[1].servers[0].type == "LoadBalancer")
+        let rules = { (pool: PoolDecision) in
+            pool.securityGroupRules.map { "\($0.ipProtocol) \($0.portRange) \($0.sourceCidrIp)" }
+        }
         #expect(rules(pools[0]) == ["udp 8472/8472 10.20.0.0/16", "tcp 10262/10262 10.20.0.0/16"])
         #expect(rules(pools[1]) == ["udp 8472/8472 192.168.30.0/24"])
         #expect(plan.securityGroupRules == pools.flatMap(\.securityGroupRules))
@@ -172,16 +215,22 @@ import TunnelPKI
         #expect(plan.input.connectivity == .internet)
         #expect(plan.input.edgeCIDRs.map(\.description) == ["10.20.0.0/16", "192.168.30.0/24"])
         #expect(plan.exitCode == 0)
-        #expect(plan.text.contains("Pools:") && plan.text.contains("  sh (internet): 192.168.30.0/24; nodes alibabacloud.com/nodepool-id=sh"))
+        #expect(
+            plan.text.contains("Pools:")
+                && plan.text.contains("  sh (internet): 192.168.30.0/24; nodes alibabacloud.com/nodepool-id=sh"))
     }
 
     @Test func privateLinePoolsAloneNeedNoPublicPath() throws {
-        let plan = try Self.plan("1.24.6", ["hz=express-connect,cidr=10.20.0.0/16", "bj=express-connect,cidr=10.30.0.0/16"])
+        let plan = try Self.plan(
+            "1.24.6", ["hz=express-connect,cidr=10.20.0.0/16", "bj=express-connect,cidr=10.30.0.0/16"])
         #expect(plan.input.connectivity == .expressConnect)
         #expect(plan.tunnelService.type == "ClusterIP" && !plan.eip.needed)
         #expect(plan.pools?.allSatisfy { $0.servers.map(\.service) == ["x-tunnel-server-line-svc"] } == true)
         #expect(plan.privateLine.steps[0].contains("pools hz and bj as dedicated edge node pools"))
-        let egress = try Self.plan("1.24.6", ["hz=express-connect"]) { $0.internetEgress = true; $0.publicAPIServer = true }
+        let egress = try Self.plan("1.24.6", ["hz=express-connect"]) {
+            $0.internetEgress = true
+            $0.publicAPIServer = true
+        }
         #expect(egress.snat.needed && egress.eip.needed)
     }
 
@@ -192,7 +241,8 @@ import TunnelPKI
     }
 
     @Test func warningsForPoolsWithoutNetworksAndOverlappingPools() throws {
-        let plan = try Self.plan("1.24.6", ["a=internet", "b=internet,cidr=10.0.0.0/8", "c=express-connect,cidr=10.20.0.0/16"])
+        let plan = try Self.plan(
+            "1.24.6", ["a=internet", "b=internet,cidr=10.0.0.0/8", "c=express-connect,cidr=10.20.0.0/16"])
         let warnings = plan.findings.filter { $0.severity == .warning }.map(\.message)
         #expect(warnings.contains { $0.hasPrefix("pool a has no CIDR") && $0.contains("bootstrap token") })
         #expect(warnings.contains { $0.hasPrefix("pools b and c overlap (10.0.0.0/8 and 10.20.0.0/16)") })
@@ -207,7 +257,9 @@ import TunnelPKI
 
     @Test func aGivenConnectivityMustAgreeWithThePools() throws {
         #expect(throws: PlanError.self) { try Self.plan("1.24.6", Self.mixed) { $0.connectivity = .expressConnect } }
-        #expect(throws: PlanError.self) { try Self.plan("1.24.6", ["hz=express-connect"]) { $0.connectivity = .internet } }
+        #expect(throws: PlanError.self) {
+            try Self.plan("1.24.6", ["hz=express-connect"]) { $0.connectivity = .internet }
+        }
         #expect(throws: PlanError.self) { try Self.plan("1.24.6", ["a=internet", "a=express-connect"]) }
         var empty = PlanInput(connectivity: .internet, kubernetesVersion: KubernetesVersion(1, 24, 6))
         empty.pools = []
@@ -247,15 +299,19 @@ import TunnelPKI
         let errors = mixed.findings.filter { $0.severity == .error }.map(\.message)
         switch b.path {
         case .reconfigureTunnel:
-            #expect(errors.count == 1 && errors[0].contains("pool hz (express-connect) and pool sh (internet) cannot be mixed"))
+            #expect(
+                errors.count == 1
+                    && errors[0].contains("pool hz (express-connect) and pool sh (internet) cannot be mixed"))
         case .upgrade:
             #expect(errors.count == 1 && errors[0].hasPrefix("pool hz is express-connect, but Kubernetes"))
             // With pools the version's contradiction is the pool's error, not the cluster's generic warning.
-            #expect(!mixed.findings.contains { $0.severity == .warning && $0.message.contains("between 1.20.11 and 1.22") })
+            #expect(
+                !mixed.findings.contains { $0.severity == .warning && $0.message.contains("between 1.20.11 and 1.22") })
         default:
             #expect(errors.isEmpty)
         }
-        let lineOnly = try Self.plan(b.version, ["hz=express-connect,cidr=10.20.0.0/16", "bj=express-connect,cidr=10.30.0.0/16"])
+        let lineOnly = try Self.plan(
+            b.version, ["hz=express-connect,cidr=10.20.0.0/16", "bj=express-connect,cidr=10.30.0.0/16"])
         #expect(lineOnly.exitCode == b.lineOnly)
         if b.path == .upgrade {
             #expect(lineOnly.findings.filter { $0.severity == .error }.count == 2)  // one per pool, each named
@@ -276,19 +332,23 @@ import TunnelPKI
         input.hasEIP = true
         #expect(try NetworkPlan(input: input).exitCode == 0)
         // Warnings alone (here: no edge CIDR, a version with no documented route) keep 0.
-        let warned = try NetworkPlan(input: PlanInput(connectivity: .expressConnect, kubernetesVersion: KubernetesVersion(1, 21, 3)))
+        let warned = try NetworkPlan(
+            input: PlanInput(connectivity: .expressConnect, kubernetesVersion: KubernetesVersion(1, 21, 3)))
         #expect(warned.findings.contains { $0.severity == .warning } && warned.exitCode == 0)
     }
 
     @Test func withoutPoolsTheJSONHasNoPoolKeys() throws {
-        let plan = try NetworkPlan(input: PlanInput(connectivity: .internet, kubernetesVersion: KubernetesVersion(1, 24, 6)))
+        let plan = try NetworkPlan(
+            input: PlanInput(connectivity: .internet, kubernetesVersion: KubernetesVersion(1, 24, 6)))
         let json = String(decoding: try JSONEncoder().encode(plan), as: UTF8.self)
         #expect(!json.contains("\"pools\"") && !json.contains("\"lineService\""))
     }
 }
 
 @Suite struct PoolManifestTests {
-    static func options(_ flags: [String], public publicAddress: String? = nil, line: String? = nil) throws -> ManifestOptions {
+    static func options(
+        _ flags: [String], public publicAddress: String? = nil, line: String? = nil
+    ) throws -> ManifestOptions {
         let pools = try flags.map { try EdgePool(flag: $0) }
         var o = ManifestOptions(mode: PlanInput.connectivity(of: pools))
         o.pools = pools
@@ -301,7 +361,10 @@ import TunnelPKI
         let o = try Self.options(PoolPlanTests.mixed, public: "203.0.113.10:10262")
         try o.validatePools()
         #expect(o.serviceMode == .internet)
-        #expect(o.serverAddresses(of: o.pools[0]) == ["x-tunnel-server-line-svc.kube-system.svc:10262", "203.0.113.10:10262"])
+        #expect(
+            o.serverAddresses(of: o.pools[0]) == [
+                "x-tunnel-server-line-svc.kube-system.svc:10262", "203.0.113.10:10262",
+            ])
         #expect(o.serverAddresses(of: o.pools[1]) == ["203.0.113.10:10262"])
         let file = o.addressesFile(of: o.pools[1])
         #expect(file.hasSuffix("#   x-tunnel-server-line-svc.kube-system.svc:10262\n203.0.113.10:10262\n"))
@@ -322,10 +385,16 @@ import TunnelPKI
             (try Self.options(PoolPlanTests.mixed), "pool sh is internet: give --public-address"),
             (try Self.options(["hz=express-connect"], public: "a.example.com:10262"), "no pool is internet"),
             (try Self.options(PoolPlanTests.mixed, public: "nope"), "invalid --public-address \"nope\""),
-            (try Self.options(PoolPlanTests.mixed, public: "a.example.com:10262", line: "x:0"), "invalid --line-address \"x:0\""),
+            (
+                try Self.options(PoolPlanTests.mixed, public: "a.example.com:10262", line: "x:0"),
+                "invalid --line-address \"x:0\""
+            ),
             (try Self.options([], public: "a.example.com:10262"), "give --pool too"),
             (try Self.options(["hz=express-connect"]).with { $0.serverAddresses = ["a:1"] }, "--server-address"),
-            (try Self.options(["hz=express-connect"]).with { $0.edgeCIDRs = [try CIDR(parsing: "10.0.0.0/8")] }, "--edge-cidr"),
+            (
+                try Self.options(["hz=express-connect"]).with { $0.edgeCIDRs = [try CIDR(parsing: "10.0.0.0/8")] },
+                "--edge-cidr"
+            ),
         ]
         for (o, needle) in cases {
             #expect(throws: PlanError.self) { try o.validatePools() }
@@ -336,20 +405,26 @@ import TunnelPKI
 
     @Test func oneDaemonSetAndConfigMapPerPoolAndBothServices() throws {
         let yaml = try Manifests.render(try Self.options(PoolPlanTests.mixed, public: "203.0.113.10:10262"))
-        for name in ["edge-tunnel-agent-hz", "edge-tunnel-agent-sh", "edge-tunnel-pool-hz", "edge-tunnel-pool-sh",
-                     "x-tunnel-server-svc", "x-tunnel-server-line-svc", "x-tunnel-server-internal-svc"] {
+        for name in [
+            "edge-tunnel-agent-hz", "edge-tunnel-agent-sh", "edge-tunnel-pool-hz", "edge-tunnel-pool-sh",
+            "x-tunnel-server-svc", "x-tunnel-server-line-svc", "x-tunnel-server-internal-svc",
+        ] {
             #expect(yaml.contains("  name: \(name)\n"), "\(name)")
         }
         #expect(!yaml.contains("kind: DaemonSet\nmetadata:\n  name: edge-tunnel-agent\n"))
         #expect(yaml.components(separatedBy: "kind: DaemonSet\n").count == 3)
         #expect(yaml.contains("type: LoadBalancer"))
         #expect(yaml.contains("apps.openyurt.io/nodepool: hz") && yaml.contains("alibabacloud.com/nodepool-id: sh"))
-        #expect(yaml.contains("certIPs: [203.0.113.10]") && yaml.contains("certDNSNames: [x-tunnel-server-line-svc.kube-system.svc]"))
+        #expect(
+            yaml.contains("certIPs: [203.0.113.10]")
+                && yaml.contains("certDNSNames: [x-tunnel-server-line-svc.kube-system.svc]"))
         #expect(yaml.contains(",kube-system/x-tunnel-server-line-svc\n"))
         #expect(yaml.contains("name: edge-tunnel-bootstrap-hz") && yaml.contains("name: edge-tunnel-bootstrap-sh"))
         // Without pools: one DaemonSet, no line Service, the addresses still a watched file.
         let single = try Manifests.render(ManifestOptions(mode: .expressConnect))
-        #expect(single.contains("kind: DaemonSet\nmetadata:\n  name: edge-tunnel-agent\n") && !single.contains("x-tunnel-server-line-svc"))
+        #expect(
+            single.contains("kind: DaemonSet\nmetadata:\n  name: edge-tunnel-agent\n")
+                && !single.contains("x-tunnel-server-line-svc"))
         #expect(single.contains("--server-addresses-file=/etc/edge-tunnel/addresses/server-addresses"))
         #expect(!single.contains("SERVER_ADDRESSES"))
     }
@@ -357,17 +432,25 @@ import TunnelPKI
     @Test func theNotesCreateEachPoolsTokenWithItsNetworks() throws {
         var o = try Self.options(["hz=express-connect,cidr=10.20.0.0/16,cidr=10.21.0.0/16", "bj=express-connect"])
         let notes = Manifests.notes(o)
-        #expect(notes.contains("create secret generic edge-tunnel-bootstrap-hz --from-literal=token=\"$(kubectl -n kube-system exec "
-            + "deploy/edge-tunnel-server -- edgetunnel token create --join-state-namespace edge-tunnel --node-cidr 10.20.0.0/16 "
-            + "--node-cidr 10.21.0.0/16 --description edge-pool-hz)\""))
-        #expect(notes.contains("# Pool bj has no cidr=") && notes.contains("--node-cidr POOL-CIDR --description edge-pool-bj"))
+        #expect(
+            notes.contains(
+                "create secret generic edge-tunnel-bootstrap-hz --from-literal=token=\"$(kubectl -n kube-system exec "
+                    + "deploy/edge-tunnel-server -- edgetunnel token create --join-state-namespace edge-tunnel --node-cidr 10.20.0.0/16 "
+                    + "--node-cidr 10.21.0.0/16 --description edge-pool-hz)\""))
+        #expect(
+            notes.contains("# Pool bj has no cidr=")
+                && notes.contains("--node-cidr POOL-CIDR --description edge-pool-bj"))
         o.joinStateClaim = "state"
-        #expect(Manifests.notes(o).contains("edgetunnel token create --pki-dir /var/lib/edge-tunnel-server/pki --node-cidr 10.20.0.0/16"))
+        #expect(
+            Manifests.notes(o).contains(
+                "edgetunnel token create --pki-dir /var/lib/edge-tunnel-server/pki --node-cidr 10.20.0.0/16"))
         var single = ManifestOptions(mode: .internet)
         single.edgeCIDRs = [try CIDR(parsing: "192.168.10.0/24")]
-        #expect(Manifests.notes(single).contains(
-            "create secret generic edge-tunnel-bootstrap --from-literal=token=\"$(kubectl -n kube-system exec deploy/edge-tunnel-server -- "
-                + "edgetunnel token create --join-state-namespace edge-tunnel --node-cidr 192.168.10.0/24 --description edge-agents)\""))
+        #expect(
+            Manifests.notes(single).contains(
+                "create secret generic edge-tunnel-bootstrap --from-literal=token=\"$(kubectl -n kube-system exec deploy/edge-tunnel-server -- "
+                    + "edgetunnel token create --join-state-namespace edge-tunnel --node-cidr 192.168.10.0/24 --description edge-agents)\""
+            ))
         #expect(Manifests.notes(ManifestOptions(mode: .internet)).contains("--node-cidr EDGE-CIDR"))
     }
 }

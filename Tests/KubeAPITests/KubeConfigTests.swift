@@ -14,7 +14,8 @@ import Testing
 
     @Test func theCurrentContextPicksClusterAndUser() throws {
         let ca = Data("-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n".utf8).base64EncodedString()
-        let path = try write("""
+        let path = try write(
+            """
             apiVersion: v1
             kind: Config
             current-context: two
@@ -43,7 +44,8 @@ import Testing
     @Test func aTokenFileIsReadForEveryRequest() throws {
         let token = NSTemporaryDirectory() + "token-\(UUID().uuidString)"
         try "one\n".write(toFile: token, atomically: true, encoding: .utf8)
-        let path = try write("""
+        let path = try write(
+            """
             clusters: [{name: c, cluster: {server: "https://127.0.0.1:6443"}}]
             users: [{name: u, user: {tokenFile: \(token)}}]
             contexts: [{name: x, context: {cluster: c, user: u}}]
@@ -56,7 +58,8 @@ import Testing
     }
 
     @Test func whatCannotWorkIsSaidInOneLine() throws {
-        let plain = try write("clusters: [{name: c, cluster: {server: \"http://127.0.0.1:8080\"}}]\ncurrent-context: x\n")
+        let plain = try write(
+            "clusters: [{name: c, cluster: {server: \"http://127.0.0.1:8080\"}}]\ncurrent-context: x\n")
         #expect(throws: KubeConfig.Invalid.self) { try KubeConfig.kubeconfig(path: plain) }
         #expect(throws: KubeConfig.Invalid.self) { try KubeConfig.kubeconfig(path: "/nonexistent/kubeconfig") }
         let error = #expect(throws: KubeConfig.Invalid.self) { try KubeConfig.inCluster(environment: [:]) }

@@ -11,15 +11,18 @@ import TunnelPKI
 @Suite struct KubeJoinStateTests {
     /// A join state driven with watch changes, as its watch would drive it; its client is never used.
     func followedState() throws -> KubeJoinState {
-        let client = try KubeClient(config: KubeConfig(host: "127.0.0.1", port: 1), group: MultiThreadedEventLoopGroup.singleton)
-        let state = KubeJoinState(client: client, namespace: "edge-tunnel", logger: Logger(label: "kube-join-state-test"))
+        let client = try KubeClient(
+            config: KubeConfig(host: "127.0.0.1", port: 1), group: MultiThreadedEventLoopGroup.singleton)
+        let state = KubeJoinState(
+            client: client, namespace: "edge-tunnel", logger: Logger(label: "kube-join-state-test"))
         state.apply(.listed([]), kind: "token")
         return state
     }
 
     func object(of node: String, record: String, version: String = "1") -> [String: any Sendable] {
         [
-            "metadata": ["name": KubeJoinState.nodeObjectName(node), "resourceVersion": version] as [String: any Sendable],
+            "metadata": ["name": KubeJoinState.nodeObjectName(node), "resourceVersion": version]
+                as [String: any Sendable],
             "data": ["record": record] as [String: any Sendable],
         ]
     }
@@ -31,11 +34,12 @@ import TunnelPKI
 
     @Test func anObjectWithoutAValidRecordOfItsNodeMakesTheNodeCountAsRevoked() throws {
         let state = try followedState()
-        state.apply(.listed([
-            object(of: "edge-1", record: try KubeJoinState.json(try joined("edge-1"))),
-            object(of: "edge-2", record: "{not json"),
-            object(of: "edge-3", record: try KubeJoinState.json(try joined("edge-4"))),  // another node's record
-        ]), kind: "node")
+        state.apply(
+            .listed([
+                object(of: "edge-1", record: try KubeJoinState.json(try joined("edge-1"))),
+                object(of: "edge-2", record: "{not json"),
+                object(of: "edge-3", record: try KubeJoinState.json(try joined("edge-4"))),  // another node's record
+            ]), kind: "node")
         #expect(state.isSynced)
         #expect(state.knownRecords.map(\.name) == ["edge-1"])
         // A replica started after the edit never saw edge-2's or edge-3's record parse: they count as revoked.
@@ -49,7 +53,9 @@ import TunnelPKI
         #expect(state.hasUnreadableRecord("edge-1"))
         #expect(state.knownRecords.map(\.name) == ["edge-1"])
         // Fixed: it counts again.
-        state.apply(.modified(object(of: "edge-1", record: try KubeJoinState.json(try joined("edge-1")), version: "3")), kind: "node")
+        state.apply(
+            .modified(object(of: "edge-1", record: try KubeJoinState.json(try joined("edge-1")), version: "3")),
+            kind: "node")
         #expect(!state.hasUnreadableRecord("edge-1"))
 
         // Deleted: neither a record nor an unreadable object is left (the server refuses a node without a record).

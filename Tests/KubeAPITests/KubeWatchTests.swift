@@ -44,7 +44,9 @@ final class ScriptedWatchAPI: KubeWatchTransport, @unchecked Sendable {
         return ([], "1")
     }
 
-    func watch(_ path: String, timeout: TimeAmount, onEvent: @escaping @Sendable ([UInt8]) throws -> Void) async throws -> Int {
+    func watch(
+        _ path: String, timeout: TimeAmount, onEvent: @escaping @Sendable ([UInt8]) throws -> Void
+    ) async throws -> Int {
         let lines = lock.withLock { () -> [String]? in
             _calls.append("watch")
             _watchPaths.append(path)
@@ -77,12 +79,16 @@ final class ScriptedWatchAPI: KubeWatchTransport, @unchecked Sendable {
 /// How a watch behaves when the API server fails it: it waits, longer each time in a row, and never asks again at
 /// once (a hot loop against the API server).
 @Suite struct KubeWatchTests {
-    static let failed = #"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","status":"Failure","code":500,"reason":"InternalError","message":"etcdserver: request timed out"}}"#
-    static let gone = #"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","status":"Failure","code":410,"reason":"Expired","message":"too old resource version"}}"#
+    static let failed =
+        #"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","status":"Failure","code":500,"reason":"InternalError","message":"etcdserver: request timed out"}}"#
+    static let gone =
+        #"{"type":"ERROR","object":{"kind":"Status","apiVersion":"v1","status":"Failure","code":410,"reason":"Expired","message":"too old resource version"}}"#
     static let added = #"{"type":"ADDED","object":{"metadata":{"name":"a","resourceVersion":"7"}}}"#
 
     /// Runs a watch against `api` until it has taken `api.pausesWanted` waits (at most 10 s); the waits in seconds.
-    func takenWaits(_ api: ScriptedWatchAPI, onChange: @escaping @Sendable (KubeWatch.Change) -> Void = { _ in }) async throws -> [Double] {
+    func takenWaits(
+        _ api: ScriptedWatchAPI, onChange: @escaping @Sendable (KubeWatch.Change) -> Void = { _ in }
+    ) async throws -> [Double] {
         let watch = KubeWatch(
             transport: api, path: "/api/v1/namespaces/edge-tunnel/configmaps", query: "labelSelector=a%3Db",
             what: "the test objects", logger: Logger(label: "kube-watch-test"), pause: { await api.pause($0) })
@@ -99,7 +105,8 @@ final class ScriptedWatchAPI: KubeWatchTransport, @unchecked Sendable {
 
     @Test func anErrorEventBacksOffBeforeTheNextWatchAndAnEventStartsTheBackoffOver() async throws {
         let api = ScriptedWatchAPI(
-            watches: [[Self.failed], [Self.failed], [Self.failed], [Self.added, Self.failed], [Self.failed]], pausesWanted: 5)
+            watches: [[Self.failed], [Self.failed], [Self.failed], [Self.added, Self.failed], [Self.failed]],
+            pausesWanted: 5)
         let waits = try await takenWaits(api)
         // Every ERROR event is followed by a wait, then a list and a watch: never a watch right after a failed one.
         #expect(api.calls == Array([[String]](repeating: ["list", "watch", "pause"], count: 5).joined()))
@@ -111,15 +118,17 @@ final class ScriptedWatchAPI: KubeWatchTransport, @unchecked Sendable {
 
     @Test func a410ListsAgainSoonAndAWatchThatRanItsCourseStartsTheBackoffOver() async throws {
         let api = ScriptedWatchAPI(
-            watches: [[Self.failed], [Self.failed], [Self.gone], [ScriptedWatchAPI.quietSecond], [Self.failed]], pausesWanted: 4)
+            watches: [[Self.failed], [Self.failed], [Self.gone], [ScriptedWatchAPI.quietSecond], [Self.failed]],
+            pausesWanted: 4)
         let waits = try await takenWaits(api)
-        #expect(api.calls == [
-            "list", "watch", "pause",  // failed: 0.5 to 1 s
-            "list", "watch", "pause",  // failed again: 1 to 2 s
-            "list", "watch", "pause",  // 410 Gone: listed again within a second, not counted as a failure
-            "list", "watch",  // ended by the server without an error: the next watch follows at once
-            "watch", "pause",  // failed: the backoff started over
-        ])
+        #expect(
+            api.calls == [
+                "list", "watch", "pause",  // failed: 0.5 to 1 s
+                "list", "watch", "pause",  // failed again: 1 to 2 s
+                "list", "watch", "pause",  // 410 Gone: listed again within a second, not counted as a failure
+                "list", "watch",  // ended by the server without an error: the next watch follows at once
+                "watch", "pause",  // failed: the backoff started over
+            ])
         let expected: [ClosedRange<Double>] = [0.5...1, 1...2, 0.1...1, 0.5...1]
         #expect(waits.count == expected.count)
         for (wait, range) in zip(waits, expected) { #expect(range.contains(wait), "waits \(waits)") }
@@ -146,8 +155,10 @@ final class ScriptedWatchAPI: KubeWatchTransport, @unchecked Sendable {
     @Test func anErrorEventSaysWhatTheAPIServerSaid() throws {
         let event = try JSONSerialization.jsonObject(with: Data(Self.failed.utf8)) as? [String: any Sendable]
         let status = try #require(event?["object"] as? [String: any Sendable])
-        #expect(KubeWatch.errorEvent(status, watching: "the test objects").description
-            == "the watch of the test objects ended with an ERROR event 500 InternalError: etcdserver: request timed out")
+        #expect(
+            KubeWatch.errorEvent(status, watching: "the test objects").description
+                == "the watch of the test objects ended with an ERROR event 500 InternalError: etcdserver: request timed out"
+        )
     }
 
     /// A list refused with Retry-After (429 from API Priority and Fairness, or a 503) waits what the API server said,
@@ -163,7 +174,8 @@ final class ScriptedWatchAPI: KubeWatchTransport, @unchecked Sendable {
     /// A BOOKMARK is no change of any object (its object is a bare kind with a resourceVersion): only the version the
     /// next watch starts from moves, to the bookmark's.
     @Test func aBookmarkMovesOnlyTheVersion() async throws {
-        let bookmark = #"{"type":"BOOKMARK","object":{"kind":"Service","apiVersion":"v1","metadata":{"resourceVersion":"12","creationTimestamp":null},"spec":{},"status":{"loadBalancer":{}}}}"#
+        let bookmark =
+            #"{"type":"BOOKMARK","object":{"kind":"Service","apiVersion":"v1","metadata":{"resourceVersion":"12","creationTimestamp":null},"spec":{},"status":{"loadBalancer":{}}}}"#
         let api = ScriptedWatchAPI(watches: [[Self.added, bookmark, ScriptedWatchAPI.quietSecond]], pausesWanted: 1)
         let changes = NIOLockedValueBox<[String]>([])
         let task = Task {
@@ -171,7 +183,8 @@ final class ScriptedWatchAPI: KubeWatchTransport, @unchecked Sendable {
                 changes.withLockedValue { list in
                     switch change {
                     case .listed: list.append("listed")
-                    case .added(let object): list.append("added \((object["metadata"] as? [String: any Sendable])?["name"] ?? "")")
+                    case .added(let object):
+                        list.append("added \((object["metadata"] as? [String: any Sendable])?["name"] ?? "")")
                     case .modified: list.append("modified")
                     case .deleted: list.append("deleted")
                     }

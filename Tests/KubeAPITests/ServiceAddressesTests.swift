@@ -11,9 +11,11 @@ import Testing
             dnsNames: ["lb.example.com", "*.example.com", "*", "LB.Example.com", "a..b", "10.0.0.9", "-lb.example.com"])
         #expect(checked.ips == ["10.96.0.10", "fd00::1"])
         #expect(checked.dnsNames == ["lb.example.com"])
-        #expect(checked.invalid == [
-            "*", "10.0.0.0/8", "[fd00::2]", "fe80::1%eth0", "", "*.example.com", "*", "a..b", "10.0.0.9", "-lb.example.com",
-        ])
+        #expect(
+            checked.invalid == [
+                "*", "10.0.0.0/8", "[fd00::2]", "fe80::1%eth0", "", "*.example.com", "*", "a..b", "10.0.0.9",
+                "-lb.example.com",
+            ])
         #expect(checked.count == 3)
     }
 
@@ -24,8 +26,8 @@ import Testing
             ] as [String: any Sendable],
             "status": [
                 "loadBalancer": [
-                    "ingress": [["ip": "198.51.100.4"], ["hostname": "*.elb.example.com"]] as [[String: any Sendable]],
-                ] as [String: any Sendable],
+                    "ingress": [["ip": "198.51.100.4"], ["hostname": "*.elb.example.com"]] as [[String: any Sendable]]
+                ] as [String: any Sendable]
             ] as [String: any Sendable],
         ]
         let found = ServiceAddresses.addresses(of: service)

@@ -40,16 +40,19 @@ import TunnelSupport
         #expect(!allow.allows(host: "evil.prometheus.monitoring.svc", port: 9090))
     }
 
-    @Test(arguments: ["10.0.0.1", "10.0.0.1:", "10.0.0.1:0", "10.0.0.1:70000", "10.0.0.0/33:80", "10.0.0.1:90-80",
-                      "[fd00::1:80", "bad_host:80", "10.0.0.1:http"])
+    @Test(arguments: [
+        "10.0.0.1", "10.0.0.1:", "10.0.0.1:0", "10.0.0.1:70000", "10.0.0.0/33:80", "10.0.0.1:90-80",
+        "[fd00::1:80", "bad_host:80", "10.0.0.1:http",
+    ])
     func malformedRulesAreNamed(_ text: String) {
         let error = #expect(throws: ConfigurationError.self) { try AllowList.Rule(parsing: text) }
         #expect(error?.description.contains("\"\(text)\"") == true)
     }
 
     @Test func rulesPrintAsTheyParse() throws {
-        #expect(try list("10.0.0.0/8:9100-9200", "[fd00::1]:10250", "127.0.0.1:10250").description
-            == "10.0.0.0/8:9100-9200, [fd00::1]:10250, 127.0.0.1:10250")
+        #expect(
+            try list("10.0.0.0/8:9100-9200", "[fd00::1]:10250", "127.0.0.1:10250").description
+                == "10.0.0.0/8:9100-9200, [fd00::1]:10250, 127.0.0.1:10250")
     }
 }
 
@@ -99,8 +102,10 @@ import TunnelSupport
 
     @Test func aNameMustNotResolveToLoopbackOrTheMetadataAddress() throws {
         let allow = try list("registry.edge.local:5000", "127.0.0.1:10250")
-        for bad in ["169.254.169.254", "127.0.0.1", "::1", "0.0.0.0", "fe80::1", "::ffff:169.254.169.254", "224.0.0.1",
-                    "100.100.100.200", "::ffff:100.100.100.200", "fd00:ec2::254"] {
+        for bad in [
+            "169.254.169.254", "127.0.0.1", "::1", "0.0.0.0", "fe80::1", "::ffff:169.254.169.254", "224.0.0.1",
+            "100.100.100.200", "::ffff:100.100.100.200", "fd00:ec2::254",
+        ] {
             #expect(!allow.allowsResolved(IPAddress(bad)!, port: 5000), "\(bad)")
         }
         #expect(allow.allowsResolved(IPAddress("10.0.3.9")!, port: 5000))

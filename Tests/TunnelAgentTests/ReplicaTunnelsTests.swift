@@ -41,12 +41,14 @@ import TunnelWire
         let until = refusedAt + EdgeTunnelAgent.olderProtocolPeriod
         #expect(EdgeTunnelAgent.helloVersion(olderProtocolUntil: nil, now: refusedAt) == tunnelProtocolVersion)
         #expect(EdgeTunnelAgent.helloVersion(olderProtocolUntil: until, now: refusedAt) == oldestAgentProtocolVersion)
-        #expect(EdgeTunnelAgent.helloVersion(olderProtocolUntil: until, now: refusedAt + .minutes(9))
-            == oldestAgentProtocolVersion)
+        #expect(
+            EdgeTunnelAgent.helloVersion(olderProtocolUntil: until, now: refusedAt + .minutes(9))
+                == oldestAgentProtocolVersion)
         // The servers may have been rolled forward again: the next dial tries this build's version (and falls
         // back again, for another ten minutes, if it is refused again).
-        #expect(EdgeTunnelAgent.helloVersion(olderProtocolUntil: until, now: refusedAt + .minutes(10))
-            == tunnelProtocolVersion)
+        #expect(
+            EdgeTunnelAgent.helloVersion(olderProtocolUntil: until, now: refusedAt + .minutes(10))
+                == tunnelProtocolVersion)
         #expect(tunnelProtocolVersion > oldestAgentProtocolVersion)
     }
 }

@@ -94,7 +94,8 @@ import X509
         // derRepresentation of a P-256 public key is its SubjectPublicKeyInfo.
         let expected = "sha256:" + SHA256.hash(data: p256.derRepresentation).map { String(format: "%02x", $0) }.joined()
         #expect(try ca.publicKeyHash == expected)
-        #expect(try CAHash.validate(expected.uppercased().replacingOccurrences(of: "SHA256", with: "sha256")) == expected)
+        #expect(
+            try CAHash.validate(expected.uppercased().replacingOccurrences(of: "SHA256", with: "sha256")) == expected)
         #expect(throws: PKIError.self) { try CAHash.validate("sha256:1234") }
     }
 }

@@ -33,7 +33,9 @@ import Testing
         }
         #expect(error?.code == .tokenExpired)
 
-        for malformed in ["", "abc.def", "ABCDEF.0123456789abcdef", "abcdef0123456789abcdef", "abcdef.0123456789abcde!"] {
+        for malformed in [
+            "", "abc.def", "ABCDEF.0123456789abcdef", "abcdef0123456789abcdef", "abcdef.0123456789abcde!",
+        ] {
             error = #expect(throws: PKIError.self) { try store.verify(malformed) }
             #expect(error?.code == .invalidToken)
         }

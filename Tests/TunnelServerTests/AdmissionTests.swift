@@ -143,13 +143,17 @@ import TunnelPKI
     @Test func oneIPv6HostRotatingThroughItsSlash64IsOneSourceAtTheGate() throws {
         let sixes = ConnectionGate(port: "tunnel", total: 10, perSource: 2, deadline: .seconds(10)) { _, _ in }
         var admitted: [EmbeddedChannel] = []
-        for (index, address) in ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::3", "2001:db8:1:3::1"].enumerated() {
+        for (index, address) in ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::3", "2001:db8:1:3::1"]
+            .enumerated()
+        {
             let peer = EmbeddedChannel()
             try peer.connect(to: .init(ipAddress: address, port: 4000 + index)).wait()
             try peer.pipeline.syncOperations.addHandler(sixes.handler())
             admitted.append(peer)
         }
-        #expect(admitted.map(\.isActive) == [true, true, false, true], "the third of one /64 is turned away, another /64 is not")
+        #expect(
+            admitted.map(\.isActive) == [true, true, false, true],
+            "the third of one /64 is turned away, another /64 is not")
         #expect(sixes.pendingCount == 3)
     }
 
@@ -168,7 +172,8 @@ import TunnelPKI
     }
 
     @Test func joinsAreRateLimitedPerSource() {
-        let guardian = JoinGuard(store: TokenStore(path: "/nonexistent/tokens.json"), perSource: 3, window: .seconds(10))
+        let guardian = JoinGuard(
+            store: TokenStore(path: "/nonexistent/tokens.json"), perSource: 3, window: .seconds(10))
         let start = NIODeadline.now()
         for _ in 0..<3 { #expect(guardian.admit("10.0.0.1", now: start)) }
         #expect(!guardian.admit("10.0.0.1", now: start + .seconds(1)))
@@ -210,7 +215,8 @@ import TunnelPKI
         let issued = Date().addingTimeInterval(-CertificateAuthority.backdate - 5)  // 5 s ago, back-dated
         try identities.recordJoin("edge-1", ips: [IPAddress("10.0.3.7")!], certificateValidFrom: issued)
         #expect(identities.accepts(node: "edge-1", certificateValidFrom: issued))
-        #expect(throws: PKIError.self) { try identities.recordJoin("edge-1", ips: [], certificateValidFrom: issued) }  // taken
+        // Taken.
+        #expect(throws: PKIError.self) { try identities.recordJoin("edge-1", ips: [], certificateValidFrom: issued) }
         // Another name cannot take edge-1's IP.
         #expect(throws: PKIError.self) {
             try identities.recordJoin("edge-evil", ips: [IPAddress("10.0.3.7")!], certificateValidFrom: issued)
@@ -236,11 +242,14 @@ import TunnelPKI
 
 @Suite struct JoinGuardBoundTests {
     @Test func ipv6SourcesCountByTheirSlash64AndTheTableIsBounded() {
-        let guardian = JoinGuard(store: TokenStore(path: "/nonexistent/tokens.json"), perSource: 2, window: .seconds(10))
+        let guardian = JoinGuard(
+            store: TokenStore(path: "/nonexistent/tokens.json"), perSource: 2, window: .seconds(10))
         let now = NIODeadline.now()
         #expect(guardian.admit("fd00::1", now: now) && guardian.admit("fd00::2", now: now))
         #expect(!guardian.admit("fd00::ffff", now: now))  // same /64
-        for index in 0..<JoinGuard.maxSources { _ = guardian.admit("10.\(index >> 16).\((index >> 8) & 255).\(index & 255)", now: now) }
+        for index in 0..<JoinGuard.maxSources {
+            _ = guardian.admit("10.\(index >> 16).\((index >> 8) & 255).\(index & 255)", now: now)
+        }
         #expect(!guardian.admit("192.168.7.7", now: now + .seconds(1)))  // full, nothing expired yet
         #expect(guardian.admit("192.168.7.7", now: now + .seconds(11)))  // expired sources forgotten
     }

@@ -34,7 +34,8 @@ final class ClosedPeerSocket: ChannelOutboundHandler {
 
         try fixture.caller.close().wait()
         let frames = try fixture.framesToAgent()
-        #expect(frames.map(\.type) == [.rst] && frames.first?.streamID == id, "frames to the agent: \(frames.map(\.type))")
+        #expect(
+            frames.map(\.type) == [.rst] && frames.first?.streamID == id, "frames to the agent: \(frames.map(\.type))")
         #expect(fixture.mux.streamCount == 0)
         #expect(fixture.mux.pendingOpens == 0)
         #expect(budget.inUse == 0, "the cancelled stream's window was not given back")

@@ -17,7 +17,8 @@ import TunnelPKI
     static let issued = Date().addingTimeInterval(-60)
 
     func joined(_ name: String) throws -> NodeRecord {
-        try NodeRecord.joining(nil, name: name, ips: [], certificateValidFrom: Self.issued, others: [], now: Self.issued)
+        try NodeRecord.joining(
+            nil, name: name, ips: [], certificateValidFrom: Self.issued, others: [], now: Self.issued)
     }
 
     @Test func aRevokedNodeWhoseRecordIsDeletedStaysRefused() throws {
@@ -38,7 +39,8 @@ import TunnelPKI
         try withIdentities { identities in
             // edge-1's record was seen before its object was made unreadable; edge-2's never was.
             identities.replace(
-                [try joined("edge-1"), try joined("edge-4")], synced: true, unreadable: { ["edge-1", "edge-2"].contains($0) })
+                [try joined("edge-1"), try joined("edge-4")], synced: true,
+                unreadable: { ["edge-1", "edge-2"].contains($0) })
             #expect(!identities.accepts(node: "edge-1", certificateValidFrom: Self.issued))
             #expect(!identities.accepts(node: "edge-2", certificateValidFrom: Self.issued))
             #expect(identities.accepts(node: "edge-4", certificateValidFrom: Self.issued))

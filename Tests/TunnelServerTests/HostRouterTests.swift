@@ -41,7 +41,8 @@ final class RouterFixture {
         try tunnel.connect(to: .init(ipAddress: "10.0.0.7", port: 40000)).wait()
         if agent {
             let node = try ca.issueNodeCertificate(nodeName: "edge-7")
-            let session = AgentSession(nodeName: "edge-7", certificate: node.certificate, channel: tunnel, mux: mux, server: core)
+            let session = AgentSession(
+                nodeName: "edge-7", certificate: node.certificate, channel: tunnel, mux: mux, server: core)
             _ = try core.registry.register(session)
         }
         try caller.pipeline.syncOperations.addHandler(counter)

@@ -47,7 +47,7 @@ final class NodeRoutesFixture {
         [
             "metadata": ["name": name] as [String: any Sendable],
             "status": [
-                "addresses": addresses.map { ["type": "InternalIP", "address": $0] as [String: any Sendable] },
+                "addresses": addresses.map { ["type": "InternalIP", "address": $0] as [String: any Sendable] }
             ] as [String: any Sendable],
         ]
     }
@@ -72,7 +72,8 @@ final class NodeRoutesFixture {
         let mux = TunnelMux(role: .server, eventLoop: tunnel.eventLoop, limits: server.core.limits)
         try tunnel.pipeline.syncOperations.addHandler(mux)
         try tunnel.connect(to: .init(ipAddress: "192.0.2.1", port: 40000)).wait()
-        let session = AgentSession(nodeName: name, certificate: certificate, channel: tunnel, mux: mux, server: server.core)
+        let session = AgentSession(
+            nodeName: name, certificate: certificate, channel: tunnel, mux: mux, server: server.core)
         mux.delegate = session
         try tunnel.writeInbound(Hello(nodeName: name, nodeIPs: ips).frame())
         tunnel.embeddedEventLoop.run()
@@ -87,7 +88,9 @@ final class NodeRoutesFixture {
     typealias Fixture = NodeRoutesFixture
 
     @Test func anAddressItsNodeNoLongerReportsStopsLeadingToTheTunnel() throws {
-        let fixture = try Fixture(nodes: [Fixture.node("edge-7", ["10.0.0.7", "10.0.1.7"]), Fixture.node("edge-8", ["10.0.0.8"])])
+        let fixture = try Fixture(nodes: [
+            Fixture.node("edge-7", ["10.0.0.7", "10.0.1.7"]), Fixture.node("edge-8", ["10.0.0.8"]),
+        ])
         let session = try #require(try fixture.register("edge-7", ips: ["10.0.0.7", "10.0.1.7"]))
         let registry = fixture.server.registry
         #expect(registry.lookup(host: "10.0.0.7") === session)

@@ -55,7 +55,8 @@ final class PoolsFixture {
     static func node(_ name: String, _ address: String, labels: [String: String] = [:]) -> [String: any Sendable] {
         [
             "metadata": ["name": name, "labels": labels as [String: any Sendable]] as [String: any Sendable],
-            "status": ["addresses": [["type": "InternalIP", "address": address] as [String: any Sendable]]] as [String: any Sendable],
+            "status": ["addresses": [["type": "InternalIP", "address": address] as [String: any Sendable]]]
+                as [String: any Sendable],
         ]
     }
 
@@ -73,7 +74,8 @@ final class PoolsFixture {
         let mux = TunnelMux(role: .server, eventLoop: tunnel.eventLoop, limits: server.core.limits)
         try tunnel.pipeline.syncOperations.addHandler(mux)
         try tunnel.connect(to: .init(ipAddress: "192.0.2.1", port: 40000)).wait()
-        let session = AgentSession(nodeName: name, certificate: certificate, channel: tunnel, mux: mux, server: server.core)
+        let session = AgentSession(
+            nodeName: name, certificate: certificate, channel: tunnel, mux: mux, server: server.core)
         mux.delegate = session
         try tunnel.writeInbound(Hello(nodeName: name, nodeIPs: [ip], pool: pool, path: path).frame())
         tunnel.embeddedEventLoop.run()
@@ -89,7 +91,8 @@ final class PoolsFixture {
     /// The `edge_tunnel_server_pool_agents` lines of `/metrics`.
     func poolMetricLines() -> [String] {
         let text = String(decoding: server.route(.GET, "/metrics").body, as: UTF8.self)
-        return text.split(separator: "\n").map(String.init).filter { $0.hasPrefix("edge_tunnel_server_pool_agents{") }.sorted()
+        return text.split(separator: "\n").map(String.init).filter { $0.hasPrefix("edge_tunnel_server_pool_agents{") }
+            .sorted()
     }
 }
 
@@ -108,12 +111,13 @@ final class PoolsFixture {
         #expect(fixture.agent("edge-2")?.pool == "net-pool" && fixture.agent("edge-2")?.path == "internet")
         #expect(fixture.agent("edge-3")?.pool == nil && fixture.agent("edge-3")?.path == "unknown")
         #expect(fixture.agent("edge-4")?.path == "unknown")
-        #expect(fixture.poolMetricLines() == [
-            #"edge_tunnel_server_pool_agents{pool="",path="unknown"} 1.0"#,
-            #"edge_tunnel_server_pool_agents{pool="line-pool",path="private"} 1.0"#,
-            #"edge_tunnel_server_pool_agents{pool="net-pool",path="internet"} 1.0"#,
-            #"edge_tunnel_server_pool_agents{pool="net-pool",path="unknown"} 1.0"#,
-        ])
+        #expect(
+            fixture.poolMetricLines() == [
+                #"edge_tunnel_server_pool_agents{pool="",path="unknown"} 1.0"#,
+                #"edge_tunnel_server_pool_agents{pool="line-pool",path="private"} 1.0"#,
+                #"edge_tunnel_server_pool_agents{pool="net-pool",path="internet"} 1.0"#,
+                #"edge_tunnel_server_pool_agents{pool="net-pool",path="unknown"} 1.0"#,
+            ])
         // The total stays as it was, unlabelled.
         let text = String(decoding: fixture.server.route(.GET, "/metrics").body, as: UTF8.self)
         #expect(text.contains("\nedge_tunnel_server_agents 4.0\n"))
@@ -122,12 +126,15 @@ final class PoolsFixture {
     @Test func aPoolThatIsNotADNSLabelIsRefused() throws {
         let fixture = try Fixture()
         for bad in ["Pool-A", "-a", "a_b", String(repeating: "a", count: 64), "", "a\nb"] {
-            let (session, answer) = try fixture.register("edge-\(bad.count)x", ip: "10.0.0.9", pool: bad, path: "private")
+            let (session, answer) = try fixture.register(
+                "edge-\(bad.count)x", ip: "10.0.0.9", pool: bad, path: "private")
             #expect(session == nil)
             let refused = try answer.map { try Refused(frame: $0) }
             #expect(refused?.reason.contains("is not a DNS label") == true, "\(bad)")
         }
-        #expect(try fixture.register("edge-ok", ip: "10.0.0.9", pool: String(repeating: "a", count: 63), path: nil).0 != nil)
+        #expect(
+            try fixture.register("edge-ok", ip: "10.0.0.9", pool: String(repeating: "a", count: 63), path: nil).0 != nil
+        )
     }
 
     @Test func withNodeObjectsTheNodesLabelWinsOverTheAgentsClaim() throws {
@@ -147,19 +154,24 @@ final class PoolsFixture {
         #expect(fixture.agent("edge-2")?.pool == "np0a1b2c3d")
         #expect(fixture.agent("edge-3")?.pool == nil)
         #expect(fixture.agent("edge-4")?.pool == nil)
-        #expect(fixture.poolMetricLines().contains(#"edge_tunnel_server_pool_agents{pool="line-pool",path="private"} 1.0"#))
+        #expect(
+            fixture.poolMetricLines().contains(#"edge_tunnel_server_pool_agents{pool="line-pool",path="private"} 1.0"#))
         #expect(fixture.poolMetricLines().contains(#"edge_tunnel_server_pool_agents{pool="",path="private"} 2.0"#))
 
         // The Node moves to another pool: seen at once, the tunnel untouched.
-        fixture.nodes?.apply(.modified(Fixture.node("edge-1", "10.0.0.1", labels: [PoolName.openYurtLabel: "net-pool"])))
+        fixture.nodes?.apply(
+            .modified(Fixture.node("edge-1", "10.0.0.1", labels: [PoolName.openYurtLabel: "net-pool"])))
         #expect(fixture.agent("edge-1")?.pool == "net-pool")
         #expect(!fixture.poolMetricLines().contains { $0.contains(#"pool="line-pool""#) })
     }
 
     @Test func theConfiguredPoolLabelIsReadFirst() throws {
         let fixture = try Fixture(
-            nodes: [Fixture.node("edge-1", "10.0.0.1", labels: ["example.com/pool": "mine", PoolName.openYurtLabel: "yurt"]),
-                    Fixture.node("edge-2", "10.0.0.2", labels: [PoolName.openYurtLabel: "yurt"])],
+            nodes: [
+                Fixture.node(
+                    "edge-1", "10.0.0.1", labels: ["example.com/pool": "mine", PoolName.openYurtLabel: "yurt"]),
+                Fixture.node("edge-2", "10.0.0.2", labels: [PoolName.openYurtLabel: "yurt"]),
+            ],
             poolLabel: "example.com/pool")
         #expect(fixture.nodes?.poolLabels == ["example.com/pool", PoolName.openYurtLabel, PoolName.ackLabel])
         #expect(fixture.nodes?.pool(of: "edge-1") == "mine")
@@ -198,7 +210,9 @@ final class PoolsFixture {
         _ = gauges.update(agents.filter { !($0.pool == "pool-69" && $0.path == "internet") && $0.pool != "pool-00" })
         text = []
         registry.emit(into: &text)
-        #expect(String(decoding: text, as: UTF8.self).contains(#"edge_tunnel_server_pool_agents{pool="other",path="internet"} 0.0"#))
+        #expect(
+            String(decoding: text, as: UTF8.self).contains(
+                #"edge_tunnel_server_pool_agents{pool="other",path="internet"} 0.0"#))
 
         // However many pools come and go, the series stay bounded.
         for round in 0..<20 {

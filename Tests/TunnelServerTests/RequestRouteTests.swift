@@ -61,10 +61,16 @@ import TunnelSupport
     }
 
     @Test func connectOriginAndAbsoluteForms() throws {
-        #expect(try route("CONNECT edge-1:10250 HTTP/1.1\r\nHost: edge-1:10250\r\n\r\n") == .connect(target: "edge-1:10250"))
+        #expect(
+            try route("CONNECT edge-1:10250 HTTP/1.1\r\nHost: edge-1:10250\r\n\r\n") == .connect(target: "edge-1:10250")
+        )
         #expect(try route("GET /pods HTTP/1.1\r\nHost: edge-1\r\n\r\n") == .node(HostPort(host: "edge-1", port: 10250)))
-        #expect(try route("GET / HTTP/1.1\r\nHost: [fd00::7]\r\n\r\n", defaultPort: 10255) == .node(HostPort(host: "fd00::7", port: 10255)))
-        #expect(try route("GET https://edge-2:10250/pods HTTP/1.1\r\nHost: edge-1\r\n\r\n") == .node(HostPort(host: "edge-2", port: 10250)))
+        #expect(
+            try route("GET / HTTP/1.1\r\nHost: [fd00::7]\r\n\r\n", defaultPort: 10255)
+                == .node(HostPort(host: "fd00::7", port: 10255)))
+        #expect(
+            try route("GET https://edge-2:10250/pods HTTP/1.1\r\nHost: edge-1\r\n\r\n")
+                == .node(HostPort(host: "edge-2", port: 10250)))
     }
 
     @Test func aHeadSplitIntoOneByteReadsDecodesAsInOne() throws {
@@ -94,8 +100,9 @@ import TunnelSupport
         var encoder = RequestEncoder()
         var bytes = ByteBuffer()
         encoder.write(head, into: &bytes)
-        #expect(String(buffer: bytes) == "GET /metrics?x=1 HTTP/1.1\r\nHost: edge-7:9100\r\nAccept: text/plain\r\n"
-            + "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        #expect(
+            String(buffer: bytes) == "GET /metrics?x=1 HTTP/1.1\r\nHost: edge-7:9100\r\nAccept: text/plain\r\n"
+                + "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
         guard case .forward(let bare, let bareHead) = try route("GET http://edge-7?q HTTP/1.1\r\n\r\n") else {
             Issue.record("not forwarded")
             return
@@ -105,7 +112,8 @@ import TunnelSupport
     }
 
     @Test func aChunkedBodyIsChunkedAgainForTheTargetWithItsTrailers() throws {
-        let text = "POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nX-T: 1\r\n\r\n"
+        let text =
+            "POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nX-T: 1\r\n\r\n"
         guard case .parts(let parts) = try decode(Array(text.utf8)) else {
             Issue.record("refused")
             return
@@ -135,7 +143,10 @@ import TunnelSupport
 
     @Test func ambiguousHeadsAreRefusedWithAReason() throws {
         let cases: [(String, String)] = [
-            ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", "request smuggling"),
+            (
+                "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "request smuggling"
+            ),
             ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", "request smuggling"),
             ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", "Content-Length"),
             ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "more than one Host"),
@@ -149,7 +160,9 @@ import TunnelSupport
         for (text, words) in cases {
             let rejection = try refusal(text)
             #expect(rejection?.status == 400, "\(text.debugDescription)")
-            #expect(rejection?.reason.contains(words) == true, "\(text.debugDescription): \(rejection?.reason ?? "accepted")")
+            #expect(
+                rejection?.reason.contains(words) == true,
+                "\(text.debugDescription): \(rejection?.reason ?? "accepted")")
         }
         var invalidUTF8 = Array("GET / HTTP/1.1\r\nHost: a\r\nX: ".utf8)
         invalidUTF8 += [0xff, 0xfe, 13, 10, 13, 10]
@@ -163,7 +176,9 @@ import TunnelSupport
     }
 
     @Test func aHeadOverTheLimitGets431InOneReadAndInMany() throws {
-        let text = Array(("GET / HTTP/1.1\r\nHost: a\r\nX: " + String(repeating: "x", count: RequestRoute.maxHeadSize) + "\r\n\r\n").utf8)
+        let text = Array(
+            ("GET / HTTP/1.1\r\nHost: a\r\nX: " + String(repeating: "x", count: RequestRoute.maxHeadSize) + "\r\n\r\n")
+                .utf8)
         for chunk in [Int.max, 1000] {
             guard case .refused(let rejection) = try decode(text, chunk: chunk) else {
                 Issue.record("a head over 64 KiB was accepted (reads of \(chunk))")
@@ -171,7 +186,9 @@ import TunnelSupport
             }
             #expect(rejection.status == 431)
         }
-        let under = "GET / HTTP/1.1\r\nHost: a\r\nX: " + String(repeating: "x", count: RequestRoute.maxHeadSize - 100) + "\r\n\r\n"
+        let under =
+            "GET / HTTP/1.1\r\nHost: a\r\nX: " + String(repeating: "x", count: RequestRoute.maxHeadSize - 100)
+            + "\r\n\r\n"
         #expect(try route(under) == .node(HostPort(host: "a", port: 10250)))
     }
 
@@ -183,16 +200,22 @@ import TunnelSupport
     }
 
     @Test func upgradesAndConnectEndTheHTTPPartExactlyWhenLlhttpStops() throws {
-        #expect(RequestEncoder.endsHTTP(try head("GET /exec HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")))
-        #expect(RequestEncoder.endsHTTP(try head("GET /exec HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, upgrade\r\nUpgrade: x\r\n\r\n")))
+        #expect(
+            RequestEncoder.endsHTTP(
+                try head("GET /exec HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")))
+        #expect(
+            RequestEncoder.endsHTTP(
+                try head("GET /exec HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, upgrade\r\nUpgrade: x\r\n\r\n")))
         #expect(RequestEncoder.endsHTTP(try head("CONNECT a:1 HTTP/1.1\r\n\r\n")))
         #expect(!RequestEncoder.endsHTTP(try head("GET /pods HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")))
         // One of the two alone is no upgrade for llhttp, which goes on parsing: neither must it be for us (a
         // decoder removed while llhttp parses on would hand request parts to a handler that takes bytes).
         #expect(!RequestEncoder.endsHTTP(try head("GET / HTTP/1.1\r\nHost: a\r\nUpgrade: x\r\n\r\n")))
         #expect(!RequestEncoder.endsHTTP(try head("GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n\r\n")))
-        guard case .parts(let parts) = try decode(Array(
-            "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n".utf8))
+        guard
+            case .parts(let parts) = try decode(
+                Array(
+                    "GET / HTTP/1.1\r\nHost: a\r\nUpgrade: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n".utf8))
         else {
             Issue.record("refused")
             return
@@ -201,8 +224,9 @@ import TunnelSupport
     }
 
     @Test func whatATargetCouldReadDifferentlyIsRefused() throws {
-        #expect(try refusal("POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")?.reason
-            == "Transfer-Encoding in an HTTP/1.0 request")
+        #expect(
+            try refusal("POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")?.reason
+                == "Transfer-Encoding in an HTTP/1.0 request")
         for name in ["Content-Length", "Transfer-Encoding", "Host"] {
             let text = "POST http://edge-7/ HTTP/1.1\r\nConnection: \(name)\r\nContent-Length: 3\r\n\r\nabc"
             #expect(try refusal(text)?.reason.contains("cannot be removed when forwarding") == true, "\(name)")

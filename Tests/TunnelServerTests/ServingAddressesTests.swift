@@ -36,7 +36,8 @@ import TunnelPKI
     @Test func anEntryThatIsNoAddressIsLeftOutAndLaterUpdatesGoThrough() throws {
         try withServer(services: ["kube-system/tunnel"]) { server in
             let taken = try server.setServiceAddresses(
-                "kube-system/tunnel", ips: ["10.96.0.10", "10.0.0.0/8"], dnsNames: ["tunnel.example", "*.example.com", "*"])
+                "kube-system/tunnel", ips: ["10.96.0.10", "10.0.0.0/8"],
+                dnsNames: ["tunnel.example", "*.example.com", "*"])
             #expect(taken.invalid == ["10.0.0.0/8", "*.example.com", "*"])
             var named = sanNames(server)
             #expect(named.isSuperset(of: ["10.96.0.10", "tunnel.example"]), "the certificate names \(named.sorted())")
@@ -46,7 +47,9 @@ import TunnelPKI
             try server.updateAddresses(certIPs: ["127.0.0.9"], certDNSNames: ["configured.example"])
             try server.setServiceAddresses("kube-system/tunnel", ips: ["10.96.0.11"], dnsNames: ["*.example.com"])
             named = sanNames(server)
-            #expect(named.isSuperset(of: ["127.0.0.9", "configured.example", "10.96.0.11"]), "the certificate names \(named.sorted())")
+            #expect(
+                named.isSuperset(of: ["127.0.0.9", "configured.example", "10.96.0.11"]),
+                "the certificate names \(named.sorted())")
             #expect(!named.contains("10.96.0.10") && !named.contains("*.example.com"))
         }
     }
@@ -62,11 +65,14 @@ import TunnelPKI
             let refusal = #expect(throws: TunnelServer.TooManyServiceAddresses.self) {
                 try server.setServiceAddresses("kube-system/tunnel", ips: many, dnsNames: [])
             }
-            #expect(refusal?.description.contains("Service kube-system/tunnel has 5000 addresses") == true, "\(String(describing: refusal))")
+            #expect(
+                refusal?.description.contains("Service kube-system/tunnel has 5000 addresses") == true,
+                "\(String(describing: refusal))")
             #expect(server.core.sans == before)
             // Exactly the bound goes through (together with the ClusterIP).
             try server.setServiceAddresses(
-                "kube-system/tunnel", ips: ["10.96.0.10"] + many.prefix(ServiceAddresses.maxAddresses - 1), dnsNames: [])
+                "kube-system/tunnel", ips: ["10.96.0.10"] + many.prefix(ServiceAddresses.maxAddresses - 1), dnsNames: []
+            )
             #expect(sanNames(server).isSuperset(of: ["10.96.0.10", "10.0.0.98"]))
             #expect(!sanNames(server).contains("10.0.0.99"))
 
@@ -100,7 +106,13 @@ import TunnelPKI
         let second = DispatchGroup()
         let once = NIOLockedValueBox(true)
         server.afterAddressesRead = {
-            guard once.withLockedValue({ let first = $0; $0 = false; return first }) else { return }
+            guard
+                once.withLockedValue({
+                    let first = $0
+                    $0 = false
+                    return first
+                })
+            else { return }
             second.enter()
             Thread.detachNewThread {
                 _ = try? server.setServiceAddresses("kube-system/internal", ips: ["127.0.0.8"], dnsNames: [])

@@ -20,8 +20,10 @@ import Testing
     @Test func anAuthorityIsANameOrAddressAndAPortInRange() {
         #expect(HostPort(authority: "Edge-7:10250") == HostPort(host: "edge-7", port: 10250))
         #expect(HostPort(authority: "[FD00::1]:443")?.description == "[fd00::1]:443")
-        for bad in ["edge-7", "edge-7:0", "edge-7:65536", "edge-7:+80", ":80", "fd00::1:443", "[fd00::1]",
-                    "a b:80", "edge_7:80", String(repeating: "a", count: 254) + ":80", "edge-7:80:80x"] {
+        for bad in [
+            "edge-7", "edge-7:0", "edge-7:65536", "edge-7:+80", ":80", "fd00::1:443", "[fd00::1]",
+            "a b:80", "edge_7:80", String(repeating: "a", count: 254) + ":80", "edge-7:80:80x",
+        ] {
             #expect(HostPort(authority: bad) == nil, "\(bad)")
         }
     }

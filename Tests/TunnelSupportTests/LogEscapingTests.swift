@@ -44,7 +44,10 @@ import Testing
     @Test func jsonLinesAreOneLineEachAndBounded() throws {
         let event = LogEvent(
             level: .warning, message: "refused: \(Self.forged)",
-            metadata: ["peer": "\(Self.forged)", String(repeating: "k", count: 10_000): "\(String(repeating: "v", count: 100_000))"],
+            metadata: [
+                "peer": "\(Self.forged)",
+                String(repeating: "k", count: 10_000): "\(String(repeating: "v", count: 100_000))",
+            ],
             source: nil, file: #fileID, function: #function, line: #line)
         let data = try #require(JSONLogHandler.line(for: event, label: "test", metadata: ["node": "\(Self.forged)"]))
         let text = String(decoding: data, as: UTF8.self)

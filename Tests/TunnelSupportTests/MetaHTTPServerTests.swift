@@ -10,7 +10,8 @@ import Testing
     static let group = MultiThreadedEventLoopGroup.singleton
 
     static func serve(gate: ConnectionGate, idle: TimeAmount) async throws -> Channel {
-        try await MetaHTTPServer.bind(host: "127.0.0.1", port: 0, group: group, gate: gate, idleTimeout: idle) { _, path in
+        try await MetaHTTPServer.bind(host: "127.0.0.1", port: 0, group: group, gate: gate, idleTimeout: idle) {
+            _, path in
             .text(.ok, "ok \(path)")
         }
     }
@@ -77,7 +78,9 @@ import Testing
         defer { server.close(promise: nil) }
         let (channel, client) = try await Self.connect(server)
         try await channel.writeAndFlush(ByteBuffer(string: "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")).get()
-        for _ in 0..<100 where !client.received.withLockedValue({ $0.hasSuffix("ok /healthz\n") }) {
+        // Up to 10 s: under a parallel end-to-end run a debug build answered after more than 2 s once.
+        let answered = ContinuousClock.now + .seconds(10)
+        while !client.received.withLockedValue({ $0.hasSuffix("ok /healthz\n") }), ContinuousClock.now < answered {
             try await Task.sleep(for: .milliseconds(20))
         }
         #expect(client.received.withLockedValue { $0 }.hasPrefix("HTTP/1.1 200 OK\r\n"))

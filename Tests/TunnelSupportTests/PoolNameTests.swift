@@ -4,7 +4,9 @@ import Testing
 
 @Suite struct PoolNameTests {
     @Test func aDeclaredPoolIsADNSLabel() {
-        for good in ["a", "line-pool", "np0a1b2c3d", String(repeating: "a", count: 63)] { #expect(PoolName.isValid(good), "\(good)") }
+        for good in ["a", "line-pool", "np0a1b2c3d", String(repeating: "a", count: 63)] {
+            #expect(PoolName.isValid(good), "\(good)")
+        }
         for bad in ["", "A", "-a", "a-", "a_b", "a.b", "a b", String(repeating: "a", count: 64), "ä"] {
             #expect(!PoolName.isValid(bad), "\(bad)")
         }
@@ -14,7 +16,9 @@ import Testing
     @Test func nodeLabelValuesAndKeys() {
         #expect(PoolName.isLabelValue("Pool_1.a"))
         #expect(!PoolName.isLabelValue("_a") && !PoolName.isLabelValue("") && !PoolName.isLabelValue("a/b"))
-        #expect(PoolName.isLabelKey(PoolName.openYurtLabel) && PoolName.isLabelKey(PoolName.ackLabel) && PoolName.isLabelKey("pool"))
+        #expect(
+            PoolName.isLabelKey(PoolName.openYurtLabel) && PoolName.isLabelKey(PoolName.ackLabel)
+                && PoolName.isLabelKey("pool"))
         #expect(!PoolName.isLabelKey("a/b/c") && !PoolName.isLabelKey("Bad_Prefix/pool") && !PoolName.isLabelKey("x/"))
     }
 

@@ -17,7 +17,12 @@ import Testing
 
     @Test func aliasBombsAndDeepNestingAreRefused() {
         var bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
-        for level in 1...6 { bomb += "\(Character(UnicodeScalar(97 + level)!)): &\(Character(UnicodeScalar(97 + level)!)) [" + Array(repeating: "*\(Character(UnicodeScalar(96 + level)!))", count: 10).joined(separator: ", ") + "]\n" }
+        for level in 1...6 {
+            bomb +=
+                "\(Character(UnicodeScalar(97 + level)!)): &\(Character(UnicodeScalar(97 + level)!)) ["
+                + Array(repeating: "*\(Character(UnicodeScalar(96 + level)!))", count: 10).joined(separator: ", ")
+                + "]\n"
+        }
         #expect(throws: SafeYAML.Failure.self) { try SafeYAML.load(bomb) }
         let deep = String(repeating: "[", count: 100) + String(repeating: "]", count: 100)
         #expect(throws: SafeYAML.Failure.self) { try SafeYAML.load(deep) }

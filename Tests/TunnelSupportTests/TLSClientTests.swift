@@ -24,9 +24,10 @@ import TunnelPKI
     static func contexts() throws -> (server: NIOSSLContext, client: NIOSSLContext) {
         let ca = try CertificateAuthority.create()
         let issued = try ca.issueServerCertificate(sans: ServerSANs(ips: [], dnsNames: []))
-        let server = try NIOSSLContext(configuration: .makeServerConfiguration(
-            certificateChain: [.certificate(try TLSContexts.nioCertificate(issued.certificate))],
-            privateKey: .privateKey(try TLSContexts.nioKey(issued.privateKey))))
+        let server = try NIOSSLContext(
+            configuration: .makeServerConfiguration(
+                certificateChain: [.certificate(try TLSContexts.nioCertificate(issued.certificate))],
+                privateKey: .privateKey(try TLSContexts.nioKey(issued.privateKey))))
         var client = TLSConfiguration.makeClientConfiguration()
         client.trustRoots = .certificates([try TLSContexts.nioCertificate(ca.certificate)])
         return (server, try NIOSSLContext(configuration: client))
@@ -50,7 +51,9 @@ import TunnelPKI
         // The client closed its side: the silent server sees the connection end.
         for _ in 0..<100 where closed.withLockedValue({ $0 }) == 0 { try await Task.sleep(for: .milliseconds(20)) }
         #expect(closed.withLockedValue { $0 } == 1)
-        #expect("\(TLSClient.HandshakeTimedOut(timeout: .milliseconds(300)))" == "the TLS handshake did not complete within 0.3 s")
+        #expect(
+            "\(TLSClient.HandshakeTimedOut(timeout: .milliseconds(300)))"
+                == "the TLS handshake did not complete within 0.3 s")
     }
 
     @Test func aCompletedHandshakeLeavesOnlyTheTLSHandlerAndCarriesBytes() async throws {
@@ -94,13 +97,14 @@ import TunnelPKI
         let port = Self.port(listener)
         try await listener.close()
         let (_, client) = try Self.contexts()
-        let started = NIODeadline.now()
-        await #expect(throws: (any Error).self) {
+        // Refused by the kernel, not given up on at the deadline (no timed bound: a busy machine took 2.4 s once).
+        let error = await #expect(throws: (any Error).self) {
             _ = try await TLSClient.connect(
                 host: "127.0.0.1", port: port, on: Self.group.next(), context: client, serverHostname: nil,
-                within: .seconds(5))
+                within: .seconds(60))
         }
-        #expect(NIODeadline.now() - started < .seconds(2))
+        #expect(!(error is TLSClient.HandshakeTimedOut) && !(error is ChannelError), "\(String(describing: error))")
+        #expect(String(describing: error).contains("refused"), "\(String(describing: error))")
     }
 
     @Test func theServerNameIsTheHostUnlessItIsAnAddress() {

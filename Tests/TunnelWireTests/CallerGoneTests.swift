@@ -59,7 +59,8 @@ import Testing
 
         try setup.caller.close().wait()
         let frames = try setup.sent()
-        #expect(frames.map(\.type) == [.rst] && frames.first?.streamID == 1, "the agent is told at once: it drops its dial")
+        #expect(
+            frames.map(\.type) == [.rst] && frames.first?.streamID == 1, "the agent is told at once: it drops its dial")
         guard case .failed(let failure) = try opened.wait() else {
             Issue.record("a cancelled open was answered as opened")
             return
@@ -105,7 +106,8 @@ import Testing
         }
         _ = try setup.sent()
         setup.caller.close(promise: nil)  // channelInactive now; the pipeline goes on the next tick
-        try setup.caller.pipeline.syncOperations.addHandler(StreamGlue(mux: setup.mux, streamID: id, eventLoop: setup.loop))
+        try setup.caller.pipeline.syncOperations.addHandler(
+            StreamGlue(mux: setup.mux, streamID: id, eventLoop: setup.loop))
         setup.caller.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)  // the EOF read before the close
         let frames = try setup.sent()
         #expect(frames.last?.type == .rst && frames.last?.streamID == id, "frames: \(frames.map(\.type))")
@@ -137,7 +139,8 @@ import Testing
             Issue.record("not opened")
             return
         }
-        try setup.caller.pipeline.syncOperations.addHandler(StreamGlue(mux: setup.mux, streamID: id, eventLoop: setup.loop))
+        try setup.caller.pipeline.syncOperations.addHandler(
+            StreamGlue(mux: setup.mux, streamID: id, eventLoop: setup.loop))
         _ = try setup.sent()
         try setup.caller.writeInbound(bytes(30))  // 10 go, 20 wait for credit
         // The agent's FIN: the glue finishes the socket's output; the socket then closes whole.

@@ -58,7 +58,9 @@ import Testing
         ]
         for (state, frames, streams, ending) in allowed {
             let machine = machine(in: state)
-            #expect(machine.receivesFrames == frames && machine.opensStreams == streams && machine.isEnding == ending, "\(state)")
+            #expect(
+                machine.receivesFrames == frames && machine.opensStreams == streams && machine.isEnding == ending,
+                "\(state)")
         }
     }
 

@@ -38,7 +38,9 @@ import Testing
     func aSuspendedTunnelTakenOverOnAnotherLoopCarriesItsStreamOnByteExact(callerLoop: CallerLoop) throws {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 3)
         defer { try? group.syncShutdownGracefully() }
-        let agentLoop = group.next(), oldLoop = group.next(), newLoop = group.next()
+        let agentLoop = group.next()
+        let oldLoop = group.next()
+        let newLoop = group.next()
         try #require(agentLoop !== oldLoop && oldLoop !== newLoop && newLoop !== agentLoop)
         let glueLoop: EventLoop
         switch callerLoop {
@@ -85,7 +87,8 @@ import Testing
             connectingOn: agentLoop, { try $0.addHandler(callerEnd) })
 
         // What the caller and the target wrote so far, each a running pattern; and waiting for all of it to arrive.
-        var up = 0, down = 0
+        var up = 0
+        var down = 0
         func callerWrites(_ count: Int) {
             caller.connecting.writeAndFlush(pattern(count, from: up), promise: nil)
             up += count
@@ -132,9 +135,11 @@ import Testing
         try everythingArrived("after the resume")
 
         // The old muxes handed their stream over and closed; the server's passes socket events on to its successor.
-        #expect(try CrossLoop.on(oldLoop) {
-            server1.successor === server2 && server1.wasTakenOver && server1.streamCount == 0 && !server1.isSuspended
-        })
+        #expect(
+            try CrossLoop.on(oldLoop) {
+                server1.successor === server2 && server1.wasTakenOver && server1.streamCount == 0
+                    && !server1.isSuspended
+            })
         #expect(try CrossLoop.on(agentLoop) { agent1.successor === agent2 && agent1.streamCount == 0 })
         #expect(server1Events.closed == 1 && agent1Events.closed == 1)
         #expect(try CrossLoop.on(newLoop) { server2.streamCount } == 1)
@@ -171,8 +176,10 @@ import Testing
 
         // Down in order: no hop may land on a loop that has stopped.
         for mux in [server1, server2, agent1, agent2] { mux.closeWithoutResume() }
-        let channels = [tunnel1.accepted, tunnel1.connecting, tunnel2.accepted, tunnel2.connecting,
-                        target.accepted, target.connecting, caller.accepted, caller.connecting]
+        let channels = [
+            tunnel1.accepted, tunnel1.connecting, tunnel2.accepted, tunnel2.connecting,
+            target.accepted, target.connecting, caller.accepted, caller.connecting,
+        ]
         for channel in channels { channel.close(promise: nil) }
         for channel in channels { try CrossLoop.value(channel.closeFuture, "a channel to close") }
         for _ in 0..<3 {

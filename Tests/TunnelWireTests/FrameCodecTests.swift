@@ -143,7 +143,9 @@ import Testing
         #expect(try OpenOK(frame: OpenOK(window: 65536).frame(streamID: 5)) == OpenOK(window: 65536))
         var short = ByteBuffer()
         short.writeInteger(UInt16(7))  // shorter than OPEN's window field
-        let openError = #expect(throws: FrameError.self) { try Open(frame: Frame(type: .open, streamID: 5, payload: short)) }
+        let openError = #expect(throws: FrameError.self) {
+            try Open(frame: Frame(type: .open, streamID: 5, payload: short))
+        }
         #expect(openError?.description.contains("open") == true)
     }
 }

@@ -9,7 +9,8 @@ import Testing
 @Suite struct HelloPoolTests {
     func json(_ hello: Hello) throws -> [String: Any] {
         let frame = hello.frame()
-        return try #require(try JSONSerialization.jsonObject(with: Data(frame.payload.readableBytesView)) as? [String: Any])
+        return try #require(
+            try JSONSerialization.jsonObject(with: Data(frame.payload.readableBytesView)) as? [String: Any])
     }
 
     @Test func aHelloWithPoolAndPathRoundTrips() throws {

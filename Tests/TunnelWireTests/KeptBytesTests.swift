@@ -136,7 +136,8 @@ func pinned<S: Sequence>(_ buffers: S) -> Int where S.Element == ByteBuffer {
     }
 
     @Test func aReasonThatQuotesTheWordsElsewhereIsNotAVersionRefusal() {
-        let quoted = Refused(reason: "node IP \"protocol version 3 is not supported (server speaks \" is not claimed by node edge-1")
+        let quoted = Refused(
+            reason: "node IP \"protocol version 3 is not supported (server speaks \" is not claimed by node edge-1")
         #expect(!quoted.refusesProtocolVersion(3))
         let coded = Refused(reason: "protocol version 3 is not supported (server speaks 1 to 2)", code: "revoked")
         #expect(!coded.refusesProtocolVersion(3))

@@ -8,7 +8,8 @@ import Testing
 @Suite struct ReplicaProbeTests {
     func responder() throws -> EmbeddedChannel {
         let channel = EmbeddedChannel()
-        try channel.pipeline.syncOperations.addHandler(ReplicaProbeResponder(serverID: "replica-7", pace: .milliseconds(2500)))
+        try channel.pipeline.syncOperations.addHandler(
+            ReplicaProbeResponder(serverID: "replica-7", pace: .milliseconds(2500)))
         return channel
     }
 
@@ -18,7 +19,9 @@ import Testing
         try channel.writeInbound(ByteBuffer(bytes: question.prefix(4)))
         #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)  // not complete: no answer yet
         try channel.writeInbound(ByteBuffer(bytes: question.dropFirst(4) + [0x16, 0x03, 0x01]))
-        #expect(try channel.readOutbound(as: ByteBuffer.self).map { String(buffer: $0) } == "ETREPLICA replica-7 pace=2500\n")
+        #expect(
+            try channel.readOutbound(as: ByteBuffer.self).map { String(buffer: $0) }
+                == "ETREPLICA replica-7 pace=2500\n")
         #expect(try channel.readInbound(as: ByteBuffer.self) == ByteBuffer(bytes: [0x16, 0x03, 0x01]))
         try channel.writeInbound(ByteBuffer(bytes: question))  // the responder has left: a second one is data
         #expect(try channel.readOutbound(as: ByteBuffer.self) == nil)
@@ -49,7 +52,9 @@ import Testing
 
     @Test func theAskerTakesOnlyAWellFormedBoundedAnswer() throws {
         #expect(try ask(Array("ETREPLICA replica-2\n".utf8)).get() == .init(serverID: "replica-2"))
-        #expect(try ask(Array("ETREPLICA replica-2 pace=4000\n".utf8)).get() == .init(serverID: "replica-2", paceMilliseconds: 4000))
+        #expect(
+            try ask(Array("ETREPLICA replica-2 pace=4000\n".utf8)).get()
+                == .init(serverID: "replica-2", paceMilliseconds: 4000))
         #expect(throws: ReplicaProbeError.self) { try ask(Array("HTTP/1.1 400 Bad Request\r\n".utf8)).get() }
         #expect(throws: ReplicaProbeError.self) { try ask(Array("ETREPLICA \n".utf8)).get() }
         #expect(throws: ReplicaProbeError.self) { try ask(Array(repeating: UInt8(ascii: "x"), count: 100_000)).get() }
@@ -62,9 +67,14 @@ import Testing
     @Test func aPaceOutsideTheBoundsIsClamped() throws {
         // A broken or hostile server can neither make agents probe in a busy loop nor stop them looking.
         #expect(try ask(Array("ETREPLICA r pace=0\n".utf8)).get().paceMilliseconds == ReplicaProbe.paceRange.lowerBound)
-        #expect(try ask(Array("ETREPLICA r pace=-5\n".utf8)).get().paceMilliseconds == ReplicaProbe.paceRange.lowerBound)
-        #expect(try ask(Array("ETREPLICA r pace=99999999999\n".utf8)).get().paceMilliseconds == ReplicaProbe.paceRange.upperBound)
+        #expect(
+            try ask(Array("ETREPLICA r pace=-5\n".utf8)).get().paceMilliseconds == ReplicaProbe.paceRange.lowerBound)
+        #expect(
+            try ask(Array("ETREPLICA r pace=99999999999\n".utf8)).get().paceMilliseconds
+                == ReplicaProbe.paceRange.upperBound)
         // Past Int64: not a number the agent takes at all.
-        #expect(throws: ReplicaProbeError.self) { try ask(Array("ETREPLICA r pace=99999999999999999999999\n".utf8)).get() }
+        #expect(throws: ReplicaProbeError.self) {
+            try ask(Array("ETREPLICA r pace=99999999999999999999999\n".utf8)).get()
+        }
     }
 }

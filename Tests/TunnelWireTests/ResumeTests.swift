@@ -120,7 +120,9 @@ func sameBytes(_ got: [UInt8], _ expected: ByteBuffer) -> Bool {
 
 func readAll(_ channel: EmbeddedChannel) throws -> [UInt8] {
     var bytes: [UInt8] = []
-    while var part = try channel.readOutbound(as: ByteBuffer.self) { bytes += part.readBytes(length: part.readableBytes)! }
+    while var part = try channel.readOutbound(as: ByteBuffer.self) {
+        bytes += part.readBytes(length: part.readableBytes)!
+    }
     return bytes
 }
 
@@ -128,8 +130,10 @@ func readAll(_ channel: EmbeddedChannel) throws -> [UInt8] {
     @Test func aStreamCarriesOnByteExactAfterItsConnectionDiedWithBytesInFlightBothWays() throws {
         let pair = try ResumePair()
         let id = try pair.openStream()
-        let caller = pair.callers[id]!, target = pair.targets[id]!
-        var up: [UInt8] = [], down: [UInt8] = []
+        let caller = pair.callers[id]!
+        let target = pair.targets[id]!
+        var up: [UInt8] = []
+        var down: [UInt8] = []
 
         // Delivered before the cut.
         try caller.writeInbound(pattern(100_000, from: 0))
@@ -323,7 +327,7 @@ func readAll(_ channel: EmbeddedChannel) throws -> [UInt8] {
         _ = try pair.server.mux.takeOver(old).wait()
         pair.loop.run()
         let lies = [
-            ResumedStream(id: id, received: 5000, credited: 0, window: 1 << 20, fin: false),  // more than was sent
+            ResumedStream(id: id, received: 5000, credited: 0, window: 1 << 20, fin: false)  // more than was sent
         ]
         try pair.server.channel.writeInbound(Resume(streams: lies).frame())
         pair.loop.run()
@@ -385,7 +389,8 @@ func readAll(_ channel: EmbeddedChannel) throws -> [UInt8] {
         waitingSocket.pipeline.fireUserInboundEventTriggered(ChannelEvent.inputClosed)
         try pair.pump(loseFrom: endedSide)
         #expect(sameBytes(try readAll(endedSocket), pattern(1000, from: 0)))
-        let (ended, waiting) = endedSide == .agent ? (pair.agent.mux, pair.server.mux) : (pair.server.mux, pair.agent.mux)
+        let (ended, waiting) =
+            endedSide == .agent ? (pair.agent.mux, pair.server.mux) : (pair.server.mux, pair.agent.mux)
         #expect(ended.streamCount == 0 && ended.lingeringCount == 1 && waiting.streamCount == 1)
         try pair.cut()
         #expect(ended.isSuspended && waiting.isSuspended)  // an ended stream alone is reason to wait
@@ -414,7 +419,8 @@ func readAll(_ channel: EmbeddedChannel) throws -> [UInt8] {
         for _ in 0..<5 { try oneExchange() }
         #expect(pair.server.mux.lingeringCount == 5 && pair.agent.mux.lingeringCount == 5)
         // A PONG the mux never asked for confirms nothing.
-        try pair.server.channel.writeInbound(Frame.ping(.pong, opaque: TunnelMux.confirmingPing | 7, allocator: .init()))
+        try pair.server.channel.writeInbound(
+            Frame.ping(.pong, opaque: TunnelMux.confirmingPing | 7, allocator: .init()))
         #expect(pair.server.mux.lingeringCount == 5)
         // An exchange every 50 ms for 3 s: each side sends at most a confirming PING every 500 ms, and keeps only
         // what ended since its last one came back.

@@ -17,7 +17,9 @@ final class RecordingDelegate: TunnelMuxDelegate {
 }
 
 @Suite struct TunnelMuxTests {
-    func makeMux(_ role: TunnelMux.Role, limits: TunnelLimits = TunnelLimits()) throws
+    func makeMux(
+        _ role: TunnelMux.Role, limits: TunnelLimits = TunnelLimits()
+    ) throws
         -> (EmbeddedChannel, TunnelMux, RecordingDelegate)
     {
         let channel = EmbeddedChannel()
@@ -460,7 +462,9 @@ final class FlushCounter: ChannelOutboundHandler {
     let helper = StreamBackpressureTests()
 
     /// A server mux with streams 1 and 3 open (1 MiB windows), each glued to a socket channel.
-    func twoStreams() throws -> (loop: EmbeddedEventLoop, tunnel: EmbeddedChannel, mux: TunnelMux, sockets: [EmbeddedChannel]) {
+    func twoStreams() throws -> (
+        loop: EmbeddedEventLoop, tunnel: EmbeddedChannel, mux: TunnelMux, sockets: [EmbeddedChannel]
+    ) {
         let loop = EmbeddedEventLoop()
         let tunnel = EmbeddedChannel(loop: loop)
         let mux = TunnelMux(role: .server, eventLoop: loop)
@@ -589,7 +593,10 @@ final class FlushCounter: ChannelOutboundHandler {
         #expect(mux.paced)
         #expect(mux.counters.paced, "the metrics and the agent list show the mode")
         try sockets[0].writeInbound(helper.bytes(64 * 1024))
-        #expect(try sent(tunnel).filter { $0.type == .data }.allSatisfy { $0.payload.readableBytes <= mux.limits.pacedFrameSize })
+        #expect(
+            try sent(tunnel).filter { $0.type == .data }.allSatisfy {
+                $0.payload.readableBytes <= mux.limits.pacedFrameSize
+            })
         // Fast again once it moves more than 25 MB/s: 16 MiB in half a second.
         for _ in 0..<64 {
             try tunnel.writeInbound(Frame.window(streamID: 1, increment: 256 * 1024, allocator: .init()))
