@@ -239,162 +239,37 @@ struct ServerCommand: AsyncParsableCommand {
     }
 
     private func resolve(_ file: ServerConfigFile) throws -> (ServerConfiguration, Logger.Level) {
-        var configuration = ServerConfiguration()
-        configuration.pkiDirectory = pkiDir ?? file.pkiDir ?? configuration.pkiDirectory
-        configuration.caDirectory = caDir ?? file.caDir
-        configuration.stateDirectory = stateDir ?? file.stateDir
-        configuration.bindAddress = bindAddress ?? file.bindAddress ?? configuration.bindAddress
-        configuration.tunnelPort = try port(tunnelPort ?? file.tunnelPort ?? configuration.tunnelPort, "tunnel-port")
-        configuration.securePort = try port(securePort ?? file.securePort ?? configuration.securePort, "secure-port")
-        configuration.metaPort = try port(metaPort ?? file.metaPort ?? configuration.metaPort, "meta-port")
-        configuration.insecurePort = try port(
-            insecurePort ?? file.insecurePort ?? configuration.insecurePort, "insecure-port")
-        configuration.insecureBindAddress =
-            insecureBindAddress ?? file.insecureBindAddress ?? configuration.insecureBindAddress
-        configuration.udsPath = udsPath ?? file.udsPath
-        configuration.kubeletClientCert = kubeletClientCert ?? file.kubeletClientCert
-        configuration.kubeletClientKey = kubeletClientKey ?? file.kubeletClientKey
-        configuration.kubeletCAFile = kubeletCAFile ?? file.kubeletCAFile
-        let ips = splitList(certIPs)
-        let names = splitList(certDNSNames)
-        configuration.certIPs = ips.isEmpty ? (file.certIPs ?? []) : ips
-        configuration.certDNSNames = names.isEmpty ? (file.certDNSNames ?? []) : names
-        configuration.clientCAFile = clientCAFile ?? file.clientCAFile
-        configuration.serverID = serverID ?? file.serverID ?? configuration.serverID
-        // Agents read it in a line before TLS (ReplicaProbe) and it names the replica's Lease: a pod name.
-        guard (1...253).contains(configuration.serverID.utf8.count),
-            configuration.serverID.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || "-._".contains($0)) })
-        else {
-            throw ConfigurationError(
-                "invalid --server-id \"\(configuration.serverID)\": must be 1-253 letters, digits, '-', '.' or '_'")
-        }
-        if let count = serverCount ?? file.serverCount {
-            guard (1...1000).contains(count) else {
-                throw ConfigurationError("invalid --server-count \(count): must be 1-1000")
-            }
-            configuration.serverCount = count
-        }
-        configuration.leaseNamespace = leaseNamespace ?? file.leaseNamespace
-        configuration.kubeconfig = kubeconfig ?? file.kubeconfig
-        configuration.checkNodeObjects = checkNodeObjects || (file.checkNodeObjects ?? false)
-        if let key = poolLabel ?? file.poolLabel {
-            guard PoolName.isLabelKey(key) else {
-                throw ConfigurationError(
-                    "invalid --pool-label \"\(key)\": must be a label key such as apps.openyurt.io/nodepool")
-            }
-            configuration.poolLabel = key
-        }
-        if let namespace = joinStateNamespace ?? file.joinStateNamespace {
-            guard DNSName.isValid(namespace), !namespace.contains(".") else {
-                throw ConfigurationError("invalid --join-state-namespace \"\(namespace)\": must be a namespace name")
-            }
-            configuration.joinStateNamespace = namespace
-        }
-        let services = splitList(addressService)
-        for service in services.isEmpty ? splitList(file.addressService.map { [$0] } ?? []) : services {
-            let parts = service.split(separator: "/", omittingEmptySubsequences: false)
-            guard parts.count == 2,
-                parts.allSatisfy({
-                    !$0.isEmpty && $0.allSatisfy { $0.isLowercase || $0.isNumber || $0 == "-" || $0 == "." }
-                })
-            else { throw ConfigurationError("invalid --address-service \"\(service)\": must be namespace/name") }
-            if !configuration.addressServices.contains(service) { configuration.addressServices.append(service) }
-        }
-        if let label = leaseLabel ?? file.leaseLabel {
-            let parts = label.split(separator: "=", omittingEmptySubsequences: false)
-            guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty,
-                label.allSatisfy({ $0.isLetter || $0.isNumber || "-_./=".contains($0) })
-            else { throw ConfigurationError("invalid --lease-label \"\(label)\": must be key=value") }
-            configuration.leaseLabel = label
-        }
-        if let warmup = replicaWarmup ?? file.replicaWarmup {
-            let seconds = try Durations.parse(warmup, what: "--replica-warmup")
-            guard (0...3600).contains(seconds) else {
-                throw ConfigurationError("--replica-warmup must be between 0s and 1h")
-            }
-            configuration.replicaWarmup = .milliseconds(Int64(seconds * 1000))
-        }
-        if let threads = eventLoopThreads ?? file.eventLoopThreads {
-            guard (1...256).contains(threads) else {
-                throw ConfigurationError("invalid --event-loop-threads \(threads): must be 1-256")
-            }
-            configuration.eventLoopThreads = threads
-        }
-        if let timeout = handshakeTimeout ?? file.handshakeTimeout {
-            let seconds = try Durations.parse(timeout, what: "--handshake-timeout")
-            guard (1...300).contains(seconds) else {
-                throw ConfigurationError("--handshake-timeout must be between 1s and 300s")
-            }
-            configuration.handshakeTimeout = .milliseconds(Int64(seconds * 1000))
-        }
-        if let total = maxPendingConnections ?? file.maxPendingConnections {
-            guard total >= 1 else {
-                throw ConfigurationError("invalid --max-pending-connections \(total): must be at least 1")
-            }
-            configuration.maxPendingConnections = total
-        }
-        if let perSource = maxPendingConnectionsPerSource ?? file.maxPendingConnectionsPerSource {
-            guard perSource >= 1 else {
-                throw ConfigurationError(
-                    "invalid --max-pending-connections-per-source \(perSource): must be at least 1")
-            }
-            configuration.maxPendingConnectionsPerSource = perSource
-        }
-        configuration.allowInsecureBind = allowInsecureBind || (file.allowInsecureBind ?? false)
-        func positive(_ value: Int?, _ flag: String) throws -> Int? {
-            guard let value else { return nil }
-            guard value >= 1 else { throw ConfigurationError("invalid --\(flag) \(value): must be at least 1") }
-            return value
-        }
-        if let value = resumeGraceSeconds ?? file.resumeGraceSeconds {
-            guard (0...600).contains(value) else {
-                throw ConfigurationError("invalid --resume-grace-seconds \(value): must be between 0 and 600")
-            }
-            configuration.resumeGrace = .seconds(Int64(value))
-        }
-        if let value = try positive(maxStreamsPerAgent ?? file.maxStreamsPerAgent, "max-streams-per-agent") {
-            configuration.maxStreamsPerAgent = value
-        }
-        if let value = try positive(
-            maxPendingOpensPerAgent ?? file.maxPendingOpensPerAgent, "max-pending-opens-per-agent")
-        {
-            configuration.maxPendingOpensPerAgent = value
-        }
-        if let value = try positive(maxStreamsPerCaller ?? file.maxStreamsPerCaller, "max-streams-per-caller") {
-            configuration.maxStreamsPerCaller = value
-        }
-        if let value = try positive(maxBufferedMiB ?? file.maxBufferedMiB, "max-buffered-mib") {
-            guard value <= 1 << 20 else { throw ConfigurationError("invalid --max-buffered-mib \(value): too large") }
-            configuration.maxBufferedBytes = value << 20
-        }
-        if let validity = agentCertificateValidity ?? file.agentCertificateValidity {
-            let seconds = try Durations.parse(validity, what: "--agent-certificate-validity")
-            guard seconds >= 10 else {
-                throw ConfigurationError("--agent-certificate-validity must be at least 10s")
-            }
-            configuration.agentCertificateValidity = seconds
-        }
-        if let validity = servingCertificateValidity ?? file.servingCertificateValidity {
-            let seconds = try Durations.parse(validity, what: "--serving-certificate-validity")
-            guard seconds >= 10 else {
-                throw ConfigurationError("--serving-certificate-validity must be at least 10s")
-            }
-            configuration.servingCertificateValidity = seconds
-        }
-        let levelText = logLevel ?? file.logLevel ?? "info"
-        guard let level = Logger.Level(flag: levelText) else {
-            throw ConfigurationError("invalid --log-level \"\(levelText)\"")
-        }
-        // Check addresses now, so a typo is reported as such rather than as a certificate problem.
-        _ = try ServerSANs(ips: configuration.certIPs, dnsNames: configuration.certDNSNames)
-        return (configuration, level)
+        try ServerConfiguration.resolve(flags: flags, file: file)
     }
 
-    private func port(_ value: Int, _ name: String) throws -> Int {
-        guard (0...65535).contains(value) else {
-            throw ConfigurationError("invalid --\(name) \(value): must be 0-65535")
-        }
-        return value
+    /// The flags given, in the file's shape: what is not given is nil, so the file's value shows through.
+    var flags: ServerConfigFile {
+        var flags = ServerConfigFile()
+        (flags.pkiDir, flags.caDir, flags.stateDir, flags.bindAddress) = (pkiDir, caDir, stateDir, bindAddress)
+        (flags.tunnelPort, flags.securePort, flags.metaPort) = (tunnelPort, securePort, metaPort)
+        (flags.insecurePort, flags.insecureBindAddress, flags.udsPath) = (insecurePort, insecureBindAddress, udsPath)
+        (flags.kubeletClientCert, flags.kubeletClientKey) = (kubeletClientCert, kubeletClientKey)
+        (flags.kubeletCAFile, flags.clientCAFile, flags.serverID) = (kubeletCAFile, clientCAFile, serverID)
+        let (ips, names, services) = (splitList(certIPs), splitList(certDNSNames), splitList(addressService))
+        flags.certIPs = ips.isEmpty ? nil : ips
+        flags.certDNSNames = names.isEmpty ? nil : names
+        flags.addressService = services.isEmpty ? nil : services.joined(separator: ",")
+        (flags.serverCount, flags.replicaWarmup, flags.leaseNamespace) = (serverCount, replicaWarmup, leaseNamespace)
+        (flags.leaseLabel, flags.kubeconfig, flags.poolLabel) = (leaseLabel, kubeconfig, poolLabel)
+        flags.checkNodeObjects = checkNodeObjects ? true : nil
+        flags.allowInsecureBind = allowInsecureBind ? true : nil
+        flags.joinStateNamespace = joinStateNamespace
+        (flags.logLevel, flags.eventLoopThreads, flags.handshakeTimeout) = (
+            logLevel, eventLoopThreads, handshakeTimeout
+        )
+        flags.agentCertificateValidity = agentCertificateValidity
+        flags.servingCertificateValidity = servingCertificateValidity
+        flags.maxPendingConnections = maxPendingConnections
+        flags.maxPendingConnectionsPerSource = maxPendingConnectionsPerSource
+        (flags.maxStreamsPerAgent, flags.maxPendingOpensPerAgent) = (maxStreamsPerAgent, maxPendingOpensPerAgent)
+        (flags.maxStreamsPerCaller, flags.maxBufferedMiB) = (maxStreamsPerCaller, maxBufferedMiB)
+        flags.resumeGraceSeconds = resumeGraceSeconds
+        return flags
     }
 }
 
