@@ -17,7 +17,7 @@ public struct ManifestOptions: Sendable {
     /// The Secret holding the tunnel CA (`ca.crt`, `ca.key`), mounted read-only into every replica; each replica
     /// issues its own serving certificate from it into an emptyDir.
     public var caSecret = "edge-tunnel-ca"
-    /// The CA's files, to render that Secret too (`--pki-dir`); nil: the operator creates it (README).
+    /// The CA's files, to render that Secret too (`--pki-dir`); nil: the operator creates it (docs/DEPLOY.md).
     public var caFiles: (certificatePEM: String, keyPEM: String)?
     /// The namespace whose ConfigMaps hold the join state (tokens' hashes, node records), which every replica
     /// watches; its own namespace, so that the server may write ConfigMaps there and nowhere else.

@@ -156,7 +156,7 @@ struct ManifestsCommand: ParsableCommand {
     var caSecret = "edge-tunnel-ca"
     @Option(
         name: .customLong("pki-dir"),
-        help: "PKI folder whose CA to render as that Secret (default: not rendered; see README).")
+        help: "PKI folder whose CA to render as that Secret (default: not rendered; see docs/DEPLOY.md).")
     var pkiDir: String?
     @Option(
         name: .customLong("join-state-namespace"), help: "Namespace of the ConfigMaps holding tokens and node records.")
