@@ -23,7 +23,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     /// The loop of every tunnel connection of this agent: a suspended tunnel's streams can move only to a new
     /// connection on their own loop (``TunnelMux/expectResume(from:)``).
     let tunnelLoop: EventLoop
-    private let ownsGroup: Bool
+    let ownsGroup: Bool
     let lock = NIOLock()
     /// Lookups of name targets, checked against the allow list before any connect.
     let lookups = NameLookups()
@@ -32,19 +32,19 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     private var credentialsContext: NIOSSLContext?
     var current: AgentTunnel?
     var activeAddress: String?
-    private var metaChannel: Channel?
-    private var stopping = false
-    private var retiredBytes = (bytesIn: 0, bytesOut: 0)
+    var metaChannel: Channel?
+    var stopping = false
+    var retiredBytes = (bytesIn: 0, bytesOut: 0)
     private var wakeUp: CheckedContinuation<Void, Never>?
     /// The server addresses in order of preference; replaced when the addresses file changes.
     private var addresses: [String]
     /// The path marks of the addresses file's entries once it was re-read (nil: the configuration's). See ``AddressPaths``.
     let addressPathMarks = NIOLockedValueBox<[String: TunnelPath]?>(nil)
     /// Tunnels replaced by a newer one, finishing their streams.
-    private var lingering: [AgentTunnel] = []
+    var lingering: [AgentTunnel] = []
     /// Tunnels whose connection was lost with streams open, by the replica that holds them: their streams wait
     /// to be resumed by the next connection to that replica (its HELLO names the token).
-    private var suspended: [String: (token: String, mux: TunnelMux)] = [:]
+    var suspended: [String: (token: String, mux: TunnelMux)] = [:]
     /// After a server of the previous version refused this one's HELLO: until when the agent speaks that version.
     private var olderProtocolUntil: NIODeadline?
     /// The tunnels to the other server replicas; set at the end of `init` (a `lazy var` first touched from two
@@ -148,18 +148,6 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
             return context
         }
     }
-
-    /// Serves `/healthz`, `/readyz` and `/metrics` on the meta port (loopback by default).
-    public func startMeta() async throws {
-        let channel = try await MetaHTTPServer.bind(
-            host: configuration.metaBindAddress, port: configuration.metaPort, group: group
-        ) { [weak self] _, path in
-            self?.route(path) ?? .text(.serviceUnavailable, "stopping")
-        }
-        lock.withLock { metaChannel = channel }
-    }
-
-    public var metaPort: Int { lock.withLock { metaChannel?.localAddress?.port ?? 0 } }
 
     /// The registered primary tunnel, if any (the one the failover loop manages).
     var primary: AgentTunnel? { lock.withLock { current?.registered == true ? current : nil } }
@@ -355,20 +343,6 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
 
     var hasSuspendedTunnels: Bool { lock.withLock { !suspended.isEmpty } }
 
-    /// A replaced tunnel: no new streams come on it (the server drains it); close it once its streams end,
-    /// however long they run (its keepalive still closes it if the path dies).
-    func retireTunnel(_ tunnel: AgentTunnel) {
-        lock.withLock { lingering.append(tunnel) }
-        tunnel.mux.whenIdle().whenComplete { [weak self] _ in
-            // Closed on purpose, and the server is told first (GOAWAY): neither side waits to resume a stream that
-            // just ended on it.
-            tunnel.mux.closeWithoutResume()
-            tunnel.mux.drain(reason: "the agent retired this tunnel")
-            tunnel.channel?.close(promise: nil)
-            self?.retire(tunnel)
-        }
-    }
-
     /// Full jitter: a random delay between 0 and min(cap, initial * 2^attempt), so that thousands of agents
     /// do not reconnect in lockstep after a server restart.
     func backoff(attempt: Int) -> TimeAmount {
@@ -393,7 +367,7 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         }
     }
 
-    private func wake() {
+    func wake() {
         let continuation = lock.withLock { () -> CheckedContinuation<Void, Never>? in
             defer { wakeUp = nil }
             return wakeUp
@@ -402,94 +376,4 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     }
 
     var isStopping: Bool { lock.withLock { stopping } }
-
-    /// Drains: tells the server to send no new streams, lets open streams finish for up to the drain timeout,
-    /// then closes the tunnel and the meta port.
-    public func stop() async {
-        let (tunnel, meta, old) = lock.withLock { () -> (AgentTunnel?, Channel?, [AgentTunnel]) in
-            stopping = true
-            return (current, metaChannel, lingering)
-        }
-        for replaced in old {
-            replaced.mux.closeWithoutResume()
-            replaced.channel?.close(promise: nil)
-        }
-        wake()
-        let all = (tunnel.map { [$0] } ?? []) + replicas.takeAll()
-        for tunnel in all {
-            tunnel.mux.closeWithoutResume()  // what outlives the drain ends with the agent
-            tunnel.mux.drain(reason: "agent shutting down")
-        }
-        let waiting = lock.withLock { () -> [TunnelMux] in
-            defer { suspended = [:] }
-            return suspended.values.map(\.mux)
-        }
-        for mux in waiting { mux.abandonSuspended() }
-        for tunnel in all {
-            await tunnel.mux.whenIdle().orTimeout(configuration.drainTimeout)
-            try? await tunnel.channel?.close()
-        }
-        try? await meta?.close()
-    }
-
-    /// After ``stop()`` and once ``run()`` has returned: waits for a dial still under way, then shuts down the
-    /// event loops the agent made itself (a loop shut down under a connection attempt would leak its promises).
-    public func shutdown() async {
-        await replicas.finishDials()
-        if ownsGroup { try? await group.shutdownGracefully() }
-    }
-
-    private func retire(_ tunnel: AgentTunnel) {
-        let counters = tunnel.mux.counters.snapshot
-        let wasCurrent = lock.withLock { () -> Bool in
-            guard !tunnel.retired else { return false }
-            tunnel.retired = true
-            retiredBytes.bytesIn += counters.bytesIn
-            retiredBytes.bytesOut += counters.bytesOut
-            lingering.removeAll { $0 === tunnel }
-            guard current === tunnel else { return false }
-            current = nil
-            activeAddress = nil
-            return true
-        }
-        if wasCurrent {
-            metrics.connected.set(Int64(0))
-            metrics.setActive(nil)
-        }
-    }
-
-    // MARK: Meta
-
-    private func route(_ path: String) -> MetaResponse {
-        switch path {
-        case "/healthz", "/livez":
-            return .text(.ok, "ok")
-        case "/readyz":
-            if let address = connectedAddress {
-                let count = replicas.count
-                guard count > 1 else { return .text(.ok, "ok: tunnel up via \(address)") }
-                return .text(
-                    .ok, "ok: tunnel up via \(address) (\(1 + replicas.extras.count) of \(count) server replicas)")
-            }
-            return .text(.serviceUnavailable, "tunnel down")
-        case "/metrics":
-            let (tunnel, retired) = lock.withLock { (current, retiredBytes) }
-            var counters = tunnel?.mux.counters.snapshot ?? (bytesIn: 0, bytesOut: 0, streams: 0)
-            var paced = tunnel?.mux.counters.paced == true ? 1 : 0
-            for extra in replicas.extras {
-                let more = extra.mux.counters.snapshot
-                counters = (
-                    counters.bytesIn + more.bytesIn, counters.bytesOut + more.bytesOut, counters.streams + more.streams
-                )
-                paced += extra.mux.counters.paced ? 1 : 0
-            }
-            return MetaResponse(
-                status: .ok, contentType: "text/plain; version=0.0.4; charset=utf-8",
-                body: metrics.render(
-                    bytesIn: retired.bytesIn + counters.bytesIn, bytesOut: retired.bytesOut + counters.bytesOut,
-                    streamCount: counters.streams, pacedTunnels: paced))
-        default:
-            return .text(.notFound, "no such endpoint: \(path)")
-        }
-    }
 }
