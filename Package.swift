@@ -146,7 +146,6 @@ let package = Package(
             dependencies: [
                 "KubeAPI", "TunnelPKI", "TunnelWire", "TunnelSupport",
                 .product(name: "Yams", package: "Yams"),
-                .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "X509", package: "swift-certificates"),
             ] + networking,
             swiftSettings: swift5 + fuzzFlags
@@ -160,10 +159,20 @@ let package = Package(
             ] + networking,
             swiftSettings: swift5 + fuzzFlags
         ),
+        // What only the CLI's tools use (bench, demo, forward): kept out of the libraries the server and the agent
+        // link, so that neither carries NIOEmbedded or a swarm of agents.
+        .target(
+            name: "EdgeTunnelTools",
+            dependencies: [
+                "TunnelPKI", "TunnelWire", "TunnelSupport", "TunnelServer", "TunnelAgent",
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ] + networking,
+            swiftSettings: swift5
+        ),
         .executableTarget(
             name: "edgetunnel",
             dependencies: [
-                "TunnelPKI", "TunnelSupport", "TunnelServer", "TunnelAgent", "EdgePlan", "KubeAPI",
+                "TunnelPKI", "TunnelSupport", "TunnelServer", "TunnelAgent", "EdgePlan", "KubeAPI", "EdgeTunnelTools",
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

@@ -1,4 +1,5 @@
 import ArgumentParser
+import EdgeTunnelTools
 import Foundation
 import Logging
 import NIOPosix

@@ -1,5 +1,6 @@
 import Logging
 import NIOCore
+import TunnelAgent
 import TunnelPKI
 import TunnelSupport
 

@@ -1,5 +1,6 @@
 import Foundation
 import NIOCore
+import TunnelSupport
 
 /// The load of `edgetunnel bench streams`: opens `count` CONNECT streams through a ``Forwarder``, `concurrency` at a
 /// time, on one event loop, and reports the set-up rate and the connect-to-200 latency as one JSON object.

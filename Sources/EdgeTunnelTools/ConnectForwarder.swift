@@ -4,6 +4,7 @@ import NIOCore
 import NIOPosix
 import NIOSSL
 import TunnelPKI
+import TunnelSupport
 import TunnelWire
 
 /// Opens a CONNECT stream for each accepted connection and relays bytes once the server answered 200.

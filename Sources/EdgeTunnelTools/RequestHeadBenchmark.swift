@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import NIOEmbedded
 import NIOHTTP1
+import TunnelServer
 
 /// Times the server's request-head path (`edgetunnel bench heads`): what a caller's head costs before its stream
 /// is opened, and how much of it is NIOHTTP1's decoder. The hand parser it replaced took 41 µs per head here.
@@ -17,10 +18,10 @@ public enum RequestHeadBenchmark {
     /// the target; the decoder alone, reading the Host header).
     public static func run(iterations: Int) throws -> (path: Double, decoder: Double) {
         var routed = 0
-        let channel = EmbeddedChannel(handler: RequestRoute.makeDecoder())
+        let channel = EmbeddedChannel(handler: RequestHeadPath.makeDecoder())
         var buffer = channel.allocator.buffer(capacity: sampleHead.count)
         var out = channel.allocator.buffer(capacity: 1024)
-        var encoder = RequestEncoder()
+        var headPath = RequestHeadPath()
         let pathStart = DispatchTime.now().uptimeNanoseconds
         for _ in 0..<iterations {
             buffer.clear()
@@ -28,11 +29,8 @@ public enum RequestHeadBenchmark {
             try channel.writeInbound(buffer)
             while let part = try channel.readInbound(as: HTTPServerRequestPart.self) {
                 guard case .head(let head) = part else { continue }
-                if case .node(let destination) = try RequestRoute(head, defaultPort: 10250) {
-                    routed &+= destination.port
-                }
                 out.clear()
-                encoder.write(head, into: &out)
+                routed &+= try headPath.handle(head, into: &out)
                 routed &+= out.readableBytes
             }
         }
