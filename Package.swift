@@ -146,6 +146,7 @@ let package = Package(
             dependencies: [
                 "KubeAPI", "TunnelPKI", "TunnelWire", "TunnelSupport",
                 .product(name: "Yams", package: "Yams"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "X509", package: "swift-certificates"),
             ] + networking,
             swiftSettings: swift5 + fuzzFlags
@@ -156,6 +157,7 @@ let package = Package(
                 "TunnelPKI", "TunnelWire", "TunnelSupport",
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Crypto", package: "swift-crypto"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ] + networking,
             swiftSettings: swift5 + fuzzFlags
         ),
@@ -173,6 +175,7 @@ let package = Package(
             name: "edgetunnel",
             dependencies: [
                 "TunnelPKI", "TunnelSupport", "TunnelServer", "TunnelAgent", "EdgePlan", "KubeAPI", "EdgeTunnelTools",
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Yams", package: "Yams"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),

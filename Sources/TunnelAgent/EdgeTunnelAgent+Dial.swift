@@ -170,13 +170,35 @@ extension EdgeTunnelAgent {
 
     /// `tunnel` (new, or a replica's promoted) becomes the one the failover loop serves on.
     func makePrimary(_ tunnel: AgentTunnel) {
-        lock.withLock {
+        let waiters = lock.withLock { () -> [EventLoopPromise<Bool>] in
             current = tunnel
             activeAddress = tunnel.address.text
+            guard tunnel.registered else { return [] }
+            defer { connectedWaiters = [] }
+            return connectedWaiters
         }
+        for waiter in waiters { waiter.succeed(true) }
         metrics.connected.set(Int64(1))
         metrics.setActive(tunnel.address.text)
         scheduleRenewal(tunnel)
         replicas.check()
+    }
+
+    /// Returns true once a tunnel is up and registered with a server (at once if one is), false if none is within
+    /// `timeout` or the agent stops first. For readiness without polling (`edgetunnel demo`, tests).
+    public func waitUntilConnected(within timeout: TimeAmount) async -> Bool {
+        let waiter = group.any().makePromise(of: Bool.self)
+        let answered = lock.withLock { () -> Bool? in
+            if stopping { return false }
+            if current?.registered == true { return true }
+            connectedWaiters.append(waiter)
+            return nil
+        }
+        if let answered { waiter.succeed(answered) }
+        let timer = waiter.futureResult.eventLoop.scheduleTask(in: timeout) { waiter.succeed(false) }
+        let connected = (try? await waiter.futureResult.get()) ?? false
+        timer.cancel()
+        if !connected { lock.withLock { connectedWaiters.removeAll { $0.futureResult === waiter.futureResult } } }
+        return connected
     }
 }

@@ -20,10 +20,13 @@ extension EdgeTunnelAgent {
     /// Drains: tells the server to send no new streams, lets open streams finish for up to the drain timeout,
     /// then closes the tunnel and the meta port.
     public func stop() async {
-        let (tunnel, meta, old) = lock.withLock { () -> (AgentTunnel?, Channel?, [AgentTunnel]) in
+        let (tunnel, meta, old, waiters) = lock.withLock {
+            () -> (AgentTunnel?, Channel?, [AgentTunnel], [EventLoopPromise<Bool>]) in
             stopping = true
-            return (current, metaChannel, lingering)
+            defer { connectedWaiters = [] }
+            return (current, metaChannel, lingering, connectedWaiters)
         }
+        for waiter in waiters { waiter.succeed(false) }
         for replaced in old {
             replaced.mux.closeWithoutResume()
             replaced.channel?.close(promise: nil)

@@ -36,6 +36,9 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     var stopping = false
     var retiredBytes = (bytesIn: 0, bytesOut: 0)
     private var wakeUp: CheckedContinuation<Void, Never>?
+    /// Those waiting for a registered tunnel (``waitUntilConnected(within:)``): answered true by the first, false
+    /// at their deadline or when the agent stops.
+    var connectedWaiters: [EventLoopPromise<Bool>] = []
     /// The server addresses in order of preference; replaced when the addresses file changes.
     private var addresses: [String]
     /// The path marks of the addresses file's entries once it was re-read (nil: the configuration's). See ``AddressPaths``.

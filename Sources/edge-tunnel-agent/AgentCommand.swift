@@ -80,14 +80,15 @@ struct AgentCommand: AsyncParsableCommand {
         ProcessSupport.raiseFileLimit()
         let logger = Logger(label: "edge-tunnel-agent")
         let agent: EdgeTunnelAgent
+        let service: AgentService
         do {
             agent = try EdgeTunnelAgent(configuration: configuration, logger: logger)
-            try await agent.prepareCredentials()
-            try await agent.startMeta()
+            service = AgentService(agent: agent, logger: logger)
+            try await service.start()
         } catch {
             fail("\(error)")
         }
-        var services: [any Service] = [AgentService(agent: agent, logger: logger)]
+        var services: [any Service] = [service]
         if let path = serverAddressesFile {
             services.append(AddressesFileService(path: path, agent: agent, logger: logger))
         }

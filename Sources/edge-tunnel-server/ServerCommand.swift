@@ -187,13 +187,15 @@ struct ServerCommand: AsyncParsableCommand {
         ProcessSupport.raiseFileLimit()
         let logger = Logger(label: "edge-tunnel-server")
         let server: TunnelServer
+        let service: TunnelServerService
         do {
             // SIGHUP is trapped once the service group runs (ConfigReloadService), after the listeners are up: one
             // that came in between killed the process (its default action). Ignored until then; a changed file is
             // still picked up by the reloader's watch.
             signal(SIGHUP, SIG_IGN)
             server = try TunnelServer(configuration: configuration, logger: logger)
-            try await server.start()
+            service = TunnelServerService(server: server, logger: logger)
+            try await service.start()
         } catch {
             fail("\(error)")
         }
@@ -201,7 +203,7 @@ struct ServerCommand: AsyncParsableCommand {
             ConfigReloader(
                 path: $0, server: server, logger: logger, resolve: { [command = self] in try command.resolved($0) })
         }
-        var services: [any Service] = [TunnelServerService(server: server, logger: logger)]
+        var services: [any Service] = [service]
         do {
             if let namespace = configuration.leaseNamespace {
                 services.append(

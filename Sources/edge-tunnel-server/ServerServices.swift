@@ -8,19 +8,6 @@ import UnixSignals
 /// The server's long-running parts as swift-service-lifecycle services, run by one `ServiceGroup` that turns
 /// SIGTERM and SIGINT into a graceful shutdown (last service first: the reload triggers, then the server).
 
-/// The listeners and tunnels (started before the group, so that a port in use fails the process at once). On
-/// graceful shutdown: no new connections, GOAWAY to every agent, open streams drained for up to 10 s.
-struct TunnelServerService: Service {
-    let server: TunnelServer
-    let logger: Logger
-
-    func run() async throws {
-        try? await gracefulShutdown()  // also returns when the group is cancelled: drain either way
-        logger.info("shutting down: draining")
-        await server.shutdown()
-    }
-}
-
 /// Re-reads the config file when it changes, and on SIGHUP.
 struct ConfigReloadService: Service {
     let reloader: ConfigReloader?

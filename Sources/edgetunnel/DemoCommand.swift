@@ -3,6 +3,7 @@ import EdgeTunnelTools
 import Foundation
 import Logging
 import NIOPosix
+import ServiceLifecycle
 import TunnelAgent
 import TunnelPKI
 import TunnelServer
@@ -72,8 +73,8 @@ struct DemoCommand: AsyncParsableCommand {
         // Kubelets' serving certificates verified against the demo's own CA: the demo has no kubelet, and a server
         // without a kubelet CA warns on every start that it verifies none.
         serverConfiguration.kubeletCAFile = paths.caCertificate
-        let server = try TunnelServer(configuration: serverConfiguration, logger: logger, group: group)
-        try await server.start()
+        let server = TunnelServerService(
+            server: try TunnelServer(configuration: serverConfiguration, logger: logger, group: group), logger: logger)
 
         var agentConfiguration = AgentConfiguration(
             nodeName: "demo-edge", nodeIPs: [], serverAddresses: ["127.0.0.1:\(tunnelPort)"],
@@ -82,14 +83,22 @@ struct DemoCommand: AsyncParsableCommand {
         agentConfiguration.bootstrapToken = token.description
         agentConfiguration.caCertHash = try ca.publicKeyHash
         agentConfiguration.metaPort = agentMetaPort
-        let agent = try EdgeTunnelAgent(configuration: agentConfiguration, logger: logger, group: group)
-        try await agent.prepareCredentials()
-        try await agent.startMeta()
-        let runner = Task { await agent.run() }
-        let deadline = Date().addingTimeInterval(10)
-        while agent.connectedAddress == nil || server.registry.lookup(host: "demo-edge") == nil {
-            guard Date() < deadline else { throw ConfigurationError("the demo agent did not connect in 10s") }
-            try await Task.sleep(for: .milliseconds(50))
+        let agent = AgentService(
+            agent: try EdgeTunnelAgent(configuration: agentConfiguration, logger: logger, group: group), logger: logger)
+        // Started here, so that a port in use or a refused join is reported before anything is printed; the group
+        // below runs them, turns Ctrl-C (or the end of --once) into one graceful shutdown, and stops the agent
+        // first (the last service first), then the server.
+        try await server.start()
+        try await agent.start()
+        let services = ServiceGroup(
+            configuration: .init(
+                services: [.init(service: server), .init(service: agent)],
+                gracefulShutdownSignals: [.sigint, .sigterm], logger: logger))
+        async let running: Void = services.run()
+        guard await agent.agent.waitUntilConnected(within: .seconds(10)) else {
+            await services.triggerGracefulShutdown()
+            try? await running
+            throw ConfigurationError("the demo agent did not connect in 10s")
         }
 
         let curl = [
@@ -114,22 +123,15 @@ struct DemoCommand: AsyncParsableCommand {
         fflush(stdout)
         let ok = runOnce(curl)
         if once || !ok {
-            await agent.stop()
-            await runner.value
-            await server.shutdown()
-            try? await edge.close()
-            try? await group.shutdownGracefully()
-            if !ok { throw ExitCode.failure }
-            return
+            await services.triggerGracefulShutdown()
+        } else {
+            print("\nPress Ctrl-C to stop.")
+            fflush(stdout)  // shown at once when the output is a pipe or a file too
         }
-        print("\nPress Ctrl-C to stop.")
-        fflush(stdout)  // shown at once when the output is a pipe or a file too
-        _ = await ProcessSupport.waitForSignal()
-        await agent.stop()
-        await runner.value
-        await server.shutdown()
+        try await running
         try? await edge.close()
         try? await group.shutdownGracefully()
+        if !ok { throw ExitCode.failure }
     }
 
     /// Runs the printed curl command and shows its output.
