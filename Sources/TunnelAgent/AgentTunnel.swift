@@ -10,40 +10,81 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
     let address: ServerAddress
     let mux: TunnelMux
     let registration: EventLoopPromise<Void>
-    /// Completes when no new streams can come on this tunnel: it closed, the server said GOAWAY, or its
-    /// address was removed.
+    /// Completes when no new streams can come on this tunnel (``Life/unusable(serverID:dead:)``): for those who
+    /// wait on it.
     private let unusable: EventLoopPromise<Void>
     /// Guarded by the agent's lock: byte counts were moved to the agent's totals.
     var retired = false
 
-    /// What is written on the tunnel's loop (or by the dialing task) and read from anywhere: the failover
-    /// loop, ``ReplicaTunnels`` and the meta port run on other threads.
-    private struct Shared {
-        var channel: Channel?
-        var registered = false
-        var serverID: String?
-        var declaredDead = false
+    /// Where the connection is in its life. It moves forward only: `connecting` → `registered` → `unusable`, or
+    /// `connecting` → `unusable` (it never registered). Each state carries what is known in it, so that no
+    /// combination of flags (registered but never named, dead but usable) can be written.
+    enum Life: Equatable, Sendable {
+        /// Dialed, TLS, HELLO sent: no HELLO_OK yet.
+        case connecting
+        /// HELLO_OK came, naming the replica this tunnel reached.
+        case registered(serverID: String)
+        /// No new streams can come on it: it closed or was lost, the server said GOAWAY, its address was removed,
+        /// or (`dead`) keepalive found the server silent. `serverID` if it had registered.
+        case unusable(serverID: String?, dead: Bool)
     }
-    private let shared = NIOLockedValueBox(Shared())
+
+    /// The life and the channel are written on the tunnel's loop (or by the dialing task) and read from anywhere:
+    /// the failover loop, ``ReplicaTunnels`` and the meta port run on other threads.
+    private let life = NIOLockedValueBox(Life.connecting)
+    private let channelBox = NIOLockedValueBox<Channel?>(nil)
 
     var channel: Channel? {
-        get { shared.withLockedValue { $0.channel } }
-        set { shared.withLockedValue { $0.channel = newValue } }
+        get { channelBox.withLockedValue { $0 } }
+        set { channelBox.withLockedValue { $0 = newValue } }
     }
-    var registered: Bool {
-        get { shared.withLockedValue { $0.registered } }
-        set { shared.withLockedValue { $0.registered = newValue } }
-    }
+    var state: Life { life.withLockedValue { $0 } }
+    /// HELLO_OK came (it stays true once the tunnel becomes unusable).
+    var registered: Bool { serverID != nil }
     /// The replica this tunnel reached (from HELLO_OK).
-    private(set) var serverID: String? {
-        get { shared.withLockedValue { $0.serverID } }
-        set { shared.withLockedValue { $0.serverID = newValue } }
+    var serverID: String? {
+        switch state {
+        case .connecting: return nil
+        case .registered(let id): return id
+        case .unusable(let id, _): return id
+        }
     }
     /// Keepalive found the server silent.
     var declaredDead: Bool {
-        get { shared.withLockedValue { $0.declaredDead } }
-        set { shared.withLockedValue { $0.declaredDead = newValue } }
+        if case .unusable(_, dead: true) = state { return true }
+        return false
     }
+    /// Whether no new streams can come on this tunnel any more.
+    var isUnusable: Bool {
+        if case .unusable = state { return true }
+        return false
+    }
+
+    /// HELLO_OK: `connecting` → `registered` (a tunnel already unusable stays so, now named). False, and no
+    /// change, once it has registered: a server answers HELLO once.
+    func register(serverID: String) -> Bool {
+        life.withLockedValue { life in
+            switch life {
+            case .connecting: life = .registered(serverID: serverID)
+            case .unusable(nil, let dead): life = .unusable(serverID: serverID, dead: dead)
+            case .registered, .unusable: return false
+            }
+            return true
+        }
+    }
+
+    /// → `unusable` (from any state; `dead` sticks once set), and those waiting are told.
+    func markUnusable(dead: Bool = false) {
+        life.withLockedValue { life in
+            switch life {
+            case .connecting: life = .unusable(serverID: nil, dead: dead)
+            case .registered(let id): life = .unusable(serverID: id, dead: dead)
+            case .unusable(let id, let wasDead): life = .unusable(serverID: id, dead: wasDead || dead)
+            }
+        }
+        unusable.succeed(())
+    }
+
     var pendingRenewalKey: Certificate.PrivateKey?
     private var keepalive: Scheduled<Void>?
     /// The token of this tunnel's streams (HELLO_OK, version 3): named in a later HELLO to resume them. On the loop.
@@ -56,31 +97,22 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
         self.registration = eventLoop.makePromise()
         self.unusable = eventLoop.makePromise()
         mux.delegate = self
-        unusable.futureResult.whenComplete { [unusableFlag] _ in unusableFlag.withLockedValue { $0 = true } }
-    }
-
-    func markUnusable() {
-        unusable.succeed(())
     }
 
     /// The connection never came up: the promises are completed and the mux lets go of this tunnel.
     func abandon(_ error: Error) {
         registration.fail(error)
-        unusable.succeed(())
+        markUnusable()
         // On the mux's loop: a failed connect also removes the mux from its pipeline there, which drops the
         // delegate too; two unordered stores of nil released this tunnel twice (a crash in a 10,000-agent swarm).
         mux.detachDelegate()
     }
 
-    /// Whether no new streams can come on this tunnel any more.
-    var isUnusable: Bool { unusableFlag.withLockedValue { $0 } }
-    private let unusableFlag = NIOLockedValueBox(false)
-
     func whenUnusable(_ body: @escaping @Sendable () -> Void) {
         unusable.futureResult.whenComplete { _ in body() }
     }
 
-    /// Whether the tunnel became unusable within `timeout`.
+    /// Whether the tunnel became unusable within `timeout`; true at once when the waiting task is cancelled.
     func waitUnusable(timeout: TimeAmount) async -> Bool {
         let result = mux.eventLoop.makePromise(of: Bool.self)
         let timer = mux.eventLoop.scheduleTask(in: timeout) { result.succeed(false) }
@@ -88,7 +120,12 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
             timer.cancel()
             result.succeed(true)
         }
-        return (try? await result.futureResult.get()) ?? true
+        return await withTaskCancellationHandler {
+            (try? await result.futureResult.get()) ?? true
+        } onCancel: {
+            timer.cancel()
+            result.succeed(true)
+        }
     }
 
     func startKeepalive() {
@@ -134,9 +171,8 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
                 )
                 // Move on at once: closing a dead TLS connection waits for a close_notify that never comes. Closed
                 // from under TLS, so that its streams suspend before the next dial names their token.
-                self.declaredDead = true
+                self.markUnusable(dead: true)
                 if let channel = self.channel { StreamGlue.closeFromHead(channel) }
-                self.markUnusable()
                 return
             case .ping:
                 if active { self.mux.keepalivePing(skipWithin: .milliseconds(400)) } else { self.mux.ping() }
@@ -154,7 +190,8 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
     func mux(_ mux: TunnelMux, didReceiveControl frame: Frame) {
         switch frame.type {
         case .helloOK:
-            guard !registered else {
+            let ok = try? HelloOK(frame: frame)
+            guard register(serverID: ok.map { PeerText.bounded($0.serverID, limit: 253) } ?? "?") else {
                 // A server answers HELLO once. A second HELLO_OK could name another replica and claim to resume
                 // that replica's streams without their token: a protocol error, the tunnel closes.
                 agent.logger.error("server \(address) sent a second HELLO_OK: closing the tunnel")
@@ -162,9 +199,6 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
                 if let channel { StreamGlue.closeFromHead(channel) }
                 return
             }
-            let ok = try? HelloOK(frame: frame)
-            serverID = ok.map { PeerText.bounded($0.serverID, limit: 253) } ?? "?"
-            registered = true
             mux.peerRegistered()
             if let ok { resume(ok) }
             registration.succeed(())
@@ -193,7 +227,7 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
             mux.closeWithoutResume()  // a drained connection closes on purpose: what outlives it ends
             // Reconnect at once so new streams reach this node (another replica, the restarted server, or the
             // new path); this connection closes when its streams are done.
-            unusable.succeed(())
+            markUnusable()
         case .renewOK:
             if let key = pendingRenewalKey, let ok = try? RenewOK(frame: frame) {
                 pendingRenewalKey = nil
@@ -235,14 +269,14 @@ final class AgentTunnel: TunnelMuxDelegate, @unchecked Sendable {
             )
             agent.tunnelSuspended(self, serverID: serverID, token: resumeToken)
         }
-        unusable.succeed(())
+        markUnusable()
     }
 
     func muxDidClose(_ mux: TunnelMux) {
         agent.suspendedEnded(mux)
         keepalive?.cancel()
         registration.fail(JoinError(description: "server \(address) closed the connection"))
-        unusable.succeed(())
+        markUnusable()
     }
 }
 

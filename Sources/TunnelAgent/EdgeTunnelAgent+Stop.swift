@@ -20,18 +20,18 @@ extension EdgeTunnelAgent {
     /// Drains: tells the server to send no new streams, lets open streams finish for up to the drain timeout,
     /// then closes the tunnel and the meta port.
     public func stop() async {
-        let (tunnel, meta, old, waiters) = lock.withLock {
-            () -> (AgentTunnel?, Channel?, [AgentTunnel], [EventLoopPromise<Bool>]) in
+        let (tunnel, meta, old, waiters, failover) = lock.withLock {
+            () -> (AgentTunnel?, Channel?, [AgentTunnel], [EventLoopPromise<Bool>], Task<Void, Never>?) in
             stopping = true
             defer { connectedWaiters = [] }
-            return (current, metaChannel, lingering, connectedWaiters)
+            return (current, metaChannel, lingering, connectedWaiters, failoverTask)
         }
         for waiter in waiters { waiter.succeed(false) }
         for replaced in old {
             replaced.mux.closeWithoutResume()
             replaced.channel?.close(promise: nil)
         }
-        wake()
+        failover?.cancel()  // ends its backoff sleep or its wait on the tunnel at once
         let all = (tunnel.map { [$0] } ?? []) + replicas.takeAll()
         for tunnel in all {
             tunnel.mux.closeWithoutResume()  // what outlives the drain ends with the agent

@@ -35,7 +35,8 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     var metaChannel: Channel?
     var stopping = false
     var retiredBytes = (bytesIn: 0, bytesOut: 0)
-    private var wakeUp: CheckedContinuation<Void, Never>?
+    /// The failover loop of ``run()``: ``stop()`` cancels it, which ends its backoff sleep and its waits at once.
+    var failoverTask: Task<Void, Never>?
     /// Those waiting for a registered tunnel (``waitUntilConnected(within:)``): answered true by the first, false
     /// at their deadline or when the agent stops.
     var connectedWaiters: [EventLoopPromise<Bool>] = []
@@ -184,6 +185,20 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
     /// Keeps a tunnel up until ``stop()``: the first address that works, the next one when it dies, and back
     /// to a more preferred address once it has been healthy for two checks in a row (10 s apart).
     public func run() async {
+        let loop = Task { await self.keepTunnelUp() }
+        let stopped = lock.withLock { () -> Bool in
+            failoverTask = loop
+            return stopping
+        }
+        if stopped { loop.cancel() }
+        await withTaskCancellationHandler {
+            await loop.value
+        } onCancel: {
+            loop.cancel()
+        }
+    }
+
+    private func keepTunnelUp() async {
         replicas.start(on: group.next())
         var attempt = 0
         var first = true
@@ -217,7 +232,8 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
                 attempt += 1
                 // Streams waiting to resume have a grace period: dial again at least every second meanwhile.
                 let delay = backoff(attempt: attempt)
-                await sleep(hasSuspendedTunnels ? min(delay, .seconds(1)) : delay)
+                try? await Task.sleep(
+                    for: .nanoseconds((hasSuspendedTunnels ? min(delay, .seconds(1)) : delay).nanoseconds))
                 continue
             }
             attempt = 0
@@ -355,28 +371,5 @@ public final class EdgeTunnelAgent: @unchecked Sendable {
         return .nanoseconds(Int64.random(in: 0...max(1, ceiling)))
     }
 
-    private func sleep(_ amount: TimeAmount) async {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let resumeNow = lock.withLock { () -> Bool in
-                if stopping { return true }
-                wakeUp = continuation
-                return false
-            }
-            if resumeNow {
-                continuation.resume()
-                return
-            }
-            group.any().scheduleTask(in: amount) { [weak self] in self?.wake() }
-        }
-    }
-
-    func wake() {
-        let continuation = lock.withLock { () -> CheckedContinuation<Void, Never>? in
-            defer { wakeUp = nil }
-            return wakeUp
-        }
-        continuation?.resume()
-    }
-
-    var isStopping: Bool { lock.withLock { stopping } }
+    var isStopping: Bool { Task.isCancelled || lock.withLock { stopping } }
 }
