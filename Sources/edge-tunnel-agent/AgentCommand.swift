@@ -78,6 +78,7 @@ struct AgentCommand: AsyncParsableCommand {
         }
         ProcessSupport.bootstrapLogging(level: level, json: json)
         ProcessSupport.raiseFileLimit()
+        ProcessSupport.tuneAllocator()
         let logger = Logger(label: "edge-tunnel-agent")
         let agent: EdgeTunnelAgent
         let service: AgentService

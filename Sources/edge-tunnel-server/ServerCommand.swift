@@ -185,6 +185,7 @@ struct ServerCommand: AsyncParsableCommand {
         }
         ProcessSupport.bootstrapLogging(level: level, json: json)
         ProcessSupport.raiseFileLimit()
+        ProcessSupport.tuneAllocator()
         let logger = Logger(label: "edge-tunnel-server")
         let server: TunnelServer
         let service: TunnelServerService
