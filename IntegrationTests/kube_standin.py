@@ -8,8 +8,24 @@ Run: python3 kube_standin.py DIR PORT [BIND [EXTRA_IP,...]]   (BIND default 127.
      127.0.0.1 and the EXTRA_IPs)
   DIR/ca.crt              the CA of its serving certificate, for the kubeconfig; it appears (whole, by rename)
                           only once the port listens, so a test that waits for it can call at once
-  DIR/token               the bearer token it accepts, re-read per request: rewrite it to rotate
-  DIR/deny                if present, every request gets 403 Forbidden (RBAC says no), as a Status object
+  DIR/token               the bearer token it accepts, re-read per request: rewrite it to rotate; whoever holds
+                          it is the server's ServiceAccount (the user named in DIR/rbac.json)
+  DIR/admin-token         if present, a token that is a cluster admin (system:masters, as kubectl's user is):
+                          no RBAC, no DIR/deny
+  DIR/rbac.json           if present (re-read per request), RBAC as kube-apiserver's authorizer does it for the
+                          ServiceAccount: {"serviceAccount": {"namespace": NS, "name": NAME}, "objects": [the Roles,
+                          ClusterRoles, RoleBindings and ClusterRoleBindings, as the manifests render them]}. A request
+                          is allowed if a RoleBinding in its namespace or a ClusterRoleBinding naming the ServiceAccount
+                          (or its groups) refers to a Role or ClusterRole with a rule matching its verb (get, list,
+                          watch, create, update, patch, delete, deletecollection: watch is a GET with watch=true, list
+                          a GET of a collection), API group, resource and name (resourceNames); else 403 Forbidden
+                          with the API server's Status and message ('leases.coordination.k8s.io "x" is forbidden:
+                          User "system:serviceaccount:NS:NAME" cannot update resource "leases" in API group
+                          "coordination.k8s.io" in the namespace "kube-system"').
+  DIR/rbac.log            one JSON line per request of the ServiceAccount that RBAC (or DIR/deny) judged: allowed,
+                          verb, group, resource, namespace, name, source ("rbac" or "deny")
+  DIR/deny                if present, every request of the ServiceAccount gets 403 Forbidden (RBAC says no), as a
+                          Status object with the API server's message for that request
   DIR/compact             if present, it is deleted and every resourceVersion so far is compacted away
   DIR/slow-writes         if present, a create or update is stored at once but answered that many seconds later
                           (an API server slow to acknowledge a write that has already happened)
@@ -36,8 +52,17 @@ As kube-apiserver does (the API reference and k8s.io/apimachinery and apiserver 
     decodes but fails validation (no name, a name or label that is no DNS name, leaseDurationSeconds < 1, a
     ConfigMap key that is not one) gets 422 Invalid with the Status's causes; a namespace or name in the body other
     than the URL's gets 400.
-  - DIR/watch-seconds: every watch ends after that many seconds at most, as the API server ends them sooner than
-    timeoutSeconds (its --min-request-timeout).
+  - Watches end cleanly (the chunked body's last chunk) after their timeoutSeconds, as the API server ends them
+    (30 s if none is given; the API server then takes a random 1-2x --min-request-timeout). DIR/watch-seconds: every
+    watch ends after that many seconds at most, as a proxy or load balancer in front of the API server may end it
+    sooner.
+  - Watches cut mid-stream. DIR/watch-cut holding "MODE RESOURCE" (MODE reset or end): the next watch of RESOURCE
+    that has an event to send is cut instead of sending it (the file is then deleted), after the events it has sent:
+    reset closes the connection with a TCP RST (SO_LINGER 0), as a node or a proxy that goes away does; end ends the
+    body cleanly, as timeoutSeconds does. The event is not lost: it is sent again to a watch from an earlier version.
+    "MODE RESOURCE at-once": every watch of RESOURCE is cut 0.2 s after its headers (before any event), as long as
+    the file exists (a proxy that drops every watch). DIR/events.log gets "RESET|END RESOURCE - VERSION", the last version the cut watch
+    sent (or the one it started from); a watch ended by its timeout, "TIMEOUT RESOURCE - VERSION" likewise.
   - Pagination. DIR/empty-page: the first page of each list holds no item but a continue token (as a list with a
     label selector may).
   - Token rotation as projected service-account tokens: when DIR/token changes, the previous token stays valid
@@ -51,8 +76,10 @@ import http.server
 import json
 import os
 import pathlib
+import socket
 import socketserver
 import ssl
+import struct
 import sys
 import threading
 import time
@@ -222,12 +249,82 @@ def merge(target, patch):
             target[key] = value
 
 
+def rbac_user():
+    """The ServiceAccount DIR/rbac.json names, as RBAC sees it: (user name, groups, its subject), or None (no RBAC)."""
+    try:
+        config = json.loads((DIR / "rbac.json").read_text())
+    except FileNotFoundError:
+        return None
+    account = config["serviceAccount"]
+    namespace, name = account["namespace"], account["name"]
+    return (f"system:serviceaccount:{namespace}:{name}",
+            ["system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"], config)
+
+
+def subject_matches(subject, user, groups, account):
+    """rbac/v1 subject matching, as the authorizer's appliesTo does."""
+    kind = subject.get("kind")
+    if kind == "ServiceAccount":
+        return subject.get("name") == account["name"] and subject.get("namespace") == account["namespace"]
+    if kind == "User":
+        return subject.get("name") == user
+    if kind == "Group":
+        return subject.get("name") in groups
+    return False
+
+
+def rule_allows(rule, verb, group, resource, name):
+    """A PolicyRule's match, as rbac's RuleAllows: verb, API group, resource and, if the rule names any, the name."""
+    def has(values, value):
+        return "*" in (values or []) or value in (values or [])
+    if not (has(rule.get("verbs"), verb) and has(rule.get("apiGroups"), group)
+            and has(rule.get("resources"), resource)):
+        return False
+    names = rule.get("resourceNames") or []
+    return not names or name in names
+
+
+def rbac_allows(config, user, groups, verb, group, resource, namespace, name):
+    """Whether a binding of the ServiceAccount grants the request: a ClusterRoleBinding's ClusterRole anywhere, a
+    RoleBinding's Role or ClusterRole in the RoleBinding's namespace only (never a cluster-scoped resource)."""
+    objects = config.get("objects", [])
+    roles = {(o["kind"], o["metadata"].get("namespace", "") if o["kind"] == "Role" else "", o["metadata"]["name"]): o
+             for o in objects if o.get("kind") in ("Role", "ClusterRole")}
+    for binding in objects:
+        if binding.get("kind") not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        if not any(subject_matches(s, user, groups, config["serviceAccount"]) for s in binding.get("subjects") or []):
+            continue
+        where = binding["metadata"].get("namespace", "")
+        if binding["kind"] == "RoleBinding" and (not namespace or where != namespace):
+            continue
+        ref = binding["roleRef"]
+        role = roles.get((ref["kind"], where if ref["kind"] == "Role" else "", ref["name"]))
+        if role and any(rule_allows(r, verb, group, resource, name) for r in role.get("rules") or []):
+            return True
+    return False
+
+
+def forbidden(user, verb, group, resource, namespace, name):
+    """403 as apimachinery's errors.NewForbidden writes it, with the authorizer's reason (forbiddenMessage)."""
+    qualified = f"{resource}.{group}" if group else resource
+    where = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+    reason = f'User "{user}" cannot {verb} resource "{resource}" in API group "{group}" {where}'
+    body = status(403, "Forbidden", f'{qualified}{f" {json.dumps(name)}" if name else ""} is forbidden: {reason}')
+    body["details"] = {"group": group, "kind": resource, **({"name": name} if name else {})}
+    return body
+
+
 def too_large(version):
     """apiserver's storage.NewTooLargeResourceVersionError: 504 Timeout, retry in 1 s, cause ResourceVersionTooLarge."""
     body = status(504, "Timeout", f"Timeout: Too large resource version: {version}, current: {state['rv']}")
     body["details"] = {"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
                        "retryAfterSeconds": 1}
     return body
+
+
+class WatchCut(Exception):
+    """A watch cut as DIR/watch-cut says: nothing more is written to it."""
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -280,12 +377,45 @@ class Handler(http.server.BaseHTTPRequestHandler):
             body, retry_after = failure(int(code), int(seconds) if seconds.strip() else None)
             self.reply(int(code), body, retry_after)
             return False
-        if (DIR / "deny").exists():
-            self.reply(403, status(403, "Forbidden", 'leases.coordination.k8s.io is forbidden: User '
-                                   '"system:serviceaccount:kube-system:edge-tunnel-server" cannot list resource '
-                                   '"leases" in API group "coordination.k8s.io" in the namespace "kube-system"'))
-            return False
+        if self.auth != "admin":
+            refusal = self.authorize()
+            if refusal:
+                self.reply(403, refusal)
+                return False
         return True
+
+    def attributes(self):
+        """The request as the authorizer sees it (apiserver's RequestInfo): verb, API group, resource, namespace,
+        name; None for a path that is no resource served here."""
+        resource, namespace, name, query = self.route()
+        if resource is None:
+            return None
+        group = KINDS[resource][1].rpartition("/")[0]
+        if self.command == "GET" and not name:
+            verb = "watch" if query.get("watch", ["false"])[0].lower() in ("1", "t", "true") else "list"
+            field = query.get("fieldSelector", [""])[0]
+            if field.startswith("metadata.name=") and "," not in field:  # RequiresExactMatch("metadata.name")
+                name = field.partition("=")[2]
+        else:
+            verb = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch",
+                    "DELETE": "delete" if name else "deletecollection"}[self.command]
+        if self.command == "POST":
+            name = None  # a create names its object in the body, not in what is authorized
+        return verb, group, resource, namespace, name or ""
+
+    def authorize(self):
+        """None if the ServiceAccount may make this request (DIR/rbac.json, DIR/deny), else the 403 Status."""
+        deny, rbac = (DIR / "deny").exists(), rbac_user()
+        attributes = self.attributes()
+        if attributes is None or not (deny or rbac):
+            return None
+        verb, group, resource, namespace, name = attributes
+        user = rbac[0] if rbac else "system:serviceaccount:kube-system:edge-tunnel-server"
+        allowed = not deny and rbac_allows(rbac[2], user, rbac[1], *attributes)
+        with open(DIR / "rbac.log", "a") as log:
+            log.write(json.dumps({"allowed": allowed, "verb": verb, "group": group, "resource": resource,
+                                  "namespace": namespace, "name": name, "source": "deny" if deny else "rbac"}) + "\n")
+        return None if allowed else forbidden(user, *attributes)
 
     def authenticate(self):
         """The token the request carries, if the API server takes it: the one in DIR/token, or an earlier one that
@@ -306,7 +436,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     (DIR / "reject-once").unlink()
                 return None
         offered = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
-        if offered == current:
+        admin = flag("admin-token")
+        if admin and offered == admin:
+            self.auth = "admin"
+        elif offered == current:
             self.auth = "current"
         elif tokens["previous"].get(offered, 0) > now:
             self.auth = "previous"
@@ -413,10 +546,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.timeline("WATCH", 200)
         kind, api_version = KINDS[resource]
 
+        sent = {"version": since}  # the last version this watch sent (at first, the one it started from)
+
         def send(event):
             data = (json.dumps(event) + "\n").encode()
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
+            sent["version"] = event["object"]["metadata"].get("resourceVersion", sent["version"])
             if event["type"] in ("DELETED", "BOOKMARK"):
                 with open(DIR / "events.log", "a") as log:
                     log.write(f"{event['type']} {resource} {event['object']['metadata'].get('name', '-')} "
@@ -424,6 +560,35 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
         def selected(obj):
             return obj is not None and obj["metadata"].get("namespace", "") == namespace and matches(obj, labels, fields)
+
+        def cutting(at_once):
+            """How DIR/watch-cut says to cut this watch now ("reset" or "end"), or None. A one-shot cut is taken by
+            the first watch that comes to it (the file is deleted)."""
+            words = (flag("watch-cut") or "").split()
+            if len(words) < 2 or words[1] != resource or (words[2:] == ["at-once"]) != at_once:
+                return None
+            if not at_once:
+                try:
+                    (DIR / "watch-cut").unlink()
+                except FileNotFoundError:  # another watch took it
+                    return None
+            return words[0]
+
+        def cut(mode):
+            with open(DIR / "events.log", "a") as log:
+                log.write(f"{mode.upper()} {resource} - {sent['version']}\n")
+            if mode == "reset":
+                self.reset()
+            else:  # the body's last chunk, as at timeoutSeconds
+                self.wfile.write(b"0\r\n\r\n")
+            raise WatchCut()
+
+        def deliver(event):
+            """Sends an event, unless DIR/watch-cut says to cut the watch instead (the event then never leaves)."""
+            mode = cutting(at_once=False)
+            if mode:
+                cut(mode)
+            send(event)
 
         def bookmark(version):
             """Only the kind and metadata.resourceVersion, as a typed object with nothing else set is written."""
@@ -440,6 +605,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # As the watch cache: every `every` seconds, and 2 s before the watch's end, whichever is sooner.
         next_bookmark = min(started + every, deadline - 2)
         try:
+            mode = cutting(at_once=True)
+            if mode:
+                time.sleep(0.2)  # the headers have arrived: the cut is mid-answer, not a refused connection
+                cut(mode)
             code = flag("watch-error")  # the test removes the file when it is done with it
             if code is not None:
                 send({"type": "ERROR", "object": status(int(code or "500"), "InternalError", "etcdserver: request timed out")})
@@ -462,8 +631,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     return
                 else:
                     initial = []
+            sent["version"] = since
+            expired = False
             for obj in initial:
-                send({"type": "ADDED", "object": obj})
+                deliver({"type": "ADDED", "object": obj})
             while time.monotonic() < deadline:
                 with lock:
                     pending = [e for e in state["events"] if e[0] > since]
@@ -471,6 +642,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         lock.wait(min(0.5, max(0.01, next_bookmark - time.monotonic())) if bookmarks else 0.5)
                         if since < state["compacted"] or state["epoch"] != epoch:
                             send({"type": "ERROR", "object": status(410, "Expired", "too old resource version")})
+                            expired = True
                             break
                         if bookmarks and time.monotonic() >= next_bookmark:
                             since = max(since, state["rv"])  # every event up to here was seen by this watch
@@ -484,17 +656,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         continue
                     now, before = selected(obj), selected(previous)
                     if event_type == "MODIFIED" and now and not before:
-                        send({"type": "ADDED", "object": obj})
+                        deliver({"type": "ADDED", "object": obj})
                     elif event_type == "MODIFIED" and before and not now:
                         # It no longer matches: DELETED with its last matching content, at the new version.
                         gone = json.loads(json.dumps(previous))
                         gone["metadata"]["resourceVersion"] = str(rv)
-                        send({"type": "DELETED", "object": gone})
+                        deliver({"type": "DELETED", "object": gone})
                     elif now:
-                        send({"type": event_type, "object": obj})
+                        deliver({"type": event_type, "object": obj})
+            if not expired:
+                with open(DIR / "events.log", "a") as log:
+                    log.write(f"TIMEOUT {resource} - {sent['version']}\n")
             self.wfile.write(b"0\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError, WatchCut):  # the client went away
             pass
+
+    def reset(self):
+        """Closes the connection with a TCP RST (SO_LINGER 0), no TLS close_notify: the peer reads ECONNRESET."""
+        self.close_connection = True
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.rfile.close()  # the makefile() reader holds the socket open: the close below must be the last one
+        self.connection.close()
 
     def do_POST(self):
         if not self.check():

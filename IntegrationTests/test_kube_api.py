@@ -1,8 +1,16 @@
 """Replicas counted by coordination.k8s.io Leases, against a stand-in for the Kubernetes API server
 (kube_standin.py: there is no kube-apiserver on these machines; it serves the Lease endpoints the client uses,
 with the API reference's JSON shapes, 410 Gone for compacted versions, 401 for a stale token and 403 from RBAC).
+
+RBAC is the manifests': every test's stand-in authorizes the server's requests (its ServiceAccount's token) with the
+Roles, ClusterRoles and bindings that `edgetunnel manifests` renders, and a test whose server (or `edgetunnel token|
+node`, which run in the server's pod) was refused by them fails, unless it expects refusals. The tests' own requests
+(`Lab.api`, as kubectl) carry a cluster admin's token.
 """
 import concurrent.futures
+import copy
+import datetime
+import functools
 import json
 import pathlib
 import signal
@@ -14,9 +22,11 @@ import urllib.error
 import urllib.request
 
 import pytest
+import yaml
 
 from conftest import BIN, run
-from harness import PYTHON_HELPER_EXITS, Proc, frame, free_port, http_get, read_frame, stop_and_check, wait_until
+from harness import (PYTHON_HELPER_EXITS, Proc, frame, free_port, holds_for, http_get, read_frame, stop_and_check,
+                     wait_until)
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -30,6 +40,10 @@ class Lab:
         self.procs, self.servers = [], {}
         run(BIN / "edgetunnel", "pki", "init", "--pki-dir", self.pki)
         (self.kube / "token").write_text("token-one\n")
+        (self.kube / "admin-token").write_text("admin-token\n")
+        self.rbac = server_rbac()
+        self.write_rbac(self.rbac)
+        self.refusals_expected = False  # a test that makes RBAC refuse the server says so
         port = free_port()
         self.standin = self.spawn([sys.executable, HERE / "kube_standin.py", self.kube, port], "kube-standin",
                                   clean_exits=PYTHON_HELPER_EXITS)
@@ -81,10 +95,22 @@ contexts:
         """A request to the stand-in as kubectl would send it (the token, the CA)."""
         context = ssl.create_default_context(cafile=str(self.kube / "ca.crt"))
         request = urllib.request.Request(f"{self.api_url}{path}", data=json.dumps(body).encode(), method=method, headers={
-            "Authorization": f"Bearer {(self.kube / 'token').read_text().strip()}",
+            "Authorization": f"Bearer {(self.kube / 'admin-token').read_text().strip()}",
             "Content-Type": "application/merge-patch+json" if method == "PATCH" else "application/json"})
         with urllib.request.urlopen(request, context=context, timeout=10) as response:
             return json.loads(response.read())
+
+    def write_rbac(self, rbac):
+        """The RBAC objects the stand-in authorizes the server's ServiceAccount with (re-read per request)."""
+        partial = self.kube / "rbac.json.partial"
+        partial.write_text(json.dumps(rbac))
+        partial.replace(self.kube / "rbac.json")
+
+    def rbac_decisions(self):
+        """Each request of the server's ServiceAccount that the stand-in's RBAC judged, as a dict (allowed, verb,
+        group, resource, namespace, name, source: rbac, or deny for DIR/deny)."""
+        path = self.kube / "rbac.log"
+        return [json.loads(line) for line in (path.read_text().splitlines() if path.exists() else [])]
 
     def requests(self):
         path = self.kube / "requests.log"
@@ -112,6 +138,35 @@ def lab(tmp_path):
         yield lab
     finally:
         stop_and_check(lab.procs)
+    # After the stop: a replica deletes its Lease as it stops, and that request too must be one RBAC grants.
+    refused = [d for d in lab.rbac_decisions() if not d["allowed"] and d["source"] == "rbac"]
+    assert lab.refusals_expected or not refused, f"the manifests' RBAC refused the server: {refused}"
+
+
+# The manifests as `edgetunnel manifests` renders them by default: leases, both address Services, Node objects and the
+# join state in ConfigMaps, each with its RBAC (Sources/EdgePlan/Manifests+RBAC.swift).
+MANIFESTS = ["manifests", "--mode", "internet", "--image", "x", "--server-address", "a:10262"]
+RBAC_KINDS = ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
+
+
+@functools.cache
+def manifests():
+    return tuple(d for d in yaml.safe_load_all(run(BIN / "edgetunnel", *MANIFESTS).stdout) if d)
+
+
+def server_rbac():
+    """What the stand-in authorizes with: the server Deployment's ServiceAccount and every RBAC object rendered (the
+    stand-in follows the bindings to the roles, as the API server's authorizer does)."""
+    deployment = next(d for d in manifests() if d["kind"] == "Deployment" and d["metadata"]["name"] == "edge-tunnel-server")
+    account = {"namespace": deployment["metadata"]["namespace"],
+               "name": deployment["spec"]["template"]["spec"]["serviceAccountName"]}
+    return {"serviceAccount": account, "objects": [d for d in manifests() if d["kind"] in RBAC_KINDS]}
+
+
+def server_yaml():
+    """The server's configuration as the manifests' ConfigMap gives it."""
+    config = next(d for d in manifests() if d["kind"] == "ConfigMap" and "server.yaml" in d.get("data", {}))
+    return yaml.safe_load(config["data"]["server.yaml"])
 
 
 def test_the_replica_count_follows_the_leases(lab):
@@ -189,7 +244,9 @@ def test_a_rotated_token_a_compacted_watch_and_rbac_refusals_are_handled(lab):
     wait_until(lambda: sum(1 for line in lab.requests() if line.startswith("GET ") and "labelSelector" in line)
                > lists_before, 20, "a list again after 410 Gone")
     (lab.kube / "deny").write_text("")
-    server.expect_log('HTTP 403: leases.coordination.k8s.io is forbidden', timeout=15)
+    server.expect_log('HTTP 403: leases.coordination.k8s.io "edge-tunnel-server-r0" is forbidden: User '
+                      '"system:serviceaccount:kube-system:edge-tunnel-server" cannot get resource "leases" in API group '
+                      '"coordination.k8s.io" in the namespace "kube-system"', timeout=15)
     (lab.kube / "deny").unlink()
     assert server.alive()
 
@@ -469,8 +526,9 @@ def test_the_join_state_in_configmaps_is_shared_by_every_replica(lab):
     run(BIN / "edgetunnel", "node", "revoke", "edge-1", *cli)
     for server in servers:
         wait_until(lambda: "edge-1" not in http_get(server.meta + "/v1/agents")[1], 15, "edge-1 cut off")
-    time.sleep(3)
-    assert all("edge-1" not in http_get(server.meta + "/v1/agents")[1] for server in servers)
+    # Still refused: for 3 s, while its agents redial, edge-1 is on neither replica at any moment (checked throughout).
+    holds_for(lambda: all("edge-1" not in http_get(server.meta + "/v1/agents")[1] for server in servers), 3,
+              "edge-1 kept off both replicas after its revocation")
 
     # A hand-edited record that no longer parses fails closed: the revocation stands, and a join of the name
     # is refused with the object to fix. Put back, the reset lets the node join again, through either replica.
@@ -693,3 +751,191 @@ def test_lists_follow_an_empty_page_and_watches_start_as_the_api_server_starts_t
     error = events[0]["object"]
     assert (error["code"], error["reason"]) == (504, "Timeout") and "Too large resource version" in error["message"]
     assert error["details"]["causes"][0]["reason"] == "ResourceVersionTooLarge"
+
+
+# RBAC: the manifests' Roles and ClusterRoles, enforced per verb, API group, resource and namespace.
+
+def granted(rbac):
+    """(group, resource, verb) of every rule of the Roles and ClusterRoles `rbac` holds."""
+    return {(group, resource, verb) for role in rbac["objects"] if role["kind"] in ("Role", "ClusterRole")
+            for rule in role.get("rules", []) for group in rule["apiGroups"] for resource in rule["resources"]
+            for verb in rule["verbs"]}
+
+
+def test_the_manifests_rbac_grants_every_request_of_a_server_with_every_kubernetes_feature(lab):
+    """The server as the manifests configure it (their server.yaml: Leases, both address Services, Node objects and the
+    join state in ConfigMaps), with the manifests' RBAC enforced by the stand-in. Its Lease is created, read, renewed,
+    listed, watched and deleted as it stops; the Services and the Nodes are listed and watched; a token is made, a
+    node joins and is revoked (the CLI runs in the server's pod, with its ServiceAccount). Not one request is refused,
+    and every permission the manifests grant was used: a verb the client uses that the Roles lack, or a Role granting
+    what the server never asks, fails the test."""
+    config = server_yaml()
+    features = ("leaseNamespace", "addressService", "checkNodeObjects", "joinStateNamespace")
+    assert all(config.get(key) for key in features), config  # every Kubernetes feature on, as deployed
+    (lab.tmp / "server.yaml").write_text(yaml.safe_dump({key: config[key] for key in features}))
+    for index, service in enumerate(config["addressService"].split(",")):
+        namespace, name = service.split("/")
+        lab.api("POST", f"/api/v1/namespaces/{namespace}/services", {
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace},
+            "spec": {"type": "ClusterIP", "clusterIP": f"127.0.0.{6 + index}", "clusterIPs": [f"127.0.0.{6 + index}"]}})
+    lab.api("POST", "/api/v1/nodes", node("edge-1", "127.0.0.1"))
+    started = time.time()
+    server = lab.start_server(0, "--config", lab.tmp / "server.yaml", "--state-dir", lab.tmp / "state-0",
+                              bind="0.0.0.0")
+    wait_until(lambda: http_get(server.meta + "/readyz")[0] == 200, 20, "the replica ready")
+    cli = ["--kubeconfig", lab.kubeconfig, "--join-state-namespace", config["joinStateNamespace"]]
+    token = run(BIN / "edgetunnel", "token", "create", "--node-cidr", "127.0.0.0/8", *cli).stdout.strip()
+    agent, connected = edge_1_agent(lab, server, "agent-edge-1", lab.tmp / "agent-edge-1", token=token)
+    wait_until(connected, 20, "edge-1 joined and connected")
+    run(BIN / "edgetunnel", "node", "revoke", "edge-1", *cli)
+    wait_until(lambda: "edge-1" not in http_get(server.meta + "/v1/agents")[1], 15, "edge-1 cut off")
+    agent.stop()
+    wait_until(lambda: any(at > started and method == "PUT" and "/leases/" in url and code == 200
+                           for at, method, url, code, _, _ in lab.timeline()), 15, "a renewal of the Lease")
+    server.stop()
+    decisions = lab.rbac_decisions()
+    assert not [d for d in decisions if not d["allowed"]], decisions
+    used = {(d["group"], d["resource"], d["verb"]) for d in decisions if d["allowed"]}
+    assert used == granted(lab.rbac), (sorted(used), sorted(granted(lab.rbac)))
+    assert {("coordination.k8s.io", "leases", verb) for verb in ("get", "list", "watch", "create", "update", "delete")} <= used
+    assert any(line.startswith("DELETE ") and "/leases/edge-tunnel-server-r0" in line and line.endswith(" 200")
+               for line in lab.requests())
+
+
+@pytest.mark.parametrize("resource,verb", [("leases", "update"), ("services", "watch")])
+def test_a_verb_the_manifests_do_not_grant_is_refused_and_the_server_says_which(lab, resource, verb):
+    """The stand-in's RBAC is the manifests' and no more lenient: with one verb taken out of the server's Role, the
+    request that needs it gets 403 with the API server's message, and the server's log names the permission it lacks
+    (the Lease renewal's update; the address Service's watch, refused as a watch is, with a Status and no event).
+    Nothing else is refused."""
+    lab.refusals_expected = True
+    rbac = copy.deepcopy(lab.rbac)
+    role = next(o for o in rbac["objects"] if o["kind"] == "Role" and o["metadata"]["name"] == "edge-tunnel-server")
+    rule = next(r for r in role["rules"] if resource in r["resources"])
+    rule["verbs"].remove(verb)
+    lab.write_rbac(rbac)
+    if resource == "leases":
+        server = lab.start_server(0)
+        qualified, name, group = "leases.coordination.k8s.io", "edge-tunnel-server-r0", "coordination.k8s.io"
+    else:
+        server = lab.start_server(0, "--address-service", "kube-system/x-tunnel-server-svc")
+        qualified, name, group = "services", "x-tunnel-server-svc", ""
+    server.expect_log(f'HTTP 403: {qualified} "{name}" is forbidden: User "system:serviceaccount:kube-system:'
+                      f'edge-tunnel-server" cannot {verb} resource "{resource}" in API group "{group}" in the namespace '
+                      '"kube-system"', timeout=15)
+    decisions = lab.rbac_decisions()
+    refused = {(d["resource"], d["verb"], d["namespace"], d["name"]) for d in decisions if not d["allowed"]}
+    assert refused == {(resource, verb, "kube-system", name)}, decisions
+    assert any(d["allowed"] for d in decisions)
+    assert server.alive()
+
+
+# Watches cut mid-stream, and ended by their timeout.
+
+SERVICE = "/api/v1/namespaces/kube-system/services"
+
+
+def service_replica(lab):
+    """x-tunnel-server-svc at 127.0.0.6, and a replica whose certificate follows it. Returns the replica and a
+    function giving its certificate's IPs."""
+    lab.api("POST", SERVICE, {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "x-tunnel-server-svc", "namespace": "kube-system"},
+        "spec": {"type": "ClusterIP", "clusterIP": "127.0.0.6", "clusterIPs": ["127.0.0.6"]}})
+    server = lab.start_server(0, "--address-service", "kube-system/x-tunnel-server-svc", bind="0.0.0.0")
+
+    def certificate_ips():
+        return set(json.loads(http_get(server.meta + "/v1/server")[1])["certificateIPs"])
+
+    wait_until(lambda: "127.0.0.6" in certificate_ips(), 15, "the Service's address in the certificate")
+    return server, certificate_ips
+
+
+def move_service(lab, ip):
+    """Patches the Service to ClusterIP `ip`; returns its resourceVersion now."""
+    return lab.api("PATCH", f"{SERVICE}/x-tunnel-server-svc", {"spec": {"clusterIP": ip, "clusterIPs": [ip]}})[
+        "metadata"]["resourceVersion"]
+
+
+def version_of(line):
+    return line.split("resourceVersion=")[1].split("&")[0].split(" ")[0]
+
+
+@pytest.mark.parametrize("mode", ["reset", "end"])
+def test_a_watch_cut_mid_stream_is_resumed_from_its_last_version_and_loses_no_event(lab, mode):
+    """The Service's watch has delivered a change (127.0.0.7), then is cut where the next change (127.0.0.9) would
+    come: by a TCP reset (a proxy or an API server going away), or ended cleanly (as timeoutSeconds ends it). The
+    client watches again at once from the last version it saw, with no list: the change the cut kept from it is
+    sent on the new watch and the certificate follows it. One new watch, not a loop."""
+    server, certificate_ips = service_replica(lab)
+    seen = move_service(lab, "127.0.0.7")
+    wait_until(lambda: "127.0.0.7" in certificate_ips(), 10, "the first change delivered")
+    (lab.kube / "watch-cut").write_text(f"{mode} services")
+    move_service(lab, "127.0.0.9")
+    wait_until(lambda: any(e[:2] == (mode.upper(), "services") for e in lab.events()), 10, f"the watch cut ({mode})")
+    cut = next(e for e in lab.events() if e[:2] == (mode.upper(), "services"))
+    assert cut[3] == seen, (cut, seen)  # cut after it had sent the first change
+    wait_until(lambda: "127.0.0.9" in certificate_ips() and "127.0.0.7" not in certificate_ips(), 5,
+               "the change the cut withheld, seen on the next watch")
+    time.sleep(3)
+    lines = [line for line in lab.requests() if "/services" in line and not line.startswith(("POST ", "PATCH "))]
+    lists = [line for line in lines if line.startswith("GET ")]
+    watches = [line for line in lines if line.startswith("WATCH ")]
+    assert len(lists) == 1, lines  # the first list only: no list after the cut
+    assert len(watches) == 2 and version_of(watches[1]) == seen, lines
+    if mode == "reset":  # said once, with the version it watches from
+        assert "the watch of Service kube-system/x-tunnel-server-svc was cut" in server.text()
+        assert f"watching again from version {seen}" in server.text()
+    assert server.alive()
+
+
+def test_watches_ended_at_their_timeout_are_resumed_from_their_version_without_a_hot_loop(lab):
+    """The client asks every watch to end (timeoutSeconds), and the API server ends it cleanly then; here every watch
+    ends after 2 s, as a proxy in front of the API server may end it sooner. Each next watch starts at once from the
+    version the last one ended at (its last event or bookmark), with no list; about one watch per 2 s, no more; and a
+    Lease written meanwhile (another replica's) is counted."""
+    (lab.kube / "watch-seconds").write_text("2")
+    lab.start_server(0)
+    wait_until(lambda: lab.replicas(0) == 1, 20, "the count from the one Lease")
+    began = len(lab.requests())
+    time.sleep(5)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    lab.api("POST", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases", {
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "edge-tunnel-server-r9", "labels": {"k8s-app": "edge-tunnel-server"}},
+        "spec": {"holderIdentity": "r9", "leaseDurationSeconds": 60, "renewTime": now, "acquireTime": now}})
+    wait_until(lambda: lab.replicas(0) == 2, 5, "the other replica's Lease counted")
+    time.sleep(3)
+    window = lab.requests()[began:]
+    watches = [line for line in window if line.startswith("WATCH ") and "/leases?" in line]
+    assert all("timeoutSeconds=" in line for line in watches), watches
+    assert 3 <= len(watches) <= 6, watches  # 8 s of watches ended every 2 s: 4, and 5 once the timing straddles
+    assert not [line for line in lab.requests() if line.startswith("GET ") and "/leases?" in line][1:], lab.requests()
+    ends = [e[3] for e in lab.events() if e[:2] == ("TIMEOUT", "leases")]
+    resumed = [version_of(line) for line in [line for line in lab.requests() if line.startswith("WATCH ")
+                                             and "/leases?" in line][1:]]
+    assert resumed[:len(ends)] == ends[:len(resumed)] and len(ends) >= 3, (ends, resumed)
+
+
+@pytest.mark.parametrize("mode", ["reset", "end"])
+def test_watches_cut_at_once_back_off_instead_of_a_hot_loop(lab, mode):
+    """A proxy that cuts every watch right after its headers (a reset, or a clean end with no event): a watch cut in
+    less than a second with no event is a failure, and the client backs off (0.5-1 s, 1-2 s, 2-4 s, ...) before it
+    lists and watches again, not watching again at once without end. Once watches stay up, the Leases are followed."""
+    lab.start_server(0)
+    wait_until(lambda: lab.replicas(0) == 1 and any(line.startswith("WATCH ") for line in lab.requests()), 20,
+               "the replica following its Lease")
+    (lab.kube / "watch-cut").write_text(f"{mode} leases at-once")
+    (lab.kube / "compact").write_text("")  # the open watch ends (410): the next ones are cut
+    lab.api("GET", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases", None)
+    wait_until(lambda: any(e[:2] == (mode.upper(), "leases") for e in lab.events()), 10, "a watch cut at once")
+    first = len(lab.requests())
+    time.sleep(6)
+    watches = sum(1 for line in lab.requests()[first:] if line.startswith("WATCH "))
+    assert 2 <= watches <= 4, watches  # waits of 0.5-1 s, 1-2 s, 2-4 s; a hot loop makes hundreds
+    (lab.kube / "watch-cut").unlink()
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    lab.api("POST", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases", {
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "edge-tunnel-server-r9", "labels": {"k8s-app": "edge-tunnel-server"}},
+        "spec": {"holderIdentity": "r9", "leaseDurationSeconds": 60, "renewTime": now, "acquireTime": now}})
+    wait_until(lambda: lab.replicas(0) == 2, 12, "the other replica's Lease counted once watches stay up")

@@ -270,15 +270,11 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
         assert term["topologyKey"] == "kubernetes.io/hostname"
         config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["server.yaml"]
         assert "serverCount: 3" in config.splitlines() and "leaseNamespace: kube-system" in config.splitlines(), config
-        role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == "kube-system")
-        assert role["rules"] == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-                                  "verbs": ["get", "list", "watch", "create", "update", "delete"]},
-                                 {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch"]}]
+        # The Roles' rules are held to what the server really asks the API for in test_kube_api.py, which loads
+        # these very Roles into the stand-in API server and fails on a refusal or on a grant never used.
         assert ("addressService: kube-system/x-tunnel-server-svc,kube-system/x-tunnel-server-internal-svc"
                 in config.splitlines()), config
         assert "checkNodeObjects: true" in config.splitlines(), config
-        cluster_role = next(d for d in docs if d["kind"] == "ClusterRole")
-        assert cluster_role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]
         ds = next(d for d in docs if d["kind"] == "DaemonSet")
         assert ds["spec"]["template"]["spec"]["nodeSelector"] == {"alibabacloud.com/is-edge-worker": "true"}
         # The agent's stream buffers are bounded at 96 MiB plus ~25 MiB idle: its limit must hold both (it
@@ -312,9 +308,7 @@ def test_manifests_validate_and_the_service_matches_the_document(tmp_path):
         assert mounts["state"]["mountPath"] == server_yaml["stateDir"] == server_yaml["pkiDir"]
         assert server_yaml["joinStateNamespace"] == "edge-tunnel"
         assert next(d for d in docs if d["kind"] == "Namespace")["metadata"]["name"] == "edge-tunnel"
-        join_role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["namespace"] == "edge-tunnel")
-        assert join_role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
-                                       "verbs": ["get", "list", "watch", "create", "update", "delete"]}]
+        assert any(d["kind"] == "Role" and d["metadata"]["namespace"] == "edge-tunnel" for d in docs)
         join_binding = next(d for d in docs if d["kind"] == "RoleBinding" and d["metadata"]["namespace"] == "edge-tunnel")
         assert join_binding["subjects"] == [{"kind": "ServiceAccount", "name": "edge-tunnel-server", "namespace": "kube-system"}]
         assert pod["containers"][0]["args"][0] == "--config=" + mounts["config"]["mountPath"] + "/server.yaml"

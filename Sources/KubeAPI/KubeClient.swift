@@ -31,6 +31,9 @@ public final class KubeClient: @unchecked Sendable {
         /// Set when the API server said when to ask again (`Retry-After`): the caller waits that long, not its
         /// own backoff.
         public var retryAfter: TimeAmount? = nil
+        /// Set when the connection was lost after the answer's head had arrived (a reset, an end mid-body, no
+        /// end within the timeout): a watch stream was cut there, and the events before the cut were delivered.
+        public var cutMidAnswer = false
     }
 
     public init(config: KubeConfig, group: EventLoopGroup) throws {
@@ -69,9 +72,11 @@ public final class KubeClient: @unchecked Sendable {
     }
 
     /// A watch (`path` with `watch=1`): each event line goes to `onEvent` as it arrives; returns the status when
-    /// the server ends the stream (it does after its timeout) or the connection fails (an error). An error thrown
-    /// by `onEvent` ends the watch at once, with that error. A watch refused with `Retry-After` (429, 5xx) is
-    /// asked again after that wait (``maxRetries`` times at most), a 401 once; the body of a refusal is no event.
+    /// the server ends the stream (it does after its timeout), 200 or 410. An error thrown by `onEvent` ends the
+    /// watch at once, with that error; a connection that fails is an error too, with ``Failure/cutMidAnswer`` set
+    /// if the stream had begun. A watch refused with `Retry-After` (429, 5xx) is asked again after that wait
+    /// (``maxRetries`` times at most), a 401 once; the body of a refusal is no event: any other refusal throws
+    /// with the API's Status message (a 403 says which permission RBAC lacks).
     public func watch(
         _ path: String, timeout: TimeAmount, onEvent: @escaping @Sendable ([UInt8]) throws -> Void
     ) async throws -> Int {
@@ -79,8 +84,12 @@ public final class KubeClient: @unchecked Sendable {
         var reauthenticated = false
         while true {
             var line: [UInt8] = []
+            var refusal: [UInt8] = []
             let (status, retryAfter) = try await exchange(.GET, path, body: nil, timeout: timeout) { status, piece in
-                guard status == 200 else { return }  // a Status object, not events
+                guard status == 200 else {  // a Status object, not events
+                    if refusal.count + piece.readableBytes <= 64 << 10 { refusal += piece.readableBytesView }
+                    return
+                }
                 for byte in piece.readableBytesView {
                     if byte == UInt8(ascii: "\n") {
                         if !line.isEmpty { try onEvent(line) }
@@ -100,6 +109,11 @@ public final class KubeClient: @unchecked Sendable {
             if retryAfter != nil, retries < Self.maxRetries {
                 retries += 1
                 continue
+            }
+            guard status == 200 || status == 410 else {
+                let collection = path.split(separator: "?", maxSplits: 1).first.map(String.init) ?? path
+                throw KubeWatch.failure(
+                    Response(status: status, body: refusal, retryAfter: retryAfter), "watching \(collection)")
             }
             return status
         }
@@ -135,10 +149,11 @@ public final class KubeClient: @unchecked Sendable {
             throw Failure(description: "cannot reach the Kubernetes API at \(config.host):\(config.port): \(error)")
         }
         let timer = loop.scheduleTask(in: timeout) {
+            let seconds = timeout.nanoseconds / 1_000_000_000
             done.fail(
                 Failure(
-                    description: "\(method) \(path): no complete answer within \(timeout.nanoseconds / 1_000_000_000) s"
-                ))
+                    description: "\(method) \(path): no complete answer within \(seconds) s",
+                    cutMidAnswer: collector.hasHead))
             channel.close(promise: nil)
         }
         defer { timer.cancel() }
@@ -205,13 +220,27 @@ private final class ResponseCollector: ChannelInboundHandler, @unchecked Sendabl
         }
     }
 
+    /// Whether the answer's head has arrived (read on the event loop).
+    var hasHead: Bool { status != nil }
+
     func channelInactive(context: ChannelHandlerContext) {
         finish(
-            .failure(KubeClient.Failure(description: "the Kubernetes API closed the connection mid-answer")), context)
+            .failure(
+                KubeClient.Failure(
+                    description: "the Kubernetes API closed the connection mid-answer", cutMidAnswer: hasHead)),
+            context)
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        finish(.failure(error), context)
+        // The connection lost after the head (a reset, TLS or TCP ending mid-body) cut the answer there; any other
+        // error (a malformed answer) stays what it is.
+        let lost =
+            error is IOError || error is NIOSSLError || error is ChannelError
+            || (error as? HTTPParserError) == .invalidEOFState
+        guard hasHead, lost else { return finish(.failure(error), context) }
+        let cut = KubeClient.Failure(
+            description: "the connection to the Kubernetes API failed mid-answer: \(error)", cutMidAnswer: true)
+        finish(.failure(cut), context)
     }
 
     private func finish(

@@ -3,11 +3,11 @@ import Logging
 import NIOCore
 
 /// Keeps a local view of some Kubernetes objects, as client-go's informers do: list, then watch from the list's
-/// resourceVersion; a watch that ends is resumed from the last version seen, a 410 Gone (the version was
-/// compacted away) lists again, and failures back off (1 s doubling to 30 s, jittered). An ERROR event other
-/// than 410 (an etcd timeout, a 500, a 429) is a failure too: the client waits before it lists and watches again,
-/// instead of asking at once in a loop. An event, or a watch that the API server ends on its own, starts the
-/// backoff over. Runs until its task is cancelled.
+/// resourceVersion; a watch that ends (or whose connection is cut mid-stream) is resumed from the last version
+/// seen, a 410 Gone (the version was compacted away) lists again, and failures back off (1 s doubling to 30 s,
+/// jittered). An ERROR event other than 410 (an etcd timeout, a 500, a 429) is a failure too: the client waits
+/// before it lists and watches again, instead of asking at once in a loop. An event, or a watch that the API
+/// server ends on its own, starts the backoff over. Runs until its task is cancelled.
 public struct KubeWatch: Sendable {
     /// Where the lists and watches go: the ``KubeClient`` (a scripted stand-in in the tests).
     let transport: any KubeWatchTransport
@@ -81,19 +81,17 @@ public struct KubeWatch: Sendable {
         return list.version
     }
 
-    /// Watches from `version`; returns the last version seen when the server ended the watch, nil after 410. An
-    /// ERROR event other than 410 ends the watch at once with an error. Every other event, and a watch that the
-    /// server ends on its own, tells `backoff` that the API server answers again.
+    /// Watches from `version`; returns the last version seen when the server ended the watch or the stream was
+    /// cut (``KubeClient/Failure/cutMidAnswer``), nil after 410. An ERROR event other than 410 ends the watch at
+    /// once with an error. Every other event, and a watch that the server ends on its own, tells `backoff` that the
+    /// API server answers again.
     func watch(
         from version: String, backoff: WatchBackoff, _ onChange: @escaping @Sendable (Change) -> Void
     ) async throws -> String? {
         let state = WatchState(version: version)
         let what = self.what
         let started = ContinuousClock.now
-        let status = try await transport.watch(
-            "\(path)?\(query)&watch=1&allowWatchBookmarks=true&resourceVersion=\(version)&timeoutSeconds=60",
-            timeout: .seconds(75)
-        ) { line in
+        let onEvent: @Sendable ([UInt8]) throws -> Void = { line in
             guard let event = try? JSONSerialization.jsonObject(with: Data(line)) as? [String: any Sendable],
                 let type = event["type"] as? String, let object = event["object"] as? [String: any Sendable]
             else { return }
@@ -112,12 +110,29 @@ public struct KubeWatch: Sendable {
             default: break  // BOOKMARK: only its version counts
             }
         }
+        var cut: KubeClient.Failure?
+        let status: Int
+        do {
+            status = try await transport.watch(
+                "\(path)?\(query)&watch=1&allowWatchBookmarks=true&resourceVersion=\(version)&timeoutSeconds=60",
+                timeout: .seconds(75), onEvent: onEvent)
+        } catch let failure as KubeClient.Failure where failure.cutMidAnswer {
+            // A stream cut mid-answer (a reset, a proxy going away) ends the watch as the API server's end does, as
+            // client-go takes it: the events before the cut were applied, so the next watch starts from the last
+            // version seen, with no list. A cut with no event within a second is a failure, as below.
+            (status, cut) = (200, failure)
+        }
         if status == 410 || state.isGone { return nil }
         guard status == 200 else { throw KubeClient.Failure(description: "watching \(what): HTTP \(status)") }
-        // A watch the API server ends at once with no event (an overloaded server or a proxy closing it) is a
-        // failure: watching again at once would be the hot loop an ERROR event was.
+        // A watch the API server (or a proxy) ends at once with no event, cleanly or not, is a failure: watching
+        // again at once would be the hot loop an ERROR event was.
         guard state.sawEvent || ContinuousClock.now - started >= Self.shortestWatch else {
-            throw KubeClient.Failure(description: "the watch of \(what) ended with no event after less than a second")
+            let why = cut.map { " (\($0))" } ?? ""
+            throw KubeClient.Failure(
+                description: "the watch of \(what) ended with no event after less than a second\(why)")
+        }
+        if let cut {
+            logger.info("the watch of \(what) was cut (\(cut)): watching again from version \(state.version)")
         }
         backoff.succeeded()  // the watch ran until the API server ended it
         return state.version

@@ -20,6 +20,8 @@ final class ScriptedWatchAPI: KubeWatchTransport, @unchecked Sendable {
     let pausesWanted: Int
     /// A script line that is no event: the watch stays open a little over a second.
     static let quietSecond = "(quiet for a second)"
+    /// A script line that is no event: the connection is lost there (a reset mid-stream), after the lines before it.
+    static let cut = "(connection reset)"
 
     init(watches script: [[String]], pausesWanted: Int, listFailures: [KubeClient.Failure] = []) {
         self.script = script
@@ -60,6 +62,9 @@ final class ScriptedWatchAPI: KubeWatchTransport, @unchecked Sendable {
             if line == ScriptedWatchAPI.quietSecond {  // a watch that stays open a while with nothing to say
                 try await Task.sleep(nanoseconds: 1_100_000_000)
                 continue
+            }
+            if line == ScriptedWatchAPI.cut {
+                throw KubeClient.Failure(description: "read: Connection reset by peer", cutMidAnswer: true)
             }
             try onEvent(Array(line.utf8))
         }
@@ -138,6 +143,35 @@ final class ScriptedWatchAPI: KubeWatchTransport, @unchecked Sendable {
     /// again at once, without end.
     @Test func aWatchEndedAtOnceWithNoEventBacksOffLikeAFailure() async throws {
         let api = ScriptedWatchAPI(watches: [[], [], []], pausesWanted: 3)
+        let waits = try await takenWaits(api)
+        #expect(api.calls == Array([[String]](repeating: ["list", "watch", "pause"], count: 3).joined()))
+        let expected: [ClosedRange<Double>] = [0.5...1, 1...2, 2...4]
+        #expect(waits.count == expected.count)
+        for (wait, range) in zip(waits, expected) { #expect(range.contains(wait), "waits \(waits)") }
+    }
+
+    /// A watch whose connection is reset mid-stream (a proxy or an API server going away) ends as one the API server
+    /// ended: the next watch starts at once from the last version seen, with no list (client-go does the same). The
+    /// list and a wait were what the client did before.
+    @Test func aWatchCutMidStreamIsResumedFromItsLastVersionWithNoList() async throws {
+        let api = ScriptedWatchAPI(watches: [[Self.added, ScriptedWatchAPI.cut]], pausesWanted: 1)
+        let task = Task { try await takenWaits(api) }
+        var polls = 0
+        while api.watchPaths.count < 2, polls < 1_000 {
+            try await Task.sleep(nanoseconds: 5_000_000)
+            polls += 1
+        }
+        task.cancel()
+        _ = try? await task.value
+        #expect(api.calls.prefix(3) == ["list", "watch", "watch"], "\(api.calls)")
+        #expect(api.watchPaths.dropFirst().first?.contains("resourceVersion=7&") == true, "\(api.watchPaths)")
+    }
+
+    /// A watch cut at once with no event (a proxy dropping every watch) is a failure: the client backs off, 1 s
+    /// doubling, instead of watching again at once without end.
+    @Test func aWatchCutAtOnceWithNoEventBacksOffLikeAFailure() async throws {
+        let api = ScriptedWatchAPI(
+            watches: [[ScriptedWatchAPI.cut], [ScriptedWatchAPI.cut], [ScriptedWatchAPI.cut]], pausesWanted: 3)
         let waits = try await takenWaits(api)
         #expect(api.calls == Array([[String]](repeating: ["list", "watch", "pause"], count: 3).joined()))
         let expected: [ClosedRange<Double>] = [0.5...1, 1...2, 2...4]
