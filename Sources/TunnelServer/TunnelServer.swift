@@ -366,6 +366,12 @@ public final class TunnelServer: @unchecked Sendable {
         await EventLoopFuture.andAllComplete(sessions.map { $0.mux.whenIdle() }, on: loop)
             .orTimeout(configuration.drainTimeout)
         for session in sessions { try? await session.channel.close() }
+        // A closed tunnel resets its callers' sockets in tasks it queues on their loops. They run before the group
+        // shuts down, which closes whatever is left with an orderly FIN: a caller cut short must see a reset, not
+        // an end that a short transfer could pass for complete.
+        for _ in 0..<3 {
+            for loop in group.makeIterator() { try? await loop.submit {}.get() }
+        }
         if ownsGroup { try? await group.shutdownGracefully() }
     }
 }
