@@ -1,6 +1,7 @@
 """Starts real EdgeTunnel processes for end-to-end tests and talks to them with real clients."""
 import json
 import pathlib
+import select
 import signal
 import socket
 import ssl
@@ -19,15 +20,40 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 
 def wait_until(predicate, timeout, what):
+    """Calls `predicate` until it returns a true value, for at most `timeout` seconds.
+
+    An exception from `predicate` counts as "not yet" (a port that does not listen yet refuses, a log file that does
+    not exist yet), but it is not lost: the timeout's AssertionError names the last one and chains it, so that a
+    predicate that fails for a reason of its own (a typo, a changed JSON shape) shows that reason, not only a timeout.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    last_error, last_raised = None, False
+    while True:
         try:
             if predicate():
                 return
-        except Exception:
-            pass
+            last_raised = False
+        except Exception as error:  # noqa: BLE001 - recorded, and re-raised (chained) at the timeout
+            last_error, last_raised = error, True
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    message = f"timed out after {timeout}s waiting for {what}"
+    if last_error is not None:
+        when = "the last check" if last_raised else "an earlier check"
+        message += f"; {when} raised {type(last_error).__name__}: {last_error}"
+    raise AssertionError(message) from last_error
+
+
+def holds_for(predicate, seconds, what, interval=0.1):
+    """Asserts that `predicate` stays true for `seconds`, checked every `interval` (a "nothing happens for N s"
+    check: the time is the point, and the first moment it fails ends the test, with how long it held)."""
+    started = time.monotonic()
+    while True:
+        assert predicate(), f"{what}: no longer true after {time.monotonic() - started:.1f} of {seconds}s"
+        if time.monotonic() - started >= seconds:
+            return
+        time.sleep(interval)
 
 
 def http_get(url, timeout=5):
@@ -249,10 +275,12 @@ class Cluster:
             context.load_cert_chain(str(cert), str(key))
         return context
 
-    def connect_stream(self, target, cert=None, key=None, timeout=30):
-        """A CONNECT stream through the secure port; returns (status line, socket)."""
+    def connect_stream(self, target, cert=None, key=None, timeout=30, ragged_eof_is_error=False):
+        """A CONNECT stream through the secure port; returns (status line, socket). With `ragged_eof_is_error` a
+        connection that ends without TLS close_notify raises (ssl.SSLEOFError) instead of reading as a clean EOF."""
         raw = socket.create_connection(("127.0.0.1", self.ports["secure"]), timeout=timeout)
-        tls = self.tls_context(cert or self.cert, key or self.key).wrap_socket(raw)
+        tls = self.tls_context(cert or self.cert, key or self.key).wrap_socket(
+            raw, suppress_ragged_eofs=not ragged_eof_is_error)
         tls.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
         return read_head(tls).split(b"\r\n", 1)[0].decode(), tls
 
@@ -270,6 +298,41 @@ def read_head(sock):
             break
         head += data
     return head
+
+
+TCP_CLOSE, TCP_CLOSE_WAIT = 7, 8  # tcpi_state (linux/tcp.h) once the peer's RST, or its FIN, has arrived
+
+
+def tcp_state(sock):
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def connection_end(sock, timeout=5):
+    """Reads `sock` (plain or TLS) until its peer ends the connection, and says how: "reset" (a TCP RST arrived),
+    "FIN" (an orderly close, with or without TLS close_notify). Fails when it is still open after `timeout` s.
+
+    The TCP state decides, read before the read that would see the end: Python with OpenSSL 3 reports an RST under
+    TLS as ssl.SSLEOFError, exactly as a FIN without close_notify, and OpenSSL answers that EOF with an alert that
+    the closed peer resets, so after the read the state is CLOSE either way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([sock], [], [], left)[0]:
+                raise AssertionError(f"the connection was still open after {timeout}s")
+            state = tcp_state(sock)
+            if state == TCP_CLOSE:
+                return "reset"
+            if state == TCP_CLOSE_WAIT:
+                return "FIN"
+        try:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            if not sock.recv(65536):
+                return "FIN"
+        except socket.timeout:
+            continue
+        except (ConnectionError, ssl.SSLError, OSError) as error:
+            return "reset" if isinstance(error, ConnectionResetError) else f"{type(error).__name__}: {error}"
 
 
 def frame(frame_type, stream_id, payload):

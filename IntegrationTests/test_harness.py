@@ -2,7 +2,9 @@
 processes are short Python programs standing in for a server or an agent."""
 import pathlib
 import signal
+import struct
 import sys
+import time
 
 import pytest
 
@@ -120,3 +122,96 @@ def test_a_restarted_process_is_judged_by_its_own_part_of_the_shared_log(c):
     with pytest.raises(AssertionError) as failure:
         c.close()
     assert str(failure.value).count("its log contains") == 1
+
+
+def test_wait_until_names_and_chains_what_the_predicate_raised():
+    def broken():
+        raise KeyError("agents")
+
+    with pytest.raises(AssertionError, match=r"waiting for the agents; the last check raised KeyError") as failure:
+        wait_until(broken, 0.2, "the agents")
+    assert isinstance(failure.value.__cause__, KeyError)
+    calls = []
+    wait_until(lambda: calls.append(1) or len(calls) > 2, 5, "a third call")  # raising nothing: as before
+
+
+def test_the_edge_service_blob_never_repeats_and_matches_its_hash():
+    import hashlib
+
+    from edge_service import blob, blob_sha256
+
+    data = b"".join(blob(4 * 65536 + 100))
+    assert len(data) == 4 * 65536 + 100
+    assert hashlib.sha256(data).hexdigest() == blob_sha256(len(data))
+    blocks = [data[i:i + 16] for i in range(0, len(data) - 16, 16)]
+    assert len(set(blocks)) == len(blocks), "a 16-byte block of the blob repeats"
+    swapped = data[65536:131072] + data[:65536] + data[131072:]
+    assert hashlib.sha256(swapped).hexdigest() != blob_sha256(len(data))
+
+
+def test_the_edge_service_answers_a_short_body_with_an_error_not_its_hash(c):
+    import socket
+
+    from harness import free_port
+
+    port = free_port()
+    service = c.spawn([sys.executable, pathlib.Path(__file__).parent / "edge_service.py", "127.0.0.1", port],
+                      "edge", clean_exits=PYTHON_HELPER_EXITS)
+    wait_until(lambda: socket.create_connection(("127.0.0.1", port), 1).close() is None, 10, "edge service")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /sha256 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+        sock.shutdown(socket.SHUT_WR)  # a clean EOF after 5 of the 10 bytes
+        answer = sock.makefile("rb").read()
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    wait_until(lambda: "EDGE POST /sha256: the body ended after 5 of 10 bytes: EOF" in service.own_text(), 5,
+               "the short body logged")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /sha256 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n1234567")
+        time.sleep(0.2)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+    wait_until(lambda: "EDGE POST /sha256: the body ended after 7 of 10 bytes: ConnectionResetError"
+               in service.own_text(), 5, "the reset logged")
+    c.close()
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_connection_end_tells_a_reset_from_a_clean_close(tmp_path, tls):
+    import socket
+    import ssl
+    import subprocess
+    import threading
+
+    from harness import connection_end
+
+    if tls:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                        "-keyout", tmp_path / "k", "-out", tmp_path / "c", "-subj", "/CN=x", "-days", "1"],
+                       capture_output=True, check=True)
+        server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_context.load_cert_chain(tmp_path / "c", tmp_path / "k")
+        client_context = ssl.create_default_context()
+        client_context.check_hostname, client_context.verify_mode = False, ssl.CERT_NONE
+    for how in ("reset", "close"):
+        listener = socket.create_server(("127.0.0.1", 0))
+
+        def serve():
+            conn, _ = listener.accept()
+            conn = server_context.wrap_socket(conn, server_side=True) if tls else conn
+            conn.sendall(b"12345")
+            conn.recv(1)  # the client read the 5 bytes
+            if how == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+        server = threading.Thread(target=serve)
+        server.start()
+        sock = socket.create_connection(listener.getsockname(), timeout=5)
+        if tls:
+            sock = client_context.wrap_socket(sock, suppress_ragged_eofs=False)
+        assert sock.recv(5) == b"12345"
+        sock.sendall(b"x")
+        ended = connection_end(sock)
+        assert ended == ("reset" if how == "reset" else "FIN"), (how, ended)
+        server.join(5)
+        sock.close()
+        listener.close()

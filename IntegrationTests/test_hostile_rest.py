@@ -13,15 +13,17 @@ import struct
 import threading
 import time
 
-import pytest
-
 from conftest import BIN, run
 from edge_service import blob_sha256
 from harness import Cluster, FakeServer, frame, http_get, read_frame, read_head
-from test_hostile_peers import SCENARIO_SECONDS, at_least, fd_count, hello, hostile_scenario, limit_hits
+from test_hostile_peers import (SCENARIO_SECONDS, at_least, fd_count, frames_until_closed, hello, hostile_scenario,
+                                limit_hits)
 from test_hostile_scenarios import ATTACKER_SOURCE, csr_for, refusal
 
 STREAMS_PER_AGENT = 6
+# Seconds within which the agent closes a tunnel retired by a GOAWAY once its last stream has ended: it does so at
+# once; the bound is well under its keepalive timeout (9 s), so a close by keepalive cannot pass for it.
+RETIRED_CLOSE_BOUND = 3
 REVOKE_AFTER = SCENARIO_SECONDS / 3  # seconds into the scenario (10 s in a 30-s one)
 
 
@@ -223,22 +225,6 @@ def test_joins_renewals_revocation_stream_limits_and_bodies_together_for_thirty_
         c.close()
 
 
-def frames_until_closed(tls, seconds=5):
-    """Every frame the server sends until it closes the connection (PINGs answered), for at most `seconds`."""
-    deadline = time.monotonic() + seconds
-    seen = []
-    try:
-        while (left := deadline - time.monotonic()) > 0:
-            tls.settimeout(left)
-            frame_type, _, payload = read_frame(tls)
-            seen.append((frame_type, payload))
-            if frame_type == 10:
-                tls.sendall(frame(11, 0, payload))
-    except (ConnectionError, ssl.SSLError, OSError):
-        pass
-    return seen
-
-
 def test_a_peer_repeating_what_was_refused_is_logged_once_and_renews_only_once_registered(tmp_path):
     """One write may carry a frame many times over. A HELLO as another node, repeated 100 times, is refused once
     and logged once; RENEW before HELLO gets no certificate; 200 RENEWs on a registered tunnel get one
@@ -287,10 +273,8 @@ def test_a_peer_repeating_what_was_refused_is_logged_once_and_renews_only_once_r
         with connect() as tls:
             tls.sendall(hello("edge-1"))
             assert read_frame(tls)[0] == 2
-            started = time.monotonic()
             tls.sendall(frame(12, 0, json.dumps({"reason": "draining"}).encode()))
-            frames_until_closed(tls, seconds=15)
-            assert time.monotonic() - started < 5, "a drained connection without streams stayed open"
+            frames_until_closed(tls, seconds=5)  # fails if the drained connection without streams stays open
         time.sleep(0.5)
         log = c.server.text()
         assert log.count("registration refused") == 2, log  # the 100 HELLOs' one line, and RENEW before HELLO
@@ -366,7 +350,9 @@ def test_after_a_goaway_the_agent_reconnects_and_new_streams_reach_it(tmp_path):
     is `TunnelMuxHostilePeerTests.whenStreamIDsRunOutTheServerSaysGoAwayInsteadOf503Forever`). The node must not
     answer 503 forever: the agent dials a new tunnel at once, a stream open across the GOAWAY finishes byte-exact
     on the old one, which the agent then closes, and an OPEN on the new tunnel is answered. Played with a fake
-    server holding the real serving certificate."""
+    server holding the real serving certificate. The fake answers every PING on the old tunnel, so the agent's
+    keepalive (9 s) cannot be what closes it: the agent must say GOAWAY and close it itself, within
+    RETIRED_CLOSE_BOUND of its last stream ending (an agent that leaks retired tunnels keeps it open)."""
     c = Cluster(tmp_path)
     try:
         port = c.start_edge_service()
@@ -392,12 +378,30 @@ def test_after_a_goaway_the_agent_reconnects_and_new_streams_reach_it(tmp_path):
             elif frame_type in (8, 9):
                 break
         old.sendall(frame(8, 1, b""))
+        stream_ended = time.monotonic()
         assert hashlib.sha256(data.split(b"\r\n\r\n", 1)[1]).hexdigest() == blob_sha256(262144)
-        old.settimeout(10)
-        with pytest.raises((ConnectionError, ssl.SSLError, OSError)):
-            while True:
-                if read_frame(old)[0] == 10:
-                    continue  # a PING on a tunnel the agent is closing is not answered
+        # The retired tunnel: PINGs answered (its keepalive is satisfied), so only the agent's retirement closes it.
+        goaways, how = [], None
+        while how is None:
+            left = stream_ended + RETIRED_CLOSE_BOUND - time.monotonic()
+            if left <= 0:
+                break
+            old.settimeout(left)
+            try:
+                frame_type, _, payload = read_frame(old)
+            except socket.timeout:
+                break
+            except (ConnectionError, ssl.SSLError, OSError) as error:
+                how = f"{type(error).__name__}: {error}"
+                break
+            if frame_type == 10:
+                old.sendall(frame(11, 0, payload))
+            elif frame_type == 12:
+                goaways.append(json.loads(payload).get("reason"))
+        closed_after = time.monotonic() - stream_ended
+        assert how is not None, (f"the agent kept the retired tunnel open {closed_after:.1f} s after its last stream "
+                                 f"ended, PINGs answered (GOAWAYs it sent: {goaways})")
+        assert goaways == ["the agent retired this tunnel"], (goaways, how)
         assert redialed_after < 5, redialed_after
         new.close()
         old.close()
