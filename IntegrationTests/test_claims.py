@@ -656,8 +656,13 @@ def test_a_loadbalancer_hostname_is_in_the_certificate_and_agents_dial_it(cluste
         "spec": {"type": "LoadBalancer", "clusterIP": "10.96.7.7", "clusterIPs": ["10.96.7.7"]},
         "status": {"loadBalancer": {"ingress": [{"hostname": lb}]}}})
     c.start_server("--kubeconfig", kube.kubeconfig, "--address-service", "kube-system/x-tunnel-server-svc")
-    served = json.loads(http_get(c.meta_url("/v1/server"))[1])
-    assert lb in served["certificateDNSNames"] and "10.96.7.7" in served["certificateIPs"], served
+    # The Service is listed by the server's watch after it starts listening: its names join the certificate then
+    # (within a second or two; a loaded CI machine took longer than the first request once).
+    def served():
+        return json.loads(http_get(c.meta_url("/v1/server"))[1])
+
+    wait_until(lambda: lb in served()["certificateDNSNames"] and "10.96.7.7" in served()["certificateIPs"], 15,
+               "the LoadBalancer's hostname and ClusterIP in the serving certificate")
     shown = s_client(c.ports["tunnel"], "-tls1_3", "-servername", lb)
     end = "-----END CERTIFICATE-----"
     pem = shown.stdout[shown.stdout.index("-----BEGIN CERTIFICATE-----"):shown.stdout.index(end) + len(end)]
