@@ -285,7 +285,8 @@ public final class AgentSession: TunnelMuxDelegate, @unchecked Sendable {
                     "notAfter": "\(Timestamps.iso8601(certificate.notValidAfter))"
                 ])
         } catch {
-            // The agent keeps its current certificate and asks again later.
+            // The agent keeps its current certificate and asks again later; the node's slot was not used.
+            server.renewals.signedNothing(node: nodeName, admittedAt: now)
             logger.warning("certificate renewal refused: \(error)")
         }
     }

@@ -41,6 +41,16 @@ final class WindowedLimit: Sendable {
         }
     }
 
+    /// Gives back one event of `key` counted in the window that began at `since` (an admitted event that did
+    /// not happen after all). Nothing changes once that window has passed.
+    func refund(_ key: String, admittedAt since: NIODeadline) {
+        table.withLockedValue { table in
+            guard var entry = table.counts[key], entry.count > 0, since - entry.since < window, since >= entry.since
+            else { return }
+            entry.count -= 1
+            table.counts[key] = entry
+        }
+    }
 }
 
 /// What stands before a certificate renewal besides the per-connection interval (``AgentSession``): a renewal
@@ -62,5 +72,12 @@ struct RenewalGuard: Sendable {
             return "node \(node) was renewed within \(interval)s (on another connection)"
         }
         return nil
+    }
+
+    /// A renewal admitted at `now` signed nothing (a revoked node, a bad request, a failed signature): the node's
+    /// slot is given back, so that its next, valid, request is not refused for a renewal that never was. The
+    /// source's count stays charged: many failing renewals from one address still meet ``perSource``.
+    func signedNothing(node: String, admittedAt now: NIODeadline) {
+        perNode.refund(node, admittedAt: now)
     }
 }

@@ -276,4 +276,29 @@ import TunnelPKI
         #expect(SourceKey.of("::ffff:192.0.2.10") != SourceKey.of("::ffff:192.0.2.9"))
         #expect(SourceKey.of("fd00::1") == SourceKey.of("fd00::2"))
     }
+
+    /// Issue 14's leftover: the node's slot was charged before signing, so a renewal that failed (a bad CSR) made
+    /// the node's next, valid renewal wait the whole interval.
+    @Test func aRenewalThatSignedNothingGivesTheNodesSlotBackButNotTheSources() {
+        let renewals = RenewalGuard()
+        let now = NIODeadline.now()
+        #expect(renewals.admit(node: "edge-1", source: "10.0.0.1", now: now) == nil)
+        renewals.signedNothing(node: "edge-1", admittedAt: now)
+        #expect(renewals.admit(node: "edge-1", source: "10.0.0.1", now: now + .seconds(1)) == nil)
+        // Signed this time: the slot stays taken.
+        #expect(renewals.admit(node: "edge-1", source: "10.0.0.1", now: now + .seconds(2)) != nil)
+        // A refund from a window that has passed gives nothing back in the next one.
+        let next = now + AgentSession.renewalInterval + .seconds(1)
+        #expect(renewals.admit(node: "edge-2", source: "10.0.0.3", now: now) == nil)
+        #expect(renewals.admit(node: "edge-2", source: "10.0.0.3", now: next) == nil)
+        renewals.signedNothing(node: "edge-2", admittedAt: now)
+        #expect(renewals.admit(node: "edge-2", source: "10.0.0.3", now: next + .seconds(1)) != nil)
+        // Failing renewals still count against their source.
+        let later = now + .seconds(600)
+        for index in 0..<RenewalGuard.perSource {
+            #expect(renewals.admit(node: "n-\(index)", source: "192.0.2.7", now: later) == nil)
+            renewals.signedNothing(node: "n-\(index)", admittedAt: later)
+        }
+        #expect(renewals.admit(node: "n-x", source: "192.0.2.7", now: later)?.contains("192.0.2.7") == true)
+    }
 }
