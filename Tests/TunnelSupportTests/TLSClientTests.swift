@@ -65,7 +65,7 @@ import TunnelPKI
         defer { listener.close(promise: nil) }
         let channel = try await TLSClient.connect(
             host: "127.0.0.1", port: Self.port(listener), on: Self.group.next(), context: client,
-            serverHostname: nil, within: .seconds(5))
+            serverHostname: nil, within: .seconds(30))
         defer { channel.close(promise: nil) }
         let received = channel.eventLoop.makePromise(of: String.self)
         try await channel.eventLoop.submit {
@@ -88,7 +88,7 @@ import TunnelPKI
         await #expect(throws: NIOSSLError.self) {
             _ = try await TLSClient.connect(
                 host: "127.0.0.1", port: Self.port(listener), on: Self.group.next(), context: otherClient,
-                serverHostname: nil, within: .seconds(5))
+                serverHostname: nil, within: .seconds(30))
         }
     }
 
