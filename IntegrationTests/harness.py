@@ -355,6 +355,14 @@ def recv_exact(sock, n):
     return data
 
 
+def metric_of(text, name):
+    """A metric's value: the series `name` (labels included in it, if given), or the sum of every series of the
+    metric `name` (0 when there is none)."""
+    values = [float(line.split()[-1]) for line in text.splitlines() if not line.startswith("#")
+              and (line.split()[0] == name or "{" not in name and line.startswith(name + "{"))]
+    return sum(values)
+
+
 def rss_kib(pid):
     for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

@@ -36,7 +36,7 @@ import pytest
 import yaml
 
 from conftest import BIN, run
-from harness import (PYTHON_HELPER_EXITS, Cluster, FakeServer, connection_end, frame, free_port, http_get,
+from harness import (metric_of, PYTHON_HELPER_EXITS, Cluster, FakeServer, connection_end, frame, free_port, http_get,
                      read_frame, read_head, recv_exact, wait_until)
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -115,14 +115,6 @@ def still_open(sock, seconds):
     finally:
         sock.settimeout(None)
     raise AssertionError(f"the stream carried {data!r} while it should wait")
-
-
-def metric_of(text, name):
-    """A metric's value: the series `name` (labels included in it, if given), or the sum of every series of the
-    metric `name` (0 when there is none)."""
-    values = [float(line.split()[-1]) for line in text.splitlines() if not line.startswith("#")
-              and (line.split()[0] == name or "{" not in name and line.startswith(name + "{"))]
-    return sum(values)
 
 
 def server_metric(c, name):

@@ -2,7 +2,7 @@ import NIOConcurrencyHelpers
 import NIOCore
 
 /// Streams open per caller identity, so that one caller (one client certificate, one source address on the
-/// insecure port) cannot take every stream the server can carry. Each caller connection carries one stream.
+/// insecure port, a gRPC socket) cannot take every stream the server can carry.
 /// Thread-safe.
 final class CallerStreams: @unchecked Sendable {
     let limit: Int
@@ -13,6 +13,12 @@ final class CallerStreams: @unchecked Sendable {
 
     /// Counts a stream for `caller` until `channel` closes; false (nothing counted) at the limit.
     func admit(_ caller: String, until channel: Channel) -> Bool {
+        admit(caller, until: channel.closeFuture)
+    }
+
+    /// Counts a stream for `caller` until `ended` completes (a frontend that carries several streams on one
+    /// connection ends each on its own); false (nothing counted) at the limit.
+    func admit(_ caller: String, until ended: EventLoopFuture<Void>) -> Bool {
         let admitted = lock.withLock {
             let count = open[caller, default: 0]
             guard count < limit else { return false }
@@ -20,7 +26,7 @@ final class CallerStreams: @unchecked Sendable {
             return true
         }
         if admitted {
-            channel.closeFuture.whenComplete { _ in self.release(caller) }
+            ended.whenComplete { _ in self.release(caller) }
         }
         return admitted
     }

@@ -31,6 +31,7 @@ public struct ServerConfigFile: Codable, Sendable {
     public var insecurePort: Int?
     public var insecureBindAddress: String?
     public var udsPath: String?
+    public var grpcUdsPath: String?
     public var kubeletClientCert: String?
     public var kubeletClientKey: String?
     public var kubeletCAFile: String?
@@ -51,7 +52,7 @@ public struct ServerConfigFile: Codable, Sendable {
         "serverID", "serverCount", "replicaWarmup", "leaseNamespace", "leaseLabel", "kubeconfig", "addressService",
         "checkNodeObjects", "poolLabel", "joinStateNamespace", "logLevel", "agentCertificateValidity",
         "servingCertificateValidity", "insecurePort",
-        "insecureBindAddress", "udsPath", "kubeletClientCert", "kubeletClientKey", "kubeletCAFile",
+        "insecureBindAddress", "udsPath", "grpcUdsPath", "kubeletClientCert", "kubeletClientKey", "kubeletCAFile",
         "eventLoopThreads", "handshakeTimeout", "maxPendingConnections", "maxPendingConnectionsPerSource",
         "allowInsecureBind", "maxStreamsPerAgent", "maxPendingOpensPerAgent", "maxStreamsPerCaller", "maxBufferedMiB",
         "resumeGraceSeconds",

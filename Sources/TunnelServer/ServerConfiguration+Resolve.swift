@@ -26,6 +26,11 @@ extension ServerConfiguration {
         configuration.insecureBindAddress =
             flags.insecureBindAddress ?? file.insecureBindAddress ?? configuration.insecureBindAddress
         configuration.udsPath = flags.udsPath ?? file.udsPath
+        configuration.grpcUdsPath = flags.grpcUdsPath ?? file.grpcUdsPath
+        if let grpc = configuration.grpcUdsPath, grpc == configuration.udsPath {
+            throw ConfigurationError(
+                "--grpc-uds-path \(grpc) is also --uds-path: give each frontend a socket of its own")
+        }
         configuration.kubeletClientCert = flags.kubeletClientCert ?? file.kubeletClientCert
         configuration.kubeletClientKey = flags.kubeletClientKey ?? file.kubeletClientKey
         configuration.kubeletCAFile = flags.kubeletCAFile ?? file.kubeletCAFile

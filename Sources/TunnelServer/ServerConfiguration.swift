@@ -25,6 +25,9 @@ public struct ServerConfiguration: Sendable {
     /// A Unix socket (created mode 0600) that accepts CONNECT from a co-located caller without TLS, as
     /// kube-apiserver's egress selector does with `transport.uds`; nil: off.
     public var udsPath: String?
+    /// A Unix socket (created mode 0600) that serves konnectivity's `ProxyService/Proxy` over gRPC, as
+    /// kube-apiserver's egress selector uses with `proxyProtocol: GRPC`; nil: off.
+    public var grpcUdsPath: String?
     /// The proxy-client identity presented to kubelets; default: one issued from the tunnel CA
     /// (`kubelet-client.crt` in the PKI folder).
     public var kubeletClientCert: String?

@@ -35,6 +35,10 @@ final class ServerMetrics: @unchecked Sendable {
     /// cannot be resumed.
     let unresumableStreams: Counter
     let retainedBytes: Gauge
+    /// The gRPC frontend (`frontend="grpc"`): its open Proxy RPCs and connectIDs, and how its dials ended.
+    let frontendRPCs: LabeledGauges
+    let frontendConnections: LabeledGauges
+    let frontendDials: LabeledCounters
 
     init() {
         suspendedTunnels = registry.makeGauge(
@@ -101,6 +105,17 @@ final class ServerMetrics: @unchecked Sendable {
             descriptor: .named(
                 "edge_tunnel_server_window_budget_bytes",
                 help: "Receive window granted over all tunnels (--max-buffered-mib bounds it)."))
+        frontendRPCs = LabeledGauges(
+            registry: registry, name: "edge_tunnel_server_frontend_rpcs", label: "frontend",
+            help: "Proxy RPCs open on the gRPC frontend (--grpc-uds-path).")
+        frontendConnections = LabeledGauges(
+            registry: registry, name: "edge_tunnel_server_frontend_connections", label: "frontend",
+            help: "Connections (connectIDs) open through the gRPC frontend, each a tunnel stream.")
+        frontendDials = LabeledCounters(
+            registry: registry, name: "edge_tunnel_server_frontend_dials_total", labels: ["frontend", "result"],
+            help:
+                "Dials through the gRPC frontend by result: opened, failed (a DIAL_RSP error), cancelled (DIAL_CLS or the client left)."
+        )
         pendingConnections = LabeledGauges(
             registry: registry, name: "edge_tunnel_server_unauthenticated_connections", label: "port",
             help: "Connections still in their TLS handshake or before their request head, by listener.")

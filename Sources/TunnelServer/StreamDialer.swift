@@ -24,12 +24,22 @@ enum StreamDialer {
         _ target: HostPort, server: TunnelServerCore, for caller: Channel,
         describe: @escaping (_ node: String, _ failure: OpenFail) -> String
     ) -> EventLoopFuture<Outcome> {
-        let loop = caller.eventLoop
+        open(
+            target, server: server, on: caller.eventLoop, until: caller.closeFuture, callerActive: { caller.isActive },
+            describe: describe)
+    }
+
+    /// The same for a caller that is not a channel of its own (a gRPC connectID): the stream ends when `ended`
+    /// completes, and `callerActive` says whether it has yet. Completes on `loop`.
+    static func open(
+        _ target: HostPort, server: TunnelServerCore, on loop: EventLoop, until ended: EventLoopFuture<Void>,
+        callerActive: @escaping () -> Bool, describe: @escaping (_ node: String, _ failure: OpenFail) -> String
+    ) -> EventLoopFuture<Outcome> {
         guard let session = server.registry.lookup(host: target.host) else {
             server.metrics.dialFailed(reason: "no_agent")
             return loop.makeSucceededFuture(.failed(status: 502, message: "no agent for node \(target.host)"))
         }
-        guard caller.isActive else {  // gone before anything was asked of the agent
+        guard callerActive() else {  // gone before anything was asked of the agent
             return loop.makeSucceededFuture(.failed(status: OpenFail.callerGoneCode, message: callerGone))
         }
         let promise = loop.makePromise(of: Outcome.self)
@@ -38,8 +48,8 @@ enum StreamDialer {
         // The mux answers 504 itself when the agent does not answer within the dial timeout
         // (TunnelLimits.openTimeout), and reclaims the stream; it also ends the stream when the caller's channel
         // closes, opening or open.
-        mux.openStream(target: target.description, until: caller.closeFuture).hop(to: loop).whenSuccess { result in
-            if case .failed(let failure) = result, failure.code == OpenFail.callerGoneCode, !caller.isActive {
+        mux.openStream(target: target.description, until: ended).hop(to: loop).whenSuccess { result in
+            if case .failed(let failure) = result, failure.code == OpenFail.callerGoneCode, !callerActive() {
                 // Cancelled by the caller: no dial failure, nobody to answer.
                 promise.succeed(.failed(status: OpenFail.callerGoneCode, message: callerGone))
                 return

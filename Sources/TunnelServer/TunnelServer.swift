@@ -25,8 +25,10 @@ public final class TunnelServer: @unchecked Sendable {
     private let ownsGroup: Bool
     let lock = NIOLock()
     private var channels: [Channel] = []
-    /// Device and inode of the Unix socket file this server created (--uds-path).
-    var udsIdentity: (device: UInt, inode: UInt)?
+    /// The gRPC frontend, when `--grpc-uds-path` is set.
+    private var grpc: GRPCListener?
+    /// Device and inode of each Unix socket file this server created (--uds-path, --grpc-uds-path), by path.
+    var socketIdentities: [String: (device: UInt, inode: UInt)] = [:]
     var ready = false
     let started = NIODeadline.now()
     private var renewalTask: Scheduled<Void>?
@@ -327,8 +329,11 @@ public final class TunnelServer: @unchecked Sendable {
         if let path = configuration.udsPath {
             uds = try await bindUnixSocket(path: path)
         }
+        var grpc: GRPCListener?
+        if let path = configuration.grpcUdsPath { grpc = try await startGRPC(path: path) }
         lock.withLock {
             channels = [tunnel, secure, meta] + (insecure.map { [$0] } ?? []) + (uds.map { [$0] } ?? [])
+            self.grpc = grpc
             ready = true
         }
         scheduleRenewal()
@@ -353,8 +358,13 @@ public final class TunnelServer: @unchecked Sendable {
             channels = []
             return all
         }
+        let grpc = lock.withLock { self.grpc }
+        // gRPC clients are told (DRAIN), and the listener closes; their open connectIDs go on through the drain.
+        grpc?.frontend.drain()
+        grpc?.server.beginGracefulShutdown()
         for channel in listeners { try? await channel.close() }
         if let path = configuration.udsPath { removeOwnUnixSocket(path: path) }
+        if let path = configuration.grpcUdsPath { removeOwnUnixSocket(path: path) }
         let sessions = core.registry.sessions
         for session in sessions {
             session.mux.closeWithoutResume()  // what outlives the drain ends with the server
@@ -366,6 +376,12 @@ public final class TunnelServer: @unchecked Sendable {
         await EventLoopFuture.andAllComplete(sessions.map { $0.mux.whenIdle() }, on: loop)
             .orTimeout(configuration.drainTimeout)
         for session in sessions { try? await session.channel.close() }
+        if let grpc {
+            // Whatever the drain left is reset with its tunnel; the RPCs still open end with the server.
+            grpc.frontend.endAll()
+            grpc.serving.cancel()
+            _ = try? await grpc.serving.value
+        }
         // A closed tunnel resets its callers' sockets in tasks it queues on their loops. They run before the group
         // shuts down, which closes whatever is left with an orderly FIN: a caller cut short must see a reset, not
         // an end that a short transfer could pass for complete.

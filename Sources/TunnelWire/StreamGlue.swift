@@ -20,7 +20,7 @@ import Glibc
 ///
 /// Threading: the glue lives on its socket channel's event loop; the mux calls the `…FromTunnel` methods from
 /// its own loop and they hop.
-public final class StreamGlue: ChannelDuplexHandler {
+public final class StreamGlue: ChannelDuplexHandler, StreamEndpoint {
     public typealias InboundIn = ByteBuffer
     public typealias OutboundIn = ByteBuffer
     public typealias OutboundOut = ByteBuffer
@@ -138,7 +138,7 @@ public final class StreamGlue: ChannelDuplexHandler {
     /// The stream was resumed on `mux`'s connection: the socket's events go straight there from now on. Until this
     /// runs, they reach the old tunnel, which passes them on; so a stream resumed many times keeps no chain of old
     /// tunnels alive, and no socket event takes more than one extra hop.
-    func moveToTunnel(_ mux: TunnelMux) {
+    public func moveToTunnel(_ mux: TunnelMux) {
         hop { self.mux = mux }
     }
 
@@ -147,7 +147,7 @@ public final class StreamGlue: ChannelDuplexHandler {
     /// gathered into one buffer instead (``held``) and written when the socket drains (or before the next large
     /// piece): a peer sending one byte per frame to a socket that does not read costs those bytes, not a buffer
     /// object and a pending write per byte.
-    func deliverFromTunnel(_ buffers: [ByteBuffer]) {
+    public func deliverFromTunnel(_ buffers: [ByteBuffer]) {
         // Called for every tunnel read that carried this stream's bytes: on the socket's own loop (the usual
         // case) no closure is made for the hop.
         guard eventLoop.inEventLoop else {
@@ -201,7 +201,7 @@ public final class StreamGlue: ChannelDuplexHandler {
         }
     }
 
-    func setPausedFromTunnel(_ paused: Bool) {
+    public func setPausedFromTunnel(_ paused: Bool) {
         hop {
             self.paused = paused
             guard !paused, self.readPending, let context = self.context else { return }
@@ -210,7 +210,7 @@ public final class StreamGlue: ChannelDuplexHandler {
         }
     }
 
-    func finishOutputFromTunnel() {
+    public func finishOutputFromTunnel() {
         hop {
             guard let context = self.context, self.outputOpen else { return }
             self.writeHeld(context)  // every byte the stream brought goes before the output is shut
@@ -237,7 +237,7 @@ public final class StreamGlue: ChannelDuplexHandler {
     /// The stream was reset (its tunnel died, the peer gave it up): the socket ends with an error its peer can see.
     /// Unless every byte towards the socket had arrived (its output finished in order): then that answer is
     /// complete, and it goes out whole before an ordinary close.
-    func resetFromTunnel() {
+    public func resetFromTunnel() {
         hop {
             guard let context = self.context, self.socketState != .reset else { return }
             let answered = self.socketState == .outputClosed || self.socketState == .closed

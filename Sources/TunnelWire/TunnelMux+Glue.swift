@@ -1,9 +1,10 @@
 import NIOCore
 
-/// What a ``StreamGlue`` calls, from any thread: each hops to the tunnel's event loop.
+/// What a ``StreamEndpoint`` (a ``StreamGlue``, a gRPC connectID) calls, from any thread: each hops to the tunnel's
+/// event loop.
 extension TunnelMux {
     /// `forwarded`: an old tunnel passed the attach on (the stream was resumed here): the glue moves here too.
-    func attach(_ glue: StreamGlue, to streamID: UInt32, forwarded: Bool = false) {
+    public func attach(_ glue: any StreamEndpoint, to streamID: UInt32, forwarded: Bool = false) {
         execute {
             guard let stream = self.streams[streamID] else {
                 if let successor = self.successor {
@@ -21,7 +22,7 @@ extension TunnelMux {
         }
     }
 
-    func dataFromSocket(_ streamID: UInt32, _ buffer: ByteBuffer) {
+    public func dataFromSocket(_ streamID: UInt32, _ buffer: ByteBuffer) {
         // Called for every socket read: on the tunnel's own loop no closure is made (`execute` would allocate one).
         guard eventLoop.inEventLoop else {
             eventLoop.execute { self.dataFromSocket(streamID, buffer) }
@@ -46,7 +47,7 @@ extension TunnelMux {
         }
     }
 
-    func socketInputClosed(_ streamID: UInt32) {
+    public func socketInputClosed(_ streamID: UInt32) {
         execute {
             guard let stream = self.streams[streamID] else {
                 self.successor?.socketInputClosed(streamID)
@@ -64,7 +65,7 @@ extension TunnelMux {
     /// The socket closed. `eof`: it ended cleanly after its output was finished (NIO reports that as a close,
     /// not as an input EOF, once both halves are shut): the stream ends with FIN after its last bytes, as a
     /// half-close would. Otherwise the stream is reset.
-    func socketClosed(_ streamID: UInt32, eof: Bool = false) {
+    public func socketClosed(_ streamID: UInt32, eof: Bool = false) {
         execute {
             guard self.streams[streamID] != nil else {
                 self.successor?.socketClosed(streamID, eof: eof)
@@ -91,7 +92,7 @@ extension TunnelMux {
 
     /// `count` bytes of the stream left for its socket's kernel buffer. `promptly`: the socket took them in the
     /// write that delivered them — its reader keeps up, so a starved sender may be given a larger window.
-    func consumedBySocket(_ streamID: UInt32, count: Int, promptly: Bool) {
+    public func consumedBySocket(_ streamID: UInt32, count: Int, promptly: Bool) {
         guard eventLoop.inEventLoop else {  // as in dataFromSocket: no closure on the tunnel's loop
             eventLoop.execute { self.consumedBySocket(streamID, count: count, promptly: promptly) }
             return

@@ -6,7 +6,7 @@ extension TunnelMux {
     /// Lives on the tunnel channel's event loop, like the mux.
     final class Stream {
         let id: UInt32
-        var glue: StreamGlue?
+        var glue: (any StreamEndpoint)?
         var send: SendWindow
         var receive: ReceiveWindow
         /// Socket bytes not sent yet: waiting for credit, or for their turn on the tunnel (at most one read's

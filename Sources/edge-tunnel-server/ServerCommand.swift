@@ -53,6 +53,12 @@ struct ServerCommand: AsyncParsableCommand {
         help: "Unix socket (mode 0600) for CONNECT from a co-located caller; off by default.")
     var udsPath: String?
     @Option(
+        name: .customLong("grpc-uds-path"),
+        help:
+            "Unix socket (mode 0600) for kube-apiserver's egress selector in GRPC mode (konnectivity's protocol); off by default."
+    )
+    var grpcUdsPath: String?
+    @Option(
         name: .customLong("kubelet-client-cert"),
         help: "Proxy-client certificate for kubelets (default: issued from the tunnel CA).")
     var kubeletClientCert: String?
@@ -251,6 +257,7 @@ struct ServerCommand: AsyncParsableCommand {
         (flags.pkiDir, flags.caDir, flags.stateDir, flags.bindAddress) = (pkiDir, caDir, stateDir, bindAddress)
         (flags.tunnelPort, flags.securePort, flags.metaPort) = (tunnelPort, securePort, metaPort)
         (flags.insecurePort, flags.insecureBindAddress, flags.udsPath) = (insecurePort, insecureBindAddress, udsPath)
+        flags.grpcUdsPath = grpcUdsPath
         (flags.kubeletClientCert, flags.kubeletClientKey) = (kubeletClientCert, kubeletClientKey)
         (flags.kubeletCAFile, flags.clientCAFile, flags.serverID) = (kubeletCAFile, clientCAFile, serverID)
         let (ips, names, services) = (splitList(certIPs), splitList(certDNSNames), splitList(addressService))

@@ -23,6 +23,19 @@ import TunnelSupport
         #expect(level == .debug)
     }
 
+    @Test func theGRPCSocketComesFromAFlagOrTheFile() throws {
+        var flags = ServerConfigFile()
+        flags.grpcUdsPath = "/run/flag.sock"
+        let (fromFlag, _) = try ServerConfiguration.resolve(
+            flags: flags, file: try file("grpcUdsPath: /run/file.sock\n"))
+        #expect(fromFlag.grpcUdsPath == "/run/flag.sock")
+        let (fromFile, _) = try ServerConfiguration.resolve(
+            flags: ServerConfigFile(), file: try file("grpcUdsPath: /run/file.sock\n"))
+        #expect(fromFile.grpcUdsPath == "/run/file.sock")
+        #expect(
+            try ServerConfiguration.resolve(flags: ServerConfigFile(), file: ServerConfigFile()).0.grpcUdsPath == nil)
+    }
+
     @Test func switchesGivenInEitherPlaceAreOnAndListsAreSplit() throws {
         var flags = ServerConfigFile()
         flags.addressService = "kube-system/a,kube-system/b,kube-system/a"
@@ -54,6 +67,7 @@ import TunnelSupport
         ("logLevel: loud", "--log-level"),
         ("certIPs: [not-an-address]", "--cert-ips"),
         ("certDNSNames: [\"no spaces.example\"]", "--cert-dns-names"),
+        ("udsPath: /run/et.sock\ngrpcUdsPath: /run/et.sock", "--grpc-uds-path"),
     ])
     func aBadValueIsRefusedByName(yaml: String, named: String) throws {
         let error = #expect(throws: ConfigurationError.self) {
