@@ -237,7 +237,10 @@ let package = Package(
             ],
             swiftSettings: swift5
         ),
-        .testTarget(name: "EdgePlanTests", dependencies: ["EdgePlan", "TunnelPKI"], swiftSettings: swift5),
+        .testTarget(
+            name: "EdgePlanTests",
+            dependencies: ["EdgePlan", "TunnelPKI", "TunnelSupport", .product(name: "Yams", package: "Yams")],
+            swiftSettings: swift5),
         .testTarget(
             name: "TunnelSupportTests",
             dependencies: [

@@ -348,3 +348,25 @@ def test_a_dial_timeout_and_a_dial_cancelled_while_pending(tmp_path):
                                  'edge_tunnel_server_frontend_dials_total{frontend="grpc",result="cancelled"}') == 1
         finally:
             c.close()
+
+
+def test_the_rendered_egress_configuration_reaches_the_server(tmp_path, edgetunnel):
+    """`edgetunnel manifests --egress grpc --egress-uds PATH` renders kube-apiserver's EgressSelectorConfiguration;
+    a server started with --grpc-uds-path at the udsName it names is reached through it, as kube-apiserver would."""
+    import yaml
+    sock = tmp_path / "edge-tunnel.socket"
+    rendered = yaml.safe_load(edgetunnel("manifests", "--egress", "grpc", "--egress-uds", sock).stdout)
+    assert rendered["kind"] == "EgressSelectorConfiguration" and rendered["apiVersion"] == "apiserver.k8s.io/v1beta1"
+    selection = rendered["egressSelections"][0]
+    assert selection["name"] == "cluster" and selection["connection"]["proxyProtocol"] == "GRPC"
+    uds = selection["connection"]["transport"]["uds"]["udsName"]
+    c = Cluster(tmp_path)
+    try:
+        c.start_server("--grpc-uds-path", uds)
+        port = c.start_edge_service()
+        c.start_agent("edge-1", "--allow", f"127.0.0.1:{port}")
+        with kc.channel(uds) as channel:
+            head, body = fetch(kc.Proxy(channel).connect(f"edge-1:{port}"), "/hello")
+            assert body == b"hello from the edge\n"
+    finally:
+        c.close()
