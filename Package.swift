@@ -178,6 +178,9 @@ let package = Package(
             dependencies: [
                 "TunnelPKI", "TunnelWire", "TunnelSupport", "TunnelServer", "TunnelAgent",
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "GRPCCore", package: "grpc-swift-2"),
+                .product(name: "GRPCNIOTransportHTTP2Posix", package: "grpc-swift-nio-transport"),
+                .product(name: "GRPCProtobuf", package: "grpc-swift-protobuf"),
             ] + networking,
             swiftSettings: swift5
         ),

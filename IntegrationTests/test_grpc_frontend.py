@@ -370,3 +370,84 @@ def test_the_rendered_egress_configuration_reaches_the_server(tmp_path, edgetunn
             assert body == b"hello from the edge\n"
     finally:
         c.close()
+
+
+def test_a_client_that_never_reads_cannot_grow_the_server_with_requests(lab):
+    """A client sends 100,000 CLOSE_REQs for connectIDs that do not exist and reads none of the answers: after 64
+    queued answers the server stops reading that RPC (HTTP/2 flow control holds the client), so it grows by little,
+    and another client is served meanwhile. Garbage instead of HTTP/2 on the socket is closed."""
+    import socket
+    pid = lab.server.popen.pid
+    base = rss_kib(pid)
+    with kc.channel(lab.grpc_sock) as channel:
+        flood = kc.Proxy(channel, read=False)
+        sender = threading.Thread(target=lambda: [flood.send(kc.pb.Packet(
+            type=kc.pb.CLOSE_REQ, closeRequest=kc.pb.CloseRequest(connectID=n))) for n in range(1, 100_001)],
+            daemon=True)
+        sender.start()
+        time.sleep(3)
+        with kc.channel(lab.grpc_sock) as other_channel:
+            head, body = fetch(kc.Proxy(other_channel).connect(f"edge-1:{lab.edge_port}"), "/hello")
+            assert body == b"hello from the edge\n"
+        grown = rss_kib(pid) - base
+        assert grown < 32 * 1024, f"the server grew by {grown} KiB"
+        flood.start_reading()  # once read, every answer comes: nothing was dropped
+        flood.wait_for(lambda: True if len(flood.closes) == 100_000 else None, 120, "100,000 CLOSE_RSPs")
+        assert all("is not open" in r.error for r in list(flood.closes.values())[:100])
+        flood.cancel()
+    raw = socket.socket(socket.AF_UNIX)
+    raw.settimeout(10)
+    raw.connect(str(lab.grpc_sock))
+    raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 100)
+    try:
+        while raw.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    raw.close()
+
+
+def test_a_client_that_vanishes_while_the_server_waits_on_it_frees_everything(tmp_path):
+    """The server's reader of an RPC waits in two places: for a stream the tunnel paused (its target does not
+    read) and for room to answer (the client does not read). A client killed while the server waits in either
+    (one RPC each, in one process) must still free its RPCs, streams and caller slots: grpc-swift reports that
+    through the RPC's cancellation handler, not by cancelling the handler's task."""
+    import socket
+    c = Cluster(tmp_path)
+    sink = socket.socket()
+    sink.bind(("127.0.0.1", 0))
+    sink.listen(16)  # accepts (the kernel does) and never reads
+    sink_port = sink.getsockname()[1]
+    sock = tmp_path / "konnectivity.sock"
+    try:
+        c.start_server("--grpc-uds-path", sock)
+        c.start_agent("edge-1", "--allow", f"127.0.0.1:{sink_port}")
+        script = f"""
+import sys, time; sys.path.insert(0, {str(HERE)!r})
+import konnectivity_client as kc
+channel = kc.channel({str(sock)!r})
+stuck = kc.Proxy(channel)
+connection = stuck.connect("edge-1:{sink_port}")
+connection.send(b"x" * (24 * 1024 * 1024))  # far past the window and every kernel buffer: the stream pauses
+deaf = kc.Proxy(channel, read=False)
+for n in range(1, 2001):
+    deaf.send(kc.pb.Packet(type=kc.pb.CLOSE_REQ, closeRequest=kc.pb.CloseRequest(connectID=n)))
+time.sleep(3)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+        client = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            assert client.stdout.readline().strip() == "ready"
+            assert server_metric(c, 'edge_tunnel_server_frontend_rpcs{frontend="grpc"}') == 2
+            assert server_metric(c, "edge_tunnel_server_streams") == 1
+        finally:
+            client.send_signal(signal.SIGKILL)
+            client.wait(10)
+        wait_until(lambda: server_metric(c, 'edge_tunnel_server_frontend_rpcs{frontend="grpc"}') == 0, 15, "no RPC")
+        wait_until(lambda: server_metric(c, "edge_tunnel_server_streams") == 0, 15, "no stream")
+        assert server_metric(c, 'edge_tunnel_server_frontend_connections{frontend="grpc"}') == 0
+    finally:
+        sink.close()
+        c.close()

@@ -360,8 +360,9 @@ public final class TunnelServer: @unchecked Sendable {
         }
         let grpc = lock.withLock { self.grpc }
         // gRPC clients are told (DRAIN), and the listener closes; their open connectIDs go on through the drain.
-        grpc?.frontend.drain()
+        grpc?.frontend.stop()
         grpc?.server.beginGracefulShutdown()
+        grpc?.frontend.drain()
         for channel in listeners { try? await channel.close() }
         if let path = configuration.udsPath { removeOwnUnixSocket(path: path) }
         if let path = configuration.grpcUdsPath { removeOwnUnixSocket(path: path) }

@@ -127,3 +127,16 @@ extension TunnelMux {
         writeStreamFrame(growth)
     }
 }
+
+extension TunnelMux {
+    /// Whether the stream still holds bytes from its caller that the peer has not been sent, or the FIN that
+    /// follows them; false once it ended. On the mux's loop (the answer is sent back there).
+    public func holdsUnsent(_ streamID: UInt32) -> EventLoopFuture<Bool> {
+        eventLoop.submit {
+            guard let stream = self.streams[streamID] else {
+                return false
+            }
+            return stream.pending != nil || stream.finAfterPending || self.holdsFrames(of: stream)
+        }
+    }
+}

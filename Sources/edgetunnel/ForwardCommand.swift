@@ -15,7 +15,10 @@ struct ForwardCommand: AsyncParsableCommand {
         abstract: "Forward a local port to NODE:PORT through the tunnel (one CONNECT stream per connection)."
     )
 
-    @Option(help: "The tunnel server's secure port HOST:PORT, or unix:PATH for its Unix socket (--uds-path).")
+    @Option(
+        help:
+            "The tunnel server's secure port HOST:PORT, unix:PATH for its Unix socket (--uds-path), or grpc:PATH for its gRPC socket (--grpc-uds-path)."
+    )
     var server: String
     @Option(name: .customLong("ca-file"), help: "CA that signed the server's certificate (TLS only).") var caFile:
         String?
@@ -28,6 +31,9 @@ struct ForwardCommand: AsyncParsableCommand {
         ProcessSupport.bootstrapLogging(level: .warning)
         let logger = Logger(label: "edgetunnel-forward")
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        if server.hasPrefix("grpc:") {
+            return try await forwardOverGRPC(path: String(server.dropFirst(5)), group, logger)
+        }
         let listener: Channel
         do {
             let endpoint = try Forwarder.Endpoint(server: server, caFile: caFile, cert: cert, key: key)
@@ -58,6 +64,33 @@ struct ForwardCommand: AsyncParsableCommand {
         fflush(stdout)
         _ = await ProcessSupport.waitForSignal()
         try? await listener.close()
+        try? await group.shutdownGracefully()
+    }
+
+    private func forwardOverGRPC(path: String, _ group: MultiThreadedEventLoopGroup, _ logger: Logger) async throws {
+        guard let target = HostPort(authority: to), let local = HostPort(authority: listen) else {
+            printError("invalid --to \"\(to)\" or --listen \"\(listen)\": expected HOST:PORT")
+            throw ExitCode.failure
+        }
+        let (to, server) = (self.to, self.server)
+        let forwarding = Task {
+            try await GRPCForwarder.run(socketPath: path, listen: local, target: target, group: group, logger: logger) {
+                print("forwarding \($0?.ipAddress ?? "?"):\($0?.port ?? 0) -> \(to) via \(server)")
+                fflush(stdout)
+            }
+        }
+        let stopped = Task {
+            _ = await ProcessSupport.waitForSignal()
+            forwarding.cancel()
+        }
+        defer { stopped.cancel() }
+        do {
+            try await forwarding.value
+        } catch is CancellationError {
+        } catch {
+            printError("\(error)")
+            throw ExitCode.failure
+        }
         try? await group.shutdownGracefully()
     }
 }

@@ -22,6 +22,9 @@ final class GRPCFrontend: ProxyService.SimpleServiceProtocol, @unchecked Sendabl
     private var lastConnectID: Int64 = 0
     private var sessions: [ObjectIdentifier: ProxySession] = [:]
     private var openConnections = 0
+    /// The server is stopping: a quiescing connection also reports its RPCs cancelled, but they go on through
+    /// the drain, and ``endAll()`` ends them.
+    private var stopping = false
 
     init(core: TunnelServerCore, group: EventLoopGroup) {
         self.core = core
@@ -47,15 +50,23 @@ final class GRPCFrontend: ProxyService.SimpleServiceProtocol, @unchecked Sendabl
             core.metrics.frontendRPCs.set("grpc", Double(rpcs))
         }
         do {
-            try await withThrowingDiscardingTaskGroup { group in
-                group.addTask { try await session.writeAll(to: response) }
-                for try await packet in request {
-                    try await session.handle(packet)
+            // grpc-swift reports a client that went away (a reset stream, a closed connection) through this
+            // handler, not by cancelling the task: the reader may wait on a paused stream or for room, and the
+            // end wakes it.
+            try await withRPCCancellationHandler {
+                try await withThrowingDiscardingTaskGroup { group in
+                    group.addTask { try await session.writeAll(to: response) }
+                    for try await packet in request {
+                        try await session.handle(packet)
+                    }
+                    // The client finished its side: each connectID finishes what it sent, and the RPC ends once
+                    // the answers queued before are written.
+                    inOrder = true
+                    session.end(aborted: false)
                 }
-                // The client finished its side: each connectID finishes what it sent, and the RPC ends once the
-                // answers queued before are written.
-                inOrder = true
-                session.end(aborted: false)
+            } onCancelRPC: { [self] in
+                guard !lock.withLock({ stopping }) else { return }
+                session.end(aborted: true)
             }
         } catch let error as RPCError where error.code == .invalidArgument {
             core.logger.warning("gRPC frontend: a Proxy RPC broke the protocol and was ended: \(error.message)")
@@ -91,9 +102,19 @@ final class GRPCFrontend: ProxyService.SimpleServiceProtocol, @unchecked Sendabl
         core.metrics.frontendDials.increment("grpc", result)
     }
 
-    /// The server is shutting down: every RPC is told (DRAIN).
+    /// The server is shutting down (its listener closed already, so no RPC starts after this): every RPC is told
+    /// (DRAIN), and goes on through the drain.
     func drain() {
-        for session in lock.withLock({ Array(sessions.values) }) { session.drain() }
+        let all = lock.withLock {
+            stopping = true
+            return Array(sessions.values)
+        }
+        for session in all { session.drain() }
+    }
+
+    /// Called before the listener closes: from now on a quiescing connection's RPCs are not ended by it.
+    func stop() {
+        lock.withLock { stopping = true }
     }
 
     /// Ends every RPC, resetting its connectIDs (the tunnels are closing).

@@ -8,15 +8,18 @@ import NIOCore
 /// frontends attach a ``StreamGlue``.
 ///
 /// Flow control carries over: bytes from the tunnel are credited back only once the packet that carries them was
-/// written to the gRPC stream (which waits while HTTP/2 flow control holds it), and the client's packets are not
-/// read while the tunnel has paused this stream. So one connectID whose reader is slow holds one stream window,
-/// and other RPCs keep going.
+/// written to the gRPC stream (which waits while HTTP/2 flow control holds it), and a DATA packet for a stream
+/// the tunnel has paused is not handed over until it resumes (the RPC's reader waits for it; other packets of the
+/// RPC before it are handled). So one connectID whose reader is slow holds one stream window and at most one
+/// packet beyond it, and other RPCs keep going.
 ///
-/// Thread-safe: the mux calls it from the tunnel's event loop, the RPC's tasks from theirs.
+/// Thread-safe: the mux calls it from the tunnel's event loop, the RPC's tasks from theirs. The session is held
+/// strongly: the mux may still deliver to a connectID while its RPC ends, and the session lets go of its
+/// connections when it ends.
 final class ProxyConnection: StreamEndpoint, @unchecked Sendable {
     let connectID: Int64
     let streamID: UInt32
-    private unowned let session: ProxySession
+    private let session: ProxySession
     /// Completed when the connectID ends, however it ends: the mux then lets go of the stream if it still has it
     /// (``TunnelMux/openStream(target:until:)``), and the caller's stream count is given back.
     let ended: EventLoopPromise<Void>
@@ -30,15 +33,17 @@ final class ProxyConnection: StreamEndpoint, @unchecked Sendable {
     private enum State {
         case open
         /// The client closed the connectID: what it sent goes out, then FIN, and the target's last bytes are
-        /// taken and dropped, until the target closes too or ``closeGrace`` passed (then the stream is reset).
+        /// taken and dropped, until the target closes too or the grace passed (then the stream is reset).
         case closing(Scheduled<Void>?)
         case ended
     }
 
-    /// How long a connectID the client closed waits for its target to close before it is reset: konnectivity
-    /// closes the target's connection at once, which may drop the client's last bytes; a reset after the target
-    /// had that long to read them cannot.
+    /// How long a connectID the client closed waits for its target to close, once everything the client sent
+    /// has gone to the agent, before it is reset: konnectivity closes the target's connection at once, which may
+    /// drop the client's last bytes; a reset after the target had that long to read them does not.
     static let closeGrace: TimeAmount = .seconds(5)
+    /// The longest a closed connectID's bytes may wait for credit before the stream is reset anyway.
+    static let closeLimit: TimeAmount = .seconds(60)
 
     init(connectID: Int64, streamID: UInt32, mux: TunnelMux, session: ProxySession, ended: EventLoopPromise<Void>) {
         self.connectID = connectID
@@ -48,23 +53,15 @@ final class ProxyConnection: StreamEndpoint, @unchecked Sendable {
         self.ended = ended
     }
 
-    private var currentMux: TunnelMux { lock.withLock { mux } }
-
     // MARK: From the client
 
-    /// Hands the bytes of one DATA packet to the stream, and returns once the tunnel took them and, if it paused
-    /// the stream (out of credit, the tunnel full), once it resumed it or the connectID ended.
+    /// Hands the bytes of one DATA packet to the stream. If the tunnel paused the stream (out of credit, the tunnel
+    /// full), waits first until it resumes or the connectID ends: one packet at most waits beyond the window.
     func send(_ bytes: Data) async {
-        let mux = currentMux
-        let buffer = ByteBuffer(bytes: bytes)
-        let id = streamID
-        // Waiting for the mux's loop to have taken them makes the pause it may decide exact: no second packet
-        // goes to a stream that has no room for the first.
-        try? await mux.eventLoop.submit { mux.dataFromSocket(id, buffer) }.get()
         await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
                 let wait = lock.withLock {
-                    guard paused, case .open = state else { return false }
+                    guard paused, case .open = state, !Task.isCancelled else { return false }
                     resume = continuation
                     return true
                 }
@@ -73,10 +70,19 @@ final class ProxyConnection: StreamEndpoint, @unchecked Sendable {
         } onCancel: {
             self.wake()
         }
+        let (open, mux): (Bool, TunnelMux) = lock.withLock {
+            if case .open = state { return (true, self.mux) }
+            return (false, self.mux)
+        }
+        guard open else { return }
+        let buffer = ByteBuffer(bytes: bytes)
+        let id = streamID
+        // Waiting for the mux's loop to have taken them makes the pause it may decide known before the next packet.
+        try? await mux.eventLoop.submit { mux.dataFromSocket(id, buffer) }.get()
     }
 
     /// CLOSE_REQ, or the client ended its side of the RPC in order: what it sent still goes out, then FIN; the
-    /// stream ends when the target closes too, or is reset after ``closeGrace``.
+    /// stream ends when the target closes too, or is reset after the grace.
     func closeFromClient() {
         let mux: TunnelMux? = lock.withLock {
             guard case .open = state else { return nil }
@@ -85,12 +91,23 @@ final class ProxyConnection: StreamEndpoint, @unchecked Sendable {
         }
         guard let mux else { return }
         wake()
+        mux.socketInputClosed(streamID)
+        scheduleCloseCheck(on: mux, after: Self.closeGrace, until: .now() + Self.closeLimit)
+    }
+
+    /// After the grace: reset, unless the client's bytes still wait for credit (then later, up to the limit).
+    private func scheduleCloseCheck(on mux: TunnelMux, after delay: TimeAmount, until limit: NIODeadline) {
         let id = streamID
-        mux.socketInputClosed(id)
-        let timer = mux.eventLoop.scheduleTask(in: Self.closeGrace) { [self] in
-            guard finish() != nil else { return }
-            mux.socketClosed(id, eof: false)
-            ended.succeed(())
+        let timer = mux.eventLoop.scheduleTask(in: delay) { [self] in
+            mux.holdsUnsent(id).whenSuccess { [self] unsent in
+                if unsent && NIODeadline.now() < limit {
+                    scheduleCloseCheck(on: mux, after: Self.closeGrace, until: limit)
+                    return
+                }
+                guard finish() != nil else { return }
+                mux.socketClosed(id, eof: false)
+                ended.succeed(())
+            }
         }
         let late: Bool = lock.withLock {
             guard case .closing = state else { return true }
@@ -108,26 +125,9 @@ final class ProxyConnection: StreamEndpoint, @unchecked Sendable {
         ended.succeed(())
     }
 
-    /// Moves to `.ended` (cancelling a close's timer); the mux, or nil if it had ended already.
-    private func finish() -> TunnelMux? {
-        let (mux, timer): (TunnelMux?, Scheduled<Void>?) = lock.withLock {
-            switch state {
-            case .ended: return (nil, nil)
-            case .open:
-                state = .ended
-                return (self.mux, nil)
-            case .closing(let timer):
-                state = .ended
-                return (self.mux, timer)
-            }
-        }
-        timer?.cancel()
-        return mux
-    }
-
     /// `count` bytes of this connectID were written to the gRPC stream: the tunnel may send as many again.
     func written(_ count: Int, promptly: Bool) {
-        currentMux.consumedBySocket(streamID, count: count, promptly: promptly)
+        lock.withLock { mux }.consumedBySocket(streamID, count: count, promptly: promptly)
     }
 
     // MARK: StreamEndpoint (from the mux's loop)
@@ -139,24 +139,22 @@ final class ProxyConnection: StreamEndpoint, @unchecked Sendable {
     func deliverFromTunnel(_ buffers: [ByteBuffer]) {
         var count = 0
         for buffer in buffers { count += buffer.readableBytes }
-        let (open, mux): (Bool, TunnelMux) = lock.withLock {
-            if case .open = state { return (true, self.mux) }
-            return (false, self.mux)
+        // Queued under the lock that a close takes: no DATA follows the connectID's CLOSE_RSP.
+        let dropped: TunnelMux? = lock.withLock {
+            guard case .open = state else { return mux }
+            var bytes = Data()
+            bytes.reserveCapacity(count)
+            // Copied: nothing here pins the tunnel's read buffer, however long the client takes.
+            for buffer in buffers { bytes.append(contentsOf: buffer.readableBytesView) }
+            var packet = Packet()
+            packet.type = .data
+            packet.data.connectID = connectID
+            packet.data.data = bytes
+            session.outbox.push(.data(packet, connection: self, count: count))
+            return nil
         }
-        guard open else {
-            // Closed by the client: the target's last bytes have nobody to go to; taken, so that it can finish.
-            mux.consumedBySocket(streamID, count: count, promptly: false)
-            return
-        }
-        var bytes = Data()
-        bytes.reserveCapacity(count)
-        // Copied: nothing here pins the tunnel's read buffer, however long the client takes.
-        for buffer in buffers { bytes.append(contentsOf: buffer.readableBytesView) }
-        var packet = Packet()
-        packet.type = .data
-        packet.data.connectID = connectID
-        packet.data.data = bytes
-        session.outbox.push(.data(packet, connection: self, count: count))
+        // Closed by the client: the target's last bytes have nobody to go to; taken, so that it can finish.
+        dropped?.consumedBySocket(streamID, count: count, promptly: false)
     }
 
     func setPausedFromTunnel(_ paused: Bool) {
@@ -172,31 +170,49 @@ final class ProxyConnection: StreamEndpoint, @unchecked Sendable {
     /// The target closed its side: konnectivity's protocol has no half-close, so the connectID ends (CLOSE_RSP
     /// after its last DATA, unless the client closed it first) and the stream is finished from this side too.
     func finishOutputFromTunnel() {
-        let wasOpen: Bool = lock.withLock {
-            if case .open = state { return true }
-            return false
-        }
-        guard let mux = finish() else { return }
+        let (wasOpen, mux) = finishReporting()
+        guard let mux else { return }
         wake()
         // Not from inside the mux's handling of the FIN but on its loop after it, and before the end of the
         // connectID reaches the mux (which would reset a stream that still has this endpoint). A connectID the
-        // client closed sent its FIN already: the stream is done both ways.
+        // client closed may still hold its last bytes: they go out, then its FIN.
         mux.eventLoop.execute {
-            if wasOpen { mux.socketClosed(self.streamID, eof: true) }
+            mux.socketClosed(self.streamID, eof: true)
             self.ended.succeed(())
         }
         if wasOpen { session.closed(self, error: nil) }
     }
 
     func resetFromTunnel() {
-        let wasOpen: Bool = lock.withLock {
-            if case .open = state { return true }
-            return false
-        }
-        guard finish() != nil else { return }
+        let (wasOpen, mux) = finishReporting()
+        guard mux != nil else { return }
         wake()
         ended.succeed(())
         if wasOpen { session.closed(self, error: "the connection to the target failed or was reset") }
+    }
+
+    // MARK: Ending
+
+    /// Moves to `.ended` (cancelling a close's timer); the mux, or nil if it had ended already.
+    private func finish() -> TunnelMux? {
+        finishReporting().mux
+    }
+
+    /// The same, and whether the connectID was still open for its client (not closed by it first).
+    private func finishReporting() -> (wasOpen: Bool, mux: TunnelMux?) {
+        let (wasOpen, mux, timer): (Bool, TunnelMux?, Scheduled<Void>?) = lock.withLock {
+            switch state {
+            case .ended: return (false, nil, nil)
+            case .open:
+                state = .ended
+                return (true, self.mux, nil)
+            case .closing(let timer):
+                state = .ended
+                return (false, self.mux, timer)
+            }
+        }
+        timer?.cancel()
+        return (wasOpen, mux)
     }
 
     private func wake() {

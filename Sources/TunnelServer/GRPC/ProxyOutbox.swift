@@ -32,6 +32,9 @@ final class ProxyOutbox: @unchecked Sendable {
     /// The reading task, waiting for room (only while `answers` is at the limit).
     private var reader: CheckedContinuation<Void, Never>?
 
+    /// Nothing waits to be written.
+    var isEmpty: Bool { lock.withLock { items.isEmpty } }
+
     /// Queues `item`; dropped once the RPC ended.
     func push(_ item: Item) {
         let waiting: CheckedContinuation<Item?, Never>? = lock.withLock {

@@ -244,14 +244,21 @@ final class ProxySession: @unchecked Sendable {
     // MARK: The server's packets
 
     func writeAll(to response: RPCWriter<Packet>) async throws {
-        while let item = await outbox.next() {
-            switch item {
-            case .answer(let packet):
-                try await response.write(packet)
-            case .data(let packet, let connection, let count):
-                try await response.write(packet)
-                connection.written(count, promptly: true)
+        do {
+            while let item = await outbox.next() {
+                switch item {
+                case .answer(let packet):
+                    try await response.write(packet)
+                case .data(let packet, let connection, let count):
+                    try await response.write(packet)
+                    // A client that keeps up finds nothing more queued behind this packet: its stream's window may
+                    // grow. One that is behind does not earn a larger window.
+                    connection.written(count, promptly: outbox.isEmpty)
+                }
             }
+        } catch {
+            end(aborted: true)  // the client is gone: the reader may be waiting for room or for a paused stream
+            throw error
         }
     }
 }

@@ -38,7 +38,12 @@ extension TunnelServer {
             eventLoopGroup: group)
         let server = GRPCServer(transport: transport, services: [frontend])
         let serving = Task { try await server.serve() }
-        _ = try await transport.listeningAddress
+        do {
+            _ = try await transport.listeningAddress
+        } catch {
+            serving.cancel()
+            throw ConfigurationError("--grpc-uds-path \(path): the gRPC server did not start (\(error))")
+        }
         return GRPCListener(server: server, serving: serving, frontend: frontend)
     }
 }

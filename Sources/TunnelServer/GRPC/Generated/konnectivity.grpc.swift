@@ -22,26 +22,26 @@ import GRPCProtobuf
 
 /// Namespace containing generated types for the "ProxyService" service.
 @available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
-internal enum ProxyService: Sendable {
+package enum ProxyService: Sendable {
     /// Service descriptor for the "ProxyService" service.
-    internal static let descriptor = GRPCCore.ServiceDescriptor(fullyQualifiedService: "ProxyService")
+    package static let descriptor = GRPCCore.ServiceDescriptor(fullyQualifiedService: "ProxyService")
     /// Namespace for method metadata.
-    internal enum Method: Sendable {
+    package enum Method: Sendable {
         /// Namespace for "Proxy" metadata.
-        internal enum Proxy: Sendable {
+        package enum Proxy: Sendable {
             /// Request type for "Proxy".
-            internal typealias Input = Packet
+            package typealias Input = Packet
             /// Response type for "Proxy".
-            internal typealias Output = Packet
+            package typealias Output = Packet
             /// Descriptor for "Proxy".
-            internal static let descriptor = GRPCCore.MethodDescriptor(
+            package static let descriptor = GRPCCore.MethodDescriptor(
                 service: GRPCCore.ServiceDescriptor(fullyQualifiedService: "ProxyService"),
                 method: "Proxy",
                 type: .bidirectionalStreaming
             )
         }
         /// Descriptors for all methods in the "ProxyService" service.
-        internal static let descriptors: [GRPCCore.MethodDescriptor] = [
+        package static let descriptors: [GRPCCore.MethodDescriptor] = [
             Proxy.descriptor
         ]
     }
@@ -50,7 +50,7 @@ internal enum ProxyService: Sendable {
 @available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
 extension GRPCCore.ServiceDescriptor {
     /// Service descriptor for the "ProxyService" service.
-    internal static let ProxyService = GRPCCore.ServiceDescriptor(fullyQualifiedService: "ProxyService")
+    package static let ProxyService = GRPCCore.ServiceDescriptor(fullyQualifiedService: "ProxyService")
 }
 
 // MARK: ProxyService (server)
@@ -68,7 +68,7 @@ extension ProxyService {
     ///
     /// Where possible, prefer using the stricter, less-verbose ``ServiceProtocol``
     /// or ``SimpleServiceProtocol`` instead.
-    internal protocol StreamingServiceProtocol: GRPCCore.RegistrableRPCService {
+    package protocol StreamingServiceProtocol: GRPCCore.RegistrableRPCService {
         /// Handle the "Proxy" method.
         ///
         /// - Parameters:
@@ -91,7 +91,7 @@ extension ProxyService {
     /// trailing response metadata. If you don't need these then consider using
     /// the ``SimpleServiceProtocol``. If you need fine grained control over your RPCs then
     /// use ``StreamingServiceProtocol``.
-    internal protocol ServiceProtocol: ProxyService.StreamingServiceProtocol {
+    package protocol ServiceProtocol: ProxyService.StreamingServiceProtocol {
         /// Handle the "Proxy" method.
         ///
         /// - Parameters:
@@ -112,7 +112,7 @@ extension ProxyService {
     /// This is the highest level protocol for the service. The API is the easiest to use but
     /// doesn't provide access to request or response metadata. If you need access to these
     /// then use ``ServiceProtocol`` instead.
-    internal protocol SimpleServiceProtocol: ProxyService.ServiceProtocol {
+    package protocol SimpleServiceProtocol: ProxyService.ServiceProtocol {
         /// Handle the "Proxy" method.
         ///
         /// - Parameters:
@@ -133,7 +133,7 @@ extension ProxyService {
 // Default implementation of 'registerMethods(with:)'.
 @available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
 extension ProxyService.StreamingServiceProtocol {
-    internal func registerMethods<Transport>(with router: inout GRPCCore.RPCRouter<Transport>) where Transport: GRPCCore.ServerTransport {
+    package func registerMethods<Transport>(with router: inout GRPCCore.RPCRouter<Transport>) where Transport: GRPCCore.ServerTransport {
         router.registerHandler(
             forMethod: ProxyService.Method.Proxy.descriptor,
             deserializer: GRPCProtobuf.ProtobufDeserializer<Packet>(),
@@ -156,7 +156,7 @@ extension ProxyService.ServiceProtocol {
 // Default implementation of methods from 'ServiceProtocol'.
 @available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
 extension ProxyService.SimpleServiceProtocol {
-    internal func proxy(
+    package func proxy(
         request: GRPCCore.StreamingServerRequest<Packet>,
         context: GRPCCore.ServerContext
     ) async throws -> GRPCCore.StreamingServerResponse<Packet> {
@@ -170,6 +170,140 @@ extension ProxyService.SimpleServiceProtocol {
                 )
                 return [:]
             }
+        )
+    }
+}
+
+// MARK: ProxyService (client)
+
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension ProxyService {
+    /// Generated client protocol for the "ProxyService" service.
+    ///
+    /// You don't need to implement this protocol directly, use the generated
+    /// implementation, ``Client``.
+    package protocol ClientProtocol: Sendable {
+        /// Call the "Proxy" method.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request producing `Packet` messages.
+        ///   - serializer: A serializer for `Packet` messages.
+        ///   - deserializer: A deserializer for `Packet` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        func proxy<Result>(
+            request: GRPCCore.StreamingClientRequest<Packet>,
+            serializer: some GRPCCore.MessageSerializer<Packet>,
+            deserializer: some GRPCCore.MessageDeserializer<Packet>,
+            options: GRPCCore.CallOptions,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Packet>) async throws -> Result
+        ) async throws -> Result where Result: Sendable
+    }
+
+    /// Generated client for the "ProxyService" service.
+    ///
+    /// The ``Client`` provides an implementation of ``ClientProtocol`` which wraps
+    /// a `GRPCCore.GRPCCClient`. The underlying `GRPCClient` provides the long-lived
+    /// means of communication with the remote peer.
+    package struct Client<Transport>: ClientProtocol where Transport: GRPCCore.ClientTransport {
+        private let client: GRPCCore.GRPCClient<Transport>
+
+        /// Creates a new client wrapping the provided `GRPCCore.GRPCClient`.
+        ///
+        /// - Parameters:
+        ///   - client: A `GRPCCore.GRPCClient` providing a communication channel to the service.
+        package init(wrapping client: GRPCCore.GRPCClient<Transport>) {
+            self.client = client
+        }
+
+        /// Call the "Proxy" method.
+        ///
+        /// - Parameters:
+        ///   - request: A streaming request producing `Packet` messages.
+        ///   - serializer: A serializer for `Packet` messages.
+        ///   - deserializer: A deserializer for `Packet` messages.
+        ///   - options: Options to apply to this RPC.
+        ///   - handleResponse: A closure which handles the response and returns its result to
+        ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+        ///       already finished.
+        /// - Returns: The result of `handleResponse`.
+        package func proxy<Result>(
+            request: GRPCCore.StreamingClientRequest<Packet>,
+            serializer: some GRPCCore.MessageSerializer<Packet>,
+            deserializer: some GRPCCore.MessageDeserializer<Packet>,
+            options: GRPCCore.CallOptions = .defaults,
+            onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Packet>) async throws -> Result
+        ) async throws -> Result where Result: Sendable {
+            try await self.client.bidirectionalStreaming(
+                request: request,
+                descriptor: ProxyService.Method.Proxy.descriptor,
+                serializer: serializer,
+                deserializer: deserializer,
+                options: options,
+                onResponse: handleResponse
+            )
+        }
+    }
+}
+
+// Helpers providing default arguments to 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension ProxyService.ClientProtocol {
+    /// Call the "Proxy" method.
+    ///
+    /// - Parameters:
+    ///   - request: A streaming request producing `Packet` messages.
+    ///   - options: Options to apply to this RPC.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    package func proxy<Result>(
+        request: GRPCCore.StreamingClientRequest<Packet>,
+        options: GRPCCore.CallOptions = .defaults,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Packet>) async throws -> Result
+    ) async throws -> Result where Result: Sendable {
+        try await self.proxy(
+            request: request,
+            serializer: GRPCProtobuf.ProtobufSerializer<Packet>(),
+            deserializer: GRPCProtobuf.ProtobufDeserializer<Packet>(),
+            options: options,
+            onResponse: handleResponse
+        )
+    }
+}
+
+// Helpers providing sugared APIs for 'ClientProtocol' methods.
+@available(macOS 15.0, iOS 18.0, watchOS 11.0, tvOS 18.0, visionOS 2.0, *)
+extension ProxyService.ClientProtocol {
+    /// Call the "Proxy" method.
+    ///
+    /// - Parameters:
+    ///   - metadata: Additional metadata to send, defaults to empty.
+    ///   - options: Options to apply to this RPC, defaults to `.defaults`.
+    ///   - producer: A closure producing request messages to send to the server. Returning
+    ///       from the closure closes the request stream.
+    ///   - handleResponse: A closure which handles the response and returns its result to
+    ///       the caller. Returning from the closure will cancel the RPC if it hasn't
+    ///       already finished.
+    /// - Returns: The result of `handleResponse`.
+    package func proxy<Result>(
+        metadata: GRPCCore.Metadata = [:],
+        options: GRPCCore.CallOptions = .defaults,
+        requestProducer producer: @Sendable @escaping (GRPCCore.RPCWriter<Packet>) async throws -> Void,
+        onResponse handleResponse: @Sendable @escaping (GRPCCore.StreamingClientResponse<Packet>) async throws -> Result
+    ) async throws -> Result where Result: Sendable {
+        let request = GRPCCore.StreamingClientRequest<Packet>(
+            metadata: metadata,
+            producer: producer
+        )
+        return try await self.proxy(
+            request: request,
+            options: options,
+            onResponse: handleResponse
         )
     }
 }

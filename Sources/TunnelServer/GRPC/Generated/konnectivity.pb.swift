@@ -32,8 +32,8 @@ fileprivate nonisolated struct _GeneratedWithProtocGenSwiftVersion: SwiftProtobu
   typealias Version = _2
 }
 
-nonisolated enum PacketType: SwiftProtobuf.Enum, Swift.CaseIterable {
-  typealias RawValue = Int
+package nonisolated enum PacketType: SwiftProtobuf.Enum, Swift.CaseIterable {
+  package typealias RawValue = Int
   case dialReq // = 0
   case dialRsp // = 1
   case closeReq // = 2
@@ -43,11 +43,11 @@ nonisolated enum PacketType: SwiftProtobuf.Enum, Swift.CaseIterable {
   case drain // = 6
   case UNRECOGNIZED(Int)
 
-  init() {
+  package init() {
     self = .dialReq
   }
 
-  init?(rawValue: Int) {
+  package init?(rawValue: Int) {
     switch rawValue {
     case 0: self = .dialReq
     case 1: self = .dialRsp
@@ -60,7 +60,7 @@ nonisolated enum PacketType: SwiftProtobuf.Enum, Swift.CaseIterable {
     }
   }
 
-  var rawValue: Int {
+  package var rawValue: Int {
     switch self {
     case .dialReq: return 0
     case .dialRsp: return 1
@@ -74,7 +74,7 @@ nonisolated enum PacketType: SwiftProtobuf.Enum, Swift.CaseIterable {
   }
 
   // The compiler won't synthesize support with the UNRECOGNIZED case.
-  static let allCases: [PacketType] = [
+  package static let allCases: [PacketType] = [
     .dialReq,
     .dialRsp,
     .closeReq,
@@ -86,16 +86,16 @@ nonisolated enum PacketType: SwiftProtobuf.Enum, Swift.CaseIterable {
 
 }
 
-nonisolated struct Packet: Sendable {
+package nonisolated struct Packet: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  var type: PacketType = .dialReq
+  package var type: PacketType = .dialReq
 
-  var payload: Packet.OneOf_Payload? = nil
+  package var payload: Packet.OneOf_Payload? = nil
 
-  var dialRequest: DialRequest {
+  package var dialRequest: DialRequest {
     get {
       if case .dialRequest(let v)? = payload {return v}
       return DialRequest()
@@ -103,7 +103,7 @@ nonisolated struct Packet: Sendable {
     set {payload = .dialRequest(newValue)}
   }
 
-  var dialResponse: DialResponse {
+  package var dialResponse: DialResponse {
     get {
       if case .dialResponse(let v)? = payload {return v}
       return DialResponse()
@@ -111,7 +111,7 @@ nonisolated struct Packet: Sendable {
     set {payload = .dialResponse(newValue)}
   }
 
-  var data: DataMessage {
+  package var data: DataMessage {
     get {
       if case .data(let v)? = payload {return v}
       return DataMessage()
@@ -119,7 +119,7 @@ nonisolated struct Packet: Sendable {
     set {payload = .data(newValue)}
   }
 
-  var closeRequest: CloseRequest {
+  package var closeRequest: CloseRequest {
     get {
       if case .closeRequest(let v)? = payload {return v}
       return CloseRequest()
@@ -127,7 +127,7 @@ nonisolated struct Packet: Sendable {
     set {payload = .closeRequest(newValue)}
   }
 
-  var closeResponse: CloseResponse {
+  package var closeResponse: CloseResponse {
     get {
       if case .closeResponse(let v)? = payload {return v}
       return CloseResponse()
@@ -135,7 +135,7 @@ nonisolated struct Packet: Sendable {
     set {payload = .closeResponse(newValue)}
   }
 
-  var closeDial: CloseDial {
+  package var closeDial: CloseDial {
     get {
       if case .closeDial(let v)? = payload {return v}
       return CloseDial()
@@ -143,7 +143,7 @@ nonisolated struct Packet: Sendable {
     set {payload = .closeDial(newValue)}
   }
 
-  var drain: Drain {
+  package var drain: Drain {
     get {
       if case .drain(let v)? = payload {return v}
       return Drain()
@@ -151,9 +151,9 @@ nonisolated struct Packet: Sendable {
     set {payload = .drain(newValue)}
   }
 
-  var unknownFields = SwiftProtobuf.UnknownStorage()
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
 
-  nonisolated enum OneOf_Payload: Equatable, Sendable {
+  package nonisolated enum OneOf_Payload: Equatable, Sendable {
     case dialRequest(DialRequest)
     case dialResponse(DialResponse)
     case data(DataMessage)
@@ -164,117 +164,117 @@ nonisolated struct Packet: Sendable {
 
   }
 
-  init() {}
+  package init() {}
 }
 
-nonisolated struct DialRequest: Sendable {
+package nonisolated struct DialRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  var `protocol`: String = String()
+  package var `protocol`: String = String()
 
-  var address: String = String()
+  package var address: String = String()
 
-  var random: Int64 = 0
+  package var random: Int64 = 0
 
-  var unknownFields = SwiftProtobuf.UnknownStorage()
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
 
-  init() {}
+  package init() {}
 }
 
-nonisolated struct DialResponse: Sendable {
+package nonisolated struct DialResponse: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  var error: String = String()
+  package var error: String = String()
 
-  var connectID: Int64 = 0
+  package var connectID: Int64 = 0
 
   /// Older releases carry an unused bearerToken as field 4; proto3 skips it as an unknown field.
-  var random: Int64 = 0
+  package var random: Int64 = 0
 
-  var unknownFields = SwiftProtobuf.UnknownStorage()
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
 
-  init() {}
+  package init() {}
 }
 
-nonisolated struct CloseRequest: Sendable {
+package nonisolated struct CloseRequest: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  var connectID: Int64 = 0
+  package var connectID: Int64 = 0
 
-  var unknownFields = SwiftProtobuf.UnknownStorage()
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
 
-  init() {}
+  package init() {}
 }
 
-nonisolated struct CloseResponse: Sendable {
+package nonisolated struct CloseResponse: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  var error: String = String()
+  package var error: String = String()
 
-  var connectID: Int64 = 0
+  package var connectID: Int64 = 0
 
-  var unknownFields = SwiftProtobuf.UnknownStorage()
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
 
-  init() {}
+  package init() {}
 }
 
-nonisolated struct CloseDial: Sendable {
+package nonisolated struct CloseDial: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  var random: Int64 = 0
+  package var random: Int64 = 0
 
-  var unknownFields = SwiftProtobuf.UnknownStorage()
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
 
-  init() {}
+  package init() {}
 }
 
-nonisolated struct DataMessage: Sendable {
+package nonisolated struct DataMessage: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  var connectID: Int64 = 0
+  package var connectID: Int64 = 0
 
-  var error: String = String()
+  package var error: String = String()
 
-  var data: Data = Data()
+  package var data: Data = Data()
 
-  var unknownFields = SwiftProtobuf.UnknownStorage()
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
 
-  init() {}
+  package init() {}
 }
 
-nonisolated struct Drain: Sendable {
+package nonisolated struct Drain: Sendable {
   // SwiftProtobuf.Message conformance is added in an extension below. See the
   // `Message` and `Message+*Additions` files in the SwiftProtobuf library for
   // methods supported on all messages.
 
-  var unknownFields = SwiftProtobuf.UnknownStorage()
+  package var unknownFields = SwiftProtobuf.UnknownStorage()
 
-  init() {}
+  package init() {}
 }
 
 // MARK: - Code below here is support for the SwiftProtobuf runtime.
 
 nonisolated extension PacketType: SwiftProtobuf._ProtoNameProviding {
-  static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0DIAL_REQ\0\u{1}DIAL_RSP\0\u{1}CLOSE_REQ\0\u{1}CLOSE_RSP\0\u{1}DATA\0\u{1}DIAL_CLS\0\u{1}DRAIN\0")
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{2}\0DIAL_REQ\0\u{1}DIAL_RSP\0\u{1}CLOSE_REQ\0\u{1}CLOSE_RSP\0\u{1}DATA\0\u{1}DIAL_CLS\0\u{1}DRAIN\0")
 }
 
 nonisolated extension Packet: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  static let protoMessageName: String = "Packet"
-  static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}type\0\u{1}dialRequest\0\u{1}dialResponse\0\u{1}data\0\u{1}closeRequest\0\u{1}closeResponse\0\u{1}closeDial\0\u{1}drain\0")
+  package static let protoMessageName: String = "Packet"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}type\0\u{1}dialRequest\0\u{1}dialResponse\0\u{1}data\0\u{1}closeRequest\0\u{1}closeResponse\0\u{1}closeDial\0\u{1}drain\0")
 
-  mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
       // The use of inline closures is to circumvent an issue where the compiler
       // allocates stack space for every case branch when no optimizations are
@@ -377,7 +377,7 @@ nonisolated extension Packet: SwiftProtobuf.Message, SwiftProtobuf._MessageImple
     }
   }
 
-  func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
     // The use of inline closures is to circumvent an issue where the compiler
     // allocates stack space for every if/case branch local when no optimizations
     // are enabled. https://github.com/apple/swift-protobuf/issues/1034 and
@@ -419,7 +419,7 @@ nonisolated extension Packet: SwiftProtobuf.Message, SwiftProtobuf._MessageImple
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  static func ==(lhs: Packet, rhs: Packet) -> Bool {
+  package static func ==(lhs: Packet, rhs: Packet) -> Bool {
     if lhs.type != rhs.type {return false}
     if lhs.payload != rhs.payload {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
@@ -428,10 +428,10 @@ nonisolated extension Packet: SwiftProtobuf.Message, SwiftProtobuf._MessageImple
 }
 
 nonisolated extension DialRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  static let protoMessageName: String = "DialRequest"
-  static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}protocol\0\u{1}address\0\u{1}random\0")
+  package static let protoMessageName: String = "DialRequest"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}protocol\0\u{1}address\0\u{1}random\0")
 
-  mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
       // The use of inline closures is to circumvent an issue where the compiler
       // allocates stack space for every case branch when no optimizations are
@@ -445,7 +445,7 @@ nonisolated extension DialRequest: SwiftProtobuf.Message, SwiftProtobuf._Message
     }
   }
 
-  func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
     if !self.`protocol`.isEmpty {
       try visitor.visitSingularStringField(value: self.`protocol`, fieldNumber: 1)
     }
@@ -458,7 +458,7 @@ nonisolated extension DialRequest: SwiftProtobuf.Message, SwiftProtobuf._Message
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  static func ==(lhs: DialRequest, rhs: DialRequest) -> Bool {
+  package static func ==(lhs: DialRequest, rhs: DialRequest) -> Bool {
     if lhs.`protocol` != rhs.`protocol` {return false}
     if lhs.address != rhs.address {return false}
     if lhs.random != rhs.random {return false}
@@ -468,10 +468,10 @@ nonisolated extension DialRequest: SwiftProtobuf.Message, SwiftProtobuf._Message
 }
 
 nonisolated extension DialResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  static let protoMessageName: String = "DialResponse"
-  static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}error\0\u{1}connectID\0\u{1}random\0")
+  package static let protoMessageName: String = "DialResponse"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}error\0\u{1}connectID\0\u{1}random\0")
 
-  mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
       // The use of inline closures is to circumvent an issue where the compiler
       // allocates stack space for every case branch when no optimizations are
@@ -485,7 +485,7 @@ nonisolated extension DialResponse: SwiftProtobuf.Message, SwiftProtobuf._Messag
     }
   }
 
-  func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
     if !self.error.isEmpty {
       try visitor.visitSingularStringField(value: self.error, fieldNumber: 1)
     }
@@ -498,7 +498,7 @@ nonisolated extension DialResponse: SwiftProtobuf.Message, SwiftProtobuf._Messag
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  static func ==(lhs: DialResponse, rhs: DialResponse) -> Bool {
+  package static func ==(lhs: DialResponse, rhs: DialResponse) -> Bool {
     if lhs.error != rhs.error {return false}
     if lhs.connectID != rhs.connectID {return false}
     if lhs.random != rhs.random {return false}
@@ -508,10 +508,10 @@ nonisolated extension DialResponse: SwiftProtobuf.Message, SwiftProtobuf._Messag
 }
 
 nonisolated extension CloseRequest: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  static let protoMessageName: String = "CloseRequest"
-  static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}connectID\0")
+  package static let protoMessageName: String = "CloseRequest"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}connectID\0")
 
-  mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
       // The use of inline closures is to circumvent an issue where the compiler
       // allocates stack space for every case branch when no optimizations are
@@ -523,14 +523,14 @@ nonisolated extension CloseRequest: SwiftProtobuf.Message, SwiftProtobuf._Messag
     }
   }
 
-  func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
     if self.connectID != 0 {
       try visitor.visitSingularInt64Field(value: self.connectID, fieldNumber: 1)
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  static func ==(lhs: CloseRequest, rhs: CloseRequest) -> Bool {
+  package static func ==(lhs: CloseRequest, rhs: CloseRequest) -> Bool {
     if lhs.connectID != rhs.connectID {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
@@ -538,10 +538,10 @@ nonisolated extension CloseRequest: SwiftProtobuf.Message, SwiftProtobuf._Messag
 }
 
 nonisolated extension CloseResponse: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  static let protoMessageName: String = "CloseResponse"
-  static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}error\0\u{1}connectID\0")
+  package static let protoMessageName: String = "CloseResponse"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}error\0\u{1}connectID\0")
 
-  mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
       // The use of inline closures is to circumvent an issue where the compiler
       // allocates stack space for every case branch when no optimizations are
@@ -554,7 +554,7 @@ nonisolated extension CloseResponse: SwiftProtobuf.Message, SwiftProtobuf._Messa
     }
   }
 
-  func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
     if !self.error.isEmpty {
       try visitor.visitSingularStringField(value: self.error, fieldNumber: 1)
     }
@@ -564,7 +564,7 @@ nonisolated extension CloseResponse: SwiftProtobuf.Message, SwiftProtobuf._Messa
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  static func ==(lhs: CloseResponse, rhs: CloseResponse) -> Bool {
+  package static func ==(lhs: CloseResponse, rhs: CloseResponse) -> Bool {
     if lhs.error != rhs.error {return false}
     if lhs.connectID != rhs.connectID {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
@@ -573,10 +573,10 @@ nonisolated extension CloseResponse: SwiftProtobuf.Message, SwiftProtobuf._Messa
 }
 
 nonisolated extension CloseDial: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  static let protoMessageName: String = "CloseDial"
-  static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}random\0")
+  package static let protoMessageName: String = "CloseDial"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}random\0")
 
-  mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
       // The use of inline closures is to circumvent an issue where the compiler
       // allocates stack space for every case branch when no optimizations are
@@ -588,14 +588,14 @@ nonisolated extension CloseDial: SwiftProtobuf.Message, SwiftProtobuf._MessageIm
     }
   }
 
-  func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
     if self.random != 0 {
       try visitor.visitSingularInt64Field(value: self.random, fieldNumber: 1)
     }
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  static func ==(lhs: CloseDial, rhs: CloseDial) -> Bool {
+  package static func ==(lhs: CloseDial, rhs: CloseDial) -> Bool {
     if lhs.random != rhs.random {return false}
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
@@ -603,10 +603,10 @@ nonisolated extension CloseDial: SwiftProtobuf.Message, SwiftProtobuf._MessageIm
 }
 
 nonisolated extension DataMessage: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  static let protoMessageName: String = "Data"
-  static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}connectID\0\u{1}error\0\u{1}data\0")
+  package static let protoMessageName: String = "Data"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap(bytecode: "\0\u{1}connectID\0\u{1}error\0\u{1}data\0")
 
-  mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     while let fieldNumber = try decoder.nextFieldNumber() {
       // The use of inline closures is to circumvent an issue where the compiler
       // allocates stack space for every case branch when no optimizations are
@@ -620,7 +620,7 @@ nonisolated extension DataMessage: SwiftProtobuf.Message, SwiftProtobuf._Message
     }
   }
 
-  func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
     if self.connectID != 0 {
       try visitor.visitSingularInt64Field(value: self.connectID, fieldNumber: 1)
     }
@@ -633,7 +633,7 @@ nonisolated extension DataMessage: SwiftProtobuf.Message, SwiftProtobuf._Message
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  static func ==(lhs: DataMessage, rhs: DataMessage) -> Bool {
+  package static func ==(lhs: DataMessage, rhs: DataMessage) -> Bool {
     if lhs.connectID != rhs.connectID {return false}
     if lhs.error != rhs.error {return false}
     if lhs.data != rhs.data {return false}
@@ -643,19 +643,19 @@ nonisolated extension DataMessage: SwiftProtobuf.Message, SwiftProtobuf._Message
 }
 
 nonisolated extension Drain: SwiftProtobuf.Message, SwiftProtobuf._MessageImplementationBase, SwiftProtobuf._ProtoNameProviding {
-  static let protoMessageName: String = "Drain"
-  static let _protobuf_nameMap = SwiftProtobuf._NameMap()
+  package static let protoMessageName: String = "Drain"
+  package static let _protobuf_nameMap = SwiftProtobuf._NameMap()
 
-  mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
+  package mutating func decodeMessage<D: SwiftProtobuf.Decoder>(decoder: inout D) throws {
     // Load everything into unknown fields
     while try decoder.nextFieldNumber() != nil {}
   }
 
-  func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
+  package func traverse<V: SwiftProtobuf.Visitor>(visitor: inout V) throws {
     try unknownFields.traverse(visitor: &visitor)
   }
 
-  static func ==(lhs: Drain, rhs: Drain) -> Bool {
+  package static func ==(lhs: Drain, rhs: Drain) -> Bool {
     if lhs.unknownFields != rhs.unknownFields {return false}
     return true
   }
