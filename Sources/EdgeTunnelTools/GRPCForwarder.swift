@@ -23,6 +23,7 @@ public enum GRPCForwarder {
         let transport = try HTTP2ClientTransport.Posix(
             target: .unixDomainSocket(path: socketPath), transportSecurity: .plaintext,
             config: .defaults { $0.http2.targetWindowSize = 1 << 20 }, eventLoopGroup: group)
+        let executor = EventLoopTaskExecutor(group.next())  // the forwarder runs one loop: its I/O's thread
         try await withGRPCClient(transport: transport) { client in
             let proxy = ProxyService.Client(wrapping: client)
             let listener = try await ServerBootstrap(group: group)
@@ -40,7 +41,7 @@ public enum GRPCForwarder {
             try await withThrowingDiscardingTaskGroup { tasks in
                 try await listener.executeThenClose { inbound in
                     for try await connection in inbound {
-                        tasks.addTask {
+                        tasks.addTask(executorPreference: executor) {
                             do {
                                 try await forward(connection, through: proxy, to: target)
                             } catch {

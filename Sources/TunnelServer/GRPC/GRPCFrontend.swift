@@ -26,14 +26,35 @@ final class GRPCFrontend: ProxyService.SimpleServiceProtocol, @unchecked Sendabl
     /// the drain, and ``endAll()`` ends them.
     private var stopping = false
 
+    /// One per event loop, taken in turn by the RPCs.
+    private let executors: [EventLoopTaskExecutor]
+    private var nextExecutor = 0
+
     init(core: TunnelServerCore, group: EventLoopGroup) {
         self.core = core
         self.group = group
+        self.executors = group.makeIterator().map { EventLoopTaskExecutor($0) }
+    }
+
+    /// The loop an RPC's tasks run on.
+    private func executor() -> EventLoopTaskExecutor {
+        lock.withLock {
+            nextExecutor = (nextExecutor + 1) % executors.count
+            return executors[nextExecutor]
+        }
     }
 
     func proxy(
         request: RPCAsyncSequence<Packet, any Error>, response: RPCWriter<Packet>, context: ServerContext
     ) async throws {
+        // On an event loop of the server's (with one loop, the gRPC connection's and the tunnels' own): each
+        // message resumes the RPC's tasks without a thread wake-up.
+        try await withTaskExecutorPreference(executor()) {
+            try await serve(request: request, response: response)
+        }
+    }
+
+    private func serve(request: RPCAsyncSequence<Packet, any Error>, response: RPCWriter<Packet>) async throws {
         let session = ProxySession(frontend: self)
         let rpcs = lock.withLock {
             sessions[ObjectIdentifier(session)] = session

@@ -10,8 +10,8 @@ import NIOCore
 /// Flow control carries over: bytes from the tunnel are credited back only once the packet that carries them was
 /// written to the gRPC stream (which waits while HTTP/2 flow control holds it), and a DATA packet for a stream
 /// the tunnel has paused is not handed over until it resumes (the RPC's reader waits for it; other packets of the
-/// RPC before it are handled). So one connectID whose reader is slow holds one stream window and at most one
-/// packet beyond it, and other RPCs keep going.
+/// RPC before it are handled). So one connectID whose reader is slow holds one stream window and at most two
+/// packets beyond it, and other RPCs keep going.
 ///
 /// Thread-safe: the mux calls it from the tunnel's event loop, the RPC's tasks from theirs. The session is held
 /// strongly: the mux may still deliver to a connectID while its RPC ends, and the session lets go of its
@@ -56,7 +56,7 @@ final class ProxyConnection: StreamEndpoint, @unchecked Sendable {
     // MARK: From the client
 
     /// Hands the bytes of one DATA packet to the stream. If the tunnel paused the stream (out of credit, the tunnel
-    /// full), waits first until it resumes or the connectID ends: one packet at most waits beyond the window.
+    /// full), waits first until it resumes or the connectID ends: two packets at most wait beyond the window.
     func send(_ bytes: Data) async {
         await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
@@ -75,10 +75,9 @@ final class ProxyConnection: StreamEndpoint, @unchecked Sendable {
             return (false, self.mux)
         }
         guard open else { return }
-        let buffer = ByteBuffer(bytes: bytes)
-        let id = streamID
-        // Waiting for the mux's loop to have taken them makes the pause it may decide known before the next packet.
-        try? await mux.eventLoop.submit { mux.dataFromSocket(id, buffer) }.get()
+        // Not waited for: a pause it leads to may reach this connection after the next packet was handed over, so
+        // at most two packets wait beyond the window.
+        mux.dataFromSocket(streamID, ByteBuffer(bytes: bytes))
     }
 
     /// CLOSE_REQ, or the client ended its side of the RPC in order: what it sent still goes out, then FIN; the
