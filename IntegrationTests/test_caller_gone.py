@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from harness import Cluster, free_port, http_get, read_head, wait_until
+from support.harness import Cluster, free_port, http_get, read_head, wait_until
 
 
 class CountingTarget:

@@ -36,8 +36,8 @@ import pytest
 import yaml
 
 from conftest import BIN, run
-from harness import (metric_of, PYTHON_HELPER_EXITS, Cluster, FakeServer, connection_end, frame, free_port, http_get,
-                     read_frame, read_head, recv_exact, wait_until)
+from support.harness import (metric_of, PYTHON_HELPER_EXITS, Cluster, FakeServer, connection_end, frame, free_port,
+                             http_get, read_frame, read_head, recv_exact, wait_until)
 
 HERE = pathlib.Path(__file__).resolve().parent
 HELLO, HELLO_OK, OPEN, OPEN_OK, OPEN_FAIL, DATA, RST, PING, PONG, GOAWAY, REFUSED, RESUME = \

@@ -5,7 +5,6 @@ import json
 import pathlib
 import shutil
 import subprocess
-import sys
 import threading
 import time
 
@@ -13,94 +12,11 @@ import pytest
 
 from conftest import BIN, run
 from edge_service import blob_sha256
-from harness import PYTHON_HELPER_EXITS, Proc, stop_and_check, wait_until
 from netns import Topology
+from support.harness import wait_until
+from support.topology import Setup
 
-HERE = pathlib.Path(__file__).resolve().parent
 PRIVATE, PUBLIC = Topology.PRIVATE, Topology.PUBLIC
-EDGE_PORT = 18080
-
-
-class Setup:
-    """PKI on the host; server in `cloud`; agent and an edge service in `edge`."""
-
-    def __init__(self, topo, tmp):
-        self.topo, self.tmp = topo, pathlib.Path(tmp)
-        self.pki = self.tmp / "pki"
-        self.procs = []
-        run(BIN / "edgetunnel", "pki", "init", "--pki-dir", self.pki)
-        run(BIN / "edgetunnel", "pki", "issue-client", "--pki-dir", self.pki, "--name", "operator")
-        self.token = run(BIN / "edgetunnel", "token", "create", "--pki-dir", self.pki,
-                         "--node-cidr", "10.240.1.0/24").stdout.strip()
-        self.ca_hash = run(BIN / "edgetunnel", "pki", "ca-hash", "--pki-dir", self.pki).stdout.strip()
-        self.config = self.tmp / "server.yaml"
-        self.addresses = self.tmp / "addresses"
-
-    def spawn(self, ns, args, name, may_exit=False, clean_exits=(0,)):
-        proc = Proc(["ip", "netns", "exec", ns, *args], self.tmp / f"{name}.log", may_exit=may_exit,
-                    clean_exits=clean_exits)
-        self.procs.append(proc)
-        return proc
-
-    def start_server(self, cert_ips):
-        self.config.write_text(f"certIPs: [{', '.join(cert_ips)}]\n")
-        self.server = self.spawn(self.topo.cloud, [BIN / "edge-tunnel-server", "--config", self.config,
-                                                   "--pki-dir", self.pki, "--server-id", "cloud"], "server")
-        wait_until(lambda: self.meta("/readyz") == "ok\n", 20, "server ready")
-
-    def start_agent(self, addresses):
-        self.addresses.write_text("\n".join(addresses) + "\n")
-        self.spawn(self.topo.edge, [sys.executable, HERE / "edge_service.py", "127.0.0.1", EDGE_PORT], "edge-service",
-                   clean_exits=PYTHON_HELPER_EXITS)
-        # The service must listen before a request through the tunnel is tried: under load Python starts slower
-        # than the agent connects, and the caller then gets the agent's "connection refused" as a 502.
-        wait_until(lambda: self.topo.run(self.topo.edge, "curl", "-s", "--max-time", "2",
-                                         f"http://127.0.0.1:{EDGE_PORT}/hello", check=False).returncode == 0, 20,
-                   "the edge service to listen")
-        self.agent = self.spawn(self.topo.edge, [
-            BIN / "edge-tunnel-agent", "--node-name", "edge-1", "--node-ip", "10.240.1.2",
-            "--server-addresses-file", self.addresses, "--pki-dir", self.tmp / "agent",
-            "--bootstrap-token", self.token, "--ca-cert-hash", self.ca_hash, "--allow", f"127.0.0.1:{EDGE_PORT}"],
-            "agent")
-
-    def meta(self, path):
-        return self.topo.run(self.topo.cloud, "curl", "-s", "--max-time", "3", f"http://127.0.0.1:10265{path}",
-                             check=False).stdout
-
-    def meta_of(self, meta_port, path="/healthz"):
-        """A replica's meta answer on its own port (several replicas in the cloud)."""
-        return self.topo.run(self.topo.cloud, "curl", "-s", "--max-time", "3", f"http://127.0.0.1:{meta_port}{path}",
-                             check=False).stdout
-
-    def agent_meta(self, path):
-        return self.topo.run(self.topo.edge, "curl", "-s", "--max-time", "3", f"http://127.0.0.1:10266{path}",
-                             check=False).stdout
-
-    def path_in_use(self):
-        """The server address the agent's tunnel uses, from its /readyz."""
-        text = self.agent_meta("/readyz")
-        return text.rsplit(" ", 1)[-1].strip() if text.startswith("ok") else None
-
-    def remote_of_agent(self):
-        agents = json.loads(self.meta("/v1/agents") or "{}").get("agents", [])
-        return agents[0]["remoteAddress"] if agents else None
-
-    def curl_args(self, path, *extra, max_time=20):
-        return ["curl", "-sS", "--max-time", str(max_time), "--proxy-cacert", self.pki / "ca.crt", "--proxy-cert",
-                self.pki / "operator.crt", "--proxy-key", self.pki / "operator.key", "-p", "-x",
-                "https://127.0.0.1:10263", *extra, f"http://edge-1:{EDGE_PORT}{path}"]
-
-    def request(self, path="/hello"):
-        return self.topo.run(self.topo.cloud, *self.curl_args(path), check=False)
-
-    def assert_hello(self):
-        """One request through the tunnel; on failure the message carries curl's own error line."""
-        answer = self.request()
-        assert answer.stdout == "hello from the edge\n", f"curl: {answer.stderr.strip()!r}"
-
-    def close(self):
-        """Stops every process, then fails if one of them ended badly (see harness.Proc)."""
-        stop_and_check(self.procs)
 
 
 @pytest.fixture

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from harness import wait_until
 from netns import Topology
-from test_express_connect import Setup
+from support.harness import wait_until
+from support.topology import Setup
 
 PRIVATE, PUBLIC = Topology.PRIVATE, Topology.PUBLIC
 NO_FLAP_SECONDS = float(os.environ.get("EDGE_TUNNEL_NO_FLAP_SECONDS") or 60)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from harness import PYTHON_HELPER_EXITS, Cluster, check_exits, stop_and_check, wait_until
+from support.harness import PYTHON_HELPER_EXITS, Cluster, check_exits, stop_and_check, wait_until
 
 # Runs until stopped; exits 0 on SIGTERM, like the EdgeTunnel binaries after draining.
 DRAINS = ("import signal, sys, time\n"
@@ -152,7 +152,7 @@ def test_the_edge_service_blob_never_repeats_and_matches_its_hash():
 def test_the_edge_service_answers_a_short_body_with_an_error_not_its_hash(c):
     import socket
 
-    from harness import free_port
+    from support.harness import free_port
 
     port = free_port()
     service = c.spawn([sys.executable, pathlib.Path(__file__).parent / "edge_service.py", "127.0.0.1", port],
@@ -181,7 +181,7 @@ def test_connection_end_tells_a_reset_from_a_clean_close(tmp_path, tls):
     import subprocess
     import threading
 
-    from harness import connection_end
+    from support.harness import connection_end
 
     if tls:
         subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",

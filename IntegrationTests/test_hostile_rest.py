@@ -1,5 +1,5 @@
 """The hostile-peers items that had focused tests only, played together for SCENARIO_SECONDS (12 s; 30 s in a long
-run) while the victim keeps working (see test_hostile_peers.py for the harness and its four assertions): token
+run) while the victim keeps working (see support/hostile.py for the harness and its four assertions): token
 guessing, a renewal flood, a node revoked while it holds a tunnel, an agent at its stream limit, and callers posting
 bodies and forward-proxy requests. What stays focused only is listed in docs/SECURITY.md (start-up checks and
 unit-level cases)."""
@@ -15,10 +15,9 @@ import time
 
 from conftest import BIN, run
 from edge_service import blob_sha256
-from harness import Cluster, FakeServer, frame, http_get, read_frame, read_head
-from test_hostile_peers import (SCENARIO_SECONDS, at_least, fd_count, frames_until_closed, hello, hostile_scenario,
-                                limit_hits)
-from test_hostile_scenarios import ATTACKER_SOURCE, csr_for, refusal
+from support.harness import Cluster, FakeServer, frame, http_get, read_frame, read_head
+from support.hostile import (ATTACKER_SOURCE, SCENARIO_SECONDS, at_least, csr_for, fd_count, frames_until_closed, hello,
+                             hostile_scenario, limit_hits, refusal)
 
 STREAMS_PER_AGENT = 6
 # Seconds within which the agent closes a tunnel retired by a GOAWAY once its last stream has ended: it does so at

@@ -1,5 +1,5 @@
 """The rest of the hostile-peers items, each played for SCENARIO_SECONDS (12 s; 30 s in a long run) while a victim
-keeps working (see test_hostile_peers.py for the harness): a node posing as another, callers sending what a parser
+keeps working (see support/hostile.py for the harness): a node posing as another, callers sending what a parser
 must refuse, callers and an agent together trying to grow the server past its limits, and a hostile server against
 a real agent."""
 import hashlib
@@ -15,27 +15,10 @@ from cryptography import x509
 
 from conftest import BIN, run
 from edge_service import blob_sha256
-from harness import Cluster, FakeServer, frame, read_frame, rss_kib, wait_until
-from test_hostile_peers import (RSS_GROWTH_BOUND_MIB, SCENARIO_SECONDS, at_least, attacker_tunnel, fd_count, hello,
-                                hostile_scenario, lab, limit_hits)  # noqa: F401  (lab is a fixture)
-
-ATTACKER_SOURCE = "127.0.0.3"
-
-
-def refusal(tls):
-    """The REFUSED frame's reason, or None if the connection closed without one."""
-    try:
-        while True:
-            frame_type, _, payload = read_frame(tls)
-            if frame_type == 15:
-                return json.loads(payload)["reason"]
-    except (ConnectionError, ssl.SSLError, OSError):
-        return None
-
-
-def csr_for(tmp, name):
-    return run("openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-               "-keyout", tmp / f"{name}.key", "-subj", f"/O=edge-tunnel:agents/CN={name}").stdout
+from support.harness import Cluster, FakeServer, frame, read_frame, rss_kib, wait_until
+from support.hostile import (ATTACKER_SOURCE, RSS_GROWTH_BOUND_MIB, SCENARIO_SECONDS, at_least, attacker_tunnel,
+                             csr_for, fd_count, hello, hostile_scenario, limit_hits, refusal)
+from support.hostile import lab  # noqa: F401  (a fixture)
 
 
 def test_a_node_cannot_pose_as_another_for_thirty_seconds(lab, tmp_path):

@@ -8,8 +8,8 @@ import urllib.parse
 
 import pytest
 
-from harness import PYTHON_HELPER_EXITS, Cluster, free_port, http_get, run, wait_until
-from test_kubelet import start_kubelet_standin
+from support.harness import PYTHON_HELPER_EXITS, Cluster, free_port, http_get, read_all, run, wait_until
+from support.kubelet import start_kubelet_standin
 
 SIZES = [0, 1024, 1 << 20, 64 << 20]
 
@@ -149,9 +149,7 @@ def test_bytes_sent_with_a_connect_and_a_half_close_arrive(lab):
     with socket.create_connection(("127.0.0.1", lab.ports["insecure"]), timeout=10) as sock:
         sock.sendall(f"CONNECT 127.0.0.1:{lab.edge_port} HTTP/1.1\r\nHost: edge-1\r\n\r\n{payload}".encode())
         sock.shutdown(socket.SHUT_WR)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+        data = read_all(sock, timeout=10)
     assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"hello from the edge\n"), data[-200:]
 
 

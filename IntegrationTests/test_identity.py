@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import BIN, run
-from harness import Cluster, frame, free_port, http_get, read_frame, wait_until
+from support.harness import Cluster, frame, free_port, http_get, read_frame, wait_until
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from conftest import BIN, ROOT, run
-from harness import Cluster, free_port, http_get, wait_until
+from support.harness import Cluster, free_port, http_get, wait_until
 
 IMAGE_USER = 65532
 RUN_FLAGS = ["--runtime", "runc", "--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768",

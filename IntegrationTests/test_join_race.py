@@ -20,8 +20,8 @@ import threading
 from cryptography import x509
 
 from conftest import BIN, run
-from harness import http_get, read_frame, wait_until
-from test_kube_api import join_frame, lab  # noqa: F401  (lab is a fixture)
+from support.harness import http_get, read_frame, wait_until
+from support.kube import join_frame, lab  # noqa: F401  (lab is a fixture)
 
 NAMESPACE = ["--join-state-namespace", "edge-tunnel"]
 NODE_RECORDS = "/api/v1/namespaces/edge-tunnel/configmaps?labelSelector=edgetunnel.io%2Fjoin-state%3Dnode"

@@ -7,7 +7,7 @@ import time
 
 from conftest import BIN, run
 from edge_service import blob_sha256
-from harness import Cluster, http_get, wait_until
+from support.harness import Cluster, http_get, wait_until
 
 
 def served_sans(port, host="127.0.0.1"):

@@ -18,8 +18,8 @@ import time
 import pytest
 
 from conftest import BIN, run
-from harness import Cluster, FakeServer, frame, http_get, read_frame, read_head, rss_kib, wait_until
-from test_hostile_peers import attacker_tunnel, hello, victim_download
+from support.harness import Cluster, FakeServer, frame, http_get, read_frame, read_head, rss_kib, wait_until
+from support.hostile import attacker_tunnel, hello, victim_download
 
 # What one byte kept may cost, by docs/SECURITY.md: at most twice itself plus 512 bytes per kept buffer, and small
 # pieces are gathered. So 800 one-byte frames may cost a few KiB; the bound below leaves room for the allocator's

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import BIN, assert_one_line_error, run
-from harness import Cluster, Proc, free_port, http_get, stop_and_check, wait_until
+from support.harness import Cluster, Proc, free_port, http_get, stop_and_check, wait_until
 from netns import sh, two_hosts
 
 HERE = pathlib.Path(__file__).resolve().parent

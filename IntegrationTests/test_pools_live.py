@@ -5,8 +5,8 @@ import os
 import re
 
 from conftest import BIN, run
-from harness import Cluster, free_port, http_get, stop_and_check, wait_until
-from test_kube_api import Lab
+from support.harness import Cluster, free_port, http_get, stop_and_check, wait_until
+from support.kube import Lab
 
 
 def pool_metrics(c):

@@ -9,7 +9,7 @@
 - pool B's file is edited to put the line first (as its ConfigMap's comment says): its agent moves onto the line
   with no restart, and a follow stream open across the move loses nothing;
 - pool A's line is lost (iptables DROP, or its link down) during a follow stream, a 200 MiB download and a
-  200 MiB upload (test_resume.Transfers): the streams resume on the public address, the longest pause of the
+  200 MiB upload (support.topology.Transfers): the streams resume on the public address, the longest pause of the
   follow stream at most 2 s, every transfer byte-exact, and pool B is not disturbed.
 
 The ClusterIP: the server runs in the cloud namespace, its "pod IP" on lo, and the cloud's nat table holds the
@@ -33,9 +33,9 @@ import yaml
 
 from conftest import BIN, run
 from edge_service import blob_sha256
-from harness import PYTHON_HELPER_EXITS, Proc, stop_and_check, wait_until
 from netns import PoolsTopology
-from test_resume import LOOPS, Transfers
+from support.harness import PYTHON_HELPER_EXITS, Proc, stop_and_check, wait_until
+from support.topology import LOOPS, Transfers
 
 HERE = pathlib.Path(__file__).resolve().parent
 T = PoolsTopology
@@ -102,7 +102,7 @@ class Follow:
 
 
 class Caller:
-    """A caller in the cloud of one node (what test_resume.Transfers needs: `topo` and `curl_args`)."""
+    """A caller in the cloud of one node (what support.topology.Transfers needs: `topo` and `curl_args`)."""
 
     def __init__(self, pools, node):
         self.pools, self.node, self.topo = pools, node, pools.topo

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from conftest import BIN, ROOT, run
-from harness import Cluster, free_port, http_get, wait_until
+from support.harness import Cluster, free_port, http_get, wait_until
 
 README = ROOT / "README.md"
 TOUR_HEADING = "## A real deployment in five minutes"

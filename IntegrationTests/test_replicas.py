@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import BIN, run
-from harness import PYTHON_HELPER_EXITS, Proc, holds_for, stop_and_check, wait_until
+from support.harness import PYTHON_HELPER_EXITS, Proc, holds_for, stop_and_check, wait_until
 from netns import ClusterNetwork
 
 HERE = pathlib.Path(__file__).resolve().parent

@@ -1,29 +1,21 @@
 """Resumable tunnels (issue 16 B) on the Express Connect topology: open streams survive the private line's loss and
 an outage of the only path, byte-exact, and fail loudly when the server restarted meanwhile."""
-import hashlib
 import json
 import os
 import socket
 import ssl
-import subprocess
 import threading
 import time
 
 import pytest
 
 from conftest import BIN, run
-from edge_service import blob_sha256
-from harness import Cluster, FakeServer, connection_end, frame, http_get, read_frame, rss_kib, wait_until
 from netns import Topology
-from test_express_connect import Setup as ExpressSetup
+from support.harness import Cluster, FakeServer, connection_end, frame, http_get, read_frame, rss_kib, wait_until
+from support.topology import LINES, LOOPS, SIZE, Transfers
+from support.topology import Setup as ExpressSetup
 
 PRIVATE, PUBLIC = Topology.PRIVATE, Topology.PUBLIC
-SIZE = 200 * 1024 * 1024
-RATE = "8M"  # 200 MiB take about 26 s: both transfers are running when the path goes
-LINES = 500  # one every 50 ms: 25 s
-# The server on several event loops, as on any machine with more than 2 cores: a stream resumed on a new connection
-# then moves from one loop to another (issue 25 item 4); on 2 cores the default is a single loop.
-LOOPS = ("--event-loop-threads", "4")
 
 
 class Setup(ExpressSetup):
@@ -39,61 +31,6 @@ class Setup(ExpressSetup):
 def topo():
     with Topology() as t:
         yield t
-
-
-class Transfers:
-    """From the cloud through the tunnel: a chunked `follow` stream, a 200 MiB download and a 200 MiB upload."""
-
-    def __init__(self, s, tmp):
-        self.s, self.tmp = s, tmp
-        self.upload_file = tmp / "upload.bin"
-        with open(self.upload_file, "wb") as out:
-            for _ in range(SIZE // (1 << 20)):
-                out.write(os.urandom(1 << 20))
-        self.upload_sha = hashlib.sha256(self.upload_file.read_bytes()).hexdigest()
-        self.download_file = tmp / "download.bin"
-        self.lines = []  # (arrival time, line)
-
-    def curl(self, path, *extra):
-        return subprocess.Popen(["ip", "netns", "exec", self.s.topo.cloud,
-                                 *map(str, self.s.curl_args(path, *extra, max_time=150))],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-    def start(self):
-        self.follow = self.curl(f"/follow/{LINES}", "-N")
-        self.reader = threading.Thread(target=self._read_lines)
-        self.reader.start()
-        self.download = self.curl(f"/blob/{SIZE}", "--limit-rate", RATE, "-o", self.download_file)
-        self.upload = self.curl("/sha256", "--limit-rate", RATE, "--data-binary", f"@{self.upload_file}",
-                                "-H", "Content-Type: application/octet-stream")
-        wait_until(lambda: len(self.lines) >= 20, 20, "the follow stream to run")
-
-    def _read_lines(self):
-        for raw in self.follow.stdout:
-            self.lines.append((time.monotonic(), raw.decode().rstrip("\n")))
-
-    def running(self):
-        return [p.poll() is None for p in (self.follow, self.download, self.upload)]
-
-    def finish(self):
-        self.follow.wait(180)  # its output is the reader thread's
-        self.reader.join(10)
-        results = {"follow": (self.follow.returncode, b"", self.follow.stderr.read().decode().strip())}
-        for name, proc in (("download", self.download), ("upload", self.upload)):
-            out, err = proc.communicate(timeout=180)
-            results[name] = (proc.returncode, out, err.decode().strip())
-        return results
-
-    def longest_pause(self):
-        times = [t for t, _ in self.lines]
-        return max(b - a for a, b in zip(times, times[1:]))
-
-    def assert_complete(self, results):
-        for name, (code, _, err) in results.items():
-            assert code == 0, f"{name}: curl exited {code}: {err}"
-        assert [line for _, line in self.lines] == [f"line {i}" for i in range(LINES)]
-        assert hashlib.sha256(self.download_file.read_bytes()).hexdigest() == blob_sha256(SIZE)
-        assert results["upload"][1].decode().strip() == self.upload_sha
 
 
 def drop_private_line(topo, on):

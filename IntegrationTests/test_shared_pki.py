@@ -8,9 +8,8 @@ import shutil
 import types
 
 from conftest import BIN, run
-from harness import Cluster, frame, free_port, http_get, wait_until
-from test_hostile_peers import attacker_tunnel
-from test_hostile_scenarios import csr_for, refusal
+from support.harness import Cluster, frame, free_port, http_get, wait_until
+from support.hostile import attacker_tunnel, csr_for, refusal
 
 
 def snapshot(folder):

@@ -9,7 +9,7 @@ import tempfile
 import pytest
 
 from conftest import BIN, run
-from harness import Cluster, free_port, http_get, wait_until
+from support.harness import Cluster, free_port, http_get, wait_until
 
 NOBODY = 65534
 

@@ -13,10 +13,10 @@ import urllib.request
 
 from conftest import BIN, run
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "scripts"))
 from freeport import free_port  # noqa: E402  (shared with scripts/bench)
 
-HERE = pathlib.Path(__file__).resolve().parent
+HERE = pathlib.Path(__file__).resolve().parents[1]  # IntegrationTests/: the stand-ins run from there by path
 
 
 def wait_until(predicate, timeout, what):
@@ -343,6 +343,17 @@ def read_frame(sock):
     header = recv_exact(sock, 12)
     frame_type, _, _, stream_id, length = struct.unpack(">BBHII", header)
     return frame_type, stream_id, recv_exact(sock, length)
+
+
+def read_all(sock, timeout=30):
+    """Everything `sock` (plain or TLS) receives until its peer's orderly end (EOF), as bytes. Each read waits at
+    most `timeout` s (the socket's timeout is set to it): a connection that stays open raises socket.timeout, and
+    a reset raises as it does from `recv`."""
+    sock.settimeout(timeout)
+    data = bytearray()
+    while (chunk := sock.recv(1 << 20)):
+        data += chunk
+    return bytes(data)
 
 
 def recv_exact(sock, n):
