@@ -24,7 +24,7 @@ extension TunnelMux {
                 promise.succeed(.failed(OpenFail(code: 503, reason: "tunnel connection is draining")))
                 return
             }
-            guard !self.takingOver else {
+            guard !self.resume.isTakingOver else {
                 promise.succeed(.failed(OpenFail(code: 503, reason: "the agent's tunnel is resuming: try again")))
                 return
             }

@@ -94,11 +94,7 @@ extension TunnelMux {
         confirmTimer?.cancel()
         confirmTimer = nil
         // Taken-over streams still frozen are suspended like the others: the next connection lists them again.
-        graceTimer?.cancel()
-        graceTimer = nil
-        awaitingResume = []
-        resumeAnswerDue = false
-        takingOver = false
+        resume.suspend()?.cancel()
         deliverQueued()
         decoder?.sink = nil
         decoder = nil
@@ -111,7 +107,7 @@ extension TunnelMux {
         inTunnelRead = false
         for stream in streams.values where stream.lifecycle.state == .opening || stream.unresumable {
             streams.removeValue(forKey: stream.id)
-            resetWhileSuspended.append(stream.id)
+            _ = resume.noteReset(stream.id)
             streamRemoved(stream)
             stream.glue?.resetFromTunnel()
             stream.openPromise?.succeed(.failed(OpenFail(code: 502, reason: "tunnel connection lost while opening")))
@@ -121,18 +117,18 @@ extension TunnelMux {
             stream.queuedToSend = false
             updateReadState(stream)
         }
-        graceTimer = eventLoop.scheduleTask(in: resumeGrace) { [weak self] in
-            guard let self, self.connection.state == .suspended else { return }
-            self.graceTimer = nil
-            self.shutdownStreams()
-        }
+        resume.setTimer(
+            eventLoop.scheduleTask(in: resumeGrace) { [weak self] in
+                guard let self, self.connection.state == .suspended else { return }
+                self.shutdownStreams()
+            })
         delegate?.muxDidSuspend(self)
     }
 
     /// The stream was taken over and waits for the peer's RESUME: its socket is not read and nothing is sent.
     /// (The emptiness check first: on every tunnel that is not being resumed, no hashing per frame.)
     func isFrozen(_ streamID: UInt32) -> Bool {
-        !awaitingResume.isEmpty && awaitingResume.contains(streamID)
+        resume.isFrozen(streamID)
     }
 
     /// Frames of this stream wait: the connection is suspended, or the stream is frozen. A FIN waits too, behind
@@ -143,9 +139,7 @@ extension TunnelMux {
 
     /// RST for a stream this side gave up; while suspended it goes out on the connection that resumes.
     func sendReset(_ streamID: UInt32) {
-        if connection.state == .suspended {
-            resetWhileSuspended.append(streamID)
-        } else {
+        if !resume.noteReset(streamID) {
             writeStreamFrame(.rst(streamID: streamID, code: .cancel, allocator: allocator))
         }
     }
@@ -192,7 +186,7 @@ extension TunnelMux {
     /// Server side: no stream opens on this tunnel until ``takeOver(_:)`` has taken the old tunnel's streams (and
     /// their ids) over; call before the agent is routable.
     public func beginTakeOver() {
-        execute { self.takingOver = true }
+        execute { self.resume.beginTakeOver() }
     }
 
     /// Agent side: the server's RESUME, when it comes on this connection, resumes the streams of `old`, the
@@ -203,26 +197,22 @@ extension TunnelMux {
     @discardableResult
     public func expectResume(from old: TunnelMux?) -> Bool {
         if let old, old.eventLoop !== eventLoop { return false }
-        execute {
-            self.resumeFrom = old
-            self.resumeExpected = true
-        }
+        execute { self.resume.expect(from: old) }
         return true
     }
 
     /// On the suspended mux's loop: gives the streams up to `successor`, to which their sockets' events are
     /// passed on from now on. Their windows stay reserved in the process budget: the streams go on.
     func handOver(to successor: TunnelMux) -> HandedOver? {
-        guard connection.state == .suspended, connection.close() else { return nil }
-        graceTimer?.cancel()
-        graceTimer = nil
-        self.successor = successor
+        guard connection.state == .suspended, let taken = resume.handOver(to: successor), connection.close() else {
+            return nil
+        }
+        taken.timer?.cancel()
         let handed = HandedOver(
-            streams: Array(streams.values), lingering: Array(lingering.values), resets: resetWhileSuspended,
+            streams: Array(streams.values), lingering: Array(lingering.values), resets: taken.resets,
             nextStreamID: nextStreamID, lastPeerStreamID: lastPeerStreamID)
         streams = [:]
         forgetLingering()
-        resetWhileSuspended = []
         windowBudgetUsed = 0
         queuedData = 0
         retainedTotal = 0
@@ -238,8 +228,8 @@ extension TunnelMux {
     /// streams came (the takeover waited for the old connection to close): they end, and give back what they held.
     @discardableResult
     func adopt(_ handed: HandedOver, announce: Bool) -> Int? {
-        takingOver = false
         guard !connection.isClosed else {
+            resume.adopt(frozen: [], answerDue: false)?.cancel()
             for stream in handed.streams { endHandedOver(stream) }
             for stream in handed.lingering { limits.processRetained?.give(stream.retainedBytes) }
             return nil
@@ -247,6 +237,7 @@ extension TunnelMux {
         nextStreamID = max(nextStreamID, handed.nextStreamID)
         lastPeerStreamID = max(lastPeerStreamID, handed.lastPeerStreamID)
         var listed: [ResumedStream] = []
+        var frozen = Set<UInt32>()
         // RSTs go out after this side's RESUME: before it, the peer's new connection knows none of these ids.
         var resets = handed.resets
         for stream in handed.streams.sorted(by: { $0.id < $1.id }) {
@@ -256,7 +247,7 @@ extension TunnelMux {
                 continue
             }
             streams[stream.id] = stream
-            awaitingResume.insert(stream.id)
+            frozen.insert(stream.id)
             stream.glue?.moveToTunnel(self)
             stream.owner?.mux = self
             windowBudgetUsed += stream.receive.size
@@ -276,7 +267,7 @@ extension TunnelMux {
                 continue
             }
             lingering[stream.id] = stream
-            awaitingResume.insert(stream.id)
+            frozen.insert(stream.id)
             retainedTotal += stream.retainedBytes
             listed.append(
                 ResumedStream(
@@ -284,21 +275,19 @@ extension TunnelMux {
                     window: stream.receive.outstanding, fin: true))
         }
         counters.setStreams(streams.count)
-        if announce {
-            send(Resume(streams: listed).frame(allocator: allocator))
-            resumeAnswerDue = role == .server
-        }
+        // Frozen before anything is sent: from here no frame of theirs goes out until the peer's RESUME.
+        resume.adopt(frozen: frozen, answerDue: announce && role == .server)?.cancel()
+        if announce { send(Resume(streams: listed).frame(allocator: allocator)) }
         for id in resets { send(.rst(streamID: id, code: .cancel, allocator: allocator)) }
         for stream in streams.values { updateReadState(stream) }
         flushTunnel()
-        if !awaitingResume.isEmpty {
+        if !frozen.isEmpty {
             // A peer that never answers must not hold the sockets: its streams are reset after the grace period.
-            graceTimer = eventLoop.scheduleTask(in: resumeGrace) { [weak self] in
-                guard let self, !self.awaitingResume.isEmpty else { return }
-                self.resumeAnswerDue = false
-                self.graceTimer = nil
-                self.reconcile(with: [])
-            }
+            resume.setTimer(
+                eventLoop.scheduleTask(in: resumeGrace) { [weak self] in
+                    guard let self, self.resume.hasFrozen else { return }
+                    self.reconcile(with: [])
+                })
         }
         return listed.count
     }
@@ -317,13 +306,9 @@ extension TunnelMux {
     /// suspended tunnel this connection replaces (agent side, ``expectResume(from:)``).
     func receiveResume(_ frame: Frame) throws {
         let resume = try Resume(frame: frame)
-        if resumeAnswerDue {
-            resumeAnswerDue = false
+        if self.resume.answerDue {
             reconcile(with: resume.streams)
-        } else if role == .agent, resumeExpected {
-            let old = resumeFrom
-            resumeFrom = nil
-            resumeExpected = false
+        } else if role == .agent, let old = self.resume.takeExpected() {
             adopt(old?.handOver(to: self) ?? HandedOver(), announce: true)
             reconcile(with: resume.streams)
         } else {
@@ -334,10 +319,8 @@ extension TunnelMux {
     /// Both sides' lists are known. A stream both listed carries on: its bytes the peer did not receive go again,
     /// then a FIN the peer did not get, then what waited. Every other stream is reset, on both sides.
     func reconcile(with peer: [ResumedStream]) {
-        graceTimer?.cancel()
-        graceTimer = nil
-        let adopted = awaitingResume
-        awaitingResume = []
+        let (adopted, timer) = resume.thaw()
+        timer?.cancel()
         var theirs: [UInt32: ResumedStream] = [:]
         for entry in peer.prefix(limits.maxResumedStreams) where theirs[entry.id] == nil { theirs[entry.id] = entry }
         for id in adopted.sorted() {

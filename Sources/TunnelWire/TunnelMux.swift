@@ -103,23 +103,13 @@ public final class TunnelMux: ChannelInboundHandler {
     var resumeGrace: TimeAmount = .seconds(30)
     /// The connection is being closed on purpose: its streams end with it (``closeWithoutResume()``).
     var resumeRefused = false
-    /// Suspended: ends the streams when the grace period is over. Frozen: gives up on the peer's RESUME.
-    var graceTimer: Scheduled<Void>?
+    /// Where the tunnel is in moving its streams between connections: suspended, taking over, frozen until the
+    /// peer's RESUME, handed over... with the timer, streams and resets of that phase (``ResumeMachine``).
+    var resume = ResumeMachine()
     /// The mux that took this one's streams over: socket events of those streams are passed on to it.
-    var successor: TunnelMux?
-    /// Streams taken over and frozen (their sockets unread, nothing sent) until the peer's RESUME.
-    var awaitingResume: Set<UInt32> = []
-    /// Agent side: the suspended mux whose streams the server's RESUME resumes here (``expectResume(from:)``).
-    var resumeFrom: TunnelMux?
-    var resumeExpected = false
-    /// Server side: this side's RESUME went out and the agent's answer is due.
-    var resumeAnswerDue = false
-    /// Server side: a suspended tunnel is being taken over; no stream opens until its ids are known.
-    var takingOver = false
+    var successor: TunnelMux? { resume.successor }
     /// Bytes all streams keep to send again (resumable tunnels), at most ``TunnelLimits/maxRetained``.
     var retainedTotal = 0
-    /// Streams reset while suspended: the RST goes out on the connection that resumes.
-    var resetWhileSuspended: [UInt32] = []
     /// Streams that ended here while their last DATA or FIN may not have reached the peer, with what they kept
     /// (TunnelMux+Lingering.swift), and in the order they ended, each with the confirming PING it waits for.
     var lingering: [UInt32: Stream] = [:]
@@ -324,11 +314,7 @@ public final class TunnelMux: ChannelInboundHandler {
 
     func shutdownStreams() {
         guard connection.close() else { return }
-        graceTimer?.cancel()
-        graceTimer = nil
-        awaitingResume = []
-        resumeFrom = nil
-        resumeExpected = false
+        resume.end()?.cancel()
         let all = streams.values
         streams = [:]
         sendQueue.removeAll()
