@@ -14,12 +14,16 @@ import TunnelWire
 /// for, jittered (the Service picks replicas at random, so with k of n held a dial finds a new one with probability
 /// (n-k)/n). When the primary dies while
 /// another tunnel is healthy, that one becomes the primary and no dial is needed (``promote(for:)``).
+///
+/// Nothing polls: every change checks at once (the primary changes, a count is learned, a tunnel becomes unusable,
+/// a dial ends), and a check that finds the next dial not yet due schedules one more check for when it is.
 final class ReplicaTunnels: @unchecked Sendable {
     unowned let agent: EdgeTunnelAgent
     private let lock = NIOLock()
     private var tunnels: [AgentTunnel] = []
     private var serverCount = 1
-    private var dialing = false
+    private var phase = Phase.idle
+    /// No dial before this (a backoff, a replica's pace, the spread after a loss).
     private var notBefore = NIODeadline.uptimeNanoseconds(0)
     private var duplicates = 0
     private var failures = 0
@@ -30,19 +34,28 @@ final class ReplicaTunnels: @unchecked Sendable {
     /// this: every agent of the fleet notices the loss in the same second, and 10,000 agents probing at once
     /// flooded a 2-core test machine until established tunnels missed their keepalives (docs/benchmarks.md).
     static let lostReplicaSpread: TimeAmount = .seconds(5)
-    private var ticker: RepeatedTask?
+    /// The dial under way, for shutdown to wait on.
     private var dial: Task<Void, Never>?
+    /// The loop that runs the check due at `notBefore`, and that check.
+    private var loop: EventLoop?
+    private var wake: Scheduled<Void>?
+
+    private enum Phase {
+        /// The next check may dial.
+        case idle
+        /// A dial is under way: checks meanwhile only tidy up; its end checks again.
+        case dialing
+        /// Stopping: no dial any more.
+        case stopped
+    }
 
     init(agent: EdgeTunnelAgent) {
         self.agent = agent
     }
 
-    /// Checks every second (and at once on every change) whether a replica is missing.
+    /// Checks at once on every change; `loop` runs the checks that wait for a backoff.
     func start(on loop: EventLoop) {
-        let task = loop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [weak self] _ in
-            self?.check()
-        }
-        lock.withLock { ticker = task }
+        lock.withLock { self.loop = loop }
     }
 
     /// The tunnels to other replicas (registered, not yet known to be unusable).
@@ -96,10 +109,12 @@ final class ReplicaTunnels: @unchecked Sendable {
                 notBefore = max(notBefore, spread)
             }
             lastHeld = held.count
-            guard held.count < serverCount, !dialing, NIODeadline.now() >= notBefore else {
+            guard case .idle = phase, held.count < serverCount else { return (stale, held, false) }
+            guard NIODeadline.now() >= notBefore else {
+                checkAgain(at: notBefore)
                 return (stale, held, false)
             }
-            dialing = true
+            phase = .dialing
             return (stale, held, true)
         }
         let wantedCount = count
@@ -117,7 +132,7 @@ final class ReplicaTunnels: @unchecked Sendable {
                 let tunnel = try await agent.connect(to: address, haveServers: held, primary: false, probes: probes)
                 let now = agent.primary
                 let keep = lock.withLock { () -> Bool in
-                    dialing = false
+                    dialEnded()
                     duplicates = 0
                     failures = 0
                     // The primary may have moved meanwhile, or the same replica been reached twice.
@@ -138,13 +153,13 @@ final class ReplicaTunnels: @unchecked Sendable {
             } catch let duplicate as DuplicateServer {
                 agent.logger.debug("dialed a replica already held: \(duplicate.reason)")
                 lock.withLock {
-                    dialing = false
+                    dialEnded()
                     duplicates += 1
                     notBefore = .now() + Self.wait(afterDuplicates: duplicates, pace: duplicate.paceMilliseconds)
                 }
             } catch {
                 let wait = lock.withLock { () -> TimeAmount in
-                    dialing = false
+                    dialEnded()
                     failures += 1
                     let wait = agent.backoff(attempt: failures)
                     notBefore = .now() + wait
@@ -155,8 +170,21 @@ final class ReplicaTunnels: @unchecked Sendable {
                 )
             }
             agent.metrics.serverTunnels.set(Int64(1 + extras.count))
+            check()  // the next replica, or a check when the wait this dial set is over
         }
         lock.withLock { dial = task }
+    }
+
+    /// Under the lock: a dial ended (the phase goes back to idle unless stopping).
+    private func dialEnded() {
+        if case .dialing = phase { phase = .idle }
+    }
+
+    /// Under the lock: one check at `deadline`, replacing one scheduled before (computed from an older `notBefore`).
+    private func checkAgain(at deadline: NIODeadline) {
+        guard let loop else { return }
+        wake?.cancel()
+        wake = loop.scheduleTask(deadline: deadline) { [weak self] in self?.check() }
     }
 
     /// The wait before the next probe after `duplicates` rounds in a row reached only held replicas.
@@ -182,8 +210,9 @@ final class ReplicaTunnels: @unchecked Sendable {
     /// Every tunnel, for shutdown.
     func takeAll() -> [AgentTunnel] {
         lock.withLock {
-            ticker?.cancel()
-            notBefore = .now() + .hours(1)  // no new dial once stopping
+            phase = .stopped  // no new dial once stopping
+            wake?.cancel()
+            wake = nil
             defer { tunnels = [] }
             return tunnels
         }
