@@ -455,41 +455,50 @@ sys.stdin.read()
 
 def test_a_client_of_an_older_release_is_served(lab, tmp_path):
     """konnectivity's older releases have no DRAIN (type 6, field 8) and carry `bearerToken = 4` in DialResponse.
-    A client built from that older .proto dials and moves bytes, and the DRAIN a stopping server sends reaches it as
-    an unknown packet type (proto3 keeps the number) instead of breaking its stream."""
-    import importlib
-    import queue
+    A client built from that older .proto (in a process of its own: protobuf's registry is per process) dials and
+    moves bytes, and the DRAIN a stopping server sends reaches it as an unknown packet type (proto3 keeps the
+    number) instead of breaking its stream."""
     old = (pathlib.Path(kc.ROOT) / "Protos" / "konnectivity.proto").read_text()
     old = old.replace("  DRAIN = 6;\n", "").replace("    Drain drain = 8;\n", "").replace("message Drain {}\n", "")
     old = old.replace("  int64 random = 3;\n  // Older", "  int64 random = 3;\n  string bearerToken = 4;\n  // Older")
     assert "DRAIN" not in old and "bearerToken = 4" in old
-    (tmp_path / "stubs").mkdir()
-    (tmp_path / "stubs" / "konnectivity_old.proto").write_text(old)
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", tmp_path / "stubs",
-                    f"--python_out={tmp_path / 'stubs'}", f"--grpc_python_out={tmp_path / 'stubs'}",
-                    tmp_path / "stubs" / "konnectivity_old.proto"], check=True)
-    sys.path.insert(0, str(tmp_path / "stubs"))
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    (stubs / "konnectivity_old.proto").write_text(old)
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", stubs, f"--python_out={stubs}",
+                    f"--grpc_python_out={stubs}", stubs / "konnectivity_old.proto"], check=True)
+    script = f"""
+import queue, sys
+sys.path.insert(0, {str(stubs)!r})
+import grpc, konnectivity_old_pb2 as pb, konnectivity_old_pb2_grpc as stubs
+outgoing = queue.Queue()
+with grpc.insecure_channel("unix:{lab.grpc_sock}") as channel:
+    replies = stubs.ProxyServiceStub(channel).Proxy(iter(outgoing.get, None), timeout=60)
+    outgoing.put(pb.Packet(type=pb.DIAL_REQ, dialRequest=pb.DialRequest(protocol="tcp",
+                                                                       address="edge-1:{lab.edge_port}", random=42)))
+    answer = next(replies)
+    assert answer.type == pb.DIAL_RSP and answer.dialResponse.random == 42 and answer.dialResponse.connectID, answer
+    outgoing.put(pb.Packet(type=pb.DATA, data=pb.Data(connectID=answer.dialResponse.connectID,
+                                                      data=b"GET /follow/1000 HTTP/1.1\\r\\nHost: edge\\r\\n\\r\\n")))
+    first = next(replies)
+    assert first.type == pb.DATA and first.data.data.startswith(b"HTTP/1.1 200"), first
+    print("ready", flush=True)
+    sys.stdin.readline()
+    while (packet := next(replies)).type == pb.DATA:
+        pass
+    print("type", int(packet.type), flush=True)
+    replies.cancel()
+"""
+    client = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
     try:
-        old_pb = importlib.import_module("konnectivity_old_pb2")
-        old_grpc = importlib.import_module("konnectivity_old_pb2_grpc")
-    finally:
-        sys.path.remove(str(tmp_path / "stubs"))
-    outgoing = queue.Queue()
-    with kc.channel(lab.grpc_sock) as channel:
-        replies = old_grpc.ProxyServiceStub(channel).Proxy(iter(outgoing.get, None), timeout=60)
-        outgoing.put(old_pb.Packet(type=old_pb.DIAL_REQ, dialRequest=old_pb.DialRequest(
-            protocol="tcp", address=f"edge-1:{lab.edge_port}", random=42)))
-        answer = next(replies)
-        assert answer.type == old_pb.DIAL_RSP and answer.dialResponse.random == 42 and answer.dialResponse.connectID
-        connect_id = answer.dialResponse.connectID
-        outgoing.put(old_pb.Packet(type=old_pb.DATA, data=old_pb.Data(
-            connectID=connect_id, data=b"GET /follow/1000 HTTP/1.1\r\nHost: edge\r\n\r\n")))
-        first = next(replies)
-        assert first.type == old_pb.DATA and first.data.data.startswith(b"HTTP/1.1 200")
+        ready = client.stdout.readline().strip()
+        assert ready == "ready", client.stderr.read() if client.poll() is not None else ready
         lab.server.send_signal(signal.SIGTERM)
-        while (packet := next(replies)).type == old_pb.DATA:
-            pass
-        assert packet.type == 6, packet  # DRAIN, a number this release has no name for
-        outgoing.put(None)
-        replies.cancel()
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == "type 6"  # DRAIN, a number this release has no name for
+    finally:
+        client.kill()
+        client.wait(10)
     lab.server.expect_exit()
