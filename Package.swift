@@ -138,6 +138,8 @@ let package = Package(
                 "TunnelPKI", "TunnelWire",
                 .product(name: "X509", package: "swift-certificates"),
                 .product(name: "Yams", package: "Yams"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             ] + networking,
             swiftSettings: swift5 + fuzzFlags
         ),

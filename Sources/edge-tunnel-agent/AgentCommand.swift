@@ -80,6 +80,7 @@ struct AgentCommand: AsyncParsableCommand {
         ProcessSupport.raiseFileLimit()
         ProcessSupport.tuneAllocator()
         let logger = Logger(label: "edge-tunnel-agent")
+        let signals = await EarlySignals.trap()  // SIGTERM before the group runs: a graceful stop, not death
         let agent: EdgeTunnelAgent
         let service: AgentService
         do {
@@ -95,7 +96,7 @@ struct AgentCommand: AsyncParsableCommand {
         }
         let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         do {
-            try await group.run()
+            try await signals.run(group)
         } catch {
             fail("\(error)")
         }

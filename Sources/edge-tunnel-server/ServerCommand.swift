@@ -195,11 +195,13 @@ struct ServerCommand: AsyncParsableCommand {
         let logger = Logger(label: "edge-tunnel-server")
         let server: TunnelServer
         let service: TunnelServerService
+        let signals: EarlySignals
         do {
             // SIGHUP is trapped once the service group runs (ConfigReloadService), after the listeners are up: one
             // that came in between killed the process (its default action). Ignored until then; a changed file is
             // still picked up by the reloader's watch.
             signal(SIGHUP, SIG_IGN)
+            signals = await EarlySignals.trap()  // SIGTERM before the group runs: a graceful stop, not death
             server = try TunnelServer(configuration: configuration, logger: logger)
             service = TunnelServerService(server: server, logger: logger)
             try await service.start()
@@ -236,7 +238,7 @@ struct ServerCommand: AsyncParsableCommand {
         services.append(ConfigReloadService(reloader: reloader, logger: logger))
         let group = ServiceGroup(services: services, gracefulShutdownSignals: [.sigterm, .sigint], logger: logger)
         do {
-            try await group.run()
+            try await signals.run(group)
         } catch {
             fail("\(error)")
         }
