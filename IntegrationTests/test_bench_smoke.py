@@ -6,7 +6,8 @@ import sys
 from conftest import BIN, ROOT, assert_one_line_error, run
 
 CONTENDERS = ["direct", "socat", "ssh -R", "ssh -R tuned", "EdgeTunnel (forward → TLS CONNECT)",
-              "EdgeTunnel (forward → Unix socket CONNECT)", "EdgeTunnel (Host-routed HTTP port)"]
+              "EdgeTunnel (forward → Unix socket CONNECT)", "EdgeTunnel (forward → gRPC socket)",
+              "EdgeTunnel (Host-routed HTTP port)"]
 # iperf3 is not HTTP, so it cannot be routed by Host.
 HTTP_ONLY = {"EdgeTunnel (Host-routed HTTP port)"}
 
