@@ -1,20 +1,10 @@
 """Shared fixtures for end-to-end tests: they run the real binaries that `swift build` made."""
 import os
 import pathlib
-import subprocess
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-BIN = pathlib.Path(os.environ.get("EDGETUNNEL_BIN_DIR", ROOT / ".build" / "debug"))
-
-
-def run(*args, check=True, timeout=120, **kwargs):
-    """Runs a command, returning the CompletedProcess with text output."""
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kwargs)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
+from support.binaries import BIN, ROOT, run  # noqa: F401  (tests import these from here)
 
 
 @pytest.fixture(scope="session")

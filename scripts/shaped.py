@@ -25,6 +25,9 @@ import time
 import urllib.request
 import uuid
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "IntegrationTests"))
+from support.harness import Processes  # noqa: E402  (the test harness's process handling)
+
 SHAPE = ["tbf", "rate", "40mbit", "burst", "32kbit", "latency", "50ms"]
 CLOUD_IP, EDGE_IP = "10.78.0.1", "10.78.0.2"
 NGINX_PORT, SSH_FORWARD_PORT, SSHD_PORT = 8080, 9080, 2222
@@ -155,14 +158,19 @@ def sh(*args, check=True, timeout=60):
     return subprocess.run([str(a) for a in args], capture_output=True, text=True, check=check, timeout=timeout)
 
 
-class ShapedLab:
+class ShapedLab(Processes):
+    """The two namespaces and the processes in them (the harness's `Processes`, logging to `<tmp>/shaped-<name>.log`):
+    on exit every process gets SIGTERM, is SIGKILLed if it has not exited 10 s later, and no exit code is judged."""
+
+    check, together, stop_timeout = False, True, 10
+
     def __init__(self, bin_dir, tmp):
-        self.bin, self.tmp = pathlib.Path(bin_dir), pathlib.Path(tmp)
+        super().__init__(tmp)
+        self.bin = pathlib.Path(bin_dir)
         self.tmp.mkdir(parents=True, exist_ok=True)
         tag = uuid.uuid4().hex[:5]
         self.cloud, self.edge = f"etsc{tag}", f"etse{tag}"
         self.veth_cloud, self.veth_edge = f"vsc{tag}", f"vse{tag}"
-        self.procs = []
 
     def __enter__(self):
         try:
@@ -181,23 +189,14 @@ class ShapedLab:
         return self
 
     def __exit__(self, *exc):
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for ns in (self.cloud, self.edge):
-            sh("ip", "netns", "del", ns, check=False)
+        try:
+            self.close()
+        finally:
+            for ns in (self.cloud, self.edge):
+                sh("ip", "netns", "del", ns, check=False)
 
-    def spawn(self, ns, args, name):
-        logf = open(self.tmp / f"shaped-{name}.log", "ab")
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *[str(a) for a in args]], stdout=logf,
-                                stderr=subprocess.STDOUT)
-        self.procs.append(proc)
-        return proc
+    def spawn_in(self, ns, args, name):
+        return self.spawn(["ip", "netns", "exec", ns, *args], f"shaped-{name}")
 
     def wait_http(self, ns, url, what, timeout=30):
         deadline = time.monotonic() + timeout
@@ -235,22 +234,22 @@ http {{
     server {{ listen {NGINX_PORT}; root {www}; }}
 }}
 """)
-        self.spawn(self.edge, ["nginx", "-c", tmp / "shaped-nginx.conf", "-g", "daemon off;"], "nginx")
+        self.spawn_in(self.edge, ["nginx", "-c", tmp / "shaped-nginx.conf", "-g", "daemon off;"], "nginx")
 
         pki = tmp / "shaped-pki"
         sh(edgetunnel, "pki", "init", "--pki-dir", pki)
         token = sh(edgetunnel, "token", "create", "--pki-dir", pki).stdout.strip()
         ca_hash = sh(edgetunnel, "pki", "ca-hash", "--pki-dir", pki).stdout.strip()
         self.uds = tmp / "shaped.sock"
-        self.spawn(self.cloud, [self.bin / "edge-tunnel-server", "--pki-dir", pki, "--bind-address", CLOUD_IP,
-                                "--cert-ips", CLOUD_IP, "--meta-port", 10265, "--insecure-port", 0, "--uds-path", self.uds,
-                                "--log-level", "warning"], "server")
+        self.spawn_in(self.cloud, [self.bin / "edge-tunnel-server", "--pki-dir", pki, "--bind-address", CLOUD_IP,
+                                   "--cert-ips", CLOUD_IP, "--meta-port", 10265, "--insecure-port", 0,
+                                   "--uds-path", self.uds, "--log-level", "warning"], "server")
         self.wait_http(self.cloud, f"http://{CLOUD_IP}:10265/healthz", "the server")
         self.node = "shaped-edge"
-        self.spawn(self.edge, [self.bin / "edge-tunnel-agent", "--node-name", self.node, "--server-address",
-                               f"{CLOUD_IP}:10262", "--pki-dir", tmp / "shaped-agent", "--bootstrap-token", token,
-                               "--ca-cert-hash", ca_hash, "--meta-port", 10266, "--log-level", "warning",
-                               "--allow", f"127.0.0.1:{NGINX_PORT}"], "agent")
+        self.spawn_in(self.edge, [self.bin / "edge-tunnel-agent", "--node-name", self.node, "--server-address",
+                                  f"{CLOUD_IP}:10262", "--pki-dir", tmp / "shaped-agent", "--bootstrap-token", token,
+                                  "--ca-cert-hash", ca_hash, "--meta-port", 10266, "--log-level", "warning",
+                                  "--allow", f"127.0.0.1:{NGINX_PORT}"], "agent")
         self.wait_http(self.edge, "http://127.0.0.1:10266/readyz", "the agent")
 
         ssh_dir = tmp / "shaped-ssh"
@@ -270,14 +269,14 @@ StrictModes no
 UsePAM no
 PidFile {ssh_dir}/sshd.pid
 """)
-        self.spawn(self.cloud, ["/usr/sbin/sshd", "-D", "-e", "-f", ssh_dir / "sshd_config"], "sshd")
+        self.spawn_in(self.cloud, ["/usr/sbin/sshd", "-D", "-e", "-f", ssh_dir / "sshd_config"], "sshd")
         self.wait_listen(self.cloud, SSHD_PORT, "sshd")
         # -tt makes OpenSSH set TCP_NODELAY; a remote command keeps the session open (the issue's ssh rows).
-        self.spawn(self.edge, ["ssh", "-i", ssh_dir / "user", "-p", SSHD_PORT, "-o", "StrictHostKeyChecking=no",
-                               "-o", "UserKnownHostsFile=/dev/null", "-o", "ExitOnForwardFailure=yes",
-                               "-o", "LogLevel=ERROR", "-tt", "-c", "aes128-gcm@openssh.com",
-                               "-R", f"127.0.0.1:{SSH_FORWARD_PORT}:127.0.0.1:{NGINX_PORT}",
-                               f"root@{CLOUD_IP}", "sleep", "86400"], "ssh")
+        self.spawn_in(self.edge, ["ssh", "-i", ssh_dir / "user", "-p", SSHD_PORT, "-o", "StrictHostKeyChecking=no",
+                                  "-o", "UserKnownHostsFile=/dev/null", "-o", "ExitOnForwardFailure=yes",
+                                  "-o", "LogLevel=ERROR", "-tt", "-c", "aes128-gcm@openssh.com",
+                                  "-R", f"127.0.0.1:{SSH_FORWARD_PORT}:127.0.0.1:{NGINX_PORT}",
+                                  f"root@{CLOUD_IP}", "sleep", "86400"], "ssh")
         self.wait_listen(self.cloud, SSH_FORWARD_PORT, "ssh -R")
 
     def measure(self, path, new_per_request, bulk, samples):

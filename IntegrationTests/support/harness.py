@@ -1,5 +1,6 @@
 """Starts real EdgeTunnel processes for end-to-end tests and talks to them with real clients."""
 import json
+import os
 import pathlib
 import select
 import signal
@@ -11,7 +12,7 @@ import sys
 import time
 import urllib.request
 
-from conftest import BIN, run
+from support.binaries import BIN, run
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "scripts"))
 from freeport import free_port  # noqa: E402  (shared with scripts/bench)
@@ -93,11 +94,14 @@ class Proc:
     `clean_exits`), or printed a Swift trap ("Fatal error").
     """
 
-    def __init__(self, args, log, env=None, may_exit=False, clean_exits=(0,)):
+    def __init__(self, args, log, env=None, may_exit=False, clean_exits=(0,), group=False):
         self.args = [str(a) for a in args]
         self.log = log
         self.may_exit = may_exit
         self.clean_exits = tuple(clean_exits)
+        # Signal the whole process group (the process runs in a session of its own), not only the process: a relay
+        # that forks (socat, sshd, nginx) takes its children with it.
+        self.group = group
         self.stopped_with = None  # the signal the test or the harness stopped the process with
         self.killed_after_timeout = None  # the timeout after which the harness had to SIGKILL it
         self.log_start = pathlib.Path(log).stat().st_size if pathlib.Path(log).exists() else 0
@@ -125,6 +129,10 @@ class Proc:
         """Waits for `words` in the log: a process writes its log line after the effect a test observes."""
         wait_until(lambda: words in self.text(), timeout, f"the log line {words!r}")
 
+    @property
+    def pid(self):
+        return self.popen.pid
+
     def alive(self):
         return self.popen.poll() is None
 
@@ -132,7 +140,10 @@ class Proc:
         """Sends `sig`; SIGTERM, SIGINT and SIGKILL count as the test stopping the process on purpose."""
         if sig in (signal.SIGTERM, signal.SIGINT, signal.SIGKILL) and self.popen.poll() is None:
             self.stopped_with = sig
-        self.popen.send_signal(sig)
+        if not self.group:
+            self.popen.send_signal(sig)
+        elif self.popen.poll() is None:  # not reaped yet, so its process group still exists
+            os.killpg(self.popen.pid, sig)
 
     def _ended(self):
         if self.log_end is None:
@@ -141,11 +152,19 @@ class Proc:
     def stop(self, sig=signal.SIGTERM, timeout=STOP_TIMEOUT):
         if self.popen.poll() is None:
             self.send_signal(sig)
+        return self.reap(timeout)
+
+    def reap(self, timeout=STOP_TIMEOUT):
+        """Waits up to `timeout` s for the (signalled) process to exit, SIGKILLs it after that, and closes its log."""
+        if self.popen.poll() is None:
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.killed_after_timeout = timeout
-                self.popen.kill()
+                if self.group:
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                else:
+                    self.popen.kill()
                 self.popen.wait()
         self._ended()
         self.handle.close()
@@ -178,15 +197,29 @@ class Proc:
                 + "\n".join("    " + line for line in tail.splitlines()))
 
 
-def stop_and_check(procs, timeout=STOP_TIMEOUT):
-    """Stops every process (last started first), then fails if any of them ended badly (see `Proc`)."""
+def stop_all(procs, timeout=STOP_TIMEOUT, together=False):
+    """Stops every process (last started first) with SIGTERM, SIGKILL after `timeout` s; returns what failed while
+    stopping them (messages). `together` sends every SIGTERM before it waits for the first exit."""
     errors = []
-    for proc in reversed(procs):
+
+    def attempt(proc, action):
         try:
-            proc.stop(timeout=timeout)
+            action()
         except Exception as error:  # noqa: BLE001 - every process is stopped before anything is raised
             errors.append(f"{' '.join(proc.args)}: stopping it failed: {error!r}")
-    check_exits(procs, errors)
+
+    if together:
+        for proc in reversed(procs):
+            if proc.alive():
+                attempt(proc, lambda: proc.send_signal(signal.SIGTERM))
+    for proc in reversed(procs):
+        attempt(proc, lambda: proc.reap(timeout) if together else proc.stop(timeout=timeout))
+    return errors
+
+
+def stop_and_check(procs, timeout=STOP_TIMEOUT):
+    """Stops every process (last started first), then fails if any of them ended badly (see `Proc`)."""
+    check_exits(procs, stop_all(procs, timeout))
 
 
 def check_exits(procs, errors=()):
@@ -196,13 +229,57 @@ def check_exits(procs, errors=()):
         raise AssertionError("process(es) ended unexpectedly:\n" + "\n".join(problems))
 
 
-class Cluster:
-    """A PKI, a server, agents and edge services on loopback, all stopped at teardown."""
+class Processes:
+    """Background processes (`Proc`) started by name, each logging to `<tmp>/<name>.log`; `close` stops them all,
+    last started first, and fails if one of them ended badly (see `Proc`).
+
+    The tests' labs (Cluster, support.kube.Lab) and the benchmark's (scripts/benchlib, scripts/shaped.py) share it.
+    A subclass may change, as class attributes: `check` (False: stop without judging how the processes ended; a
+    benchmark reports and does not fail on a relay's exit code), `group` (signal each process's whole process
+    group: relays that fork), `together` (every SIGTERM sent before the first wait) and `stop_timeout` (seconds
+    from SIGTERM to SIGKILL).
+    """
+
+    check = True
+    group = False
+    together = False
+    stop_timeout = STOP_TIMEOUT
 
     def __init__(self, tmp):
         self.tmp = pathlib.Path(tmp)
-        self.pki = self.tmp / "pki"
         self.procs = []
+
+    @property
+    def named(self):
+        """{name: the last process started under that name}."""
+        return {proc.name: proc for proc in self.procs if getattr(proc, "name", None) is not None}
+
+    def spawn(self, args, name, env=None, may_exit=False, clean_exits=(0,)):
+        log = self.tmp / f"{name}.log"
+        for earlier in self.procs:  # a restarted process appends to its predecessor's log
+            if pathlib.Path(earlier.log) == log and not earlier.alive():
+                earlier._ended()
+        proc = Proc(args, log, env=env, may_exit=may_exit, clean_exits=clean_exits, group=self.group)
+        proc.name = name
+        self.procs.append(proc)
+        return proc
+
+    def close(self):
+        """Stops every process; then, with `check`, fails if one of them ended badly (see `Proc`), and without it
+        only if stopping one failed."""
+        errors = stop_all(self.procs, self.stop_timeout, self.together)
+        if self.check:
+            check_exits(self.procs, errors)
+        elif errors:
+            raise RuntimeError("stopping process(es) failed:\n" + "\n".join(errors))
+
+
+class Cluster(Processes):
+    """A PKI, a server, agents and edge services on loopback, all stopped at teardown."""
+
+    def __init__(self, tmp):
+        super().__init__(tmp)
+        self.pki = self.tmp / "pki"
         run(BIN / "edgetunnel", "pki", "init", "--pki-dir", self.pki)
         run(BIN / "edgetunnel", "pki", "issue-client", "--pki-dir", self.pki, "--name", "operator")
         self.ca = self.pki / "ca.crt"
@@ -215,15 +292,6 @@ class Cluster:
         """A bootstrap token whose nodes may claim node IPs in `cidrs` (loopback and the namespace tests' nets)."""
         args = [a for cidr in cidrs for a in ("--node-cidr", cidr)]
         return run(BIN / "edgetunnel", "token", "create", "--pki-dir", self.pki, "--ttl", ttl, *args).stdout.strip()
-
-    def spawn(self, args, name, env=None, may_exit=False, clean_exits=(0,)):
-        log = self.tmp / f"{name}.log"
-        for earlier in self.procs:  # a restarted process appends to its predecessor's log
-            if pathlib.Path(earlier.log) == log and not earlier.alive():
-                earlier._ended()
-        proc = Proc(args, log, env=env, may_exit=may_exit, clean_exits=clean_exits)
-        self.procs.append(proc)
-        return proc
 
     def start_server(self, *extra, wait=True):
         self.server = self.spawn([
@@ -283,10 +351,6 @@ class Cluster:
             raw, suppress_ragged_eofs=not ragged_eof_is_error)
         tls.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
         return read_head(tls).split(b"\r\n", 1)[0].decode(), tls
-
-    def close(self):
-        """Stops every process, then fails if one of them ended badly (see `Proc`)."""
-        stop_and_check(self.procs)
 
 
 def read_head(sock):

@@ -12,18 +12,18 @@ import pytest
 import yaml
 
 from conftest import BIN, run
-from support.harness import PYTHON_HELPER_EXITS, Proc, frame, free_port, http_get, stop_and_check, wait_until
+from support.harness import PYTHON_HELPER_EXITS, Processes, frame, free_port, http_get, wait_until
 
 HERE = pathlib.Path(__file__).resolve().parents[1]  # IntegrationTests/: kube_standin.py runs from there by path
 
 
-class Lab:
+class Lab(Processes):
     def __init__(self, tmp):
-        self.tmp = pathlib.Path(tmp)
+        super().__init__(tmp)
         self.pki = self.tmp / "pki"
         self.kube = self.tmp / "kube"
         self.kube.mkdir()
-        self.procs, self.servers = [], {}
+        self.servers = {}
         run(BIN / "edgetunnel", "pki", "init", "--pki-dir", self.pki)
         (self.kube / "token").write_text("token-one\n")
         (self.kube / "admin-token").write_text("admin-token\n")
@@ -52,11 +52,6 @@ contexts:
 - name: test
   context: {{cluster: standin, user: edge-tunnel-server, namespace: kube-system}}
 """)
-
-    def spawn(self, args, name, clean_exits=(0,)):
-        proc = Proc(args, self.tmp / f"{name}.log", clean_exits=clean_exits)
-        self.procs.append(proc)
-        return proc
 
     def start_server(self, index, *extra, bind="127.0.0.1"):
         ports = {name: free_port() for name in ("tunnel", "secure", "meta", "insecure")}
@@ -123,7 +118,7 @@ def lab(tmp_path):
     try:
         yield lab
     finally:
-        stop_and_check(lab.procs)
+        lab.close()
     # After the stop: a replica deletes its Lease as it stops, and that request too must be one RBAC grants.
     refused = [d for d in lab.rbac_decisions() if not d["allowed"] and d["source"] == "rbac"]
     assert lab.refusals_expected or not refused, f"the manifests' RBAC refused the server: {refused}"
