@@ -27,7 +27,7 @@ extension TunnelMux {
                 if frame.flags & Frame.windowGrowth == 0 {
                     // Consumed by the peer's socket: those bytes are never needed again.
                     stream.peerCredited &+= UInt64(increment)
-                    releaseRetained(stream.trimRetained(upTo: stream.peerCredited))
+                    ledger.releaseRetained(stream, upTo: stream.peerCredited)
                 }
                 // What is kept to send again is at most the peer's window, which never exceeds the maximum: a peer
                 // granting more would make this side keep more.
@@ -100,7 +100,7 @@ extension TunnelMux {
                         .frame(streamID: frame.streamID, allocator: context.channel.allocator))
                 return
             }
-            guard let window = newReceiveWindow() else {
+            guard let window = ledger.openWindow() else {
                 try reply(
                     OpenFail(code: 503, reason: "agent is out of buffer budget", limit: "buffer_budget")
                         .frame(streamID: frame.streamID, allocator: context.channel.allocator))

@@ -101,19 +101,7 @@ extension TunnelMux {
             successor?.consumedBySocket(streamID, count: count, promptly: promptly)
             return
         }
-        var mayGrow =
-            promptly && windowBudgetUsed + stream.receive.size <= limits.connectionWindowBudget
-            && stream.receive.size < stream.receive.maximum
-        // Growth is at most the current size: reserved from the process budget first, the unused part returned.
-        var reserved = 0
-        if mayGrow, let budget = limits.processBudget {
-            reserved = budget.takeGrowth(stream.receive.size) ? stream.receive.size : 0
-            mayGrow = reserved > 0
-        }
-        let update = stream.receive.consumed(count, mayGrow: mayGrow)
-        if reserved > 0 { limits.processBudget?.giveGrowth(reserved - (update?.growth ?? 0)) }
-        guard let update else { return }
-        windowBudgetUsed += update.growth
+        guard let update = ledger.consumed(count, by: stream, promptly: promptly) else { return }
         let consumed = update.increment - UInt32(update.growth)
         stream.credited &+= UInt64(consumed)
         guard resumable, update.growth > 0 else {

@@ -36,7 +36,7 @@ extension TunnelMux {
 
     func forgetLingering(_ id: UInt32) {
         guard let stream = lingering.removeValue(forKey: id) else { return }
-        dropRetained(stream)
+        ledger.releaseRetained(stream)
     }
 
     /// Lets every lingering stream go (the tunnel ends; its retained total is reset by the caller).
@@ -52,7 +52,7 @@ extension TunnelMux {
     /// Whether any was let go (then it is worth trying again).
     func makeRoomForRetaining(_ count: Int) -> Bool {
         var freed = false
-        while retainedTotal + count > limits.maxRetained || !(limits.processRetained?.fits(count) ?? true),
+        while !ledger.retainFits(count),
             let oldest = lingeringOrder.popFirst()
         {
             freed = lingering[oldest.id] != nil || freed

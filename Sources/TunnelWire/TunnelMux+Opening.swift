@@ -54,7 +54,7 @@ extension TunnelMux {
                             limit: "pending_opens")))
                 return
             }
-            guard let window = self.newReceiveWindow() else {
+            guard let window = self.ledger.openWindow() else {
                 promise.succeed(
                     .failed(
                         OpenFail(

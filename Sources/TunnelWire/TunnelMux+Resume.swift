@@ -211,11 +211,12 @@ extension TunnelMux {
         let handed = HandedOver(
             streams: Array(streams.values), lingering: Array(lingering.values), resets: taken.resets,
             nextStreamID: nextStreamID, lastPeerStreamID: lastPeerStreamID)
+        ledger.handOut(handed.streams)
+        ledger.handOut(handed.lingering)
+        assert(ledger.windows == 0 && ledger.retained == 0, "a stream's budget charge was not handed out")
         streams = [:]
         forgetLingering()
-        windowBudgetUsed = 0
         queuedData = 0
-        retainedTotal = 0
         counters.setStreams(0)
         notifyIfIdle()
         delegate?.muxDidClose(self)
@@ -231,7 +232,7 @@ extension TunnelMux {
         guard !connection.isClosed else {
             resume.adopt(frozen: [], answerDue: false)?.cancel()
             for stream in handed.streams { endHandedOver(stream) }
-            for stream in handed.lingering { limits.processRetained?.give(stream.retainedBytes) }
+            for stream in handed.lingering { ledger.release(stream) }
             return nil
         }
         nextStreamID = max(nextStreamID, handed.nextStreamID)
@@ -250,9 +251,8 @@ extension TunnelMux {
             frozen.insert(stream.id)
             stream.glue?.moveToTunnel(self)
             stream.owner?.mux = self
-            windowBudgetUsed += stream.receive.size
+            ledger.takeIn(stream)
             queuedData += stream.pending?.readableBytes ?? 0
-            retainedTotal += stream.retainedBytes
             listed.append(
                 ResumedStream(
                     id: stream.id, received: stream.received, credited: stream.credited,
@@ -263,12 +263,12 @@ extension TunnelMux {
         for stream in handed.lingering.sorted(by: { $0.id < $1.id }) {
             guard listed.count < limits.maxResumedStreams, streams[stream.id] == nil, lingering[stream.id] == nil
             else {
-                limits.processRetained?.give(stream.retainedBytes)
+                ledger.release(stream)
                 continue
             }
             lingering[stream.id] = stream
             frozen.insert(stream.id)
-            retainedTotal += stream.retainedBytes
+            ledger.takeIn(stream)
             listed.append(
                 ResumedStream(
                     id: stream.id, received: stream.received, credited: stream.credited,
@@ -293,13 +293,11 @@ extension TunnelMux {
     }
 
     /// A handed-over stream that is not taken in: its socket is reset, and the process budgets get back its window
-    /// and what it kept (counted there since they were taken; this mux never counted them).
+    /// and what it kept (counted there since they were taken; this connection never counted them).
     private func endHandedOver(_ stream: Stream) {
-        limits.processBudget?.release(window: stream.receive.size, minimum: limits.minimumWindow)
+        ledger.release(stream)
         stream.lifecycle.reset()
         stream.glue?.resetFromTunnel()
-        limits.processRetained?.give(stream.retainedBytes)
-        stream.retained = nil
     }
 
     /// A RESUME from the peer: it answers ours (server side), or it is the server's, which takes over the
@@ -359,7 +357,7 @@ extension TunnelMux {
             UInt64(entry.window) >= stream.sent - entry.received,
             !entry.fin || (sentFin && entry.received == stream.sent)
         else { return false }
-        releaseRetained(stream.trimRetained(upTo: entry.received))
+        ledger.releaseRetained(stream, upTo: entry.received)
         stream.peerCredited = entry.credited  // later WINDOWs count on from here
         stream.send = SendWindow(initial: entry.window - stream.retainedBytes)
         stream.queuedToSend = false

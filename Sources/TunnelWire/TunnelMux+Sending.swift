@@ -77,28 +77,13 @@ extension TunnelMux {
     /// So is the process's bound (``TunnelLimits/processRetained``).
     func retainToSendAgain(_ stream: Stream, _ slice: ByteBuffer) {
         let count = slice.readableBytes
-        guard reserveRetained(count) || (makeRoomForRetaining(count) && reserveRetained(count)) else {
+        guard ledger.retain(slice, for: stream) || (makeRoomForRetaining(count) && ledger.retain(slice, for: stream))
+        else {
             stream.unresumable = true
-            dropRetained(stream)
+            ledger.releaseRetained(stream)
             delegate?.muxStreamWillNotResume(self)
             return
         }
-        stream.retain(slice)
-    }
-
-    /// Counts `count` more retained bytes, in the tunnel and the process, if both bounds allow.
-    func reserveRetained(_ count: Int) -> Bool {
-        guard retainedTotal + count <= limits.maxRetained, limits.processRetained?.take(count) ?? true else {
-            return false
-        }
-        retainedTotal += count
-        return true
-    }
-
-    /// `count` retained bytes are let go (credited, sent again and trimmed, or dropped).
-    func releaseRetained(_ count: Int) {
-        retainedTotal -= count
-        limits.processRetained?.give(count)
     }
 
     /// The next stream to send a frame: small pieces first, in their order, but after four of them in a row a

@@ -53,6 +53,8 @@ extension TunnelMux {
         var unresumable = false
         /// DATA bytes sent (resumable tunnels).
         var sent: UInt64 { retainedFrom + UInt64(retainedBytes) }
+        /// What the stream holds of the budgets; taken and given back only by the ``BudgetLedger``.
+        var charge: BudgetCharge
 
         func retain(_ slice: ByteBuffer) {
             if retained == nil { retained = CircularBuffer(initialCapacity: 4) }
@@ -95,6 +97,7 @@ extension TunnelMux {
             self.lifecycle = StreamStateMachine(openedBy: opener)
             self.send = SendWindow(initial: sendWindow)
             self.receive = receive
+            self.charge = BudgetCharge(window: receive.size)
         }
     }
 }

@@ -46,7 +46,11 @@ public final class TunnelMux: ChannelInboundHandler {
     var encoder: FrameEncoder?
     var streams: [UInt32: Stream] = [:]
     var nextStreamID: UInt32
-    var windowBudgetUsed = 0
+    /// What this connection's streams hold of the window and retention budgets, the only place that takes and
+    /// gives back any of them.
+    var ledger: BudgetLedger
+    /// Receive window granted over this connection.
+    var windowBudgetUsed: Int { ledger.windows }
     /// Streams opened by this side that the peer has not answered yet.
     var pendingOpens = 0
     /// Waiting for the last stream to end (``whenIdle()``).
@@ -109,7 +113,7 @@ public final class TunnelMux: ChannelInboundHandler {
     /// The mux that took this one's streams over: socket events of those streams are passed on to it.
     var successor: TunnelMux? { resume.successor }
     /// Bytes all streams keep to send again (resumable tunnels), at most ``TunnelLimits/maxRetained``.
-    var retainedTotal = 0
+    var retainedTotal: Int { ledger.retained }
     /// Streams that ended here while their last DATA or FIN may not have reached the peer, with what they kept
     /// (TunnelMux+Lingering.swift), and in the order they ended, each with the confirming PING it waits for.
     var lingering: [UInt32: Stream] = [:]
@@ -125,6 +129,7 @@ public final class TunnelMux: ChannelInboundHandler {
         self.role = role
         self.eventLoop = eventLoop
         self.limits = limits
+        self.ledger = BudgetLedger(limits: limits)
         self.nextStreamID = role == .server ? 1 : 2
     }
 
@@ -225,40 +230,20 @@ public final class TunnelMux: ChannelInboundHandler {
         }
     }
 
-    /// A new stream's window from the connection's budget and the process's; nil when the process budget cannot
-    /// spare even the minimum.
-    func newReceiveWindow() -> ReceiveWindow? {
-        let remaining = limits.connectionWindowBudget - windowBudgetUsed
-        var initial = max(limits.minimumWindow, min(limits.initialWindow, remaining))
-        if let budget = limits.processBudget {
-            guard let granted = budget.takeWindow(initial, minimum: limits.minimumWindow) else { return nil }
-            initial = granted
-        }
-        windowBudgetUsed += initial
-        return ReceiveWindow(initial: initial, maximum: limits.maximumWindow)
-    }
-
+    /// `stream` leaves the map: it gives back its window (and, unless it lingers with them, the bytes it kept), and
+    /// what waits in it is dropped.
     func streamRemoved(_ stream: Stream, keepRetained: Bool = false) {
         stream.inbound = []
-        if !keepRetained { dropRetained(stream) }
+        ledger.releaseWindow(stream)
+        if !keepRetained { ledger.releaseRetained(stream) }
         if let pending = stream.pending {
             queuedData -= pending.readableBytes
             stream.pending = nil
         }
-        windowBudgetUsed -= stream.receive.size
-        limits.processBudget?.release(window: stream.receive.size, minimum: limits.minimumWindow)
         stream.openTimer?.cancel()
         if stream.openPromise != nil { pendingOpens -= 1 }
         counters.setStreams(streams.count)
         notifyIfIdle()
-    }
-
-    /// Lets go of what `stream` kept to send again.
-    func dropRetained(_ stream: Stream) {
-        guard stream.retained != nil else { return }
-        releaseRetained(stream.retainedBytes)
-        stream.retained = nil
-        stream.retainedBytes = 0
     }
 
     /// Ends a stream this side gives up: gone from the map and the budgets, RST to the peer, its socket reset. A
@@ -320,14 +305,14 @@ public final class TunnelMux: ChannelInboundHandler {
         sendQueue.removeAll()
         urgentQueue.removeAll()
         queuedData = 0
-        releaseRetained(retainedTotal)  // open and lingering streams alike: they end here
+        for stream in lingering.values { ledger.release(stream) }
         forgetLingering()
         counters.setStreams(0)
         for stream in all {
-            limits.processBudget?.release(window: stream.receive.size, minimum: limits.minimumWindow)
+            ledger.release(stream)
             stream.openTimer?.cancel()
         }
-        windowBudgetUsed = 0
+        assert(ledger.windows == 0 && ledger.retained == 0, "a stream's budget charge was not given back")
         pendingOpens = 0
         notifyIfIdle()
         for stream in all {
