@@ -24,6 +24,12 @@ final class ServerMetrics: @unchecked Sendable {
     let bufferedBytes: Gauge
     /// HELLOs refused because the agent already holds a tunnel to this replica (it dials the Service again).
     let duplicateTunnels: Counter
+    /// Connections that authenticated, by listener: on the tunnel port, TLS handshakes an agent (or a joining node)
+    /// completed. With `agents` and `replicaProbes`: what a fill costs per agent.
+    let connectionsAuthenticated: LabeledCounters
+    /// Replica probes answered (``ReplicaProbe``): a line before TLS, so that an agent dialing the Service learns
+    /// which replica it reached before it pays for a handshake.
+    let replicaProbes: Counter
     /// Server replicas the agents are told about.
     let replicas: Gauge
     /// Resumable tunnels whose connection is lost and whose streams wait for the agent (PROTOCOL.md, "Resuming").
@@ -64,6 +70,15 @@ final class ServerMetrics: @unchecked Sendable {
             descriptor: .named(
                 "edge_tunnel_server_duplicate_tunnels_total",
                 help: "Registrations refused because the agent already has a tunnel to this replica."))
+        connectionsAuthenticated = LabeledCounters(
+            registry: registry, name: "edge_tunnel_server_connections_authenticated_total", label: "port",
+            help:
+                "Connections that authenticated (a TLS handshake with a client certificate, or a request head), by listener."
+        )
+        replicaProbes = registry.makeCounter(
+            descriptor: .named(
+                "edge_tunnel_server_replica_probes_total",
+                help: "Replica probes answered on the tunnel port (a line before TLS naming this replica)."))
         replicas = registry.makeGauge(
             descriptor: .named("edge_tunnel_server_replicas", help: "Server replicas every agent keeps a tunnel to."))
         agents = registry.makeGauge(

@@ -243,15 +243,17 @@ public final class TunnelServer: @unchecked Sendable {
     func makeGate(_ port: String, tls: Bool = true) -> ConnectionGate {
         let metrics = core.metrics
         let logger = core.logger
+        let overload = TimeAmount.nanoseconds(max(1_000_000_000, configuration.handshakeTimeout.nanoseconds / 5))
         let gate = ConnectionGate(
             port: port, total: configuration.maxPendingConnections,
             perSource: configuration.maxPendingConnectionsPerSource,
             deadline: configuration.handshakeTimeout + (tls ? .zero : .seconds(2)),
-            overloadTarget: tls ? .nanoseconds(max(1_000_000_000, configuration.handshakeTimeout.nanoseconds / 5)) : nil
-        ) { port, reason in
-            metrics.connectionsRejected.increment(port, reason.rawValue)
-            logger.debug("\(port) connection closed before it authenticated: \(reason.rawValue)")
-        }
+            overloadTarget: tls ? overload : nil,
+            onAuthenticated: { port in metrics.connectionsAuthenticated.increment(port) },
+            onReject: { port, reason in
+                metrics.connectionsRejected.increment(port, reason.rawValue)
+                logger.debug("\(port) connection closed before it authenticated: \(reason.rawValue)")
+            })
         lock.withLock { gates.append(gate) }
         return gate
     }
@@ -277,7 +279,10 @@ public final class TunnelServer: @unchecked Sendable {
         // On the tunnel port a handshake without a certificate is a join: it stays counted (and under the
         // deadline) until it ends; an agent's certificate releases it (TunnelConnectionClassifier).
         let tunnelGate = makeGate("tunnel")
-        let probePace: @Sendable () -> TimeAmount = { core.replicaProbePace() }
+        let probePace: @Sendable () -> TimeAmount = {
+            core.metrics.replicaProbes.increment()
+            return core.replicaProbePace()
+        }
         let secureGate = makeGate("secure")
         let tunnel = try await ServerBootstrap(group: group)
             .streamListener(halfClosure: false, oneStream: false)

@@ -51,14 +51,17 @@ public final class ConnectionGate: @unchecked Sendable {
     private var windowCompleted = 0
     private var windowQuickest: TimeAmount?
     private let onReject: @Sendable (_ port: String, _ reason: Rejection) -> Void
+    private let onAuthenticated: (@Sendable (_ port: String) -> Void)?
 
     /// - Parameters:
     ///   - port: names the listener in metrics and logs (`tunnel`, `secure`, `insecure`, `uds`, `meta`).
     ///   - overloadTarget: see the type's "Overload"; nil on plain ports, where the time to a request head is the
     ///     caller's and not the cores'.
+    ///   - onAuthenticated: counts a connection that authenticated (called on an event loop; must not block).
     ///   - onReject: counts a rejection (called on an event loop; must not block).
     public init(
         port: String, total: Int, perSource: Int, deadline: TimeAmount, overloadTarget: TimeAmount? = nil,
+        onAuthenticated: (@Sendable (_ port: String) -> Void)? = nil,
         onReject: @escaping @Sendable (_ port: String, _ reason: Rejection) -> Void
     ) {
         self.port = port
@@ -69,6 +72,7 @@ public final class ConnectionGate: @unchecked Sendable {
         self.overloadFloor = min(total, max(perSource > Int.max / 2 ? Int.max : 2 * perSource, 64))
         self.limit = total
         self.onReject = onReject
+        self.onAuthenticated = onAuthenticated
     }
 
     /// Connections of this listener that have not authenticated yet.
@@ -104,6 +108,7 @@ public final class ConnectionGate: @unchecked Sendable {
 
     /// A connection admitted `latency` ago authenticated.
     func authenticated(after latency: TimeAmount, at now: NIODeadline = .now()) {
+        onAuthenticated?(port)
         guard overloadTarget != nil else { return }
         lock.withLock {
             rollWindow(now)

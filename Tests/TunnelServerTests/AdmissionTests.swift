@@ -37,6 +37,28 @@ import TunnelPKI
         #expect(!channel.isActive && gate.pendingCount == 0)
     }
 
+    /// Every connection that authenticates is counted once, on the listener's name, whether or not the gate
+    /// controls overload (`edge_tunnel_server_connections_authenticated_total{port}`); one closed before that is not.
+    @Test func anAuthenticatedConnectionIsCountedOnceAndAClosedOneNot() throws {
+        let counted = NIOLockedValueBox<[String]>([])
+        for overload in [nil, TimeAmount.seconds(2)] {
+            let gate = ConnectionGate(
+                port: overload == nil ? "meta" : "tunnel", total: 10, perSource: 10, deadline: .seconds(10),
+                overloadTarget: overload, onAuthenticated: { port in counted.withLockedValue { $0.append(port) } },
+                onReject: { _, _ in })
+            let authenticated = EmbeddedChannel()
+            try authenticated.connect(to: .init(ipAddress: "10.0.0.9", port: 4242)).wait()
+            try authenticated.pipeline.syncOperations.addHandler(gate.handler())
+            PendingConnectionHandler.authenticated(authenticated.pipeline.syncOperations)
+            PendingConnectionHandler.authenticated(authenticated.pipeline.syncOperations)  // the handler is gone
+            let closed = EmbeddedChannel()
+            try closed.connect(to: .init(ipAddress: "10.0.0.9", port: 4243)).wait()
+            try closed.pipeline.syncOperations.addHandler(gate.handler())
+            _ = try closed.finish()
+        }
+        #expect(counted.withLockedValue { $0 } == ["meta", "tunnel"])
+    }
+
     /// A reconnect storm larger than the cores: handshakes complete 50 a second and even the quickest takes 5 s.
     /// The gate then admits what can finish in its 2-s target (50 × 2 = 100) and closes the rest at once,
     /// instead of letting a thousand handshakes slow down together until the deadline cuts them all. Quick

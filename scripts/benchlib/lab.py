@@ -128,11 +128,11 @@ def make_pki(lab, tag):
     return pki
 
 
-def start_server(lab, tag, pki, extra=()):
+def start_server(lab, tag, pki, extra=(), prefix=()):
     """An EdgeTunnel server on fresh ports; returns its process and ports."""
     tunnel, secure, meta, insecure = free_port(), free_port(), free_port(), free_port()
     uds, grpc = lab.tmp / f"{tag}.sock", lab.tmp / f"{tag}-grpc.sock"
-    args = [lab.bin / "edge-tunnel-server", "--pki-dir", pki, "--bind-address", "127.0.0.1", "--tunnel-port", tunnel,
+    args = [*prefix, lab.bin / "edge-tunnel-server", "--pki-dir", pki, "--bind-address", "127.0.0.1", "--tunnel-port", tunnel,
             "--secure-port", secure, "--meta-port", meta, "--insecure-port", insecure, "--uds-path", uds,
             "--grpc-uds-path", grpc, "--log-level", "warning", *extra]
     proc = lab.spawn(args, f"server-{tag}")
@@ -170,6 +170,15 @@ def server_gauge(server, name):
         if line.startswith(name + " "):
             return float(line.split()[1])
     return 0.0
+
+
+def server_sum(server, name):
+    """The sum of every series of metric `name` (all label values), or of the one series `name{labels}` names."""
+    total = 0.0
+    for line in _get(f"http://127.0.0.1:{server['meta']}/metrics").decode().splitlines():
+        if line.startswith(name + " ") or (line.startswith(name + "{") and "{" not in name):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def _get(url):

@@ -2,10 +2,11 @@
 reconnect after a restart), and N agents against replicas behind one iptables-balanced Service address."""
 import os
 import pathlib
+import socket
 import subprocess
 import time
 
-from benchlib.lab import log, make_pki, server_gauge, start_server, stop, wait_port
+from benchlib.lab import log, make_pki, server_gauge, server_sum, start_server, stop, wait_port
 from benchlib.measure import cpu_seconds, rss_mib
 
 
@@ -51,6 +52,45 @@ def wait_agents(server, agents, timeout):
     return None
 
 
+HANDSHAKES = 'edge_tunnel_server_connections_authenticated_total{port="tunnel"}'
+PROBES = "edge_tunnel_server_replica_probes_total"
+DUPLICATES = "edge_tunnel_server_duplicate_tunnels_total"
+REJECTED = "edge_tunnel_server_connections_rejected_total"
+
+
+def costs(servers):
+    """What the replicas have spent on admitting agents so far, summed: TLS handshakes completed on the tunnel port,
+    replica probes answered, duplicate registrations refused, connections turned away before authenticating."""
+    return {name: sum(server_sum(s, metric) for s in servers)
+            for name, metric in (("handshakes", HANDSHAKES), ("probes", PROBES), ("duplicates", DUPLICATES),
+                                 ("rejected", REJECTED))}
+
+
+def per_agent(after, before, agents):
+    return {name: round((after[name] - before.get(name, 0)) / agents, 2) for name in after}
+
+
+def arrival_profile(samples, agents):
+    """How the returned replica's authenticated tunnels arrived, from (seconds since restart, count) samples every
+    0.25 s: arrivals per second, the busiest 250 ms against the mean over the fill, and the share of all arrivals in
+    the busiest 250 ms. Agents redialling in lockstep show as a few 250-ms spikes holding most arrivals."""
+    steps = [(t, b - a) for (t, a), (_, b) in zip(samples, samples[1:])]
+    arrived = [n for _, n in steps if n > 0]
+    if not arrived:
+        return None
+    first = next(i for i, (_, n) in enumerate(steps) if n > 0)
+    last = max(i for i, (_, n) in enumerate(steps) if n > 0)
+    span = steps[first:last + 1]
+    mean = sum(n for _, n in span) / len(span)
+    per_second = {}
+    for t, n in steps:
+        per_second[int(t)] = per_second.get(int(t), 0) + n
+    peak = max(n for _, n in span)
+    return {"per_second": [per_second.get(i, 0) for i in range(int(steps[-1][0]) + 1)],
+            "busiest_250ms": peak, "mean_250ms": round(mean, 1), "peak_to_mean": round(peak / mean, 2),
+            "busiest_250ms_share": round(peak / max(1, agents), 3)}
+
+
 SERVICE_ADDRESS = "127.0.0.100"
 SERVICE_CHAIN = "EDGETUNNEL-BENCH"
 
@@ -76,7 +116,35 @@ def route_service(ports):
         ipt("-A", SERVICE_CHAIN, "-p", "tcp", *rule, "-j", "DNAT", "--to-destination", f"127.0.0.1:{port}")
 
 
-def measure_replica_swarm(lab, agents, replicas=3):
+def probe_cost(server, count=5000, cpu=None):
+    """The server's CPU per replica probe answered: `count` probes (connect, the question, the answer line, close),
+    one after another from this process (on `cpu` if given), less the server's own CPU over as long while idle."""
+    saved = os.sched_getaffinity(0)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    try:
+        idle_before, started = cpu_seconds(server["proc"]), time.monotonic()
+        time.sleep(3)
+        idle_per_s = (cpu_seconds(server["proc"]) - idle_before) / (time.monotonic() - started)
+        before, started = cpu_seconds(server["proc"]), time.monotonic()
+        for _ in range(count):
+            with socket.create_connection(("127.0.0.1", server["tunnel"]), timeout=5) as probe:
+                probe.sendall(b"ETREPLICA?\n")
+                answer = b""
+                while not answer.endswith(b"\n"):
+                    chunk = probe.recv(512)
+                    if not chunk:
+                        raise RuntimeError(f"the replica closed a probe without answering it: {answer!r}")
+                    answer += chunk
+        elapsed = time.monotonic() - started
+        spent = cpu_seconds(server["proc"]) - before - idle_per_s * elapsed
+    finally:
+        os.sched_setaffinity(0, saved)
+    return {"probes": count, "server_cpu_ms_per_probe": round(spent * 1000 / count, 3),
+            "probes_per_s": round(count / elapsed)}
+
+
+def measure_replica_swarm(lab, agents, replicas=3, pin=False):
     """N swarm agents dial one Service address balanced over `replicas` servers (`--server-count`): the time until
     every agent holds a tunnel to every replica (each replica counts N agents), each replica's memory per agent,
     and, after one replica restarts (SIGTERM, taken out of the Service, started again, put back), the time until
@@ -88,7 +156,9 @@ def measure_replica_swarm(lab, agents, replicas=3):
     port_range = pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range")
     reserved = pathlib.Path("/proc/sys/net/ipv4/ip_local_reserved_ports")
     saved_range, saved_reserved = port_range.read_text(), reserved.read_text()
-    servers = [start_server(lab, f"replica{agents}-{i}", pki, ("--server-count", str(replicas), "--server-id", f"r{i}", "--cert-ips", SERVICE_ADDRESS))
+    server_cpu, swarm_cpu = (("taskset", "-c", "0"), ("taskset", "-c", "1")) if pin else ((), ())
+    servers = [start_server(lab, f"replica{agents}-{i}", pki, ("--server-count", str(replicas), "--server-id", f"r{i}", "--cert-ips", SERVICE_ADDRESS),
+                            prefix=server_cpu)
                for i in range(replicas)]
     swarms = []
     try:
@@ -101,7 +171,7 @@ def measure_replica_swarm(lab, agents, replicas=3):
         # limit (this machine's hard limit, which root cannot raise here) even while every agent probes for a
         # missing replica with up to three connections at once.
         per_process = 2000
-        swarms = [subprocess.Popen([str(lab.bin / "edgetunnel"), "bench", "swarm", "--server", f"{SERVICE_ADDRESS}:10262",
+        swarms = [subprocess.Popen([*swarm_cpu, str(lab.bin / "edgetunnel"), "bench", "swarm", "--server", f"{SERVICE_ADDRESS}:10262",
                                     "--pki-dir", str(pki), "--agents", str(min(per_process, agents - first)),
                                     "--prefix", f"swarm-{first // per_process}-",
                                     # every agent from its own loopback address, as every edge node has its own:
@@ -111,14 +181,19 @@ def measure_replica_swarm(lab, agents, replicas=3):
                   for first in range(0, agents, per_process)]
         start = time.monotonic()
         held = [wait_agents(s, agents, 600) for s in servers]
+        fill_costs = costs(servers)
+        fill_cpu = [cpu_seconds(s["proc"]) for s in servers]
         log(f"every agent holds every replica after {max(held) - start:.1f} s" if all(held) else "not every agent got every replica")
         all_held = max(held) - start if all(held) else None
         time.sleep(3)
         kib = [(rss_mib(s["proc"]) - base) * 1024 / agents for s, base in zip(servers, bases)]
+        # A held replica's cost per probe it answers (every duplicate probe of a restart lands on one).
+        probes = probe_cost(servers[0], cpu=1 if pin else None)
         # One replica restarts as a rolling update does it.
         victim = servers[-1]
         route_service([s["tunnel"] for s in servers[:-1]])
         stop(victim["proc"])
+        others_before = costs(servers[:-1])
         restarted = time.monotonic()
         proc = lab.spawn(victim["args"], f"server-{victim['tag']}-again")
         # Where the refill's CPU goes: the returned replica (its side of every handshake), the others, the swarm.
@@ -127,10 +202,11 @@ def measure_replica_swarm(lab, agents, replicas=3):
         route_service([s["tunnel"] for s in servers])
         lowest_other, back_at, cpu_spent = agents, None, None
         deadline = time.monotonic() + 600
-        timeline, next_mark = [], restarted + 5
+        timeline, next_mark, arrivals = [], restarted + 5, []
         while time.monotonic() < deadline:
             lowest_other = min([lowest_other] + [server_gauge(s, "edge_tunnel_server_agents") for s in servers[:-1]])
             held_again = server_gauge(victim, "edge_tunnel_server_agents")
+            arrivals.append((time.monotonic() - restarted, server_sum(victim, HANDSHAKES)))
             if time.monotonic() >= next_mark:  # how the returned replica fills: a tail or a line
                 timeline.append([round(next_mark - restarted), int(held_again)])
                 next_mark += 5
@@ -138,6 +214,8 @@ def measure_replica_swarm(lab, agents, replicas=3):
                 back_at = time.monotonic()
                 break
             time.sleep(0.25)
+        refill_costs = per_agent(costs([victim]), {}, agents)
+        others_refill = per_agent(costs(servers[:-1]), others_before, agents)
         cpu_spent = [round(b - a, 1) for a, b in zip(cpu_before, (
             cpu_seconds(proc), sum(cpu_seconds(s["proc"]) for s in servers[:-1]), sum(cpu_seconds(w) for w in swarms)))]
         stop(proc)
@@ -151,6 +229,16 @@ def measure_replica_swarm(lab, agents, replicas=3):
             "kib_per_agent_per_replica": sum(kib) / len(kib), "server_rss_mib": max(rss_mib(s["proc"]) for s in servers[:-1]),
             "restarted_replica_held_again_s": back_at - restarted if back_at else None,
             "restarted_replica_agents_every_5_s": timeline,
+            # what admitting the agents cost, per agent: the first fill over all replicas, and the refill on the
+            # returned replica and on the other two (tunnels that missed keepalives in the storm, redialled)
+            "first_fill_per_agent": per_agent(fill_costs, {}, agents),
+            # the servers' CPU from start to the end of the first fill, per tunnel established (handshake, probes
+            # answered, registration, keepalives meanwhile)
+            "first_fill_server_cpu_ms_per_tunnel": round(sum(fill_cpu) * 1000 / max(1, fill_costs["handshakes"]), 2),
+            "probe_cost": probes,
+            "pinned": pin,
+            "refill_per_agent": {"returned_replica": refill_costs, "other_replicas": others_refill},
+            "refill_arrivals": arrival_profile(arrivals, agents),
             # CPU seconds from the restart until the replica held every agent again, on a machine of `cores` cores
             "refill_cpu_s": {"returned_replica": cpu_spent[0], "other_replicas": cpu_spent[1], "swarm": cpu_spent[2],
                              "cores": os.cpu_count()} if cpu_spent else None,
