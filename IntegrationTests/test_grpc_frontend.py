@@ -188,6 +188,22 @@ def test_dial_failures_are_one_line_dial_responses(lab):
         assert server_metric(lab, 'edge_tunnel_server_frontend_dials_total{frontend="grpc",result="failed"}') == 4
 
 
+def test_a_200_000_byte_address_gets_a_short_one_line_refusal_and_the_rpc_goes_on(lab):
+    """An attacker's DIAL_REQ whose address is 200,000 bytes (a host of that length with a port, and one without):
+    each answered by a DIAL_RSP whose error is one line and short (the address is shortened in it, not echoed
+    whole), no stream is opened for it, and the same RPC then dials a real node."""
+    with kc.channel(lab.grpc_sock) as channel:
+        proxy = kc.Proxy(channel)
+        for address in ("n" * 200_000 + f":{lab.edge_port}", "h" * 200_000):
+            response = proxy.dial(address)
+            assert response.connectID == 0 and response.error, response
+            assert "\n" not in response.error and len(response.error) < 400, response.error[:400]
+        head, body = fetch(proxy.connect(f"edge-1:{lab.edge_port}"), "/hello")
+        assert body == b"hello from the edge\n"
+        assert server_metric(lab, 'edge_tunnel_server_frontend_dials_total{frontend="grpc",result="failed"}') == 2
+        wait_until(lambda: server_metric(lab, "edge_tunnel_server_streams") == 0, 10, "no stream left behind")
+
+
 def test_malformed_packets_end_only_their_rpc_or_their_connection(lab):
     """DATA for a connectID never granted and a second DIAL_REQ with a random in use are refused on their own
     (CLOSE_RSP / DIAL_RSP with an error); an unknown packet type, a packet the server sends, a packet without its
