@@ -5,20 +5,9 @@ import socket
 import threading
 import time
 
-import pytest
-
 from conftest import BIN, run
-from support.harness import Cluster, frame, free_port, http_get, read_frame, wait_until
-
-
-@pytest.fixture
-def cluster(tmp_path):
-    c = Cluster(tmp_path)
-    try:
-        c.start_server()
-        yield c
-    finally:
-        c.close()
+from support.harness import frame, free_port, http_get, read_frame, wait_until
+from support.tunnel import cluster  # noqa: F401  (fixture)
 
 
 def join(c, name, pki, token, ips=("127.0.0.1",)):

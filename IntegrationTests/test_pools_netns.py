@@ -34,7 +34,7 @@ import yaml
 from conftest import BIN, run
 from edge_service import blob_sha256
 from netns import PoolsTopology
-from support.harness import PYTHON_HELPER_EXITS, Proc, stop_and_check, wait_until
+from support.harness import PYTHON_HELPER_EXITS, Processes, wait_until
 from support.topology import LOOPS, Transfers
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -111,14 +111,16 @@ class Caller:
         return self.pools.curl_args(self.node, path, *extra, max_time=max_time)
 
 
-class Pools:
+class Pools(Processes):
     """PKI, the rendered manifests' pieces on the host; the server in `cloud`, an edge service and pool agent at
-    each site."""
+    each site. The harness's `Processes`: `close` stops every process, last started first, and fails if one of them
+    ended badly (see harness.Proc)."""
 
     def __init__(self, topo, tmp):
-        self.topo, self.tmp = topo, pathlib.Path(tmp)
+        super().__init__(tmp)
+        self.topo = topo
         self.pki = self.tmp / "pki"
-        self.procs, self.agents = [], {}
+        self.agents = {}
         run(BIN / "edgetunnel", "pki", "init", "--pki-dir", self.pki)
         run(BIN / "edgetunnel", "pki", "issue-client", "--pki-dir", self.pki, "--name", "operator")
         self.ca_hash = run(BIN / "edgetunnel", "pki", "ca-hash", "--pki-dir", self.pki).stdout.strip()
@@ -139,9 +141,8 @@ class Pools:
         return self.tmp / f"addresses-{pool}"
 
     def spawn(self, ns, args, name, clean_exits=(0,)):
-        proc = Proc(["ip", "netns", "exec", ns, *args], self.tmp / f"{name}.log", clean_exits=clean_exits)
-        self.procs.append(proc)
-        return proc
+        """`args` run in namespace `ns`, logging to `<tmp>/<name>.log`."""
+        return super().spawn(["ip", "netns", "exec", ns, *args], name, clean_exits=clean_exits)
 
     def start_server(self):
         """The server with the certificate names the rendered server ConfigMap gives it (every pool's address)."""
@@ -228,9 +229,6 @@ class Pools:
     def doctor(self, *args):
         return self.topo.run(self.topo.cloud, BIN / "edgetunnel", "doctor", "--server", "http://127.0.0.1:10265", *args,
                              check=False)
-
-    def close(self):
-        stop_and_check(self.procs)
 
 
 @pytest.fixture

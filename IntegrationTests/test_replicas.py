@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import BIN, run
-from support.harness import PYTHON_HELPER_EXITS, Proc, holds_for, stop_and_check, wait_until
+from support.harness import PYTHON_HELPER_EXITS, Processes, holds_for, wait_until
 from netns import ClusterNetwork
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -39,11 +39,16 @@ NEW_REPLICA_ATTACHED_S = 40  # every agent on a fourth replica once the count sa
 QUIET_AFTER_SCALE_DOWN_S = 10
 
 
-class Replicas:
+class Replicas(Processes):
+    """The shared PKI on the host; replicas in the pods, agents and an edge service in `edge`. The harness's
+    `Processes`: `close` stops every process, last started first, and fails if one of them ended badly (see
+    harness.Proc)."""
+
     def __init__(self, net, tmp):
-        self.net, self.tmp = net, pathlib.Path(tmp)
+        super().__init__(tmp)
+        self.net = net
         self.pki = self.tmp / "pki"
-        self.procs, self.servers = [], {}
+        self.servers = {}
         run(BIN / "edgetunnel", "pki", "init", "--pki-dir", self.pki)
         run(BIN / "edgetunnel", "pki", "issue-client", "--pki-dir", self.pki, "--name", "operator")
         self.token = run(BIN / "edgetunnel", "token", "create", "--pki-dir", self.pki).stdout.strip()
@@ -64,9 +69,8 @@ class Replicas:
         wait_until(lambda: (self.kube / "ca.crt").exists(), 10, "the stand-in API server")
 
     def spawn(self, ns, args, name, clean_exits=(0,)):
-        proc = Proc(["ip", "netns", "exec", ns, *args], self.tmp / f"{name}.log", clean_exits=clean_exits)
-        self.procs.append(proc)
-        return proc
+        """`args` run in namespace `ns`, logging to `<tmp>/<name>.log`."""
+        return super().spawn(["ip", "netns", "exec", ns, *args], name, clean_exits=clean_exits)
 
     def config(self, index):
         return self.tmp / f"server-{index}.yaml"
@@ -171,9 +175,6 @@ class Replicas:
         out = subprocess.run([str(a) for a in self.client("requests", "--count", count, "--threads", threads)],
                              capture_output=True, text=True, timeout=300, check=True)
         return json.loads(out.stdout)
-
-    def close(self):
-        stop_and_check(self.procs)
 
 
 def metric_value(text, name):

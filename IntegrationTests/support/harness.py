@@ -233,7 +233,8 @@ class Processes:
     """Background processes (`Proc`) started by name, each logging to `<tmp>/<name>.log`; `close` stops them all,
     last started first, and fails if one of them ended badly (see `Proc`).
 
-    The tests' labs (Cluster, support.kube.Lab) and the benchmark's (scripts/benchlib, scripts/shaped.py) share it.
+    The tests' labs (Cluster, support.kube.Lab, the namespace set-ups of support.topology, test_replicas and
+    test_pools_netns) and the benchmark's (scripts/benchlib, scripts/shaped.py) share it.
     A subclass may change, as class attributes: `check` (False: stop without judging how the processes ended; a
     benchmark reports and does not fail on a relay's exit code), `group` (signal each process's whole process
     group: relays that fork), `together` (every SIGTERM sent before the first wait) and `stop_timeout` (seconds

@@ -12,7 +12,7 @@ import time
 
 from conftest import BIN, run
 from edge_service import blob_sha256
-from support.harness import PYTHON_HELPER_EXITS, Proc, stop_and_check, wait_until
+from support.harness import PYTHON_HELPER_EXITS, Processes, wait_until
 
 HERE = pathlib.Path(__file__).resolve().parents[1]  # IntegrationTests/: edge_service.py runs from there by path
 EDGE_PORT = 18080
@@ -24,13 +24,14 @@ LINES = 500  # one every 50 ms: 25 s
 LOOPS = ("--event-loop-threads", "4")
 
 
-class Setup:
-    """PKI on the host; server in `cloud`; agent and an edge service in `edge`."""
+class Setup(Processes):
+    """PKI on the host; server in `cloud`; agent and an edge service in `edge`. The harness's `Processes`: `close`
+    stops every process, last started first, and fails if one of them ended badly (see harness.Proc)."""
 
     def __init__(self, topo, tmp):
-        self.topo, self.tmp = topo, pathlib.Path(tmp)
+        super().__init__(tmp)
+        self.topo = topo
         self.pki = self.tmp / "pki"
-        self.procs = []
         run(BIN / "edgetunnel", "pki", "init", "--pki-dir", self.pki)
         run(BIN / "edgetunnel", "pki", "issue-client", "--pki-dir", self.pki, "--name", "operator")
         self.token = run(BIN / "edgetunnel", "token", "create", "--pki-dir", self.pki,
@@ -40,10 +41,9 @@ class Setup:
         self.addresses = self.tmp / "addresses"
 
     def spawn(self, ns, args, name, may_exit=False, clean_exits=(0,)):
-        proc = Proc(["ip", "netns", "exec", ns, *args], self.tmp / f"{name}.log", may_exit=may_exit,
-                    clean_exits=clean_exits)
-        self.procs.append(proc)
-        return proc
+        """`args` run in namespace `ns` (`ip netns exec` execs them: the process is theirs), logging to
+        `<tmp>/<name>.log`."""
+        return super().spawn(["ip", "netns", "exec", ns, *args], name, may_exit=may_exit, clean_exits=clean_exits)
 
     def start_server(self, cert_ips):
         self.config.write_text(f"certIPs: [{', '.join(cert_ips)}]\n")
@@ -100,10 +100,6 @@ class Setup:
         """One request through the tunnel; on failure the message carries curl's own error line."""
         answer = self.request()
         assert answer.stdout == "hello from the edge\n", f"curl: {answer.stderr.strip()!r}"
-
-    def close(self):
-        """Stops every process, then fails if one of them ended badly (see harness.Proc)."""
-        stop_and_check(self.procs)
 
 
 class Transfers:

@@ -60,27 +60,21 @@ PidFile {ssh_dir}/sshd.pid
     pair = start_pair(lab, "bench", [iperf_port, nginx_port])
     lab.pair, lab.targets = pair, targets
     pki, secure, edgetunnel = pair["pki"], pair["secure"], lab.bin / "edgetunnel"
-    for name, port in targets.items():
-        forward = free_port()
-        lab.spawn([edgetunnel, "forward", "--server", f"127.0.0.1:{secure}", "--ca-file", pki / "ca.crt",
-                   "--cert", pki / "bench.crt", "--key", pki / "bench.key", "--listen", f"127.0.0.1:{forward}",
-                   "--to", f"{pair['node']}:{port}"], f"forward-{name}")
-        wait_port(forward)
-        ports[name]["EdgeTunnel (forward → TLS CONNECT)"] = forward
-    for name, port in targets.items():
-        forward = free_port()
-        lab.spawn([edgetunnel, "forward", "--server", f"unix:{pair['uds']}", "--listen", f"127.0.0.1:{forward}",
-                   "--to", f"{pair['node']}:{port}"], f"forward-uds-{name}")
-        wait_port(forward)
-        ports[name]["EdgeTunnel (forward → Unix socket CONNECT)"] = forward
-    # The gRPC frontend (konnectivity's protocol, as kube-apiserver in GRPC mode speaks it): a Proxy RPC per
-    # connection on one gRPC connection to --grpc-uds-path.
-    for name, port in targets.items():
-        forward = free_port()
-        lab.spawn([edgetunnel, "forward", "--server", f"grpc:{pair['grpc']}", "--listen", f"127.0.0.1:{forward}",
-                   "--to", f"{pair['node']}:{port}"], f"forward-grpc-{name}")
-        wait_port(forward)
-        ports[name]["EdgeTunnel (forward → gRPC socket)"] = forward
+    # One forward per target and path, as (label, log-name tag, --server arguments): TLS CONNECT to the secure
+    # port, CONNECT on the Unix socket, and the gRPC frontend (konnectivity's protocol, as kube-apiserver in GRPC
+    # mode speaks it): a Proxy RPC per connection on one gRPC connection to --grpc-uds-path.
+    forwards = [("EdgeTunnel (forward → TLS CONNECT)", "",
+                 ["--server", f"127.0.0.1:{secure}", "--ca-file", pki / "ca.crt", "--cert", pki / "bench.crt",
+                  "--key", pki / "bench.key"]),
+                ("EdgeTunnel (forward → Unix socket CONNECT)", "uds-", ["--server", f"unix:{pair['uds']}"]),
+                ("EdgeTunnel (forward → gRPC socket)", "grpc-", ["--server", f"grpc:{pair['grpc']}"])]
+    for label, tag, server in forwards:
+        for name, port in targets.items():
+            forward = free_port()
+            lab.spawn([edgetunnel, "forward", *server, "--listen", f"127.0.0.1:{forward}",
+                       "--to", f"{pair['node']}:{port}"], f"forward-{tag}{name}")
+            wait_port(forward)
+            ports[name][label] = forward
     # HTTP needs no forward: the insecure port routes each connection by its Host to the node, and wrk sends
     # that Host. Caller → server → tunnel → agent → nginx, the same hops and encryptions as ssh -R.
     host_routed = "EdgeTunnel (Host-routed HTTP port)"
@@ -92,9 +86,7 @@ PidFile {ssh_dir}/sshd.pid
     lab.relays = {name: {"direct": [], "socat": [lab.named[f"socat-{name}"]],
                          "ssh -R": [lab.named["sshd"], lab.named[f"ssh-{name}"]],
                          "ssh -R tuned": [lab.named["sshd"], lab.named[f"ssh-tuned-{name}"]],
-                         "EdgeTunnel (forward → TLS CONNECT)": [*edge, lab.named[f"forward-{name}"]],
-                         "EdgeTunnel (forward → Unix socket CONNECT)": [*edge, lab.named[f"forward-uds-{name}"]],
-                         "EdgeTunnel (forward → gRPC socket)": [*edge, lab.named[f"forward-grpc-{name}"]]}
+                         **{label: [*edge, lab.named[f"forward-{tag}{name}"]] for label, tag, _ in forwards}}
                   for name in targets}
     lab.relays["nginx"][host_routed] = edge
     return ports
