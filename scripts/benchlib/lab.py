@@ -165,17 +165,29 @@ def start_pair(lab, tag, allow_ports, server_extra=()):
             "cert": pki / "bench.crt", "key": pki / "bench.key", "ca": pki / "ca.crt"}
 
 
-def server_gauge(server, name):
-    for line in _get(f"http://127.0.0.1:{server['meta']}/metrics").decode().splitlines():
+def server_gauge(server, name, unread=0.0):
+    """The value of metric line `name`; `unread` when the metrics could not be fetched (a server too busy to answer
+    within 2 s, or not up yet), so that a caller looking for the lowest value can tell that from a real 0."""
+    text = _get(f"http://127.0.0.1:{server['meta']}/metrics")
+    if not text:
+        return unread
+    for line in text.decode().splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
     return 0.0
 
 
-def server_sum(server, name):
-    """The sum of every series of metric `name` (all label values), or of the one series `name{labels}` names."""
+def server_sum(server, name, tries=5):
+    """The sum of every series of metric `name` (all label values), or of the one series `name{labels}` names; None
+    if the metrics could not be fetched in `tries` attempts (a server too busy to answer, or not up yet)."""
+    for _ in range(tries):
+        text = _get(f"http://127.0.0.1:{server['meta']}/metrics")
+        if text:
+            break
+    else:
+        return None
     total = 0.0
-    for line in _get(f"http://127.0.0.1:{server['meta']}/metrics").decode().splitlines():
+    for line in text.decode().splitlines():
         if line.startswith(name + " ") or (line.startswith(name + "{") and "{" not in name):
             total += float(line.rsplit(" ", 1)[1])
     return total
