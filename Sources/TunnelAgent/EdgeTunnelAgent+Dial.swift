@@ -38,7 +38,7 @@ extension EdgeTunnelAgent {
                     .channelInitializer { channel in
                         channel.eventLoop.makeCompletedFuture { try addTunnelHandlers(channel, fresh) }
                     }
-                    .connect(host: address.host, port: address.port).get()
+                    .connect(hostOrLiteral: address.host, port: address.port).get()
             } catch {
                 fresh.abandon(error)  // no connection: its promises end here, and the tunnel-mux cycle with them
                 throw error
@@ -137,7 +137,7 @@ extension EdgeTunnelAgent {
                         try channel.pipeline.syncOperations.addHandler(ReplicaProbeAsker(answered: answered))
                     }
                 }
-                .connect(host: address.host, port: address.port).get()
+                .connect(hostOrLiteral: address.host, port: address.port).get()
         } catch {
             answered.fail(error)  // a promise must be completed, also when the connection never came up
             throw error
