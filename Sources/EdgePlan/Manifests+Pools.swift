@@ -100,10 +100,7 @@ extension Manifests {
                         (
                             "ports",
                             seq([
-                                map([
-                                    ("name", s("tcp")), ("port", n(10262)), ("protocol", s("TCP")),
-                                    ("targetPort", n(10262)),
-                                ])
+                                servicePort("tcp", 10262)
                             ])
                         ),
                         ("sessionAffinity", s("None")),

@@ -30,19 +30,7 @@ extension Manifests {
             ])
         let binding = object(
             "rbac.authorization.k8s.io/v1", "RoleBinding", "edge-tunnel-server", ns, labels: serverLabels,
-            extra: [
-                (
-                    "roleRef",
-                    map([
-                        ("apiGroup", s("rbac.authorization.k8s.io")), ("kind", s("Role")),
-                        ("name", s("edge-tunnel-server")),
-                    ])
-                ),
-                (
-                    "subjects",
-                    seq([map([("kind", s("ServiceAccount")), ("name", s("edge-tunnel-server")), ("namespace", s(ns))])])
-                ),
-            ])
+            extra: bindingToServer(kind: "Role", name: "edge-tunnel-server", namespace: ns))
         // The join state: ConfigMaps in a namespace of their own (every verb the server and `edgetunnel token|node`
         // inside its pod use), so that the server can change no other ConfigMap.
         let joinStateObjects: [Node] =
@@ -70,24 +58,7 @@ extension Manifests {
                 object(
                     "rbac.authorization.k8s.io/v1", "RoleBinding", "edge-tunnel-join-state", o.joinStateNamespace,
                     labels: serverLabels,
-                    extra: [
-                        (
-                            "roleRef",
-                            map([
-                                ("apiGroup", s("rbac.authorization.k8s.io")), ("kind", s("Role")),
-                                ("name", s("edge-tunnel-join-state")),
-                            ])
-                        ),
-                        (
-                            "subjects",
-                            seq([
-                                map([
-                                    ("kind", s("ServiceAccount")), ("name", s("edge-tunnel-server")),
-                                    ("namespace", s(ns)),
-                                ])
-                            ])
-                        ),
-                    ]),
+                    extra: bindingToServer(kind: "Role", name: "edge-tunnel-join-state", namespace: ns)),
             ]
         // Nodes are cluster-scoped: agents register only as existing Nodes with their Nodes' addresses.
         let clusterRole = clusterObject(
@@ -105,19 +76,20 @@ extension Manifests {
             ])
         let clusterBinding = clusterObject(
             "rbac.authorization.k8s.io/v1", "ClusterRoleBinding", "edge-tunnel-server", labels: serverLabels,
-            extra: [
-                (
-                    "roleRef",
-                    map([
-                        ("apiGroup", s("rbac.authorization.k8s.io")), ("kind", s("ClusterRole")),
-                        ("name", s("edge-tunnel-server")),
-                    ])
-                ),
-                (
-                    "subjects",
-                    seq([map([("kind", s("ServiceAccount")), ("name", s("edge-tunnel-server")), ("namespace", s(ns))])])
-                ),
-            ])
+            extra: bindingToServer(kind: "ClusterRole", name: "edge-tunnel-server", namespace: ns))
         return (joinStateObjects, role, binding, clusterRole, clusterBinding)
+    }
+
+    /// A binding's body: the `kind` role `name`, granted to the server's ServiceAccount in `namespace`.
+    static func bindingToServer(kind: String, name: String, namespace: String) -> [(String, Node)] {
+        [
+            ("roleRef", map([("apiGroup", s("rbac.authorization.k8s.io")), ("kind", s(kind)), ("name", s(name))])),
+            (
+                "subjects",
+                seq([
+                    map([("kind", s("ServiceAccount")), ("name", s("edge-tunnel-server")), ("namespace", s(namespace))])
+                ])
+            ),
+        ]
     }
 }

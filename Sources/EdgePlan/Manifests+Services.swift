@@ -20,14 +20,8 @@ extension Manifests {
                         (
                             "ports",
                             seq([
-                                map([
-                                    ("name", s("https")), ("port", n(10263)), ("protocol", s("TCP")),
-                                    ("targetPort", n(10263)),
-                                ]),
-                                map([
-                                    ("name", s("tcp")), ("port", n(10262)), ("protocol", s("TCP")),
-                                    ("targetPort", n(10262)),
-                                ]),
+                                servicePort("https", 10263),
+                                servicePort("tcp", 10262),
                             ])
                         ),
                         ("sessionAffinity", s("None")),
@@ -49,10 +43,7 @@ extension Manifests {
                         (
                             "ports",
                             seq([
-                                map([
-                                    ("name", s("https")), ("port", n(10263)), ("protocol", s("TCP")),
-                                    ("targetPort", n(10263)),
-                                ])
+                                servicePort("https", 10263)
                             ])
                         ),
                     ])
@@ -69,19 +60,18 @@ extension Manifests {
                         (
                             "ports",
                             seq([
-                                map([
-                                    ("name", s("tcp")), ("port", n(10262)), ("protocol", s("TCP")),
-                                    ("targetPort", n(10262)),
-                                ]),
-                                map([
-                                    ("name", s("https")), ("port", n(10263)), ("protocol", s("TCP")),
-                                    ("targetPort", n(10263)),
-                                ]),
+                                servicePort("tcp", 10262),
+                                servicePort("https", 10263),
                             ])
                         ),
                     ])
                 )
             ])
         return (service, callers, headless)
+    }
+
+    /// A TCP port of a Service, forwarded to the same port of the pods.
+    static func servicePort(_ name: String, _ port: Int) -> Node {
+        map([("name", s(name)), ("port", n(port)), ("protocol", s("TCP")), ("targetPort", n(port))])
     }
 }

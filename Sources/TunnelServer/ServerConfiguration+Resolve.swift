@@ -83,11 +83,9 @@ extension ServerConfiguration {
             else { throw ConfigurationError("invalid --lease-label \"\(label)\": must be key=value") }
             configuration.leaseLabel = label
         }
-        if let warmup = flags.replicaWarmup ?? file.replicaWarmup {
-            let seconds = try Durations.parse(warmup, what: "--replica-warmup")
-            guard (0...3600).contains(seconds) else {
-                throw ConfigurationError("--replica-warmup must be between 0s and 1h")
-            }
+        if let seconds = try durationSeconds(
+            flags.replicaWarmup ?? file.replicaWarmup, "replica-warmup", within: 0...3600, "between 0s and 1h")
+        {
             configuration.replicaWarmup = .milliseconds(Int64(seconds * 1000))
         }
         if let threads = flags.eventLoopThreads ?? file.eventLoopThreads {
@@ -96,11 +94,9 @@ extension ServerConfiguration {
             }
             configuration.eventLoopThreads = threads
         }
-        if let timeout = flags.handshakeTimeout ?? file.handshakeTimeout {
-            let seconds = try Durations.parse(timeout, what: "--handshake-timeout")
-            guard (1...300).contains(seconds) else {
-                throw ConfigurationError("--handshake-timeout must be between 1s and 300s")
-            }
+        if let seconds = try durationSeconds(
+            flags.handshakeTimeout ?? file.handshakeTimeout, "handshake-timeout", within: 1...300, "between 1s and 300s"
+        ) {
             configuration.handshakeTimeout = .milliseconds(Int64(seconds * 1000))
         }
         if let total = flags.maxPendingConnections ?? file.maxPendingConnections {
@@ -143,18 +139,16 @@ extension ServerConfiguration {
             guard value <= 1 << 20 else { throw ConfigurationError("invalid --max-buffered-mib \(value): too large") }
             configuration.maxBufferedBytes = value << 20
         }
-        if let validity = flags.agentCertificateValidity ?? file.agentCertificateValidity {
-            let seconds = try Durations.parse(validity, what: "--agent-certificate-validity")
-            guard seconds >= 10 else {
-                throw ConfigurationError("--agent-certificate-validity must be at least 10s")
-            }
+        if let seconds = try durationSeconds(
+            flags.agentCertificateValidity ?? file.agentCertificateValidity, "agent-certificate-validity",
+            within: 10...Double.infinity, "at least 10s")
+        {
             configuration.agentCertificateValidity = seconds
         }
-        if let validity = flags.servingCertificateValidity ?? file.servingCertificateValidity {
-            let seconds = try Durations.parse(validity, what: "--serving-certificate-validity")
-            guard seconds >= 10 else {
-                throw ConfigurationError("--serving-certificate-validity must be at least 10s")
-            }
+        if let seconds = try durationSeconds(
+            flags.servingCertificateValidity ?? file.servingCertificateValidity, "serving-certificate-validity",
+            within: 10...Double.infinity, "at least 10s")
+        {
             configuration.servingCertificateValidity = seconds
         }
         let levelText = flags.logLevel ?? file.logLevel ?? "info"
@@ -168,6 +162,17 @@ extension ServerConfiguration {
             throw ConfigurationError("invalid --cert-ips or --cert-dns-names: \(error)")
         }
         return (configuration, level)
+    }
+
+    /// The seconds duration flag `--flag` gives, if it is set: one of `Durations`' forms, within `range` (`rule` says
+    /// the range in the error's words).
+    private static func durationSeconds(
+        _ text: String?, _ flag: String, within range: ClosedRange<Double>, _ rule: String
+    ) throws -> Double? {
+        guard let text else { return nil }
+        let seconds = try Durations.parse(text, what: "--\(flag)")
+        guard range.contains(seconds) else { throw ConfigurationError("--\(flag) must be \(rule)") }
+        return seconds
     }
 
     private static func port(_ value: Int, _ name: String) throws -> Int {

@@ -103,7 +103,7 @@ final class ProxyConnection: StreamEndpoint, @unchecked Sendable {
                     scheduleCloseCheck(on: mux, after: Self.closeGrace, until: limit)
                     return
                 }
-                guard finish() != nil else { return }
+                guard finish().mux != nil else { return }
                 mux.socketClosed(id, eof: false)
                 ended.succeed(())
             }
@@ -118,7 +118,7 @@ final class ProxyConnection: StreamEndpoint, @unchecked Sendable {
 
     /// The RPC failed or was cancelled: the stream is reset.
     func abort() {
-        guard let mux = finish() else { return }
+        guard let mux = finish().mux else { return }
         wake()
         mux.socketClosed(streamID, eof: false)
         ended.succeed(())
@@ -169,7 +169,7 @@ final class ProxyConnection: StreamEndpoint, @unchecked Sendable {
     /// The target closed its side: konnectivity's protocol has no half-close, so the connectID ends (CLOSE_RSP
     /// after its last DATA, unless the client closed it first) and the stream is finished from this side too.
     func finishOutputFromTunnel() {
-        let (wasOpen, mux) = finishReporting()
+        let (wasOpen, mux) = finish()
         guard let mux else { return }
         wake()
         // Not from inside the mux's handling of the FIN but on its loop after it, and before the end of the
@@ -183,7 +183,7 @@ final class ProxyConnection: StreamEndpoint, @unchecked Sendable {
     }
 
     func resetFromTunnel() {
-        let (wasOpen, mux) = finishReporting()
+        let (wasOpen, mux) = finish()
         guard mux != nil else { return }
         wake()
         ended.succeed(())
@@ -192,13 +192,9 @@ final class ProxyConnection: StreamEndpoint, @unchecked Sendable {
 
     // MARK: Ending
 
-    /// Moves to `.ended` (cancelling a close's timer); the mux, or nil if it had ended already.
-    private func finish() -> TunnelMux? {
-        finishReporting().mux
-    }
-
-    /// The same, and whether the connectID was still open for its client (not closed by it first).
-    private func finishReporting() -> (wasOpen: Bool, mux: TunnelMux?) {
+    /// Moves to `.ended` (cancelling a close's timer): the mux, or nil if it had ended already, and whether the
+    /// connectID was still open for its client (not closed by it first).
+    private func finish() -> (wasOpen: Bool, mux: TunnelMux?) {
         let (wasOpen, mux, timer): (Bool, TunnelMux?, Scheduled<Void>?) = lock.withLock {
             switch state {
             case .ended: return (false, nil, nil)
