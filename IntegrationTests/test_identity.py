@@ -1,6 +1,8 @@
 """Node identity cannot be borrowed: names taken once joined, tokens bound to names and networks, node IPs bound
 to the certificate, revocation that reaches a live tunnel. Real agents, a raw agent with a real certificate."""
+import fcntl
 import json
+import os
 import socket
 import threading
 import time
@@ -213,3 +215,30 @@ def test_renewal_is_limited_to_one_per_ten_seconds_per_connection_and_per_node(c
     hits = [line for line in http_get(cluster.meta_url("/metrics"))[1].splitlines()
             if line.startswith('edge_tunnel_server_limit_hits_total{limit="renew_rate"}')]
     assert len(hits) == 1 and float(hits[0].split()[-1]) == 6, hits
+
+
+def test_a_join_that_waits_for_the_node_records_lock_does_not_stop_the_server(cluster):
+    """`edgetunnel node` commands hold an exclusive lock on nodes.json.lock while they change node records, and the
+    server takes the same lock to record a join. A join that arrives while an operator's command holds it waits on
+    a thread of its own: meanwhile the server's event loop (on 2 cores its only one) goes on serving a request
+    through another node's tunnel and its metrics, and the join completes once the lock is let go."""
+    port = cluster.start_edge_service()
+    cluster.start_agent("edge-1", "--allow", f"127.0.0.1:{port}")
+    lock = os.open(cluster.pki / "nodes.json.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # an operator's `edgetunnel node revoke` in the middle of its write
+        joining = cluster.start_agent("edge-2", ips=("127.0.0.2",), wait=False)
+        server_pid = str(cluster.server.popen.pid)
+        # /proc/locks lists a blocked waiter with "->": the server's join is now waiting for the lock.
+        wait_until(lambda: any("->" in line and f" {server_pid} " in line and "FLOCK" in line
+                               for line in open("/proc/locks")), 15, "the join waiting for nodes.json.lock")
+        started = time.monotonic()
+        assert cluster.curl(f"http://edge-1:{port}/hello", "--max-time", "5", check=True).stdout == "hello from the edge\n"
+        status, body = http_get(cluster.meta_url("/metrics"))
+        assert status == 200 and "edge_tunnel_server_agents 1" in body, body[:300]
+        assert time.monotonic() - started < 5
+        assert [a["nodeName"] for a in cluster.agents()] == ["edge-1"], "edge-2 registered while the lock was held"
+    finally:
+        os.close(lock)  # releases the lock
+    wait_until(lambda: http_get(f"http://127.0.0.1:{joining.meta}/readyz")[0] == 200, 20, "edge-2 joined")
+    assert {a["nodeName"] for a in cluster.agents()} == {"edge-1", "edge-2"}

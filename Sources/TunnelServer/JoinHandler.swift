@@ -1,5 +1,6 @@
 import Logging
 import NIOCore
+import NIOPosix
 import TunnelPKI
 import TunnelWire
 
@@ -75,9 +76,18 @@ final class JoinHandler: ChannelInboundHandler {
                 certificatePEM: try PEMFiles.pem(certificate), caPEM: try PEMFiles.pem(authority.certificate))
             // Recorded last: a name is taken only by a join that gets its certificate.
             guard let joinState = server.joinState else {
-                try server.identities.recordJoin(
-                    request.nodeName, ips: ips, certificateValidFrom: certificate.notValidBefore)
-                accept(context, reply, node: request.nodeName, remote: remote) { _ in }
+                // Written under nodes.json's file lock, which an operator's `edgetunnel node` command may hold for
+                // as long as it likes: waited for on a thread of the pool, not on this event loop, which serves
+                // every other connection too (on 2 cores the server's only one).
+                let (identities, name, validFrom) = (server.identities, request.nodeName, certificate.notValidBefore)
+                NIOThreadPool.singleton.runIfActive(eventLoop: context.eventLoop) {
+                    try identities.recordJoin(name, ips: ips, certificateValidFrom: validFrom)
+                }.whenComplete { result in
+                    switch result {
+                    case .success: self.accept(context, reply, node: name, remote: remote) { _ in }
+                    case .failure(let error): self.refuse(context, "join refused: \(error)", remote: remote)
+                    }
+                }
                 return
             }
             // In Kubernetes objects: written by the API server, answered when it has (or has refused).
