@@ -24,8 +24,9 @@ final class ServerMetrics: @unchecked Sendable {
     let bufferedBytes: Gauge
     /// HELLOs refused because the agent already holds a tunnel to this replica (it dials the Service again).
     let duplicateTunnels: Counter
-    /// Connections that authenticated, by listener: on the tunnel port, TLS handshakes an agent (or a joining node)
-    /// completed. With `agents` and `replicaProbes`: what a fill costs per agent.
+    /// Connections admitted past authentication, by listener: on the tunnel port, agents' tunnels registered (one
+    /// TLS handshake each; a HELLO refused as a duplicate counts in `duplicateTunnels`, a join not at all), on plain
+    /// ports a request head. With `agents` and `replicaProbes`: what a fill costs per agent.
     let connectionsAuthenticated: LabeledCounters
     /// Replica probes answered (``ReplicaProbe``): a line before TLS, so that an agent dialing the Service learns
     /// which replica it reached before it pays for a handshake.

@@ -52,22 +52,31 @@ def wait_agents(server, agents, timeout):
     return None
 
 
-HANDSHAKES = 'edge_tunnel_server_connections_authenticated_total{port="tunnel"}'
+# On the tunnel port a connection counts as authenticated when its agent's HELLO registers a tunnel: one TLS
+# handshake each. A handshake whose HELLO is refused as a duplicate is counted under DUPLICATES.
+REGISTERED = 'edge_tunnel_server_connections_authenticated_total{port="tunnel"}'
 PROBES = "edge_tunnel_server_replica_probes_total"
 DUPLICATES = "edge_tunnel_server_duplicate_tunnels_total"
 REJECTED = "edge_tunnel_server_connections_rejected_total"
 
 
 def costs(servers):
-    """What the replicas have spent on admitting agents so far, summed: TLS handshakes completed on the tunnel port,
-    replica probes answered, duplicate registrations refused, connections turned away before authenticating."""
-    return {name: sum(server_sum(s, metric) or 0 for s in servers)
-            for name, metric in (("handshakes", HANDSHAKES), ("probes", PROBES), ("duplicates", DUPLICATES),
-                                 ("rejected", REJECTED))}
+    """What the replicas have spent on admitting agents so far, summed: tunnels registered (a TLS handshake each),
+    replica probes answered, registrations refused as duplicates (a handshake wasted each), connections turned away
+    before authenticating."""
+    found = {}
+    for name, metric in (("registered", REGISTERED), ("probes", PROBES), ("duplicates", DUPLICATES),
+                         ("rejected", REJECTED)):
+        values = [server_sum(s, metric) for s in servers]
+        # a server that could not be read is reported as unknown, not as having counted nothing
+        found[name] = None if None in values else sum(values)
+    return found
 
 
 def per_agent(after, before, agents):
-    return {name: round((after[name] - before.get(name, 0)) / agents, 2) for name in after}
+    """Per agent, what was counted between `before` and `after` (None where either could not be read)."""
+    return {name: None if after[name] is None or before.get(name, 0) is None
+            else round((after[name] - before.get(name, 0)) / agents, 2) for name in after}
 
 
 def arrival_profile(samples, agents):
@@ -93,7 +102,7 @@ def arrival_profile(samples, agents):
     total = sum(per_second.values())
     mean = total / (last - first + 1)
     peak = max(per_second.values())
-    return {"per_second": counts, "busiest_second": round(peak), "mean_second": round(mean, 1),
+    return {"per_second": counts, "total": round(total, 1), "busiest_second": round(peak), "mean_second": round(mean, 1),
             "peak_to_mean": round(peak / mean, 2), "busiest_second_share": round(peak / max(1, agents), 3)}
 
 
@@ -175,7 +184,7 @@ def measure_replica_swarm(lab, agents, replicas=3, pin=False):
         route_service([s["tunnel"] for s in servers])
         # Each agent holds `replicas` sockets: swarm processes of at most 2,000 agents stay under a 20,000-descriptor
         # limit (this machine's hard limit, which root cannot raise here) even while every agent probes for a
-        # missing replica with up to three connections at once.
+        # missing replica with up to four connections at once.
         per_process = 2000
         swarms = [subprocess.Popen([*swarm_cpu, str(lab.bin / "edgetunnel"), "bench", "swarm", "--server", f"{SERVICE_ADDRESS}:10262",
                                     "--pki-dir", str(pki), "--agents", str(min(per_process, agents - first)),
@@ -198,8 +207,8 @@ def measure_replica_swarm(lab, agents, replicas=3, pin=False):
         # One replica restarts as a rolling update does it.
         victim = servers[-1]
         route_service([s["tunnel"] for s in servers[:-1]])
-        stop(victim["proc"])
         others_before = costs(servers[:-1])
+        stop(victim["proc"])
         restarted = time.monotonic()
         proc = lab.spawn(victim["args"], f"server-{victim['tag']}-again")
         # Where the refill's CPU goes: the returned replica (its side of every handshake), the others, the swarm.
@@ -208,15 +217,16 @@ def measure_replica_swarm(lab, agents, replicas=3, pin=False):
         route_service([s["tunnel"] for s in servers])
         lowest_other, back_at, cpu_spent = agents, None, None
         deadline = time.monotonic() + 600
-        timeline, next_mark, arrivals = [], restarted + 5, []
+        # A fresh process has counted nothing: the arrivals start from 0 at the restart, not from the first reading.
+        timeline, next_mark, arrivals = [], restarted + 5, [(0.0, 0.0)]
         while time.monotonic() < deadline:
             # a replica too busy to answer its metrics within 2 s is not counted as one that lost its agents
             lowest_other = min([lowest_other] + [server_gauge(s, "edge_tunnel_server_agents", unread=agents)
                                                  for s in servers[:-1]])
             held_again = server_gauge(victim, "edge_tunnel_server_agents")
-            handshakes = server_sum(victim, HANDSHAKES, tries=1)
-            if handshakes is not None:  # an unread sample is left out, not read as none yet
-                arrivals.append((time.monotonic() - restarted, handshakes))
+            registered = server_sum(victim, REGISTERED, tries=1)
+            if registered is not None:  # an unread sample is left out, not read as none yet
+                arrivals.append((time.monotonic() - restarted, registered))
             if time.monotonic() >= next_mark:  # how the returned replica fills: a tail or a line
                 timeline.append([round(next_mark - restarted), int(held_again)])
                 next_mark += 5
@@ -244,7 +254,8 @@ def measure_replica_swarm(lab, agents, replicas=3, pin=False):
             "first_fill_per_agent": per_agent(fill_costs, {}, agents),
             # the servers' CPU from start to the end of the first fill, per tunnel established (handshake, probes
             # answered, registration, keepalives meanwhile)
-            "first_fill_server_cpu_ms_per_tunnel": round(sum(fill_cpu) * 1000 / max(1, fill_costs["handshakes"]), 2),
+            "first_fill_server_cpu_ms_per_tunnel": round(sum(fill_cpu) * 1000 / fill_costs["registered"], 2)
+            if fill_costs["registered"] else None,
             "probe_cost": probes,
             "pinned": pin,
             "refill_per_agent": {"returned_replica": refill_costs, "other_replicas": others_refill},
