@@ -136,7 +136,7 @@ import Testing
         var ledgers = [BudgetLedger](repeating: BudgetLedger(limits: limits), count: 3)
         var owned: [[TunnelMux.Stream]] = [[], [], []]
         var inTransit: [TunnelMux.Stream] = []
-        var rng = SeededGenerator(seed: 0x5EED)
+        var rng = SplitMix(seed: 0x5EED)
         var nextID: UInt32 = 1
         for _ in 0..<5000 {
             let c = Int.random(in: 0..<3, using: &rng)
@@ -195,15 +195,5 @@ import Testing
     }
 }
 
-/// SplitMix64: a seeded generator, so a failing sequence is the same on every run.
-struct SeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
+/// ReplicaProbePacerTests' seeded generator, as a `RandomNumberGenerator`: a failing sequence is the same on every run.
+extension SplitMix: RandomNumberGenerator {}
