@@ -51,8 +51,10 @@ XDIST_GROUPS = {
     # and the benchmark smoke (iperf3 and wrk at full speed). Two of them at once on a 2-core machine would halve
     # each other's rates, so they take turns; lighter tests still run beside them.
     "test_hostile_peers": "cpu-bound",
+    "test_hostile_peers_streams": "cpu-bound",
     "test_hostile_scenarios": "cpu-bound",
     "test_hostile_rest": "cpu-bound",
+    "test_hostile_rest_connections": "cpu-bound",
     "test_bench_smoke": "cpu-bound",
     # Each test runs 20 agents and 3-4 replicas and bounds the time until every agent holds every replica: one
     # such fleet at a time.
@@ -62,7 +64,7 @@ XDIST_GROUPS = {
 }
 # Not listed, so free to overlap: the namespace tests (their own namespaces; failover and keepalive timers with
 # bounds of tens of seconds), and the tests that bound their own processes' RSS (test_resume,
-# test_memory_adversary), which another worker's load does not change. A new module whose test loads the CPU
+# test_memory_adversary*), which another worker's load does not change. A new module whose test loads the CPU
 # flat out, or asserts a rate, joins "cpu-bound".
 
 

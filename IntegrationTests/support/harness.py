@@ -354,4 +354,5 @@ class Cluster(Processes):
 
 # The raw-peer helpers live in support.peers; re-exported so that `from support.harness import read_frame` goes on working.
 from support.peers import (  # noqa: E402,F401
-    FakeServer, connection_end, frame, metric_of, read_all, read_frame, read_head, recv_exact, rss_kib, tcp_state)
+    TCP_CLOSE, TCP_CLOSE_WAIT, FakeServer, connection_end, frame, metric_of, read_all, read_frame, read_head, recv_exact,
+    rss_kib, tcp_state)

@@ -1,6 +1,7 @@
 """The stand-in Kubernetes API server's lab (kube_standin.py, run by path): `Lab` starts the stand-in with the RBAC
 that `edgetunnel manifests` renders and server replicas that use it, `lab` is its fixture (a test module that uses
-it imports it), and `join_frame` is a raw JOIN with a fresh CSR."""
+it imports it), `join_frame` is a raw JOIN with a fresh CSR, and `edge_1_agent` a real agent of node edge-1 on a
+replica."""
 import functools
 import json
 import pathlib
@@ -148,3 +149,22 @@ def join_frame(lab, token, name, ip="127.0.0.1"):
     from support.hostile import csr_for
     return frame(13, 0, json.dumps({"token": token, "nodeName": name, "nodeIPs": [ip],
                                     "csrPEM": csr_for(lab.tmp, name)}).encode())
+
+
+def edge_1_agent(lab, server, name, agent_dir, token=None):
+    """The agent of node edge-1 on `server`: it joins with `token`, or else uses the certificate in `agent_dir`.
+    Returns the process and a check of whether it holds its tunnel."""
+    meta = free_port()
+    args = [BIN / "edge-tunnel-agent", "--node-name", "edge-1", "--server-address", f"127.0.0.1:{server.ports['tunnel']}",
+            "--pki-dir", agent_dir, "--meta-port", meta, "--node-ip", "127.0.0.1"]
+    if token:
+        ca_hash = run(BIN / "edgetunnel", "pki", "ca-hash", "--pki-dir", lab.pki).stdout.strip()
+        args += ["--bootstrap-token", token, "--ca-cert-hash", ca_hash]
+    proc = lab.spawn(args, name)
+
+    def connected():
+        try:
+            return http_get(f"http://127.0.0.1:{meta}/readyz")[0] == 200
+        except OSError:  # its meta port not open yet
+            return False
+    return proc, connected
